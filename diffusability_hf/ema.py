@@ -1,0 +1,79 @@
+"""Exponential moving average of weights with a half-life in optimizer steps (paper Appendix B).
+
+The paper keeps an EMA "having a half life of 5,000 steps" (Karras et al., 2024). A half-life ``h`` means the
+weight of an update halves every ``h`` steps: ``beta = 0.5 ** (1 / h)``. The authors' code also ramps the
+half-life up EDM2-style, ``h_eff = min(h, ramp_ratio * step)``, so that a short run is not stuck near its
+initial weights; we expose that as ``ramp_ratio`` (0.05 in their code, ``None`` to disable).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+
+def ema_beta(step: int, half_life: float, ramp_ratio: Optional[float] = None) -> float:
+    """EMA decay for the update made after optimizer step ``step`` (1-based).
+
+    ``beta = 0.5 ** (1 / h_eff)`` with ``h_eff = half_life`` or, with a ramp, ``min(half_life, ramp_ratio * step)``.
+    ``half_life <= 0`` (or an effective half-life of 0) gives ``beta = 0``: the EMA follows the weights.
+    """
+    h = float(half_life)
+    if ramp_ratio is not None:
+        h = min(h, float(ramp_ratio) * max(int(step), 0))
+    if h <= 0:
+        return 0.0
+    return 0.5 ** (1.0 / h)
+
+
+class EMA:
+    """Float32 shadow copy of a module's trainable parameters, updated with :func:`ema_beta`.
+
+    Registered with ``accelerator.register_for_checkpointing`` it is saved and restored with the training state.
+    """
+
+    def __init__(self, parameters: Iterable[nn.Parameter], half_life: float = 5000.0, ramp_ratio: Optional[float] = None):
+        self.half_life = float(half_life)
+        self.ramp_ratio = ramp_ratio
+        self.shadow = [p.detach().float().clone() for p in parameters]
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, parameters: Iterable[nn.Parameter], step: Optional[int] = None) -> float:
+        """Blend the current parameters in; returns the beta used. ``step`` defaults to the update count."""
+        self.num_updates += 1
+        beta = ema_beta(self.num_updates if step is None else step, self.half_life, self.ramp_ratio)
+        params = list(parameters)
+        if len(params) != len(self.shadow):
+            raise ValueError(f"EMA tracks {len(self.shadow)} tensors but got {len(params)}.")
+        for s, p in zip(self.shadow, params):
+            s.lerp_(p.detach().to(s.device, torch.float32), 1.0 - beta)
+        return beta
+
+    @torch.no_grad()
+    def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Write the EMA weights into ``parameters`` (in their dtype)."""
+        for s, p in zip(self.shadow, list(parameters)):
+            p.copy_(s.to(p.device, p.dtype))
+
+    def to(self, device) -> "EMA":
+        self.shadow = [s.to(device) for s in self.shadow]
+        return self
+
+    def state_dict(self) -> Dict:
+        return {
+            "half_life": self.half_life,
+            "ramp_ratio": self.ramp_ratio,
+            "num_updates": self.num_updates,
+            "shadow": [s.clone() for s in self.shadow],
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"EMA state has {len(state['shadow'])} tensors, the model {len(self.shadow)}.")
+        self.half_life = float(state["half_life"])
+        self.ramp_ratio = state["ramp_ratio"]
+        self.num_updates = int(state["num_updates"])
+        self.shadow = [t.to(s.device, torch.float32).clone() for s, t in zip(self.shadow, state["shadow"])]

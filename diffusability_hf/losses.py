@@ -1,0 +1,235 @@
+"""Losses of the SE fine-tuning objective (paper eq. 2) and its Appendix C variants.
+
+Every loss here returns a per-sample tensor of shape ``(B,)``; the training loop reduces it. Images are
+``(B, C, H, W)``, videos ``(B, C, T, H, W)`` in ``[-1, 1]``; video operations act on every frame (spatially).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .spectral import chop_high_frequencies
+
+DOWNSAMPLE_MODES = ("bilinear", "bilinear_antialias", "area")
+
+
+def _frames_to_batch(x: torch.Tensor):
+    """``(B, C, T, H, W) -> (B * T, C, H, W)``; images pass through. Returns the tensor and an undo function."""
+    if x.ndim == 4:
+        return x, lambda y: y
+    if x.ndim != 5:
+        raise ValueError(f"Expected (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}.")
+    b, c, t, h, w = x.shape
+    flat = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+
+    def undo(y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)  # (B, C', T, H', W')
+
+    return flat, undo
+
+
+def downsample(x: torch.Tensor, factor: int, mode: str = "bilinear") -> torch.Tensor:
+    """Spatially downsample images ``(B, C, H, W)`` or every frame of videos ``(B, C, T, H, W)`` by ``factor``.
+
+    Modes:
+        ``bilinear``: the paper's choice (Section 3.3, "x2-4 bilinear downsampling"), ``align_corners=False``
+            and **no** antialiasing. For ``factor = 2`` it equals 2x2 box averaging; for 4 it averages the two
+            centre pixels of each 4-pixel cell (so it aliases, like the paper's).
+        ``bilinear_antialias``: bilinear with torch's antialiasing filter.
+        ``area``: box averaging (average pooling), the default of the authors' released code.
+
+    ``H`` and ``W`` must be divisible by ``factor``.
+    """
+    if mode not in DOWNSAMPLE_MODES:
+        raise ValueError(f"Unknown downsampling mode {mode!r}; choose one of {DOWNSAMPLE_MODES}.")
+    factor = int(factor)
+    if factor < 1:
+        raise ValueError(f"Downsampling factor must be a positive integer, got {factor}.")
+    if factor == 1:
+        return x
+    h, w = x.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"Spatial size {h}x{w} is not divisible by the downsampling factor {factor}.")
+    flat, undo = _frames_to_batch(x)
+    size = (h // factor, w // factor)
+    if mode == "area":
+        out = F.avg_pool2d(flat, kernel_size=factor, stride=factor)
+    else:
+        out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=mode.endswith("antialias"))
+    return undo(out)
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all but the batch dimension: ``(B, ...) -> (B,)``."""
+    return (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+
+
+def _valid_factor_sizes(h: int, w: int, factor: int) -> str:
+    lo_h, lo_w = h // factor * factor, w // factor * factor
+    return f"{lo_h}x{lo_w} or {lo_h + factor}x{lo_w + factor}" if lo_h and lo_w else f"multiples of {factor}"
+
+
+def scale_equivariance_loss(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    scale_factor: int = 2,
+    mode: str = "bilinear",
+    distance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """The scale-equivariance regulariser of paper eq. 2, ``d(down(x), Dec(down(z)))``, per sample.
+
+    The caller multiplies it by ``alpha`` (0.25 in the paper). ``x`` and ``z`` are downsampled the same way
+    (spatially, every frame for videos); the decoder sees a ``scale_factor`` times smaller latent.
+
+    Args:
+        x: ``(B, C, H, W)`` or ``(B, C, T, H, W)`` pixels.
+        z: ``(B, c, h, w)`` or ``(B, c, t, h, w)`` latents of ``x`` (a posterior sample in the paper).
+        decode: latents -> pixels.
+        scale_factor: 2 or 4 in the paper, one per batch.
+        mode: see :func:`downsample`.
+        distance: per-sample ``d(pred, target) -> (B,)``; defaults to :func:`per_sample_mse`.
+
+    Returns:
+        ``(B,)``.
+    """
+    h, w = z.shape[-2:]
+    if h % scale_factor or w % scale_factor:
+        raise ValueError(
+            f"SE scale factor {scale_factor} does not divide the latent size {h}x{w}: use latents of "
+            f"{_valid_factor_sizes(h, w, scale_factor)} (the image resolution divided by the AE's spatial "
+            f"compression), or drop {scale_factor} from the scale factors."
+        )
+    x_small = downsample(x, scale_factor, mode)
+    recon_small = decode(downsample(z, scale_factor, mode))
+    if recon_small.shape != x_small.shape:
+        raise ValueError(
+            f"Decoding the downsampled latent gave shape {tuple(recon_small.shape)}, but the downsampled image "
+            f"has shape {tuple(x_small.shape)}."
+        )
+    return (distance or per_sample_mse)(recon_small, x_small)
+
+
+def chf_loss(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    ratio: float,
+    block_size: int = 8,
+    order: str = "zigzag",
+    distance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Chopping-high-frequencies regulariser, the second term of paper eq. 4, per sample:
+    ``d(D^-1(D(x) * M), Dec(D^-1(D(z) * M)))`` with the mask ``M`` of eq. 5 (Appendix C.1).
+
+    ``ratio`` is the share of block-DCT coefficients zeroed, in pixels and latents alike. Returns ``(B,)``.
+    """
+    x_chop = chop_high_frequencies(x, block_size, ratio, order)
+    recon = decode(chop_high_frequencies(z, block_size, ratio, order))
+    return (distance or per_sample_mse)(recon, x_chop)
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mean, exp(logvar)) || N(0, I))`` averaged over every element but the batch: ``(B, ...) -> (B,)``.
+
+    diffusers' ``DiagonalGaussianDistribution.kl()`` sums over dims 1-3 only, which is wrong for 5D video
+    latents; the paper averages the KL per element (Appendix B, Table 5's beta weights are per element).
+    """
+    mean, logvar = mean.float(), logvar.float()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).mean(dim=1)
+
+
+# LPIPS trunks: the torchvision file names that `lpips` downloads through torchvision.
+LPIPS_TRUNK_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+_TORCHVISION_BUILDERS = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
+
+
+def _torch_hub_checkpoint(filename: str) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def load_lpips(net: str = "alex", trunk_path: Optional[str] = None, pretrained_trunk: bool = True) -> nn.Module:
+    """LPIPS (Zhang et al., 2018) with frozen weights, inputs in ``[-1, 1]``.
+
+    The ``lpips`` package ships only its linear heads; the AlexNet/VGG/SqueezeNet trunk comes from torchvision.
+    The trunk is taken from ``trunk_path`` (a torchvision state dict) when given, else from torch's hub cache;
+    when it is in neither place we raise, naming the file and the folder, instead of trying to download it.
+    ``pretrained_trunk=False`` builds a random trunk (tests only: the distance is then not perceptual).
+    """
+    import lpips
+
+    if net not in LPIPS_TRUNK_FILES:
+        raise ValueError(f"Unknown LPIPS network {net!r}; choose one of {sorted(LPIPS_TRUNK_FILES)}.")
+    cached = _torch_hub_checkpoint(LPIPS_TRUNK_FILES[net])
+    if pretrained_trunk and trunk_path is None and not os.path.isfile(cached):
+        raise FileNotFoundError(
+            f"LPIPS({net}) needs torchvision's pretrained trunk '{LPIPS_TRUNK_FILES[net]}', which is not in "
+            f"{os.path.dirname(cached)}. Download it on a machine with network access (e.g. "
+            f"`python -c \"import torchvision; torchvision.models.{_TORCHVISION_BUILDERS[net]}(weights='DEFAULT')\"`) "
+            "and copy it there, pass its path as the LPIPS trunk path (--lpips_trunk_path), or set the LPIPS weight to 0."
+        )
+    use_cache = pretrained_trunk and trunk_path is None
+    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not use_cache, verbose=False)
+    if pretrained_trunk and trunk_path is not None:
+        if not os.path.isfile(trunk_path):
+            raise FileNotFoundError(f"LPIPS trunk file not found: {trunk_path}")
+        state = torch.load(trunk_path, map_location="cpu", weights_only=True)
+        features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+        own = model.net.state_dict()
+        # lpips splits torchvision's `features` into slices that keep the original layer indices.
+        mapped = {key: features[key.split(".", 1)[1]] for key in own}
+        model.net.load_state_dict(mapped)
+    model.eval().requires_grad_(False)
+    return model
+
+
+class ReconstructionDistance(nn.Module):
+    """``d(pred, target) = mse_weight * MSE + lpips_weight * LPIPS``, per sample (paper eq. 2's ``d``).
+
+    Videos ``(B, C, T, H, W)`` get LPIPS per frame, averaged over frames. LPIPS is loaded only when its weight
+    is positive. The LPIPS network is frozen but gradients flow through it to ``pred``.
+    """
+
+    def __init__(
+        self,
+        mse_weight: float = 1.0,
+        lpips_weight: float = 1.0,
+        lpips_net: str = "alex",
+        lpips_trunk_path: Optional[str] = None,
+        lpips_model: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.mse_weight = float(mse_weight)
+        self.lpips_weight = float(lpips_weight)
+        if self.lpips_weight > 0:
+            self.lpips = lpips_model if lpips_model is not None else load_lpips(lpips_net, lpips_trunk_path)
+            self.lpips.eval().requires_grad_(False)
+        else:
+            self.lpips = None
+
+    def lpips_distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample LPIPS ``(B,)``; per frame for videos."""
+        pred_f, _ = _frames_to_batch(pred)
+        target_f, _ = _frames_to_batch(target)
+        if pred_f.shape[1] != 3:
+            raise ValueError(f"LPIPS needs 3-channel RGB, got {pred_f.shape[1]} channels.")
+        d = self.lpips(pred_f.float(), target_f.float()).flatten()  # (B*T,)
+        return d.reshape(pred.shape[0], -1).mean(dim=1)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.mse_weight * per_sample_mse(pred, target) if self.mse_weight else 0.0
+        if self.lpips is not None:
+            loss = loss + self.lpips_weight * self.lpips_distance(pred, target)
+        if not torch.is_tensor(loss):
+            raise ValueError("Both the MSE and the LPIPS weights are 0: the reconstruction distance is empty.")
+        return loss

@@ -1,0 +1,284 @@
+"""Block DCT spectra of images and latents (paper Section 3.1, eq. 1, and Appendix C, eq. 4-7).
+
+Conventions shared by the whole toolkit:
+
+* the DCT is the orthonormal type-II transform applied to non-overlapping ``B x B`` blocks of the last two
+  dimensions (``H``, ``W``) of a tensor;
+* a coefficient ``D[..., u, v]`` has ``u`` the vertical (row) frequency and ``v`` the horizontal one;
+* videos ``(N, C, T, H, W)`` are analysed per frame: every leading dimension is a batch dimension;
+* zigzag order is JPEG's (Wallace, 1991), from ``D[0, 0]`` to ``D[B-1, B-1]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+@functools.lru_cache(maxsize=32)
+def _dct_matrix_f64(n: int) -> torch.Tensor:
+    k = torch.arange(n, dtype=torch.float64)[:, None]  # frequency (row)
+    i = torch.arange(n, dtype=torch.float64)[None, :]  # position (column)
+    mat = torch.cos(math.pi * (2 * i + 1) * k / (2 * n))
+    mat[0] *= math.sqrt(1.0 / n)
+    mat[1:] *= math.sqrt(2.0 / n)
+    return mat
+
+
+def dct_matrix(n: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The orthonormal DCT-II matrix ``C`` of size ``(n, n)`` (paper Section 3.1).
+
+    ``C[k, i] = alpha(k) cos(pi (2i + 1) k / (2n))`` with ``alpha(0) = sqrt(1/n)`` and ``alpha(k) = sqrt(2/n)``,
+    so ``C @ C.T = I`` and the 1D DCT of a column vector ``a`` is ``C @ a``.
+    """
+    if n < 1:
+        raise ValueError(f"DCT size must be a positive integer, got {n}.")
+    return _dct_matrix_f64(int(n)).to(dtype=dtype, device=device)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half-precision DCTs lose the small high-frequency coefficients we want to measure.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_blocks(x: torch.Tensor, block_size: int) -> None:
+    if x.ndim < 2:
+        raise ValueError(f"Expected a tensor with at least 2 dimensions (..., H, W), got shape {tuple(x.shape)}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    h, w = x.shape[-2:]
+    if h % block_size or w % block_size:
+        raise ValueError(
+            f"Spatial size {h}x{w} is not divisible by the DCT block size {block_size}: crop or resize to a "
+            f"multiple of {block_size} (e.g. {h // block_size * block_size}x{w // block_size * block_size}), "
+            "or pick a block size that divides both."
+        )
+
+
+def blockwise_dct2d(x: torch.Tensor, block_size: int = 8) -> torch.Tensor:
+    """Orthonormal 2D DCT-II of every ``B x B`` block (paper Section 3.1).
+
+    Args:
+        x: ``(..., H, W)``, ``H`` and ``W`` divisible by ``block_size``.
+        block_size: ``B``.
+
+    Returns:
+        ``(..., H // B, W // B, B, B)`` coefficients, ``[..., u, v]`` with ``u`` vertical and ``v`` horizontal.
+        Computed in float32 (float64 for float64 inputs), as two batched matrix products ``C @ block @ C.T``.
+    """
+    _check_blocks(x, block_size)
+    *lead, h, w = x.shape
+    b = block_size
+    dtype = _compute_dtype(x)
+    c = dct_matrix(b, dtype=dtype, device=x.device)
+    blocks = x.to(dtype).reshape(*lead, h // b, b, w // b, b).transpose(-3, -2)  # (..., H/B, W/B, B, B)
+    return c @ blocks @ c.T
+
+
+def blockwise_idct2d(coeffs: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of :func:`blockwise_dct2d`: ``(..., H//B, W//B, B, B) -> (..., H, W)``."""
+    if coeffs.ndim < 4 or coeffs.shape[-1] != coeffs.shape[-2]:
+        raise ValueError(f"Expected (..., H//B, W//B, B, B) coefficients, got shape {tuple(coeffs.shape)}.")
+    *lead, nh, nw, b, _ = coeffs.shape
+    c = dct_matrix(b, dtype=coeffs.dtype, device=coeffs.device)
+    blocks = c.T @ coeffs @ c  # (..., H/B, W/B, B, B)
+    return blocks.transpose(-3, -2).reshape(*lead, nh * b, nw * b)
+
+
+@functools.lru_cache(maxsize=32)
+def _zigzag_list(block_size: int) -> tuple:
+    order = []
+    for s in range(2 * block_size - 1):  # anti-diagonal u + v = s
+        rows = range(max(0, s - block_size + 1), min(s, block_size - 1) + 1)
+        # JPEG: odd diagonals run down-left (row increasing), even ones up-right (row decreasing).
+        rows = rows if s % 2 == 1 else reversed(rows)
+        order.extend(u * block_size + (s - u) for u in rows)
+    return tuple(order)
+
+
+def zigzag_order(block_size: int = 8) -> torch.Tensor:
+    """JPEG zigzag order: a LongTensor of shape ``(B * B,)`` whose entry ``k`` is the flat index ``u * B + v``
+    of the ``k``-th coefficient (``u`` the row/vertical frequency). For ``B = 8`` it is the standard JPEG table.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    return torch.tensor(_zigzag_list(int(block_size)), dtype=torch.long)
+
+
+def zigzag_rank(block_size: int = 8) -> torch.Tensor:
+    """``(B, B)`` LongTensor with ``zigzag(u, v)``, the rank of ``D[u, v]`` in zigzag order (paper eq. 5)."""
+    order = zigzag_order(block_size)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank.reshape(block_size, block_size)
+
+
+def _flat_zigzag(coeffs: torch.Tensor) -> torch.Tensor:
+    """``(..., B, B) -> (..., B * B)`` in zigzag order."""
+    b = coeffs.shape[-1]
+    return coeffs.flatten(-2)[..., zigzag_order(b).to(coeffs.device)]
+
+
+def _check_media(x: torch.Tensor) -> None:
+    if x.ndim not in (4, 5):
+        raise ValueError(
+            f"Expected images (N, C, H, W) or videos (N, C, T, H, W), got shape {tuple(x.shape)}."
+        )
+
+
+def frequency_profile(x: torch.Tensor, block_size: int = 8, eps: float = 1e-8) -> torch.Tensor:
+    """The paper's frequency profile (eq. 1): normalised amplitudes ``|D_uv / D_00|`` in zigzag order.
+
+    Args:
+        x: images ``(N, C, H, W)`` or videos ``(N, C, T, H, W)`` (2D DCT of each frame).
+        block_size: DCT block size ``B``.
+        eps: floor for the denominator.
+
+    Returns:
+        ``(B * B,)`` float32 profile; entry 0 is 1 unless a whole signal is zero.
+
+    Estimator: within each (sample, channel[, frame]) signal we take the ratio of block means,
+    ``mean_blocks |D_uv| / mean_blocks |D_00|``, then average these over samples, channels and frames. Latent
+    channels are roughly zero-mean, so individual latent blocks have ``D_00`` near 0 and the per-block ratio of
+    eq. 1 is heavy-tailed (one near-zero block dominates the average, or gives inf/NaN). The ratio of means
+    equals eq. 1 whenever ``|D_00|`` is constant over a signal's blocks, is never NaN or inf (the denominator is
+    floored at ``eps``, and an all-zero signal gives a zero row), and weighs every signal equally regardless of
+    its scale, as the paper's normalisation intends.
+    """
+    _check_media(x)
+    amp = blockwise_dct2d(x, block_size).abs()  # (N, C, [T,] H/B, W/B, B, B)
+    amp = amp.flatten(x.ndim - 2, x.ndim - 1).mean(dim=-3)  # (N, C, [T,] B, B): mean over blocks
+    amp = _flat_zigzag(amp)  # (N, C, [T,] B*B)
+    ratio = amp / amp[..., :1].clamp_min(eps)
+    return ratio.reshape(-1, block_size * block_size).mean(dim=0).float()
+
+
+def energy_profile(x: torch.Tensor, block_size: int = 8) -> torch.Tensor:
+    """Mean DCT energy ``E[D_uv ** 2]`` in zigzag order, averaged over samples, channels, frames and blocks.
+
+    Args:
+        x: ``(N, C, H, W)`` or ``(N, C, T, H, W)``.
+
+    Returns:
+        ``(B * B,)`` float32. By Parseval (orthonormal DCT) its sum is ``B ** 2`` times the mean of ``x ** 2``.
+    """
+    _check_media(x)
+    energy = blockwise_dct2d(x, block_size).square()
+    return _flat_zigzag(energy).reshape(-1, block_size * block_size).mean(dim=0).float()
+
+
+def high_frequency_share(x: torch.Tensor, block_size: int = 8, cutoff: float = 0.5) -> torch.Tensor:
+    """Scalar share of the AC energy that lies in the high-frequency part of the zigzag order.
+
+    Definition: with ``E_k`` the :func:`energy_profile` in zigzag order and ``K = ceil(cutoff * B ** 2)``,
+    ``share = sum_{k >= K} E_k / sum_{k >= 1} E_k``. The DC term is left out so that a latent channel's offset
+    (``shift_factor``) does not dilute the share. With the default ``cutoff = 0.5`` it is the energy share of
+    the upper half of the zigzag spectrum: ``~0.5`` for white noise, a few percent for natural RGB images;
+    the SE regularisation (paper Section 3.3) lowers it for latents. Cheap: one block DCT. Returns a 0-d
+    float32 tensor (0 when the signal has no AC energy).
+    """
+    if not 0.0 < cutoff < 1.0:
+        raise ValueError(f"cutoff must be in (0, 1), got {cutoff}.")
+    energy = energy_profile(x, block_size)
+    k = max(1, math.ceil(cutoff * block_size * block_size))
+    ac = energy[1:].sum()
+    return torch.where(ac > 0, energy[k:].sum() / ac.clamp_min(torch.finfo(ac.dtype).tiny), torch.zeros_like(ac))
+
+
+def chop_mask(block_size: int, ratio: float, order: str = "zigzag") -> torch.Tensor:
+    """Binary ``(B, B)`` mask ``M`` of paper eq. 5 that keeps the low frequencies.
+
+    ``order="zigzag"``: zero the last ``N = round(ratio * B ** 2)`` coefficients in zigzag order,
+    ``M[u, v] = 1 iff zigzag(u, v) < B ** 2 - N``. ``order="axis"`` (Table 6's non-zigzag ablation): cut each
+    axis independently, keeping ``u < B - n`` and ``v < B - n`` with ``n = round(ratio * B)``.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}.")
+    if order == "zigzag":
+        n = round(ratio * block_size * block_size)
+        return (zigzag_rank(block_size) < block_size * block_size - n).float()
+    if order == "axis":
+        keep = block_size - round(ratio * block_size)
+        idx = torch.arange(block_size)
+        return ((idx[:, None] < keep) & (idx[None, :] < keep)).float()
+    raise ValueError(f"order must be 'zigzag' or 'axis', got {order!r}.")
+
+
+def chop_high_frequencies(x: torch.Tensor, block_size: int = 8, ratio: float = 0.5, order: str = "zigzag"):
+    """``D^-1(D(x) * M)`` of paper eq. 4: zero the highest block-DCT frequencies of ``x``.
+
+    Args:
+        x: ``(..., H, W)`` images, videos (per frame) or latents.
+        block_size: ``B``.
+        ratio: share of coefficients removed (see :func:`chop_mask` for ``order``).
+
+    Returns:
+        A tensor of the shape and dtype of ``x``. Differentiable.
+    """
+    mask = chop_mask(block_size, ratio, order).to(device=x.device)
+    coeffs = blockwise_dct2d(x, block_size)
+    return blockwise_idct2d(coeffs * mask.to(coeffs.dtype)).to(x.dtype)
+
+
+def soft_penalty_weights(block_size: int = 8, p: float = 2.0) -> torch.Tensor:
+    """``W_uv = (u + v) ** p / B ** p`` of paper eq. 6, shape ``(B, B)``."""
+    idx = torch.arange(block_size, dtype=torch.float32)
+    return (idx[:, None] + idx[None, :]).pow(p) / float(block_size) ** p
+
+
+def soft_frequency_penalty(z: torch.Tensor, block_size: int = 8, p: float = 2.0) -> torch.Tensor:
+    """Soft high-frequency penalty of paper eq. 6-7 on the amplitudes ``|D_uv(z)|``, per sample.
+
+    ``sum_uv |D_uv(z)| * W_uv`` for every block, averaged over channels, frames and blocks. Eq. 7 writes
+    ``D_uv`` without the absolute value; a signed sum can be lowered by flipping signs, so we penalise the
+    amplitude. The paper does not state ``p``; ``p = 2`` is our default. Used with a weight ``gamma`` around 0.01
+    (Appendix C.2, Table 7).
+
+    Args:
+        z: ``(N, C, h, w)`` or ``(N, C, T, h, w)`` latents.
+
+    Returns:
+        ``(N,)`` per-sample penalty.
+    """
+    coeffs = blockwise_dct2d(z, block_size).abs()
+    w = soft_penalty_weights(block_size, p).to(device=z.device, dtype=coeffs.dtype)
+    per_block = (coeffs * w).sum(dim=(-2, -1))  # (N, ..., H/B, W/B)
+    return per_block.flatten(1).mean(dim=1).to(z.dtype if z.is_floating_point() else torch.float32)
+
+
+def plot_frequency_profiles(
+    profiles: Mapping[str, "torch.Tensor | np.ndarray | Sequence[float]"],
+    title: Optional[str] = None,
+    ax=None,
+    styles: Optional[Mapping[str, str]] = None,
+):
+    """Plot profiles (``{name: (B*B,)}``) as log amplitude over zigzag index, as in the paper's Fig. 2 and 4.
+
+    Returns the matplotlib ``Figure``. Uses the non-interactive backend when no ``ax`` is given.
+    """
+    if ax is None:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    else:
+        fig = ax.figure
+    floor = 1e-6  # log axis: keep exact zeros (e.g. a constant image) visible
+    for name, prof in profiles.items():
+        values = np.clip(np.asarray(torch.as_tensor(prof, dtype=torch.float32).cpu()), floor, None)
+        ax.plot(np.arange(len(values)), values, (styles or {}).get(name, "-"), label=name, linewidth=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("zigzag frequency index")
+    ax.set_ylabel(r"normalised amplitude $|D_{uv} / D_{00}|$")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
