@@ -151,6 +151,7 @@ LPIPS_TRUNK_FILES = {
     "vgg": "vgg16-397923af.pth",
     "squeeze": "squeezenet1_1-b8a52dc0.pth",
 }
+LPIPS_MIN_SIZE = 32  # smallest side the LPIPS trunks accept
 _TORCHVISION_BUILDERS = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 
 
@@ -197,7 +198,7 @@ class ReconstructionDistance(nn.Module):
     """``d(pred, target) = mse_weight * MSE + lpips_weight * LPIPS``, per sample (paper eq. 2's ``d``).
 
     Videos ``(B, C, T, H, W)`` get LPIPS per frame, averaged over frames. LPIPS is loaded only when its weight
-    is positive. The LPIPS network is frozen but gradients flow through it to ``pred``.
+    is positive; images smaller than 32 px are upsampled (bilinear) before LPIPS, which the trunks need. The LPIPS network is frozen but gradients flow through it to ``pred``.
     """
 
     def __init__(
@@ -223,7 +224,15 @@ class ReconstructionDistance(nn.Module):
         target_f, _ = _frames_to_batch(target)
         if pred_f.shape[1] != 3:
             raise ValueError(f"LPIPS needs 3-channel RGB, got {pred_f.shape[1]} channels.")
-        d = self.lpips(pred_f.float(), target_f.float()).flatten()  # (B*T,)
+        pred_f, target_f = pred_f.float(), target_f.float()
+        if min(pred_f.shape[-2:]) < LPIPS_MIN_SIZE:
+            # The trunks pool their input away below ~32 px (e.g. a x4-downsampled 64 px crop in the SE term):
+            # compare bilinear upsamplings of both images instead.
+            s = LPIPS_MIN_SIZE / min(pred_f.shape[-2:])
+            size = (round(pred_f.shape[-2] * s), round(pred_f.shape[-1] * s))
+            pred_f = F.interpolate(pred_f, size=size, mode="bilinear", align_corners=False)
+            target_f = F.interpolate(target_f, size=size, mode="bilinear", align_corners=False)
+        d = self.lpips(pred_f, target_f).flatten()  # (B*T,)
         return d.reshape(pred.shape[0], -1).mean(dim=1)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

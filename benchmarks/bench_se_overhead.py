@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Step-time and memory overhead of the SE term (paper eq. 2) in one training step of train_ae_se.py.
+
+Times the script's own training module (encode + decode + SE branch in one forward, backward, AdamW step) with
+``--se_weight 0.25`` and with ``--se_weight 0`` side by side (alternating, same process, same weights), for the
+embedded autoencoder and a FLUX-sized ``AutoencoderKL`` (random init, FLUX.1's config). The paper counts +10.75% of
+the FLOPs of an encode + decode for FluxAE at 256^2; our target is at most +15% step time.
+
+    python benchmarks/bench_se_overhead.py --models embedded flux --resolution 256 --batch_size 1
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak RSS of a fresh process that runs two
+steps of one variant (model, optimizer state and activations included).
+"""
+
+import argparse
+import importlib.util
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLUX_VAE_CONFIG = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_ae_se", os.path.join(ROOT, "train_scripts", "train_ae_se.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(name):
+    from diffusers import AutoencoderKL
+
+    if name == "embedded":
+        script = load_script()
+        return AutoencoderKL.from_pretrained(script.EMBEDDED_AE)
+    torch.manual_seed(0)
+    return AutoencoderKL(**FLUX_VAE_CONFIG)
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_step(module, x, opt, scale_factor, device, bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = module(x, scale_factor)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["embedded", "flux"], choices=["embedded", "flux"])
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4, help="Timed steps per variant (after one warm-up each).")
+    parser.add_argument("--scale_factor", type=int, default=2, choices=[2, 4], help="SE factor used in every step.")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak_only", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    script = load_script()
+    device = torch.device(args.device)
+    from diffusability_hf.losses import ReconstructionDistance
+
+    distance = ReconstructionDistance(mse_weight=1.0, lpips_weight=0.0)
+    if args.peak_only is None:
+        print(f"device={device} resolution={args.resolution} batch={args.batch_size} SE factor={args.scale_factor} "
+              f"precision={args.mixed_precision}; LPIPS off (needs a download), so d = MSE")  # fmt: skip
+    for name in args.models:
+        vae = build(name).to(device)
+        params = [p for p in vae.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.01)
+        x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
+        times, peaks = {0.25: [], 0.0: []}, {}
+        modules = {}
+        for alpha in times:
+            ns = argparse.Namespace(se_weight=alpha, kl_weight=0.0, chf_weight=0.0, soft_penalty_weight=0.0,
+                                    latent_sampling="sample", se_downsample_mode="bilinear", dct_block_size=8)  # fmt: skip
+            modules[alpha] = script.SEAutoencoderLoss(vae, distance, ns)
+
+        def step(alpha, modules=modules, x=x, opt=opt):
+            train_step(modules[alpha], x, opt, args.scale_factor, device, args.mixed_precision == "bf16")
+
+        if args.peak_only is not None:  # child process: peak RSS of one variant alone
+            step(args.peak_only)
+            step(args.peak_only)
+            print(f"PEAK {peak_mb(device):.1f}")
+            return
+        for alpha in times:  # warm-up
+            step(alpha)
+        for alpha in (0.0, 0.25):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                step(alpha)
+                peaks[alpha] = peak_mb(device)
+            else:  # a fresh process per variant: peak RSS only grows
+                cmd = [sys.executable, __file__, "--models", name, "--resolution", str(args.resolution),
+                       "--batch_size", str(args.batch_size), "--scale_factor", str(args.scale_factor),
+                       "--mixed_precision", args.mixed_precision, "--device", "cpu", "--peak_only", str(alpha)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                peaks[alpha] = float(out.rsplit("PEAK", 1)[1])
+        for _ in range(args.steps):
+            for alpha in times:  # alternate so that drift hits both variants alike
+                t0 = time.perf_counter()
+                step(alpha)
+                times[alpha].append(time.perf_counter() - t0)
+        t_se, t_base = (sorted(times[a])[len(times[a]) // 2] for a in (0.25, 0.0))
+        n = sum(p.numel() for p in vae.parameters()) / 1e6
+        print(f"{name:9s} ({n:.1f}M params): step without SE {t_base * 1e3:8.1f} ms, with SE {t_se * 1e3:8.1f} ms "
+              f"-> overhead {100 * (t_se / t_base - 1):+.1f}% (median of {args.steps}); "
+              f"peak memory {peaks[0.0]:.0f} MB without SE, {peaks[0.25]:.0f} MB with SE")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""End-to-end runs of train_scripts/train_ae_se.py through `accelerate launch` on tiny autoencoders (CPU, offline)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_scripts", "train_ae_se.py")
+CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        mid_block_add_attention=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_vae")
+    tiny_vae().save_pretrained(path)
+    # LPIPS trunk from a local file (random AlexNet weights: the real loading path, offline)
+    import torchvision
+
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), os.path.join(path, "alexnet_trunk.pth"))
+    FAST.extend(["--lpips_trunk_path", os.path.join(path, "alexnet_trunk.pth")])
+    return str(path)
+
+
+def env():
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    e.pop("DIFFUSABILITY_DEBUG", None)
+    return e
+
+
+def launch(args, check=True, launcher=None):
+    cmd = launcher or [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG]
+    proc = subprocess.run(cmd + [SCRIPT] + list(map(str, args)), capture_output=True, text=True, env=env(), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+FAST = ["--resolution", 32, "--train_batch_size", 2, "--report_to", "none", "--validation_steps", 2,
+        "--num_validation_images", 2, "--learning_rate", 1e-3]  # fmt: skip
+
+
+def weights(path):
+    return load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
+
+
+def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
+    out = tmp_path / "out"
+    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3,
+            "--ema_halflife_steps", 10, *FAST])  # fmt: skip
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "spectrum.png", "metrics.json"):
+        assert (out / name).is_file(), name
+
+    # The stock class loads it in a fresh interpreter that never imports this package
+    code = (
+        "import sys, torch; from diffusers import AutoencoderKL; "
+        f"vae = AutoencoderKL.from_pretrained({str(out)!r}); x = torch.rand(1, 3, 32, 32) * 2 - 1; "
+        "y = vae.decode(vae.encode(x).latent_dist.mode()).sample; "
+        "assert torch.isfinite(y).all() and y.shape == x.shape; "
+        "assert not any(m.startswith('diffusability_hf') for m in sys.modules); print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=str(tmp_path))
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["base_model"] == tiny_vae_dir
+    for key in ("before", "after"):
+        assert set(metrics[key]) >= {"psnr", "hf_share"}
+        assert all(map(lambda v: v == v and abs(v) < 1e6, (metrics[key]["psnr"], metrics[key]["hf_share"])))
+    assert metrics["train_steps"] == 3
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "scale-equivariance" in card
+    assert f"base_model: {tiny_vae_dir}" in card
+    assert "| `learning_rate` | `0.001` |" in card and "| `se_weight` | `0.25` |" in card
+    assert "| `max_train_steps` | `3` |" in card
+    assert f"{metrics['after']['psnr']:.2f}" in card
+    assert "{{" not in card
+
+
+def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_dir):
+    common = ["--pretrained_model_name_or_path", tiny_vae_dir, "--checkpointing_steps", 2, "--num_frozen_up_blocks", 1,
+              "--ema_halflife_steps", 3, *FAST]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch([*common, "--output_dir", straight, "--max_train_steps", 4])
+    launch([*common, "--output_dir", resumed, "--max_train_steps", 2])
+    assert (resumed / "checkpoint-2").is_dir()
+    launch([*common, "--output_dir", resumed, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
+
+    a, b, base = weights(straight), weights(resumed), weights(tiny_vae_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # Frozen: last norm, output conv and the up-block nearest the output (AutoencoderKL runs up_blocks in order)
+    frozen = [k for k in a if k.startswith(("decoder.conv_norm_out", "decoder.conv_out", "decoder.up_blocks.2."))]
+    assert frozen
+    for key in frozen:
+        assert torch.equal(a[key], base[key]), key
+    changed = [k for k in a if k.startswith("encoder.") and not torch.equal(a[k], base[k])]
+    assert changed, "the encoder should have trained"
+    assert not torch.equal(
+        a["decoder.up_blocks.0.resnets.0.conv1.weight"], base["decoder.up_blocks.0.resnets.0.conv1.weight"]
+    )
+
+
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_vae_dir):
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    old = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        proc = launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3,
+                       *FAST], launcher=torchrun)  # fmt: skip
+    finally:
+        if old is None:
+            os.environ.pop("ACCELERATE_USE_CPU")
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = old
+    assert "MULTI_CPU" in proc.stdout + proc.stderr
+    sums = json.loads((out / "metrics.json").read_text())["rank_weight_checksums"]
+    assert len(sums) == 2
+    assert sums[0] == pytest.approx(sums[1], rel=1e-6)
+    assert sums[0] != pytest.approx(sum(v.double().sum().item() for v in weights(tiny_vae_dir).values()), rel=1e-9)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(5):
+        arr = (torch.rand(40, 48, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(data / f"img{i}.png")
+    good = (data / "img0.png").read_bytes()
+    (data / "broken.png").write_bytes(good[: len(good) // 3])  # truncated PNG
+    (data / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
+    out = tmp_path / "out"
+    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", data, "--output_dir", out,
+            "--max_train_steps", 4, *FAST])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_images"] >= 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--preset", "sdxl-turbo"], "invalid choice"),
+        (["--se_scale_factors", "3"], "SE scale factor 3 does not divide the latent size 8x8"),
+        (["--resolution", "34"], "not divisible by the autoencoder's spatial compression 4"),
+        (["--pretrained_model_name_or_path", "no-such-org/no-such-vae", "--subfolder", "vae"], "hf download"),
+        (["--se_weight", "-1"], "non-negative"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message):
+    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", "--max_train_steps", 1000,
+            *FAST, *extra]  # fmt: skip
+    start = time.time()
+    proc = launch(args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "checkpoint-500").exists()
+    assert time.time() - start < 120  # generous: "before any heavy work", not a benchmark
+
+
+def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir):
+    hub = tmp_path / "empty_torch_home"
+    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", *FAST,
+            "--lpips_weight", "1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG, SCRIPT] + list(
+        map(str, args)
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(), TORCH_HOME=str(hub)), cwd=ROOT)
+    assert proc.returncode != 0
+    assert "alexnet-owt-7be5be79.pth" in proc.stderr and "--lpips_trunk_path" in proc.stderr
+
+
+def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
+    out = tmp_path / "lora"
+    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 2,
+            "--use_lora", "--lora_rank", 2, "--ema_halflife_steps", 0, *FAST])  # fmt: skip
+    merged, base = weights(out), weights(tiny_vae_dir)
+    assert merged.keys() == base.keys()  # plain diffusers keys: no lora_A/lora_B/base_layer left
+    adapter = load_file(out / "lora" / "adapter_model.safetensors")
+    assert adapter and all("lora" in k for k in adapter)
+    assert any(not torch.equal(merged[k], base[k]) for k in merged)
+    vae = AutoencoderKL.from_pretrained(out)
+    assert torch.isfinite(vae.decode(torch.zeros(1, 4, 8, 8)).sample).all()
