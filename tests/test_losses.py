@@ -352,6 +352,22 @@ def test_reconstruction_distance_lpips_gradients_reach_pred(offline_lpips):
     assert all(not p.requires_grad for p in d.lpips.parameters())
 
 
+def test_reconstruction_distance_lpips_upsamples_small_images(offline_lpips):
+    """Below 32 px both images are bilinearly upsampled (shortest side -> 32) before LPIPS."""
+    import torch.nn.functional as F
+
+    x, y = torch.tanh(randn(2, 3, 16, 24, seed=40)), torch.tanh(randn(2, 3, 16, 24, seed=41))
+    d = ReconstructionDistance(mse_weight=0.0, lpips_weight=1.0, lpips_model=offline_lpips)
+
+    def up(t):
+        return F.interpolate(t, size=(32, 48), mode="bilinear", align_corners=False)
+
+    got = d(x, y)
+    assert torch.isfinite(got).all() and (got > 0).all()
+    torch.testing.assert_close(got, offline_lpips(up(x), up(y)).flatten(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(d(x, x).numpy(), np.zeros(2), atol=1e-7)
+
+
 def test_reconstruction_distance_lpips_rejects_non_rgb(offline_lpips):
     d = ReconstructionDistance(mse_weight=0.0, lpips_weight=1.0, lpips_model=offline_lpips)
     with pytest.raises(ValueError, match="3-channel"):

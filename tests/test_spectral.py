@@ -405,12 +405,6 @@ def test_high_frequency_share_edge_cases():
             high_frequency_share(torch.zeros(1, 3, 16, 16), cutoff=cutoff)
 
 
-@pytest.mark.xfail(
-    reason="high_frequency_share tests `ac > 0` exactly: a constant image's AC energy is DCT round-off "
-    "(~1e-14 in float32, ~1e-29 in float64), so the share is a ratio of round-off (0.003-0.35) instead of the "
-    "documented 0 for a signal without AC energy.",
-    strict=False,
-)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_high_frequency_share_constant_image_is_zero(dtype):
     assert high_frequency_share(torch.full((1, 3, 16, 16), 0.4, dtype=dtype)).item() == pytest.approx(0.0, abs=1e-6)

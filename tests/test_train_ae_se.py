@@ -169,6 +169,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
         (["--resolution", "34"], "not divisible by the autoencoder's spatial compression 4"),
         (["--pretrained_model_name_or_path", "no-such-org/no-such-vae", "--subfolder", "vae"], "hf download"),
         (["--se_weight", "-1"], "non-negative"),
+        (["--push_to_hub", "--hub_model_id", "me/vae"], "HF_HUB_OFFLINE=1"),
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message):
@@ -205,3 +206,43 @@ def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
     assert any(not torch.equal(merged[k], base[k]) for k in merged)
     vae = AutoencoderKL.from_pretrained(out)
     assert torch.isfinite(vae.decode(torch.zeros(1, 4, 8, 8)).sample).all()
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ae_se", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_presets_fill_table5_and_explicit_flags_win():
+    script = load_script()
+    flux = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "flux", "--train_data_dir", "d"])
+    # Paper Table 5 (FluxAE) and Appendix B
+    assert (flux.learning_rate, flux.train_batch_size, flux.max_train_steps) == (1e-5, 32, 10_000)
+    assert (flux.max_grad_norm, flux.num_frozen_up_blocks, flux.mse_weight, flux.lpips_weight) == (50.0, 1, 1.0, 1.0)
+    assert (flux.adam_beta1, flux.adam_beta2, flux.adam_weight_decay) == (0.9, 0.99, 0.01)
+    assert flux.se_weight == 0.25 and flux.se_scale_factors == [2, 4] and flux.ema_halflife_steps == 5000
+    assert flux.kl_weight == 0.0  # SE on: KL off (Section 3.3)
+    ft = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "flux", "--se_weight", "0",
+                            "--train_data_dir", "d"])  # fmt: skip
+    assert ft.kl_weight == 1e-3  # the "+FT" baseline keeps Table 5's KL
+    ltx = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "ltx", "--learning_rate", "3e-5",
+                             "--train_data_dir", "d"])  # fmt: skip
+    assert ltx.learning_rate == 3e-5 and ltx.mse_weight == 5.0 and ltx.max_grad_norm == 50.0
+    cosmos = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "cosmos", "--train_data_dir", "d"])
+    assert cosmos.learning_rate == 1e-4 and cosmos.num_frozen_up_blocks == 3
+    embedded = script.parse_args([])
+    assert embedded.pretrained_model_name_or_path == script.EMBEDDED_AE and embedded.lpips_weight == 0.0
+
+
+def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_dir):
+    out = tmp_path / "bf16"
+    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 2,
+            "--mixed_precision", "bf16", "--ema_halflife_steps", 0, *FAST])  # fmt: skip
+    saved = weights(out)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["psnr"] == metrics["after"]["psnr"]  # not NaN

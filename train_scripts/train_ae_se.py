@@ -80,8 +80,8 @@ EMBEDDED_DEFAULTS = dict(learning_rate=2e-4, train_batch_size=16, max_train_step
                          resolution=64, validation_steps=100, checkpointing_steps=300, num_frozen_up_blocks=0)  # fmt: skip
 
 # Everything else (the flags that the layers above may leave unset).
-GENERIC_DEFAULTS = dict(learning_rate=1e-5, train_batch_size=8, max_train_steps=10_000, kl_weight=0.0, mse_weight=1.0,
-                        lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=0, resolution=256,
+GENERIC_DEFAULTS = dict(learning_rate=1e-5, train_batch_size=8, max_train_steps=10_000, mse_weight=1.0, lpips_weight=1.0,
+                        max_grad_norm=50.0, num_frozen_up_blocks=0, resolution=256,
                         validation_steps=500, checkpointing_steps=1000)  # fmt: skip
 
 
