@@ -87,8 +87,10 @@ def main():
 
     distance = ReconstructionDistance(mse_weight=1.0, lpips_weight=0.0)
     if args.peak_only is None:
-        print(f"device={device} resolution={args.resolution} batch={args.batch_size} SE factor={args.scale_factor} "
-              f"precision={args.mixed_precision}; LPIPS off (needs a download), so d = MSE")  # fmt: skip
+        print(
+            f"device={device} resolution={args.resolution} batch={args.batch_size} SE factor={args.scale_factor} "
+            f"precision={args.mixed_precision}; LPIPS off (needs a download), so d = MSE"
+        )
     for name in args.models:
         vae = build(name).to(device)
         params = [p for p in vae.parameters() if p.requires_grad]
@@ -97,8 +99,15 @@ def main():
         times, peaks = {0.25: [], 0.0: []}, {}
         modules = {}
         for alpha in times:
-            ns = argparse.Namespace(se_weight=alpha, kl_weight=0.0, chf_weight=0.0, soft_penalty_weight=0.0,
-                                    latent_sampling="sample", se_downsample_mode="bilinear", dct_block_size=8)  # fmt: skip
+            ns = argparse.Namespace(
+                se_weight=alpha,
+                kl_weight=0.0,
+                chf_weight=0.0,
+                soft_penalty_weight=0.0,
+                latent_sampling="sample",
+                se_downsample_mode="bilinear",
+                dct_block_size=8,
+            )
             modules[alpha] = script.SEAutoencoderLoss(vae, distance, ns)
 
         def step(alpha, modules=modules, x=x, opt=opt):
@@ -117,9 +126,24 @@ def main():
                 step(alpha)
                 peaks[alpha] = peak_mb(device)
             else:  # a fresh process per variant: peak RSS only grows
-                cmd = [sys.executable, __file__, "--models", name, "--resolution", str(args.resolution),
-                       "--batch_size", str(args.batch_size), "--scale_factor", str(args.scale_factor),
-                       "--mixed_precision", args.mixed_precision, "--device", "cpu", "--peak_only", str(alpha)]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--models",
+                    name,
+                    "--resolution",
+                    str(args.resolution),
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--scale_factor",
+                    str(args.scale_factor),
+                    "--mixed_precision",
+                    args.mixed_precision,
+                    "--device",
+                    "cpu",
+                    "--peak_only",
+                    str(alpha),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 peaks[alpha] = float(out.rsplit("PEAK", 1)[1])
         for _ in range(args.steps):
@@ -129,9 +153,11 @@ def main():
                 times[alpha].append(time.perf_counter() - t0)
         t_se, t_base = (sorted(times[a])[len(times[a]) // 2] for a in (0.25, 0.0))
         n = sum(p.numel() for p in vae.parameters()) / 1e6
-        print(f"{name:9s} ({n:.1f}M params): step without SE {t_base * 1e3:8.1f} ms, with SE {t_se * 1e3:8.1f} ms "
-              f"-> overhead {100 * (t_se / t_base - 1):+.1f}% (median of {args.steps}); "
-              f"peak memory {peaks[0.0]:.0f} MB without SE, {peaks[0.25]:.0f} MB with SE")  # fmt: skip
+        print(
+            f"{name:9s} ({n:.1f}M params): step without SE {t_base * 1e3:8.1f} ms, with SE {t_se * 1e3:8.1f} ms "
+            f"-> overhead {100 * (t_se / t_base - 1):+.1f}% (median of {args.steps}); "
+            f"peak memory {peaks[0.0]:.0f} MB without SE, {peaks[0.25]:.0f} MB with SE"
+        )
 
 
 if __name__ == "__main__":

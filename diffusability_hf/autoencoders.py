@@ -56,7 +56,9 @@ def get_row(vae_or_class_name) -> AERow:
     """The :class:`AERow` of a model instance or class name; a ``ValueError`` listing the supported ones."""
     name = vae_or_class_name if isinstance(vae_or_class_name, str) else type(vae_or_class_name).__name__
     if name not in AE_TABLE:
-        raise ValueError(f"Unsupported autoencoder class {name!r}. Supported classes: {', '.join(supported_classes())}.")
+        raise ValueError(
+            f"Unsupported autoencoder class {name!r}. Supported classes: {', '.join(supported_classes())}."
+        )
     return AE_TABLE[name]
 
 

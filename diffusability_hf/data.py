@@ -124,7 +124,9 @@ def _open_image(item) -> Image.Image:
 class HFImageDataset(torch.utils.data.Dataset):
     """An HF ``datasets`` split (hub dataset or ``imagefolder``) with undecoded images, decoded and cropped here."""
 
-    def __init__(self, dataset, image_column: str, resolution: int, center_crop: bool, random_flip: bool, seed: int = 0):
+    def __init__(
+        self, dataset, image_column: str, resolution: int, center_crop: bool, random_flip: bool, seed: int = 0
+    ):
         self.dataset, self.image_column = dataset, image_column
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.epoch = 0
@@ -191,6 +193,8 @@ def embedded_validation_batch(resolution: int, num_images: int = 8) -> torch.Ten
         side = min(image.size) // 2
         w, h = image.size
         for top, left in ((0, 0), (h - side, w - side), (0, w - side), (h - side, 0)):
-            crops.append(to_tensor(image.crop((left, top, left + side, top + side)).resize((resolution,) * 2, Image.BICUBIC)))
+            crops.append(
+                to_tensor(image.crop((left, top, left + side, top + side)).resize((resolution,) * 2, Image.BICUBIC))
+            )
     crops = crops[:num_images]
     return torch.stack(crops)

@@ -34,7 +34,9 @@ class EMA:
     Registered with ``accelerator.register_for_checkpointing`` it is saved and restored with the training state.
     """
 
-    def __init__(self, parameters: Iterable[nn.Parameter], half_life: float = 5000.0, ramp_ratio: Optional[float] = None):
+    def __init__(
+        self, parameters: Iterable[nn.Parameter], half_life: float = 5000.0, ramp_ratio: Optional[float] = None
+    ):
         self.half_life = float(half_life)
         self.ramp_ratio = ramp_ratio
         self.shadow = [p.detach().float().clone() for p in parameters]

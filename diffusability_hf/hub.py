@@ -22,7 +22,9 @@ def render_model_card(template: str, fields: Mapping[str, object], template_dir:
     """Render ``model_cards/<template>.md`` with ``fields``."""
     path = os.path.join(template_dir or MODEL_CARDS_DIR, f"{template}.md")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Model card template {path} not found: run the scripts from a clone of the repository.")
+        raise FileNotFoundError(
+            f"Model card template {path} not found: run the scripts from a clone of the repository."
+        )
     with open(path) as f:
         return render_template(f.read(), fields)
 

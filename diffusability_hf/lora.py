@@ -9,7 +9,9 @@ import torch.nn as nn
 LORA_LAYER_TYPES = (nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def lora_target_names(model: nn.Module, suffixes: Optional[Sequence[str]], frozen_prefixes: Iterable[str]) -> List[str]:
+def lora_target_names(
+    model: nn.Module, suffixes: Optional[Sequence[str]], frozen_prefixes: Iterable[str]
+) -> List[str]:
     """Full names of the conv/linear layers to adapt: every such layer outside ``frozen_prefixes`` whose name ends
     with one of ``suffixes`` (all of them when ``suffixes`` is empty or ``None``)."""
     frozen = tuple(f"{p}." for p in frozen_prefixes) + tuple(frozen_prefixes)

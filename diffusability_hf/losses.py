@@ -60,7 +60,9 @@ def downsample(x: torch.Tensor, factor: int, mode: str = "bilinear") -> torch.Te
     if mode == "area":
         out = F.avg_pool2d(flat, kernel_size=factor, stride=factor)
     else:
-        out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=mode.endswith("antialias"))
+        out = F.interpolate(
+            flat, size=size, mode="bilinear", align_corners=False, antialias=mode.endswith("antialias")
+        )
     return undo(out)
 
 

@@ -136,9 +136,7 @@ def _flat_zigzag(coeffs: torch.Tensor) -> torch.Tensor:
 
 def _check_media(x: torch.Tensor) -> None:
     if x.ndim not in (4, 5):
-        raise ValueError(
-            f"Expected images (N, C, H, W) or videos (N, C, T, H, W), got shape {tuple(x.shape)}."
-        )
+        raise ValueError(f"Expected images (N, C, H, W) or videos (N, C, T, H, W), got shape {tuple(x.shape)}.")
 
 
 def frequency_profile(x: torch.Tensor, block_size: int = 8, eps: float = 1e-8) -> torch.Tensor:

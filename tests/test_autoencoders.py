@@ -10,23 +10,49 @@ from diffusability_hf import autoencoders as ae
 def tiny(name):
     torch.manual_seed(0)
     if name == "AutoencoderKL":
-        return AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                             up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4,
-                             layers_per_block=1, scaling_factor=0.5, shift_factor=0.1)  # fmt: skip
+        return AutoencoderKL(
+            block_out_channels=(8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            scaling_factor=0.5,
+            shift_factor=0.1,
+        )
     if name == "AutoencoderKLFlux2":
-        return AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                                  layers_per_block=1)  # fmt: skip
+        return AutoencoderKLFlux2(
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+        )
     if name == "AutoencoderDC":
-        return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4,
-                             encoder_block_types=("ResBlock", "ResBlock"), decoder_block_types=("ResBlock", "ResBlock"),
-                             encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
-                             encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-                             encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()))  # fmt: skip
+        return AutoencoderDC(
+            in_channels=3,
+            latent_channels=4,
+            attention_head_dim=4,
+            encoder_block_types=("ResBlock", "ResBlock"),
+            decoder_block_types=("ResBlock", "ResBlock"),
+            encoder_block_out_channels=(8, 16),
+            decoder_block_out_channels=(8, 16),
+            encoder_layers_per_block=(1, 1),
+            decoder_layers_per_block=(1, 1),
+            encoder_qkv_multiscales=((), ()),
+            decoder_qkv_multiscales=((), ()),
+        )
     if name == "AutoencoderKLQwenImage":
-        return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-                                      temperal_downsample=[False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                                      latents_std=[1.5, 0.5, 2.0, 1.0])  # fmt: skip
+        return AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, False],
+            latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[1.5, 0.5, 2.0, 1.0],
+        )
     raise KeyError(name)
 
 

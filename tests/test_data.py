@@ -39,7 +39,9 @@ def test_validation_batch_is_fixed_and_held_out():
 
 def test_image_folder_skips_and_counts_corrupt_files(tmp_path):
     for i in range(3):
-        Image.fromarray((np.random.default_rng(i).random((20, 30, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray((np.random.default_rng(i).random((20, 30, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
     (tmp_path / "3.png").write_bytes((tmp_path / "0.png").read_bytes()[:60])  # truncated
     ds, column = load_image_dataset(None, str(tmp_path), None)
     data = HFImageDataset(ds, column, resolution=16, center_crop=False, random_flip=True)

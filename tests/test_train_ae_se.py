@@ -56,8 +56,20 @@ def launch(args, check=True, launcher=None):
     return proc
 
 
-FAST = ["--resolution", 32, "--train_batch_size", 2, "--report_to", "none", "--validation_steps", 2,
-        "--num_validation_images", 2, "--learning_rate", 1e-3]  # fmt: skip
+FAST = [
+    "--resolution",
+    32,
+    "--train_batch_size",
+    2,
+    "--report_to",
+    "none",
+    "--validation_steps",
+    2,
+    "--num_validation_images",
+    2,
+    "--learning_rate",
+    1e-3,
+]
 
 
 def weights(path):
@@ -66,8 +78,19 @@ def weights(path):
 
 def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
     out = tmp_path / "out"
-    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3,
-            "--ema_halflife_steps", 10, *FAST])  # fmt: skip
+    launch(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_vae_dir,
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            3,
+            "--ema_halflife_steps",
+            10,
+            *FAST,
+        ]
+    )
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "spectrum.png", "metrics.json"):
         assert (out / name).is_file(), name
 
@@ -99,8 +122,17 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
 
 
 def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_dir):
-    common = ["--pretrained_model_name_or_path", tiny_vae_dir, "--checkpointing_steps", 2, "--num_frozen_up_blocks", 1,
-              "--ema_halflife_steps", 3, *FAST]  # fmt: skip
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_vae_dir,
+        "--checkpointing_steps",
+        2,
+        "--num_frozen_up_blocks",
+        1,
+        "--ema_halflife_steps",
+        3,
+        *FAST,
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch([*common, "--output_dir", straight, "--max_train_steps", 4])
     launch([*common, "--output_dir", resumed, "--max_train_steps", 2])
@@ -130,8 +162,10 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_vae_dir):
     old = os.environ.get("ACCELERATE_USE_CPU")
     os.environ["ACCELERATE_USE_CPU"] = "1"
     try:
-        proc = launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3,
-                       *FAST], launcher=torchrun)  # fmt: skip
+        proc = launch(
+            ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3, *FAST],
+            launcher=torchrun,
+        )
     finally:
         if old is None:
             os.environ.pop("ACCELERATE_USE_CPU")
@@ -155,8 +189,19 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     (data / "broken.png").write_bytes(good[: len(good) // 3])  # truncated PNG
     (data / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     out = tmp_path / "out"
-    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", data, "--output_dir", out,
-            "--max_train_steps", 4, *FAST])  # fmt: skip
+    launch(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_vae_dir,
+            "--train_data_dir",
+            data,
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            4,
+            *FAST,
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_images"] >= 1
 
@@ -173,8 +218,16 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message):
-    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", "--max_train_steps", 1000,
-            *FAST, *extra]  # fmt: skip
+    args = [
+        "--pretrained_model_name_or_path",
+        tiny_vae_dir,
+        "--output_dir",
+        tmp_path / "out",
+        "--max_train_steps",
+        1000,
+        *FAST,
+        *extra,
+    ]
     start = time.time()
     proc = launch(args, check=False)
     assert proc.returncode != 0
@@ -185,8 +238,15 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra
 
 def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir):
     hub = tmp_path / "empty_torch_home"
-    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", *FAST,
-            "--lpips_weight", "1"]  # fmt: skip
+    args = [
+        "--pretrained_model_name_or_path",
+        tiny_vae_dir,
+        "--output_dir",
+        tmp_path / "out",
+        *FAST,
+        "--lpips_weight",
+        "1",
+    ]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG, SCRIPT] + list(
         map(str, args)
     )
@@ -197,8 +257,22 @@ def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir)
 
 def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
     out = tmp_path / "lora"
-    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 2,
-            "--use_lora", "--lora_rank", 2, "--ema_halflife_steps", 0, *FAST])  # fmt: skip
+    launch(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_vae_dir,
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            2,
+            "--use_lora",
+            "--lora_rank",
+            2,
+            "--ema_halflife_steps",
+            0,
+            *FAST,
+        ]
+    )
     merged, base = weights(out), weights(tiny_vae_dir)
     assert merged.keys() == base.keys()  # plain diffusers keys: no lora_A/lora_B/base_layer left
     adapter = load_file(out / "lora" / "adapter_model.safetensors")
@@ -226,11 +300,13 @@ def test_presets_fill_table5_and_explicit_flags_win():
     assert (flux.adam_beta1, flux.adam_beta2, flux.adam_weight_decay) == (0.9, 0.99, 0.01)
     assert flux.se_weight == 0.25 and flux.se_scale_factors == [2, 4] and flux.ema_halflife_steps == 5000
     assert flux.kl_weight == 0.0  # SE on: KL off (Section 3.3)
-    ft = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "flux", "--se_weight", "0",
-                            "--train_data_dir", "d"])  # fmt: skip
+    ft = script.parse_args(
+        ["--pretrained_model_name_or_path", "x", "--preset", "flux", "--se_weight", "0", "--train_data_dir", "d"]
+    )
     assert ft.kl_weight == 1e-3  # the "+FT" baseline keeps Table 5's KL
-    ltx = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "ltx", "--learning_rate", "3e-5",
-                             "--train_data_dir", "d"])  # fmt: skip
+    ltx = script.parse_args(
+        ["--pretrained_model_name_or_path", "x", "--preset", "ltx", "--learning_rate", "3e-5", "--train_data_dir", "d"]
+    )
     assert ltx.learning_rate == 3e-5 and ltx.mse_weight == 5.0 and ltx.max_grad_norm == 50.0
     cosmos = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "cosmos", "--train_data_dir", "d"])
     assert cosmos.learning_rate == 1e-4 and cosmos.num_frozen_up_blocks == 3
@@ -240,8 +316,21 @@ def test_presets_fill_table5_and_explicit_flags_win():
 
 def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_dir):
     out = tmp_path / "bf16"
-    launch(["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 2,
-            "--mixed_precision", "bf16", "--ema_halflife_steps", 0, *FAST])  # fmt: skip
+    launch(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_vae_dir,
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            2,
+            "--mixed_precision",
+            "bf16",
+            "--ema_halflife_steps",
+            0,
+            *FAST,
+        ]
+    )
     saved = weights(out)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
     metrics = json.loads((out / "metrics.json").read_text())

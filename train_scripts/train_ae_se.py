@@ -59,30 +59,86 @@ from diffusability_hf.spectral import (
 logger = get_logger(__name__)
 
 EMBEDDED_AE = os.path.join(os.path.dirname(ae.__file__), "assets", "embedded_ae")
+MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 
 # Paper Table 5 (Appendix B). `kl_weight` is the baseline's KL beta: SE runs turn KL off (Section 3.3).
 PRESETS = {
-    "flux": dict(learning_rate=1e-5, train_batch_size=32, max_train_steps=10_000, kl_weight=1e-3, mse_weight=1.0,
-                 lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=1, resolution=256),
-    "cosmos": dict(learning_rate=1e-4, train_batch_size=32, max_train_steps=10_000, kl_weight=0.0, mse_weight=1.0,
-                   lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=3, resolution=256),
-    "cogvideox": dict(learning_rate=3e-4, train_batch_size=64, video_batch_size=32, max_train_steps=20_000,
-                      kl_weight=1e-3, mse_weight=1.0, lpips_weight=1.0, max_grad_norm=1.0, num_frozen_up_blocks=0,
-                      resolution=256, num_frames=17),
-    "ltx": dict(learning_rate=5e-5, train_batch_size=64, video_batch_size=32, max_train_steps=20_000,
-                kl_weight=1e-4, mse_weight=5.0, lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=0,
-                resolution=256, num_frames=17),
-}  # fmt: skip
+    "flux": dict(
+        learning_rate=1e-5,
+        train_batch_size=32,
+        max_train_steps=10_000,
+        kl_weight=1e-3,
+        mse_weight=1.0,
+        lpips_weight=1.0,
+        max_grad_norm=50.0,
+        num_frozen_up_blocks=1,
+        resolution=256,
+    ),
+    "cosmos": dict(
+        learning_rate=1e-4,
+        train_batch_size=32,
+        max_train_steps=10_000,
+        kl_weight=0.0,
+        mse_weight=1.0,
+        lpips_weight=1.0,
+        max_grad_norm=50.0,
+        num_frozen_up_blocks=3,
+        resolution=256,
+    ),
+    "cogvideox": dict(
+        learning_rate=3e-4,
+        train_batch_size=64,
+        video_batch_size=32,
+        max_train_steps=20_000,
+        kl_weight=1e-3,
+        mse_weight=1.0,
+        lpips_weight=1.0,
+        max_grad_norm=1.0,
+        num_frozen_up_blocks=0,
+        resolution=256,
+        num_frames=17,
+    ),
+    "ltx": dict(
+        learning_rate=5e-5,
+        train_batch_size=64,
+        video_batch_size=32,
+        max_train_steps=20_000,
+        kl_weight=1e-4,
+        mse_weight=5.0,
+        lpips_weight=1.0,
+        max_grad_norm=50.0,
+        num_frozen_up_blocks=0,
+        resolution=256,
+        num_frames=17,
+    ),
+}
 
 # The no-argument run: the embedded AE on embedded photographs, sized for a few CPU minutes. LPIPS is off because
 # its trunk is a download; the paper's MSE term stays.
-EMBEDDED_DEFAULTS = dict(learning_rate=2e-4, train_batch_size=16, max_train_steps=300, lpips_weight=0.0,
-                         resolution=64, validation_steps=100, checkpointing_steps=300, num_frozen_up_blocks=0)  # fmt: skip
+EMBEDDED_DEFAULTS = dict(
+    learning_rate=2e-4,
+    train_batch_size=16,
+    max_train_steps=300,
+    lpips_weight=0.0,
+    resolution=64,
+    validation_steps=100,
+    checkpointing_steps=300,
+    num_frozen_up_blocks=0,
+)
 
 # Everything else (the flags that the layers above may leave unset).
-GENERIC_DEFAULTS = dict(learning_rate=1e-5, train_batch_size=8, max_train_steps=10_000, mse_weight=1.0, lpips_weight=1.0,
-                        max_grad_norm=50.0, num_frozen_up_blocks=0, resolution=256,
-                        validation_steps=500, checkpointing_steps=1000)  # fmt: skip
+GENERIC_DEFAULTS = dict(
+    learning_rate=1e-5,
+    train_batch_size=8,
+    max_train_steps=10_000,
+    mse_weight=1.0,
+    lpips_weight=1.0,
+    max_grad_norm=50.0,
+    num_frozen_up_blocks=0,
+    resolution=256,
+    validation_steps=500,
+    checkpointing_steps=1000,
+)
 
 
 def parse_args(input_args=None):
@@ -342,8 +398,9 @@ def load_autoencoder(args):
     cls = ae.model_class(config)
 
     def build():
-        return cls.from_pretrained(path, subfolder=sub, revision=args.revision, variant=args.variant,
-                                   cache_dir=args.cache_dir)  # fmt: skip
+        return cls.from_pretrained(
+            path, subfolder=sub, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+        )
 
     return config, build, True
 
@@ -476,6 +533,8 @@ def save_spectrum_plot(path, profiles):
 
 def main(args):
     # Validate everything cheap before touching weights or data
+    if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
+        raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, build_vae, pretrained = load_autoencoder(args)
     compression = check_geometry(args, config)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
@@ -502,8 +561,9 @@ def main(args):
         if args.push_to_hub:
             from diffusability_hf.hub import check_hub_access
 
-            repo_id = check_hub_access(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                                       args.hub_token, args.private)  # fmt: skip
+            repo_id = check_hub_access(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token, args.private
+            )
 
     # Reconstruction distance d (loads LPIPS before the AE so a missing trunk fails fast)
     distance = ReconstructionDistance(args.mse_weight, args.lpips_weight, args.lpips_net, args.lpips_trunk_path)
@@ -517,15 +577,20 @@ def main(args):
         train_dataset = EmbeddedPhotoCrops(args.resolution, seed=args.seed, random_flip=True)
         val_pixels = embedded_validation_batch(args.resolution, args.num_validation_images)
     else:
-        ds, column = load_image_dataset(args.dataset_name, args.train_data_dir, args.image_column,
-                                        args.dataset_config_name, args.cache_dir)  # fmt: skip
+        ds, column = load_image_dataset(
+            args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir
+        )
         train_dataset = HFImageDataset(ds, column, args.resolution, args.center_crop, args.random_flip, args.seed)
         val_set = HFImageDataset(ds, column, args.resolution, center_crop=True, random_flip=False)
         val_pixels = torch.stack([val_set[i]["pixel_values"] for i in range(min(len(ds), args.num_validation_images))])
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, drop_last=len(train_dataset) >= args.train_batch_size,
-    )  # fmt: skip
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        drop_last=len(train_dataset) >= args.train_batch_size,
+    )
 
     # Model
     vae = build_vae()
@@ -560,12 +625,21 @@ def main(args):
 
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)  # fmt: skip
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
     model = SEAutoencoderLoss(vae, distance, args)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
@@ -582,8 +656,10 @@ def main(args):
         accelerator.init_trackers("train_ae_se", config=tracker_config)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** SE fine-tuning: {args.max_train_steps} steps, total batch {total_batch}, "
-                f"alpha={args.se_weight}, scales={args.se_scale_factors}, KL={args.kl_weight} *****")  # fmt: skip
+    logger.info(
+        f"***** SE fine-tuning: {args.max_train_steps} steps, total batch {total_batch}, "
+        f"alpha={args.se_weight}, scales={args.se_scale_factors}, KL={args.kl_weight} *****"
+    )
 
     # Resume
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -601,8 +677,9 @@ def main(args):
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     skipped_images, t_start, last = 0, time.time(), {}
     unwrapped = accelerator.unwrap_model(model).vae
     for epoch in range(first_epoch, num_epochs):
@@ -638,13 +715,19 @@ def main(args):
             if ema is not None:
                 ema.update([p for p in unwrapped.parameters() if p.requires_grad], global_step)
             last = {f"train/{k}": accelerator.reduce(v, "mean").item() for k, v in terms.items()}
-            last.update({"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
-                         "train/lr": lr_scheduler.get_last_lr()[0], "train/scale_factor": scale})  # fmt: skip
+            last.update(
+                {
+                    "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                    "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/scale_factor": scale,
+                }
+            )
             if grad_norm is not None:
                 last["train/grad_norm"] = float(grad_norm)
             accelerator.log(last, step=global_step)
-            progress_bar.set_postfix(loss=f"{last['train/loss']:.4f}", se=f"{last.get('train/se', 0):.4f}",
-                                     lr=f"{last['train/lr']:.2e}")  # fmt: skip
+            progress_bar.set_postfix(
+                loss=f"{last['train/loss']:.4f}", se=f"{last.get('train/se', 0):.4f}", lr=f"{last['train/lr']:.2e}"
+            )
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 save_checkpoint(accelerator, args, global_step)
@@ -673,16 +756,37 @@ def main(args):
             from diffusability_hf.lora import lora_state_dict, merge_lora
 
             os.makedirs(os.path.join(args.output_dir, "lora"), exist_ok=True)
-            save_file({k: v.contiguous() for k, v in lora_state_dict(final).items()},
-                      os.path.join(args.output_dir, "lora", "adapter_model.safetensors"))  # fmt: skip
+            save_file(
+                {k: v.contiguous() for k, v in lora_state_dict(final).items()},
+                os.path.join(args.output_dir, "lora", "adapter_model.safetensors"),
+            )
             with open(os.path.join(args.output_dir, "lora", "adapter_config.json"), "w") as f:
-                json.dump({"r": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank,
-                           "target_modules": sorted(final.peft_config["default"].target_modules)}, f, indent=2)  # fmt: skip
+                json.dump(
+                    {
+                        "r": args.lora_rank,
+                        "lora_alpha": args.lora_alpha or args.lora_rank,
+                        "target_modules": sorted(final.peft_config["default"].target_modules),
+                    },
+                    f,
+                    indent=2,
+                )
             merge_lora(final)
         final.save_pretrained(args.output_dir, safe_serialization=True)
         after = evaluate(final, val_pixels, args)
-        write_outputs(args, before, after, rgb, val_pixels, global_step, n_train, n_all, skipped_images, type(final).__name__,
-                      time.time() - t_start, rank_checksums)  # fmt: skip
+        write_outputs(
+            args,
+            before,
+            after,
+            rgb,
+            val_pixels,
+            global_step,
+            n_train,
+            n_all,
+            skipped_images,
+            type(final).__name__,
+            time.time() - t_start,
+            rank_checksums,
+        )
         log_images(accelerator, val_pixels, after["recon"], global_step)
         if args.push_to_hub:
             from diffusability_hf.hub import push_folder
@@ -694,8 +798,9 @@ def main(args):
 
 def save_checkpoint(accelerator, args, step):
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        ckpts = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")),
-                       key=lambda d: int(d.split("-")[1]))  # fmt: skip
+        ckpts = sorted(
+            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+        )
         for old in ckpts[: max(0, len(ckpts) - args.checkpoints_total_limit + 1)]:
             shutil.rmtree(os.path.join(args.output_dir, old))
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
@@ -748,8 +853,10 @@ def write_outputs(
     }
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    save_spectrum_plot(os.path.join(args.output_dir, "spectrum.png"),
-                       {"RGB": rgb, "latents before": before["profile"], "latents after": after["profile"]})  # fmt: skip
+    save_spectrum_plot(
+        os.path.join(args.output_dir, "spectrum.png"),
+        {"RGB": rgb, "latents before": before["profile"], "latents after": after["profile"]},
+    )
     hp = {k: v for k, v in vars(args).items() if k not in ("hub_token", "embedded_model", "embedded_data")}
     hp["se_scale_factors"] = " ".join(map(str, args.se_scale_factors))
     if args.embedded_model:
@@ -758,27 +865,35 @@ def write_outputs(
         (f"`{k}`", f"`{v}`") for k, v in sorted(hp.items()) if v is not None and not isinstance(v, (list, dict))
     ]
     results = markdown_table(
-        [("PSNR (dB)", f"{before['psnr']:.2f}", f"{after['psnr']:.2f}"),
-         ("latent high-frequency share", f"{before['hf_share']:.4f}", f"{after['hf_share']:.4f}")],
+        [
+            ("PSNR (dB)", f"{before['psnr']:.2f}", f"{after['psnr']:.2f}"),
+            ("latent high-frequency share", f"{before['hf_share']:.4f}", f"{after['hf_share']:.4f}"),
+        ],
         ["metric", "before", "after"],
-    )  # fmt: skip
-    card = render_model_card("se_autoencoder", {
-        "base_model": base,
-        "base_model_yaml": "" if args.embedded_model or args.model_config_name_or_path else
-        f"base_model: {args.pretrained_model_name_or_path}\n",
-        "class_name": class_name,
-        "se_weight": args.se_weight,
-        "scale_factors": hp["se_scale_factors"],
-        "steps": steps,
-        "trainable": f"{n_train:,}",
-        "total": f"{n_all:,}",
-        "results_table": results,
-        "num_validation_images": int(val_pixels.shape[0]),
-        "hyperparameters_table": markdown_table(hp_rows, ["flag", "value"]),
-        "version": __version__,
-        "dataset": "scikit-image sample photographs (embedded)" if args.embedded_data else
-        (args.dataset_name or "local image folder"),
-    })  # fmt: skip
+    )
+    card = render_model_card(
+        "se_autoencoder",
+        {
+            "base_model": base,
+            "base_model_yaml": ""
+            if args.embedded_model or args.model_config_name_or_path
+            else f"base_model: {args.pretrained_model_name_or_path}\n",
+            "class_name": class_name,
+            "se_weight": args.se_weight,
+            "scale_factors": hp["se_scale_factors"],
+            "steps": steps,
+            "trainable": f"{n_train:,}",
+            "total": f"{n_all:,}",
+            "results_table": results,
+            "num_validation_images": int(val_pixels.shape[0]),
+            "hyperparameters_table": markdown_table(hp_rows, ["flag", "value"]),
+            "version": __version__,
+            "dataset": "scikit-image sample photographs (embedded)"
+            if args.embedded_data
+            else (args.dataset_name or "local image folder"),
+        },
+        template_dir=MODEL_CARDS,
+    )
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(card)
 
