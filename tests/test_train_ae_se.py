@@ -38,7 +38,6 @@ def tiny_vae_dir(tmp_path_factory):
     import torchvision
 
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), os.path.join(path, "alexnet_trunk.pth"))
-    FAST.extend(["--lpips_trunk_path", os.path.join(path, "alexnet_trunk.pth")])
     return str(path)
 
 
@@ -72,6 +71,11 @@ FAST = [
 ]
 
 
+def fast(model_dir):
+    """Small, quick settings; LPIPS stays on, with its trunk read from a local file next to the tiny model."""
+    return FAST + ["--lpips_trunk_path", os.path.join(model_dir, "alexnet_trunk.pth")]
+
+
 def weights(path):
     return load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
 
@@ -88,7 +92,7 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
             3,
             "--ema_halflife_steps",
             10,
-            *FAST,
+            *fast(tiny_vae_dir),
         ]
     )
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "spectrum.png", "metrics.json"):
@@ -131,7 +135,7 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
         1,
         "--ema_halflife_steps",
         3,
-        *FAST,
+        *fast(tiny_vae_dir),
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch([*common, "--output_dir", straight, "--max_train_steps", 4])
@@ -163,7 +167,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_vae_dir):
     os.environ["ACCELERATE_USE_CPU"] = "1"
     try:
         proc = launch(
-            ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3, *FAST],
+            ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3, *fast(tiny_vae_dir)],
             launcher=torchrun,
         )
     finally:
@@ -199,7 +203,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
             out,
             "--max_train_steps",
             4,
-            *FAST,
+            *fast(tiny_vae_dir),
         ]
     )
     metrics = json.loads((out / "metrics.json").read_text())
@@ -225,7 +229,7 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra
         tmp_path / "out",
         "--max_train_steps",
         1000,
-        *FAST,
+        *fast(tiny_vae_dir),
         *extra,
     ]
     start = time.time()
@@ -243,7 +247,9 @@ def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir)
         tiny_vae_dir,
         "--output_dir",
         tmp_path / "out",
-        *FAST,
+        "--max_train_steps",
+        2,
+        *FAST,  # no --lpips_trunk_path, and an empty torch hub cache
         "--lpips_weight",
         "1",
     ]
@@ -270,7 +276,7 @@ def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
             2,
             "--ema_halflife_steps",
             0,
-            *FAST,
+            *fast(tiny_vae_dir),
         ]
     )
     merged, base = weights(out), weights(tiny_vae_dir)
@@ -328,10 +334,37 @@ def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_d
             "bf16",
             "--ema_halflife_steps",
             0,
-            *FAST,
+            *fast(tiny_vae_dir),
         ]
     )
     saved = weights(out)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["psnr"] == metrics["after"]["psnr"]  # not NaN
+
+
+def test_embedded_autoencoder_is_a_trained_flux_like_vae():
+    from diffusability_hf.data import embedded_validation_batch
+
+    script = load_script()
+    vae = AutoencoderKL.from_pretrained(script.EMBEDDED_AE).eval()
+    assert vae.config.latent_channels == 16 and len(vae.config.block_out_channels) == 4  # 16 channels, 8x down
+    x = embedded_validation_batch(64)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        y = vae.decode(z).sample.clamp(-1, 1)
+    assert z.shape == (8, 16, 8, 8)
+    psnr = script.psnr(y, x).mean().item()
+    assert psnr > 23.0, psnr  # a trained autoencoder, not a random one (~12 dB)
+
+
+def test_no_argument_run_does_the_real_job(tmp_path):
+    """The README's first Quickstart command: SE cuts the latent high-frequency share, PSNR stays within 1 dB."""
+    out = tmp_path / "ae-se"
+    launch(["--output_dir", out])
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    assert after["hf_share"] <= 0.7 * before["hf_share"], (before, after)
+    assert abs(after["psnr"] - before["psnr"]) <= 1.0, (before, after)
+    assert (out / "spectrum.png").stat().st_size > 10_000
+    assert AutoencoderKL.from_pretrained(out).config.latent_channels == 16
