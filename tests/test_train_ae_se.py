@@ -167,7 +167,15 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_vae_dir):
     os.environ["ACCELERATE_USE_CPU"] = "1"
     try:
         proc = launch(
-            ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--max_train_steps", 3, *fast(tiny_vae_dir)],
+            [
+                "--pretrained_model_name_or_path",
+                tiny_vae_dir,
+                "--output_dir",
+                out,
+                "--max_train_steps",
+                3,
+                *fast(tiny_vae_dir),
+            ],
             launcher=torchrun,
         )
     finally:
