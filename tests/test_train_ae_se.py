@@ -76,25 +76,19 @@ def fast(model_dir):
     return FAST + ["--lpips_trunk_path", os.path.join(model_dir, "alexnet_trunk.pth")]
 
 
+def train_tiny(model_dir, out, *extra, launcher=None):
+    """Fine-tune the tiny model into ``out`` with the quick settings plus ``extra`` flags (which win)."""
+    args = ["--pretrained_model_name_or_path", model_dir, "--output_dir", out, *fast(model_dir), *extra]
+    return launch(args, launcher=launcher)
+
+
 def weights(path):
     return load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
 
 
 def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
     out = tmp_path / "out"
-    launch(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_vae_dir,
-            "--output_dir",
-            out,
-            "--max_train_steps",
-            3,
-            "--ema_halflife_steps",
-            10,
-            *fast(tiny_vae_dir),
-        ]
-    )
+    train_tiny(tiny_vae_dir, out, "--max_train_steps", 3, "--ema_halflife_steps", 10)
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "spectrum.png", "metrics.json"):
         assert (out / name).is_file(), name
 
@@ -126,22 +120,12 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
 
 
 def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_dir):
-    common = [
-        "--pretrained_model_name_or_path",
-        tiny_vae_dir,
-        "--checkpointing_steps",
-        2,
-        "--num_frozen_up_blocks",
-        1,
-        "--ema_halflife_steps",
-        3,
-        *fast(tiny_vae_dir),
-    ]
+    common = ["--checkpointing_steps", 2, "--num_frozen_up_blocks", 1, "--ema_halflife_steps", 3]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch([*common, "--output_dir", straight, "--max_train_steps", 4])
-    launch([*common, "--output_dir", resumed, "--max_train_steps", 2])
+    train_tiny(tiny_vae_dir, straight, *common, "--max_train_steps", 4)
+    train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 2)
     assert (resumed / "checkpoint-2").is_dir()
-    launch([*common, "--output_dir", resumed, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
+    train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
 
     a, b, base = weights(straight), weights(resumed), weights(tiny_vae_dir)
     assert a.keys() == b.keys()
@@ -166,18 +150,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_vae_dir):
     old = os.environ.get("ACCELERATE_USE_CPU")
     os.environ["ACCELERATE_USE_CPU"] = "1"
     try:
-        proc = launch(
-            [
-                "--pretrained_model_name_or_path",
-                tiny_vae_dir,
-                "--output_dir",
-                out,
-                "--max_train_steps",
-                3,
-                *fast(tiny_vae_dir),
-            ],
-            launcher=torchrun,
-        )
+        proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 3, launcher=torchrun)
     finally:
         if old is None:
             os.environ.pop("ACCELERATE_USE_CPU")
@@ -201,19 +174,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     (data / "broken.png").write_bytes(good[: len(good) // 3])  # truncated PNG
     (data / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     out = tmp_path / "out"
-    launch(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_vae_dir,
-            "--train_data_dir",
-            data,
-            "--output_dir",
-            out,
-            "--max_train_steps",
-            4,
-            *fast(tiny_vae_dir),
-        ]
-    )
+    train_tiny(tiny_vae_dir, out, "--train_data_dir", data, "--max_train_steps", 4)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_images"] >= 1
 
@@ -271,22 +232,7 @@ def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir)
 
 def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
     out = tmp_path / "lora"
-    launch(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_vae_dir,
-            "--output_dir",
-            out,
-            "--max_train_steps",
-            2,
-            "--use_lora",
-            "--lora_rank",
-            2,
-            "--ema_halflife_steps",
-            0,
-            *fast(tiny_vae_dir),
-        ]
-    )
+    train_tiny(tiny_vae_dir, out, "--max_train_steps", 2, "--use_lora", "--lora_rank", 2, "--ema_halflife_steps", 0)
     merged, base = weights(out), weights(tiny_vae_dir)
     assert merged.keys() == base.keys()  # plain diffusers keys: no lora_A/lora_B/base_layer left
     adapter = load_file(out / "lora" / "adapter_model.safetensors")
@@ -330,21 +276,7 @@ def test_presets_fill_table5_and_explicit_flags_win():
 
 def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_dir):
     out = tmp_path / "bf16"
-    launch(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_vae_dir,
-            "--output_dir",
-            out,
-            "--max_train_steps",
-            2,
-            "--mixed_precision",
-            "bf16",
-            "--ema_halflife_steps",
-            0,
-            *fast(tiny_vae_dir),
-        ]
-    )
+    train_tiny(tiny_vae_dir, out, "--max_train_steps", 2, "--mixed_precision", "bf16", "--ema_halflife_steps", 0)
     saved = weights(out)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
     metrics = json.loads((out / "metrics.json").read_text())
