@@ -76,11 +76,6 @@ def spatial_compression(vae) -> int:
     return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
-def temporal_compression(vae) -> int:
-    """Frames per latent frame (1 for image autoencoders)."""
-    return 1
-
-
 def latent_channels(vae) -> int:
     cfg = _cfg(vae)
     return int(cfg["z_dim"] if "z_dim" in cfg else cfg["latent_channels"])
@@ -162,38 +157,40 @@ def _flux2_unpatchify(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(b, c4 // 4, h * 2, w * 2)
 
 
-def normalize_latents(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Map raw AE latents to the normalised space a diffusion model is trained in (see the module docstring)."""
+def _latent_affine(vae: nn.Module, z: torch.Tensor):
+    """``(shift, scale)`` with ``normalized = (z - shift) * scale``, broadcastable to ``z`` (not for Flux2)."""
     cfg, name = vae.config, _class_name(vae)
-    if name == "AutoencoderKLFlux2":
-        bn = vae.bn
-        mean = bn.running_mean.to(z).reshape(1, -1, 1, 1)
-        std = torch.sqrt(bn.running_var.to(z).reshape(1, -1, 1, 1) + cfg.batch_norm_eps)
-        return _flux2_unpatchify((_flux2_patchify(z) - mean) / std)
     if name == "AutoencoderKLQwenImage":
-        return (z - _per_channel(cfg.latents_mean, z)) / _per_channel(cfg.latents_std, z)
+        return _per_channel(cfg.latents_mean, z), 1.0 / _per_channel(cfg.latents_std, z)
     scaling = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
     if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        return (z - _per_channel(cfg.latents_mean, z)) * scaling / _per_channel(cfg.latents_std, z)
-    shift = float(getattr(cfg, "shift_factor", None) or 0.0)
-    return (z - shift) * scaling
+        return _per_channel(cfg.latents_mean, z), scaling / _per_channel(cfg.latents_std, z)
+    return float(getattr(cfg, "shift_factor", None) or 0.0), scaling
+
+
+def _flux2_stats(vae: nn.Module, z: torch.Tensor):
+    """Batch-norm mean and std of the 2x2-patchified Flux2 latent, ``(1, 4C, 1, 1)`` each."""
+    bn = vae.bn
+    mean = bn.running_mean.to(z).reshape(1, -1, 1, 1)
+    return mean, torch.sqrt(bn.running_var.to(z).reshape(1, -1, 1, 1) + vae.config.batch_norm_eps)
+
+
+def normalize_latents(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Map raw AE latents to the normalised space a diffusion model is trained in (see the module docstring)."""
+    if _class_name(vae) == "AutoencoderKLFlux2":
+        mean, std = _flux2_stats(vae, z)
+        return _flux2_unpatchify((_flux2_patchify(z) - mean) / std)
+    shift, scale = _latent_affine(vae, z)
+    return (z - shift) * scale
 
 
 def denormalize_latents(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize_latents`."""
-    cfg, name = vae.config, _class_name(vae)
-    if name == "AutoencoderKLFlux2":
-        bn = vae.bn
-        mean = bn.running_mean.to(z).reshape(1, -1, 1, 1)
-        std = torch.sqrt(bn.running_var.to(z).reshape(1, -1, 1, 1) + cfg.batch_norm_eps)
+    if _class_name(vae) == "AutoencoderKLFlux2":
+        mean, std = _flux2_stats(vae, z)
         return _flux2_unpatchify(_flux2_patchify(z) * std + mean)
-    if name == "AutoencoderKLQwenImage":
-        return z * _per_channel(cfg.latents_std, z) + _per_channel(cfg.latents_mean, z)
-    scaling = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        return z * _per_channel(cfg.latents_std, z) / scaling + _per_channel(cfg.latents_mean, z)
-    shift = float(getattr(cfg, "shift_factor", None) or 0.0)
-    return z / scaling + shift
+    shift, scale = _latent_affine(vae, z)
+    return z / scale + shift
 
 
 def frozen_module_names(vae: nn.Module, num_frozen_up_blocks: int = 0, freeze_output_layers: bool = True) -> List[str]:

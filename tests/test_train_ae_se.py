@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -47,9 +46,10 @@ def env():
     return e
 
 
-def launch(args, check=True, launcher=None):
+def launch(args, check=True, launcher=None, extra_env=None):
     cmd = launcher or [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG]
-    proc = subprocess.run(cmd + [SCRIPT] + list(map(str, args)), capture_output=True, text=True, env=env(), cwd=ROOT)
+    run_env = dict(env(), **(extra_env or {}))
+    proc = subprocess.run(cmd + [SCRIPT] + list(map(str, args)), capture_output=True, text=True, env=run_env, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -76,10 +76,10 @@ def fast(model_dir):
     return FAST + ["--lpips_trunk_path", os.path.join(model_dir, "alexnet_trunk.pth")]
 
 
-def train_tiny(model_dir, out, *extra, launcher=None):
+def train_tiny(model_dir, out, *extra, launcher=None, check=True):
     """Fine-tune the tiny model into ``out`` with the quick settings plus ``extra`` flags (which win)."""
     args = ["--pretrained_model_name_or_path", model_dir, "--output_dir", out, *fast(model_dir), *extra]
-    return launch(args, launcher=launcher)
+    return launch(args, check=check, launcher=launcher)
 
 
 def weights(path):
@@ -191,41 +191,20 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message):
-    args = [
-        "--pretrained_model_name_or_path",
-        tiny_vae_dir,
-        "--output_dir",
-        tmp_path / "out",
-        "--max_train_steps",
-        1000,
-        *fast(tiny_vae_dir),
-        *extra,
-    ]
-    start = time.time()
-    proc = launch(args, check=False)
+    out = tmp_path / "out"
+    proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 1000, *extra, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "out" / "checkpoint-500").exists()
-    assert time.time() - start < 120  # generous: "before any heavy work", not a benchmark
+    # Before any heavy work: training never started and nothing was checkpointed
+    assert "SE fine-tuning:" not in proc.stdout + proc.stderr
+    assert not (out / "checkpoint-500").exists()
 
 
 def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir):
-    hub = tmp_path / "empty_torch_home"
-    args = [
-        "--pretrained_model_name_or_path",
-        tiny_vae_dir,
-        "--output_dir",
-        tmp_path / "out",
-        "--max_train_steps",
-        2,
-        *FAST,  # no --lpips_trunk_path, and an empty torch hub cache
-        "--lpips_weight",
-        "1",
-    ]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG, SCRIPT] + list(
-        map(str, args)
-    )
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(), TORCH_HOME=str(hub)), cwd=ROOT)
+    # No --lpips_trunk_path, and an empty torch hub cache
+    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", "--max_train_steps", 2]
+    args += [*FAST, "--lpips_weight", "1"]
+    proc = launch(args, check=False, extra_env={"TORCH_HOME": str(tmp_path / "empty_torch_home")})
     assert proc.returncode != 0
     assert "alexnet-owt-7be5be79.pth" in proc.stderr and "--lpips_trunk_path" in proc.stderr
 

@@ -502,7 +502,7 @@ def rgb_profile(pixels, compression, block_size):
 
 
 def trainable_split(vae, args):
-    """Freeze what the paper freezes; return (trainable params, counts, frozen module names)."""
+    """Freeze what the paper freezes (App. B); return the frozen module names."""
     frozen = ae.frozen_module_names(vae, args.num_frozen_up_blocks, not args.train_output_layers)
     if args.freeze_encoder:
         frozen += [n for n in ("encoder", "quant_conv") if getattr(vae, n, None) is not None]
