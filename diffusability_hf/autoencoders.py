@@ -1,27 +1,38 @@
-"""One adapter table over diffusers autoencoder classes.
+"""One adapter table over diffusers autoencoder classes, image and video.
 
 Scripts never call ``vae.encode`` / ``vae.decode`` directly: they call :func:`encode` and :func:`decode` here,
-which hide each class's quirks (deterministic encoders, image AEs that want 5D input, ...). Pixels are
-``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos in ``[-1, 1]``.
+which hide each class's quirks (deterministic encoders, image AEs that want 5D input, LTX's timestep-conditioned
+decoder, Allegro's tiling-only code path, ...). Pixels are ``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos in
+``[-1, 1]``; an image given to a causal video AE is encoded as a 1-frame video and comes back 4D.
 
-Latent normalisation (what a diffusion model sees) per class:
+Latent normalisation (what a diffusion model sees), as each class's diffusers pipeline applies it:
 
 * ``AutoencoderKL`` (FLUX, SD, SDXL, SD3): ``(z - shift_factor) * scaling_factor``, or per-channel
   ``(z - latents_mean) * scaling_factor / latents_std`` when the config has ``latents_mean`` / ``latents_std``.
-* ``AutoencoderDC``: ``z * scaling_factor``.
-* ``AutoencoderKLQwenImage``: ``(z - latents_mean) / latents_std`` (per channel, from the config).
+* ``AutoencoderDC``, ``AutoencoderKLCogVideoX``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLAllegro``:
+  ``z * scaling_factor`` (CogVideoX with ``invert_scale_latents``: ``z / scaling_factor``).
+* ``AutoencoderKLLTXVideo``, ``AutoencoderKLLTX2Video``: ``(z - latents_mean) * scaling_factor / latents_std``
+  with mean and std stored as buffers in the weights, not in the config.
+* ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``: ``(z - latents_mean) / latents_std`` (config lists).
+* ``AutoencoderKLMochi``: ``(z - latents_mean) * scaling_factor / latents_std`` (config), else ``z * scaling_factor``.
+* ``AutoencoderKLCosmos``: ``(z - latents_mean) * 0.5 / latents_std`` with statistics per channel *and* latent
+  frame (0.5 is the EDM ``sigma_data`` of its pipelines), else ``z * 0.5``.
 * ``AutoencoderKLFlux2``: batch-norm running statistics of the 2x2-patchified latent.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+COSMOS_SIGMA_DATA = 0.5  # EDMEulerScheduler's sigma_data in the Cosmos pipelines
 
 
 @dataclass(frozen=True)
@@ -38,13 +49,78 @@ class AERow:
     output_layers: tuple
     # True when `decoder.up_blocks[0]` runs last (AutoencoderDC); otherwise `up_blocks[-1]` runs last.
     up_blocks_reversed: bool = False
+    # Trains on clips (has a temporal axis); False for image AEs, including the 5D-layout QwenImage.
+    video: bool = False
+    # Causal video AEs encode frame 0 alone: they take 1 + m*k frames and an image is a 1-frame video. Non-causal
+    # ones (Allegro) take m*k frames, k >= 1, and cannot encode a single image.
+    causal: bool = True
+    # Smallest latent side the decoder accepts (LTX-2's reflect padding needs 2).
+    min_latent_size: int = 1
+    # Note for the README's support table.
+    note: str = ""
 
 
+_NORM_CONV = ("norm_out", "conv_out")
 AE_TABLE = {
-    "AutoencoderKL": AERow("AutoencoderKL", "image", False, "up_blocks", ("conv_norm_out", "conv_out")),
-    "AutoencoderKLFlux2": AERow("AutoencoderKLFlux2", "image", False, "up_blocks", ("conv_norm_out", "conv_out")),
-    "AutoencoderDC": AERow("AutoencoderDC", "image", True, "up_blocks", ("norm_out", "conv_out"), True),
-    "AutoencoderKLQwenImage": AERow("AutoencoderKLQwenImage", "video", False, "up_blocks", ("norm_out", "conv_out")),
+    row.class_name: row
+    for row in (
+        AERow("AutoencoderKL", "image", False, "up_blocks", ("conv_norm_out", "conv_out")),
+        AERow("AutoencoderKLFlux2", "image", False, "up_blocks", ("conv_norm_out", "conv_out")),
+        AERow("AutoencoderDC", "image", True, "up_blocks", _NORM_CONV, True),
+        AERow("AutoencoderKLQwenImage", "video", False, "up_blocks", _NORM_CONV),
+        AERow("AutoencoderKLCogVideoX", "video", False, "up_blocks", _NORM_CONV, video=True),
+        AERow("AutoencoderKLLTXVideo", "video", False, "up_blocks", _NORM_CONV, video=True),
+        AERow("AutoencoderKLLTX2Video", "video", False, "up_blocks", _NORM_CONV, video=True, min_latent_size=2),
+        AERow(
+            "AutoencoderKLWan",
+            "video",
+            False,
+            "up_blocks",
+            _NORM_CONV,
+            video=True,
+            note="no gradient checkpointing in diffusers; its decode() clamps to [-1, 1], so saturated pixels get "
+            "no gradient",
+        ),
+        AERow(
+            "AutoencoderKLHunyuanVideo",
+            "video",
+            False,
+            "up_blocks",
+            ("conv_norm_out", "conv_out"),
+            video=True,
+            note="frame-wise (temporally tiled) encoding/decoding is switched off for training",
+        ),
+        AERow(
+            "AutoencoderKLMochi",
+            "video",
+            False,
+            "up_blocks",
+            ("proj_out",),
+            video=True,
+            note="no decoder output norm: only `proj_out` is frozen; Mochi's pipeline never encodes, so check that "
+            "your checkpoint ships encoder weights",
+        ),
+        AERow(
+            "AutoencoderKLAllegro",
+            "video",
+            False,
+            "up_blocks",
+            ("conv_norm_out", "temp_conv_out", "conv_out"),
+            video=True,
+            causal=False,
+            note="non-causal, 4k frames: no 1-frame images (use --image_batch_size 0); diffusers only implements "
+            "its tiled path, so training calls encoder/decoder directly (same result)",
+        ),
+        AERow(
+            "AutoencoderKLCosmos",
+            "video",
+            True,
+            "up_blocks",
+            _NORM_CONV,
+            video=True,
+            note="deterministic (no KL); bf16 autocast fails on CPU (avg_pool3d)",
+        ),
+    )
 }
 
 
@@ -53,8 +129,8 @@ def supported_classes() -> List[str]:
 
 
 def get_row(vae_or_class_name) -> AERow:
-    """The :class:`AERow` of a model instance or class name; a ``ValueError`` listing the supported ones."""
-    name = vae_or_class_name if isinstance(vae_or_class_name, str) else type(vae_or_class_name).__name__
+    """The :class:`AERow` of a model, a config dict or a class name; a ``ValueError`` listing the supported ones."""
+    name = vae_or_class_name if isinstance(vae_or_class_name, str) else _class_name(vae_or_class_name)
     if name not in AE_TABLE:
         raise ValueError(
             f"Unsupported autoencoder class {name!r}. Supported classes: {', '.join(supported_classes())}."
@@ -62,29 +138,134 @@ def get_row(vae_or_class_name) -> AERow:
     return AE_TABLE[name]
 
 
-def _cfg(vae):
-    return vae.config if hasattr(vae, "config") else vae
+def _class_name(vae) -> str:
+    if isinstance(vae, dict):
+        return vae.get("_class_name", "")
+    return type(vae).__name__
+
+
+def _cfg(vae) -> dict:
+    """The full config: a model's, or a config dict completed with its class's ``__init__`` defaults."""
+    if not isinstance(vae, dict):
+        return dict(vae.config)
+    import diffusers
+
+    cls = getattr(diffusers, vae.get("_class_name", ""), None)
+    defaults = {}
+    if cls is not None:
+        params = inspect.signature(cls.__init__).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **vae}
+
+
+def _log2(n: int) -> int:
+    return int(round(math.log2(n)))
+
+
+def _ltx_compression(cfg: dict) -> Tuple[int, int]:
+    """(spatial, temporal) of LTX / LTX-2 from the encoder layout (the ``*_compression_ratio`` defaults overcount
+    for 0.9.5+ and LTX-2 blocks, which downsample in space or time only)."""
+    s = t = 1
+    types, kinds = cfg["down_block_types"], cfg["downsample_type"]
+    for i, scaled in enumerate(cfg["spatio_temporal_scaling"]):
+        if not scaled:
+            continue
+        kind = kinds[i] if types[i] in ("LTXVideo095DownBlock3D", "LTX2VideoDownBlock3D") else "conv"
+        s *= 2 if kind in ("conv", "spatial", "spatiotemporal") else 1
+        t *= 2 if kind in ("conv", "temporal", "spatiotemporal") else 1
+    return s * cfg["patch_size"], t * cfg["patch_size_t"]
+
+
+def _cosmos_compression(cfg: dict) -> Tuple[int, int]:
+    p, levels = cfg["patch_size"], len(cfg["encoder_block_out_channels"]) - 2
+    s = p * 2 ** min(_log2(cfg["spatial_compression_ratio"] // p), levels)
+    t = p * 2 ** min(_log2(cfg["temporal_compression_ratio"] // p), levels)
+    return s, t
+
+
+def compression(vae) -> Tuple[int, Optional[int]]:
+    """``(spatial, temporal)`` compression from the config alone (``temporal`` is ``None`` for image AEs)."""
+    cfg, name = _cfg(vae), _class_name(vae)
+    get_row(name)
+    if name == "AutoencoderDC":
+        return 2 ** (len(cfg["encoder_block_out_channels"]) - 1), None
+    if name == "AutoencoderKLQwenImage":
+        return 2 ** (len(cfg["dim_mult"]) - 1), None
+    if name in ("AutoencoderKL", "AutoencoderKLFlux2"):
+        return 2 ** (len(cfg["block_out_channels"]) - 1), None
+    if name == "AutoencoderKLCogVideoX":
+        return 2 ** (len(cfg["block_out_channels"]) - 1), int(cfg["temporal_compression_ratio"])
+    if name in ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video"):
+        return _ltx_compression(cfg)
+    if name == "AutoencoderKLWan":
+        return 2 ** (len(cfg["dim_mult"]) - 1) * (cfg["patch_size"] or 1), 2 ** sum(
+            map(bool, cfg["temperal_downsample"])
+        )
+    if name == "AutoencoderKLHunyuanVideo":
+        levels = min(_log2(cfg["spatial_compression_ratio"]), len(cfg["block_out_channels"]))
+        return 2**levels, int(cfg["temporal_compression_ratio"])
+    if name == "AutoencoderKLMochi":
+        return math.prod(cfg["spatial_expansions"]), math.prod(cfg["temporal_expansions"])
+    if name == "AutoencoderKLAllegro":
+        return 2 ** (len(cfg["block_out_channels"]) - 1), 2 ** sum(map(bool, cfg["temporal_downsample_blocks"]))
+    if name == "AutoencoderKLCosmos":
+        return _cosmos_compression(cfg)
+    raise AssertionError(name)
 
 
 def spatial_compression(vae) -> int:
     """Pixels per latent position along H and W (8 for FLUX's AE), from the config."""
-    cfg, name = _cfg(vae), _class_name(vae)
-    if name == "AutoencoderDC":
-        return 2 ** (len(cfg["encoder_block_out_channels"]) - 1)
-    if name == "AutoencoderKLQwenImage":
-        return 2 ** (len(cfg["dim_mult"]) - 1)
-    return 2 ** (len(cfg["block_out_channels"]) - 1)
+    return compression(vae)[0]
+
+
+def temporal_compression(vae) -> Optional[int]:
+    """Frames per latent frame, from the config; ``None`` for image autoencoders."""
+    return compression(vae)[1] if get_row(_class_name(vae)).video else None
+
+
+def frame_multiple(vae) -> int:
+    """``m`` of the frame rule: ``1 + m*k`` frames (causal) or ``m*k`` (non-causal). CogVideoX encodes in batches of
+    8 frames (2 latent frames), hence ``2 * temporal`` there."""
+    t = temporal_compression(vae)
+    if t is None:
+        raise ValueError(f"{_class_name(vae)} is an image autoencoder: it takes no frame count.")
+    return 2 * t if _class_name(vae) == "AutoencoderKLCogVideoX" else t
+
+
+def frame_rule(vae) -> str:
+    """The valid frame counts in words, e.g. ``"1 + 8k"``."""
+    m, causal = frame_multiple(vae), get_row(_class_name(vae)).causal
+    return f"1 + {m}k" if causal else f"{m}k (k >= 1)"
+
+
+def valid_num_frames(vae, num_frames: int) -> bool:
+    m, causal = frame_multiple(vae), get_row(_class_name(vae)).causal
+    return num_frames >= 1 and (num_frames - 1) % m == 0 if causal else num_frames >= m and num_frames % m == 0
+
+
+def check_num_frames(vae, num_frames: int, flag: str = "--num_frames") -> None:
+    """Raise a ``ValueError`` naming the valid frame counts nearest ``num_frames`` (diffusers would silently drop or
+    add frames)."""
+    if valid_num_frames(vae, num_frames):
+        return
+    m, causal = frame_multiple(vae), get_row(_class_name(vae)).causal
+    base = 1 if causal else 0
+    lo = max(base + m * ((num_frames - base) // m), base + (0 if causal else m))
+    near = sorted({lo, lo + m})
+    raise ValueError(
+        f"{flag} {num_frames} does not fit {_class_name(vae)}: it takes {frame_rule(vae)} frames "
+        f"(e.g. {' or '.join(map(str, near))})."
+    )
+
+
+def latent_num_frames(vae, num_frames: int) -> int:
+    m = temporal_compression(vae)
+    return 1 + (num_frames - 1) // m if get_row(_class_name(vae)).causal else num_frames // m
 
 
 def latent_channels(vae) -> int:
     cfg = _cfg(vae)
     return int(cfg["z_dim"] if "z_dim" in cfg else cfg["latent_channels"])
-
-
-def _class_name(vae) -> str:
-    if isinstance(vae, dict):
-        return vae.get("_class_name", "")
-    return type(vae).__name__
 
 
 @dataclass
@@ -110,20 +291,43 @@ class Posterior:
 
 def _to_layout(x: torch.Tensor, row: AERow) -> torch.Tensor:
     if row.layout == "video" and x.ndim == 4:
+        if not row.causal:
+            raise ValueError(f"{row.class_name} is not causal: it cannot encode single images (1-frame videos).")
         return x.unsqueeze(2)  # (B, C, 1, H, W): an image is a 1-frame video
     if row.layout == "image" and x.ndim != 4:
         raise ValueError(f"{row.class_name} is an image autoencoder; expected (B, C, H, W), got {tuple(x.shape)}.")
     return x
 
 
+def _frames_apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D module to every frame of ``(B, C, T, H, W)``."""
+    b = x.shape[0]
+    y = module(x.transpose(1, 2).flatten(0, 1))  # (B*T, C, H, W)
+    return y.unflatten(0, (b, -1)).transpose(1, 2)  # (B, C', T, H, W)
+
+
+def prepare_for_training(vae: nn.Module) -> nn.Module:
+    """Switch off slicing, tiling and frame-wise (temporally tiled) processing: training sees whole clips."""
+    for flag in ("use_slicing", "use_tiling", "use_framewise_encoding", "use_framewise_decoding"):
+        if hasattr(vae, flag):
+            setattr(vae, flag, False)
+    return vae
+
+
 def encode(vae: nn.Module, x: torch.Tensor) -> Posterior:
     """Encode pixels to a :class:`Posterior` with the layout of ``x`` (images stay 4D)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     row = get_row(vae)
-    out = vae.encode(_to_layout(x, row))
-    if row.deterministic:
-        mean, logvar = out.latent, None
+    v = _to_layout(x, row)
+    if row.class_name == "AutoencoderKLAllegro":  # diffusers implements only its tiled path; same maths untiled
+        dist = DiagonalGaussianDistribution(_frames_apply(vae.quant_conv, vae.encoder(v)))
     else:
-        dist = out.latent_dist
+        dist = vae.encode(v)
+        dist = dist.latent if hasattr(dist, "latent") else dist.latent_dist
+    if row.deterministic:
+        mean, logvar = (dist if torch.is_tensor(dist) else dist.mode()), None
+    else:
         mean, logvar = dist.mean, dist.logvar
     if row.layout == "video" and x.ndim == 4:
         mean = mean.squeeze(2)
@@ -131,10 +335,36 @@ def encode(vae: nn.Module, x: torch.Tensor) -> Posterior:
     return Posterior(mean, logvar)
 
 
-def decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Decode latents to pixels with the layout of ``z``."""
+def decode(
+    vae: nn.Module,
+    z: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    decode_timestep: float = 0.05,
+    decode_noise_scale: float = 0.025,
+) -> torch.Tensor:
+    """Decode latents to pixels with the layout of ``z``.
+
+    LTX decoders with ``timestep_conditioning`` (0.9.1+) get what their pipelines give them: the latent mixed with
+    ``decode_noise_scale`` of Gaussian noise (drawn from ``generator``; in raw latent space for LTX-Video, in
+    normalised space for LTX-2) and ``temb = decode_timestep`` per sample. The defaults are diffusers' recommended
+    0.05 / 0.025 for these models.
+    """
     row = get_row(vae)
-    out = vae.decode(_to_layout(z, row)).sample
+    v = _to_layout(z, row)
+    name = row.class_name
+    if name == "AutoencoderKLAllegro":
+        out = vae.decoder(_frames_apply(vae.post_quant_conv, v))
+    elif name in ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video") and vae.config.timestep_conditioning:
+        noise = torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+        s = decode_noise_scale
+        if name == "AutoencoderKLLTX2Video":
+            v = denormalize_latents(vae, (1 - s) * normalize_latents(vae, v) + s * noise)
+        else:
+            v = (1 - s) * v + s * noise
+        temb = torch.full((v.shape[0],), float(decode_timestep), device=v.device, dtype=v.dtype)
+        out = vae.decode(v, temb).sample
+    else:
+        out = vae.decode(v).sample
     if row.layout == "video" and z.ndim == 4:
         out = out.squeeze(2)
     return out
@@ -157,12 +387,31 @@ def _flux2_unpatchify(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(b, c4 // 4, h * 2, w * 2)
 
 
+def _cosmos_stats(values, z: torch.Tensor, channels: int) -> torch.Tensor:
+    """Cosmos statistics are per (channel, latent frame): ``(1, C, T, 1, 1)`` for the first ``T`` latent frames."""
+    t = torch.as_tensor(values, dtype=z.dtype, device=z.device).reshape(1, channels, -1, 1, 1)
+    frames = z.shape[2] if z.ndim == 5 else 1
+    t = t[:, :, :frames]
+    return t if z.ndim == 5 else t[:, :, 0]
+
+
 def _latent_affine(vae: nn.Module, z: torch.Tensor):
     """``(shift, scale)`` with ``normalized = (z - shift) * scale``, broadcastable to ``z`` (not for Flux2)."""
     cfg, name = vae.config, _class_name(vae)
-    if name == "AutoencoderKLQwenImage":
-        return _per_channel(cfg.latents_mean, z), 1.0 / _per_channel(cfg.latents_std, z)
     scaling = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+    if name in ("AutoencoderKLQwenImage", "AutoencoderKLWan"):
+        return _per_channel(cfg.latents_mean, z), 1.0 / _per_channel(cfg.latents_std, z)
+    if name in ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video"):  # buffers, part of the weights
+        return _per_channel(vae.latents_mean, z), scaling / _per_channel(vae.latents_std, z)
+    if name == "AutoencoderKLCosmos":
+        if cfg.latents_mean is None:
+            return 0.0, COSMOS_SIGMA_DATA
+        c = cfg.latent_channels
+        return _cosmos_stats(cfg.latents_mean, z, c), COSMOS_SIGMA_DATA / _cosmos_stats(cfg.latents_std, z, c)
+    if name == "AutoencoderKLCogVideoX" and cfg.invert_scale_latents:
+        return 0.0, 1.0 / scaling
+    if name in ("AutoencoderDC", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLAllegro"):
+        return 0.0, scaling
     if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
         return _per_channel(cfg.latents_mean, z), scaling / _per_channel(cfg.latents_std, z)
     return float(getattr(cfg, "shift_factor", None) or 0.0), scaling

@@ -66,6 +66,24 @@ def downsample(x: torch.Tensor, factor: int, mode: str = "bilinear") -> torch.Te
     return undo(out)
 
 
+def temporal_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Causal temporal downsampling of a video ``(B, C, T, H, W)`` with ``T = 1 + factor * k``.
+
+    As the authors' code: frame 0 is kept alone (a causal AE encodes it on its own) and the following frames are
+    averaged in groups of ``factor``, giving ``1 + k`` frames. The paper reports that temporal SE did not help.
+    """
+    factor = int(factor)
+    if factor == 1:
+        return x
+    if x.ndim != 5:
+        raise ValueError(f"Temporal downsampling needs a video (B, C, T, H, W), got shape {tuple(x.shape)}.")
+    b, c, t, h, w = x.shape
+    if factor < 1 or (t - 1) % factor:
+        raise ValueError(f"Temporal factor {factor} needs 1 + {factor}k frames, got {t}.")
+    rest = x[:, :, 1:].reshape(b, c, (t - 1) // factor, factor, h, w).mean(dim=3)  # (B, C, k, H, W)
+    return torch.cat([x[:, :, :1], rest], dim=2)
+
+
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all but the batch dimension: ``(B, ...) -> (B,)``."""
     return (pred.float() - target.float()).square().flatten(1).mean(dim=1)
@@ -83,6 +101,7 @@ def scale_equivariance_loss(
     scale_factor: int = 2,
     mode: str = "bilinear",
     distance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    temporal_factor: int = 1,
 ) -> torch.Tensor:
     """The scale-equivariance regulariser of paper eq. 2, ``d(down(x), Dec(down(z)))``, per sample.
 
@@ -96,6 +115,8 @@ def scale_equivariance_loss(
         scale_factor: 2 or 4 in the paper, one per batch.
         mode: see :func:`downsample`.
         distance: per-sample ``d(pred, target) -> (B,)``; defaults to :func:`per_sample_mse`.
+        temporal_factor: also downsample videos in time (:func:`temporal_downsample`); 1 (the paper) = spatial
+            only. Needs ``1 + temporal_factor * k`` latent frames.
 
     Returns:
         ``(B,)``.
@@ -108,7 +129,14 @@ def scale_equivariance_loss(
             f"compression), or drop {scale_factor} from the scale factors."
         )
     x_small = downsample(x, scale_factor, mode)
-    recon_small = decode(downsample(z, scale_factor, mode))
+    z_small = downsample(z, scale_factor, mode)
+    if temporal_factor != 1 and x.ndim == 5:
+        if (z.shape[2] - 1) % temporal_factor:
+            raise ValueError(
+                f"Temporal SE factor {temporal_factor} needs 1 + {temporal_factor}k latent frames, got {z.shape[2]}."
+            )
+        x_small, z_small = temporal_downsample(x_small, temporal_factor), temporal_downsample(z_small, temporal_factor)
+    recon_small = decode(z_small)
     if recon_small.shape != x_small.shape:
         raise ValueError(
             f"Decoding the downsampled latent gave shape {tuple(recon_small.shape)}, but the downsampled image "

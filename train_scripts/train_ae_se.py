@@ -34,11 +34,19 @@ from tqdm.auto import tqdm
 from diffusability_hf import __version__
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import (
+    EmbeddedPanClips,
     EmbeddedPhotoCrops,
     HFImageDataset,
+    JointBatches,
+    VideoClips,
+    clips_to_gif,
     collate,
     embedded_validation_batch,
+    embedded_validation_clips,
+    list_videos,
     load_image_dataset,
+    load_video_dataset,
+    unwrap_batch,
 )
 from diffusability_hf.ema import EMA
 from diffusability_hf.losses import (
@@ -126,6 +134,18 @@ EMBEDDED_DEFAULTS = dict(
     num_frozen_up_blocks=0,
 )
 
+# A video AE with no dataset: joint batches of embedded crops and camera pans at 64 px, sized for a few CPU minutes
+# with a tiny config (e.g. diffusability_hf/assets/tiny_configs/cogvideox.json). LPIPS is off: its trunk is a download.
+EMBEDDED_VIDEO_DEFAULTS = dict(
+    train_batch_size=4,
+    video_batch_size=2,
+    max_train_steps=100,
+    lpips_weight=0.0,
+    resolution=64,
+    validation_steps=50,
+    checkpointing_steps=100,
+)
+
 # Everything else (the flags that the layers above may leave unset).
 GENERIC_DEFAULTS = dict(
     learning_rate=1e-5,
@@ -179,6 +199,21 @@ def parse_args(input_args=None):
     parser.add_argument("--center_crop", action="store_true", help="Center crops instead of random crops.")
     parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    # Video data (video AEs train on joint image + video batches, paper Table 5)
+    parser.add_argument(
+        "--video_data_dir",
+        type=str,
+        default=None,
+        help="A folder of videos (mp4/webm/mkv/mov/avi/gif) and/or of frame folders (one subfolder of images per "
+        "clip). Default for video AEs: camera-pan clips over the embedded photographs and scikit-image's GIF.",
+    )
+    parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
+    parser.add_argument("--video_dataset_config_name", type=str, default=None, help="Its config.")
+    parser.add_argument("--video_column", type=str, default=None, help="Video column (default: the first Video one).")
+    parser.add_argument(
+        "--num_frames", type=int, default=None, help="Frames per clip (paper: 17; must fit the AE, e.g. 1 + 8k)."
+    )
+    parser.add_argument("--frame_stride", type=int, default=1, help="Take every N-th frame of a video.")
     # Loss (paper eq. 2 and Appendix C)
     parser.add_argument("--mse_weight", type=float, default=None, help="MSE weight in d (Table 5).")
     parser.add_argument("--lpips_weight", type=float, default=None, help="LPIPS weight in d (Table 5: 1.0).")
@@ -227,6 +262,26 @@ def parse_args(input_args=None):
         help="gamma of the soft high-frequency penalty (App. C.2, eq. 6-7; the paper tries ~0.01).",
     )
     parser.add_argument("--soft_penalty_p", type=float, default=2.0, help="Exponent p of eq. 6.")
+    parser.add_argument(
+        "--se_temporal_scale_factors",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Video AEs only: also downsample clips and latents in time by a factor drawn per step (frame 0 kept, "
+        "the rest averaged in groups, as the authors' code). Off by default: the paper found it did not help.",
+    )
+    parser.add_argument(
+        "--decode_timestep",
+        type=float,
+        default=0.05,
+        help="Timestep-conditioned LTX decoders (0.9.1+): the decode timestep (diffusers recommends 0.05).",
+    )
+    parser.add_argument(
+        "--decode_noise_scale",
+        type=float,
+        default=0.025,
+        help="Timestep-conditioned LTX decoders: noise mixed into the latent before decoding (recommended 0.025).",
+    )
     parser.add_argument("--dct_block_size", type=int, default=8, help="DCT block size for spectra, CHF and penalty.")
     parser.add_argument(
         "--latent_sampling",
@@ -259,7 +314,19 @@ def parse_args(input_args=None):
         help="Layer-name suffixes to adapt (e.g. conv1 conv2); default: every trainable conv/linear.",
     )
     # Optimisation (Appendix B)
-    parser.add_argument("--train_batch_size", type=int, default=None, help="Per-device batch size.")
+    parser.add_argument(
+        "--train_batch_size",
+        "--image_batch_size",
+        type=int,
+        default=None,
+        help="Per-device image batch size (Table 5: 32 for image AEs, 64 images for video AEs).",
+    )
+    parser.add_argument(
+        "--video_batch_size",
+        type=int,
+        default=None,
+        help="Per-device clips per step for video AEs, trained jointly with the images (Table 5: 32).",
+    )
     parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
     parser.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate (Table 5).")
@@ -314,6 +381,7 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps.")
     parser.add_argument("--num_validation_images", type=int, default=8, help="Size of the fixed validation batch.")
+    parser.add_argument("--num_validation_videos", type=int, default=4, help="Fixed validation clips (video AEs).")
     parser.add_argument(
         "--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'."
     )
@@ -326,28 +394,61 @@ def parse_args(input_args=None):
     return resolve_args(args, parser)
 
 
+def _is_video_ae(args) -> bool:
+    """Whether the model's config names a video AE class (False when it cannot be read: main() reports that)."""
+    try:
+        return ae.get_row(load_autoencoder(args)[0]).video
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_args(args, parser):
-    """Fill unset flags from the preset, the embedded default and the generic defaults; validate combinations."""
+    """Fill unset flags from the embedded-data sizing, the preset and the generic defaults; validate combinations.
+
+    With no dataset (the embedded photographs and pans) the run is sized for a CPU whatever the preset: the
+    sizing layer comes before the preset's Table 5 values. Explicit flags always win.
+    """
     args.embedded_model = args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None
     args.embedded_data = args.dataset_name is None and args.train_data_dir is None
-    layers = [PRESETS.get(args.preset, {})]
+    args.embedded_video = args.video_data_dir is None and args.video_dataset_name is None
+    preset = PRESETS.get(args.preset, {})
+    layers = [preset]
     if args.embedded_model and args.embedded_data:
-        layers.append(EMBEDDED_DEFAULTS)
+        layers.insert(0, EMBEDDED_DEFAULTS)
+    elif args.embedded_data and args.embedded_video and _is_video_ae(args):
+        layers.insert(0, EMBEDDED_VIDEO_DEFAULTS)
     elif args.embedded_data:
-        layers.append({"resolution": EMBEDDED_DEFAULTS["resolution"]})
+        layers.insert(0, {"resolution": EMBEDDED_DEFAULTS["resolution"]})
     layers.append(GENERIC_DEFAULTS)
     for key in GENERIC_DEFAULTS:
         if getattr(args, key) is None:
             setattr(args, key, next(layer[key] for layer in layers if key in layer))
     if args.kl_weight is None:  # not in GENERIC_DEFAULTS on purpose: SE switches it off
-        args.kl_weight = 0.0 if args.se_weight > 0 else PRESETS.get(args.preset, {}).get("kl_weight", 0.0)
+        args.kl_weight = 0.0 if args.se_weight > 0 else preset.get("kl_weight", 0.0)
     if args.embedded_model:
         args.pretrained_model_name_or_path = EMBEDDED_AE
+    # Video settings (used only with a video AE; check_video() decides in main())
+    if args.num_frames is None:
+        args.num_frames = preset.get("num_frames", 17)
+    if args.video_batch_size is None:
+        args.video_batch_size = next(
+            (layer["video_batch_size"] for layer in layers if "video_batch_size" in layer), None
+        )
 
     if args.pretrained_model_name_or_path is not None and args.model_config_name_or_path is not None:
         parser.error("Give either --pretrained_model_name_or_path or --model_config_name_or_path, not both.")
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("Give either --dataset_name or --train_data_dir, not both.")
+    if args.video_data_dir is not None and args.video_dataset_name is not None:
+        parser.error("Give either --video_data_dir or --video_dataset_name, not both.")
+    if args.num_frames < 1 or args.frame_stride < 1:
+        parser.error("--num_frames and --frame_stride must be positive.")
+    if args.video_batch_size is not None and args.video_batch_size < 0:
+        parser.error("--video_batch_size must be >= 0.")
+    if args.se_temporal_scale_factors is not None and any(f < 1 for f in args.se_temporal_scale_factors):
+        parser.error(f"--se_temporal_scale_factors must be integers >= 1, got {args.se_temporal_scale_factors}.")
+    if not 0 <= args.decode_noise_scale <= 1:
+        parser.error("--decode_noise_scale must be in [0, 1].")
     if args.se_weight < 0 or args.kl_weight < 0 or args.chf_weight < 0 or args.soft_penalty_weight < 0:
         parser.error("Loss weights must be non-negative.")
     if args.mse_weight <= 0 and args.lpips_weight <= 0:
@@ -356,8 +457,8 @@ def resolve_args(args, parser):
         parser.error(f"--se_scale_factors must be integers >= 2, got {args.se_scale_factors}.")
     if not 0 < args.chf_max_ratio <= 1:
         parser.error("--chf_max_ratio must be in (0, 1].")
-    if args.resolution <= 0 or args.train_batch_size <= 0 or args.max_train_steps <= 0:
-        parser.error("--resolution, --train_batch_size and --max_train_steps must be positive.")
+    if args.resolution <= 0 or args.train_batch_size < 0 or args.max_train_steps <= 0:
+        parser.error("--resolution and --max_train_steps must be positive, --train_batch_size at least 0.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1.")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
@@ -424,6 +525,13 @@ def check_geometry(args, config):
                 f"{args.resolution} / compression {f}). Use --resolution {' or '.join(map(str, sorted(near)))}, "
                 f"or change --se_scale_factors."
             )
+    row = ae.get_row(config)
+    if latent // max(args.se_scale_factors) < row.min_latent_size:
+        raise ValueError(
+            f"{row.class_name}'s decoder needs latents of at least {row.min_latent_size}x{row.min_latent_size}, but SE "
+            f"x{max(args.se_scale_factors)} makes {latent}x{latent} smaller: raise --resolution or lower "
+            "--se_scale_factors."
+        )
     if latent % args.dct_block_size:
         raise ValueError(
             f"The latent size {latent} is not divisible by --dct_block_size {args.dct_block_size} (spectra, CHF and "
@@ -432,10 +540,61 @@ def check_geometry(args, config):
     return f
 
 
+def check_video(args, config):
+    """Video settings against the AE class, before any weights load. Returns whether it trains on clips."""
+    row = ae.get_row(config)
+    name = row.class_name
+    if not row.video:
+        given = [
+            flag
+            for flag, value in (
+                ("--video_data_dir", args.video_data_dir),
+                ("--video_dataset_name", args.video_dataset_name),
+                (
+                    "--video_batch_size" + (f" (from --preset {args.preset})" if args.preset else ""),
+                    args.video_batch_size,
+                ),
+                ("--se_temporal_scale_factors", args.se_temporal_scale_factors),
+            )
+            if value
+        ]
+        if given:
+            videos = ", ".join(n for n in ae.supported_classes() if ae.get_row(n).video)
+            raise ValueError(f"{name} is an image autoencoder, but {', '.join(given)} need a video AE ({videos}).")
+        if args.train_batch_size == 0:
+            raise ValueError("--train_batch_size must be positive.")
+        args.video_batch_size = 0
+        return False
+    if args.video_batch_size is None:
+        args.video_batch_size = max(1, args.train_batch_size // 2)  # Table 5's 2:1 images to clips
+    if args.video_batch_size == 0 and args.train_batch_size == 0:
+        raise ValueError("--image_batch_size and --video_batch_size are both 0: nothing to train on.")
+    ae.check_num_frames(config, args.num_frames)
+    if not row.causal and args.train_batch_size > 0:
+        raise ValueError(
+            f"{name} is not causal (it takes {ae.frame_rule(config)} frames): it cannot encode images as 1-frame "
+            "videos. Pass --image_batch_size 0 to train on clips only."
+        )
+    if args.video_batch_size == 0 and args.se_temporal_scale_factors:
+        raise ValueError("--se_temporal_scale_factors needs clips: set --video_batch_size.")
+    latent_frames = ae.latent_num_frames(config, args.num_frames)
+    for f in args.se_temporal_scale_factors or []:
+        pixels = 1 + (args.num_frames - 1) // f
+        if not row.causal or (latent_frames - 1) % f or not ae.valid_num_frames(config, pixels):
+            raise ValueError(
+                f"Temporal SE factor {f} does not fit {args.num_frames} frames ({latent_frames} latent frames) of "
+                f"{name}: the downsampled clip must itself take {ae.frame_rule(config)} frames. Try --num_frames "
+                f"{1 + ae.frame_multiple(config) * f} or {1 + 2 * ae.frame_multiple(config) * f}, or drop {f}."
+            )
+    return True
+
+
 class SEAutoencoderLoss(nn.Module):
     """Encode, decode and the SE branch in one ``forward`` (so DDP/FSDP and autocast see all of it).
 
-    Returns the batch-mean loss and a dict of detached per-term means. Paper eq. 2, plus App. C terms.
+    Takes an image batch and, for video AEs, a clip batch (either may be ``None``): the paper's joint image+video
+    batches, images going through a causal video AE as 1-frame videos. Every sample, image or clip, counts once in
+    the batch mean. Returns that mean and a dict of detached per-term means. Paper eq. 2, plus App. C terms.
     """
 
     def __init__(self, vae, distance, args):
@@ -443,22 +602,26 @@ class SEAutoencoderLoss(nn.Module):
         self.vae = vae
         object.__setattr__(self, "distance", distance)  # frozen LPIPS: not part of the trained state
         self.args = args
+        self.generator = None
 
     def decode(self, z):
-        return ae.decode(self.vae, z)
+        a = self.args
+        return ae.decode(self.vae, z, self.generator, a.decode_timestep, a.decode_noise_scale)
 
-    def forward(self, x, scale_factor, chf_ratio=None, generator=None):
+    def losses(self, x, scale_factor, temporal_factor, chf_ratio):
+        """Per-sample terms ``{name: (B,)}`` and the per-sample total for images or clips ``x``."""
         a = self.args
         posterior = ae.encode(self.vae, x)
-        z = posterior.sample(generator) if a.latent_sampling == "sample" else posterior.mode()
-        recon = self.decode(z)
-        terms = {"rec": self.distance(recon, x)}  # (B,)
+        z = posterior.sample(self.generator) if a.latent_sampling == "sample" else posterior.mode()
+        terms = {"rec": self.distance(self.decode(z), x)}  # (B,)
         loss = terms["rec"]
         if a.se_weight > 0:
-            terms["se"] = scale_equivariance_loss(x, z, self.decode, scale_factor, a.se_downsample_mode, self.distance)
+            terms["se"] = scale_equivariance_loss(
+                x, z, self.decode, scale_factor, a.se_downsample_mode, self.distance, temporal_factor
+            )
             loss = loss + a.se_weight * terms["se"]
         if a.kl_weight > 0 and posterior.logvar is not None:
-            terms["kl"] = kl_divergence(posterior.mean, posterior.logvar)
+            terms["kl"] = kl_divergence(posterior.mean, posterior.logvar)  # per element, also for 5D
             loss = loss + a.kl_weight * terms["kl"]
         if a.chf_weight > 0:
             terms["chf"] = chf_loss(x, z, self.decode, chf_ratio, a.dct_block_size, distance=self.distance)
@@ -466,34 +629,55 @@ class SEAutoencoderLoss(nn.Module):
         if a.soft_penalty_weight > 0:
             terms["soft"] = soft_frequency_penalty(z, a.dct_block_size, a.soft_penalty_p)
             loss = loss + a.soft_penalty_weight * terms["soft"]
-        return loss.mean(), {k: v.detach().float().mean() for k, v in terms.items()}
+        return loss, terms
+
+    def forward(self, images, videos, scale_factor, temporal_factor=1, chf_ratio=None, generator=None):
+        self.generator = generator
+        parts = [
+            (kind, self.losses(x, scale_factor, temporal_factor, chf_ratio))
+            for kind, x in (("image", images), ("video", videos))
+            if x is not None
+        ]
+        loss = torch.cat([p[0] for _, p in parts])  # (B_images + B_videos,)
+        terms = {k: torch.cat([p[1][k] for _, p in parts if k in p[1]]) for _, p in parts for k in p[1]}
+        terms = {k: v.detach().float().mean() for k, v in terms.items()}
+        if len(parts) > 1:
+            terms.update({f"rec_{kind}": p[1]["rec"].detach().float().mean() for kind, p in parts})
+        return loss.mean(), terms
 
 
 def psnr(x, y):
-    """Per-image PSNR in dB for [-1, 1] images: ``(B,)``."""
+    """Per-image PSNR in dB for [-1, 1] images: ``(B,)``; clips ``(B, C, T, H, W)`` give one value per frame."""
+    if x.ndim == 5:
+        x, y = x.transpose(1, 2).flatten(0, 1), y.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W)
     mse = (x.float() - y.float()).square().flatten(1).mean(1).clamp_min(1e-12)
     return 10 * torch.log10(4.0 / mse)
 
 
 @torch.no_grad()
 def evaluate(vae, pixels, args, batch_size=8):
-    """Reconstruction PSNR (posterior mean), latent profile and high-frequency share on a fixed batch."""
+    """Reconstruction PSNR (posterior mean), latent profile and high-frequency share on a fixed batch of images or
+    clips; clips also get one latent profile per latent frame. Decoder noise (LTX) is seeded: the same every call."""
     was_training = vae.training
     vae.eval()
     recons, latents = [], []
-    for chunk in pixels.split(batch_size):
+    gen = torch.Generator(pixels.device).manual_seed(0)
+    for chunk in pixels.split(batch_size if pixels.ndim == 4 else max(1, batch_size // 4)):
         z = ae.encode(vae, chunk).mode()
         latents.append(z.float())
-        recons.append(ae.decode(vae, z).float().clamp(-1, 1))
+        recons.append(ae.decode(vae, z, gen, args.decode_timestep, args.decode_noise_scale).float().clamp(-1, 1))
     vae.train(was_training)
     recon, z = torch.cat(recons), torch.cat(latents)
     b = args.dct_block_size
-    return {
+    result = {
         "psnr": psnr(recon, pixels).mean().item(),
         "hf_share": high_frequency_share(z, b).item(),
         "profile": frequency_profile(z, b).tolist(),
         "recon": recon,
     }
+    if z.ndim == 5:
+        result["frame_profiles"] = [frequency_profile(z[:, :, k], b).tolist() for k in range(z.shape[2])]
+    return result
 
 
 def rgb_profile(pixels, compression, block_size):
@@ -523,6 +707,73 @@ def log_images(accelerator, pixels, recon, step):
             tracker.log({"validation/reconstruction": [wandb.Image(img) for img in grid]}, step=step)
 
 
+def log_clips(accelerator, clips, recon, step, tag="validation/reconstruction_clips"):
+    """Originals above reconstructions, clips side by side, as one animated GIF per tracker."""
+    gif = clips_to_gif(clips, recon)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":  # TensorBoard shows an image summary holding GIF bytes as an animation
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            h, w = clips.shape[-2] * 2, clips.shape[-1] * clips.shape[0]
+            image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif)
+            tracker.writer._get_file_writer().add_summary(
+                Summary(value=[Summary.Value(tag=tag, image=image)]), global_step=step
+            )
+        elif tracker.name == "wandb":
+            import io
+
+            import wandb
+
+            tracker.log({tag: wandb.Video(io.BytesIO(gif), format="gif")}, step=step)
+    return gif
+
+
+def peak_memory_gb(device) -> float:
+    """Peak accelerator memory allocated by tensors (CUDA), else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def image_data(args):
+    """Training images and the fixed validation images."""
+    if args.embedded_data:
+        logger.info("No image dataset given: training on crops of the photographs that ship inside scikit-image.")
+        return (
+            EmbeddedPhotoCrops(args.resolution, seed=args.seed, random_flip=True),
+            embedded_validation_batch(args.resolution, args.num_validation_images),
+        )
+    ds, column = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir
+    )
+    train = HFImageDataset(ds, column, args.resolution, args.center_crop, args.random_flip, args.seed)
+    val_set = HFImageDataset(ds, column, args.resolution, center_crop=True, random_flip=False)
+    return train, torch.stack([val_set[i]["pixel_values"] for i in range(min(len(ds), args.num_validation_images))])
+
+
+def video_data(args):
+    """Training clips and the fixed validation clips (first frames, centre crops)."""
+    if args.embedded_video:
+        logger.info("No video dataset given: training on camera pans over the embedded photographs and the GIF.")
+        return (
+            EmbeddedPanClips(args.resolution, args.num_frames, seed=args.seed),
+            embedded_validation_clips(args.resolution, args.num_frames, args.num_validation_videos),
+        )
+    if args.video_data_dir is not None:
+        sources = list_videos(args.video_data_dir)
+    else:
+        sources = load_video_dataset(
+            args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir
+        )
+    clip = dict(resolution=args.resolution, num_frames=args.num_frames, frame_stride=args.frame_stride)
+    train = VideoClips(sources, **clip, center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
+    val_set = VideoClips(sources, **clip, center_crop=True, random_start=False)
+    val = [val_set[i] for i in range(min(len(sources), args.num_validation_videos))]
+    return train, torch.stack([v["pixel_values"] for v in val])
+
+
 def save_spectrum_plot(path, profiles):
     fig = plot_frequency_profiles(profiles, title="Latent frequency profile (paper Fig. 2/4)")
     fig.savefig(path)
@@ -537,6 +788,12 @@ def main(args):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, build_vae, pretrained = load_autoencoder(args)
     compression = check_geometry(args, config)
+    is_video = check_video(args, config)
+    if args.gradient_checkpointing and not ae.model_class(config)._supports_gradient_checkpointing:
+        raise ValueError(
+            f"{config['_class_name']} does not support gradient checkpointing in diffusers: drop "
+            "--gradient_checkpointing and save memory with a smaller --video_batch_size, --num_frames or --resolution."
+        )
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder.")
     if not pretrained and not args.train_output_layers:
@@ -571,38 +828,35 @@ def main(args):
         logger.info("LPIPS is off (--lpips_weight 0): d = MSE only.")
     distance.to(accelerator.device)
 
-    # Data
-    if args.embedded_data:
-        logger.info("No dataset given: training on crops of the photographs that ship inside scikit-image.")
-        train_dataset = EmbeddedPhotoCrops(args.resolution, seed=args.seed, random_flip=True)
-        val_pixels = embedded_validation_batch(args.resolution, args.num_validation_images)
-    else:
-        ds, column = load_image_dataset(
-            args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir
+    # Data: image batches, or joint image + clip batches for video AEs (Table 5)
+    train_images, val_images = image_data(args) if args.train_batch_size else (None, None)
+    if is_video:
+        train_videos, val_videos = video_data(args) if args.video_batch_size else (None, None)
+        train_dataset = JointBatches(
+            train_images, train_videos, args.train_batch_size, args.video_batch_size, args.seed
         )
-        train_dataset = HFImageDataset(ds, column, args.resolution, args.center_crop, args.random_flip, args.seed)
-        val_set = HFImageDataset(ds, column, args.resolution, center_crop=True, random_flip=False)
-        val_pixels = torch.stack([val_set[i]["pixel_values"] for i in range(min(len(ds), args.num_validation_images))])
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        drop_last=len(train_dataset) >= args.train_batch_size,
-    )
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset, batch_size=1, collate_fn=unwrap_batch, num_workers=args.dataloader_num_workers
+        )
+    else:
+        val_videos, train_dataset = None, train_images
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset,
+            batch_size=args.train_batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+            drop_last=len(train_dataset) >= args.train_batch_size,
+        )
+    val = {
+        kind: v.to(accelerator.device) for kind, v in (("image", val_images), ("video", val_videos)) if v is not None
+    }
 
     # Model
-    vae = build_vae()
+    vae = ae.prepare_for_training(build_vae())  # no slicing, tiling or frame-wise passes while training
     frozen = trainable_split(vae, args)
     if args.gradient_checkpointing:
-        if not getattr(vae, "_supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(vae).__name__} does not support gradient checkpointing.")
         vae.enable_gradient_checkpointing()
-    if hasattr(vae, "disable_slicing"):
-        vae.disable_slicing()
-    if hasattr(vae, "disable_tiling"):
-        vae.disable_tiling()
     if args.use_lora:
         from diffusability_hf.lora import add_lora, lora_target_names
 
@@ -618,15 +872,17 @@ def main(args):
     vae.to(accelerator.device, dtype=torch.float32)  # trainable weights stay fp32; autocast does the rest
 
     # "Before" metrics on the base model (the EMA starts from the same weights, App. B)
-    val_pixels = val_pixels.to(accelerator.device)
-    before = evaluate(vae, val_pixels, args)
-    rgb = rgb_profile(val_pixels, compression, args.dct_block_size)
+    before = {kind: evaluate(vae, pixels, args) for kind, pixels in val.items()}
+    rgb = {kind: rgb_profile(pixels, compression, args.dct_block_size) for kind, pixels in val.items()}
     ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
 
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    # Scalar parameters (e.g. LTX's timestep_scale_multiplier, initialised to 1000) are multipliers: no decay
+    decay = [p for p in params if p.ndim > 0]
+    no_decay = [p for p in params if p.ndim == 0]
     optimizer = torch.optim.AdamW(
-        params,
+        [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else []),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -651,13 +907,17 @@ def main(args):
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token"}
-        tracker_config["se_scale_factors"] = " ".join(map(str, args.se_scale_factors))
+        for key in ("se_scale_factors", "se_temporal_scale_factors"):
+            tracker_config[key] = " ".join(map(str, getattr(args, key) or []))
         tracker_config = {k: v for k, v in tracker_config.items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("train_ae_se", config=tracker_config)
 
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    per_step = accelerator.num_processes * args.gradient_accumulation_steps
+    batch_desc = f"{args.train_batch_size * per_step} images"
+    if is_video:
+        batch_desc += f" + {args.video_batch_size * per_step} clips of {args.num_frames} frames"
     logger.info(
-        f"***** SE fine-tuning: {args.max_train_steps} steps, total batch {total_batch}, "
+        f"***** SE fine-tuning: {args.max_train_steps} steps, total batch {batch_desc}, "
         f"alpha={args.se_weight}, scales={args.se_scale_factors}, KL={args.kl_weight} *****"
     )
 
@@ -683,23 +943,25 @@ def main(args):
     skipped_images, t_start, last = 0, time.time(), {}
     unwrapped = accelerator.unwrap_model(model).vae
     for epoch in range(first_epoch, num_epochs):
-        if hasattr(train_dataset, "epoch"):
-            train_dataset.epoch = epoch
+        for dataset in (train_dataset, getattr(train_dataset, "images", None), getattr(train_dataset, "videos", None)):
+            if hasattr(dataset, "epoch"):
+                dataset.epoch = epoch
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in loader:
             skipped_images += batch["num_skipped"]
-            # One scale factor (and CHF ratio) per optimizer step, reproducible across resumes
+            # One scale factor (and CHF ratio, temporal factor) per optimizer step, reproducible across resumes
             step_rng = random.Random(args.seed * 100_003 + global_step)
             scale = step_rng.choice(args.se_scale_factors)
             chf_ratio = step_rng.uniform(0.0, args.chf_max_ratio)
+            temporal = step_rng.choice(args.se_temporal_scale_factors) if args.se_temporal_scale_factors else 1
             gen = torch.Generator(accelerator.device).manual_seed(
                 args.seed * 1_000_003 + global_step * 64 + accelerator.process_index
             )
             with accelerator.accumulate(model):
-                loss, terms = model(batch["pixel_values"], scale, chf_ratio, gen)
+                loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -720,8 +982,11 @@ def main(args):
                     "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
                     "train/lr": lr_scheduler.get_last_lr()[0],
                     "train/scale_factor": scale,
+                    "train/peak_memory_gb": peak_memory_gb(accelerator.device),
                 }
             )
+            if args.se_temporal_scale_factors:
+                last["train/temporal_scale_factor"] = temporal
             if grad_norm is not None:
                 last["train/grad_norm"] = float(grad_norm)
             accelerator.log(last, step=global_step)
@@ -732,7 +997,7 @@ def main(args):
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 save_checkpoint(accelerator, args, global_step)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(accelerator, unwrapped, ema, val_pixels, rgb, args, global_step)
+                run_validation(accelerator, unwrapped, ema, val, rgb, args, global_step)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -740,6 +1005,8 @@ def main(args):
 
     # Save the EMA weights as the final model, in diffusers format
     accelerator.wait_for_everyone()
+    peak = peak_memory_gb(accelerator.device)
+    logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, args, global_step)
     skipped_images = int(accelerator.reduce(torch.tensor(skipped_images, device=accelerator.device), "sum").item())
@@ -772,22 +1039,25 @@ def main(args):
                 )
             merge_lora(final)
         final.save_pretrained(args.output_dir, safe_serialization=True)
-        after = evaluate(final, val_pixels, args)
-        write_outputs(
-            args,
-            before,
-            after,
-            rgb,
-            val_pixels,
-            global_step,
-            n_train,
-            n_all,
-            skipped_images,
-            type(final).__name__,
-            time.time() - t_start,
-            rank_checksums,
+        after = {kind: evaluate(final, pixels, args) for kind, pixels in val.items()}
+        run = dict(
+            steps=global_step,
+            trainable=n_train,
+            total=n_all,
+            skipped=skipped_images,
+            class_name=type(final).__name__,
+            seconds=time.time() - t_start,
+            checksums=rank_checksums,
+            peak_memory_gb=peak,
+            timestep_conditioning=bool(getattr(final.config, "timestep_conditioning", False)),
         )
-        log_images(accelerator, val_pixels, after["recon"], global_step)
+        write_outputs(args, before, after, rgb, val, run)
+        if "image" in val:
+            log_images(accelerator, val["image"], after["image"]["recon"], global_step)
+        if "video" in val:
+            gif = log_clips(accelerator, val["video"], after["video"]["recon"], global_step)
+            with open(os.path.join(args.output_dir, "reconstruction.gif"), "wb") as f:
+                f.write(gif)
         if args.push_to_hub:
             from diffusability_hf.hub import push_folder
 
@@ -808,28 +1078,35 @@ def save_checkpoint(accelerator, args, step):
     logger.info(f"Saved state to {path}")
 
 
-def run_validation(accelerator, vae, ema, val_pixels, rgb, args, step):
+def run_validation(accelerator, vae, ema, val, rgb, args, step):
     """Validate the EMA weights (the model that will be saved), then put the training weights back."""
     params = [p for p in vae.parameters() if p.requires_grad]
     backup = [p.detach().clone() for p in params]
     if ema is not None:
         ema.copy_to(params)
-    result = evaluate(vae, val_pixels, args)
+    results = {kind: evaluate(vae, pixels, args) for kind, pixels in val.items()}
     with torch.no_grad():
         for p, b in zip(params, backup):
             p.copy_(b)
-    accelerator.log({"val/psnr": result["psnr"], "val/hf_share": result["hf_share"]}, step=step)
-    log_images(accelerator, val_pixels, result["recon"], step)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            fig = plot_frequency_profiles({"RGB": rgb, f"latents (step {step})": result["profile"]})
-            tracker.writer.add_figure("validation/spectrum", fig, step)
-    logger.info(f"step {step}: val PSNR {result['psnr']:.2f} dB, latent HF share {result['hf_share']:.4f}")
+    for kind, result in results.items():
+        prefix = "" if kind == "image" else "video_"
+        accelerator.log({f"val/{prefix}psnr": result["psnr"], f"val/{prefix}hf_share": result["hf_share"]}, step=step)
+        if kind == "image":
+            log_images(accelerator, val[kind], result["recon"], step)
+        else:
+            log_clips(accelerator, val[kind], result["recon"], step)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                fig = plot_frequency_profiles({"RGB": rgb[kind], f"latents (step {step})": result["profile"]})
+                tracker.writer.add_figure(f"validation/spectrum_{kind}", fig, step)
+                if "frame_profiles" in result:  # one curve per latent frame
+                    frames = {f"latent frame {k}": prof for k, prof in enumerate(result["frame_profiles"])}
+                    fig = plot_frequency_profiles(frames, title=f"Per-frame latent profiles (step {step})")
+                    tracker.writer.add_figure("validation/spectrum_per_frame", fig, step)
+        logger.info(f"step {step}: val {kind} PSNR {result['psnr']:.2f} dB, latent HF share {result['hf_share']:.4f}")
 
 
-def write_outputs(
-    args, before, after, rgb, val_pixels, steps, n_train, n_all, skipped, class_name, seconds, checksums
-):
+def write_outputs(args, before, after, rgb, val, run):
     """metrics.json, spectrum.png and the model card README.md."""
     from diffusability_hf.hub import markdown_table, render_model_card
 
@@ -839,38 +1116,60 @@ def write_outputs(
         else (args.pretrained_model_name_or_path or f"random init from {args.model_config_name_or_path}")
     )
     base = base + (f" (subfolder {args.subfolder})" if args.subfolder else "")
-    keep = ("psnr", "hf_share", "profile")
-    metrics = {
-        "base_model": base,
-        "before": {k: before[k] for k in keep},
-        "after": {k: after[k] for k in keep},
-        "rgb_profile": rgb,
-        "num_validation_images": int(val_pixels.shape[0]),
-        "train_steps": steps,
-        "skipped_images": skipped,
-        "train_seconds": round(seconds, 1),
-        "rank_weight_checksums": checksums,
-    }
+    keep = ("psnr", "hf_share", "profile", "frame_profiles")
+    metrics = {"base_model": base}
+    for kind in val:  # images at the top level, clips under "video"
+        entry = {
+            "before": {k: before[kind][k] for k in keep if k in before[kind]},
+            "after": {k: after[kind][k] for k in keep if k in after[kind]},
+            "rgb_profile": rgb[kind],
+            f"num_validation_{kind}s": int(val[kind].shape[0]),
+        }
+        if kind == "image":
+            metrics.update(entry)
+        else:
+            metrics["video"] = entry
+    metrics.update(
+        {
+            "train_steps": run["steps"],
+            "skipped_images": run["skipped"],
+            "train_seconds": round(run["seconds"], 1),
+            "peak_memory_gb": round(run["peak_memory_gb"], 3),
+            "rank_weight_checksums": run["checksums"],
+        }
+    )
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    save_spectrum_plot(
-        os.path.join(args.output_dir, "spectrum.png"),
-        {"RGB": rgb, "latents before": before["profile"], "latents after": after["profile"]},
-    )
+    curves = {}
+    for kind in val:
+        label = "" if kind == "image" else " (clips)"
+        curves.update(
+            {
+                f"RGB{label}": rgb[kind],
+                f"latents before{label}": before[kind]["profile"],
+                f"latents after{label}": after[kind]["profile"],
+            }
+        )
+    save_spectrum_plot(os.path.join(args.output_dir, "spectrum.png"), curves)
     hp = {k: v for k, v in vars(args).items() if k not in ("hub_token", "embedded_model", "embedded_data")}
-    hp["se_scale_factors"] = " ".join(map(str, args.se_scale_factors))
+    for key in ("se_scale_factors", "se_temporal_scale_factors"):
+        hp[key] = " ".join(map(str, getattr(args, key) or [])) or None
     if args.embedded_model:
         hp["pretrained_model_name_or_path"] = "(embedded)"
     hp_rows = [
         (f"`{k}`", f"`{v}`") for k, v in sorted(hp.items()) if v is not None and not isinstance(v, (list, dict))
     ]
-    results = markdown_table(
-        [
-            ("PSNR (dB)", f"{before['psnr']:.2f}", f"{after['psnr']:.2f}"),
-            ("latent high-frequency share", f"{before['hf_share']:.4f}", f"{after['hf_share']:.4f}"),
-        ],
-        ["metric", "before", "after"],
-    )
+    rows, described = [], []
+    for kind in val:
+        what = "" if kind == "image" else " (clips)"
+        b, a = before[kind], after[kind]
+        rows += [
+            (f"PSNR{what} (dB)", f"{b['psnr']:.2f}", f"{a['psnr']:.2f}"),
+            (f"latent high-frequency share{what}", f"{b['hf_share']:.4f}", f"{a['hf_share']:.4f}"),
+        ]
+        n = int(val[kind].shape[0])
+        described.append(f"{n} images" if kind == "image" else f"{n} clips of {args.num_frames} frames")
+    class_name = run["class_name"]
     card = render_model_card(
         "se_autoencoder",
         {
@@ -881,21 +1180,55 @@ def write_outputs(
             "class_name": class_name,
             "se_weight": args.se_weight,
             "scale_factors": hp["se_scale_factors"],
-            "steps": steps,
-            "trainable": f"{n_train:,}",
-            "total": f"{n_all:,}",
-            "results_table": results,
-            "num_validation_images": int(val_pixels.shape[0]),
+            "steps": run["steps"],
+            "trainable": f"{run['trainable']:,}",
+            "total": f"{run['total']:,}",
+            "results_table": markdown_table(rows, ["metric", "before", "after"]),
+            "validation_description": " and ".join(described),
             "hyperparameters_table": markdown_table(hp_rows, ["flag", "value"]),
             "version": __version__,
-            "dataset": "scikit-image sample photographs (embedded)"
-            if args.embedded_data
-            else (args.dataset_name or "local image folder"),
+            "dataset": dataset_description(args, "video" in val),
+            "usage": usage_snippet(class_name, args, "video" in val, run["timestep_conditioning"]),
+            "media": "\n![Validation clips (top) and reconstructions (bottom)](reconstruction.gif)\n"
+            if "video" in val
+            else "",
         },
         template_dir=MODEL_CARDS,
     )
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(card)
+
+
+def dataset_description(args, video):
+    images = (
+        "scikit-image sample photographs (embedded)"
+        if args.embedded_data
+        else (args.dataset_name or "local image folder")
+    )
+    if not video:
+        return images
+    clips = (
+        "camera pans over the embedded photographs and scikit-image's GIF"
+        if args.embedded_video
+        else (args.video_dataset_name or "local video folder")
+    )
+    return f"{images if args.train_batch_size else 'no images'}; clips: {clips}"
+
+
+def usage_snippet(class_name, args, video, timestep_conditioning=False):
+    """The card's Python usage example for this class."""
+    shape = f"1, 3, {args.num_frames}, 256, 256" if video else "1, 3, 256, 256"
+    lines = ["import torch", f"from diffusers import {class_name}", ""]
+    lines.append(f'vae = {class_name}.from_pretrained("path/or/repo-id")')
+    if class_name == "AutoencoderKLAllegro":
+        lines.append("vae.enable_tiling()  # diffusers implements only Allegro's tiled path")
+    lines.append(f"x = torch.rand({shape}) * 2 - 1  # pixels in [-1, 1]" + ("; (B, C, T, H, W)" if video else ""))
+    lines.append("z = vae.encode(x).latent_dist.mode()")
+    if timestep_conditioning:
+        lines.append(f"recon = vae.decode(z, temb=torch.tensor([{args.decode_timestep}])).sample")
+    else:
+        lines.append("recon = vae.decode(z).sample")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
