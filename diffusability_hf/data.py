@@ -374,7 +374,8 @@ class EmbeddedPanClips(torch.utils.data.Dataset):
         rng = random.Random(self.seed * 1_000_003 + index)
         k = index % (len(self.images) + (self.gif is not None))
         if k == len(self.images):
-            frames = [self.gif[(rng.randrange(len(self.gif)) + t) % len(self.gif)] for t in range(self.num_frames)]
+            start = rng.randrange(len(self.gif))
+            frames = [self.gif[(start + t) % len(self.gif)] for t in range(self.num_frames)]
             clip = clip_to_tensor(np.stack(frames), self.resolution, False, True, rng)  # the GIF loops
         else:
             clip = pan_clip(self.images[k], self.resolution, self.num_frames, rng, self.scale_range, self.max_travel)

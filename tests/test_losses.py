@@ -17,6 +17,7 @@ from diffusability_hf.losses import (
     load_lpips,
     per_sample_mse,
     scale_equivariance_loss,
+    temporal_downsample,
 )
 
 # lpips builds its AlexNet trunk with torchvision's deprecated `pretrained=` argument
@@ -439,3 +440,113 @@ def test_load_lpips_random_trunk_needs_no_file(empty_hub_dir):
     model = load_lpips("alex", pretrained_trunk=False)
     x, y = torch.tanh(randn(1, 3, 64, 64, seed=38)), torch.tanh(randn(1, 3, 64, 64, seed=39))
     assert model(x, y).item() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temporal downsampling and temporal SE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def np_temporal(x: np.ndarray, f: int) -> np.ndarray:
+    """Causal temporal downsampling of ``(N, C, T, H, W)``, frame by frame: frame 0, then means of ``f`` frames."""
+    out = [x[:, :, 0]]
+    for start in range(1, x.shape[2], f):
+        out.append(sum(x[:, :, start + i] for i in range(f)) / f)
+    return np.stack(out, axis=2)
+
+
+def test_temporal_downsample_by_hand():
+    x = randn(2, 3, 7, 2, 4, seed=50)
+    got = temporal_downsample(x, 2)
+    assert got.shape == (2, 3, 4, 2, 4)
+    torch.testing.assert_close(got[:, :, 0], x[:, :, 0], rtol=0, atol=0)  # frame 0 alone
+    torch.testing.assert_close(got[:, :, 1], (x[:, :, 1] + x[:, :, 2]) / 2)
+    torch.testing.assert_close(got[:, :, 2], (x[:, :, 3] + x[:, :, 4]) / 2)
+    torch.testing.assert_close(got[:, :, 3], (x[:, :, 5] + x[:, :, 6]) / 2)
+    got3 = temporal_downsample(x, 3)
+    assert got3.shape == (2, 3, 3, 2, 4)
+    np.testing.assert_allclose(got3.numpy(), np_temporal(x.double().numpy(), 3), atol=1e-6)
+    x9 = randn(1, 2, 9, 3, 3, seed=51)
+    np.testing.assert_allclose(temporal_downsample(x9, 4).numpy(), np_temporal(x9.double().numpy(), 4), atol=1e-6)
+    # a single frame is 1 + f * 0 frames: kept as it is
+    torch.testing.assert_close(temporal_downsample(x[:, :, :1], 2), x[:, :, :1], rtol=0, atol=0)
+
+
+def test_temporal_downsample_frame_index_ramp():
+    """Frame ``t`` filled with ``t``: the output frames are 0, then the centres of the groups of ``f`` frames."""
+    x = torch.arange(13, dtype=torch.float32).reshape(1, 1, 13, 1, 1).expand(2, 3, 13, 4, 4)
+    got = temporal_downsample(x, 4)
+    expected = torch.tensor([0.0, 2.5, 6.5, 10.5]).reshape(1, 1, 4, 1, 1).expand(2, 3, 4, 4, 4)
+    torch.testing.assert_close(got, expected)
+
+
+def test_temporal_downsample_factor_one_is_identity_and_errors():
+    x = randn(2, 3, 6, 4, 4, seed=52)
+    assert torch.equal(temporal_downsample(x, 1), x)
+    with pytest.raises(ValueError, match=r"1 \+ 2k frames, got 6"):
+        temporal_downsample(x, 2)
+    with pytest.raises(ValueError, match="got 6"):
+        temporal_downsample(x, 4)
+    with pytest.raises(ValueError, match="video"):
+        temporal_downsample(randn(2, 3, 4, 4, seed=53), 2)
+    for bad in (0, -2):
+        with pytest.raises(ValueError):
+            temporal_downsample(randn(1, 1, 5, 2, 2, seed=54), bad)
+
+
+@pytest.mark.parametrize("temporal_factor", [2, 4])
+def test_se_loss_temporal_identity_decoder_is_zero(temporal_factor):
+    x = randn(2, 3, 9, 16, 16, seed=55)
+    loss = scale_equivariance_loss(x, x.clone(), lambda z: z, 2, "area", temporal_factor=temporal_factor)
+    assert loss.shape == (2,)
+    np.testing.assert_allclose(loss.numpy(), np.zeros(2), atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["area", "bilinear"])
+def test_se_loss_temporal_scaling_decoder_by_hand(mode):
+    x, z = randn(2, 3, 5, 16, 16, seed=56), randn(2, 3, 5, 16, 16, seed=57)
+    seen = {}
+
+    def decode(t):
+        seen["latent_shape"] = tuple(t.shape)
+        return 2 * t
+
+    loss = scale_equivariance_loss(x, z, decode, 2, mode, temporal_factor=2)
+    assert seen["latent_shape"] == (2, 3, 3, 8, 8)
+    xn, zn = x.double().numpy(), z.double().numpy()
+    expected = np_per_sample_mse(2 * np_temporal(np_box(zn, 2), 2), np_temporal(np_box(xn, 2), 2))
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
+    # differs from the spatial-only loss
+    assert not np.allclose(scale_equivariance_loss(x, z, decode, 2, mode).numpy(), expected, rtol=1e-3)
+
+
+def test_se_loss_temporal_with_a_causal_temporally_compressing_decoder():
+    """Latents ``1 + k`` frames at 1/2 resolution; the decoder repeats latent frame 0 once and every later frame
+    4 times (a causal 4x temporal compression) and upsamples 2x (nearest)."""
+
+    def decode(t):
+        t = torch.cat([t[:, :, :1], t[:, :, 1:].repeat_interleave(4, dim=2)], dim=2)
+        return t.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+
+    x, z = randn(2, 3, 9, 16, 16, seed=58), randn(2, 3, 3, 8, 8, seed=59)  # 9 = 1 + 4 * 2 pixel frames
+    loss = scale_equivariance_loss(x, z, decode, 2, "area", temporal_factor=2)
+    zs = np_temporal(np_box(z.double().numpy(), 2), 2)  # (2, 3, 2, 4, 4)
+    recon = np.concatenate([zs[:, :, :1], zs[:, :, 1:].repeat(4, axis=2)], axis=2).repeat(2, -2).repeat(2, -1)
+    expected = np_per_sample_mse(recon, np_temporal(np_box(x.double().numpy(), 2), 2))  # x: 9 -> 5 frames
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
+
+
+def test_se_loss_temporal_factor_errors_and_images():
+    x = randn(1, 3, 6, 8, 8, seed=60)
+    with pytest.raises(ValueError, match=r"1 \+ 2k latent frames, got 6"):
+        scale_equivariance_loss(x, x.clone(), lambda t: t, 2, temporal_factor=2)
+    with pytest.raises(ValueError, match="latent frames, got 5"):
+        scale_equivariance_loss(
+            randn(1, 3, 5, 8, 8, seed=61), randn(1, 3, 5, 8, 8, seed=62), lambda t: t, 2, temporal_factor=3
+        )
+    # images have no time axis: the temporal factor does not apply
+    xi, zi = randn(2, 3, 8, 8, seed=63), randn(2, 3, 8, 8, seed=64)
+    torch.testing.assert_close(
+        scale_equivariance_loss(xi, zi, lambda t: 2 * t, 2, temporal_factor=2),
+        scale_equivariance_loss(xi, zi, lambda t: 2 * t, 2),
+    )

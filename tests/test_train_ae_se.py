@@ -287,3 +287,127 @@ def test_no_argument_run_does_the_real_job(tmp_path):
     assert abs(after["psnr"] - before["psnr"]) <= 1.0, (before, after)
     assert (out / "spectrum.png").stat().st_size > 10_000
     assert AutoencoderKL.from_pretrained(out).config.latent_channels == 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video autoencoders: joint image + clip batches (paper Table 5), tiny configs shipped with the package
+
+TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
+VIDEO_FAST = [
+    "--resolution", 32, "--dct_block_size", 4, "--se_scale_factors", 2, "--image_batch_size", 2,
+    "--video_batch_size", 1, "--report_to", "none", "--validation_steps", 2, "--num_validation_images", 2,
+    "--num_validation_videos", 2, "--learning_rate", 1e-3, "--lpips_weight", 0,
+]  # fmt: skip
+
+
+def train_video(stem, out, *extra, check=True):
+    config = os.path.join(TINY_CONFIGS, f"{stem}.json")
+    return launch(["--model_config_name_or_path", config, "--output_dir", out, *VIDEO_FAST, *extra], check=check)
+
+
+def write_videos(folder, num=3, frames=20, size=40):
+    """An mp4, a GIF, a folder of PNG frames (moving gradients), plus a corrupt file and a too-short clip."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    folder.mkdir()
+    yy, xx = np.mgrid[0:size, 0:size]
+    clip = np.stack(
+        [np.stack([(xx + 3 * t) % size * 6, (yy + 2 * t) % size * 6, (xx + yy) * 3], -1) for t in range(frames)]
+    ).astype(np.uint8)  # (T, H, W, 3)
+    iio.imwrite(folder / "a.mp4", clip, fps=8, codec="libx264")
+    iio.imwrite(folder / "b.gif", clip[::-1], duration=100, loop=0)
+    (folder / "frames").mkdir()
+    for t, frame in enumerate(clip):
+        iio.imwrite(folder / "frames" / f"{t:03d}.png", frame)
+    (folder / "broken.mp4").write_bytes(b"not a video" * 50)
+    iio.imwrite(folder / "short.gif", clip[:2], duration=100, loop=0)
+
+
+@pytest.mark.parametrize(
+    "stem, frames, extra",
+    [
+        ("cogvideox", 17, ["--video_data_dir", "VIDEOS", "--se_temporal_scale_factors", 1, 2]),
+        ("ltx", 9, ["--gradient_checkpointing", "--lpips_weight", 1, "--lpips_trunk_path", "TRUNK"]),
+        ("ltx_timestep", 9, ["--kl_weight", 1e-3]),
+        ("wan", 9, ["--image_batch_size", 1]),
+    ],
+)
+def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, stem, frames, extra):
+    out = tmp_path / "out"
+    if "VIDEOS" in extra:
+        write_videos(tmp_path / "videos")
+    extra = [
+        {"VIDEOS": tmp_path / "videos", "TRUNK": os.path.join(tiny_vae_dir, "alexnet_trunk.pth")}.get(e, e)
+        for e in extra
+    ]
+    proc = train_video(stem, out, "--num_frames", frames, "--max_train_steps", 2, *extra)
+    log = proc.stdout + proc.stderr
+    assert f"clips of {frames} frames" in log and "Peak memory" in log
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    video = metrics["video"]
+    assert video["num_validation_videos"] == 2 and metrics["num_validation_images"] == 2
+    for key in ("before", "after"):
+        assert 0 < video[key]["psnr"] < 100 and 0 <= video[key]["hf_share"] <= 1
+        assert 0 < metrics[key]["psnr"] < 100  # the images, through the video AE as 1-frame videos
+    assert video["before"]["psnr"] != video["after"]["psnr"]  # it trained
+    assert len(video["after"]["frame_profiles"]) == 1 + (frames - 1) // (4 if stem in ("cogvideox", "wan") else 8)
+    assert metrics["peak_memory_gb"] > 0
+    if stem == "cogvideox":
+        assert metrics["skipped_images"] >= 1  # the corrupt and too-short videos were skipped and counted
+
+    gif = Image.open(out / "reconstruction.gif")
+    assert gif.n_frames == frames and gif.size == (2 * 32, 2 * 32)  # 2 clips side by side, originals over recons
+    card = (out / "README.md").read_text()
+    assert "PSNR (clips) (dB)" in card and f"{video['after']['psnr']:.2f}" in card and "{{" not in card
+
+    # A stock diffusers class loads the result and reconstructs a clip of the same shape
+    import diffusers
+
+    config = json.loads((out / "config.json").read_text())
+    vae = getattr(diffusers, config["_class_name"]).from_pretrained(out).eval()
+    x = torch.rand(1, 3, frames, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        temb = torch.tensor([0.05]) if config.get("timestep_conditioning") else None
+        y = vae.decode(z, temb).sample if temb is not None else vae.decode(z).sample
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_video_resume_matches_straight_run(tmp_path):
+    # The timestep-conditioned LTX decoder: decode noise from the step generator, noise injection from torch's RNG
+    common = ["--num_frames", 9, "--checkpointing_steps", 2, "--ema_halflife_steps", 3]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_video("ltx_timestep", straight, *common, "--max_train_steps", 4)
+    train_video("ltx_timestep", resumed, *common, "--max_train_steps", 2)
+    train_video("ltx_timestep", resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize(
+    "stem, extra, message",
+    [
+        ("cogvideox", ["--num_frames", 16], "--num_frames 16 does not fit AutoencoderKLCogVideoX: it takes 1 + 8k"),
+        ("cogvideox", ["--resolution", 36], "use 32 or 40"),
+        ("cogvideox", ["--se_temporal_scale_factors", 4], "Temporal SE factor 4 does not fit 17 frames"),
+        ("allegro", ["--num_frames", 8], "cannot encode images as 1-frame videos. Pass --image_batch_size 0"),
+        ("wan", ["--num_frames", 9, "--gradient_checkpointing"], "does not support gradient checkpointing"),
+        ("ltx2", ["--se_scale_factors", 4], "needs latents of at least 2x2"),
+        ("cogvideox", ["--video_data_dir", "no/such/folder"], "is not a folder"),
+        (None, ["--video_batch_size", 2], "AutoencoderKL is an image autoencoder, but --video_batch_size"),
+    ],
+)
+def test_video_bad_input_fails_before_training(tmp_path, tiny_vae_dir, stem, extra, message):
+    model = ["--pretrained_model_name_or_path", tiny_vae_dir] if stem is None else []
+    if stem is not None:
+        model = ["--model_config_name_or_path", os.path.join(TINY_CONFIGS, f"{stem}.json")]
+    args = [*model, "--output_dir", str(tmp_path / "out"), *map(str, VIDEO_FAST), *map(str, extra)]
+    script = load_script()
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        script.main(script.parse_args(args))
+    assert message in str(err.value)
+    assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()

@@ -662,10 +662,15 @@ def evaluate(vae, pixels, args, batch_size=8):
     vae.eval()
     recons, latents = [], []
     gen = torch.Generator(pixels.device).manual_seed(0)
-    for chunk in pixels.split(batch_size if pixels.ndim == 4 else max(1, batch_size // 4)):
-        z = ae.encode(vae, chunk).mode()
-        latents.append(z.float())
-        recons.append(ae.decode(vae, z, gen, args.decode_timestep, args.decode_noise_scale).float().clamp(-1, 1))
+    # Some decoders (LTX's noise injection) draw from torch's global RNG: seed it for this call only, so that
+    # validation neither varies between calls nor shifts the training run's random stream (resume equivalence)
+    with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for chunk in pixels.split(batch_size if pixels.ndim == 4 else max(1, batch_size // 4)):
+            z = ae.encode(vae, chunk).mode()
+            latents.append(z.float())
+            recon = ae.decode(vae, z, gen, args.decode_timestep, args.decode_noise_scale)
+            recons.append(recon.float().clamp(-1, 1))
     vae.train(was_training)
     recon, z = torch.cat(recons), torch.cat(latents)
     b = args.dct_block_size
@@ -940,7 +945,7 @@ def main(args):
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    skipped_images, t_start, last = 0, time.time(), {}
+    skipped_images, t_start, last, micro = 0, time.time(), {}, 0
     unwrapped = accelerator.unwrap_model(model).vae
     for epoch in range(first_epoch, num_epochs):
         for dataset in (train_dataset, getattr(train_dataset, "images", None), getattr(train_dataset, "videos", None)):
@@ -957,9 +962,12 @@ def main(args):
             scale = step_rng.choice(args.se_scale_factors)
             chf_ratio = step_rng.uniform(0.0, args.chf_max_ratio)
             temporal = step_rng.choice(args.se_temporal_scale_factors) if args.se_temporal_scale_factors else 1
-            gen = torch.Generator(accelerator.device).manual_seed(
-                args.seed * 1_000_003 + global_step * 64 + accelerator.process_index
-            )
+            # Noise is a function of (seed, step, micro-batch, rank) only, so a resumed run draws what a straight one
+            # does: the posterior samples from `gen`; dropout and decoder noise injection (LTX) from torch's RNG
+            step_seed = args.seed * 1_000_003 + global_step * 64 + accelerator.process_index + micro * 7_919_000_003
+            gen = torch.Generator(accelerator.device).manual_seed(step_seed)
+            torch.manual_seed(step_seed + 12_345)
+            micro += 1
             with accelerator.accumulate(model):
                 loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
                 accelerator.backward(loss)
@@ -972,7 +980,7 @@ def main(args):
 
             if not accelerator.sync_gradients:
                 continue
-            global_step += 1
+            global_step, micro = global_step + 1, 0
             progress_bar.update(1)
             if ema is not None:
                 ema.update([p for p in unwrapped.parameters() if p.requires_grad], global_step)
