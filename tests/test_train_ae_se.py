@@ -411,3 +411,30 @@ def test_video_bad_input_fails_before_training(tmp_path, tiny_vae_dir, stem, ext
         script.main(script.parse_args(args))
     assert message in str(err.value)
     assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_video_two_process_ddp_keeps_ranks_in_sync(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    config = os.path.join(TINY_CONFIGS, "ltx.json")
+    args = ["--model_config_name_or_path", config, "--output_dir", out, *VIDEO_FAST, "--num_frames", 9]
+    proc = launch([*args, "--max_train_steps", 2], launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
+    assert "MULTI_CPU" in proc.stdout + proc.stderr and "total batch 4 images + 2 clips" in proc.stdout + proc.stderr
+    sums = json.loads((out / "metrics.json").read_text())["rank_weight_checksums"]
+    assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-6)
+
+
+def test_embedded_video_run_is_sized_for_a_cpu_and_explicit_flags_win():
+    script = load_script()
+    config = os.path.join(TINY_CONFIGS, "cogvideox.json")
+    args = script.parse_args(["--preset", "cogvideox", "--model_config_name_or_path", config])
+    # Table 5's CogVideoX-AE settings that are not about size stay; the size is the embedded CPU run's
+    assert (args.learning_rate, args.max_grad_norm, args.num_frames) == (3e-4, 1.0, 17)
+    assert (args.resolution, args.train_batch_size, args.video_batch_size, args.lpips_weight) == (64, 4, 2, 0.0)
+    args = script.parse_args(
+        ["--preset", "cogvideox", "--model_config_name_or_path", config, "--video_batch_size", "3"]
+    )
+    assert args.video_batch_size == 3
+    # With a real dataset the preset's Table 5 batch sizes apply: 64 images + 32 clips
+    args = script.parse_args(["--preset", "cogvideox", "--model_config_name_or_path", config, "--train_data_dir", "d"])
+    assert (args.train_batch_size, args.video_batch_size, args.resolution) == (64, 32, 256)
