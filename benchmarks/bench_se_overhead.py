@@ -8,14 +8,13 @@ the FLOPs of an encode + decode for FluxAE at 256^2; our target is at most +15% 
 
     python benchmarks/bench_se_overhead.py --models embedded flux --resolution 256 --batch_size 1
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak RSS of a fresh process that runs two
-steps of one variant (model, optimizer state and activations included).
+Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the peak RSS (``VmHWM``) of a fresh process that
+runs two steps of one variant (model, optimizer state and activations included).
 """
 
 import argparse
 import importlib.util
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,12 +56,14 @@ def build(name):
 def peak_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak (kept across fork and exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def train_step(module, x, opt, scale_factor, device, bf16):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss, _ = module(x, scale_factor)
+        loss, _ = module(x, None, scale_factor)  # (images, videos, scale factor)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -100,7 +101,8 @@ def main():
         modules = {}
         for variant, (alpha, _) in VARIANTS.items():
             ns = argparse.Namespace(se_weight=alpha, kl_weight=0.0, chf_weight=0.0, soft_penalty_weight=0.0,
-                                    latent_sampling="sample", se_downsample_mode="bilinear", dct_block_size=8)  # fmt: skip
+                                    latent_sampling="sample", se_downsample_mode="bilinear", dct_block_size=8,
+                                    decode_timestep=0.05, decode_noise_scale=0.025)  # fmt: skip
             modules[variant] = script.SEAutoencoderLoss(vae, distance, ns)
 
         def step(variant, modules=modules, x=x, opt=opt):

@@ -737,9 +737,13 @@ def peak_memory_gb(device) -> float:
     """Peak accelerator memory allocated by tensors (CUDA), else the process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    try:  # VmHWM: unlike ru_maxrss, it does not start from the launcher's peak (kept across fork and exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def image_data(args):
