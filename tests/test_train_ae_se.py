@@ -1,5 +1,6 @@
 """End-to-end runs of train_scripts/train_ae_se.py through `accelerate launch` on tiny autoencoders (CPU, offline)."""
 
+import io
 import json
 import os
 import subprocess
@@ -327,7 +328,11 @@ def write_videos(folder, num=3, frames=20, size=40):
 @pytest.mark.parametrize(
     "stem, frames, extra",
     [
-        ("cogvideox", 17, ["--video_data_dir", "VIDEOS", "--se_temporal_scale_factors", 1, 2]),
+        (
+            "cogvideox",
+            17,
+            ["--video_data_dir", "VIDEOS", "--se_temporal_scale_factors", 1, 2, "--report_to", "tensorboard"],
+        ),
         ("ltx", 9, ["--gradient_checkpointing", "--lpips_weight", 1, "--lpips_trunk_path", "TRUNK"]),
         ("ltx_timestep", 9, ["--kl_weight", 1e-3]),
         ("wan", 9, ["--image_batch_size", 1]),
@@ -356,6 +361,15 @@ def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, s
     assert metrics["peak_memory_gb"] > 0
     if stem == "cogvideox":
         assert metrics["skipped_images"] >= 1  # the corrupt and too-short videos were skipped and counted
+        # TensorBoard got the validation clips as an animated GIF and the per-latent-frame spectra
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+        tags = events.Tags()
+        assert {"validation/reconstruction_clips", "validation/spectrum_per_frame"} <= set(tags["images"])
+        clip = events.Images("validation/reconstruction_clips")[-1]
+        assert Image.open(io.BytesIO(clip.encoded_image_string)).n_frames == frames
+        assert {"val/video_psnr", "train/peak_memory_gb", "train/temporal_scale_factor"} <= set(tags["scalars"])
 
     gif = Image.open(out / "reconstruction.gif")
     assert gif.n_frames == frames and gif.size == (2 * 32, 2 * 32)  # 2 clips side by side, originals over recons
