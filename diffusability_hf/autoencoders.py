@@ -475,4 +475,6 @@ def model_class(config: dict):
     if name is None:
         raise ValueError("The config has no '_class_name': it is not a diffusers model config.")
     get_row(name)
+    if not hasattr(diffusers, name):
+        raise ValueError(f"diffusers {diffusers.__version__} has no {name}: upgrade it (`pip install -U diffusers`).")
     return getattr(diffusers, name)

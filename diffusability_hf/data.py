@@ -215,8 +215,27 @@ def embedded_gif_path() -> str:
     return os.path.join(os.path.dirname(skimage.__file__), "data", "no_time_for_that_tiny.gif")
 
 
+def _require_pyav():
+    try:
+        import av  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "Reading video files needs PyAV: `pip install 'diffusability-hf[video]'` (or `pip install av`). Folders "
+            "of frame images need nothing more."
+        ) from err
+
+
+def _decode_gif(path: str) -> List[np.ndarray]:
+    """Every frame of a GIF as ``(H, W, 3)`` uint8, with Pillow (composited, so partial frames are whole)."""
+    from PIL import ImageSequence
+
+    with Image.open(path) as gif:
+        return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
+
+
 def _decode_all(source) -> List[np.ndarray]:
     """Every frame of a video file (path or bytes) as ``(H, W, 3)`` uint8, with PyAV."""
+    _require_pyav()
     import av
 
     with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
@@ -288,6 +307,8 @@ class VideoClips(torch.utils.data.Dataset):
         self.epoch = 0
         if not self.sources:
             raise ValueError("No videos found.")
+        if not all(isinstance(src, str) and os.path.isdir(src) for src in self.sources):
+            _require_pyav()  # before any clip is read: an ImportError would otherwise count as unreadable videos
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -365,7 +386,7 @@ class EmbeddedPanClips(torch.utils.data.Dataset):
         self.resolution, self.num_frames, self.num_samples, self.seed = resolution, num_frames, num_samples, seed
         self.scale_range, self.max_travel = scale_range, max_travel
         self.images = [Image.fromarray(load_embedded_image(n)) for n in names]
-        self.gif = _decode_all(embedded_gif_path()) if include_gif else None
+        self.gif = _decode_gif(embedded_gif_path()) if include_gif else None  # Pillow: no video extra needed
 
     def __len__(self) -> int:
         return self.num_samples
