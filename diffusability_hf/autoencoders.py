@@ -478,3 +478,24 @@ def model_class(config: dict):
     if not hasattr(diffusers, name):
         raise ValueError(f"diffusers {diffusers.__version__} has no {name}: upgrade it (`pip install -U diffusers`).")
     return getattr(diffusers, name)
+
+
+def pretrained_config(path: str, subfolder: Optional[str] = None, revision=None, cache_dir=None) -> dict:
+    """The ``config.json`` of a pretrained AE (local folder, or Hub id already in the cache), without weights.
+
+    Raises ``FileNotFoundError`` saying what to download when it is in neither place (e.g. offline).
+    """
+    from diffusers import AutoencoderKL
+
+    try:  # any ConfigMixin model class reads config.json
+        config = AutoencoderKL.load_config(path, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        where = f"{path}" + (f" (subfolder '{subfolder}')" if subfolder else "")
+        raise FileNotFoundError(
+            f"Could not find the autoencoder {where}: it is not a local folder with a config.json and not in the "
+            "Hugging Face cache. Download it where there is network access, e.g. "
+            f"`hf download {path}{f' --include {subfolder}/*' if subfolder else ''} --local-dir LOCAL_DIR`, then "
+            f"pass LOCAL_DIR{f' with the subfolder {subfolder}' if subfolder else ''}. ({err})"
+        ) from err
+    model_class(config)  # a supported class, or a ValueError listing them
+    return dict(config)

@@ -122,6 +122,16 @@ def _open_image(item) -> Image.Image:
     return image
 
 
+def open_and_crop(cell, resolution: int) -> Optional[torch.Tensor]:
+    """An HF image cell as a ``(3, R, R)`` centre crop in ``[-1, 1]``; ``None`` (and a warning) when unreadable."""
+    try:
+        image = resize_and_crop(_open_image(cell), resolution, True, False, random.Random(0))
+    except Exception as err:  # corrupt or unreadable: the caller skips and counts it
+        logger.warning("Skipping unreadable image %s: %s", cell.get("path") if isinstance(cell, dict) else cell, err)
+        return None
+    return to_tensor(image)
+
+
 class HFImageDataset(torch.utils.data.Dataset):
     """An HF ``datasets`` split (hub dataset or ``imagefolder``) with undecoded images, decoded and cropped here."""
 

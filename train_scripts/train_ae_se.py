@@ -478,24 +478,8 @@ def load_autoencoder(args):
         config = ae.read_config(args.model_config_name_or_path)
         cls = ae.model_class(config)
         return config, lambda: cls.from_config(config), False
-    from diffusers import AutoencoderKL
-
     path, sub = args.pretrained_model_name_or_path, args.subfolder
-    try:
-        config = AutoencoderKL.load_config(
-            path,  # any ConfigMixin model class reads config.json
-            subfolder=sub,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-        )
-    except (OSError, ValueError) as err:
-        where = f"{path}" + (f" (subfolder '{sub}')" if sub else "")
-        raise FileNotFoundError(
-            f"Could not find the autoencoder {where}: it is not a local folder with a config.json and not in the "
-            "Hugging Face cache. Download it where there is network access, e.g. "
-            f"`hf download {path}{f' --include {sub}/*' if sub else ''} --local-dir LOCAL_DIR`, then pass "
-            f"--pretrained_model_name_or_path LOCAL_DIR. ({err})"
-        ) from err
+    config = ae.pretrained_config(path, sub, args.revision, args.cache_dir)
     cls = ae.model_class(config)
 
     def build():
