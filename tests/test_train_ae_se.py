@@ -17,30 +17,6 @@ SCRIPT = os.path.join(ROOT, "train_scripts", "train_ae_se.py")
 CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
 
 
-def tiny_vae(seed=0):
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        mid_block_add_attention=False,
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_vae")
-    tiny_vae().save_pretrained(path)
-    # LPIPS trunk from a local file (random AlexNet weights: the real loading path, offline)
-    import torchvision
-
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), os.path.join(path, "alexnet_trunk.pth"))
-    return str(path)
-
-
 def env():
     e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     e.pop("DIFFUSABILITY_DEBUG", None)

@@ -14,7 +14,6 @@ processes) encodes only the missing shards. Under ``accelerate launch`` every pr
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -84,12 +83,6 @@ def parse_args(input_args=None):
     return args
 
 
-def config_fingerprint(config: dict) -> str:
-    """A short hash of an AE config (without bookkeeping keys): which AE made a latents folder."""
-    keep = {k: v for k, v in sorted(config.items()) if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class LabelledImages(torch.utils.data.Dataset):
     """``(pixels (3, R, R), label, index, ok)`` for an HF image dataset (centre crops) or the embedded crops."""
 
@@ -145,7 +138,7 @@ def main(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     os.makedirs(args.output_dir, exist_ok=True)
     meta_path = os.path.join(args.output_dir, "metadata.json")
-    fingerprint = config_fingerprint(config)
+    fingerprint = ae.config_fingerprint(config)
     if os.path.isfile(meta_path):
         with open(meta_path) as fh:
             old = json.load(fh)
@@ -198,6 +191,8 @@ def main(args):
             out["labels"].append(labels[ok])
             out["indices"].append(idx[ok])
         tensors = {k: torch.cat(v).contiguous() for k, v in out.items() if v}
+        if "labels" not in tensors:  # every image of this shard was unreadable
+            tensors = {"labels": torch.zeros(0, dtype=torch.int64), "indices": torch.zeros(0, dtype=torch.int64)}
         tmp = shard_path[j] + ".tmp"
         save_file(tensors, tmp, metadata={"skipped": str(len(indices) - len(tensors.get("labels", [])))})
         os.replace(tmp, shard_path[j])  # atomic: a killed run never leaves a half shard behind
@@ -212,18 +207,22 @@ def main(args):
 def write_metadata(args, config, fingerprint, names, shard_paths, total, compression):
     """Per-channel mean/std of the posterior means (float64 sums over all shards) and the dataset description."""
     count, s1, s2, skipped, stored = 0, None, None, 0, 0
+    has_std = False
     for path in shard_paths:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as fh:
+            skipped += int((fh.metadata() or {}).get("skipped", 0))
         tensors = load_file(path)
+        if "mean" not in tensors:  # an all-unreadable shard
+            continue
+        has_std = "std" in tensors
         mean = tensors["mean"].double()  # (N, C, h, w)
         dims = [0] + list(range(2, mean.ndim))
         s1 = mean.sum(dims) if s1 is None else s1 + mean.sum(dims)
         s2 = mean.square().sum(dims) if s2 is None else s2 + mean.square().sum(dims)
         count += mean.numel() // mean.shape[1]
         stored += mean.shape[0]
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as fh:
-            skipped += int((fh.metadata() or {}).get("skipped", 0))
     channel_mean = s1 / count
     channel_std = (s2 / count - channel_mean.square()).clamp_min(1e-12).sqrt()
     latent = args.resolution // compression
@@ -239,7 +238,7 @@ def write_metadata(args, config, fingerprint, names, shard_paths, total, compres
         "id2label": {str(i): n for i, n in enumerate(names)},
         "latents_mean": channel_mean.tolist(),
         "latents_std": channel_std.tolist(),
-        "has_std": "std" in load_file(shard_paths[0]) if shard_paths else False,
+        "has_std": has_std,
         "flip": bool(args.flip),
         "shards": [os.path.basename(p) for p in shard_paths],
         "dataset": "embedded scikit-image photographs"
