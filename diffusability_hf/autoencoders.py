@@ -499,3 +499,12 @@ def pretrained_config(path: str, subfolder: Optional[str] = None, revision=None,
         ) from err
     model_class(config)  # a supported class, or a ValueError listing them
     return dict(config)
+
+
+def config_fingerprint(config) -> str:
+    """A short hash of an AE config (bookkeeping keys such as ``_diffusers_version`` left out): it tells which
+    autoencoder produced a folder of latents."""
+    import hashlib
+
+    keep = {k: v for k, v in sorted(dict(config).items()) if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,153 @@
+"""Rectified-flow training and sampling math for the latent DiT (paper Section 4, Appendix B; Esser et al., 2024).
+
+Convention (diffusers' ``FlowMatchEulerDiscreteScheduler``): ``sigma = 1`` is pure noise, ``sigma = 0`` clean data,
+
+    x_t = (1 - sigma) * x0 + sigma * noise,        v = d x_t / d sigma = noise - x0,
+
+and the model predicts ``v``. A sampler integrates ``dx = v dsigma`` from ``sigma = 1`` down to ``0``, which is what
+``FlowMatchEulerDiscreteScheduler.step`` does (``x + (sigma_next - sigma) * v``). The DiT sees ``sigma`` on its
+0..1000 timestep scale (:func:`timesteps_from_sigmas`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+
+SIGMA_SAMPLING_MODES = ("logit_normal", "uniform")
+
+# Keeps sampled sigmas strictly inside (0, 1): float32 sigmoid rounds to exactly 1.0 for logits above ~17 and
+# torch.rand can return exactly 0.
+_SIGMA_EPS = 1e-6
+
+
+def sample_sigmas(
+    n: int,
+    mode: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> torch.Tensor:
+    """Draw training noise levels ``sigma`` of shape ``(n,)`` in ``(0, 1)`` (float32).
+
+    ``"logit_normal"``: ``sigma = sigmoid(logit_mean + logit_std * N(0, 1))``, the paper's choice (Appendix B,
+    "logit-normal t"; Esser et al., 2024, Section 3.1); the paper's default is location 0 and scale 1 (Section 4.2).
+    ``"uniform"``: ``sigma ~ U(0, 1)`` (plain rectified flow). Both are clamped to ``[1e-6, 1 - 1e-6]``.
+    """
+    if mode not in SIGMA_SAMPLING_MODES:
+        raise ValueError(f"Unknown sigma sampling mode {mode!r}; choose one of {SIGMA_SAMPLING_MODES}.")
+    if n < 0:
+        raise ValueError(f"Number of sigmas must be non-negative, got {n}.")
+    if mode == "logit_normal":
+        if logit_std <= 0:
+            raise ValueError(f"logit_std must be positive, got {logit_std}.")
+        z = torch.randn(n, generator=generator, device=device)
+        sigma = torch.sigmoid(logit_mean + logit_std * z)
+    else:
+        sigma = torch.rand(n, generator=generator, device=device)
+    return sigma.clamp(_SIGMA_EPS, 1.0 - _SIGMA_EPS)
+
+
+def _expand_like(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` with ``x.ndim`` dims, so one sigma per sample broadcasts over any layout."""
+    if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma must have shape (B,) = ({x.shape[0]},), got {tuple(sigma.shape)}.")
+    return sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Noisy sample ``x_t = (1 - sigma) * x0 + sigma * noise`` (rectified flow, Esser et al., 2024, Section 2).
+
+    Args:
+        x0: clean latents ``(B, ...)`` (images ``(B, C, H, W)`` or videos ``(B, C, T, H, W)``).
+        noise: standard Gaussian noise, same shape as ``x0``.
+        sigma: noise levels ``(B,)`` in ``[0, 1]``, broadcast over the trailing dims.
+
+    Returns:
+        ``x_t`` with the shape of ``x0``.
+    """
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape.")
+    s = _expand_like(sigma, x0)
+    return (1.0 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Flow-matching target ``v = d x_t / d sigma = noise - x0`` (same shape as ``x0``).
+
+    This is the sign that ``FlowMatchEulerDiscreteScheduler.step`` integrates (``x + (sigma_next - sigma) * v``).
+    """
+    return noise - x0
+
+
+def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE between the predicted velocity and ``noise - x0``; returns ``(B,)`` in float32.
+
+    Unweighted conditional flow matching (Esser et al., 2024, Section 2); the logit-normal weighting enters through
+    how sigma is sampled (:func:`sample_sigmas`), not as a loss weight. Computed in float32 so that bf16 autocast
+    outputs do not lose precision.
+    """
+    if pred.shape != x0.shape:
+        raise ValueError(f"Prediction {tuple(pred.shape)} and x0 {tuple(x0.shape)} must have the same shape.")
+    err = pred.float() - velocity_target(x0.float(), noise.float())
+    return err.pow(2).flatten(1).mean(dim=1)
+
+
+def time_shift(t: Union[torch.Tensor, float], shift: float) -> Union[torch.Tensor, float]:
+    """Inference-time shift of the noise level (paper Appendix B, eq. 3, adapted from Lumina-T2X):
+
+        t' = 1 - (1 - t) / (s + (1 - s) * (1 - t)).
+
+    Algebraically ``t' = s * t / (1 + (s - 1) * t)``, the map ``FlowMatchEulerDiscreteScheduler(shift=s)`` applies
+    to its sigmas. ``t = 1`` is pure noise, ``t = 0`` clean data; ``s = 1`` is the identity and ``s > 1`` spends more
+    steps at high noise. Works on tensors of any shape and on floats.
+    """
+    if shift <= 0:
+        raise ValueError(f"The time-shift coefficient must be positive, got {shift}.")
+    return 1.0 - (1.0 - t) / (shift + (1.0 - shift) * (1.0 - t))
+
+
+def timesteps_from_sigmas(sigma: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """DiT timestep ``sigma * 1000`` (the 0..1000 scale of diffusers' DiT and ``FlowMatchEulerDiscreteScheduler``)."""
+    return sigma * num_train_timesteps
+
+
+def sampling_sigmas(num_inference_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Sigma grid ``(num_inference_steps + 1,)`` from 1 to 0: uniform in ``t``, then shifted by eq. 3."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+    t = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+    return time_shift(t, shift).float()
+
+
+@torch.no_grad()
+def euler_sample(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+) -> torch.Tensor:
+    """Integrate ``dx / dsigma = v(x, sigma)`` with Euler steps along ``sigmas`` (usually from 1 down to 0).
+
+    Args:
+        velocity_fn: ``velocity_fn(x, sigma_batch) -> v``, with ``x`` of the shape of ``noise`` and ``sigma_batch``
+            of shape ``(B,)`` (all equal to the current sigma); for a DiT wrap it as
+            ``lambda x, s: model(x, timesteps_from_sigmas(s), labels).sample``.
+        noise: the starting point ``x = noise`` at ``sigmas[0]`` (usually 1), shape ``(B, ...)``.
+        sigmas: strictly decreasing ``(N + 1,)`` grid, e.g. :func:`sampling_sigmas`; ``N`` model evaluations.
+
+    Returns:
+        ``x`` at ``sigmas[-1]`` (the sample when it is 0), same shape and dtype as ``noise``.
+    """
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be a 1D grid with at least 2 entries, got shape {tuple(sigmas.shape)}.")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError("sigmas must be strictly decreasing (from noise, sigma = 1, towards data, sigma = 0).")
+    x = noise
+    sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        v = velocity_fn(x, sigma.expand(x.shape[0]))
+        # Same update as FlowMatchEulerDiscreteScheduler.step, accumulated in float32 then cast back.
+        x = (x.float() + (sigma_next - sigma) * v.float()).to(noise.dtype)
+    return x

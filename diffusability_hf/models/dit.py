@@ -1,0 +1,186 @@
+"""DiT presets over diffusers' ``DiTTransformer2DModel`` (paper Appendix B; Peebles & Xie, 2023, Table 1).
+
+The paper uses "the same model sizes for DiT-S, DiT-B, DiT-L and DiT-XL as the original work"; a name such as
+``"DiT-XL/2"`` is a preset plus the patch size (1, 2 or 4; the paper uses /2 for image AEs and /1 for LTX-AE).
+
+Conventions for the latent flow-matching DiT:
+    * the model predicts the velocity ``noise - x0`` (``diffusability_hf.flow``), so ``out_channels = in_channels``
+      (DiT's ``learn_sigma`` is off);
+    * timesteps are ``sigma * 1000``;
+    * ``num_embeds_ada_norm = num_classes``; label ``num_classes`` is the null class of classifier-free guidance;
+    * diffusers gives every block its own ``CombinedTimestepLabelEmbeddings`` whose ``LabelEmbedding`` drops labels
+      with p = 0.1 independently per block in train mode; :func:`disable_label_dropout` turns that off so the
+      training script drops labels once per sample, consistently for the whole network.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
+
+from .selfcond_dit import SelfConditionedDiT
+
+# hidden size, depth and heads of Peebles & Xie (2023), Table 1 = paper Appendix B; "tiny" is for tests.
+DIT_PRESETS: Dict[str, Dict[str, int]] = {
+    "S": {"hidden_size": 384, "num_layers": 12, "num_heads": 6},
+    "B": {"hidden_size": 768, "num_layers": 12, "num_heads": 12},
+    "L": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16},
+    "XL": {"hidden_size": 1152, "num_layers": 28, "num_heads": 16},
+    "tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2},
+}
+PATCH_SIZES = (1, 2, 4)
+
+_NAME_RE = re.compile(r"^DiT-(?P<preset>[A-Za-z]+)/(?P<patch>\d+)$")
+
+
+def parse_dit_name(name: str) -> Tuple[str, int]:
+    """``"DiT-XL/2" -> ("XL", 2)``; raises a ``ValueError`` that lists the valid names."""
+    match = _NAME_RE.match(name)
+    if match is None or match["preset"] not in DIT_PRESETS or int(match["patch"]) not in PATCH_SIZES:
+        valid = ", ".join(f"DiT-{p}/{k}" for p in DIT_PRESETS for k in PATCH_SIZES)
+        raise ValueError(f"Unknown DiT name {name!r}; valid names are {valid}.")
+    return match["preset"], int(match["patch"])
+
+
+def _check_patch_size(sample_size: int, patch_size: int) -> None:
+    if sample_size % patch_size:
+        ok_sizes = [sample_size - sample_size % patch_size, sample_size + patch_size - sample_size % patch_size]
+        ok_patches = [p for p in PATCH_SIZES if sample_size % p == 0]
+        raise ValueError(
+            f"Patch size {patch_size} does not divide the latent size {sample_size}: use a latent size that is a "
+            f"multiple of {patch_size} (e.g. {ok_sizes[0] or ok_sizes[1]} or {ok_sizes[1]}) or a patch size in "
+            f"{ok_patches}."
+        )
+
+
+def dit_config(name: str, in_channels: int = 4, sample_size: int = 32, num_classes: int = 1000) -> Dict[str, Any]:
+    """``DiTTransformer2DModel`` keyword arguments for a named preset (paper Appendix B).
+
+    Args:
+        name: ``"DiT-{S,B,L,XL,tiny}/{1,2,4}"``.
+        in_channels: latent channels ``C`` (4 for SD-VAE, 16 for FluxAE, ...).
+        sample_size: latent height = width (the stock DiT wants square inputs).
+        num_classes: number of real classes; label ``num_classes`` is the null (unconditional) class.
+
+    Returns:
+        A dict for ``DiTTransformer2DModel(**config)``: ``out_channels = in_channels`` (velocity prediction),
+        ``num_embeds_ada_norm = num_classes``, ``norm_type = "ada_norm_zero"``, ``attention_head_dim =
+        hidden // heads``.
+    """
+    preset, patch_size = parse_dit_name(name)
+    _check_patch_size(sample_size, patch_size)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1 (use 1 for an unconditional model), got {num_classes}.")
+    p = DIT_PRESETS[preset]
+    return {
+        "num_attention_heads": p["num_heads"],
+        "attention_head_dim": p["hidden_size"] // p["num_heads"],
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "num_layers": p["num_layers"],
+        "sample_size": sample_size,
+        "patch_size": patch_size,
+        "num_embeds_ada_norm": num_classes,
+        "norm_type": "ada_norm_zero",
+    }
+
+
+def disable_label_dropout(model: nn.Module) -> int:
+    """Set ``dropout_prob = 0`` on every diffusers ``LabelEmbedding`` in ``model``; returns how many were changed.
+
+    In ``DiTTransformer2DModel`` they live at ``transformer_blocks[i].norm1.emb.class_embedder`` (one per block; the
+    final layer reuses block 0's). Their tables keep the extra row ``num_classes`` (the null class), created because
+    the dropout was positive at construction, so call this *after* building or ``from_pretrained``.
+    """
+    embedders = [m for m in model.modules() if isinstance(m, LabelEmbedding)]
+    if not embedders:
+        raise ValueError(f"{type(model).__name__} has no diffusers LabelEmbedding: is it class-conditional?")
+    for m in embedders:
+        m.dropout_prob = 0.0
+    return len(embedders)
+
+
+@torch.no_grad()
+def init_dit_weights(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """DiT initialisation (Peebles & Xie, 2023, Section 3.2; their ``initialize_weights``) for training from scratch.
+
+    Xavier-uniform linear layers and patch projection, N(0, 0.02) label tables and timestep MLPs, and zeros for every
+    adaLN modulation and the final projection ("adaLN-Zero": each block starts as the identity and the model outputs
+    0). diffusers' constructor leaves PyTorch defaults because it is meant for loading converted checkpoints.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    proj = model.pos_embed.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+    for block in model.transformer_blocks:
+        emb = block.norm1.emb
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return model
+
+
+def build_dit(
+    name_or_config: Union[str, Dict[str, Any]],
+    in_channels: int = 4,
+    sample_size: int = 32,
+    num_classes: int = 1000,
+    init_weights: bool = True,
+) -> DiTTransformer2DModel:
+    """A stock ``DiTTransformer2DModel`` with per-block label dropout disabled.
+
+    Args:
+        name_or_config: a preset name (``"DiT-B/2"``, see :func:`dit_config`) or a ready config dict (then the other
+            size arguments are ignored).
+        in_channels, sample_size, num_classes: see :func:`dit_config`.
+        init_weights: apply :func:`init_dit_weights` (adaLN-Zero); ``False`` keeps PyTorch's default init.
+    """
+    config = (
+        name_or_config
+        if isinstance(name_or_config, dict)
+        else dit_config(name_or_config, in_channels, sample_size, num_classes)
+    )
+    model = DiTTransformer2DModel(**config)
+    if init_weights:
+        init_dit_weights(model)
+    disable_label_dropout(model)
+    return model
+
+
+def build_selfcond_dit(
+    name: str,
+    in_channels: int = 4,
+    sample_size: int = 32,
+    num_classes: int = 1000,
+    pos_embed: str = "rope",
+    self_conditioning: bool = True,
+) -> SelfConditionedDiT:
+    """The paper's Appendix B DiT (RoPE, self-conditioning) at a named size; DiT init is built in."""
+    config = dit_config(name, in_channels, sample_size, num_classes)
+    return SelfConditionedDiT(**config, pos_embed=pos_embed, self_conditioning=self_conditioning)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (works on meta-device models)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def dit_meta_parameter_count(config: Dict[str, Any], model_cls: Optional[type] = None) -> int:
+    """Parameter count of ``model_cls(**config)`` built on the meta device (no memory), e.g. for DiT-XL/2."""
+    with torch.device("meta"):
+        model = (model_cls or DiTTransformer2DModel)(**config)
+    return count_parameters(model)

@@ -1,0 +1,416 @@
+# Class-conditional latent DiT sampling with rectified flow ("Improving the Diffusability of Autoencoders",
+# Skorokhodov et al., 2025, Section 4 and Appendix B).
+#
+# This file is self-contained on purpose: `DiTFlowMatchPipeline.save_pretrained` copies it to `pipeline.py` at the
+# root of the saved folder, so that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads the
+# pipeline without the toolkit installed. Import only torch, numpy, PIL, the standard library and diffusers here.
+
+import importlib
+import inspect
+import json
+import numbers
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import logging
+from diffusers.utils.dynamic_modules_utils import get_class_from_dynamic_module
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
+
+_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_COMPONENTS = ("transformer", "vae", "scheduler")
+# Libraries whose classes model_index.json names as ["<library>", "<ClassName>"] and that loaders import themselves.
+_KNOWN_LIBRARIES = ("diffusers", "transformers")
+
+
+class DiTFlowMatchPipeline(DiffusionPipeline):
+    r"""
+    Class-conditional image generation with a latent DiT trained by rectified flow (flow matching), sampled with
+    `FlowMatchEulerDiscreteScheduler`, optional classifier-free guidance, the paper's time shift (eq. 3) and
+    self-conditioning.
+
+    The transformer predicts the velocity `v = noise - x0` for `x_t = (1 - sigma) x0 + sigma noise`, with the
+    timestep on the DiT's 0..1000 scale (`sigma * 1000`). Latents are sampled in the normalised space the transformer
+    was trained in and mapped back with `z = x * latents_std + latents_mean` before the autoencoder decodes them.
+
+    Args:
+        transformer ([`ModelMixin`]):
+            A class-conditional velocity model called as `transformer(hidden_states, timestep, class_labels)`:
+            diffusers' `DiTTransformer2DModel`, or a custom `ModelMixin` with the same call. A custom model whose
+            config has `self_conditioning=True` also takes `self_cond` and returns `last_hidden_state`.
+        vae ([`ModelMixin`]):
+            The autoencoder whose latents the transformer was trained on (`AutoencoderKL`, `AutoencoderDC`,
+            `AutoencoderKLQwenImage`, ...). Video autoencoders (3D convolutions) decode images as 1-frame videos.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]):
+            The Euler flow-matching scheduler; its `shift` is set per call.
+        id2label (`dict[str, str]`, *optional*):
+            Class id (as a string) -> class name, for calling the pipeline with names.
+        latents_mean (`list[float]`, *optional*):
+            Per-channel mean the training latents were normalised with (defaults to 0).
+        latents_std (`list[float]`, *optional*):
+            Per-channel standard deviation the training latents were normalised with (defaults to 1).
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(
+        self,
+        transformer: ModelMixin,
+        vae: ModelMixin,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        id2label: dict[str, str] | None = None,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        # JSON turns int keys into strings: store them as strings from the start so that both spellings agree.
+        id2label = {str(int(k)): str(v) for k, v in id2label.items()} if id2label else None
+        latents_mean = [float(m) for m in latents_mean] if latents_mean is not None else None
+        latents_std = [float(s) for s in latents_std] if latents_std is not None else None
+        self.register_to_config(id2label=id2label, latents_mean=latents_mean, latents_std=latents_std)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    # ----------------------------------------------------------------------------------------------------- labels
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the transformer; the id `num_classes` is the null (unconditional) class."""
+        config = self.transformer.config
+        for key in ("num_embeds_ada_norm", "num_classes"):
+            value = getattr(config, key, None)
+            if value is not None:
+                return int(value)
+        if self.config.id2label:
+            return len(self.config.id2label)
+        raise ValueError(
+            "Cannot tell the number of classes: the transformer config has neither `num_embeds_ada_norm` nor "
+            "`num_classes`, and the pipeline has no `id2label`."
+        )
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> id, from `id2label`; comma-separated synonyms ("tench, Tinca tinca") map to the same id."""
+        label2id = {}
+        for key, name in (self.config.id2label or {}).items():
+            label2id[name] = int(key)
+        for key, name in (self.config.id2label or {}).items():
+            for synonym in name.split(","):
+                label2id.setdefault(synonym.strip(), int(key))
+        return label2id
+
+    def get_label_ids(self, label: int | str | list[int | str]) -> list[int]:
+        """Class ids for ints and/or names (looked up in `id2label`); raises `ValueError` for unknown names or ids."""
+        if isinstance(label, torch.Tensor):
+            label = label.flatten().tolist()
+        if isinstance(label, (str, numbers.Integral)):
+            label = [label]
+        label = list(label)
+        if len(label) == 0:
+            raise ValueError("`class_labels` is empty: pass at least one class id or name.")
+        num_classes = self.num_classes
+        label2id = self.labels
+        ids = []
+        for item in label:
+            if isinstance(item, str):
+                if item not in label2id:
+                    names = sorted(label2id)
+                    shown = ", ".join(repr(n) for n in names[:50]) or "none (the pipeline has no id2label)"
+                    if len(names) > 50:
+                        shown += f", ... ({len(names)} in all, see `pipe.labels`)"
+                    raise ValueError(f"Unknown class name {item!r}. Valid names: {shown}.")
+                ids.append(label2id[item])
+            elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+                ids.append(int(item))
+            else:
+                raise ValueError(f"Class labels must be ints or names (str), got {item!r} of type {type(item)}.")
+            if not 0 <= ids[-1] < num_classes:
+                raise ValueError(
+                    f"Class id {ids[-1]} is out of range: valid ids are 0..{num_classes - 1} "
+                    f"({num_classes} is the null class used for guidance)."
+                )
+        return ids
+
+    # ----------------------------------------------------------------------------------------------------- decode
+
+    def _vae_is_video(self) -> bool:
+        # Video autoencoders (AutoencoderKLQwenImage, Wan, ...) are built from 3D convolutions and want (B, C, T, H, W).
+        return any(isinstance(module, torch.nn.Conv3d) for module in self.vae.modules())
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]: `z = x * std + mean`, then decode."""
+        channels = latents.shape[1]
+        mean = torch.tensor(self.config.latents_mean or [0.0] * channels, device=latents.device, dtype=torch.float32)
+        std = torch.tensor(self.config.latents_std or [1.0] * channels, device=latents.device, dtype=torch.float32)
+        z = latents.float() * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)  # (B, C, h, w)
+        if self._vae_is_video():
+            z = z.unsqueeze(2)  # (B, C, 1, h, w): an image is a 1-frame video
+        image = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        if image.ndim == 5:
+            image = image[:, :, 0]  # (B, 3, H, W)
+        return image
+
+    # ---------------------------------------------------------------------------------------------------- sampling
+
+    def check_inputs(self, num_inference_steps: int, guidance_scale: float, shift: float, output_type: str):
+        if output_type not in _OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
+        if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if shift <= 0:
+            raise ValueError(f"`shift` must be positive (1 = no shift), got {shift}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0 (1 = no guidance), got {guidance_scale}.")
+        if self.scheduler.config.use_dynamic_shifting:
+            raise ValueError(
+                "The scheduler uses resolution-dependent (dynamic) shifting, which needs `mu`; this pipeline applies "
+                "the paper's fixed shift (eq. 3). Use a FlowMatchEulerDiscreteScheduler with use_dynamic_shifting=False."
+            )
+        channels = self.transformer.config.in_channels
+        for key in ("latents_mean", "latents_std"):
+            value = self.config[key]
+            if value is not None and len(value) != channels:
+                raise ValueError(f"`{key}` has {len(value)} entries but the latents have {channels} channels.")
+        if self.config.latents_std is not None and min(self.config.latents_std) <= 0:
+            raise ValueError(f"`latents_std` must be positive, got {self.config.latents_std}.")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        shift: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate one image per class label.
+
+        Args:
+            class_labels (`int`, `str` or a list of them):
+                Class ids (`0..num_classes - 1`) or names from `id2label`.
+            num_inference_steps (`int`, defaults to 50):
+                Number of Euler steps (= transformer evaluations) on the grid `t_i = 1 - i / N`, shifted by eq. 3.
+            guidance_scale (`float`, defaults to 1.0):
+                Classifier-free guidance `v = v_uncond + g (v_cond - v_uncond)`, with the null class id
+                `num_classes`; off (one forward pass per step) when `<= 1`.
+            shift (`float`, *optional*):
+                Time shift `s` of eq. 3, `t' = 1 - (1 - t) / (s + (1 - s)(1 - t)) = s t / (1 + (s - 1) t)`;
+                defaults to the scheduler's configured `shift` (1.0, no shift, for a default scheduler).
+            generator (`torch.Generator` or a list of them, *optional*):
+                Makes the initial noise, hence the images, deterministic.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"` (list of PIL images), `"np"` (B, H, W, 3) float in [0, 1], `"pt"` (B, 3, H, W) in [0, 1], or
+                `"latent"` (B, C, h, w) latents in the transformer's normalised space.
+            return_dict (`bool`, defaults to `True`):
+                Return an [`ImagePipelineOutput`] instead of a tuple.
+
+        Returns:
+            [`ImagePipelineOutput`] with `images`, or the tuple `(images,)`.
+
+        Examples:
+
+            >>> pipe = DiffusionPipeline.from_pretrained("path/to/pipeline", trust_remote_code=True)
+            >>> images = pipe(["cat", 3], num_inference_steps=50, guidance_scale=4.0, shift=3.0).images
+        """
+        # 1. Check inputs before any sampling
+        shift = float(self.scheduler.config.shift if shift is None else shift)
+        self.check_inputs(num_inference_steps, guidance_scale, shift, output_type)
+        class_ids = self.get_label_ids(class_labels)
+        device = self._execution_device
+        transformer = self.transformer
+        channels = transformer.config.in_channels
+        size = transformer.config.sample_size
+        do_cfg = guidance_scale > 1.0
+        self_conditioning = bool(getattr(transformer.config, "self_conditioning", False))
+
+        # 2. Initial noise x_1 ~ N(0, I) and class labels (the null class `num_classes` for the unconditional half)
+        batch_size = len(class_ids)
+        latents = randn_tensor(
+            (batch_size, channels, size, size), generator=generator, device=device, dtype=transformer.dtype
+        )
+        labels = torch.tensor(class_ids, device=device, dtype=torch.long)
+        if do_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])  # (2B,)
+
+        # 3. Timesteps: the uniform grid 1, 1 - 1/N, ..., 1/N shifted once by the scheduler (its shift map is eq. 3);
+        # custom sigmas are shifted by `scheduler.shift`, so they go in unshifted. Unlike the default grid
+        # (1 .. 1/num_train_timesteps), every one of the N steps is a full step and the last one lands on sigma = 0.
+        previous_shift = self.scheduler.shift
+        self.scheduler.set_shift(shift)
+        try:
+            unshifted = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+            self.scheduler.set_timesteps(sigmas=unshifted, device=device)
+        finally:
+            self.scheduler.set_shift(previous_shift)
+        timesteps = self.scheduler.timesteps  # sigma * num_train_timesteps, the DiT's 0..1000 scale
+
+        # 4. Euler integration from sigma = 1 (noise) to 0 (data); no dropout, whatever mode the models were left in
+        was_training = transformer.training
+        transformer.eval()
+        self_cond = None
+        try:
+            for t in self.progress_bar(timesteps):
+                model_input = torch.cat([latents, latents]) if do_cfg else latents  # (B or 2B, C, h, w)
+                timestep = t.expand(model_input.shape[0]).to(device)
+                kwargs = {"self_cond": self_cond} if self_conditioning else {}
+                output = transformer(
+                    hidden_states=model_input, timestep=timestep, class_labels=labels, return_dict=True, **kwargs
+                )
+                if self_conditioning:
+                    self_cond = output.last_hidden_state  # fed back at the next step
+                velocity = output.sample[:, :channels]  # drop extra outputs (e.g. learned sigma)
+                if do_cfg:
+                    v_cond, v_uncond = velocity.chunk(2)
+                    velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+        finally:
+            transformer.train(was_training)
+
+        # 5. Decode
+        if output_type == "latent":
+            images = latents
+        else:
+            was_training = self.vae.training
+            self.vae.eval()
+            try:
+                images = self.decode_latents(latents)
+            finally:
+                self.vae.train(was_training)
+            images = self.image_processor.postprocess(images.float(), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # ------------------------------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, then the remote-code layout:
+
+        - `pipeline.py`: a copy of this file, `model_index.json` `_class_name: ["pipeline", "DiTFlowMatchPipeline"]`;
+        - a component whose class is not from diffusers/transformers (a custom transformer): its source file copied
+          into the component folder as `<module>.py`, and `model_index.json` naming it `["<module>", "<ClassName>"]`.
+
+        so that `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)` loads it without this
+        toolkit, and `DiTFlowMatchPipeline.from_pretrained(save_directory)` still does. `push_to_hub=True` pushes
+        after the layout is written.
+        """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {
+            k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id") if k in kwargs
+        }
+        super().save_pretrained(save_directory, **kwargs)
+
+        shutil.copyfile(inspect.getfile(type(self)), os.path.join(save_directory, "pipeline.py"))
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        index["_class_name"] = ["pipeline", type(self).__name__]
+        for name in _COMPONENTS:
+            component = getattr(self, name, None)
+            if component is None:
+                continue
+            component_cls = type(getattr(component, "_orig_mod", component))  # torch.compile wraps the model
+            if component_cls.__module__.split(".")[0] in _KNOWN_LIBRARIES:
+                continue
+            source = inspect.getfile(component_cls)
+            module_name = os.path.splitext(os.path.basename(source))[0]
+            with open(source, encoding="utf-8") as f:
+                code = f.read()
+            if any(line.lstrip().startswith("from .") for line in code.splitlines()):
+                logger.warning(
+                    f"{source} has relative imports: the copy in {name}/ will not load as remote code unless the "
+                    "class is made self-contained."
+                )
+            shutil.copyfile(source, os.path.join(save_directory, name, f"{module_name}.py"))
+            index[name] = [module_name, component_cls.__name__]
+        with open(index_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+        if push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            private = hub_kwargs.pop("private", None)
+            repo_id = create_repo(repo_id, exist_ok=True, private=private, token=hub_kwargs.get("token")).repo_id
+            self._upload_folder(save_directory, repo_id, **hub_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        r"""
+        Load a pipeline saved by [`~DiTFlowMatchPipeline.save_pretrained`] as this class.
+
+        `DiffusionPipeline.from_pretrained` would take the saved `pipeline.py` (and a custom transformer's file) as
+        remote code; here the pipeline class is `cls`, and each component is loaded from its folder:
+
+        - diffusers classes from diffusers;
+        - a custom class saved as `<component>/<module>.py` from an already imported module of that name (for example
+          `my_package.models.<module>`; as diffusers does for components, nothing is imported on the repository's
+          word), or from the saved file when `trust_remote_code=True`.
+
+        Components can be passed directly (`transformer=...`), and `id2label`, `latents_mean` and `latents_std`
+        override the saved ones; other keyword arguments go to every model's `from_pretrained` (`torch_dtype`,
+        `variant`, ...). A Hub repository id is downloaded first (`revision`, `cache_dir`, `token`, `local_files_only`).
+        """
+        trust_remote_code = kwargs.pop("trust_remote_code", False)
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            from huggingface_hub import snapshot_download
+
+            hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+            folder = snapshot_download(folder, **{k: kwargs.pop(k) for k in hub_keys if k in kwargs})
+
+        config = cls.load_config(folder)
+        init_kwargs = {key: kwargs.pop(key, config.get(key)) for key in ("id2label", "latents_mean", "latents_std")}
+        passed = {name: kwargs.pop(name) for name in _COMPONENTS if name in kwargs}
+        for name in _COMPONENTS:
+            if name in passed:
+                continue
+            library, class_name = config[name]
+            component_cls = _component_class(folder, name, library, class_name, trust_remote_code)
+            load_kwargs = kwargs if issubclass(component_cls, ModelMixin) else {}
+            passed[name] = component_cls.from_pretrained(os.path.join(folder, name), **load_kwargs)
+
+        pipe = cls(**passed, **init_kwargs)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
+
+
+def _component_class(folder: str, name: str, library: str, class_name: str, trust_remote_code: bool) -> type:
+    """The class model_index.json names for component `name` (see `DiTFlowMatchPipeline.from_pretrained`)."""
+    module_file = os.path.join(folder, name, f"{library}.py")
+    if os.path.isfile(module_file):
+        # A custom class saved next to its weights as remote code.
+        if trust_remote_code:
+            return get_class_from_dynamic_module(
+                os.path.join(folder, name), module_file=f"{library}.py", class_name=class_name, trust_remote_code=True
+            )
+        for module_name, module in list(sys.modules.items()):
+            if module_name == library or module_name.endswith(f".{library}"):
+                candidate = getattr(module, class_name, None)
+                if inspect.isclass(candidate):
+                    return candidate
+        raise ValueError(
+            f"The {name} is the custom class {class_name}, saved in {module_file}. Import the module that defines it "
+            f"(a module named `{library}`) before loading, pass `trust_remote_code=True` to run the saved file, or "
+            f"pass `{name}=...` directly."
+        )
+    if library in _KNOWN_LIBRARIES:
+        return getattr(importlib.import_module(library), class_name)
+    module = sys.modules.get(library)
+    if module is None or not hasattr(module, class_name):
+        raise ValueError(
+            f"The {name} is {library}.{class_name}, which is not imported: import `{library}` first or pass `{name}=...`."
+        )
+    return getattr(module, class_name)

@@ -1,0 +1,489 @@
+#!/usr/bin/env python
+"""Train a class-conditional latent DiT with rectified flow on autoencoder latents (paper Section 4, App. B).
+
+The paper judges an autoencoder by the DiT trained on its latents. This script trains diffusers'
+``DiTTransformer2DModel`` (or the toolkit's ``SelfConditionedDiT`` for self-conditioning and 2D RoPE, App. B) on
+
+    x_t = (1 - s) x0 + s * noise,   target v = noise - x0,   s ~ logit-normal(0, 1)
+
+with classifier-free-guidance label dropout, AdamW (0.9, 0.99), weight decay 0.01, warmup then cosine decay to
+1e-5, gradient clipping at 16 and an EMA, and saves a ``DiTFlowMatchPipeline`` (transformer + VAE +
+``FlowMatchEulerDiscreteScheduler``) that ``DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`` loads.
+With no arguments it extracts nothing and trains a small DiT on the embedded autoencoder's latents of the
+scikit-image photographs (class = source photograph), offline:
+
+    accelerate launch train_scripts/extract_latents.py --output_dir latents
+    accelerate launch train_scripts/train_dit_flow.py --latents_dir latents --output_dir dit
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from diffusability_hf import __version__
+from diffusability_hf import autoencoders as ae
+from diffusability_hf.ema import EMA
+from diffusability_hf.flow import interpolate, sample_sigmas, velocity_target
+
+logger = get_logger(__name__)
+
+EMBEDDED_AE = os.path.join(os.path.dirname(ae.__file__), "assets", "embedded_ae")
+MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Latents and the autoencoder
+    parser.add_argument("--latents_dir", type=str, default=None, help="Output of extract_latents.py.")
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="The autoencoder the latents come from (decodes samples; must match --latents_dir). Default: the "
+        "toolkit's embedded AutoencoderKL.",
+    )
+    parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE repo, e.g. 'vae'.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where models are cached.")
+    # Model (App. B)
+    parser.add_argument(
+        "--model", type=str, default="DiT-S/2", help="DiT-{S,B,L,XL}/{1,2,4} (App. B sizes) or DiT-tiny/{1,2}."
+    )
+    parser.add_argument(
+        "--model_config_name_or_path", type=str, default=None, help="A transformer config.json instead of --model."
+    )
+    parser.add_argument(
+        "--pos_embed",
+        type=str,
+        default="sincos",
+        choices=["sincos", "rope"],
+        help="'rope' (paper App. B) uses the toolkit's SelfConditionedDiT; 'sincos' the stock DiT.",
+    )
+    parser.add_argument(
+        "--self_conditioning_prob",
+        type=float,
+        default=0.0,
+        help="Paper: 0.9. Probability of a no-grad auxiliary pass whose last-block activations condition the main "
+        "pass (App. B); > 0 uses the toolkit's SelfConditionedDiT.",
+    )
+    # Flow matching
+    parser.add_argument(
+        "--weighting_scheme", type=str, default="logit_normal", choices=["logit_normal", "uniform"], help="s ~ ?"
+    )
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="Logit-normal location (paper: 0).")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="Logit-normal scale (paper: 1).")
+    parser.add_argument(
+        "--class_dropout_prob", type=float, default=0.1, help="Labels replaced by the null class (CFG training)."
+    )
+    # Optimisation
+    parser.add_argument("--train_batch_size", type=int, default=None, help="Per-device batch (default 32).")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (paper: 400k).")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
+    parser.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate (App. B: 3e-4).")
+    parser.add_argument("--lr_end", type=float, default=1e-5, help="Cosine decay target (App. B: 1e-5).")
+    parser.add_argument("--lr_warmup_steps", type=int, default=None, help="Linear warmup (App. B: 10k).")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (App. B: 0.9).")
+    parser.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2 (App. B: 0.99).")
+    parser.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (App. B: 0.01).")
+    parser.add_argument("--max_grad_norm", type=float, default=16.0, help="Gradient clipping (App. B: 16).")
+    parser.add_argument(
+        "--ema_halflife_steps", type=float, default=6931.0, help="EMA half-life (6931 = DiT's 0.9999/step)."
+    )
+    parser.add_argument("--ema_rampup_ratio", type=float, default=0.05, help="Half-life min(h, ratio * step).")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=0, help="Seed for init, data order and noise.")
+    # Sampling, checkpoints, logging, Hub
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Euler steps for validation samples.")
+    parser.add_argument("--guidance_scale", type=float, default=1.5, help="CFG scale for validation samples.")
+    parser.add_argument("--shift", type=float, default=1.0, help="Time shift (eq. 3) for validation samples.")
+    parser.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps.")
+    parser.add_argument("--checkpointing_steps", type=int, default=None, help="Save the state every N steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep this many checkpoints.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    parser.add_argument("--output_dir", type=str, default="dit-flow", help="Where everything is written.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb' or 'none'.")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline to the Hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (never written anywhere).")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    args = parser.parse_args(input_args)
+
+    small = args.pretrained_vae_model_name_or_path is None  # the embedded CPU demo
+    defaults = dict(train_batch_size=32, max_train_steps=400_000, lr_warmup_steps=10_000, validation_steps=5000,
+                    checkpointing_steps=10_000)  # fmt: skip
+    if small:
+        defaults = dict(train_batch_size=32, max_train_steps=500, lr_warmup_steps=50, validation_steps=250,
+                        checkpointing_steps=500)  # fmt: skip
+        args.pretrained_vae_model_name_or_path = EMBEDDED_AE
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.latents_dir is None:
+        parser.error("--latents_dir is required: run train_scripts/extract_latents.py first.")
+    if not 0 <= args.class_dropout_prob < 1 or not 0 <= args.self_conditioning_prob <= 1:
+        parser.error("--class_dropout_prob must be in [0, 1) and --self_conditioning_prob in [0, 1].")
+    if args.train_batch_size <= 0 or args.max_train_steps <= 0 or args.lr_warmup_steps < 0:
+        parser.error("--train_batch_size and --max_train_steps must be positive, --lr_warmup_steps >= 0.")
+    if args.report_to == "none":
+        args.report_to = None
+    return args
+
+
+class LatentShards(torch.utils.data.Dataset):
+    """Rows of extract_latents.py shards, read lazily (memory-mapped): ``mean``, ``std`` (or ``None``), label.
+
+    With ``--flip`` latents stored, each item uses the flipped image's posterior half of the time (seeded per
+    index and epoch), the usual horizontal-flip augmentation.
+    """
+
+    def __init__(self, latents_dir: str, meta: dict, seed: int = 0):
+        from safetensors import safe_open
+
+        self.files = [safe_open(os.path.join(latents_dir, s), "pt") for s in meta["shards"]]
+        self.rows = [(k, r) for k, fh in enumerate(self.files) for r in range(fh.get_slice("labels").get_shape()[0])]
+        self.has_std, self.flip, self.seed, self.epoch = meta["has_std"], meta["flip"], seed, 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        k, r = self.rows[index]
+        fh = self.files[k]
+        suffix = "_flip" if self.flip and random.Random(hash((self.seed, self.epoch, index))).random() < 0.5 else ""
+        mean = fh.get_slice("mean" + suffix)[r : r + 1][0].float()
+        std = fh.get_slice("std" + suffix)[r : r + 1][0].float() if self.has_std else torch.zeros_like(mean)
+        return {"mean": mean, "std": std, "label": int(fh.get_slice("labels")[r : r + 1][0])}
+
+    def __getstate__(self):  # safe_open handles do not pickle: DataLoader workers reopen the shards
+        raise TypeError("Use --dataloader_num_workers 0 with LatentShards.")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, peak: float, end: float) -> float:
+    """App. B: linear warmup from 0 to ``peak``, then cosine decay to ``end`` at ``total`` steps (a factor of peak)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))) / peak
+
+
+def read_metadata(latents_dir: str) -> dict:
+    path = os.path.join(latents_dir, "metadata.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --latents_dir must be the output of extract_latents.py.")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def build_transformer(args, meta):
+    """The stock ``DiTTransformer2DModel`` unless RoPE or self-conditioning asks for ``SelfConditionedDiT``."""
+    import diffusers
+
+    from diffusability_hf.models.dit import build_dit, build_selfcond_dit, disable_label_dropout, dit_config
+    from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
+
+    channels, size, _ = meta["latent_shape"]
+    if args.model_config_name_or_path is not None:
+        config = ae.read_config(args.model_config_name_or_path)
+        custom = config.get("_class_name") == "SelfConditionedDiT"
+        model = (SelfConditionedDiT if custom else diffusers.DiTTransformer2DModel).from_config(config)
+        if model.config.in_channels != channels or model.config.sample_size != size:
+            raise ValueError(
+                f"The transformer config takes {model.config.in_channels}x{model.config.sample_size}^2 latents, but "
+                f"{args.latents_dir} holds {channels}x{size}^2 ones."
+            )
+        if custom and args.self_conditioning_prob > 0 and not model.config.self_conditioning:
+            raise ValueError("--self_conditioning_prob > 0 needs a config with self_conditioning: true.")
+    elif args.pos_embed == "rope" or args.self_conditioning_prob > 0:
+        dit_config(args.model, channels, size, meta["num_classes"])  # validates the patch size first
+        model = build_selfcond_dit(
+            args.model, channels, size, meta["num_classes"], args.pos_embed, args.self_conditioning_prob > 0
+        )
+    else:
+        model = build_dit(args.model, channels, size, meta["num_classes"])
+    if isinstance(model, diffusers.DiTTransformer2DModel):
+        disable_label_dropout(model)  # the CFG label drop happens once, in FlowMatchingLoss, with the null class
+    return model
+
+
+class FlowMatchingLoss(torch.nn.Module):
+    """Rectified-flow loss in one ``forward`` (DDP and autocast see all of it): per-sample MSE to ``noise - x0``."""
+
+    def __init__(self, transformer, args, null_class):
+        super().__init__()
+        self.transformer, self.args, self.null_class = transformer, args, null_class
+
+    def forward(self, x0, labels, generator):
+        a, b = self.args, x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        sigma = sample_sigmas(b, a.weighting_scheme, a.logit_mean, a.logit_std, generator=generator, device=x0.device)
+        x_t = interpolate(x0, noise, sigma)  # (B, C, h, w)
+        drop = torch.rand(b, generator=generator, device=x0.device) < a.class_dropout_prob
+        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)  # CFG: null class id
+        timestep = sigma * 1000  # the DiT's 0..1000 scale
+        kwargs = {}
+        if a.self_conditioning_prob > 0:  # App. B: no-grad auxiliary pass at the same noise level
+            with torch.no_grad():
+                aux = self.transformer(x_t, timestep, labels).last_hidden_state
+            keep = torch.rand(b, generator=generator, device=x0.device) < a.self_conditioning_prob
+            kwargs["self_cond"] = aux * keep.view(-1, 1, 1).to(aux.dtype)
+        pred = self.transformer(x_t, timestep, labels, **kwargs).sample[:, : x0.shape[1]]
+        return F.mse_loss(pred.float(), velocity_target(x0, noise).float(), reduction="none").flatten(1).mean(1)
+
+
+def main(args):
+    # Validate cheap things: the latents, the AE they came from, the model geometry
+    meta = read_metadata(args.latents_dir)
+    vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
+    if meta["ae_fingerprint"] != ae.config_fingerprint(vae_config):
+        raise ValueError(
+            f"{args.latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}) than "
+            f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path}: pass the autoencoder "
+            "the latents were extracted with, or extract them again with this one."
+        )
+    transformer = build_transformer(args, meta)
+    num_classes = meta["num_classes"]
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            from diffusability_hf.hub import check_hub_access
+
+            repo_id = check_hub_access(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token, args.private
+            )
+
+    # Data: posterior mean/std per image; a fresh sample each step, normalised per channel (extraction statistics)
+    dataset = LatentShards(args.latents_dir, meta, args.seed)
+    if len(dataset) < args.train_batch_size:
+        raise ValueError(f"{len(dataset)} latents are fewer than --train_batch_size {args.train_batch_size}.")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+    lat_mean = torch.tensor(meta["latents_mean"], device=accelerator.device).view(1, -1, 1, 1)
+    lat_std = torch.tensor(meta["latents_std"], device=accelerator.device).view(1, -1, 1, 1)
+
+    n_params = sum(p.numel() for p in transformer.parameters())
+    logger.info(f"{type(transformer).__name__} ({args.model}): {n_params / 1e6:.1f}M parameters")
+    params = list(transformer.parameters())
+    ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
+    )
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(
+            step // accelerator.num_processes, args.lr_warmup_steps, args.max_train_steps, args.learning_rate,
+            args.lr_end,
+        ),
+    )  # fmt: skip
+    model = FlowMatchingLoss(transformer, args, num_classes)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    unwrapped = accelerator.unwrap_model(model).transformer
+    vae = ae.model_class(vae_config).from_pretrained(
+        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
+    )
+    vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
+
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train_dit_flow", config=config)
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Flow matching: {args.max_train_steps} steps, total batch {total_batch} *****")
+
+    # Resume
+    global_step, first_epoch, skip = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            ckpts = (
+                [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")]
+                if os.path.isdir(args.output_dir)
+                else []
+            )
+            path = os.path.join(args.output_dir, max(ckpts, key=lambda d: int(d.split("-")[1]))) if ckpts else None
+        if path is not None:
+            logger.info(f"Resuming from {path}")
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    t_start, micro, last = time.time(), 0, {}
+    for epoch in range(first_epoch, num_epochs):
+        dataset.epoch = epoch
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
+        for batch in batches:
+            seed = args.seed * 1_000_003 + global_step * 64 + accelerator.process_index + micro * 7_919_000_003
+            gen = torch.Generator(accelerator.device).manual_seed(seed)
+            torch.manual_seed(seed + 12_345)
+            micro += 1
+            eps = torch.randn(batch["mean"].shape, generator=gen, device=accelerator.device)
+            x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # posterior sample, normalised
+            with accelerator.accumulate(model):
+                loss = model(x0, batch["label"], gen).mean()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step, micro = global_step + 1, 0
+            progress.update(1)
+            if ema is not None:
+                ema.update(list(unwrapped.parameters()), global_step)
+            last = {
+                "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                "train/lr": lr_scheduler.get_last_lr()[0],
+            }
+            if grad_norm is not None:
+                last["train/grad_norm"] = float(grad_norm)
+            accelerator.log(last, step=global_step)
+            progress.set_postfix(loss=f"{last['train/loss']:.4f}")
+            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                log_samples(
+                    accelerator, make_pipeline(unwrapped, ema, vae, meta, args), args, global_step, num_classes
+                )
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # Save the EMA transformer as a DiTFlowMatchPipeline
+    accelerator.wait_for_everyone()
+    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args, global_step)
+    if accelerator.is_main_process:
+        pipeline = make_pipeline(unwrapped, ema, vae, meta, args, copy=False)
+        pipeline.save_pretrained(args.output_dir)
+        grid = log_samples(accelerator, pipeline, args, global_step, num_classes)
+        grid.save(os.path.join(args.output_dir, "samples.png"))
+        write_card(args, meta, transformer=unwrapped, steps=global_step, seconds=time.time() - t_start, loss=last)
+        if args.push_to_hub:
+            from diffusability_hf.hub import push_folder
+
+            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, args.hub_token, 'DiT flow pipeline')}")
+    accelerator.end_training()
+
+
+def make_pipeline(transformer, ema, vae, meta, args, copy=True):
+    """A ``DiTFlowMatchPipeline`` around the EMA weights (a copy for validation, in place at the end)."""
+    import copy as copy_module
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
+    model = copy_module.deepcopy(transformer) if copy else transformer
+    if ema is not None:
+        ema.copy_to(list(model.parameters()))
+    model.eval()
+    return DiTFlowMatchPipeline(
+        transformer=model,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift),
+        id2label=meta["id2label"],
+        latents_mean=meta["latents_mean"],
+        latents_std=meta["latents_std"],
+    )
+
+
+def log_samples(accelerator, pipeline, args, step, num_classes, per_class=2):
+    """A seeded grid, ``per_class`` samples of each class (at most 16 classes), to the trackers; returns it."""
+    from PIL import Image
+
+    labels = [c for c in range(min(num_classes, 16)) for _ in range(per_class)]
+    images = pipeline(
+        labels, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, shift=args.shift,
+        generator=torch.Generator(pipeline.device).manual_seed(args.seed), output_type="np",
+    ).images  # fmt: skip
+    h, w = images.shape[1:3]
+    cols = per_class * 4
+    rows = math.ceil(len(images) / cols)
+    grid = torch.zeros(rows * h, cols * w, 3)
+    for i, img in enumerate(torch.from_numpy(images)):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/samples", grid.permute(2, 0, 1), step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation/samples": wandb.Image(grid.numpy())}, step=step)
+    return Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
+
+
+def save_checkpoint(accelerator, args, step):
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        ckpts = sorted(
+            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+        )
+        for old in ckpts[: max(0, len(ckpts) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(os.path.join(args.output_dir, old))
+    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+
+
+def write_card(args, meta, transformer, steps, seconds, loss):
+    from diffusability_hf.hub import markdown_table, render_model_card
+
+    hp = [(f"`{k}`", f"`{v}`") for k, v in sorted(vars(args).items()) if k != "hub_token" and v is not None]
+    card = render_model_card(
+        "dit_pipeline",
+        {
+            "vae": meta["ae"],
+            "vae_class": meta["ae_class"],
+            "model": args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
+            "transformer_class": type(transformer).__name__,
+            "num_parameters": f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M",
+            "steps": steps,
+            "minutes": f"{seconds / 60:.1f}",
+            "final_loss": f"{loss.get('train/loss', float('nan')):.4f}",
+            "num_classes": meta["num_classes"],
+            "dataset": meta["dataset"],
+            "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale,
+            "shift": args.shift,
+            "first_label": meta["id2label"]["0"],
+            "hyperparameters_table": markdown_table(hp, ["flag", "value"]),
+            "version": __version__,
+        },
+        template_dir=MODEL_CARDS,
+    )
+    with open(os.path.join(args.output_dir, "README.md"), "w") as fh:
+        fh.write(card)
+
+
+if __name__ == "__main__":
+    main(parse_args())
