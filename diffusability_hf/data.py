@@ -211,6 +211,68 @@ def embedded_validation_batch(resolution: int, num_images: int = 8) -> torch.Ten
     return torch.stack(crops)
 
 
+class LabelledImages(torch.utils.data.Dataset):
+    """``(pixels (3, R, R), label, index, ok)`` for class-conditional training: centre crops of an HF dataset or an
+    image folder whose subfolders are the classes (HF ``imagefolder`` gives them as ``label``), or, with neither,
+    crops of the embedded photographs labelled by source photograph. ``ok`` is False for an unreadable image (zeros
+    are returned; the caller skips and counts it). ``random_flip`` mirrors half the images (seeded per index and
+    ``epoch``). ``names`` lists the class names in label order.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        dataset_name: Optional[str] = None,
+        train_data_dir: Optional[str] = None,
+        image_column: Optional[str] = None,
+        label_column: str = "label",
+        dataset_config_name: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        split: str = "train",
+        embedded_samples: Optional[int] = 1024,
+        random_flip: bool = False,
+        seed: int = 0,
+    ):
+        self.resolution, self.random_flip, self.seed, self.epoch = resolution, random_flip, seed, 0
+        self.embedded = None
+        if dataset_name is None and train_data_dir is None:
+            self.embedded = EmbeddedPhotoCrops(resolution, num_samples=embedded_samples or 1024, random_flip=False)
+            self.names = list(EMBEDDED_TRAIN_IMAGES)
+            return
+        ds, self.image_column = load_image_dataset(
+            dataset_name, train_data_dir, image_column, dataset_config_name, cache_dir, split
+        )
+        if label_column not in ds.column_names:
+            raise ValueError(
+                f"--label_column '{label_column}' is not in the dataset; its columns are {ds.column_names}. "
+                "An image folder gets 'label' from its subfolder names."
+            )
+        feature = ds.features[label_column]
+        self.names = (
+            list(feature.names) if hasattr(feature, "names") else [str(v) for v in sorted(set(ds[label_column]))]
+        )
+        self.ds, self.label_column = ds, label_column
+
+    def __len__(self) -> int:
+        return len(self.embedded) if self.embedded is not None else len(self.ds)
+
+    def __getitem__(self, index: int):
+        if self.embedded is not None:
+            pixels, label = self.embedded.crop(index)
+            ok = True
+        else:
+            row = self.ds[index]
+            label = row[self.label_column]
+            label = label if isinstance(label, int) else self.names.index(str(label))
+            pixels = open_and_crop(row[self.image_column], self.resolution)
+            ok = pixels is not None
+            if not ok:
+                pixels = torch.zeros(3, self.resolution, self.resolution)
+        if self.random_flip and random.Random(hash((self.seed, self.epoch, index))).random() < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels, label, index, ok
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Videos: clips are (3, T, R, R) float in [-1, 1]; every dataset yields {"pixel_values", "num_skipped"}.
 

@@ -112,3 +112,24 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
     assert proc.returncode != 0 and "extract_latents.py" in proc.stderr
     for out in ("a", "b", "c"):
         assert not (tmp_path / out / "model_index.json").exists()
+
+
+def test_on_the_fly_encoding_from_an_image_folder(tmp_path, tiny_vae_dir, run_script):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            arr = (torch.rand(20, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "data" / name / f"{i}.png")
+    (tmp_path / "data" / "dogs" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "dit"
+    args = ["--train_data_dir", tmp_path / "data", "--pretrained_vae_model_name_or_path", tiny_vae_dir]
+    args += ["--resolution", 16, "--random_flip", "--stats_batches", 2, "--max_train_steps", 3, "--output_dir", out]
+    proc = run_script("train_dit_flow.py", [*args, *FAST])
+    assert "Latent statistics estimated on 13 images" in proc.stdout + proc.stderr
+    pipe = DiTFlowMatchPipeline.from_pretrained(out)
+    assert pipe.config.id2label == {"0": "cats", "1": "dogs"} and len(pipe.config.latents_std) == 4
+    images = pipe(["dogs"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (1, 3, 16, 16)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.data import EMBEDDED_TRAIN_IMAGES, EmbeddedPhotoCrops, load_image_dataset, open_and_crop
+from diffusability_hf.data import LabelledImages
 
 logger = get_logger(__name__)
 
@@ -83,47 +83,6 @@ def parse_args(input_args=None):
     return args
 
 
-class LabelledImages(torch.utils.data.Dataset):
-    """``(pixels (3, R, R), label, index, ok)`` for an HF image dataset (centre crops) or the embedded crops."""
-
-    def __init__(self, args):
-        self.resolution = args.resolution
-        if args.embedded_data:
-            self.embedded = EmbeddedPhotoCrops(args.resolution, num_samples=args.max_samples, random_flip=False)
-            self.names = list(EMBEDDED_TRAIN_IMAGES)
-            return
-        self.embedded = None
-        ds, self.image_column = load_image_dataset(
-            args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir,
-            args.split,
-        )  # fmt: skip
-        if args.label_column not in ds.column_names:
-            raise ValueError(
-                f"--label_column '{args.label_column}' is not in the dataset; its columns are {ds.column_names}. "
-                "An image folder gets 'label' from its subfolder names."
-            )
-        feature = ds.features[args.label_column]
-        self.names = list(feature.names) if hasattr(feature, "names") else None
-        if self.names is None:
-            self.names = [str(v) for v in sorted(set(ds[args.label_column]))]
-        self.ds, self.label_column = ds, args.label_column
-
-    def __len__(self):
-        return len(self.embedded) if self.embedded is not None else len(self.ds)
-
-    def __getitem__(self, index):
-        if self.embedded is not None:
-            pixels, label = self.embedded.crop(index)
-            return pixels, label, index, True
-        row = self.ds[index]
-        label = row[self.label_column]
-        label = label if isinstance(label, int) else self.names.index(str(label))
-        pixels = open_and_crop(row[self.image_column], self.resolution)
-        if pixels is None:  # unreadable: skipped and counted
-            return torch.zeros(3, self.resolution, self.resolution), label, index, False
-        return pixels, label, index, True
-
-
 def main(args):
     # Validate cheap things before any weights or data
     config = ae.pretrained_config(args.pretrained_model_name_or_path, args.subfolder, args.revision, args.cache_dir)
@@ -148,7 +107,10 @@ def main(args):
                 f"{old.get('resolution')} px): use a new --output_dir."
             )
 
-    dataset = LabelledImages(args)
+    dataset = LabelledImages(
+        args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
+        args.dataset_config_name, args.cache_dir, args.split, embedded_samples=args.max_samples,
+    )  # fmt: skip
     total = min(len(dataset), args.max_samples or len(dataset))
     num_shards = math.ceil(total / args.shard_size)
     shard_path = [os.path.join(args.output_dir, f"shard-{j:05d}.safetensors") for j in range(num_shards)]

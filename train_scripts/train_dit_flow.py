@@ -48,6 +48,24 @@ def parse_args(input_args=None):
     # Latents and the autoencoder
     parser.add_argument("--latents_dir", type=str, default=None, help="Output of extract_latents.py.")
     parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Instead of --latents_dir: an image folder whose subfolders are the classes, encoded on the fly by the "
+        "frozen --pretrained_vae_model_name_or_path.",
+    )
+    parser.add_argument("--dataset_name", type=str, default=None, help="Or an HF dataset (image + label columns).")
+    parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
+    parser.add_argument("--label_column", type=str, default="label", help="Class label column.")
+    parser.add_argument("--resolution", type=int, default=256, help="Centre-crop side when encoding on the fly.")
+    parser.add_argument("--random_flip", action="store_true", help="Mirror half the images (on-the-fly encoding).")
+    parser.add_argument(
+        "--stats_batches",
+        type=int,
+        default=16,
+        help="On the fly: batches encoded before training to estimate the per-channel latent mean/std.",
+    )
+    parser.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
         default=None,
@@ -130,8 +148,12 @@ def parse_args(input_args=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.latents_dir is None:
-        parser.error("--latents_dir is required: run train_scripts/extract_latents.py first.")
+    sources = [x is not None for x in (args.latents_dir, args.train_data_dir, args.dataset_name)]
+    if sum(sources) != 1:
+        parser.error(
+            "Give exactly one of --latents_dir (run train_scripts/extract_latents.py first), --train_data_dir or "
+            "--dataset_name (encoded on the fly)."
+        )
     if not 0 <= args.class_dropout_prob < 1 or not 0 <= args.self_conditioning_prob <= 1:
         parser.error("--class_dropout_prob must be in [0, 1) and --self_conditioning_prob in [0, 1].")
     if args.train_batch_size <= 0 or args.max_train_steps <= 0 or args.lr_warmup_steps < 0:
@@ -176,6 +198,51 @@ def warmup_cosine(step: int, warmup: int, total: int, peak: float, end: float) -
         return step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return (end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))) / peak
+
+
+def on_the_fly_metadata(args, vae_config) -> dict:
+    """What extract_latents.py would have written, for images encoded during training (statistics come later)."""
+    from diffusability_hf.data import LabelledImages
+
+    f = ae.spatial_compression(vae_config)
+    if args.resolution % f:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by the AE's compression {f}.")
+    images = LabelledImages(
+        args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
+        cache_dir=args.cache_dir, random_flip=args.random_flip, seed=args.seed,
+    )  # fmt: skip
+    return {
+        "ae": args.pretrained_vae_model_name_or_path,
+        "ae_class": vae_config["_class_name"],
+        "latent_shape": [ae.latent_channels(vae_config), args.resolution // f, args.resolution // f],
+        "num_classes": len(images.names),
+        "id2label": {str(i): n for i, n in enumerate(images.names)},
+        "dataset": args.dataset_name or args.train_data_dir,
+        "images": images,
+    }
+
+
+def collate_images(items):
+    """LabelledImages items -> a batch dict, unreadable images dropped (they were counted when read)."""
+    kept = [it for it in items if it[3]]
+    return {"pixels": torch.stack([it[0] for it in kept]), "label": torch.tensor([it[1] for it in kept])}
+
+
+@torch.no_grad()
+def estimate_latent_stats(vae, dataset, args, device):
+    """Per-channel mean/std of the posterior means of the first ``--stats_batches`` batches (seeded order)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+    take = order[: args.stats_batches * args.train_batch_size].tolist()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, take), batch_size=args.train_batch_size, collate_fn=collate_images
+    )
+    s1 = s2 = n = 0
+    for batch in loader:
+        z = ae.encode(vae, batch["pixels"].to(device)).mean.double()  # (B, C, h, w)
+        s1, s2, n = s1 + z.sum((0, 2, 3)), s2 + z.square().sum((0, 2, 3)), n + z.numel() // z.shape[1]
+    mean = s1 / n
+    logger.info(f"Latent statistics estimated on {len(take)} images")
+    return mean.tolist(), (s2 / n - mean.square()).clamp_min(1e-12).sqrt().tolist()
 
 
 def read_metadata(latents_dir: str) -> dict:
@@ -244,9 +311,9 @@ class FlowMatchingLoss(torch.nn.Module):
 
 def main(args):
     # Validate cheap things: the latents, the AE they came from, the model geometry
-    meta = read_metadata(args.latents_dir)
     vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
-    if meta["ae_fingerprint"] != ae.config_fingerprint(vae_config):
+    meta = read_metadata(args.latents_dir) if args.latents_dir else on_the_fly_metadata(args, vae_config)
+    if args.latents_dir and meta["ae_fingerprint"] != ae.config_fingerprint(vae_config):
         raise ValueError(
             f"{args.latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}) than "
             f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path}: pass the autoencoder "
@@ -277,10 +344,20 @@ def main(args):
             )
 
     # Data: posterior mean/std per image; a fresh sample each step, normalised per channel (extraction statistics)
-    dataset = LatentShards(args.latents_dir, meta, args.seed)
+    vae = ae.model_class(vae_config).from_pretrained(
+        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
+    )
+    vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
+    if args.latents_dir:
+        dataset, collate = LatentShards(args.latents_dir, meta, args.seed), None
+    else:
+        dataset, collate = meta.pop("images"), collate_images
+        meta["latents_mean"], meta["latents_std"] = estimate_latent_stats(vae, dataset, args, accelerator.device)
     if len(dataset) < args.train_batch_size:
-        raise ValueError(f"{len(dataset)} latents are fewer than --train_batch_size {args.train_batch_size}.")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+        raise ValueError(f"{len(dataset)} samples are fewer than --train_batch_size {args.train_batch_size}.")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate
+    )
     lat_mean = torch.tensor(meta["latents_mean"], device=accelerator.device).view(1, -1, 1, 1)
     lat_std = torch.tensor(meta["latents_std"], device=accelerator.device).view(1, -1, 1, 1)
 
@@ -303,10 +380,6 @@ def main(args):
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     unwrapped = accelerator.unwrap_model(model).transformer
-    vae = ae.model_class(vae_config).from_pretrained(
-        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
-    )
-    vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
 
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -345,6 +418,11 @@ def main(args):
             gen = torch.Generator(accelerator.device).manual_seed(seed)
             torch.manual_seed(seed + 12_345)
             micro += 1
+            if "pixels" in batch:  # on-the-fly: the frozen AE's posterior of this batch
+                with torch.no_grad():
+                    post = ae.encode(vae, batch["pixels"])
+                batch["mean"] = post.mean.float()
+                batch["std"] = post.std.float() if post.std is not None else torch.zeros_like(batch["mean"])
             eps = torch.randn(batch["mean"].shape, generator=gen, device=accelerator.device)
             x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # posterior sample, normalised
             with accelerator.accumulate(model):
