@@ -128,6 +128,10 @@ def main(args):
             variant=args.variant, cache_dir=args.cache_dir,
         )
     ).to(accelerator.device).eval().requires_grad_(False)  # fmt: skip
+    # Channels-last convolutions are markedly faster for 2D AEs (oneDNN on CPU, tensor cores on GPU)
+    channels_last = ae.get_row(config).layout == "image"
+    if channels_last:
+        vae = vae.to(memory_format=torch.channels_last)
     dtype = getattr(torch, args.dtype)
     skipped = 0
     for j in tqdm(mine, desc="Shards", disable=not accelerator.is_local_main_process):
@@ -141,6 +145,8 @@ def main(args):
         for pixels, labels, idx, ok in loader:
             skipped += int((~ok).sum())
             pixels = pixels[ok].to(accelerator.device)
+            if channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
             if len(pixels) == 0:
                 continue
             views = [("", pixels)] + ([("_flip", pixels.flip(-1))] if args.flip else [])
