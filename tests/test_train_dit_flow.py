@@ -133,3 +133,11 @@ def test_on_the_fly_encoding_from_an_image_folder(tmp_path, tiny_vae_dir, run_sc
     assert pipe.config.id2label == {"0": "cats", "1": "dogs"} and len(pipe.config.latents_std) == 4
     images = pipe(["dogs"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (1, 3, 16, 16)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_finite_loss(tmp_path, latents, run_script):
+    out = tmp_path / "bf16"
+    proc = train(run_script, latents, out, "--max_train_steps", 2, "--mixed_precision", "bf16")
+    assert "loss=" in proc.stderr and "loss=nan" not in proc.stderr  # tqdm postfix of every step
+    weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
