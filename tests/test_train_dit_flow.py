@@ -110,7 +110,10 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
     assert proc.returncode != 0 and "holds latents of another autoencoder" in proc.stderr
     proc = run_script("train_dit_flow.py", ["--output_dir", tmp_path / "c"], check=False)
     assert proc.returncode != 0 and "extract_latents.py" in proc.stderr
-    for out in ("a", "b", "c"):
+    # Offline push: refused before training, with what to do
+    proc = train(run_script, latents, tmp_path / "d", "--push_to_hub", "--hub_model_id", "me/dit", check=False)
+    assert proc.returncode != 0 and "HF_HUB_OFFLINE=1" in proc.stderr
+    for out in ("a", "b", "c", "d"):
         assert not (tmp_path / out / "model_index.json").exists()
 
 
