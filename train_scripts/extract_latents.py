@@ -115,6 +115,7 @@ def main(args):
     num_shards = math.ceil(total / args.shard_size)
     shard_path = [os.path.join(args.output_dir, f"shard-{j:05d}.safetensors") for j in range(num_shards)]
     todo = [j for j in range(num_shards) if not os.path.isfile(shard_path[j])]
+    accelerator.wait_for_everyone()  # every process lists the missing shards before any writes one
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     logger.info(
         f"{total} images in {num_shards} shards; {num_shards - len(todo)} already written, "
