@@ -32,6 +32,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+# The toolkit's own small pretrained AutoencoderKL (trained on the scikit-image photographs), the scripts' default
+EMBEDDED_AE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "embedded_ae")
 COSMOS_SIGMA_DATA = 0.5  # EDMEulerScheduler's sigma_data in the Cosmos pipelines
 
 

@@ -22,7 +22,8 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
@@ -30,7 +31,7 @@ from diffusability_hf.data import LabelledImages
 
 logger = get_logger(__name__)
 
-EMBEDDED_AE = os.path.join(os.path.dirname(ae.__file__), "assets", "embedded_ae")
+EMBEDDED_AE = ae.EMBEDDED_AE
 
 
 def parse_args(input_args=None):
@@ -178,15 +179,12 @@ def write_metadata(args, config, fingerprint, names, shard_paths, total, compres
     count, s1, s2, skipped, stored = 0, None, None, 0, 0
     has_std = False
     for path in shard_paths:
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as fh:
+        with safe_open(path, "pt") as fh:  # reads only the means, not the stds and flips
             skipped += int((fh.metadata() or {}).get("skipped", 0))
-        tensors = load_file(path)
-        if "mean" not in tensors:  # an all-unreadable shard
-            continue
-        has_std = "std" in tensors
-        mean = tensors["mean"].double()  # (N, C, h, w)
+            if "mean" not in fh.keys():  # an all-unreadable shard
+                continue
+            has_std = "std" in fh.keys()
+            mean = fh.get_tensor("mean").double()  # (N, C, h, w)
         dims = [0] + list(range(2, mean.ndim))
         s1 = mean.sum(dims) if s1 is None else s1 + mean.sum(dims)
         s2 = mean.square().sum(dims) if s2 is None else s2 + mean.square().sum(dims)

@@ -66,7 +66,7 @@ from diffusability_hf.spectral import (
 
 logger = get_logger(__name__)
 
-EMBEDDED_AE = os.path.join(os.path.dirname(ae.__file__), "assets", "embedded_ae")
+EMBEDDED_AE = ae.EMBEDDED_AE
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 
 # Paper Table 5 (Appendix B). `kl_weight` is the baseline's KL beta: SE runs turn KL off (Section 3.3).

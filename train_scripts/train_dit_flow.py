@@ -39,7 +39,7 @@ from diffusability_hf.flow import interpolate, sample_sigmas, velocity_target
 
 logger = get_logger(__name__)
 
-EMBEDDED_AE = os.path.join(os.path.dirname(ae.__file__), "assets", "embedded_ae")
+EMBEDDED_AE = ae.EMBEDDED_AE
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 
 
