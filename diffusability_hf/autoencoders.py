@@ -510,3 +510,33 @@ def config_fingerprint(config) -> str:
 
     keep = {k: v for k, v in sorted(dict(config).items()) if not k.startswith("_")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_model_spec(spec: str) -> Tuple[str, str, Optional[str]]:
+    """``[LABEL=]PATH[:SUBFOLDER]`` -> ``(label, path, subfolder)``, e.g. ``flux=black-forest-labs/FLUX.1-dev:vae``.
+
+    The label defaults to the last path component (plus the subfolder); ``:`` followed by a path separator (a Windows
+    drive) is part of the path.
+    """
+    label, rest = "", spec
+    head, sep, tail = spec.partition("=")
+    if sep and not any(c in head for c in "/\\:"):
+        label, rest = head, tail
+    path, subfolder = rest, None
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and tail and not any(c in tail for c in "/\\"):
+        path, subfolder = head, tail
+    if not path:
+        raise ValueError(f"Model spec {spec!r} has no path: use [LABEL=]PATH[:SUBFOLDER].")
+    if not label:
+        label = os.path.basename(os.path.normpath(path)) + (f"-{subfolder}" if subfolder else "")
+    return label, path, subfolder
+
+
+def load_pretrained(path: str, subfolder: Optional[str] = None, revision=None, variant=None, cache_dir=None):
+    """A pretrained AE of a supported class, tiling/slicing off (:func:`prepare_for_training`), in eval mode."""
+    config = pretrained_config(path, subfolder, revision, cache_dir)
+    vae = model_class(config).from_pretrained(
+        path, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir
+    )
+    return prepare_for_training(vae).eval().requires_grad_(False)

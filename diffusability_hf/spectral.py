@@ -190,10 +190,15 @@ def high_frequency_share(x: torch.Tensor, block_size: int = 8, cutoff: float = 0
     the SE regularisation (paper Section 3.3) lowers it for latents. Cheap: one block DCT. Returns a 0-d
     float32 tensor (0 when the signal has no AC energy).
     """
+    return share_of_high_frequencies(energy_profile(x, block_size), cutoff)
+
+
+def share_of_high_frequencies(energy: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
+    """:func:`high_frequency_share` from an :func:`energy_profile` ``(B * B,)`` (e.g. one summed over batches)."""
     if not 0.0 < cutoff < 1.0:
         raise ValueError(f"cutoff must be in (0, 1), got {cutoff}.")
-    energy = energy_profile(x, block_size)
-    k = max(1, math.ceil(cutoff * block_size * block_size))
+    energy = torch.as_tensor(energy)
+    k = max(1, math.ceil(cutoff * energy.numel()))
     ac = energy[1:].sum()
     # AC energy at rounding level (a constant signal) counts as none: 1e-10 of the total is far below any real AC.
     has_ac = ac > 1e-10 * energy.sum()

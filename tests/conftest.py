@@ -67,3 +67,70 @@ def run_script():
         return proc
 
     return run
+
+
+class TinyI3D(torch.nn.Module):
+    """Stand-in with the calling convention of StyleGAN-V's I3D TorchScript (random weights, 8-d features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        if rescale:
+            x = x / 127.5 - 1
+        if resize:
+            x = torch.nn.functional.interpolate(x, size=(x.shape[2], 32, 32), mode="trilinear", align_corners=False)
+        return torch.tanh(self.conv(x)).mean(dim=(2, 3, 4))
+
+
+class TinyImageFeatures(torch.nn.Module):
+    """A small local feature model for ``--feature_extractor PATH`` (float [0, 1] input, 6-d features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, kernel_size=4, stride=4)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x * 2 - 1)).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="session")
+def tiny_feature_models(tmp_path_factory):
+    """Tiny random feature extractors on disk, loaded through the real code paths: a DINOv2 folder (transformers),
+    torch-fidelity's InceptionV3 with random weights, an I3D-convention TorchScript and a plain TorchScript file."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    root = tmp_path_factory.mktemp("feature_models")
+    torch.manual_seed(0)
+    Dinov2Model(
+        Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     image_size=28, patch_size=14)
+    ).save_pretrained(root / "tiny_dinov2")  # fmt: skip
+
+    torch.jit.script(TinyI3D()).save(str(root / "tiny_i3d.pt"))
+    torch.jit.script(TinyImageFeatures()).save(str(root / "tiny_features.pt"))
+    return {
+        "dinov2": str(root / "tiny_dinov2"),
+        "i3d": str(root / "tiny_i3d.pt"),
+        "torchscript": str(root / "tiny_features.pt"),
+        "root": str(root),
+    }
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3 state dict with random weights, saved where ``--inception_weights`` reads it."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    original = FeatureExtractorInceptionV3.load_state_dict
+    torch.save({}, path)
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, state, *a, **k: None  # keep the random init
+    try:
+        torch.manual_seed(0)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    finally:
+        FeatureExtractorInceptionV3.load_state_dict = original
+    torch.save(net.state_dict(), path)
+    return str(path)

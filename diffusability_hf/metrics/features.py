@@ -1,0 +1,251 @@
+"""Feature extractors for Frechet distances, all loadable from local files (offline).
+
+===========  ======  ====================================================================================
+name         metric  network and convention
+===========  ======  ====================================================================================
+inception    FID     torch-fidelity's InceptionV3 (TF-ported "inception-v3-compat", pool3 2048-d); uint8
+                     input, its own TF1-style bilinear resize to 299.
+dinov2       FDD     DINOv2 ViT-L/14 through transformers (``facebook/dinov2-large``); dgm-eval preprocessing:
+                     bicubic resize to 224x224, ImageNet mean/std, the final-LayerNorm CLS token (pooler_output).
+i3d          FVD     StyleGAN-V's I3D TorchScript (Kinetics-400, 400-d logits before the softmax),
+                     ``detector(x, rescale=True, resize=True, return_features=True)`` on float
+                     ``(B, 3, T, H, W)`` in ``[0, 255]``.
+a path       FD      a small local model: a transformers folder (CLS/pooled output, ImageNet mean/std, resized to
+                     its ``image_size``) or a TorchScript file called on float ``[0, 1]`` images ``(B, 3, H, W)``
+                     or clips ``(B, 3, T, H, W)`` that returns ``(B, D)``.
+===========  ======  ====================================================================================
+
+Image extractors score clips frame by frame (all frames as images). Weights that are not found locally are
+downloaded when online; offline, the error names the file, where it goes and the flag that takes a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+I3D_FILE = "i3d_torchscript.pt"
+I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
+DINOV2_MODEL = "facebook/dinov2-large"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+METRIC_NAMES = {"inception": "FID", "dinov2": "FDD", "i3d": "FVD"}
+
+
+def is_offline() -> bool:
+    """True when the Hugging Face offline switches are set (then nothing is downloaded)."""
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def torch_hub_checkpoint(filename: str) -> str:
+    """Where torch (and torch-fidelity) cache a downloaded weights file: ``$TORCH_HOME/hub/checkpoints``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def fetch_weights(path: Optional[str], filename: str, url: str, flag: str) -> str:
+    """A weights file: ``path`` when given, else torch's checkpoint cache, else downloaded there (online only).
+
+    Raises ``FileNotFoundError`` naming the file, the URL, the cache folder and ``flag`` when it cannot be had.
+    """
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist (expected the file {filename}, from {url}).")
+        return path
+    cached = torch_hub_checkpoint(filename)
+    if os.path.isfile(cached):
+        return cached
+    advice = (
+        f"Download {url} on a machine with network access and put it at {cached} (the folder is torch's checkpoint "
+        f"cache, $TORCH_HOME/hub/checkpoints), or pass its path with {flag}"
+    )
+    if is_offline():
+        raise FileNotFoundError(f"{filename} is not in {os.path.dirname(cached)} and downloads are off. {advice}.")
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        torch.hub.download_url_to_file(url, cached, progress=False)
+    except Exception as err:  # no network, proxy, ...
+        raise FileNotFoundError(f"Could not download {filename} ({err}). {advice}.") from err
+    return cached
+
+
+def file_fingerprint(path: str) -> str:
+    """Short hash of a weights file or folder (name, sizes and the first MiB of each file): a cache key."""
+    h = hashlib.sha256()
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    )
+    for f in files:
+        h.update(os.path.relpath(f, os.path.dirname(path)).encode())
+        h.update(str(os.path.getsize(f)).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` float pixels -> uint8 (round to nearest, as when saving a PNG)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class FeatureExtractor(nn.Module):
+    """Base: ``forward(uint8 (B, 3, H, W) or (B, 3, T, H, W)) -> (B, D)`` float features.
+
+    Attributes: ``name`` (cache key part), ``metric`` (``"FID"``, ``"FDD"``, ``"FVD"`` or ``"FD-<name>"``),
+    ``video`` (takes clips as clips), ``fingerprint`` (hash of the weights).
+    """
+
+    name: str = ""
+    metric: str = ""
+    video: bool = False
+    fingerprint: str = ""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"{self.metric} features take uint8 pixels (use to_uint8), got {x.dtype}.")
+        if x.ndim == 5 and not self.video:
+            x = x.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W): every frame is an image
+        elif x.ndim == 4 and self.video:
+            raise ValueError(f"{self.metric} is a video metric: it needs clips (B, 3, T, H, W), got images.")
+        if x.shape[1] != 3:
+            raise ValueError(f"Expected RGB pixels with 3 channels on dim 1, got shape {tuple(x.shape)}.")
+        device = next(self.parameters(), torch.empty(0)).device
+        return self.features(x.to(device)).float().flatten(1)
+
+
+class InceptionFeatures(FeatureExtractor):
+    """FID's InceptionV3 pool3 features (torch-fidelity's ``inception-v3-compat``)."""
+
+    name, metric = "inception", "FID"
+
+    def __init__(self, weights_path: str):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path
+        )
+        self.fingerprint = file_fingerprint(weights_path)
+
+    def features(self, x):
+        return self.net(x)[0]
+
+
+class TransformersFeatures(FeatureExtractor):
+    """A transformers vision model (DINOv2 for FDD): resize (bicubic), ImageNet normalisation, pooled/CLS output."""
+
+    def __init__(self, model, image_size: int, name: str, metric: str, fingerprint: str):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.image_size, self.name, self.metric, self.fingerprint = image_size, name, metric, fingerprint
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, x):
+        x = x.float() / 255
+        size = (self.image_size, self.image_size)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        out = self.model(pixel_values=(x - self.mean) / self.std)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+class I3DFeatures(FeatureExtractor):
+    """FVD's I3D (StyleGAN-V TorchScript): 400-d features of ``(B, 3, T, H, W)`` clips (>= 9 frames; 16 by convention)."""
+
+    name, metric, video = "i3d", "FVD", True
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.net = torch.jit.load(path, map_location="cpu").eval()
+        self.fingerprint = file_fingerprint(path)
+
+    def features(self, x):
+        return self.net(x.float(), rescale=True, resize=True, return_features=True)
+
+
+class TorchScriptFeatures(FeatureExtractor):
+    """A local TorchScript feature model called on float ``[0, 1]`` pixels; ``video`` when it takes clips."""
+
+    def __init__(self, path: str, video: bool = False):
+        super().__init__()
+        self.net = torch.jit.load(path, map_location="cpu").eval()
+        self.video, self.fingerprint = video, file_fingerprint(path)
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.metric = f"FD-{self.name}"
+
+    def features(self, x):
+        return self.net(x.float() / 255)
+
+
+def _transformers_model(name_or_path: str, cache_dir: Optional[str], flag: str):
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir, local_files_only=is_offline())
+    except OSError as err:
+        raise FileNotFoundError(
+            f"Could not load the feature model {name_or_path}: it is not a local folder and not in the Hugging Face "
+            f"cache. Download it where there is network access (`hf download {name_or_path} --local-dir DIR`) and "
+            f"pass {flag} DIR. ({err})"
+        ) from err
+
+
+def load_feature_extractor(
+    spec: str,
+    inception_weights: Optional[str] = None,
+    dinov2_model: str = DINOV2_MODEL,
+    i3d_model: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    video: bool = False,
+) -> FeatureExtractor:
+    """Build one extractor: ``"inception"``, ``"dinov2"``, ``"i3d"``, or a local path (see the module table).
+
+    Args:
+        inception_weights / dinov2_model / i3d_model: local weights (file, folder or Hub id for DINOv2); ``None``
+            looks in torch's checkpoint cache and downloads when online.
+        video: for a local TorchScript path, whether it takes clips ``(B, 3, T, H, W)``.
+    """
+    if spec == "inception":
+        path = fetch_weights(inception_weights, INCEPTION_FILE, INCEPTION_URL, "--inception_weights")
+        return InceptionFeatures(path)
+    if spec == "i3d":
+        return I3DFeatures(fetch_weights(i3d_model, I3D_FILE, I3D_URL, "--i3d_model"))
+    if spec == "dinov2":
+        model = _transformers_model(dinov2_model, cache_dir, "--dinov2_model")
+        key = file_fingerprint(dinov2_model) if os.path.isdir(dinov2_model) else dinov2_model
+        return TransformersFeatures(model, 224, "dinov2", "FDD", key)
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ValueError(f"--feature_extractor {spec} is a folder without a transformers config.json.")
+        model = _transformers_model(spec, cache_dir, "--feature_extractor")
+        size = getattr(model.config, "image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        name = os.path.basename(os.path.normpath(spec))
+        return TransformersFeatures(model, int(size), name, f"FD-{name}", file_fingerprint(spec))
+    if os.path.isfile(spec):
+        return TorchScriptFeatures(spec, video=video)
+    raise ValueError(
+        f"Unknown feature extractor {spec!r}: use 'inception' (FID), 'dinov2' (FDD), 'i3d' (FVD) or the path of a "
+        "local transformers folder or TorchScript file."
+    )
+
+
+def extract_features(extractor: FeatureExtractor, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Features of ``[-1, 1]`` images or clips, in batches (clips for image extractors: every frame)."""
+    return torch.cat([extractor(to_uint8(chunk)).cpu() for chunk in pixels.split(batch_size)])

@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Frequency profiles of RGB and of the latents of several autoencoders on the same images (paper Fig. 2 and 4).
+
+    accelerate launch train_scripts/analyze_spectrum.py \\
+        --models flux=black-forest-labs/FLUX.1-dev:vae flux-se=./flux-se \\
+        --dataset_name ILSVRC/imagenet-1k --num_samples 256 --resolution 256 --per_channel --output_dir spectrum
+
+The profile is eq. 1: block-DCT amplitudes ``|D_uv / D_00|`` in zigzag order, averaged over blocks, channels and
+samples (:func:`diffusability_hf.spectral.frequency_profile`); RGB is measured at the latents' spatial size
+("RGB of the same spatial dimension", Fig. 2) and at full resolution. The scalar high-frequency share is the part of
+the AC energy in the upper half of the zigzag order. Latents are posterior means in the AE's raw space
+(``--normalize_latents``: as the diffusion model sees them). Clips (``--video_data_dir`` etc. or ``--num_frames``)
+are analysed frame by frame; ``--per_frame`` also plots one profile per latent frame.
+
+Writes ``spectrum.png`` (+ ``spectrum_channels.png`` / ``spectrum_frames.png``), ``spectrum.json`` and
+``spectrum.md``.
+"""
+
+import argparse
+import json
+import logging
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from diffusability_hf import autoencoders as ae
+from diffusability_hf.data import evaluation_samples
+from diffusability_hf.hub import markdown_table
+from diffusability_hf.losses import downsample
+from diffusability_hf.spectral import (
+    energy_profile,
+    frequency_profile,
+    plot_frequency_profiles,
+    share_of_high_frequencies,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Autoencoders as [LABEL=]PATH[:SUBFOLDER] (local folder or Hub id). Default: the embedded AutoencoderKL.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of Hub models.")
+    parser.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. 'fp16'.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models are cached.")
+    parser.add_argument("--dataset_name", type=str, default=None, help="HF image dataset.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="HF dataset config.")
+    parser.add_argument("--split", type=str, default=None, help="Split (default: validation; train for folders).")
+    parser.add_argument("--data_dir", type=str, default=None, help="A local image folder.")
+    parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
+    parser.add_argument("--video_data_dir", type=str, default=None, help="A folder of videos or frame folders.")
+    parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
+    parser.add_argument("--video_column", type=str, default=None, help="Video column (default: the first Video one).")
+    parser.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="Frames per clip (clips are analysed when given; 17 for video data).",
+    )
+    parser.add_argument("--frame_stride", type=int, default=1, help="Take every n-th frame.")
+    parser.add_argument("--num_samples", type=int, default=None, help="Images or clips (default 256; embedded 64).")
+    parser.add_argument("--resolution", type=int, default=None, help="Centre-crop side (default 256; embedded: 64).")
+    parser.add_argument("--batch_size", type=int, default=16, help="Images (or clips) per encoder call.")
+    parser.add_argument("--block_size", type=int, default=8, help="DCT block size B (profiles have B*B entries).")
+    parser.add_argument("--hf_cutoff", type=float, default=0.5, help="Zigzag share where 'high frequencies' start.")
+    parser.add_argument("--per_channel", action="store_true", help="Also one profile per latent channel.")
+    parser.add_argument("--per_frame", action="store_true", help="Clips: also one profile per latent frame.")
+    parser.add_argument(
+        "--normalize_latents", action="store_true", help="Analyse latents normalised as the diffusion model sees them."
+    )
+    parser.add_argument(
+        "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Autocast for the AEs."
+    )
+    parser.add_argument("--output_dir", type=str, default="spectrum", help="Where the plots and JSON go.")
+    args = parser.parse_args(input_args)
+
+    video_source = args.video_data_dir is not None or args.video_dataset_name is not None
+    args.embedded = not video_source and args.dataset_name is None and args.data_dir is None
+    if args.dataset_name is not None and args.data_dir is not None:
+        parser.error("Give either --dataset_name or --data_dir, not both.")
+    if video_source and (args.dataset_name or args.data_dir):
+        parser.error("Analyse images and clips in separate runs: give an image source or a video source.")
+    if args.models is None:
+        args.models = [f"embedded={ae.EMBEDDED_AE}"]
+    if video_source and args.num_frames is None:
+        args.num_frames = 17
+    if args.per_frame and args.num_frames is None:
+        parser.error("--per_frame needs clips: give a video source or --num_frames.")
+    if args.resolution is None:
+        args.resolution = 64 if args.embedded else 256
+    if args.num_samples is None:
+        args.num_samples = 64 if args.embedded else 256
+    for flag in ("resolution", "batch_size", "num_samples", "block_size", "frame_stride"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be positive.")
+    if not 0 < args.hf_cutoff < 1:
+        parser.error("--hf_cutoff must be in (0, 1).")
+    labels = [ae.parse_model_spec(s)[0] for s in args.models]
+    if len(set(labels)) != len(labels):
+        parser.error(f"Two --models share a label ({labels}): name them as LABEL=PATH.")
+    return args
+
+
+def check_models(args):
+    """Configs only: every AE must fit the resolution, frame count and block size. Returns ``[(label, path, sub,
+    config)]``."""
+    models = []
+    for spec in args.models:
+        label, path, sub = ae.parse_model_spec(spec)
+        config = ae.pretrained_config(path, sub, args.revision, args.cache_dir)
+        f = ae.spatial_compression(config)
+        if args.resolution % f or (args.resolution // f) % args.block_size:
+            raise ValueError(
+                f"{label} compresses {f}x: --resolution {args.resolution} must be a multiple of {f} * --block_size "
+                f"({f * args.block_size}) so that its latents split into DCT blocks."
+            )
+        row = ae.get_row(config)
+        if args.num_frames is not None:
+            if not row.video:
+                raise ValueError(f"{label} ({config['_class_name']}) is an image autoencoder: analyse it on images.")
+            ae.check_num_frames(config, args.num_frames)
+        elif row.video and not row.causal:
+            raise ValueError(f"{label} ({config['_class_name']}) cannot encode single images: give it clips.")
+        models.append((label, path, sub, config))
+    return models
+
+
+class ProfileSums:
+    """Sums of per-signal profiles and energies (weighted by signal count) that processes can add up."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, key, x, block_size):
+        n = x.shape[0] * x.shape[1] * (x.shape[2] if x.ndim == 5 else 1)  # signals: samples x channels x frames
+        p, e = frequency_profile(x, block_size).double() * n, energy_profile(x, block_size).double() * n
+        old = self.sums.get(key)
+        self.sums[key] = (p, e, n) if old is None else (old[0] + p, old[1] + e, old[2] + n)
+
+    @staticmethod
+    def merge(parts):
+        total = ProfileSums()
+        for part in parts:
+            for key, (p, e, n) in part.sums.items():
+                old = total.sums.get(key)
+                total.sums[key] = (p, e, n) if old is None else (old[0] + p, old[1] + e, old[2] + n)
+        return total
+
+    def result(self, key, cutoff):
+        p, e, n = self.sums[key]
+        return {"profile": (p / n).tolist(), "hf_share": float(share_of_high_frequencies(e / n, cutoff))}
+
+
+@torch.no_grad()
+def analyse(vae, loader, args, accelerator, sums, label, rgb_done):
+    f = ae.spatial_compression(vae)
+    skipped = 0
+    for pixels, ok in tqdm(loader, disable=not accelerator.is_local_main_process, leave=False):
+        skipped += int((~ok).sum())
+        pixels = pixels[ok].to(accelerator.device)
+        if len(pixels) == 0:
+            continue
+        with accelerator.autocast():
+            z = ae.encode(vae, pixels).mode()
+        z = (ae.normalize_latents(vae, z) if args.normalize_latents else z).float()  # (N, C, [T,] h, w)
+        sums.add(label, z, args.block_size)
+        if args.per_channel:
+            for c in range(z.shape[1]):
+                sums.add((label, "channel", c), z[:, c : c + 1], args.block_size)
+        if args.per_frame and z.ndim == 5:
+            for t in range(z.shape[2]):
+                sums.add((label, "frame", t), z[:, :, t], args.block_size)
+        if not rgb_done:
+            sums.add(("RGB", f), downsample(pixels.float(), f, "area"), args.block_size)
+            sums.add(("RGB", 1), pixels.float(), args.block_size)
+    return skipped
+
+
+def plot_groups(path, groups, per):
+    """One subplot per AE, one line per channel or frame."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 3.8), dpi=120, squeeze=False)
+    for ax, (label, profiles) in zip(axes[0], groups.items()):
+        plot_frequency_profiles(profiles, title=f"{label}: per {per}", ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(args):
+    models = check_models(args)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    samples = evaluation_samples(
+        args.resolution, args.num_samples, args.dataset_name, args.data_dir, args.image_column,
+        args.dataset_config_name, args.split, args.cache_dir, args.video_data_dir, args.video_dataset_name,
+        args.video_column, args.num_frames, args.frame_stride,
+    )  # fmt: skip
+    indices = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(samples, indices), batch_size=args.batch_size)
+
+    sums, info, skipped, done = ProfileSums(), {}, 0, set()
+    for label, path, sub, config in models:
+        logger.info(f"Encoding with {label} ({config['_class_name']})")
+        vae = ae.load_pretrained(path, sub, args.revision, args.variant, args.cache_dir).to(accelerator.device)
+        f = ae.spatial_compression(config)
+        skipped = analyse(vae, loader, args, accelerator, sums, label, f in done)
+        done.add(f)
+        info[label] = {"model": path + (f":{sub}" if sub else ""), "class": config["_class_name"], "compression": f}
+        del vae
+    sums = ProfileSums.merge(gather_object([sums]))
+    skipped = sum(gather_object([skipped]))
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_outputs(args, samples, sums, info, sorted(done), skipped)
+    accelerator.end_training()
+
+
+def write_outputs(args, samples, sums, info, compressions, skipped):
+    cut = args.hf_cutoff
+    result = {
+        "samples": samples.description,
+        "resolution": args.resolution,
+        "num_frames": args.num_frames,
+        "skipped": skipped,
+        "block_size": args.block_size,
+        "hf_cutoff": cut,
+        "latents": "normalised" if args.normalize_latents else "raw posterior means",
+        "rgb": {str(f): sums.result(("RGB", f), cut) for f in [1] + compressions},
+        "models": {},
+    }
+    profiles = {}
+    for f in compressions:
+        profiles[f"RGB ({args.resolution // f} px)"] = result["rgb"][str(f)]["profile"]
+    for label, meta in info.items():
+        entry = {**meta, **sums.result(label, cut)}
+        if args.per_channel:
+            keys = sorted(k[2] for k in sums.sums if isinstance(k, tuple) and k[:2] == (label, "channel"))
+            entry["channels"] = [sums.result((label, "channel", c), cut) for c in keys]
+        if args.per_frame:
+            keys = sorted(k[2] for k in sums.sums if isinstance(k, tuple) and k[:2] == (label, "frame"))
+            entry["frames"] = [sums.result((label, "frame", t), cut) for t in keys]
+        result["models"][label] = entry
+        profiles[label] = entry["profile"]
+    fig = plot_frequency_profiles(profiles, title=f"Latent vs RGB spectrum ({args.block_size}x{args.block_size} DCT)")
+    fig.savefig(os.path.join(args.output_dir, "spectrum.png"))
+    for kind, suffix in (("channels", "channel"), ("frames", "frame")):
+        groups = {
+            label: {f"{suffix} {i}": r["profile"] for i, r in enumerate(entry[kind])}
+            for label, entry in result["models"].items()
+            if entry.get(kind)
+        }
+        if groups:
+            plot_groups(os.path.join(args.output_dir, f"spectrum_{kind}.png"), groups, suffix)
+    with open(os.path.join(args.output_dir, "spectrum.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+
+    rows = [[f"RGB at {args.resolution // int(f)} px", "", f"{r['hf_share']:.4f}"] for f, r in result["rgb"].items()]
+    rows += [[label, e["class"], f"{e['hf_share']:.4f}"] for label, e in result["models"].items()]
+    table = markdown_table(
+        rows, ["signal", "autoencoder", f"high-frequency share (top {100 * (1 - cut):.0f}% zigzag)"]
+    )
+    text = f"# Spectrum\n\n{samples.description} at {args.resolution} px, {args.block_size}x{args.block_size} DCT.\n\n"
+    with open(os.path.join(args.output_dir, "spectrum.md"), "w") as fh:
+        fh.write(text + table + "\n\n![spectrum](spectrum.png)\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main(parse_args())
