@@ -185,6 +185,8 @@ def parse_args(input_args=None):
 
 def check_models(args):
     """Read every AE's config (no weights) and check that the samples fit it. Returns ``[(label, path, sub, config)]``."""
+    if "fd" in args.metrics and "i3d" in args.feature_extractor and not args.num_frames:
+        raise ValueError("--feature_extractor i3d (rFVD) needs clips: give a video source or --num_frames.")
     models = []
     for spec in args.models:
         label, path, sub = ae.parse_model_spec(spec)
@@ -375,7 +377,6 @@ def main(args):
                 args.dinov2_model,
                 args.i3d_model,
                 args.cache_dir,
-                video=bool(args.num_frames),
             ).to(accelerator.device)
             if ext.video and not args.num_frames:
                 raise ValueError(

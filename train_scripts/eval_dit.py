@@ -153,6 +153,8 @@ def parse_args(input_args=None):
         args.num_reference = args.num_samples
     if args.feature_extractor is None:
         args.feature_extractor = (["i3d"] if args.num_frames else []) + ["inception", "dinov2"]
+    if "i3d" in args.feature_extractor and not args.num_frames:
+        parser.error("--feature_extractor i3d (FVD) needs clips: score a folder of clips with --num_frames.")
     if args.reference_stats is not None and len(args.reference_stats) != len(args.feature_extractor):
         parser.error("Give one --reference_stats file per --feature_extractor, in the same order.")
     for flag in ("num_samples", "num_reference", "batch_size", "num_inference_steps", "frame_stride"):
@@ -172,7 +174,6 @@ def load_extractors(args, device):
             args.dinov2_model,
             args.i3d_model,
             args.cache_dir,
-            video=bool(args.num_frames),
         ).to(device)
         if ext.video and not args.num_frames:
             raise ValueError(f"--feature_extractor {spec} scores clips ({ext.metric}): give clips and --num_frames.")
@@ -378,6 +379,7 @@ def main(args):
 
 
 def write_outputs(args, results, settings, folder, skipped):
+    os.makedirs(args.output_dir, exist_ok=True)
     out = {
         "pipeline": args.pipeline,
         "samples_dir": folder,

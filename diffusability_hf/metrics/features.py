@@ -12,7 +12,7 @@ i3d          FVD     StyleGAN-V's I3D TorchScript (Kinetics-400, 400-d logits be
                      ``(B, 3, T, H, W)`` in ``[0, 255]``.
 a path       FD      a small local model: a transformers folder (CLS/pooled output, ImageNet mean/std, resized to
                      its ``image_size``) or a TorchScript file called on float ``[0, 1]`` images ``(B, 3, H, W)``
-                     or clips ``(B, 3, T, H, W)`` that returns ``(B, D)``.
+                     that returns ``(B, D)``. A local clip model with I3D's convention: ``i3d`` + its path.
 ===========  ======  ====================================================================================
 
 Image extractors score clips frame by frame (all frames as images). Weights that are not found locally are
@@ -180,12 +180,13 @@ class I3DFeatures(FeatureExtractor):
 
 
 class TorchScriptFeatures(FeatureExtractor):
-    """A local TorchScript feature model called on float ``[0, 1]`` pixels; ``video`` when it takes clips."""
+    """A local TorchScript image feature model called on float ``[0, 1]`` images ``(B, 3, H, W)`` (clips: every
+    frame). A local clip model with I3D's calling convention goes in as ``i3d`` with its path."""
 
-    def __init__(self, path: str, video: bool = False):
+    def __init__(self, path: str):
         super().__init__()
         self.net = torch.jit.load(path, map_location="cpu").eval()
-        self.video, self.fingerprint = video, file_fingerprint(path)
+        self.fingerprint = file_fingerprint(path)
         self.name = os.path.splitext(os.path.basename(path))[0]
         self.metric = f"FD-{self.name}"
 
@@ -212,14 +213,12 @@ def load_feature_extractor(
     dinov2_model: str = DINOV2_MODEL,
     i3d_model: Optional[str] = None,
     cache_dir: Optional[str] = None,
-    video: bool = False,
 ) -> FeatureExtractor:
     """Build one extractor: ``"inception"``, ``"dinov2"``, ``"i3d"``, or a local path (see the module table).
 
     Args:
         inception_weights / dinov2_model / i3d_model: local weights (file, folder or Hub id for DINOv2); ``None``
             looks in torch's checkpoint cache and downloads when online.
-        video: for a local TorchScript path, whether it takes clips ``(B, 3, T, H, W)``.
     """
     if spec == "inception":
         path = fetch_weights(inception_weights, INCEPTION_FILE, INCEPTION_URL, "--inception_weights")
@@ -239,7 +238,7 @@ def load_feature_extractor(
         name = os.path.basename(os.path.normpath(spec))
         return TransformersFeatures(model, int(size), name, f"FD-{name}", file_fingerprint(spec))
     if os.path.isfile(spec):
-        return TorchScriptFeatures(spec, video=video)
+        return TorchScriptFeatures(spec)
     raise ValueError(
         f"Unknown feature extractor {spec!r}: use 'inception' (FID), 'dinov2' (FDD), 'i3d' (FVD) or the path of a "
         "local transformers folder or TorchScript file."

@@ -4,7 +4,9 @@
 square root is taken as ``sum_i sqrt(lambda_i)`` over the eigenvalues of the symmetric PSD matrix
 ``S_1^(1/2) S_2 S_1^(1/2)``, which is similar to ``S_1 S_2``: two symmetric eigendecompositions instead of
 ``scipy.linalg.sqrtm`` of a non-symmetric product. It needs no ``eps * I`` fix for singular covariances (fewer
-samples than feature dimensions), and round-off can only produce tiny negative eigenvalues, which are clipped to 0.
+samples than feature dimensions). Round-off leaves eigenvalues of order ``1e-15 * lambda_max ** 2`` in the null
+space (negative ones are clipped to 0; positive ones add about ``1e-8`` relative to the trace), which is far below
+the error of ``sqrtm`` on the same input.
 """
 
 from __future__ import annotations

@@ -1,0 +1,400 @@
+"""End-to-end runs of eval_ae.py, analyze_spectrum.py and eval_dit.py on tiny models with tiny random feature
+extractors, offline; every number that matters is recomputed here independently."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+from diffusability_hf.data import EvalSamples, evaluation_samples
+from diffusability_hf.losses import downsample
+from diffusability_hf.metrics import frechet_distance
+from diffusability_hf.spectral import (
+    chop_high_frequencies,
+    energy_profile,
+    frequency_profile,
+    share_of_high_frequencies,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "train_scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torchscript_features(path, pixels):
+    """The local TorchScript feature model applied by hand: uint8 -> float [0, 1] -> features (float64)."""
+    net = torch.jit.load(path)
+    u8 = ((pixels.clamp(-1, 1) + 1) * 127.5).round()
+    with torch.no_grad():
+        return net(u8 / 255).double().numpy()
+
+
+def mean_psnr(recon, pixels):
+    mse = ((recon.double() - pixels.double()) ** 2).flatten(1).mean(1).numpy()
+    return np.mean(10 * np.log10(4 / mse))
+
+
+def frequency_distance_numpy(a, b):
+    """Frechet distance from raw features with numpy's own mean and covariance."""
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Seven 40x48 photographs' crops (non-square: centre-cropped to 32) and one corrupt file."""
+    from diffusability_hf.data import load_embedded_image
+
+    folder = tmp_path_factory.mktemp("images")
+    photo = load_embedded_image("astronaut")
+    for i in range(7):
+        Image.fromarray(photo[30 * i : 30 * i + 80, 40 * i : 40 * i + 96]).resize((48, 40)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png" * 20)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def second_vae_dir(tiny_vae_dir, tmp_path_factory):
+    """The tiny AE with a perturbed decoder: a second, worse autoencoder to compare with."""
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("vae2")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_video_vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKLCogVideoX
+
+    with open(os.path.join(TINY_CONFIGS, "cogvideox.json")) as fh:
+        config = json.load(fh)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cogvideox")
+    AutoencoderKLCogVideoX.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+def write_gifs(folder, num=4, frames=12, size=40):
+    folder.mkdir()
+    yy, xx = np.mgrid[0:size, 0:size]
+    for k in range(num):
+        clip = [
+            np.stack([(xx + (k + 2) * t) % size * 6, (yy + 2 * t + k) % size * 6, (xx + yy) * 3], -1).astype(np.uint8)
+            for t in range(frames)
+        ]
+        Image.fromarray(clip[0]).save(
+            folder / f"{k}.gif", save_all=True, append_images=[Image.fromarray(c) for c in clip[1:]], duration=100
+        )
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------ eval_ae
+
+
+def test_eval_ae_images_metrics_match_an_independent_computation(
+    run_script, tmp_path, tiny_vae_dir, second_vae_dir, image_dir, tiny_feature_models
+):
+    out = tmp_path / "eval"
+    ts = tiny_feature_models["torchscript"]
+    args = [
+        "--models", f"base={tiny_vae_dir}", f"noisy={second_vae_dir}", "--data_dir", image_dir,
+        "--resolution", 32, "--batch_size", 3, "--lpips_trunk_path", os.path.join(tiny_vae_dir, "alexnet_trunk.pth"),
+        "--feature_extractor", ts, "--dct_cut_ratios", 0, 0.5, "--output_dir", out,
+    ]  # fmt: skip
+    run_script("eval_ae.py", args)
+    result = json.loads((out / "metrics.json").read_text())
+    for name in ("metrics.md", "reconstructions.png", "dct_cut.png", "dct_cut_grid.png"):
+        assert (out / name).is_file(), name
+    md = (out / "metrics.md").read_text()
+    assert "| base |" in md and "| noisy |" in md and "FD-tiny_features" in md
+
+    samples = evaluation_samples(32, 512, data_dir=str(image_dir))
+    pixels = torch.stack([samples[i][0] for i in range(len(samples)) if samples[i][1]])
+    assert len(pixels) == 7
+    for label, path in (("base", tiny_vae_dir), ("noisy", second_vae_dir)):
+        r = result["models"][label]
+        assert (r["num_samples"], r["skipped"]) == (7, 1)
+        vae = AutoencoderKL.from_pretrained(path).eval()
+        with torch.no_grad():
+            z = vae.encode(pixels).latent_dist.mode()
+            recon = vae.decode(z).sample.clamp(-1, 1)
+            recon_cut = vae.decode(chop_high_frequencies(z, 8, 0.5)).sample.clamp(-1, 1)
+        assert r["psnr"]["mean"] == pytest.approx(mean_psnr(recon, pixels), abs=1e-3)
+        expected_fd = frequency_distance_numpy(torchscript_features(ts, pixels), torchscript_features(ts, recon))
+        assert r["rFD-tiny_features"] == pytest.approx(expected_fd, rel=1e-3, abs=1e-7)
+        assert -1 < r["ssim"]["mean"] < 1 and r["lpips"]["mean"] > 0 and r["samples_per_second"] > 0
+        curves = result["dct_cut"]["curves"][label]
+        assert curves["0.0"]["psnr"]["mean"] == pytest.approx(r["psnr"]["mean"], abs=1e-4)  # no cut = plain recon
+        assert curves["0.5"]["psnr"]["mean"] == pytest.approx(mean_psnr(recon_cut, pixels), abs=1e-3)
+        assert abs(curves["0.5"]["psnr"]["mean"] - curves["0.0"]["psnr"]["mean"]) > 1e-3
+    # Each model is scored with its own weights (the two rows differ)
+    assert abs(result["models"]["noisy"]["psnr"]["mean"] - result["models"]["base"]["psnr"]["mean"]) > 0.05
+
+
+def test_eval_ae_two_processes_give_the_one_process_numbers(
+    run_script, tmp_path, tiny_vae_dir, image_dir, tiny_feature_models
+):
+    args = [
+        "--models", tiny_vae_dir, "--data_dir", image_dir, "--resolution", 32, "--batch_size", 2,
+        "--metrics", "psnr", "ssim", "fd", "--feature_extractor", tiny_feature_models["torchscript"],
+    ]  # fmt: skip
+    run_script("eval_ae.py", [*args, "--output_dir", tmp_path / "one"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    run_script(
+        "eval_ae.py",
+        [*args, "--output_dir", tmp_path / "two"],
+        launcher=torchrun,
+        extra_env={"ACCELERATE_USE_CPU": "1"},
+    )
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text())["models"] for d in ("one", "two"))
+    (a,), (b,) = one.values(), two.values()
+    assert a["num_samples"] == b["num_samples"] == 7
+    for key in ("psnr", "ssim"):
+        assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-9)
+    assert a["rFD-tiny_features"] == pytest.approx(b["rFD-tiny_features"], rel=1e-6)
+
+
+def test_eval_ae_video_scores_clips_with_rfvd(run_script, tmp_path, tiny_video_vae_dir, tiny_feature_models):
+    videos = write_gifs(tmp_path / "videos")
+    out = tmp_path / "eval"
+    args = [
+        "--models", tiny_video_vae_dir, "--video_data_dir", videos, "--num_frames", 9, "--resolution", 32,
+        "--batch_size", 2, "--metrics", "psnr", "ssim", "fd", "--feature_extractor", "i3d",
+        tiny_feature_models["torchscript"], "--i3d_model", tiny_feature_models["i3d"], "--dct_cut_ratios", 0.25,
+        "--dct_block_size", 4, "--output_dir", out,
+    ]  # fmt: skip
+    run_script("eval_ae.py", args)
+    result = json.loads((out / "metrics.json").read_text())
+    (r,) = result["models"].values()
+    assert result["num_frames"] == 9 and r["num_samples"] == 4
+    assert np.isfinite(r["rFVD"]) and r["rFVD"] > 0 and np.isfinite(r["rFD-tiny_features"])
+    assert 5 < r["psnr"]["mean"] < 60
+    assert (out / "dct_cut_grid.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num_frames", 8, "--video_data_dir", "VIDEOS"], "takes 1 + 8k frames"),
+        (["--resolution", 34], "--resolution 34 does not fit"),
+        (["--metrics", "fd", "--feature_extractor", "inception"], "weights-inception-2015-12-05-6726825d.pth"),
+        (["--metrics", "fd", "--feature_extractor", "dinov2"], "--dinov2_model"),
+        (["--metrics", "lpips", "--lpips_net", "vgg"], "vgg16-397923af.pth"),
+        (["--metrics", "fd", "--feature_extractor", "i3d"], "needs clips"),
+    ],
+)
+def test_eval_ae_refuses_bad_input_before_any_weights_load(
+    tmp_path, tiny_video_vae_dir, tiny_vae_dir, extra, message, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty weights cache
+    script = load_script("eval_ae")
+    model = tiny_video_vae_dir if "--num_frames" in extra else tiny_vae_dir
+    videos = str(write_gifs(tmp_path / "videos")) if "VIDEOS" in extra else None
+    extra = [videos if e == "VIDEOS" else str(e) for e in extra]
+    args = [
+        "--models",
+        model,
+        "--resolution",
+        "32",
+        "--num_samples",
+        "4",
+        "--output_dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
+    loaded = []
+    monkeypatch.setattr(script.ae, "load_pretrained", lambda *a, **k: loaded.append(a))
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        script.main(script.parse_args(args))
+    assert message in str(err.value)
+    assert not loaded and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_missing_weights_message_names_the_file_the_folder_and_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    script = load_script("eval_dit")
+    args = ["--samples_dir", str(tmp_path), "--num_frames", "9", "--feature_extractor", "i3d"]
+    args = script.parse_args([*args, "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError) as err:
+        script.main(args)
+    text = str(err.value)
+    assert "i3d_torchscript.pt" in text and os.path.join(str(tmp_path / "th"), "hub", "checkpoints") in text
+    assert "--i3d_model" in text and "dropbox" in text
+
+
+# ------------------------------------------------------------------------------------------- analyze_spectrum
+
+
+def test_analyze_spectrum_profiles_equal_the_whole_set_at_once(run_script, tmp_path, tiny_vae_dir, image_dir):
+    out = tmp_path / "spec"
+    args = [
+        "--models", f"tiny={tiny_vae_dir}", "--data_dir", image_dir, "--resolution", 32, "--batch_size", 3,
+        "--block_size", 4, "--per_channel", "--output_dir", out,
+    ]  # fmt: skip
+    run_script("analyze_spectrum.py", args)
+    result = json.loads((out / "spectrum.json").read_text())
+    for name in ("spectrum.png", "spectrum_channels.png", "spectrum.md"):
+        assert (out / name).is_file(), name
+    samples = evaluation_samples(32, 512, data_dir=str(image_dir))
+    pixels = torch.stack([samples[i][0] for i in range(len(samples)) if samples[i][1]])
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    with torch.no_grad():
+        z = vae.encode(pixels).latent_dist.mode()
+    entry = result["models"]["tiny"]
+    # Batches of 3, 3 and 1 images are weighted by their size: the profile is that of all 7 images at once
+    np.testing.assert_allclose(entry["profile"], frequency_profile(z, 4).numpy(), rtol=1e-5)
+    assert entry["hf_share"] == pytest.approx(float(share_of_high_frequencies(energy_profile(z, 4))), rel=1e-5)
+    assert len(entry["channels"]) == z.shape[1]
+    np.testing.assert_allclose(entry["channels"][2]["profile"], frequency_profile(z[:, 2:3], 4).numpy(), rtol=1e-5)
+    rgb_small = frequency_profile(downsample(pixels, 4, "area"), 4).numpy()
+    np.testing.assert_allclose(result["rgb"]["4"]["profile"], rgb_small, rtol=1e-5)
+    np.testing.assert_allclose(result["rgb"]["1"]["profile"], frequency_profile(pixels, 4).numpy(), rtol=1e-5)
+
+
+def test_analyze_spectrum_clips_per_frame(run_script, tmp_path, tiny_video_vae_dir):
+    out = tmp_path / "spec"
+    args = [
+        "--models", tiny_video_vae_dir, "--num_frames", 9, "--num_samples", 3, "--resolution", 32,
+        "--block_size", 4, "--per_frame", "--output_dir", out,
+    ]  # fmt: skip
+    run_script("analyze_spectrum.py", args)
+    result = json.loads((out / "spectrum.json").read_text())
+    (entry,) = result["models"].values()
+    assert len(entry["frames"]) == 3  # 9 frames -> 1 + 8 / 4 latent frames
+    assert (out / "spectrum_frames.png").is_file() and 0 <= entry["hf_share"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- eval_dit
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    from diffusability_hf import autoencoders as ae
+    from diffusability_hf.models.dit import build_dit
+    from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
+    vae = AutoencoderKL.from_pretrained(ae.EMBEDDED_AE)
+    torch.manual_seed(0)
+    dit = build_dit("DiT-tiny/2", in_channels=vae.config.latent_channels, sample_size=8, num_classes=3)
+    channels = vae.config.latent_channels
+    pipe = DiTFlowMatchPipeline(
+        transformer=dit, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+        id2label={"0": "a", "1": "b", "2": "c"}, latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("pipeline")
+    pipe.save_pretrained(path)
+    return str(path)
+
+
+def dit_args(pipeline, out, cache, ts, *extra):
+    return [
+        "--pipeline", pipeline, "--num_samples", 10, "--num_inference_steps", 2, "--feature_extractor", ts,
+        "--stats_cache_dir", cache, "--output_dir", out, *extra,
+    ]  # fmt: skip
+
+
+def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline_dir, tiny_feature_models):
+    ts, out, cache = tiny_feature_models["torchscript"], tmp_path / "eval", tmp_path / "cache"
+    run_script("eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 4))
+    files = sorted((out / "samples").glob("*.png"))
+    assert len(files) == 10 and (out / "samples_grid.png").is_file()
+    labels = json.loads((out / "samples" / "labels.json").read_text())
+    assert [labels[f.name] for f in files] == [i % 3 for i in range(10)]
+    result = json.loads((out / "metrics.json").read_text())
+    metric = result["metrics"]["FD-tiny_features"]
+    assert (metric["num_samples"], metric["num_reference"]) == (10, 10)
+    assert len(list(cache.glob("*.npz"))) == 1
+
+    # Independently: features of the PNGs as written, against the embedded training crops (the default reference)
+    fake = torch.stack([EvalSamples([str(f)], 64)[0][0] for f in files])
+    reference = evaluation_samples(64, 10, embedded_split="train")
+    real = torch.stack([reference[i][0] for i in range(10)])
+    expected = frequency_distance_numpy(torchscript_features(ts, fake), torchscript_features(ts, real))
+    assert metric["value"] == pytest.approx(expected, rel=1e-4)
+
+    # A rerun after losing some samples remakes exactly those, bit for bit, whatever the batch size; the reference
+    # statistics come from the cache (the reference is never read again)
+    before = {f.name: np.asarray(Image.open(f)) for f in files}
+    for f in files[3:7]:
+        f.unlink()
+    proc = run_script("eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 3))
+    assert "6 samples already in" in proc.stderr and "cached reference statistics" in proc.stderr
+    for f in files:
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), before[f.name])
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["FD-tiny_features"]["value"] == pytest.approx(
+        metric["value"], rel=1e-9
+    )
+
+
+def test_eval_dit_random_classes_and_dinov2(run_script, tmp_path, tiny_pipeline_dir, tiny_feature_models):
+    out = tmp_path / "eval"
+    extra = [
+        "--class_sampling",
+        "random",
+        "--feature_extractor",
+        "dinov2",
+        "--dinov2_model",
+        tiny_feature_models["dinov2"],
+    ]
+    args = [
+        "--pipeline", tiny_pipeline_dir, "--num_samples", 9, "--num_inference_steps", 1,
+        "--stats_cache_dir", tmp_path / "cache", "--output_dir", out, *extra,
+    ]  # fmt: skip
+    run_script("eval_dit.py", args)
+    labels = json.loads((out / "samples" / "labels.json").read_text())
+    assert sorted(labels.values()) == sorted(np.random.default_rng(0).integers(0, 3, size=9).tolist())
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["metrics"]["FDD"]["value"])
+
+
+def test_eval_dit_scores_clip_folders_with_fvd(run_script, tmp_path, tiny_feature_models):
+    fake, real = write_gifs(tmp_path / "fake", num=4), write_gifs(tmp_path / "real", num=5, frames=14)
+    out = tmp_path / "eval"
+    args = [
+        "--samples_dir", fake, "--num_samples", 4, "--reference_video_dir", real, "--num_reference", 5,
+        "--num_frames", 10, "--feature_extractor", "i3d", "--i3d_model", tiny_feature_models["i3d"],
+        "--stats_cache_dir", tmp_path / "cache", "--output_dir", out,
+    ]  # fmt: skip
+    run_script("eval_dit.py", args)
+    fvd = json.loads((out / "metrics.json").read_text())["metrics"]["FVD"]
+    assert (fvd["num_samples"], fvd["num_reference"]) == (4, 5) and fvd["value"] > 0
+
+
+def test_eval_dit_missing_feature_weights_fail_before_sampling(tmp_path, tiny_pipeline_dir, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    script = load_script("eval_dit")
+    out = tmp_path / "eval"
+    args = script.parse_args(["--pipeline", tiny_pipeline_dir, "--num_samples", "4", "--output_dir", str(out)])
+    with pytest.raises(FileNotFoundError) as err:
+        script.main(args)
+    assert "weights-inception-2015-12-05-6726825d.pth" in str(err.value) and "--inception_weights" in str(err.value)
+    assert not (out / "samples").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "Give --pipeline"),
+        (["--samples_dir", "nowhere"], "is not a folder"),
+        (["--pipeline", "."], "no model_index.json"),
+    ],
+)
+def test_eval_dit_argument_errors(args, message, capsys):
+    script = load_script("eval_dit")
+    with pytest.raises(SystemExit):
+        script.parse_args(args)
+    assert message in capsys.readouterr().err
