@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 PIXEL_RANGE = 2.0  # [-1, 1]
 
@@ -49,6 +48,15 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return w / w.sum()
 
 
+def _band(g: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n - k + 1, n)`` matrix whose rows are the window ``g`` (length ``k``) at every valid offset."""
+    k = len(g)
+    band = torch.zeros(n - k + 1, n, dtype=g.dtype, device=g.device)
+    for i in range(n - k + 1):
+        band[i, i : i + k] = g
+    return band
+
+
 def ssim(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -73,12 +81,13 @@ def ssim(
     n, t, c, h, w = a.shape
     if min(h, w) < size:
         raise ValueError(f"SSIM needs images of at least {size}x{size} pixels, got {h}x{w}.")
-    a, b = a.reshape(n * t * c, 1, h, w), b.reshape(n * t * c, 1, h, w)
-    g = gaussian_window(size, sigma)
-    kernel = (g[:, None] * g[None, :])[None, None]  # (1, 1, size, size)
+    # The separable Gaussian blur over valid positions as two banded matrices: (h - size + 1, h) and (w', w).
+    # Float64 matmuls are ~100x faster than a float64 conv2d with an 11x11 kernel on CPU.
+    g = gaussian_window(size, sigma).to(a.device)
+    rows, cols = _band(g, h), _band(g, w)
 
     def blur(x):
-        return F.conv2d(x, kernel)
+        return rows @ x @ cols.T  # (N, T, C, h', w')
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a.square()
@@ -86,7 +95,7 @@ def ssim(
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
-    return s.reshape(n, t * c, -1).mean(2).mean(1)
+    return s.flatten(1).mean(1)  # every frame and channel has the same number of positions
 
 
 def mean_and_ci(values, z: float = 1.96) -> tuple:
