@@ -699,7 +699,8 @@ def evaluation_samples(
     else:
         crops = EmbeddedPhotoCrops(resolution, names, num_samples or 64, seed=seed, random_flip=False)
         sources = _LazyItems(lambda i: crops.crop(i)[0], len(crops))
-        what = f"crops of the embedded photographs {', '.join(names)}"
+        held_out = "held-out " if embedded_split == "validation" else ""
+        what = f"crops of the embedded {held_out}photographs {', '.join(names)}"
     n = len(sources) if num_samples is None else min(num_samples, len(sources))
     out = EvalSamples(_LazyItems(sources.__getitem__, n), resolution, num_frames, frame_stride)
     out.description = f"{n} {'clips' if num_frames else 'images'} of {what}"

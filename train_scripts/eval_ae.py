@@ -457,10 +457,10 @@ def write_outputs(args, samples, results, curves, firsts, lpips_model, fds):
         "# Autoencoder reconstruction",
         "",
         f"{what}; posterior {'samples' if args.sample_posterior else 'means'} decoded; mean ± 95% interval over samples.",
-        "Frechet distances compare the reconstructions' features with the originals'.",
-        "",
-        table,
     ]
+    if fds:
+        lines += ["Frechet distances compare the reconstructions' features with the originals'."]
+    lines += ["", table]
     if args.dct_cut_ratios:
         cut_header = ["cut (%)"] + [f"{label} PSNR" for label in curves]
         cut_rows = (
