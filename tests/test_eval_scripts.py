@@ -165,8 +165,8 @@ def test_eval_ae_two_processes_give_the_one_process_numbers(
     (a,), (b,) = one.values(), two.values()
     assert a["num_samples"] == b["num_samples"] == 7
     for key in ("psnr", "ssim"):
-        assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-9)
-    assert a["rFD-tiny_features"] == pytest.approx(b["rFD-tiny_features"], rel=1e-6)
+        assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-6)
+    assert a["rFD-tiny_features"] == pytest.approx(b["rFD-tiny_features"], rel=1e-4)
 
 
 def test_eval_ae_video_scores_clips_with_rfvd(run_script, tmp_path, tiny_video_vae_dir, tiny_feature_models):
@@ -310,7 +310,9 @@ def dit_args(pipeline, out, cache, ts, *extra):
 
 def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline_dir, tiny_feature_models):
     ts, out, cache = tiny_feature_models["torchscript"], tmp_path / "eval", tmp_path / "cache"
-    run_script("eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 4))
+    run_script(
+        "eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 4, "--class_sampling", "balanced")
+    )
     files = sorted((out / "samples").glob("*.png"))
     assert len(files) == 10 and (out / "samples_grid.png").is_file()
     labels = json.loads((out / "samples" / "labels.json").read_text())
@@ -327,38 +329,50 @@ def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline_
     expected = frequency_distance_numpy(torchscript_features(ts, fake), torchscript_features(ts, real))
     assert metric["value"] == pytest.approx(expected, rel=1e-4)
 
-    # A rerun after losing some samples remakes exactly those, bit for bit, whatever the batch size; the reference
-    # statistics come from the cache (the reference is never read again)
+    # A rerun after losing some samples remakes exactly those, from the same noise, whatever the batch size; the
+    # reference statistics come from the cache (the reference is never read again)
     before = {f.name: np.asarray(Image.open(f)) for f in files}
     for f in files[3:7]:
         f.unlink()
-    proc = run_script("eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 3))
+    proc = run_script(
+        "eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 3, "--class_sampling", "balanced")
+    )
     assert "6 samples already in" in proc.stderr and "cached reference statistics" in proc.stderr
-    for f in files:
-        np.testing.assert_array_equal(np.asarray(Image.open(f)), before[f.name])
+    for f in files:  # the same noise per sample; another batch composition may round a rare pixel the other way
+        a, b = np.asarray(Image.open(f)).astype(int), before[f.name].astype(int)
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+    assert not any(f.name.endswith(".tmp.png") for f in (out / "samples").iterdir())
     assert json.loads((out / "metrics.json").read_text())["metrics"]["FD-tiny_features"]["value"] == pytest.approx(
-        metric["value"], rel=1e-9
+        metric["value"], rel=1e-3
     )
 
 
-def test_eval_dit_random_classes_and_dinov2(run_script, tmp_path, tiny_pipeline_dir, tiny_feature_models):
-    out = tmp_path / "eval"
-    extra = [
-        "--class_sampling",
-        "random",
-        "--feature_extractor",
-        "dinov2",
-        "--dinov2_model",
-        tiny_feature_models["dinov2"],
-    ]
+def test_eval_dit_inception_dinov2_random_classes_and_two_processes(
+    run_script, tmp_path, tiny_pipeline_dir, tiny_feature_models, random_inception_weights
+):
+    """FID (torch-fidelity's Inception, random weights) and FDD (a tiny DINOv2) with the paper's random classes; two
+    processes make the same PNGs and the same numbers as one."""
     args = [
-        "--pipeline", tiny_pipeline_dir, "--num_samples", 9, "--num_inference_steps", 1,
-        "--stats_cache_dir", tmp_path / "cache", "--output_dir", out, *extra,
+        "--pipeline", tiny_pipeline_dir, "--num_samples", 8, "--batch_size", 3, "--num_inference_steps", 1,
+        "--feature_extractor", "inception", "dinov2", "--inception_weights", random_inception_weights,
+        "--dinov2_model", tiny_feature_models["dinov2"],
     ]  # fmt: skip
-    run_script("eval_dit.py", args)
-    labels = json.loads((out / "samples" / "labels.json").read_text())
-    assert sorted(labels.values()) == sorted(np.random.default_rng(0).integers(0, 3, size=9).tolist())
-    assert np.isfinite(json.loads((out / "metrics.json").read_text())["metrics"]["FDD"]["value"])
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("eval_dit.py", [*args, "--stats_cache_dir", tmp_path / "c1", "--output_dir", one])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    two_args = [*args, "--stats_cache_dir", tmp_path / "c2", "--output_dir", two]
+    run_script("eval_dit.py", two_args, launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
+    labels = json.loads((one / "samples" / "labels.json").read_text())
+    assert [labels[f"{i:06d}.png"] for i in range(8)] == np.random.default_rng(0).integers(0, 3, size=8).tolist()
+    for i in range(8):  # the same noise; batches of other composition may round a rare pixel the other way
+        a, b = (np.asarray(Image.open(d / "samples" / f"{i:06d}.png")).astype(int) for d in (one, two))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+    m1, m2 = (json.loads((d / "metrics.json").read_text())["metrics"] for d in (one, two))
+    assert set(m1) == {"FID", "FDD"}
+    for key in m1:
+        assert np.isfinite(m1[key]["value"]) and m1[key]["value"] > 0
+        assert m1[key]["value"] == pytest.approx(m2[key]["value"], rel=1e-3)
+        assert m2[key]["num_samples"] == m2[key]["num_reference"] == 8
 
 
 def test_eval_dit_scores_clip_folders_with_fvd(run_script, tmp_path, tiny_feature_models):

@@ -7,10 +7,11 @@ clips, FVD (I3D), as in the paper's Tables 1-3.
         --reference_dataset_name ILSVRC/imagenet-1k --reference_split train --num_reference 50000 \\
         --output_dir eval_dit
 
-1. Samples: ``--num_samples`` images from a saved :class:`DiTFlowMatchPipeline` (classes balanced, ``i % K``, or
-   drawn at random with ``--class_sampling random``, the paper's "no class balancing"), written as PNGs to
-   ``<output_dir>/samples``. Sample ``i`` has its own noise generator (seed ``--seed`` and ``i``), so it is the same
-   whatever the batch size, the number of processes or an interruption: a rerun only makes the missing files.
+1. Samples: ``--num_samples`` images from a saved :class:`DiTFlowMatchPipeline` (classes drawn at random, the
+   paper's "no class balancing", or ``--class_sampling balanced``: ``i % K``), written as PNGs to
+   ``<output_dir>/samples``. Sample ``i`` has its own noise generator (seed ``--seed`` and ``i``), so it starts from
+   the same noise whatever the batch size, the number of processes or an interruption (other batch compositions
+   change only float round-off: a rare pixel one level off), and a rerun only makes the missing files.
    Or ``--samples_dir``: score images or clips made elsewhere (a video generator's clips for FVD).
 2. Reference statistics: the features' mean and covariance over ``--num_reference`` real images or clips, cached in
    ``--stats_cache_dir`` under a key of the source, count, resolution, frames and extractor weights (or given as
@@ -76,9 +77,10 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--class_sampling",
         type=str,
-        default="balanced",
-        choices=["balanced", "random"],
-        help="Labels i % K (balanced) or drawn uniformly with --seed (random).",
+        default="random",
+        choices=["random", "balanced"],
+        help="Labels drawn uniformly with --seed (the paper's protocol: 'without any optimization for class "
+        "balancing', Sec. 4) or i % K (balanced).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the noise (per sample) and random labels.")
     parser.add_argument(
