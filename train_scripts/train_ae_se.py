@@ -777,6 +777,12 @@ def save_spectrum_plot(path, profiles):
 
 def main(args):
     # Validate everything cheap before touching weights or data
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch for FSDP configs
+        raise ValueError(
+            "FSDP is not supported by this script yet: its EMA, validation and final save need every parameter on one "
+            "process. The models trained here fit on one GPU, and data parallelism gives the same result: launch with "
+            "accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml instead."
+        )
     if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, build_vae, pretrained = load_autoencoder(args)

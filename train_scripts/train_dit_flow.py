@@ -310,6 +310,12 @@ class FlowMatchingLoss(torch.nn.Module):
 
 
 def main(args):
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch for FSDP configs
+        raise ValueError(
+            "FSDP is not supported by this script yet: its EMA, validation and final save need every parameter on one "
+            "process. The models trained here fit on one GPU, and data parallelism gives the same result: launch with "
+            "accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml instead."
+        )
     # Validate cheap things: the latents, the AE they came from, the model geometry
     vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
     meta = read_metadata(args.latents_dir) if args.latents_dir else on_the_fly_metadata(args, vae_config)
