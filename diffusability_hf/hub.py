@@ -29,6 +29,101 @@ def render_model_card(template: str, fields: Mapping[str, object], template_dir:
         return render_template(f.read(), fields)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOOLKIT_LICENSE = "apache-2.0"  # the toolkit's own weights (embedded AE, random inits)
+
+
+def hub_repo_id(path: Optional[str]) -> Optional[str]:
+    """``path`` when it names a Hub repo (``owner/name`` and no local folder of that name), else ``None``.
+
+    Only real repo ids go into a card's ``base_model``: the Hub rejects a card whose ``base_model`` is not one.
+    """
+    if not path or os.path.exists(path) or not _HUB_ID.match(path):
+        return None
+    return path
+
+
+def parse_front_matter(text: str) -> dict:
+    """The YAML front matter of a model card (``{}`` when there is none)."""
+    import yaml
+
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    data = yaml.safe_load(text[3:end])
+    return data if isinstance(data, dict) else {}
+
+
+def read_card_metadata(path_or_id: str, cache_dir: Optional[str] = None, online: bool = False) -> dict:
+    """Front matter of a model's ``README.md``: a local folder (or the folder above it, for a ``vae`` subfolder of a
+    pipeline), else the Hugging Face cache, else (``online`` and not ``HF_HUB_OFFLINE``) the Hub. ``{}`` when none
+    can be read."""
+    candidates = []
+    if os.path.isdir(path_or_id):
+        candidates = [os.path.join(path_or_id, "README.md"), os.path.join(path_or_id, os.pardir, "README.md")]
+    elif hub_repo_id(path_or_id):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        try:
+            candidates = [
+                hf_hub_download(
+                    path_or_id, "README.md", cache_dir=cache_dir, local_files_only=HF_HUB_OFFLINE or not online
+                )
+            ]
+        except Exception:  # not cached offline, no network, gated repo: the license is then unknown
+            candidates = []
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                meta = parse_front_matter(fh.read())
+            if meta:
+                return meta
+    return {}
+
+
+def card_license(
+    given: Optional[str], base: Optional[str], cache_dir: Optional[str] = None, online: bool = False
+) -> dict:
+    """The license fields of a derived model's card: ``given`` (e.g. ``--license``), else the base model's
+    (``license`` and, for ``other``, ``license_name`` / ``license_link``; see :func:`read_card_metadata`), else the
+    toolkit's own when there is no pretrained base (``base=None``), else ``{}`` (unknown: the card then says to check
+    the base model's)."""
+    if given:
+        return {"license": given}
+    if base is None:
+        return {"license": TOOLKIT_LICENSE}
+    meta = read_card_metadata(base, cache_dir, online)
+    return {k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)}
+
+
+def metadata_yaml(base_model: Optional[str], license_fields: Mapping[str, object]) -> str:
+    """``base_model`` (only a Hub repo id) and license lines of a card's front matter, YAML-quoted, each ending
+    with a newline ("" when there is nothing to say)."""
+    import yaml
+
+    fields = {}
+    if hub_repo_id(base_model):
+        fields["base_model"] = base_model
+    fields.update(license_fields)
+    return yaml.safe_dump(fields, sort_keys=False, allow_unicode=True) if fields else ""
+
+
+def license_sentence(license_fields: Mapping[str, object], base: Optional[str]) -> str:
+    """One line for the card body: the license, or where to find it when unknown."""
+    if license_fields.get("license"):
+        name = license_fields.get("license_name") or license_fields["license"]
+        return f"License: {name}" + (
+            f" ({license_fields['license_link']})" if license_fields.get("license_link") else ""
+        )
+    return (
+        f"License: that of the base model {base} (its model card could not be read here: check it, and add its "
+        "license to this card's front matter)"
+    )
+
+
 def markdown_table(rows, header) -> str:
     """A GitHub markdown table from a header and rows of cells."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -89,7 +90,12 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "scale-equivariance" in card
-    assert f"base_model: {tiny_vae_dir}" in card
+    meta = ModelCard(card).data.to_dict()  # the Hub's own parser
+    assert meta["library_name"] == "diffusers" and {"diffusability", "scale-equivariance"} <= set(meta["tags"])
+    # A local base is named in the text but not as base_model (the Hub accepts only repo ids there); it has no
+    # model card, so its license is unknown and the card says where to look
+    assert "base_model" not in meta and "license" not in meta and "{{" not in card
+    assert f"fine-tuned from **{tiny_vae_dir}**" in card and f"that of the base model {tiny_vae_dir}" in card
     assert "| `learning_rate` | `0.001` |" in card and "| `se_weight` | `0.25` |" in card
     assert "| `max_train_steps` | `3` |" in card
     assert f"{metrics['after']['psnr']:.2f}" in card

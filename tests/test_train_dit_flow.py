@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
@@ -40,6 +41,9 @@ def test_train_save_and_sample_through_both_loaders(tmp_path, latents, run_scrip
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "{{" not in card
     assert "DiT-tiny/2" in card and "trust_remote_code=True" in card
+    meta = ModelCard(card).data.to_dict()  # the Hub's own parser
+    assert meta["library_name"] == "diffusers" and {"diffusability", "scale-equivariance"} <= set(meta["tags"])
+    assert meta["license"] == "apache-2.0" and "base_model" not in meta  # the toolkit's embedded AE
 
     # The toolkit's class, and the remote-code layout in an interpreter that never imports the toolkit
     pipe = DiTFlowMatchPipeline.from_pretrained(out)

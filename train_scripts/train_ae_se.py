@@ -390,6 +390,13 @@ def parse_args(input_args=None):
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: output folder name).")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (never written anywhere).")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument(
+        "--license",
+        type=str,
+        default=None,
+        help="License of the model card (a Hub license id, e.g. 'apache-2.0'). Default: the base model's, read from "
+        "its model card.",
+    )
     args = parser.parse_args(input_args)
     return resolve_args(args, parser)
 
@@ -1110,7 +1117,7 @@ def run_validation(accelerator, vae, ema, val, rgb, args, step):
 
 def write_outputs(args, before, after, rgb, val, run):
     """metrics.json, spectrum.png and the model card README.md."""
-    from diffusability_hf.hub import markdown_table, render_model_card
+    from diffusability_hf.hub import card_license, license_sentence, markdown_table, metadata_yaml, render_model_card
 
     base = (
         "embedded (diffusability_hf/assets/embedded_ae)"
@@ -1172,13 +1179,14 @@ def write_outputs(args, before, after, rgb, val, run):
         n = int(val[kind].shape[0])
         described.append(f"{n} images" if kind == "image" else f"{n} clips of {args.num_frames} frames")
     class_name = run["class_name"]
+    base_id = None if args.embedded_model or args.model_config_name_or_path else args.pretrained_model_name_or_path
+    license_fields = card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub)
     card = render_model_card(
         "se_autoencoder",
         {
             "base_model": base,
-            "base_model_yaml": ""
-            if args.embedded_model or args.model_config_name_or_path
-            else f"base_model: {args.pretrained_model_name_or_path}\n",
+            "card_metadata": metadata_yaml(base_id, license_fields),
+            "license_sentence": license_sentence(license_fields, base_id),
             "class_name": class_name,
             "se_weight": args.se_weight,
             "scale_factors": hp["se_scale_factors"],

@@ -136,6 +136,12 @@ def parse_args(input_args=None):
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (never written anywhere).")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument(
+        "--license",
+        type=str,
+        default=None,
+        help="License of the model card (a Hub license id). Default: the autoencoder's, read from its model card.",
+    )
     args = parser.parse_args(input_args)
 
     small = args.pretrained_vae_model_name_or_path is None  # the embedded CPU demo
@@ -540,12 +546,17 @@ def save_checkpoint(accelerator, args, step):
 
 
 def write_card(args, meta, transformer, steps, seconds, loss):
-    from diffusability_hf.hub import markdown_table, render_model_card
+    from diffusability_hf.hub import card_license, license_sentence, markdown_table, metadata_yaml, render_model_card
 
+    vae_source = args.pretrained_vae_model_name_or_path
+    base_id = None if os.path.abspath(vae_source) == os.path.abspath(ae.EMBEDDED_AE) else vae_source
+    license_fields = card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub)
     hp = [(f"`{k}`", f"`{v}`") for k, v in sorted(vars(args).items()) if k != "hub_token" and v is not None]
     card = render_model_card(
         "dit_pipeline",
         {
+            "card_metadata": metadata_yaml(base_id, license_fields),
+            "license_sentence": license_sentence(license_fields, base_id),
             "vae": meta["ae"],
             "vae_class": meta["ae_class"],
             "model": args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
