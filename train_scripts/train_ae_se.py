@@ -388,7 +388,13 @@ def parse_args(input_args=None):
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: output folder name).")
-    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (never written anywhere).")
+    parser.add_argument(
+        "--hub_token",
+        type=str,
+        default=None,
+        help="Refused: a token on the command line shows in process lists, shell history and the launcher's error "
+        "messages. Log in with `hf auth login` or set HF_TOKEN instead.",
+    )
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument(
         "--license",
@@ -468,9 +474,10 @@ def resolve_args(args, parser):
         parser.error("--resolution and --max_train_steps must be positive, --train_batch_size at least 0.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1.")
-    if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
+    if args.hub_token is not None:  # the value itself is never echoed
         parser.error(
-            "--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`."
+            "--hub_token is refused: a token on the command line shows in process lists, shell history and the "
+            "launcher's error messages. Log in with `hf auth login` or set the HF_TOKEN environment variable."
         )
     if args.report_to == "none":
         args.report_to = None
@@ -825,7 +832,7 @@ def main(args):
             from diffusability_hf.hub import check_hub_access
 
             repo_id = check_hub_access(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token, args.private
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), None, args.private
             )
 
     # Reconstruction distance d (loads LPIPS before the AE so a missing trunk fails fast)
@@ -1070,7 +1077,7 @@ def main(args):
         if args.push_to_hub:
             from diffusability_hf.hub import push_folder
 
-            url = push_folder(repo_id, args.output_dir, args.hub_token, "SE fine-tuned autoencoder")
+            url = push_folder(repo_id, args.output_dir, None, "SE fine-tuned autoencoder")
             logger.info(f"Uploaded to {url}")
     accelerator.end_training()
 

@@ -134,7 +134,13 @@ def parse_args(input_args=None):
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline to the Hub.")
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id.")
-    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (never written anywhere).")
+    parser.add_argument(
+        "--hub_token",
+        type=str,
+        default=None,
+        help="Refused: a token on the command line shows in process lists, shell history and the launcher's error "
+        "messages. Log in with `hf auth login` or set HF_TOKEN instead.",
+    )
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument(
         "--license",
@@ -143,6 +149,11 @@ def parse_args(input_args=None):
         help="License of the model card (a Hub license id). Default: the autoencoder's, read from its model card.",
     )
     args = parser.parse_args(input_args)
+    if args.hub_token is not None:  # the value itself is never echoed
+        parser.error(
+            "--hub_token is refused: a token on the command line shows in process lists, shell history and the "
+            "launcher's error messages. Log in with `hf auth login` or set the HF_TOKEN environment variable."
+        )
 
     small = args.pretrained_vae_model_name_or_path is None  # the embedded CPU demo
     defaults = dict(train_batch_size=32, max_train_steps=400_000, lr_warmup_steps=10_000, validation_steps=5000,
@@ -352,7 +363,7 @@ def main(args):
             from diffusability_hf.hub import check_hub_access
 
             repo_id = check_hub_access(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token, args.private
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), None, args.private
             )
 
     # Data: posterior mean/std per image; a fresh sample each step, normalised per channel (extraction statistics)
@@ -484,7 +495,7 @@ def main(args):
         if args.push_to_hub:
             from diffusability_hf.hub import push_folder
 
-            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, args.hub_token, 'DiT flow pipeline')}")
+            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'DiT flow pipeline')}")
     accelerator.end_training()
 
 
