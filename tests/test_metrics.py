@@ -622,3 +622,14 @@ def test_extract_features_quantises_and_batches(torchscript_extractor):
     torch.testing.assert_close(
         extract_features(torchscript_extractor, clips, batch_size=1), torchscript_extractor(to_uint8(clips))
     )
+
+
+def test_feature_statistics_merge_equals_one_pass_and_leaves_parts_alone():
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(23, 5))
+    parts = [FeatureStatistics().update(feats[:7]), FeatureStatistics(), FeatureStatistics().update(feats[7:])]
+    before = parts[0].total.copy()
+    merged = FeatureStatistics.merge(parts)
+    np.testing.assert_allclose(merged.mu, feats.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged.sigma, np.cov(feats, rowvar=False), rtol=1e-10)
+    assert merged.n == 23 and np.array_equal(parts[0].total, before)

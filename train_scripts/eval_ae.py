@@ -270,7 +270,7 @@ def evaluate_model(vae, loader, args, accelerator, lpips_model, extractors, real
             for name, extractor in extractors.items():
                 real_stats[name].update(extractor(to_uint8(pixels)))
         count += len(pixels)
-        if step == 0:
+        if None not in first:  # the first readable batch, for the reconstruction grid
             first[None] = recon[:8].cpu()
         # DCT cut (paper eq. 4 on the latents, Fig. 8): zero the top share of zigzag coefficients, decode, score
         for ratio in cut:
@@ -279,22 +279,11 @@ def evaluate_model(vae, loader, args, accelerator, lpips_model, extractors, real
                 rc = ae.decode(vae, zc, gen, args.decode_timestep, args.decode_noise_scale).float().clamp(-1, 1)
             for name, values in scores(rc, pixels, args, lpips_model).items():
                 cut[ratio].setdefault(name, []).append(values)
-            if step == 0:
+            if ratio not in first:
                 first[ratio] = rc[:8].cpu()
     per_sample = {k: torch.cat(v).tolist() for k, v in per_sample.items()}
     cut = {r: {k: torch.cat(v).tolist() for k, v in d.items()} for r, d in cut.items()}
     return per_sample, fake_stats, cut, first, seconds, count, skipped
-
-
-def merge_stats(all_stats):
-    """Sum the running sums of the processes' :class:`FeatureStatistics`."""
-    total = FeatureStatistics()
-    for s in all_stats:
-        if s.n:
-            total.n += s.n
-            total.total = s.total if total.total is None else total.total + s.total
-            total.outer = s.outer if total.outer is None else total.outer + s.outer
-    return total
 
 
 def gather_lists(accelerator, values: dict) -> dict:
@@ -408,7 +397,10 @@ def main(args):
         result["num_samples"] = sum(c for _, c, _ in timing)
         result["skipped"] = sum(s for _, _, s in timing)
         for name in extractors:
-            real, fake_all = merge_stats(gather_object([real_stats[name]])), merge_stats(gather_object([fake[name]]))
+            real, fake_all = (
+                FeatureStatistics.merge(gather_object([real_stats[name]])),
+                FeatureStatistics.merge(gather_object([fake[name]])),
+            )
             result[name] = frechet_distance(real.mu, real.sigma, fake_all.mu, fake_all.sigma)
         # Samples/s of the whole per-batch work (encode, decode, metrics), per process, summed over processes
         result["samples_per_second"] = sum(c / s for s, c, _ in timing if s > 0)
@@ -431,7 +423,8 @@ def write_outputs(args, samples, results, curves, firsts, lpips_model, fds):
         pixels = torch.stack([samples[i][0] for i in range(min(len(samples), 64))])
         rgb = rgb_cut_scores(pixels, args, lpips_model.cpu() if lpips_model is not None else None)
         rgb = {str(r): {k: summarise(v) for k, v in d.items()} for r, d in rgb.items()}
-        plot_dct_cut(os.path.join(args.output_dir, "dct_cut.png"), curves, metrics)
+        if metrics:
+            plot_dct_cut(os.path.join(args.output_dir, "dct_cut.png"), curves, metrics)
         ratios = sorted(args.dct_cut_ratios)
         rgb_rows = torch.stack([chop_high_frequencies(originals[:1].float(), args.dct_block_size, r) for r in ratios])
         rows = [rgb_rows[:, 0].clamp(-1, 1)] + [torch.stack([f[r][0] for r in ratios]) for f in firsts.values()]

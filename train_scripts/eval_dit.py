@@ -196,16 +196,7 @@ def feature_statistics(dataset, extractors, args, accelerator, desc):
         if len(pixels):
             for name, ext in extractors.items():
                 stats[name].update(ext(pixels))
-    merged = {}
-    for name in extractors:
-        parts = gather_object([stats[name]])
-        total = FeatureStatistics()
-        for part in parts:
-            if part.n:
-                total.n += part.n
-                total.total = part.total if total.total is None else total.total + part.total
-                total.outer = part.outer if total.outer is None else total.outer + part.outer
-        merged[name] = total
+    merged = {name: FeatureStatistics.merge(gather_object([stats[name]])) for name in extractors}
     return merged, sum(gather_object([skipped]))
 
 

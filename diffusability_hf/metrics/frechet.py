@@ -77,6 +77,17 @@ class FeatureStatistics:
         self.outer += f.T @ f
         return self
 
+    @classmethod
+    def merge(cls, parts) -> "FeatureStatistics":
+        """The statistics of the union of the sets behind ``parts`` (e.g. one per process)."""
+        total = cls()
+        for part in parts:
+            if part.n:
+                total.n += part.n
+                total.total = part.total.copy() if total.total is None else total.total + part.total
+                total.outer = part.outer.copy() if total.outer is None else total.outer + part.outer
+        return total
+
     @property
     def mu(self) -> np.ndarray:
         return self.total / self.n
