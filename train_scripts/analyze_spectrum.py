@@ -71,6 +71,7 @@ def parse_args(input_args=None):
     parser.add_argument("--num_samples", type=int, default=None, help="Images or clips (default 256; embedded 64).")
     parser.add_argument("--resolution", type=int, default=None, help="Centre-crop side (default 256; embedded: 64).")
     parser.add_argument("--batch_size", type=int, default=16, help="Images (or clips) per encoder call.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     parser.add_argument("--block_size", type=int, default=8, help="DCT block size B (profiles have B*B entries).")
     parser.add_argument("--hf_cutoff", type=float, default=0.5, help="Zigzag share where 'high frequencies' start.")
     parser.add_argument("--per_channel", action="store_true", help="Also one profile per latent channel.")
@@ -211,7 +212,9 @@ def main(args):
         args.video_column, args.num_frames, args.frame_stride,
     )  # fmt: skip
     indices = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(samples, indices), batch_size=args.batch_size)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(samples, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
+    )
 
     sums, info, skipped, done = ProfileSums(), {}, 0, set()
     for label, path, sub, config in models:

@@ -71,6 +71,7 @@ def parse_args(input_args=None):
         help="Samples to make/score (default 50000; 256 with the embedded reference).",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="Samples per pipeline call and per feature batch.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Euler steps per sample.")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance (1 = off).")
     parser.add_argument("--shift", type=float, default=None, help="Time shift of eq. 3 (default: the scheduler's).")
@@ -187,7 +188,9 @@ def load_extractors(args, device):
 def feature_statistics(dataset, extractors, args, accelerator, desc):
     """Statistics of every extractor over a dataset of ``(pixels, ok)``, split between processes and merged."""
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
+    )
     stats = {name: FeatureStatistics() for name in extractors}
     skipped = 0
     for pixels, ok in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
