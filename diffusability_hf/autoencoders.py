@@ -533,6 +533,46 @@ def parse_model_spec(spec: str) -> Tuple[str, str, Optional[str]]:
     return label, path, subfolder
 
 
+def check_model_specs(
+    specs,
+    resolution: int,
+    num_frames: Optional[int] = None,
+    revision=None,
+    cache_dir=None,
+    block_size=None,
+    block_flag: str = "--block_size",
+) -> List[tuple]:
+    """Read the config of every ``[LABEL=]PATH[:SUBFOLDER]`` spec (no weights) and check that the samples fit it:
+    ``resolution`` divisible by its compression, clips (``num_frames``) only for video AEs and with a valid frame
+    count, images only for AEs that can encode one, and (``block_size``) latents that split into DCT blocks.
+
+    Returns ``[(label, path, subfolder, config)]``; raises ``ValueError`` saying what to change.
+    """
+    models = []
+    for spec in specs:
+        label, path, sub = parse_model_spec(spec)
+        config = pretrained_config(path, sub, revision, cache_dir)
+        f = spatial_compression(config)
+        if resolution % f:
+            raise ValueError(
+                f"--resolution {resolution} does not fit {label} (compression {f}): use a multiple of {f}."
+            )
+        row = get_row(config)
+        if num_frames is not None:
+            if not row.video:
+                raise ValueError(f"{label} ({config['_class_name']}) is an image autoencoder: give it images.")
+            check_num_frames(config, num_frames)
+        elif row.video and not row.causal:
+            raise ValueError(f"{label} ({config['_class_name']}) cannot encode single images: give it clips.")
+        if block_size and (resolution // f) % block_size:
+            raise ValueError(
+                f"The latents of {label} are {resolution // f} px wide, not a multiple of {block_flag} {block_size}: "
+                "change one of them."
+            )
+        models.append((label, path, sub, config))
+    return models
+
+
 def load_pretrained(path: str, subfolder: Optional[str] = None, revision=None, variant=None, cache_dir=None):
     """A pretrained AE of a supported class, tiling/slicing off (:func:`prepare_for_training`), in eval mode."""
     config = pretrained_config(path, subfolder, revision, cache_dir)

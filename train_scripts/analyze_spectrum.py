@@ -115,25 +115,9 @@ def parse_args(input_args=None):
 def check_models(args):
     """Configs only: every AE must fit the resolution, frame count and block size. Returns ``[(label, path, sub,
     config)]``."""
-    models = []
-    for spec in args.models:
-        label, path, sub = ae.parse_model_spec(spec)
-        config = ae.pretrained_config(path, sub, args.revision, args.cache_dir)
-        f = ae.spatial_compression(config)
-        if args.resolution % f or (args.resolution // f) % args.block_size:
-            raise ValueError(
-                f"{label} compresses {f}x: --resolution {args.resolution} must be a multiple of {f} * --block_size "
-                f"({f * args.block_size}) so that its latents split into DCT blocks."
-            )
-        row = ae.get_row(config)
-        if args.num_frames is not None:
-            if not row.video:
-                raise ValueError(f"{label} ({config['_class_name']}) is an image autoencoder: analyse it on images.")
-            ae.check_num_frames(config, args.num_frames)
-        elif row.video and not row.causal:
-            raise ValueError(f"{label} ({config['_class_name']}) cannot encode single images: give it clips.")
-        models.append((label, path, sub, config))
-    return models
+    return ae.check_model_specs(
+        args.models, args.resolution, args.num_frames, args.revision, args.cache_dir, args.block_size, "--block_size"
+    )
 
 
 class ProfileSums:

@@ -187,29 +187,10 @@ def check_models(args):
     """Read every AE's config (no weights) and check that the samples fit it. Returns ``[(label, path, sub, config)]``."""
     if "fd" in args.metrics and "i3d" in args.feature_extractor and not args.num_frames:
         raise ValueError("--feature_extractor i3d (rFVD) needs clips: give a video source or --num_frames.")
-    models = []
-    for spec in args.models:
-        label, path, sub = ae.parse_model_spec(spec)
-        config = ae.pretrained_config(path, sub, args.revision, args.cache_dir)
-        f = ae.spatial_compression(config)
-        if args.resolution % f:
-            raise ValueError(
-                f"--resolution {args.resolution} does not fit {label} (compression {f}): use a multiple of {f}."
-            )
-        row = ae.get_row(config)
-        if args.num_frames is not None:
-            if not row.video:
-                raise ValueError(f"{label} ({config['_class_name']}) is an image autoencoder: evaluate it on images.")
-            ae.check_num_frames(config, args.num_frames)
-        elif row.video and not row.causal:
-            raise ValueError(f"{label} ({config['_class_name']}) cannot encode single images: give it clips.")
-        if args.dct_cut_ratios and (args.resolution // f) % args.dct_block_size:
-            raise ValueError(
-                f"The latents of {label} are {args.resolution // f} px wide, not a multiple of --dct_block_size "
-                f"{args.dct_block_size}: change one of them."
-            )
-        models.append((label, path, sub, config))
-    return models
+    return ae.check_model_specs(
+        args.models, args.resolution, args.num_frames, args.revision, args.cache_dir,
+        args.dct_block_size if args.dct_cut_ratios else None, "--dct_block_size",
+    )  # fmt: skip
 
 
 def per_sample_lpips(lpips_model, recon, pixels):
@@ -417,11 +398,12 @@ def main(args):
 
 def write_outputs(args, samples, results, curves, firsts, lpips_model, fds):
     metrics = [m for m in ("psnr", "ssim", "lpips") if m in args.metrics]
-    originals = torch.stack([samples[i][0] for i in range(min(8, len(samples)))])
+    # The first samples, read once: the grids use 8, the RGB reference of the DCT cut up to 64
+    first_pixels = torch.stack([samples[i][0] for i in range(min(len(samples), 64 if args.dct_cut_ratios else 8))])
+    originals = first_pixels[:8]
     save_grid(os.path.join(args.output_dir, "reconstructions.png"), [originals] + [f[None] for f in firsts.values()])
     if args.dct_cut_ratios:
-        pixels = torch.stack([samples[i][0] for i in range(min(len(samples), 64))])
-        rgb = rgb_cut_scores(pixels, args, lpips_model.cpu() if lpips_model is not None else None)
+        rgb = rgb_cut_scores(first_pixels, args, lpips_model.cpu() if lpips_model is not None else None)
         rgb = {str(r): {k: summarise(v) for k, v in d.items()} for r, d in rgb.items()}
         if metrics:
             plot_dct_cut(os.path.join(args.output_dir, "dct_cut.png"), curves, metrics)
