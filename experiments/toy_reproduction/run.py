@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""The paper's protocol in miniature, offline, on the photographs that ship inside scikit-image.
+
+    python experiments/toy_reproduction/run.py                # the full run (documented time in the README)
+    python experiments/toy_reproduction/run.py --smoke        # a handful of steps per stage: checks the plumbing
+
+Only the toolkit's own scripts are used, each as a user would run it:
+
+1. Stage I: the embedded pretrained AutoencoderKL ("vanilla") is fine-tuned twice for the same number of steps
+   with ``train_ae_se.py``, once without SE (``--se_weight 0``, the paper's "+FT") and once with it (``--se_weight
+   0.25``, "+FT-SE"); everything else equal (seed, data order, steps).
+2. Reconstruction (Table 4) and DCT-cut robustness (Fig. 8): ``eval_ae.py`` on held-out crops (PSNR, SSIM).
+3. Spectrum (Fig. 4): ``analyze_spectrum.py``, latent profiles of the three AEs against RGB.
+4. Stage II (Table 1): per AE, ``extract_latents.py`` then ``train_dit_flow.py`` (the same small DiT, class = the
+   source photograph of a crop) for each of ``--seeds``; ``eval_dit.py`` samples each pipeline and computes the
+   Frechet distance in the feature space of a small classifier trained here on real crops (a domain "Inception":
+   Inception itself needs downloaded weights and was not trained on these photographs).
+5. ``results.md`` (three tables, the plots) and ``results.json`` in ``--output_dir``.
+
+Generation numbers are reported as mean and standard deviation over seeds, with the difference of each AE to
+vanilla and whether it exceeds twice its standard error: the point is an honest answer, not a favourable one.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(ROOT, "train_scripts")
+sys.path.insert(0, ROOT)
+
+from diffusability_hf.autoencoders import EMBEDDED_AE  # noqa: E402
+from diffusability_hf.data import EMBEDDED_TRAIN_IMAGES, EmbeddedPhotoCrops  # noqa: E402
+from diffusability_hf.hub import markdown_table  # noqa: E402
+
+FULL = dict(
+    ae_steps=300, eval_samples=256, spectrum_samples=256, latents=1024, dit="DiT-S/2", dit_steps=500, dit_batch=32,
+    dit_lr=3e-4, fd_samples=256, sampling_steps=25, classifier_steps=600, seeds=(0, 1, 2),
+)  # fmt: skip
+SMOKE = dict(
+    ae_steps=3, eval_samples=16, spectrum_samples=16, latents=64, dit="DiT-tiny/2", dit_steps=3, dit_batch=8,
+    dit_lr=1e-3, fd_samples=16, sampling_steps=2, classifier_steps=5, seeds=(0, 1),
+)  # fmt: skip
+CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+AES = ("vanilla", "ft", "ft-se")
+LABELS = {"vanilla": "vanilla", "ft": "+FT", "ft-se": "+FT-SE"}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="A handful of steps per stage (about 3 minutes).")
+    parser.add_argument("--output_dir", type=str, default="toy_reproduction", help="Where everything goes.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Stage II seeds (default 0 1 2).")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="Independent runs at once (default 1; --smoke: 3, start-up bound)."
+    )
+    return parser.parse_args()
+
+
+def run(script, *args, log):
+    """One toolkit script in a fresh process, offline; its output goes to ``log``."""
+    cmd = [sys.executable, os.path.join(SCRIPTS, script), *map(str, args)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
+    start = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode:
+        with open(log) as fh:
+            tail = fh.read()[-4000:]
+        raise RuntimeError(f"{script} failed ({proc.returncode}); its log is {log}:\n{tail}")
+    return time.time() - start
+
+
+class DomainClassifier(nn.Module):
+    """A small CNN over 64 px crops: 4 conv stages, global pooling, 128-d features (the FD feature space), a
+    linear head for the source photograph."""
+
+    def __init__(self, num_classes: int, width: int = 32, dim: int = 128):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, dim]
+        layers = []
+        for c_in, c_out in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class FeatureNet(nn.Module):
+    """What ``eval_dit.py --feature_extractor`` calls: float ``[0, 1]`` images -> the classifier's features."""
+
+    def __init__(self, classifier: DomainClassifier):
+        super().__init__()
+        self.features = classifier.features
+
+    def forward(self, x):
+        return self.features(x * 2 - 1)
+
+
+def train_classifier(out, steps, resolution=64, batch=64):
+    """Train on real crops of the training photographs (seed 7: not the crops of the DiT's data or the reference),
+    report held-out accuracy (seed 8), export the feature network as TorchScript."""
+    torch.manual_seed(0)
+    train = EmbeddedPhotoCrops(resolution, num_samples=max(steps * batch, 64), seed=7, random_flip=True)
+    test = EmbeddedPhotoCrops(resolution, num_samples=512, seed=8, random_flip=False)
+    model = DomainClassifier(len(EMBEDDED_TRAIN_IMAGES))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    for step in range(steps):
+        idx = range(step * batch, (step + 1) * batch)
+        x, y = zip(*(train.crop(i % len(train)) for i in idx))
+        loss = nn.functional.cross_entropy(model(torch.stack(x)), torch.tensor(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        x, y = zip(*(test.crop(i) for i in range(len(test))))
+        acc = (model(torch.stack(x)).argmax(1) == torch.tensor(y)).float().mean().item()
+    path = os.path.join(out, "domain_features.pt")
+    torch.jit.script(FeatureNet(model)).save(path)
+    return path, acc
+
+
+def in_parallel(tasks, jobs):
+    """Run the callables (independent chains of script runs) with at most ``jobs`` at once; re-raise a failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return [f.result() for f in [pool.submit(t) for t in tasks]]
+
+
+def mean_std(values):
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def main():
+    args = parse_args()
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.seeds:
+        cfg["seeds"] = tuple(args.seeds)
+    out = os.path.abspath(args.output_dir)
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    times, t0 = {}, time.time()
+    models = {"vanilla": EMBEDDED_AE, "ft": os.path.join(out, "ae-ft"), "ft-se": os.path.join(out, "ae-ft-se")}
+    specs = [f"{name}={models[name]}" for name in AES]
+
+    jobs = args.jobs or (3 if args.smoke else 1)
+
+    # 1. Stage I: +FT and +FT-SE, identical but for the SE weight
+    def fine_tune(name, weight):
+        shutil.rmtree(models[name], ignore_errors=True)
+        times[f"stage1_{name}"] = run(
+            "train_ae_se.py", "--output_dir", models[name], "--se_weight", weight, "--max_train_steps",
+            cfg["ae_steps"], "--seed", 0, "--report_to", "none", log=os.path.join(logs, f"train_{name}.log"),
+        )  # fmt: skip
+
+    in_parallel([lambda: fine_tune("ft", 0.0), lambda: fine_tune("ft-se", 0.25)], jobs)
+
+    # 2-3. Reconstruction with the DCT cut, and spectra
+    def eval_ae():
+        times["eval_ae"] = run(
+            "eval_ae.py", "--models", *specs, "--metrics", "psnr", "ssim", "--num_samples", cfg["eval_samples"],
+            "--dct_cut_ratios", *CUT_RATIOS, "--output_dir", os.path.join(out, "eval_ae"),
+            log=os.path.join(logs, "eval_ae.log"),
+        )  # fmt: skip
+
+    def spectrum():
+        times["spectrum"] = run(
+            "analyze_spectrum.py", "--models", *specs, "--num_samples", cfg["spectrum_samples"], "--output_dir",
+            os.path.join(out, "spectrum"), log=os.path.join(logs, "spectrum.log"),
+        )  # fmt: skip
+
+    in_parallel([eval_ae, spectrum], jobs)
+
+    # 4. Stage II: the domain feature network, then latents, DiTs and Frechet distances per AE and seed
+    start = time.time()
+    features, accuracy = train_classifier(out, cfg["classifier_steps"])
+    times["classifier"] = time.time() - start
+    fd = {name: {} for name in AES}
+
+    def stage2(name):
+        latents = os.path.join(out, f"latents-{name}")
+        shutil.rmtree(latents, ignore_errors=True)
+        times[f"extract_{name}"] = run(
+            "extract_latents.py", "--pretrained_model_name_or_path", models[name], "--max_samples", cfg["latents"],
+            "--output_dir", latents, log=os.path.join(logs, f"extract_{name}.log"),
+        )  # fmt: skip
+        for seed in cfg["seeds"]:
+            dit = os.path.join(out, f"dit-{name}-seed{seed}")
+            shutil.rmtree(dit, ignore_errors=True)
+            times[f"dit_{name}_{seed}"] = run(
+                "train_dit_flow.py", "--latents_dir", latents, "--pretrained_vae_model_name_or_path", models[name],
+                "--model", cfg["dit"], "--max_train_steps", cfg["dit_steps"], "--train_batch_size",
+                cfg["dit_batch"], "--learning_rate", cfg["dit_lr"], "--lr_warmup_steps",
+                max(1, cfg["dit_steps"] // 10), "--validation_steps", cfg["dit_steps"], "--checkpointing_steps",
+                cfg["dit_steps"], "--num_inference_steps", cfg["sampling_steps"], "--seed", seed, "--report_to",
+                "none", "--output_dir", dit, log=os.path.join(logs, f"dit_{name}_{seed}.log"),
+            )  # fmt: skip
+            evaluation = os.path.join(out, f"eval-dit-{name}-seed{seed}")
+            times[f"eval_dit_{name}_{seed}"] = run(
+                "eval_dit.py", "--pipeline", dit, "--num_samples", cfg["fd_samples"], "--num_inference_steps",
+                cfg["sampling_steps"], "--class_sampling", "balanced", "--seed", seed, "--feature_extractor",
+                features, "--stats_cache_dir", os.path.join(out, f"reference_stats-{name}"), "--output_dir",
+                evaluation, log=os.path.join(logs, f"eval_dit_{name}_{seed}.log"),
+            )  # fmt: skip
+            with open(os.path.join(evaluation, "metrics.json")) as fh:
+                fd[name][seed] = next(iter(json.load(fh)["metrics"].values()))["value"]
+
+    in_parallel([lambda n=name: stage2(n) for name in AES], jobs)
+    times["total"] = time.time() - t0
+    write_results(out, cfg, fd, accuracy, times, args.smoke)
+
+
+def write_results(out, cfg, fd, accuracy, times, smoke):
+    with open(os.path.join(out, "eval_ae", "metrics.json")) as fh:
+        rec = json.load(fh)
+    with open(os.path.join(out, "spectrum", "spectrum.json")) as fh:
+        spec = json.load(fh)
+    table4 = [
+        [LABELS[n], f"{rec['models'][n]['psnr']['mean']:.2f} ± {rec['models'][n]['psnr']['ci95']:.2f}",
+         f"{rec['models'][n]['ssim']['mean']:.4f} ± {rec['models'][n]['ssim']['ci95']:.4f}",
+         f"{spec['models'][n]['hf_share']:.3f}"]
+        for n in AES
+    ]  # fmt: skip
+    rgb_share = next(v["hf_share"] for k, v in spec["rgb"].items() if k != "1")
+    table4.append(["RGB at the latent size", "", "", f"{rgb_share:.3f}"])
+    curves = rec["dct_cut"]["curves"]
+    cut_rows = [
+        [f"{100 * r:.0f}"] + [f"{curves[n][str(float(r))]['psnr']['mean']:.2f}" for n in AES] for r in CUT_RATIOS
+    ]
+    base_mean, base_std = mean_std(list(fd["vanilla"].values()))
+    n_seeds = len(cfg["seeds"])
+    table1, summary = [], {}
+    for name in AES:
+        m, s = mean_std(list(fd[name].values()))
+        diff = np.asarray(list(fd[name].values())) - np.asarray(list(fd["vanilla"].values()))
+        d_mean, d_std = mean_std(diff) if name != "vanilla" else (0.0, float("nan"))
+        se = d_std / math.sqrt(n_seeds) if n_seeds > 1 else float("nan")
+        significant = bool(name != "vanilla" and np.isfinite(se) and abs(d_mean) > 2 * se)
+        summary[name] = {"fd_per_seed": fd[name], "mean": m, "std": s, "diff_vs_vanilla": d_mean, "diff_std": d_std,
+                         "beyond_2_standard_errors": significant}  # fmt: skip
+        table1.append([
+            LABELS[name], f"{m:.3f} ± {s:.3f}", " / ".join(f"{v:.3f}" for v in fd[name].values()),
+            "" if name == "vanilla" else f"{d_mean:+.3f} ± {se:.3f}" + (" (beyond 2 SE)" if significant else ""),
+        ])  # fmt: skip
+    result = {
+        "smoke": smoke,
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "domain_classifier_accuracy": accuracy,
+        "reconstruction": {n: rec["models"][n] for n in AES},
+        "spectrum": {"rgb_hf_share_latent_size": rgb_share, **{n: spec["models"][n]["hf_share"] for n in AES}},
+        "dct_cut_psnr": {n: {r: curves[n][r]["psnr"]["mean"] for r in curves[n]} for n in AES},
+        "generation": summary,
+        "seconds": times,
+    }
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(result, fh, indent=2, default=str)
+    lines = [
+        "# Toy reproduction" + (" (smoke run: numbers are meaningless)" if smoke else ""),
+        "",
+        f"Stage I: {cfg['ae_steps']} fine-tuning steps per AE; Stage II: {cfg['dit']} for {cfg['dit_steps']} steps "
+        f"on {cfg['latents']} latents per AE and seed, {cfg['fd_samples']} samples; "
+        f"{time.strftime('%H:%M:%S', time.gmtime(times['total']))} in total.",
+        "",
+        "## Reconstruction and spectrum (Table 4, Fig. 4)",
+        "",
+        markdown_table(table4, ["AE", "PSNR (dB)", "SSIM", "latent high-frequency share"]),
+        "",
+        "![spectrum](spectrum/spectrum.png)",
+        "",
+        "## DCT cut (Fig. 8): PSNR when the top share of latent zigzag coefficients is zeroed",
+        "",
+        markdown_table(cut_rows, ["cut (%)"] + [LABELS[n] for n in AES]),
+        "",
+        "![DCT cut](eval_ae/dct_cut.png)",
+        "",
+        f"## Generation (Table 1): Frechet distance in a domain classifier's features "
+        f"(held-out accuracy {100 * accuracy:.1f}%), lower is better, over seeds {list(cfg['seeds'])}",
+        "",
+        markdown_table(table1, ["AE", "FD mean ± std", "per seed", "vs vanilla (mean ± SE)"]),
+        "",
+    ]
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
