@@ -4,6 +4,7 @@ tables hold finite numbers."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -15,16 +16,25 @@ def test_smoke_run_produces_every_stage(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     script = os.path.join(ROOT, "experiments", "toy_reproduction", "run.py")
     proc = subprocess.run(
-        [sys.executable, script, "--smoke", "--output_dir", str(out)], capture_output=True, text=True, env=env
+        [sys.executable, script, "--smoke", "--output_dir", str(out), "--results_dir", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for path in (
         "results.md", "results.json", "ae-ft/diffusion_pytorch_model.safetensors",
         "ae-ft-se/diffusion_pytorch_model.safetensors", "eval_ae/dct_cut.png", "spectrum/spectrum.png",
         "domain_features.pt", "latents-ft-se/metadata.json", "dit-ft-se-seed1/model_index.json",
-        "eval-dit-vanilla-seed0/samples_grid.png",
+        "eval-dit-vanilla-seed0/samples_grid.png", "samples.png",
     ):  # fmt: skip
         assert (out / path).exists(), path
+    # the report is copied with the plots it links to, and names no absolute path of this run or checkout
+    report = (tmp_path / "report" / "results.md").read_text()
+    for link in re.findall(r"\]\(([^)]+)\)", report):
+        assert (tmp_path / "report" / link).is_file(), link
+    raw = (tmp_path / "report" / "results.json").read_text()
+    assert str(tmp_path) not in raw and ROOT not in raw
     result = json.loads((out / "results.json").read_text())
     assert result["smoke"] is True and 0 <= result["domain_classifier_accuracy"] <= 1
     for name in ("vanilla", "ft", "ft-se"):

@@ -28,7 +28,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -61,15 +63,27 @@ def parse_args():
     parser.add_argument("--output_dir", type=str, default="toy_reproduction", help="Where everything goes.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Stage II seeds (default 0 1 2).")
     parser.add_argument(
-        "--jobs", type=int, default=None, help="Independent runs at once (default 1; --smoke: 3, start-up bound)."
+        "--jobs",
+        type=int,
+        default=None,
+        help="Independent script runs at once, the CPU threads split between them (default 2; --smoke: 3). Small "
+        "models use 2 cores better as 2 one-thread runs than as one two-thread run.",
+    )
+    parser.add_argument(
+        "--results_dir",
+        type=str,
+        default=None,
+        help="Also copy the report (results.md, results.json and its plots) here, e.g. "
+        "experiments/toy_reproduction/results.",
     )
     return parser.parse_args()
 
 
-def run(script, *args, log):
-    """One toolkit script in a fresh process, offline; its output goes to ``log``."""
+def run(script, *args, log, threads):
+    """One toolkit script in a fresh process, offline, on ``threads`` CPU threads; its output goes to ``log``."""
     cmd = [sys.executable, os.path.join(SCRIPTS, script), *map(str, args)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -132,12 +146,30 @@ def train_classifier(out, steps, resolution=64, batch=64):
     return path, acc
 
 
-def in_parallel(tasks, jobs):
-    """Run the callables (independent chains of script runs) with at most ``jobs`` at once; re-raise a failure."""
+def cpu_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_parallel(tasks, jobs, cores):
+    """Run the callables (each takes its CPU thread count) with at most ``jobs`` at once, the ``cores`` split
+    between them; when there are more tasks than jobs, the last one to start gets every core (it will mostly run
+    alone). Re-raises a failure."""
     from concurrent.futures import ThreadPoolExecutor
 
+    lock, started = threading.Lock(), []
+    share = max(1, cores // max(1, min(jobs, len(tasks))))
+
+    def start(task):
+        with lock:
+            started.append(task)
+            last = len(started) == len(tasks) > jobs
+        return task(cores if last else share)
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return [f.result() for f in [pool.submit(t) for t in tasks]]
+        return [f.result() for f in [pool.submit(start, t) for t in tasks]]
 
 
 def mean_std(values):
@@ -153,75 +185,136 @@ def main():
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
+    cores = cpu_cores()
+    jobs = args.jobs or (3 if args.smoke else 2)
+    cfg.update(cores=cores, jobs=jobs)
     times, t0 = {}, time.time()
     models = {"vanilla": EMBEDDED_AE, "ft": os.path.join(out, "ae-ft"), "ft-se": os.path.join(out, "ae-ft-se")}
     specs = [f"{name}={models[name]}" for name in AES]
 
-    jobs = args.jobs or (3 if args.smoke else 1)
-
     # 1. Stage I: +FT and +FT-SE, identical but for the SE weight
-    def fine_tune(name, weight):
+    def fine_tune(name, weight, threads):
         shutil.rmtree(models[name], ignore_errors=True)
         times[f"stage1_{name}"] = run(
             "train_ae_se.py", "--output_dir", models[name], "--se_weight", weight, "--max_train_steps",
             cfg["ae_steps"], "--seed", 0, "--report_to", "none", log=os.path.join(logs, f"train_{name}.log"),
+            threads=threads,
         )  # fmt: skip
 
-    in_parallel([lambda: fine_tune("ft", 0.0), lambda: fine_tune("ft-se", 0.25)], jobs)
+    in_parallel([partial(fine_tune, "ft", 0.0), partial(fine_tune, "ft-se", 0.25)], jobs, cores)
 
     # 2-3. Reconstruction with the DCT cut, and spectra
-    def eval_ae():
+    def eval_ae(threads):
         times["eval_ae"] = run(
             "eval_ae.py", "--models", *specs, "--metrics", "psnr", "ssim", "--num_samples", cfg["eval_samples"],
             "--dct_cut_ratios", *CUT_RATIOS, "--output_dir", os.path.join(out, "eval_ae"),
-            log=os.path.join(logs, "eval_ae.log"),
+            log=os.path.join(logs, "eval_ae.log"), threads=threads,
         )  # fmt: skip
 
-    def spectrum():
+    def spectrum(threads):
         times["spectrum"] = run(
             "analyze_spectrum.py", "--models", *specs, "--num_samples", cfg["spectrum_samples"], "--output_dir",
-            os.path.join(out, "spectrum"), log=os.path.join(logs, "spectrum.log"),
+            os.path.join(out, "spectrum"), log=os.path.join(logs, "spectrum.log"), threads=threads,
         )  # fmt: skip
 
-    in_parallel([eval_ae, spectrum], jobs)
+    in_parallel([eval_ae, spectrum], jobs, cores)
 
-    # 4. Stage II: the domain feature network, then latents, DiTs and Frechet distances per AE and seed
+    # 4. Stage II: the domain feature network, latents per AE, then a DiT and its Frechet distance per AE and seed
     start = time.time()
     features, accuracy = train_classifier(out, cfg["classifier_steps"])
     times["classifier"] = time.time() - start
-    fd = {name: {} for name in AES}
+    latents = {name: os.path.join(out, f"latents-{name}") for name in AES}
 
-    def stage2(name):
-        latents = os.path.join(out, f"latents-{name}")
-        shutil.rmtree(latents, ignore_errors=True)
+    def extract(name, threads):
+        shutil.rmtree(latents[name], ignore_errors=True)
         times[f"extract_{name}"] = run(
             "extract_latents.py", "--pretrained_model_name_or_path", models[name], "--max_samples", cfg["latents"],
-            "--output_dir", latents, log=os.path.join(logs, f"extract_{name}.log"),
+            "--output_dir", latents[name], log=os.path.join(logs, f"extract_{name}.log"), threads=threads,
         )  # fmt: skip
-        for seed in cfg["seeds"]:
-            dit = os.path.join(out, f"dit-{name}-seed{seed}")
-            shutil.rmtree(dit, ignore_errors=True)
-            times[f"dit_{name}_{seed}"] = run(
-                "train_dit_flow.py", "--latents_dir", latents, "--pretrained_vae_model_name_or_path", models[name],
-                "--model", cfg["dit"], "--max_train_steps", cfg["dit_steps"], "--train_batch_size",
-                cfg["dit_batch"], "--learning_rate", cfg["dit_lr"], "--lr_warmup_steps",
-                max(1, cfg["dit_steps"] // 10), "--validation_steps", cfg["dit_steps"], "--checkpointing_steps",
-                cfg["dit_steps"], "--num_inference_steps", cfg["sampling_steps"], "--seed", seed, "--report_to",
-                "none", "--output_dir", dit, log=os.path.join(logs, f"dit_{name}_{seed}.log"),
-            )  # fmt: skip
-            evaluation = os.path.join(out, f"eval-dit-{name}-seed{seed}")
-            times[f"eval_dit_{name}_{seed}"] = run(
-                "eval_dit.py", "--pipeline", dit, "--num_samples", cfg["fd_samples"], "--num_inference_steps",
-                cfg["sampling_steps"], "--class_sampling", "balanced", "--seed", seed, "--feature_extractor",
-                features, "--stats_cache_dir", os.path.join(out, f"reference_stats-{name}"), "--output_dir",
-                evaluation, log=os.path.join(logs, f"eval_dit_{name}_{seed}.log"),
-            )  # fmt: skip
-            with open(os.path.join(evaluation, "metrics.json")) as fh:
-                fd[name][seed] = next(iter(json.load(fh)["metrics"].values()))["value"]
 
-    in_parallel([lambda n=name: stage2(n) for name in AES], jobs)
+    in_parallel([partial(extract, name) for name in AES], jobs, cores)
+    fd = {name: {} for name in AES}
+
+    def generate(name, seed, threads):
+        dit = os.path.join(out, f"dit-{name}-seed{seed}")
+        shutil.rmtree(dit, ignore_errors=True)
+        times[f"dit_{name}_{seed}"] = run(
+            "train_dit_flow.py", "--latents_dir", latents[name], "--pretrained_vae_model_name_or_path", models[name],
+            "--model", cfg["dit"], "--max_train_steps", cfg["dit_steps"], "--train_batch_size", cfg["dit_batch"],
+            "--learning_rate", cfg["dit_lr"], "--lr_warmup_steps", max(1, cfg["dit_steps"] // 10),
+            "--validation_steps", cfg["dit_steps"], "--checkpointing_steps", cfg["dit_steps"],
+            "--num_inference_steps", cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir",
+            dit, log=os.path.join(logs, f"dit_{name}_{seed}.log"), threads=threads,
+        )  # fmt: skip
+        evaluation = os.path.join(out, f"eval-dit-{name}-seed{seed}")
+        shutil.rmtree(evaluation, ignore_errors=True)
+        times[f"eval_dit_{name}_{seed}"] = run(
+            "eval_dit.py", "--pipeline", dit, "--num_samples", cfg["fd_samples"], "--num_inference_steps",
+            cfg["sampling_steps"], "--class_sampling", "balanced", "--seed", seed, "--feature_extractor", features,
+            "--stats_cache_dir", os.path.join(out, "reference_stats"), "--output_dir", evaluation,
+            log=os.path.join(logs, f"eval_dit_{name}_{seed}.log"), threads=threads,
+        )  # fmt: skip
+        with open(os.path.join(evaluation, "metrics.json")) as fh:
+            fd[name][seed] = next(iter(json.load(fh)["metrics"].values()))["value"]
+
+    # seeds outermost: runs that share the machine at the same time are spread over the three AEs
+    in_parallel([partial(generate, name, seed) for seed in cfg["seeds"] for name in AES], jobs, cores)
+    fd = {name: dict(sorted(fd[name].items())) for name in AES}
+    compare_samples(out, cfg["seeds"][0])
     times["total"] = time.time() - t0
     write_results(out, cfg, fd, accuracy, times, args.smoke)
+    if args.results_dir:
+        publish(out, args.results_dir)
+
+
+def compare_samples(out, seed, columns=14):
+    """``samples.png``: real training crops and the first ``columns`` samples of each AE's DiT (seed ``seed``).
+    Sample ``i`` has class ``i % 7`` in every row (balanced sampling) and the same starting noise for every AE."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    real = EmbeddedPhotoCrops(64, num_samples=columns, seed=0, random_flip=False)
+    rows = {"real crops": [np.asarray((real.crop(i)[0].permute(1, 2, 0) + 1) / 2) for i in range(columns)]}
+    for name in AES:
+        folder = os.path.join(out, f"eval-dit-{name}-seed{seed}", "samples")
+        rows[f"{LABELS[name]} DiT"] = [np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in
+                                       range(columns)]  # fmt: skip
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns, len(rows) + 0.4), squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(images):
+            axes[r, c].imshow(image)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(EMBEDDED_TRAIN_IMAGES[c % len(EMBEDDED_TRAIN_IMAGES)], fontsize=6)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(os.path.join(out, "samples.png"), dpi=80)
+    plt.close(fig)
+
+
+REPORT = ("results.md", "results.json", "samples.png", "spectrum/spectrum.png", "eval_ae/dct_cut.png",
+          "eval_ae/dct_cut_grid.png")  # fmt: skip
+
+
+def publish(out, results_dir):
+    """Copy the report and the plots it links to (paths relative to it, so the links keep working)."""
+    for rel in REPORT:
+        os.makedirs(os.path.dirname(os.path.join(results_dir, rel)), exist_ok=True)
+        shutil.copyfile(os.path.join(out, rel), os.path.join(results_dir, rel))
+
+
+def portable(value, out):
+    """``value`` with the output folder's and the repository's absolute paths made relative to them."""
+    if isinstance(value, dict):
+        return {k: portable(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, out) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        for base in (out, ROOT):
+            if value == base or value.startswith(base + os.sep):
+                return os.path.relpath(value, base)
+    return value
 
 
 def write_results(out, cfg, fd, accuracy, times, smoke):
@@ -267,13 +360,16 @@ def write_results(out, cfg, fd, accuracy, times, smoke):
         "seconds": times,
     }
     with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=2, default=str)
+        json.dump(portable(result, out), fh, indent=2, default=str)
     lines = [
         "# Toy reproduction" + (" (smoke run: numbers are meaningless)" if smoke else ""),
         "",
         f"Stage I: {cfg['ae_steps']} fine-tuning steps per AE; Stage II: {cfg['dit']} for {cfg['dit_steps']} steps "
         f"on {cfg['latents']} latents per AE and seed, {cfg['fd_samples']} samples; "
-        f"{time.strftime('%H:%M:%S', time.gmtime(times['total']))} in total.",
+        f"{time.strftime('%H:%M:%S', time.gmtime(times['total']))} in total on {cfg['cores']} CPU cores "
+        f"({cfg['jobs']} script runs at a time).",
+        "",
+        "    python experiments/toy_reproduction/run.py" + (" --smoke" if smoke else ""),
         "",
         "## Reconstruction and spectrum (Table 4, Fig. 4)",
         "",
@@ -291,6 +387,12 @@ def write_results(out, cfg, fd, accuracy, times, smoke):
         f"(held-out accuracy {100 * accuracy:.1f}%), lower is better, over seeds {list(cfg['seeds'])}",
         "",
         markdown_table(table1, ["AE", "FD mean ± std", "per seed", "vs vanilla (mean ± SE)"]),
+        "",
+        "The difference to vanilla is paired by seed (same DiT seed, data order and sampling noise); SE is its "
+        "standard error over seeds.",
+        "",
+        f"![samples](samples.png) Real training crops and the first samples of each AE's DiT (seed "
+        f"{cfg['seeds'][0]}): same class and starting noise in each column.",
         "",
     ]
     with open(os.path.join(out, "results.md"), "w") as fh:
