@@ -49,3 +49,14 @@ def test_smoke_run_produces_every_stage(tmp_path):
     assert "alpha=0.0" in logs["ft"] and "alpha=0.25" in logs["ft-se"]
     text = (out / "results.md").read_text()
     assert "Table 4" in text and "Fig. 8" in text and "Table 1" in text and "nan" not in text.split("## Generation")[0]
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path):
+    script = os.path.join(ROOT, "experiments", "toy_reproduction", "run.py")
+    for args, message in ((["--seeds", "3"], "at least 2 different seeds"), (["--jobs", "0"], "at least 1")):
+        out = tmp_path / "out"
+        proc = subprocess.run(
+            [sys.executable, script, *args, "--output_dir", str(out)], capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not out.exists()

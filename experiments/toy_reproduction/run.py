@@ -15,7 +15,11 @@ Only the toolkit's own scripts are used, each as a user would run it:
    source photograph of a crop) for each of ``--seeds``; ``eval_dit.py`` samples each pipeline and computes the
    Frechet distance in the feature space of a small classifier trained here on real crops (a domain "Inception":
    Inception itself needs downloaded weights and was not trained on these photographs).
-5. ``results.md`` (three tables, the plots) and ``results.json`` in ``--output_dir``.
+5. ``results.md`` (three tables, the plots) and ``results.json`` in ``--output_dir``; ``--results_dir`` also copies
+   them with the plots they link to (the committed ``experiments/toy_reproduction/results/`` is such a copy).
+
+Independent script runs go ``--jobs`` at a time (default 2) with the CPU threads split between them: on 2 cores
+two one-thread runs of these small models finish sooner than one two-thread run after the other.
 
 Generation numbers are reported as mean and standard deviation over seeds, with the difference of each AE to
 vanilla and whether it exceeds twice its standard error: the point is an honest answer, not a favourable one.
@@ -76,7 +80,12 @@ def parse_args():
         help="Also copy the report (results.md, results.json and its plots) here, e.g. "
         "experiments/toy_reproduction/results.",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.seeds is not None and len(set(args.seeds)) < 2:
+        parser.error("--seeds needs at least 2 different seeds to show a spread (the full run uses 0 1 2).")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1.")
+    return args
 
 
 def run(script, *args, log, threads):
@@ -84,6 +93,7 @@ def run(script, *args, log, threads):
     cmd = [sys.executable, os.path.join(SCRIPTS, script), *map(str, args)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))  # also from a plain checkout
     start = time.time()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -181,7 +191,7 @@ def main():
     args = parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.seeds:
-        cfg["seeds"] = tuple(args.seeds)
+        cfg["seeds"] = tuple(dict.fromkeys(args.seeds))
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
