@@ -376,6 +376,26 @@ def test_feature_statistics_save_load_round_trip(tmp_path):
     assert load_statistics(path)["meta"] == {}
 
 
+def test_concurrent_saves_of_one_cache_entry(tmp_path):
+    """Two evaluations that compute the same reference statistics at once both write the cache entry: every save
+    succeeds, the file read afterwards is whole, and no temporary file is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats = FeatureStatistics().update(np.random.default_rng(5).standard_normal((300, 200)))
+    path = str(tmp_path / "stats.npz")
+
+    def save_many(k):
+        for _ in range(15):
+            stats.save(path, {"writer": k})
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(save_many, range(4)))
+    assert sorted(os.listdir(tmp_path)) == ["stats.npz"]
+    loaded = load_statistics(path)
+    np.testing.assert_array_equal(loaded["sigma"], stats.sigma)
+    assert loaded["meta"]["writer"] in range(4)
+
+
 def test_load_statistics_foreign_and_invalid_files(tmp_path):
     mu, sigma = np.arange(3, dtype=np.float32), np.eye(3, dtype=np.float32)
     np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,3 +62,49 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
         )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not out.exists()
+
+
+def _run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "toy_run", os.path.join(ROOT, "experiments", "toy_reproduction", "run.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_comparison_statistics():
+    from scipy import stats
+
+    run = _run_module()
+    fd = {"vanilla": {0: 10.0, 1: 12.0, 2: 9.0}, "ft-se": {2: 9.5, 0: 11.0, 1: 14.0}}
+    row = run.compare_to_baseline(fd)["ft-se"]
+    diffs = [1.0, 2.0, 0.5]  # paired by seed, whatever the dict order
+    assert math.isclose(row["mean"], (11.0 + 14.0 + 9.5) / 3)
+    assert math.isclose(row["std"], float(stats.tstd([11.0, 14.0, 9.5])))
+    assert math.isclose(row["diff_vs_vanilla"], sum(diffs) / 3)
+    se = float(stats.sem(diffs))
+    assert math.isclose(row["diff_standard_error"], se)
+    # the same interval as scipy's paired t-test: excludes 0 exactly when its p-value is below 0.05
+    low, high = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=se)
+    assert math.isclose(row["diff_ci95"][0], low) and math.isclose(row["diff_ci95"][1], high)
+    p = stats.ttest_rel([11.0, 14.0, 9.5], [10.0, 12.0, 9.0]).pvalue
+    assert row["ci95_excludes_zero"] == (p < 0.05)
+    with pytest.raises(ValueError, match="paired"):
+        run.compare_to_baseline({"vanilla": {0: 1.0, 1: 2.0}, "ft": {0: 1.0, 2: 2.0}})
+
+
+def test_a_failed_run_cancels_the_queued_ones():
+    run = _run_module()
+    started = []
+
+    def task(k, threads):
+        started.append(k)
+        if k == 0:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run.in_parallel([lambda t, k=k: task(k, t) for k in range(6)], jobs=1, cores=2)
+    assert started[0] == 0 and len(started) <= 2  # at most the run the worker had already picked up

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -100,10 +101,17 @@ class FeatureStatistics:
         return (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
 
     def save(self, path: str, meta: Optional[dict] = None) -> None:
-        """``.npz`` with ``mu``, ``sigma``, ``n`` and a JSON ``meta`` string (written atomically)."""
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, meta=json.dumps(meta or {}))
-        os.replace(tmp, path)
+        """``.npz`` with ``mu``, ``sigma``, ``n`` and a JSON ``meta`` string, written atomically through a temporary
+        file of its own, so concurrent writers of the same cache entry never read or replace each other's half."""
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, mu=self.mu, sigma=self.sigma, n=self.n, meta=json.dumps(meta or {}))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def load_statistics(path: str) -> dict:
