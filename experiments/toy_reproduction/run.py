@@ -27,6 +27,7 @@ The interval covers the DiTs' seed-to-seed variation only; each stage I fine-tun
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -172,24 +173,21 @@ def in_parallel(tasks, jobs, cores):
     alone). Re-raises a failure."""
     from concurrent.futures import ThreadPoolExecutor
 
-    lock, started = threading.Lock(), []
+    lock, started = threading.Lock(), itertools.count(1)
     share = max(1, cores // max(1, min(jobs, len(tasks))))
 
     def start(task):
         with lock:
-            started.append(task)
-            last = len(started) == len(tasks) > jobs
+            last = next(started) == len(tasks) > jobs
         return task(cores if last else share)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
-    futures = [pool.submit(start, t) for t in tasks]
-    try:
-        return [f.result() for f in futures]
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # no queued run starts after a failure
-        raise
-    finally:
-        pool.shutdown(wait=True)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(start, t) for t in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # no queued run starts after a failure
+            raise
 
 
 def mean_std(values):
@@ -350,23 +348,15 @@ def publish(out, results_dir):
         shutil.copyfile(os.path.join(out, rel), os.path.join(results_dir, rel))
 
 
-def strict_json(value):
-    """``value`` with NaN and infinities as ``None`` (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def portable(value, out):
-    """``value`` with the output folder's and the repository's absolute paths made relative to them."""
+    """``value`` ready for ``results.json``: the output folder's and the repository's absolute paths made relative
+    to them, NaN and infinities as ``None`` (JSON has no NaN)."""
     if isinstance(value, dict):
         return {k: portable(v, out) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [portable(v, out) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, str) and os.path.isabs(value):
         for base in (out, ROOT):
             if value == base or value.startswith(base + os.sep):
@@ -385,7 +375,7 @@ def write_results(out, cfg, fd, accuracy, times, smoke):
          f"{spec['models'][n]['hf_share']:.3f}"]
         for n in AES
     ]  # fmt: skip
-    rgb_share = next(v["hf_share"] for k, v in spec["rgb"].items() if k != "1")
+    rgb_share = spec["rgb"][str(spec["models"]["vanilla"]["compression"])]["hf_share"]  # RGB at the latent size
     table4.append(["RGB at the latent size", "", "", f"{rgb_share:.3f}"])
     curves = rec["dct_cut"]["curves"]
     cut_rows = [
@@ -405,7 +395,7 @@ def write_results(out, cfg, fd, accuracy, times, smoke):
         ])  # fmt: skip
     result = {
         "smoke": smoke,
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "settings": cfg,
         "domain_classifier_accuracy": accuracy,
         "reconstruction": {n: rec["models"][n] for n in AES},
         "spectrum": {"rgb_hf_share_latent_size": rgb_share, **{n: spec["models"][n]["hf_share"] for n in AES}},
@@ -414,7 +404,7 @@ def write_results(out, cfg, fd, accuracy, times, smoke):
         "seconds": times,
     }
     with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump(strict_json(portable(result, out)), fh, indent=2, default=str)
+        json.dump(portable(result, out), fh, indent=2, default=str)
     lines = [
         "# Toy reproduction" + (" (smoke run: numbers are meaningless)" if smoke else ""),
         "",
