@@ -1,0 +1,360 @@
+"""What the toolkit's scripts share about runs, in the spirit of ``diffusers.training_utils``.
+
+- Output folders: refuse to overwrite another run's results or checkpoints unless asked (``check_output_dir``).
+- Atomic writes: a model, pipeline or checkpoint is written into a temporary folder and moved into place when
+  complete (``atomic_save``, ``save_checkpoint``), so a killed process never leaves a half-written one where a
+  loadable one was; ``latest`` resumes from the newest *complete* checkpoint (``resolve_resume``).
+- Errors about the user's input: one ``error: ...`` line and exit code 2, no traceback (``run_script``).
+- CPU threads: ``accelerate launch`` runs a plain single CPU process on one thread (``use_all_cpu_cores``).
+"""
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import traceback
+from typing import Callable, Iterable, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_MARKER = "training_state.json"  # written last into a checkpoint: its presence means "complete"
+# Files that name a loadable diffusers model or pipeline: moved into place last, removed first (see atomic_save)
+INDEX_FILES = ("model_index.json", "config.json")
+
+
+class UsageError(ValueError):
+    """A problem with the user's arguments, files or environment that the user can fix (printed as one line)."""
+
+
+class MissingPathError(UsageError, FileNotFoundError):
+    """A path the user named (or a download the run needs) does not exist."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _raised_by_toolkit(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err`` is the toolkit's own code (the library or a script of its)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    top = os.path.dirname(here)
+    filename = os.path.abspath(frames[-1].filename)
+    return filename.startswith(here + os.sep) or filename.startswith(os.path.join(top, "train_scripts") + os.sep)
+
+
+def run_script(main: Callable, parse_args: Callable) -> None:
+    """``main(parse_args())`` as a command: input errors become one ``error: ...`` line on stderr and exit code 2.
+
+    An input error is a :class:`UsageError`, or a ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` /
+    ``NotADirectoryError`` that the toolkit's own code raised (its messages say what to change). Anything else
+    (a bug, an out-of-memory error, a failure inside torch or diffusers) keeps its full traceback. Set
+    ``DIFFUSABILITY_TRACEBACK=1`` to see the traceback of input errors too.
+    """
+    try:
+        main(parse_args())
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        if os.environ.get("DIFFUSABILITY_TRACEBACK") or not (isinstance(err, UsageError) or _raised_by_toolkit(err)):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _launcher_forced_one_thread() -> bool:
+    """Whether ``OMP_NUM_THREADS=1`` came from ``accelerate launch`` itself rather than from the user.
+
+    The launcher exports ``OMP_NUM_THREADS`` (its ``--num_cpu_threads_per_process``, 1 unless the user's own
+    ``OMP_NUM_THREADS`` or a config file says otherwise) into the script's environment. So the script's ``1`` is the
+    launcher's default exactly when the parent process is ``accelerate launch`` and its own environment has no
+    ``OMP_NUM_THREADS``, ``--num_cpu_threads_per_process`` or ``--config_file`` (Linux ``/proc``; elsewhere this
+    answers ``False`` and nothing changes).
+    """
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        return False
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as fh:
+            cmdline = fh.read().split(b"\0")
+        with open(f"/proc/{parent}/environ", "rb") as fh:
+            environ = fh.read().split(b"\0")
+    except OSError:
+        return False
+    launched = (
+        any(os.path.basename(a) == b"accelerate" for a in cmdline[:2]) or b"accelerate.commands.launch" in cmdline
+    )
+    launched = launched or any(a.endswith(b"accelerate_cli.py") for a in cmdline[:2])
+    asked = any(a.startswith(b"--num_cpu_threads_per_process") for a in cmdline) or b"--config_file" in cmdline
+    return (
+        launched and b"launch" in cmdline and not asked and not any(e.startswith(b"OMP_NUM_THREADS=") for e in environ)
+    )
+
+
+def use_all_cpu_cores() -> Optional[int]:
+    """Undo ``accelerate launch``'s one-thread default for a single CPU process; returns the new thread count.
+
+    A plain ``accelerate launch script.py`` on one CPU process runs torch on ONE thread (the launcher exports
+    ``OMP_NUM_THREADS=1``): the Quickstart took 2x longer on 2 cores. When the launcher (not the user) forced that
+    one thread, there is one process and no CUDA device, use every core this process may run on. A thread count the
+    user set (``OMP_NUM_THREADS``, ``--num_cpu_threads_per_process``, a config file) is kept, and several processes
+    keep the launcher's split.
+    """
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.cuda.is_available() or torch.get_num_threads() != 1:
+        return None
+    if not _launcher_forced_one_thread():
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if cores > 1:
+        torch.set_num_threads(cores)
+        os.environ["OMP_NUM_THREADS"] = str(cores)  # for DataLoader workers and child processes
+        return cores
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output folders
+
+
+def existing_outputs(output_dir: str, results: Iterable[str]) -> List[str]:
+    """The names in ``output_dir`` that belong to an earlier run: any of ``results`` and every ``checkpoint-*``."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = set(os.listdir(output_dir))
+    found = [r for r in results if r in names]
+    found += sorted((n for n in names if CHECKPOINT_RE.match(n)), key=lambda n: int(n.split("-")[1]))
+    return found
+
+
+def check_output_dir(
+    output_dir: str,
+    results: Sequence[str],
+    overwrite: bool,
+    resume: Optional[str] = None,
+) -> List[str]:
+    """Refuse, before any heavy work, an ``output_dir`` that holds another run's results or checkpoints.
+
+    Args:
+        output_dir: the folder the script writes to.
+        results: file or folder names that a finished run of this script leaves (e.g. ``config.json``).
+        overwrite: ``--overwrite_output_dir`` was given: the folder may be reused (the caller removes the old
+            checkpoints with :func:`remove_checkpoints` so that ``latest`` cannot resume the old run).
+        resume: ``--resume_from_checkpoint``, for the training scripts: resuming reuses the folder on purpose.
+
+    Returns the names found (empty for a new folder). Raises :class:`UsageError` naming them and the flags.
+    """
+    found = existing_outputs(output_dir, results)
+    if found and not overwrite and not resume:
+        shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        hint = (
+            "pass --resume_from_checkpoint latest to continue it, "
+            if any(CHECKPOINT_RE.match(n) for n in found)
+            else ""
+        )
+        raise UsageError(
+            f"--output_dir {output_dir} already holds the results of another run ({shown}): choose a new "
+            f"--output_dir, {hint}or pass --overwrite_output_dir to replace them."
+        )
+    return found
+
+
+def remove_checkpoints(output_dir: str) -> List[str]:
+    """Delete every ``checkpoint-*`` folder (and leftover temporary checkpoints) of ``output_dir``; returns them."""
+    if not os.path.isdir(output_dir):
+        return []
+    gone = [n for n in os.listdir(output_dir) if CHECKPOINT_RE.match(n) or n.startswith(".tmp-checkpoint-")]
+    for name in gone:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return gone
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic saves
+
+
+def _move_into_place(src: str, dst: str) -> None:
+    """``os.replace`` for files; a folder replaces an existing one through a rename of the old one."""
+    if os.path.isdir(src) and os.path.lexists(dst):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(dst))
+        os.replace(dst, os.path.join(old, os.path.basename(dst)))
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_save(output_dir: str):
+    """Yield a temporary folder inside ``output_dir``; when the block ends without error, move its contents in.
+
+    Heavy writes (``save_pretrained`` of GBs of weights) happen in the temporary folder; the move is a handful of
+    renames on one file system. The files that make a folder loadable (``model_index.json``, ``config.json``) are
+    removed first and moved in last, so at any moment ``output_dir`` holds the old complete model, no loadable
+    model, or the new complete one, never a mix that loads. On an error the temporary folder is deleted and
+    ``output_dir`` is left as it was.
+
+    Example::
+
+        with atomic_save(args.output_dir) as tmp:
+            vae.save_pretrained(tmp)
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=output_dir)
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp), key=lambda n: n in INDEX_FILES)  # index files last
+        for name in INDEX_FILES:
+            if name in names and os.path.lexists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+        for name in names:
+            _move_into_place(os.path.join(tmp, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a text file through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj, **kwargs) -> None:
+    """``json.dump`` through :func:`atomic_write_text` (indent 2 by default)."""
+    kwargs.setdefault("indent", 2)
+    atomic_write_text(path, json.dumps(obj, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_step(path: str) -> int:
+    """The step of a ``checkpoint-N`` folder (from its marker file when it has one)."""
+    marker = os.path.join(path, CHECKPOINT_MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as fh:
+            return int(json.load(fh)["step"])
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise UsageError(f"{path} is not a checkpoint-N folder written by this toolkit.")
+    return int(match.group(1))
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint is complete when every process finished writing it (the marker file is written last)."""
+    return os.path.isfile(os.path.join(path, CHECKPOINT_MARKER))
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """The ``checkpoint-N`` folders of ``output_dir``, oldest first (complete or not)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [
+        n for n in os.listdir(output_dir) if CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(output_dir, n))
+    ]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
+
+
+def latest_checkpoint(output_dir: str, warn: Callable[[str], None] = logger.warning) -> Optional[str]:
+    """The newest complete checkpoint of ``output_dir`` (``None`` when there is none); incomplete ones are skipped
+    with a warning (a process killed while writing, or a folder copied in part)."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if is_complete_checkpoint(path):
+            return path
+        warn(f"Skipping {path}: it is incomplete (no {CHECKPOINT_MARKER}; the run was probably killed while saving).")
+    return None
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str], warn=logger.warning) -> Optional[str]:
+    """The checkpoint to resume from: ``None`` (new run), the latest complete one, or a checked explicit folder.
+
+    An explicit folder that does not exist or is incomplete raises :class:`UsageError` before any heavy work.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        path = latest_checkpoint(output_dir, warn)
+        if path is None:
+            warn(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}: starting a new run.")
+        return path
+    if not os.path.isdir(resume_from_checkpoint):
+        raise MissingPathError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a folder.")
+    if not is_complete_checkpoint(resume_from_checkpoint):
+        raise UsageError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} is incomplete (no {CHECKPOINT_MARKER}: the run was "
+            "probably killed while saving it): pass an earlier checkpoint, or 'latest' to take the newest complete one."
+        )
+    return resume_from_checkpoint
+
+
+def load_checkpoint(accelerator, path: str) -> int:
+    """``accelerator.load_state(path)`` with a clear message for a damaged checkpoint; returns its step."""
+    try:
+        accelerator.load_state(path)
+    except Exception as err:  # truncated pickle / safetensors, missing file, ...
+        raise UsageError(
+            f"Checkpoint {path} is damaged and cannot be loaded ({type(err).__name__}: {err}). Delete it and resume "
+            "from an earlier one (--resume_from_checkpoint latest takes the newest complete one)."
+        ) from err
+    return checkpoint_step(path)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None) -> str:
+    """Save the training state atomically as ``output_dir/checkpoint-{step}``; keep the ``total_limit`` newest.
+
+    Every process writes into ``.tmp-checkpoint-{step}``; once all are done the main process writes the marker
+    file and renames the folder. Older checkpoints are deleted only after the new one is complete, so a kill at
+    any moment leaves at least the previous complete checkpoint. Collective: call it on every process.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process and os.path.lexists(tmp):
+        shutil.rmtree(tmp)  # a leftover of a killed save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, CHECKPOINT_MARKER), "w") as fh:
+            json.dump({"step": step, "num_processes": accelerator.num_processes}, fh)
+        if os.path.lexists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            complete = [p for p in list_checkpoints(output_dir) if is_complete_checkpoint(p)]
+            for old in complete[: max(0, len(complete) - total_limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+                logger.info(f"Removed {old} (--checkpoints_total_limit {total_limit})")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The end of a run
+
+
+def report_written(output_dir: str, names: Iterable[str], log: Callable[[str], None] = print) -> str:
+    """One closing message: what the run wrote and where (existing names only, in the given order)."""
+    names = [n for n in names if os.path.lexists(os.path.join(output_dir, n))]
+    text = f"Wrote to {output_dir}: " + (", ".join(names) if names else "nothing")
+    log(text)
+    return text
