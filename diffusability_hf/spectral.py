@@ -205,6 +205,22 @@ def share_of_high_frequencies(energy: torch.Tensor, cutoff: float = 0.5) -> torc
     return torch.where(has_ac, energy[k:].sum() / ac.clamp_min(torch.finfo(ac.dtype).tiny), torch.zeros_like(ac))
 
 
+def ac_energy_shares(energy: torch.Tensor) -> torch.Tensor:
+    """Each zigzag index's share of the AC energy, from an :func:`energy_profile` ``(B * B,)``.
+
+    ``share_k = E_k / sum_{j >= 1} E_j`` for ``k >= 1`` and ``share_0 = 0`` (the DC term is left out, as in
+    :func:`high_frequency_share`, so entry ``k`` is zigzag index ``k`` and the entries sum to 1). Unlike the
+    paper's eq. 1 it does not divide by the near-zero DC of zero-mean latents, so autoencoders compare directly.
+    Returns float64 ``(B * B,)``; all zeros when the signal has no AC energy.
+    """
+    energy = torch.as_tensor(energy, dtype=torch.float64).flatten()
+    ac = energy[1:].sum()
+    shares = torch.zeros_like(energy)
+    if ac > 1e-10 * energy.sum():  # as share_of_high_frequencies: rounding-level AC (a constant signal) is none
+        shares[1:] = energy[1:] / ac
+    return shares
+
+
 def chop_mask(block_size: int, ratio: float, order: str = "zigzag") -> torch.Tensor:
     """Binary ``(B, B)`` mask ``M`` of paper eq. 5 that keeps the low frequencies.
 

@@ -13,6 +13,7 @@ from scipy.fft import dct, dctn
 from skimage import data as skdata
 
 from diffusability_hf.spectral import (
+    ac_energy_shares,
     blockwise_dct2d,
     blockwise_idct2d,
     chop_high_frequencies,
@@ -410,6 +411,19 @@ def test_high_frequency_share_edge_cases():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_high_frequency_share_constant_image_is_zero(dtype):
     assert high_frequency_share(torch.full((1, 3, 16, 16), 0.4, dtype=dtype)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ac_energy_shares_match_numpy_sum_to_one_and_agree_with_the_high_frequency_share(photos):
+    x = photos["chelsea"]
+    shares = ac_energy_shares(energy_profile(x))
+    e = ref_zigzag_flat(ref_block_dct(x.double().numpy(), 8) ** 2).reshape(-1, 64).mean(axis=0)
+    assert shares.shape == (64,) and shares[0].item() == 0.0
+    np.testing.assert_allclose(shares[1:].numpy(), e[1:] / e[1:].sum(), rtol=1e-5)
+    assert shares.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert shares[32:].sum().item() == pytest.approx(high_frequency_share(x).item(), rel=1e-5)
+    # A large DC offset changes eq. 1's normalisation but not the AC shares
+    np.testing.assert_allclose(ac_energy_shares(energy_profile(x + 5.0)).numpy(), shares.numpy(), rtol=1e-4)
+    assert not ac_energy_shares(energy_profile(torch.full((1, 3, 16, 16), 0.4))).any()
 
 
 # ----------------------------------------------------------------------------------------------------------------
