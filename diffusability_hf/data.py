@@ -1,7 +1,8 @@
 """Image datasets for autoencoder fine-tuning: HF ``datasets``, image folders, and the embedded sample photographs.
 
-Every dataset yields ``{"pixel_values": (3, R, R) float in [-1, 1], "num_skipped": int}``. An unreadable or
-corrupt image is skipped (the next one is used instead) and counted in ``num_skipped``, never a crash.
+Every dataset yields ``{"pixel_values": (3, R, R) float in [-1, 1], "skipped": [(where, reason), ...]}``. An
+unreadable or corrupt image is skipped (the next one is used instead) and named in ``skipped``, never a crash; the
+training loop's :class:`SkipLog` warns once per file and counts files and skip events.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class EmbeddedPhotoCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict:
         pixels, _ = self.crop(index)
-        return {"pixel_values": pixels, "num_skipped": 0}
+        return {"pixel_values": pixels, "skipped": []}
 
 
 def _open_image(item) -> Image.Image:
@@ -147,15 +148,19 @@ class HFImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict:
         rng = random.Random(hash((self.seed, self.epoch, index)))
+        skipped = []
         for attempt in range(min(len(self), 100)):
             row = self.dataset[(index + attempt) % len(self)]
             try:
                 image = _open_image(row[self.image_column])
                 image = resize_and_crop(image, self.resolution, self.center_crop, self.random_flip, rng)
-                return {"pixel_values": to_tensor(image), "num_skipped": attempt}
-            except Exception as err:  # corrupt or unreadable: skip and count
-                where = row[self.image_column].get("path") if isinstance(row[self.image_column], dict) else index
-                logger.warning("Skipping unreadable image %s: %s", where, err)
+                return {"pixel_values": to_tensor(image), "skipped": skipped}
+            except Exception as err:  # corrupt or unreadable: skip it, name it (the training loop warns once)
+                cell = row[self.image_column]
+                where = (
+                    cell.get("path") if isinstance(cell, dict) else None
+                ) or f"row {(index + attempt) % len(self)}"
+                skipped.append((str(where), f"{type(err).__name__}: {err}"))
         raise RuntimeError("100 consecutive images could not be read: check the dataset.")
 
 
@@ -192,8 +197,73 @@ def load_image_dataset(
 def collate(examples: List[Dict]) -> Dict:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
-        "num_skipped": sum(int(e["num_skipped"]) for e in examples),
+        "skipped": [s for e in examples for s in e["skipped"]],
     }
+
+
+class SkipLog:
+    """The unreadable files a training run met: each warned about once and counted once, plus the skip events.
+
+    Datasets replace an unreadable item by the next one and name it in ``batch["skipped"]`` every time they meet it
+    (every epoch, in every DataLoader worker); counting those events would count one corrupt file many times.
+    """
+
+    def __init__(self):
+        self.files: Dict[str, str] = {}  # where -> reason
+        self.events = 0
+
+    def update(self, skipped: Sequence) -> None:
+        for where, reason in skipped:
+            self.events += 1
+            if where not in self.files:
+                self.files[where] = reason
+                logger.warning(
+                    "Skipping unreadable file %s (%s); it will be skipped silently from now on", where, reason
+                )
+
+    def merge(self, others: Sequence["SkipLog"]) -> "SkipLog":
+        """The union of several processes' logs (e.g. from ``accelerate.utils.gather_object``)."""
+        merged = SkipLog()
+        for log in others:
+            for where, reason in log.files.items():
+                merged.files.setdefault(where, reason)
+            merged.events += log.events
+        return merged
+
+    def summary(self, limit: int = 20) -> Dict:
+        """``{"unreadable_files": count, "skip_events": count, "unreadable_examples": first paths}``."""
+        return {
+            "unreadable_files": len(self.files),
+            "skip_events": self.events,
+            "unreadable_examples": sorted(self.files)[:limit],
+        }
+
+
+def hold_out(num_items: int, num_held_out: int, read, seed: int = 0):
+    """A validation set held out of a training set: ``num_held_out`` readable items in a seeded random order.
+
+    Args:
+        num_items: the size of the training source.
+        num_held_out: how many readable items to hold out.
+        read: ``read(i)`` returns item ``i`` as a tensor, or ``None`` when it cannot be read.
+        seed: picks the order.
+
+    Returns ``(pixels, held_out, unreadable)``: the stacked items (as many as could be read, at most
+    ``num_held_out``), the indices to remove from training (every index examined, readable or not) and the
+    unreadable ones among them. Items are never repeated to fill the set.
+    """
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + 1_234_567)).tolist()
+    items, examined, unreadable = [], [], []
+    for i in order:
+        if len(items) == num_held_out:
+            break
+        examined.append(i)
+        x = read(i)
+        if x is None:
+            unreadable.append(i)
+        else:
+            items.append(x)
+    return (torch.stack(items) if items else None), sorted(examined), sorted(unreadable)
 
 
 def embedded_validation_batch(resolution: int, num_images: int = 8) -> torch.Tensor:
@@ -274,7 +344,7 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Videos: clips are (3, T, R, R) float in [-1, 1]; every dataset yields {"pixel_values", "num_skipped"}.
+# Videos: clips are (3, T, R, R) float in [-1, 1]; every dataset yields {"pixel_values", "skipped"}.
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -355,7 +425,7 @@ def clip_to_tensor(
 class VideoClips(torch.utils.data.Dataset):
     """Clips from a list of sources (video paths, frame folders, or HF ``{"bytes", "path"}`` cells).
 
-    An unreadable or too short video is skipped (the next one is used) and counted in ``num_skipped``.
+    An unreadable or too short video is skipped (the next one is used) and named in ``skipped``.
     """
 
     def __init__(
@@ -385,18 +455,30 @@ class VideoClips(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
+    def _load(self, source, rng: random.Random) -> torch.Tensor:
+        data = source.get("bytes") or source.get("path") if isinstance(source, dict) else source
+        frames = read_clip(data, self.num_frames, self.frame_stride, rng, self.random_start)
+        return clip_to_tensor(frames, self.resolution, self.center_crop, self.random_flip, rng)
+
+    def read(self, index: int) -> Optional[torch.Tensor]:
+        """Clip ``index`` itself, or ``None`` (and a warning) when it cannot be read: no fallback to the next one."""
+        source = self.sources[index]
+        try:
+            return self._load(source, random.Random(hash((self.seed, self.epoch, index))))
+        except Exception as err:
+            logger.warning("Skipping video %s: %s", source.get("path") if isinstance(source, dict) else source, err)
+            return None
+
     def __getitem__(self, index: int) -> Dict:
         rng = random.Random(hash((self.seed, self.epoch, index)))
+        skipped = []
         for attempt in range(min(len(self), 100)):
             source = self.sources[(index + attempt) % len(self)]
             where = source.get("path") if isinstance(source, dict) else source
             try:
-                data = source.get("bytes") or source.get("path") if isinstance(source, dict) else source
-                frames = read_clip(data, self.num_frames, self.frame_stride, rng, self.random_start)
-                clip = clip_to_tensor(frames, self.resolution, self.center_crop, self.random_flip, rng)
-                return {"pixel_values": clip, "num_skipped": attempt}
-            except Exception as err:  # unreadable, corrupt or too short: skip and count
-                logger.warning("Skipping video %s: %s", where, err)
+                return {"pixel_values": self._load(source, rng), "skipped": skipped}
+            except Exception as err:  # unreadable, corrupt or too short: skip it, name it (the loop warns once)
+                skipped.append((str(where), f"{type(err).__name__}: {err}"))
         raise RuntimeError("100 consecutive videos could not be read: check the dataset and --num_frames.")
 
 
@@ -472,7 +554,7 @@ class EmbeddedPanClips(torch.utils.data.Dataset):
             clip = clip_to_tensor(np.stack(frames), self.resolution, False, True, rng)  # the GIF loops
         else:
             clip = pan_clip(self.images[k], self.resolution, self.num_frames, rng, self.scale_range, self.max_travel)
-        return {"pixel_values": clip, "num_skipped": 0}
+        return {"pixel_values": clip, "skipped": []}
 
 
 def pan_clip(
@@ -548,22 +630,22 @@ class JointBatches(torch.utils.data.Dataset):
         return self._orders[key]
 
     def _take(self, dataset, batch_size: int, index: int, salt: int):
-        out, skipped, n = [], 0, len(dataset)
+        out, skipped, n = [], [], len(dataset)
         for j in range(batch_size):
             pos = (self.epoch * self.num_batches + index) * batch_size + j
             item = dataset[int(self._order(n, salt, pos // n)[pos % n])]
             out.append(item["pixel_values"])
-            skipped += int(item["num_skipped"])
+            skipped += item["skipped"]
         return torch.stack(out), skipped
 
     def __getitem__(self, index: int) -> Dict:
         images, skipped_images = (
-            self._take(self.images, self.image_batch_size, index, 1) if self.image_batch_size else (None, 0)
+            self._take(self.images, self.image_batch_size, index, 1) if self.image_batch_size else (None, [])
         )
         videos, skipped_videos = (
-            self._take(self.videos, self.video_batch_size, index, 2) if self.video_batch_size else (None, 0)
+            self._take(self.videos, self.video_batch_size, index, 2) if self.video_batch_size else (None, [])
         )
-        return {"pixel_values": images, "video_values": videos, "num_skipped": skipped_images + skipped_videos}
+        return {"pixel_values": images, "video_values": videos, "skipped": skipped_images + skipped_videos}
 
 
 def unwrap_batch(items: List[Dict]) -> Dict:

@@ -6,8 +6,14 @@ import os
 import re
 from typing import Mapping, Optional
 
+from diffusability_hf.training_utils import UsageError
+
 MODEL_CARDS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+class HubError(UsageError, RuntimeError):
+    """The Hub cannot be reached or refused the push: the message says what to do (printed as one line)."""
 
 
 def render_template(text: str, fields: Mapping[str, object]) -> str:
@@ -134,13 +140,14 @@ def markdown_table(rows, header) -> str:
 def check_hub_access(hub_model_id: str, token: Optional[str] = None, private: bool = False) -> str:
     """Create (or reuse) the Hub repo before any training, so an offline or unauthorised push fails early.
 
-    Returns the repo id. Raises ``RuntimeError`` saying what to do when the Hub cannot be reached.
+    Returns the repo id. Raises :class:`HubError` (a ``RuntimeError``) saying what to do when the Hub cannot be
+    reached.
     """
     from huggingface_hub import create_repo
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
     if HF_HUB_OFFLINE:
-        raise RuntimeError(
+        raise HubError(
             "--push_to_hub was given but the Hugging Face Hub is disabled (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE "
             "and log in (`hf auth login`), or drop --push_to_hub and upload the output folder later with "
             "`hf upload REPO_ID OUTPUT_DIR`."
@@ -148,9 +155,9 @@ def check_hub_access(hub_model_id: str, token: Optional[str] = None, private: bo
     try:
         return create_repo(hub_model_id, exist_ok=True, token=token, private=private).repo_id
     except Exception as err:  # network, auth, or name errors all end the same way
-        raise RuntimeError(
+        raise HubError(
             f"Could not create or reach the Hub repo '{hub_model_id}': {err}. Check the network and your token "
-            "(`hf auth login` or --hub_token), or drop --push_to_hub and upload the output folder later."
+            "(`hf auth login` or HF_TOKEN), or drop --push_to_hub and upload the output folder later."
         ) from err
 
 
@@ -168,7 +175,7 @@ def push_folder(repo_id: str, folder: str, token: Optional[str] = None, commit_m
             ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "step_*", "epoch_*"],
         )
     except Exception as err:
-        raise RuntimeError(
+        raise HubError(
             f"Upload to '{repo_id}' failed ({err}); everything is still in {folder}. Retry with "
             f"`hf upload {repo_id} {folder}`."
         ) from err

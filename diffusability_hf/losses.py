@@ -207,13 +207,13 @@ def load_lpips(net: str = "alex", trunk_path: Optional[str] = None, pretrained_t
             f"LPIPS({net}) needs torchvision's pretrained trunk '{LPIPS_TRUNK_FILES[net]}', which is not in "
             f"{os.path.dirname(cached)}. Download it on a machine with network access (e.g. "
             f"`python -c \"import torchvision; torchvision.models.{_TORCHVISION_BUILDERS[net]}(weights='DEFAULT')\"`) "
-            "and copy it there, pass its path as the LPIPS trunk path (--lpips_trunk_path), or set the LPIPS weight to 0."
+            "and copy it there, pass its path with --lpips_trunk_path, or train without LPIPS (--lpips_weight 0)."
         )
     use_cache = pretrained_trunk and trunk_path is None
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not use_cache, verbose=False)
     if pretrained_trunk and trunk_path is not None:
         if not os.path.isfile(trunk_path):
-            raise FileNotFoundError(f"LPIPS trunk file not found: {trunk_path}")
+            raise FileNotFoundError(f"--lpips_trunk_path {trunk_path} does not exist (a torchvision state dict file).")
         state = torch.load(trunk_path, map_location="cpu", weights_only=True)
         features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         own = model.net.state_dict()

@@ -87,14 +87,12 @@ def _launcher_forced_one_thread() -> bool:
             environ = fh.read().split(b"\0")
     except OSError:
         return False
-    launched = (
-        any(os.path.basename(a) == b"accelerate" for a in cmdline[:2]) or b"accelerate.commands.launch" in cmdline
-    )
-    launched = launched or any(a.endswith(b"accelerate_cli.py") for a in cmdline[:2])
+    names = [os.path.basename(a) for a in cmdline[:3]]
+    launched = b"accelerate.commands.launch" in cmdline or b"accelerate-launch" in names
+    if b"accelerate" in names:  # `accelerate launch ...`
+        launched = launched or cmdline[names.index(b"accelerate") + 1 : names.index(b"accelerate") + 2] == [b"launch"]
     asked = any(a.startswith(b"--num_cpu_threads_per_process") for a in cmdline) or b"--config_file" in cmdline
-    return (
-        launched and b"launch" in cmdline and not asked and not any(e.startswith(b"OMP_NUM_THREADS=") for e in environ)
-    )
+    return launched and not asked and not any(e.startswith(b"OMP_NUM_THREADS=") for e in environ)
 
 
 def use_all_cpu_cores() -> Optional[int]:

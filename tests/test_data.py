@@ -17,6 +17,7 @@ from diffusability_hf.data import (
     EmbeddedPhotoCrops,
     HFImageDataset,
     JointBatches,
+    SkipLog,
     VideoClips,
     clip_to_tensor,
     clips_to_gif,
@@ -24,6 +25,7 @@ from diffusability_hf.data import (
     embedded_gif_path,
     embedded_validation_batch,
     embedded_validation_clips,
+    hold_out,
     list_videos,
     load_embedded_image,
     load_image_dataset,
@@ -67,7 +69,7 @@ def test_image_folder_skips_and_counts_corrupt_files(tmp_path):
     items = [data[i] for i in range(len(data))]
     batch = collate(items)
     assert batch["pixel_values"].shape == (4, 3, 16, 16)
-    assert batch["num_skipped"] == 1
+    assert [where for where, _ in batch["skipped"]] == [str(tmp_path / "3.png")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def test_video_clips_shapes_range_and_stride(videos, kind):
     assert len(ds) == 2
     item = ds[1]
     clip = item["pixel_values"]
-    assert clip.shape == (3, 4, 16, 16) and clip.dtype == torch.float32 and item["num_skipped"] == 0
+    assert clip.shape == (3, 4, 16, 16) and clip.dtype == torch.float32 and item["skipped"] == []
     assert clip.min() >= -1 and clip.max() <= 1
     assert frame_indices(clip, tol=0 if kind != "mp4" else 3) == [0, 3, 6, 9]
     random_start = VideoClips([videos[kind]], resolution=8, num_frames=4, frame_stride=3, seed=1)
@@ -218,7 +220,7 @@ def test_video_clips_hf_cells_bytes_and_path(videos):
     cells = [{"bytes": videos["gif_bytes"], "path": "clip.gif"}, {"bytes": None, "path": videos["gif"]}]
     ds = VideoClips(cells, resolution=16, num_frames=3, frame_stride=4, random_start=False)
     for i in range(2):
-        assert ds[i]["num_skipped"] == 0
+        assert ds[i]["skipped"] == []
         assert frame_indices(ds[i]["pixel_values"]) == [0, 4, 8]
 
 
@@ -230,13 +232,13 @@ def test_video_clips_skip_and_count_unreadable_and_short(tmp_path):
     ds = VideoClips(sources, resolution=16, num_frames=5, frame_stride=1, random_start=False)
     for index, skipped in ((0, 2), (1, 1), (2, 0)):
         item = ds[index]
-        assert item["num_skipped"] == skipped
+        assert [os.path.basename(w) for w, _ in item["skipped"]] == ["corrupt.mp4", "short.gif"][2 - skipped :]
         assert frame_indices(item["pixel_values"], offset=2) == [0, 1, 2, 3, 4]  # the clip of good.gif
     batch = collate([ds[i] for i in range(3)])
-    assert batch["pixel_values"].shape == (3, 3, 5, 16, 16) and batch["num_skipped"] == 3
+    assert batch["pixel_values"].shape == (3, 3, 5, 16, 16) and len(batch["skipped"]) == 3
     # corrupt bytes in an HF cell are skipped too
     cells = [{"bytes": b"garbage" * 30, "path": "x.mp4"}, {"bytes": (tmp_path / "good.gif").read_bytes(), "path": "g"}]
-    assert VideoClips(cells, 16, 5, random_start=False)[0]["num_skipped"] == 1
+    assert VideoClips(cells, 16, 5, random_start=False)[0]["skipped"][0][0] == "x.mp4"
     bad = VideoClips(sources[:2], resolution=16, num_frames=5)
     with pytest.raises(RuntimeError, match="could not be read"):
         bad[0]
@@ -299,7 +301,7 @@ def test_embedded_pan_clips_deterministic_and_moving():
     for i in (0, 1, 2):
         item = ds[i]
         clip = item["pixel_values"]
-        assert clip.shape == (3, 4, 32, 32) and clip.dtype == torch.float32 and item["num_skipped"] == 0
+        assert clip.shape == (3, 4, 32, 32) and clip.dtype == torch.float32 and item["skipped"] == []
         assert clip.min() >= -1 and clip.max() <= 1
         assert torch.equal(clip, same[i]["pixel_values"])
         assert not torch.equal(clip, other[i]["pixel_values"])
@@ -388,7 +390,7 @@ class FakeDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        return {"pixel_values": torch.full(self.shape, float(i)), "num_skipped": i % 2}
+        return {"pixel_values": torch.full(self.shape, float(i)), "skipped": [(f"file{i}", "bad")] * (i % 2)}
 
 
 def ids(x: torch.Tensor) -> list:
@@ -405,12 +407,12 @@ def test_joint_batches_shapes_and_skip_counts():
         for x in (batch["pixel_values"], batch["video_values"]):  # each item is one sample, whole
             assert torch.equal(x, x.flatten(1)[:, :1].reshape(-1, *[1] * (x.ndim - 1)).expand_as(x))
         expected = sum(i % 2 for i in ids(batch["pixel_values"]) + ids(batch["video_values"]))
-        assert batch["num_skipped"] == expected
+        assert len(batch["skipped"]) == expected
         assert torch.equal(batch["pixel_values"], jb[index]["pixel_values"])
     only_images = JointBatches(images, None, 4, 0)
     batch = only_images[0]
     assert batch["video_values"] is None and batch["pixel_values"].shape == (4, 3, 4, 4) and len(only_images) == 3
-    assert batch["num_skipped"] == sum(i % 2 for i in ids(batch["pixel_values"]))
+    assert len(batch["skipped"]) == sum(i % 2 for i in ids(batch["pixel_values"]))
     only_videos = JointBatches(None, videos, 0, 3)
     assert only_videos[1]["pixel_values"] is None and only_videos[1]["video_values"].shape == (3, 3, 5, 4, 4)
     with pytest.raises(ValueError, match="without a dataset"):
@@ -464,7 +466,7 @@ def test_joint_batches_with_real_datasets(tmp_path):
     assert len(jb) == 2
     batch = jb[0]
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["video_values"].shape == (2, 3, 3, 16, 16)
-    assert batch["num_skipped"] == 1  # both videos are drawn once per pass; the corrupt one is skipped
+    assert len(batch["skipped"]) == 1  # both videos are drawn once per pass; the corrupt one is skipped
 
 
 def test_to_uint8_frames_layout():
@@ -493,3 +495,36 @@ def test_clips_to_gif_decodes_to_the_clips():
     assert alone.n_frames == 4 and alone.size == (20, 8)
     alone.seek(2)
     assert np.abs(np.asarray(alone.convert("RGB")).astype(int) - ref[2, :8]).mean() < 8
+
+
+def test_skip_log_counts_files_once_and_warns_once(caplog):
+    log = SkipLog()
+    with caplog.at_level("WARNING", logger="diffusability_hf.data"):
+        for _ in range(3):  # 5 corrupt files met 3 times each (epochs, workers): 15 skip events
+            log.update([(f"bad{i}.png", "OSError: truncated") for i in range(5)])
+    assert len(log.files) == 5 and log.events == 15
+    warned = [r.getMessage() for r in caplog.records if "Skipping unreadable file" in r.getMessage()]
+    assert len(warned) == 5 and all(f"bad{i}.png" in " ".join(warned) for i in range(5))
+    other = SkipLog()
+    other.update([("bad0.png", "x"), ("elsewhere.png", "y")])
+    merged = SkipLog().merge([log, other])
+    assert merged.summary()["unreadable_files"] == 6 and merged.summary()["skip_events"] == 17
+    assert merged.summary(limit=2)["unreadable_examples"] == ["bad0.png", "bad1.png"]
+
+
+def test_hold_out_takes_readable_items_never_repeats_and_reports_what_it_examined():
+    unreadable = {3, 7}
+
+    def read(i):
+        return None if i in unreadable else torch.full((2,), float(i))
+
+    pixels, held, bad = hold_out(10, 4, read, seed=0)
+    values = [int(v) for v in pixels[:, 0]]
+    assert len(values) == 4 and len(set(values)) == 4 and not set(values) & unreadable
+    assert set(values) <= set(held) and set(bad) == set(held) - set(values) and set(bad) <= unreadable
+    again, held2, _ = hold_out(10, 4, read, seed=0)
+    assert torch.equal(pixels, again) and held == held2  # seeded
+    other, _, _ = hold_out(10, 4, read, seed=1)
+    assert not torch.equal(pixels, other)
+    everything, held_all, bad_all = hold_out(10, 20, read)  # asks for more than there is: no repeats
+    assert len(everything) == 8 and held_all == list(range(10)) and bad_all == [3, 7]

@@ -100,6 +100,60 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
     assert "| `max_train_steps` | `3` |" in card
     assert f"{metrics['after']['psnr']:.2f}" in card
     assert "{{" not in card
+    assert "must be retrained" in card and "never trained on" in card
+
+
+def test_saved_model_has_reestimated_latent_scaling_and_cross_decoding_is_measured(tmp_path, tiny_vae_dir):
+    from diffusability_hf.data import EmbeddedPhotoCrops, embedded_validation_batch
+    from diffusability_hf.metrics.quality import psnr
+
+    out = tmp_path / "out"
+    train_tiny(tiny_vae_dir, out, "--max_train_steps", 3, "--latent_stats_num_samples", 64)
+    metrics = json.loads((out / "metrics.json").read_text())
+    base, new = AutoencoderKL.from_pretrained(tiny_vae_dir), AutoencoderKL.from_pretrained(out)
+    norm = metrics["latent_normalization"]
+    # The base (scale only, SD convention) keeps its form; the saved scale normalises the training latents
+    assert norm["reestimated"] and norm["form"] == "global scale" and new.config.shift_factor is None
+    assert new.config.scaling_factor == norm["saved"]["scaling_factor"] != base.config.scaling_factor
+    assert norm["base"]["scaling_factor"] == base.config.scaling_factor
+    crops = torch.stack([EmbeddedPhotoCrops(32, seed=0)[i]["pixel_values"] for i in range(64)])
+    with torch.no_grad():
+        z = new.encode(crops).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert (z * new.config.scaling_factor).std().item() == pytest.approx(1.0, abs=0.1)
+    assert abs((z * base.config.scaling_factor).std().item() - 1) > 0.3  # the base's value does not fit
+    # Cross-decoding on the validation images, recomputed with the stock classes
+    val = embedded_validation_batch(32, 2)
+    with torch.no_grad():
+        zb, zn = base.encode(val).latent_dist.mode(), new.encode(val).latent_dist.mode()
+        got = {
+            "base_encoder_base_decoder": psnr(base.decode(zb).sample.clamp(-1, 1), val),
+            "base_encoder_new_decoder": psnr(new.decode(zb).sample.clamp(-1, 1), val),
+            "new_encoder_base_decoder": psnr(base.decode(zn).sample.clamp(-1, 1), val),
+            "new_encoder_new_decoder": psnr(new.decode(zn).sample.clamp(-1, 1), val),
+        }
+    for key, value in got.items():
+        assert metrics["cross_decoding_psnr"][key] == pytest.approx(value.mean().item(), abs=1e-3), key
+    assert metrics["base_weights_fingerprint"] != metrics["weights_fingerprint"]
+    from diffusability_hf.autoencoders import weights_fingerprint
+
+    assert weights_fingerprint(new) == metrics["weights_fingerprint"]
+    assert weights_fingerprint(base) == metrics["base_weights_fingerprint"]
+
+
+def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny_vae_dir):
+    out = tmp_path / "out"
+    train_tiny(tiny_vae_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    quiet = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
+    proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 1, launcher=quiet, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--overwrite_output_dir" in errors[0] and "checkpoint-2" in errors[0], proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing touched
+    train_tiny(tiny_vae_dir, out, "--max_train_steps", 1, "--overwrite_output_dir")
+    assert not (out / "checkpoint-2").exists()  # the old run's checkpoints cannot be resumed by mistake
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
 def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_dir):
@@ -108,7 +162,19 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
     train_tiny(tiny_vae_dir, straight, *common, "--max_train_steps", 4)
     train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 2)
     assert (resumed / "checkpoint-2").is_dir()
-    train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    # A save killed half-way (no marker, a 0-byte pickle): 'latest' skips it, an explicit path is refused
+    import shutil
+
+    shutil.copytree(resumed / "checkpoint-2", resumed / "checkpoint-3")
+    (resumed / "checkpoint-3" / "training_state.json").unlink()
+    (resumed / "checkpoint-3" / "custom_checkpoint_0.pkl").write_bytes(b"")
+    proc = train_tiny(
+        tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", resumed / "checkpoint-3",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "error: --resume_from_checkpoint" in proc.stderr and "incomplete" in proc.stderr
+    proc = train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    assert "Skipping" in proc.stderr and "checkpoint-3" in proc.stderr and "Resuming from" in proc.stderr
 
     a, b, base = weights(straight), weights(resumed), weights(tiny_vae_dir)
     assert a.keys() == b.keys()
@@ -157,9 +223,20 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     (data / "broken.png").write_bytes(good[: len(good) // 3])  # truncated PNG
     (data / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     out = tmp_path / "out"
-    train_tiny(tiny_vae_dir, out, "--train_data_dir", data, "--max_train_steps", 4)
+    proc = train_tiny(tiny_vae_dir, out, "--train_data_dir", data, "--max_train_steps", 8)  # 3 passes over the data
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["skipped_images"] >= 1
+    validation = metrics["validation"]
+    # Validation images are held out of training: 2 readable ones, never repeated; unreadable ones examined on the
+    # way are left out of training too
+    assert validation["num_held_out"] == 2 and "held out" in validation["source"]
+    assert len(set(validation["held_out_indices"])) == len(validation["held_out_indices"]) >= 2
+    corrupt_in_training = 2 - len(validation["unreadable_held_out_indices"])
+    # Unique files, not skip events; one warning per file
+    assert metrics["skipped_images"] == metrics["unreadable_files"]["unreadable_files"] == corrupt_in_training
+    assert metrics["unreadable_files"]["skip_events"] >= corrupt_in_training
+    warned = [line for line in proc.stderr.splitlines() if "Skipping unreadable file" in line]
+    assert len(warned) == corrupt_in_training
+    assert "held out of the training data" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -169,15 +246,20 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
         (["--se_scale_factors", "3"], "SE scale factor 3 does not divide the latent size 8x8"),
         (["--resolution", "34"], "not divisible by the autoencoder's spatial compression 4"),
         (["--pretrained_model_name_or_path", "no-such-org/no-such-vae", "--subfolder", "vae"], "hf download"),
+        (["--pretrained_model_name_or_path", "./no-such-vae"], "folder ./no-such-vae does not exist"),
         (["--se_weight", "-1"], "non-negative"),
         (["--push_to_hub", "--hub_model_id", "me/vae"], "HF_HUB_OFFLINE=1"),
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message):
     out = tmp_path / "out"
-    proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 1000, *extra, check=False)
+    quiet = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
+    proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 1000, *extra, check=False, launcher=quiet)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
+    # One line that says what to do, no traceback (argparse's own errors print the usage first)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     # Before any heavy work: training never started and nothing was checkpointed
     assert "SE fine-tuning:" not in proc.stdout + proc.stderr
     assert not (out / "checkpoint-500").exists()
@@ -187,14 +269,27 @@ def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir)
     # No --lpips_trunk_path, and an empty torch hub cache
     args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", "--max_train_steps", 2]
     args += [*FAST, "--lpips_weight", "1"]
-    proc = launch(args, check=False, extra_env={"TORCH_HOME": str(tmp_path / "empty_torch_home")})
+    empty = {"TORCH_HOME": str(tmp_path / "empty_torch_home")}
+    proc = launch(args, check=False, extra_env=empty)
     assert proc.returncode != 0
     assert "alexnet-owt-7be5be79.pth" in proc.stderr and "--lpips_trunk_path" in proc.stderr
+    assert "--lpips_weight 0" in proc.stderr
+    # A wrong data path is reported first: it is the user's first mistake, and LPIPS may not even be wanted
+    proc = launch(args + ["--train_data_dir", tmp_path / "no-such-folder"], check=False, extra_env=empty)
+    assert proc.returncode != 0 and "no-such-folder is not a folder" in proc.stderr
+    assert "alexnet-owt-7be5be79.pth" not in proc.stderr
 
 
 def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
     out = tmp_path / "lora"
-    train_tiny(tiny_vae_dir, out, "--max_train_steps", 2, "--use_lora", "--lora_rank", 2, "--ema_halflife_steps", 0)
+    train_tiny(
+        tiny_vae_dir, out, "--max_train_steps", 2, "--use_lora", "--lora_rank", 2, "--ema_halflife_steps", 0,
+        "--keep_base_latent_scaling",
+    )  # fmt: skip
+    assert (
+        AutoencoderKL.load_config(out)["scaling_factor"] == AutoencoderKL.load_config(tiny_vae_dir)["scaling_factor"]
+    )
+    assert json.loads((out / "metrics.json").read_text())["latent_normalization"]["reestimated"] is False
     merged, base = weights(out), weights(tiny_vae_dir)
     assert merged.keys() == base.keys()  # plain diffusers keys: no lora_A/lora_B/base_layer left
     adapter = load_file(out / "lora" / "adapter_model.safetensors")
@@ -234,6 +329,7 @@ def test_presets_fill_table5_and_explicit_flags_win():
     assert cosmos.learning_rate == 1e-4 and cosmos.num_frozen_up_blocks == 3
     embedded = script.parse_args([])
     assert embedded.pretrained_model_name_or_path == script.EMBEDDED_AE and embedded.lpips_weight == 0.0
+    assert embedded.checkpoints_total_limit == 3 and not embedded.overwrite_output_dir
 
 
 def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_dir):

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 
 import torch
@@ -34,21 +33,32 @@ from tqdm.auto import tqdm
 from diffusability_hf import __version__
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import (
+    EMBEDDED_VALIDATION_IMAGES,
     EmbeddedPanClips,
     EmbeddedPhotoCrops,
     HFImageDataset,
     JointBatches,
+    SkipLog,
     VideoClips,
     clips_to_gif,
     collate,
     embedded_validation_batch,
     embedded_validation_clips,
+    hold_out,
     list_videos,
     load_image_dataset,
     load_video_dataset,
+    open_and_crop,
     unwrap_batch,
 )
 from diffusability_hf.ema import EMA
+from diffusability_hf.figures import plot_spectra, save_png
+from diffusability_hf.latent_normalization import (
+    apply_latent_normalization,
+    current_latent_normalization,
+    estimate_latent_normalization,
+    normalized_std,
+)
 from diffusability_hf.losses import (
     DOWNSAMPLE_MODES,
     ReconstructionDistance,
@@ -57,11 +67,27 @@ from diffusability_hf.losses import (
     kl_divergence,
     scale_equivariance_loss,
 )
+from diffusability_hf.metrics.quality import psnr
 from diffusability_hf.spectral import (
+    energy_profile,
     frequency_profile,
     high_frequency_share,
     plot_frequency_profiles,
     soft_frequency_penalty,
+)
+from diffusability_hf.training_utils import (
+    UsageError,
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    load_checkpoint,
+    remove_checkpoints,
+    report_written,
+    resolve_resume,
+    run_script,
+    save_checkpoint,
+    use_all_cpu_cores,
 )
 
 logger = get_logger(__name__)
@@ -369,19 +395,49 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed for init, data order, noise and scale draws.")
     # Checkpoints, validation, logging, Hub
     parser.add_argument("--output_dir", type=str, default="ae-se-output", help="Where everything is written.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Reuse an --output_dir that holds another run's model or checkpoints (its checkpoints are deleted at "
+        "the start, its model replaced at the end). Without it such a folder is refused.",
+    )
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
     parser.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+        "--checkpoints_total_limit",
+        type=int,
+        default=3,
+        help="Keep at most this many (complete) checkpoints; older ones are deleted once a new one is complete.",
     )
     parser.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help="'latest' or a checkpoint folder: restores model, EMA, optimizer, scheduler, RNG, step.",
+        help="'latest' (the newest complete checkpoint in --output_dir) or a checkpoint folder: restores model, EMA, "
+        "optimizer, scheduler, RNG, step.",
     )
     parser.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps.")
-    parser.add_argument("--num_validation_images", type=int, default=8, help="Size of the fixed validation batch.")
-    parser.add_argument("--num_validation_videos", type=int, default=4, help="Fixed validation clips (video AEs).")
+    parser.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=8,
+        help="Validation images: crops of photographs never trained on (embedded data), or images held out of "
+        "--train_data_dir / --dataset_name at random (seeded) and removed from training.",
+    )
+    parser.add_argument(
+        "--num_validation_videos", type=int, default=4, help="Validation clips (video AEs), held out the same way."
+    )
+    parser.add_argument(
+        "--latent_stats_num_samples",
+        type=int,
+        default=256,
+        help="Training images (clips for video AEs) whose posterior samples re-estimate the saved AE's latent "
+        "normalisation (scaling_factor / shift_factor or latents_mean / latents_std) in its class's convention.",
+    )
+    parser.add_argument(
+        "--keep_base_latent_scaling",
+        action="store_true",
+        help="Save the base's latent normalisation unchanged instead of re-estimating it (both are recorded).",
+    )
     parser.add_argument(
         "--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'."
     )
@@ -474,6 +530,8 @@ def resolve_args(args, parser):
         parser.error("--resolution and --max_train_steps must be positive, --train_batch_size at least 0.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1.")
+    if args.latent_stats_num_samples < 1 or args.num_validation_images < 1 or args.num_validation_videos < 1:
+        parser.error("--latent_stats_num_samples, --num_validation_images and --num_validation_videos must be >= 1.")
     if args.hub_token is not None:  # the value itself is never echoed
         parser.error(
             "--hub_token is refused: a token on the command line shows in process lists, shell history and the "
@@ -644,20 +702,15 @@ class SEAutoencoderLoss(nn.Module):
         return loss.mean(), terms
 
 
-def psnr(x, y):
-    """Per-image PSNR in dB for [-1, 1] images: ``(B,)``; clips ``(B, C, T, H, W)`` give one value per frame."""
-    if x.ndim == 5:
-        x, y = x.transpose(1, 2).flatten(0, 1), y.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W)
-    mse = (x.float() - y.float()).square().flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(4.0 / mse)
-
-
 @torch.no_grad()
-def evaluate(vae, pixels, args, batch_size=8):
+def evaluate(vae, pixels, args, batch_size=8, decoder=None):
     """Reconstruction PSNR (posterior mean), latent profile and high-frequency share on a fixed batch of images or
-    clips; clips also get one latent profile per latent frame. Decoder noise (LTX) is seeded: the same every call."""
-    was_training = vae.training
+    clips; clips also get one latent profile per latent frame. Decoder noise (LTX) is seeded: the same every call.
+    ``decoder``: decode with another AE's decoder (cross-decoding: base latents through the fine-tuned decoder)."""
+    decoder = vae if decoder is None else decoder
+    was_training = vae.training, decoder.training
     vae.eval()
+    decoder.eval()
     recons, latents = [], []
     gen = torch.Generator(pixels.device).manual_seed(0)
     # Some decoders (LTX's noise injection) draw from torch's global RNG: seed it for this call only, so that
@@ -667,15 +720,17 @@ def evaluate(vae, pixels, args, batch_size=8):
         for chunk in pixels.split(batch_size if pixels.ndim == 4 else max(1, batch_size // 4)):
             z = ae.encode(vae, chunk).mode()
             latents.append(z.float())
-            recon = ae.decode(vae, z, gen, args.decode_timestep, args.decode_noise_scale)
+            recon = ae.decode(decoder, z, gen, args.decode_timestep, args.decode_noise_scale)
             recons.append(recon.float().clamp(-1, 1))
-    vae.train(was_training)
+    vae.train(was_training[0])
+    decoder.train(was_training[1])
     recon, z = torch.cat(recons), torch.cat(latents)
     b = args.dct_block_size
     result = {
         "psnr": psnr(recon, pixels).mean().item(),
         "hf_share": high_frequency_share(z, b).item(),
         "profile": frequency_profile(z, b).tolist(),
+        "energy": energy_profile(z, b).tolist(),
         "recon": recon,
     }
     if z.ndim == 5:
@@ -683,9 +738,29 @@ def evaluate(vae, pixels, args, batch_size=8):
     return result
 
 
-def rgb_profile(pixels, compression, block_size):
-    """RGB profile at the latent's spatial size, as the paper's Fig. 2 ("RGB of the same spatial dimension")."""
-    return frequency_profile(downsample(pixels, compression, "area"), block_size).tolist()
+def rgb_spectrum(pixels, compression, block_size):
+    """RGB eq. 1 profile and energy profile at the latent's spatial size, as the paper's Fig. 2 ("RGB of the same
+    spatial dimension")."""
+    small = downsample(pixels, compression, "area")
+    return {
+        "profile": frequency_profile(small, block_size).tolist(),
+        "energy": energy_profile(small, block_size).tolist(),
+    }
+
+
+@torch.no_grad()
+def training_latents(vae, dataset, args, device, batch_size=8):
+    """Posterior samples (seeded) of the first ``--latent_stats_num_samples`` items of a training dataset."""
+    n = min(len(dataset), args.latent_stats_num_samples)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    was_training = vae.training
+    vae.eval()
+    out = []
+    for start in range(0, n, batch_size):
+        x = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(n, start + batch_size))]).to(device)
+        out.append(ae.encode(vae, x).sample(gen).float().cpu())
+    vae.train(was_training)
+    return torch.cat(out)
 
 
 def trainable_split(vae, args):
@@ -744,29 +819,66 @@ def peak_memory_gb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def held_out_split(num_items, num_held_out, read, what, flag, seed):
+    """Hold ``num_held_out`` readable items out of training (seeded); returns (pixels, training indices, info)."""
+    pixels, held, unreadable = hold_out(num_items, num_held_out, read, seed)
+    train = [i for i in range(num_items) if i not in set(held)]
+    if pixels is None or not train:
+        raise UsageError(
+            f"The training data has {num_items} {what} ({len(unreadable)} unreadable among those examined): too few "
+            f"to hold out {num_held_out} for validation and train on the rest. Lower {flag} or add data."
+        )
+    info = {
+        "source": f"held out of the training data at random (seed {seed}), never trained on",
+        "num_held_out": int(pixels.shape[0]),
+        "held_out_indices": held,
+        "unreadable_held_out_indices": unreadable,
+    }
+    if pixels.shape[0] < num_held_out:
+        logger.warning(
+            f"Only {pixels.shape[0]} readable {what} could be held out for validation ({flag} {num_held_out})."
+        )
+    return pixels, train, info
+
+
 def image_data(args):
-    """Training images and the fixed validation images."""
+    """Training images and the fixed validation images, which are never trained on."""
     if args.embedded_data:
         logger.info("No image dataset given: training on crops of the photographs that ship inside scikit-image.")
+        info = {
+            "source": f"crops of the photographs {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
+            "num_held_out": args.num_validation_images,
+        }
         return (
             EmbeddedPhotoCrops(args.resolution, seed=args.seed, random_flip=True),
             embedded_validation_batch(args.resolution, args.num_validation_images),
+            info,
         )
     ds, column = load_image_dataset(
         args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir
     )
-    train = HFImageDataset(ds, column, args.resolution, args.center_crop, args.random_flip, args.seed)
-    val_set = HFImageDataset(ds, column, args.resolution, center_crop=True, random_flip=False)
-    return train, torch.stack([val_set[i]["pixel_values"] for i in range(min(len(ds), args.num_validation_images))])
+    val, train_indices, info = held_out_split(
+        len(ds), args.num_validation_images, lambda i: open_and_crop(ds[i][column], args.resolution), "images",
+        "--num_validation_images", args.seed,
+    )  # fmt: skip
+    train = HFImageDataset(
+        ds.select(train_indices), column, args.resolution, args.center_crop, args.random_flip, args.seed
+    )
+    return train, val, info
 
 
 def video_data(args):
-    """Training clips and the fixed validation clips (first frames, centre crops)."""
+    """Training clips and the fixed validation clips (first frames, centre crops), which are never trained on."""
     if args.embedded_video:
         logger.info("No video dataset given: training on camera pans over the embedded photographs and the GIF.")
+        info = {
+            "source": f"camera pans over {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
+            "num_held_out": args.num_validation_videos,
+        }
         return (
             EmbeddedPanClips(args.resolution, args.num_frames, seed=args.seed),
             embedded_validation_clips(args.resolution, args.num_frames, args.num_validation_videos),
+            info,
         )
     if args.video_data_dir is not None:
         sources = list_videos(args.video_data_dir)
@@ -775,22 +887,24 @@ def video_data(args):
             args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir
         )
     clip = dict(resolution=args.resolution, num_frames=args.num_frames, frame_stride=args.frame_stride)
-    train = VideoClips(sources, **clip, center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
     val_set = VideoClips(sources, **clip, center_crop=True, random_start=False)
-    val = [val_set[i] for i in range(min(len(sources), args.num_validation_videos))]
-    return train, torch.stack([v["pixel_values"] for v in val])
+    val, train_indices, info = held_out_split(
+        len(sources), args.num_validation_videos, val_set.read, "videos", "--num_validation_videos", args.seed
+    )
+    train = VideoClips(
+        [sources[i] for i in train_indices], **clip, center_crop=args.center_crop, random_flip=args.random_flip,
+        seed=args.seed,
+    )  # fmt: skip
+    return train, val, info
 
 
-def save_spectrum_plot(path, profiles):
-    fig = plot_frequency_profiles(profiles, title="Latent frequency profile (paper Fig. 2/4)")
-    fig.savefig(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+RESULT_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "metrics.json", "lora")
 
 
 def main(args):
+    use_all_cpu_cores()  # a plain `accelerate launch` runs one CPU process on one thread
     # Validate everything cheap before touching weights or data
+    check_output_dir(args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch for FSDP configs
         raise ValueError(
             "FSDP is not supported by this script yet: its EMA, validation and final save need every parameter on one "
@@ -807,8 +921,7 @@ def main(args):
             f"{config['_class_name']} does not support gradient checkpointing in diffusers: drop "
             "--gradient_checkpointing and save memory with a smaller --video_batch_size, --num_frames or --resolution."
         )
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder.")
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)  # explicit paths checked here
     if not pretrained and not args.train_output_layers:
         args.train_output_layers = True  # random init: nothing pretrained to protect
 
@@ -835,16 +948,13 @@ def main(args):
                 args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), None, args.private
             )
 
-    # Reconstruction distance d (loads LPIPS before the AE so a missing trunk fails fast)
-    distance = ReconstructionDistance(args.mse_weight, args.lpips_weight, args.lpips_net, args.lpips_trunk_path)
-    if args.lpips_weight == 0:
-        logger.info("LPIPS is off (--lpips_weight 0): d = MSE only.")
-    distance.to(accelerator.device)
-
-    # Data: image batches, or joint image + clip batches for video AEs (Table 5)
-    train_images, val_images = image_data(args) if args.train_batch_size else (None, None)
+    # Data: image batches, or joint image + clip batches for video AEs (Table 5); validation items held out
+    train_images, val_images, val_info = image_data(args) if args.train_batch_size else (None, None, {})
+    val_info = {"image": val_info} if val_images is not None else {}
     if is_video:
-        train_videos, val_videos = video_data(args) if args.video_batch_size else (None, None)
+        train_videos, val_videos, video_info = video_data(args) if args.video_batch_size else (None, None, {})
+        if val_videos is not None:
+            val_info["video"] = video_info
         train_dataset = JointBatches(
             train_images, train_videos, args.train_batch_size, args.video_batch_size, args.seed
         )
@@ -865,8 +975,16 @@ def main(args):
         kind: v.to(accelerator.device) for kind, v in (("image", val_images), ("video", val_videos)) if v is not None
     }
 
+    # Reconstruction distance d (after the data, so a wrong data path is reported before a missing LPIPS trunk)
+    distance = ReconstructionDistance(args.mse_weight, args.lpips_weight, args.lpips_net, args.lpips_trunk_path)
+    if args.lpips_weight == 0:
+        logger.info("LPIPS is off (--lpips_weight 0): d = MSE only.")
+    distance.to(accelerator.device)
+
     # Model
     vae = ae.prepare_for_training(build_vae())  # no slicing, tiling or frame-wise passes while training
+    base_fingerprint = ae.weights_fingerprint(vae)
+    base_normalization = current_latent_normalization(vae)
     frozen = trainable_split(vae, args)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -886,7 +1004,7 @@ def main(args):
 
     # "Before" metrics on the base model (the EMA starts from the same weights, App. B)
     before = {kind: evaluate(vae, pixels, args) for kind, pixels in val.items()}
-    rgb = {kind: rgb_profile(pixels, compression, args.dct_block_size) for kind, pixels in val.items()}
+    rgb = {kind: rgb_spectrum(pixels, compression, args.dct_block_size) for kind, pixels in val.items()}
     ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
 
     if args.scale_lr:
@@ -934,26 +1052,22 @@ def main(args):
         f"alpha={args.se_weight}, scales={args.se_scale_factors}, KL={args.kl_weight} *****"
     )
 
-    # Resume
+    # Resume (from the newest complete checkpoint for 'latest'); an overwritten folder loses its old checkpoints
     global_step, first_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            ckpts = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")]
-            path = os.path.join(args.output_dir, max(ckpts, key=lambda d: int(d.split("-")[1]))) if ckpts else None
-        if path is None:
-            logger.info("No checkpoint found in --output_dir: starting a new run.")
-        else:
-            logger.info(f"Resuming from {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            first_epoch = global_step // steps_per_epoch
-            skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if args.overwrite_output_dir and resume_path is None and accelerator.is_main_process:
+        for name in remove_checkpoints(args.output_dir):
+            logger.info(f"--overwrite_output_dir: removed the earlier run's {name}")
+    accelerator.wait_for_everyone()
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        global_step = load_checkpoint(accelerator, resume_path)
+        first_epoch = global_step // steps_per_epoch
+        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    skipped_images, t_start, last, micro = 0, time.time(), {}, 0
+    skips, t_start, last, micro = SkipLog(), time.time(), {}, 0
     unwrapped = accelerator.unwrap_model(model).vae
     for epoch in range(first_epoch, num_epochs):
         for dataset in (train_dataset, getattr(train_dataset, "images", None), getattr(train_dataset, "videos", None)):
@@ -964,7 +1078,7 @@ def main(args):
         if epoch == first_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in loader:
-            skipped_images += batch["num_skipped"]
+            skips.update(batch["skipped"])  # warns once per unreadable file
             # One scale factor (and CHF ratio, temporal factor) per optimizer step, reproducible across resumes
             step_rng = random.Random(args.seed * 100_003 + global_step)
             scale = step_rng.choice(args.se_scale_factors)
@@ -1011,7 +1125,7 @@ def main(args):
             )
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args, global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(accelerator, unwrapped, ema, val, rgb, args, global_step)
             if global_step >= args.max_train_steps:
@@ -1024,8 +1138,10 @@ def main(args):
     peak = peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args, global_step)
-    skipped_images = int(accelerator.reduce(torch.tensor(skipped_images, device=accelerator.device), "sum").item())
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    from accelerate.utils import gather_object
+
+    skips = SkipLog().merge(gather_object([skips]))  # unique unreadable files over all processes
     # Every rank must hold the same weights after DDP training: record one checksum per rank
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters() if p.requires_grad]).sum()
     rank_checksums = accelerator.gather(checksum.reshape(1)).tolist()
@@ -1033,65 +1149,123 @@ def main(args):
         final = unwrapped
         if ema is not None:
             ema.copy_to([p for p in final.parameters() if p.requires_grad])
+        lora_files = None
         if args.use_lora:
-            from safetensors.torch import save_file
-
             from diffusability_hf.lora import lora_state_dict, merge_lora
 
-            os.makedirs(os.path.join(args.output_dir, "lora"), exist_ok=True)
-            save_file(
+            lora_files = (
                 {k: v.contiguous() for k, v in lora_state_dict(final).items()},
-                os.path.join(args.output_dir, "lora", "adapter_model.safetensors"),
+                {
+                    "r": args.lora_rank,
+                    "lora_alpha": args.lora_alpha or args.lora_rank,
+                    "target_modules": sorted(final.peft_config["default"].target_modules),
+                },
             )
-            with open(os.path.join(args.output_dir, "lora", "adapter_config.json"), "w") as f:
-                json.dump(
-                    {
-                        "r": args.lora_rank,
-                        "lora_alpha": args.lora_alpha or args.lora_rank,
-                        "target_modules": sorted(final.peft_config["default"].target_modules),
-                    },
-                    f,
-                    indent=2,
-                )
             merge_lora(final)
-        final.save_pretrained(args.output_dir, safe_serialization=True)
+        # Latent normalisation re-estimated on training latents, in the class's own convention
+        normalization = latent_normalization(
+            final, train_images, train_videos if is_video else None, args, accelerator
+        )
+        # Save the EMA weights as the final model, in diffusers format, atomically
+        with atomic_save(args.output_dir) as tmp:
+            final.save_pretrained(tmp, safe_serialization=True)
+            if lora_files is not None:
+                from safetensors.torch import save_file
+
+                os.makedirs(os.path.join(tmp, "lora"))
+                save_file(lora_files[0], os.path.join(tmp, "lora", "adapter_model.safetensors"))
+                with open(os.path.join(tmp, "lora", "adapter_config.json"), "w") as f:
+                    json.dump(lora_files[1], f, indent=2)
         after = {kind: evaluate(final, pixels, args) for kind, pixels in val.items()}
+        # Cross-decoding: how far the fine-tuned latent space moved from the base's
+        cross = cross_decoding(build_vae, final, val, before, after, args, accelerator) if pretrained else None
         run = dict(
             steps=global_step,
             trainable=n_train,
             total=n_all,
-            skipped=skipped_images,
+            skips=skips.summary(),
             class_name=type(final).__name__,
             seconds=time.time() - t_start,
             checksums=rank_checksums,
             peak_memory_gb=peak,
             timestep_conditioning=bool(getattr(final.config, "timestep_conditioning", False)),
+            base_fingerprint=base_fingerprint,
+            fingerprint=ae.weights_fingerprint(final),
+            base_normalization=base_normalization,
+            normalization=normalization,
+            cross_decoding=cross,
+            validation=val_info,
         )
         write_outputs(args, before, after, rgb, val, run)
         if "image" in val:
             log_images(accelerator, val["image"], after["image"]["recon"], global_step)
         if "video" in val:
             gif = log_clips(accelerator, val["video"], after["video"]["recon"], global_step)
-            with open(os.path.join(args.output_dir, "reconstruction.gif"), "wb") as f:
+            tmp_gif = os.path.join(args.output_dir, ".reconstruction.gif.tmp")
+            with open(tmp_gif, "wb") as f:
                 f.write(gif)
+            os.replace(tmp_gif, os.path.join(args.output_dir, "reconstruction.gif"))
         if args.push_to_hub:
             from diffusability_hf.hub import push_folder
 
             url = push_folder(repo_id, args.output_dir, None, "SE fine-tuned autoencoder")
             logger.info(f"Uploaded to {url}")
+        names = ["config.json", "diffusion_pytorch_model.safetensors", "lora", "README.md", "metrics.json"]
+        names += ["spectrum.png", "reconstruction.gif"] + [os.path.basename(c) for c in checkpoints_of(args)]
+        report_written(args.output_dir, names + [args.logging_dir] * bool(args.report_to))
     accelerator.end_training()
 
 
-def save_checkpoint(accelerator, args, step):
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        ckpts = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        for old in ckpts[: max(0, len(ckpts) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, old))
-    path = os.path.join(args.output_dir, f"checkpoint-{step}")
-    accelerator.save_state(path)
-    logger.info(f"Saved state to {path}")
+def checkpoints_of(args):
+    from diffusability_hf.training_utils import list_checkpoints
+
+    return list_checkpoints(args.output_dir)
+
+
+def latent_normalization(vae, train_images, train_videos, args, accelerator):
+    """Re-estimate (or keep, with --keep_base_latent_scaling) the saved AE's latent normalisation; the record."""
+    dataset = train_videos if train_videos is not None else train_images  # what a video DiT would train on
+    z = training_latents(vae, dataset, args, accelerator.device)
+    record = {
+        "num_samples": int(z.shape[0]),
+        "kind": "clips" if train_videos is not None else "images",
+        "latent_mean": float(z.double().mean()),
+        "latent_std": float(z.double().std(correction=0)),
+        "normalized_std_with_base_values": normalized_std(vae, z),
+    }
+    estimate = estimate_latent_normalization(vae, z)
+    if estimate is None:
+        record.update(reestimated=False, reason=f"{type(vae).__name__}'s statistics are not re-estimated")
+        logger.warning(f"{type(vae).__name__}: latent normalisation kept as the base's (not re-estimated here).")
+    elif args.keep_base_latent_scaling:
+        record.update(reestimated=False, reason="--keep_base_latent_scaling", would_be=estimate["config"])
+    else:
+        apply_latent_normalization(vae, estimate)
+        record.update(reestimated=True, form=estimate["form"])
+    record["normalized_std_with_saved_values"] = normalized_std(vae, z)
+    record["saved"] = current_latent_normalization(vae)
+    logger.info(
+        f"Latent normalisation ({'re-estimated' if record['reestimated'] else 'kept'}): normalised latent std "
+        f"{record['normalized_std_with_base_values']:.3f} with the base's values, "
+        f"{record['normalized_std_with_saved_values']:.3f} with the saved ones"
+    )
+    return record
+
+
+def cross_decoding(build_vae, final, val, before, after, args, accelerator):
+    """PSNR of the base encoder's latents through the fine-tuned decoder and of the fine-tuned encoder's latents
+    through the base decoder, beside base -> base and new -> new, on the validation items."""
+    base = ae.prepare_for_training(build_vae()).to(accelerator.device)
+    out = {}
+    for kind, pixels in val.items():
+        out[kind] = {
+            "base_encoder_base_decoder": before[kind]["psnr"],
+            "base_encoder_new_decoder": evaluate(base, pixels, args, decoder=final)["psnr"],
+            "new_encoder_base_decoder": evaluate(final, pixels, args, decoder=base)["psnr"],
+            "new_encoder_new_decoder": after[kind]["psnr"],
+        }
+    del base
+    return out
 
 
 def run_validation(accelerator, vae, ema, val, rgb, args, step):
@@ -1132,41 +1306,46 @@ def write_outputs(args, before, after, rgb, val, run):
         else (args.pretrained_model_name_or_path or f"random init from {args.model_config_name_or_path}")
     )
     base = base + (f" (subfolder {args.subfolder})" if args.subfolder else "")
-    keep = ("psnr", "hf_share", "profile", "frame_profiles")
-    metrics = {"base_model": base}
+    keep = ("psnr", "hf_share", "profile", "energy", "frame_profiles")
+    metrics = {"base_model": base, "base_weights_fingerprint": run["base_fingerprint"]}
+    metrics["weights_fingerprint"] = run["fingerprint"]
     for kind in val:  # images at the top level, clips under "video"
         entry = {
             "before": {k: before[kind][k] for k in keep if k in before[kind]},
             "after": {k: after[kind][k] for k in keep if k in after[kind]},
-            "rgb_profile": rgb[kind],
+            "rgb_profile": rgb[kind]["profile"],
+            "rgb_energy": rgb[kind]["energy"],
             f"num_validation_{kind}s": int(val[kind].shape[0]),
+            "validation": run["validation"].get(kind, {}),
         }
+        if run["cross_decoding"] is not None:
+            entry["cross_decoding_psnr"] = run["cross_decoding"][kind]
         if kind == "image":
             metrics.update(entry)
         else:
             metrics["video"] = entry
     metrics.update(
         {
+            "latent_normalization": {"base": run["base_normalization"], **run["normalization"]},
             "train_steps": run["steps"],
-            "skipped_images": run["skipped"],
+            "skipped_images": run["skips"]["unreadable_files"],  # unique unreadable files (not skip events)
+            "unreadable_files": run["skips"],
             "train_seconds": round(run["seconds"], 1),
             "peak_memory_gb": round(run["peak_memory_gb"], 3),
             "rank_weight_checksums": run["checksums"],
         }
     )
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    curves = {}
+    atomic_write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    profiles, energies = {}, {}
     for kind in val:
         label = "" if kind == "image" else " (clips)"
-        curves.update(
-            {
-                f"RGB{label}": rgb[kind],
-                f"latents before{label}": before[kind]["profile"],
-                f"latents after{label}": after[kind]["profile"],
-            }
-        )
-    save_spectrum_plot(os.path.join(args.output_dir, "spectrum.png"), curves)
+        for name, source in ((f"RGB at the latent size{label}", rgb[kind]), (f"latents before{label}", before[kind]),
+                             (f"latents after{label}", after[kind])):  # fmt: skip
+            profiles[name], energies[name] = source["profile"], source["energy"]
+    save_png(
+        plot_spectra(profiles, energies, title="Latent spectrum before and after fine-tuning (paper Fig. 2/4)"),
+        os.path.join(args.output_dir, "spectrum.png"),
+    )
     hp = {k: v for k, v in vars(args).items() if k not in ("hub_token", "embedded_model", "embedded_data")}
     for key in ("se_scale_factors", "se_temporal_scale_factors"):
         hp[key] = " ".join(map(str, getattr(args, key) or [])) or None
@@ -1184,7 +1363,8 @@ def write_outputs(args, before, after, rgb, val, run):
             (f"latent high-frequency share{what}", f"{b['hf_share']:.4f}", f"{a['hf_share']:.4f}"),
         ]
         n = int(val[kind].shape[0])
-        described.append(f"{n} images" if kind == "image" else f"{n} clips of {args.num_frames} frames")
+        items = f"{n} images" if kind == "image" else f"{n} clips of {args.num_frames} frames"
+        described.append(f"{items} ({run['validation'].get(kind, {}).get('source', 'fixed')})")
     class_name = run["class_name"]
     base_id = None if args.embedded_model or args.model_config_name_or_path else args.pretrained_model_name_or_path
     license_fields = card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub)
@@ -1201,7 +1381,11 @@ def write_outputs(args, before, after, rgb, val, run):
             "trainable": f"{run['trainable']:,}",
             "total": f"{run['total']:,}",
             "results_table": markdown_table(rows, ["metric", "before", "after"]),
-            "validation_description": " and ".join(described),
+            "validation_description": "; ".join(described),
+            "compatibility": compatibility_text(run, args),
+            "normalization_table": normalization_table(run),
+            "base_fingerprint": run["base_fingerprint"],
+            "fingerprint": run["fingerprint"],
             "hyperparameters_table": markdown_table(hp_rows, ["flag", "value"]),
             "version": __version__,
             "dataset": dataset_description(args, "video" in val),
@@ -1212,8 +1396,66 @@ def write_outputs(args, before, after, rgb, val, run):
         },
         template_dir=MODEL_CARDS,
     )
-    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-        f.write(card)
+    atomic_write_text(os.path.join(args.output_dir, "README.md"), card)
+
+
+def compatibility_text(run, args):
+    """What "drop-in replacement" means for this model: the API, not the latent space (cross-decoding PSNRs)."""
+    lines = [
+        "It loads and runs wherever the base model does (same class and config layout), but its latent space is not "
+        "the base's: **a diffusion model trained on the base's latents must be retrained** on this autoencoder's "
+        "latents (extract them again)."
+    ]
+    cross = run["cross_decoding"]
+    if cross is None:
+        lines.append("(Trained from random initialisation: there is no base to cross-decode with.)")
+        return "\n".join(lines)
+    rows = []
+    for kind, c in cross.items():
+        what = "" if kind == "image" else " (clips)"
+        rows += [
+            (f"base encoder -> base decoder{what}", f"{c['base_encoder_base_decoder']:.2f}"),
+            (f"base encoder -> this decoder{what}", f"{c['base_encoder_new_decoder']:.2f}"),
+            (f"this encoder -> base decoder{what}", f"{c['new_encoder_base_decoder']:.2f}"),
+            (f"this encoder -> this decoder{what}", f"{c['new_encoder_new_decoder']:.2f}"),
+        ]
+    from diffusability_hf.hub import markdown_table
+
+    lines += [
+        "",
+        "Cross-decoding on the validation set (PSNR in dB, posterior mean): how far the latent space moved.",
+        "",
+        markdown_table(rows, ["latents -> decoder", "PSNR (dB)"]),
+    ]
+    return "\n".join(lines)
+
+
+def normalization_table(run):
+    """The latent normalisation fields, base vs saved, and how well each normalises the training latents."""
+    from diffusability_hf.hub import markdown_table
+
+    norm, base = run["normalization"], run["base_normalization"]
+    saved = norm["saved"]
+
+    def show(v):
+        if isinstance(v, list):
+            return "[" + ", ".join(f"{x:.4g}" for x in v[:4]) + (", ..." if len(v) > 4 else "") + "]"
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    rows = [(f"`{k}`", show(base.get(k, "-")), show(saved.get(k, "-"))) for k in sorted(set(base) | set(saved))]
+    rows.append(
+        (
+            "std of the normalised latents",
+            f"{norm['normalized_std_with_base_values']:.3f}",
+            f"{norm['normalized_std_with_saved_values']:.3f}",
+        )
+    )
+    how = (
+        f"re-estimated ({norm['form']}) on posterior samples of {norm['num_samples']} training {norm['kind']}"
+        if norm["reestimated"]
+        else f"kept as the base's ({norm['reason']})"
+    )
+    return f"Latent normalisation {how}:\n\n" + markdown_table(rows, ["field", "base", "saved"])
 
 
 def dataset_description(args, video):
@@ -1249,4 +1491,4 @@ def usage_snippet(class_name, args, video, timestep_conditioning=False):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

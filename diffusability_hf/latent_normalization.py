@@ -1,0 +1,117 @@
+"""Re-estimate an autoencoder's latent normalisation after fine-tuning, in its own class's convention.
+
+A diffusion model does not see raw latents: diffusers' pipelines normalise them with the statistics stored with
+the AE (``scaling_factor`` / ``shift_factor``, ``latents_mean`` / ``latents_std`` in the config, or as buffers for
+LTX; see :mod:`diffusability_hf.autoencoders`). SE fine-tuning moves the latent statistics (embedded AE, 128 px
+crops: latent std 0.764 -> 0.975), so a fine-tuned AE that keeps the base's values hands every trainer that
+normalises with them mis-scaled latents. :func:`estimate_latent_normalization` computes new values from latents of
+the training data, in the same form as the base's (global shift/scale stays global, per-channel stays per
+channel), such that ``normalize_latents`` maps those latents to mean 0 and standard deviation 1 where the form
+allows a shift (scale only: standard deviation 1).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from diffusability_hf.autoencoders import _class_name, normalize_latents
+
+SCALE_ONLY = ("AutoencoderDC", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLAllegro")
+CONFIG_LISTS = ("AutoencoderKLWan", "AutoencoderKLQwenImage")
+BUFFERS = ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video")
+
+
+def _channel_stats(z: torch.Tensor):
+    """Per-channel mean and std (float64) of ``(N, C, ...)`` latents."""
+    flat = z.double().transpose(0, 1).flatten(1)  # (C, N * positions)
+    return flat.mean(1), flat.std(1, correction=0)
+
+
+def _values(x) -> list:
+    return [round(float(v), 6) for v in torch.as_tensor(x).flatten()]
+
+
+def current_latent_normalization(vae: nn.Module) -> Dict:
+    """The normalisation fields the AE holds now, as plain numbers (for ``metrics.json`` and the model card)."""
+    cfg, name = vae.config, _class_name(vae)
+    out = {}
+    for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "invert_scale_latents"):
+        value = getattr(cfg, key, None)
+        if value is not None:
+            out[key] = value if isinstance(value, (bool, int, float)) else _values(value)
+    if name in BUFFERS:
+        out.update(latents_mean=_values(vae.latents_mean), latents_std=_values(vae.latents_std))
+    if name == "AutoencoderKLFlux2":
+        out.update(bn_running_mean=_values(vae.bn.running_mean), bn_running_var=_values(vae.bn.running_var))
+    return out
+
+
+@torch.no_grad()
+def estimate_latent_normalization(vae: nn.Module, z: torch.Tensor) -> Optional[Dict]:
+    """New normalisation fields for ``vae`` from raw latents ``z`` ``(N, C, H, W)`` or ``(N, C, T, H, W)``.
+
+    Returns ``{"config": {...}, "buffers": {...}, "form": str}`` to pass to :func:`apply_latent_normalization`, or
+    ``None`` for a class whose statistics this toolkit does not re-estimate (``AutoencoderKLCosmos``: per channel
+    *and* latent frame). The form follows the base's: ``AutoencoderKL`` with a ``shift_factor`` (FLUX) gets the
+    global mean as shift and ``1 / std`` as scale; without one (SD) only the scale; with per-channel
+    ``latents_mean`` / ``latents_std`` (and a kept ``scaling_factor``) per-channel values; the scale-only classes
+    (CogVideoX, DC, Hunyuan, Allegro) ``1 / std`` (CogVideoX with ``invert_scale_latents``: ``std``); Wan and Qwen
+    per-channel config lists; LTX per-channel buffers (``latents_std`` absorbs ``scaling_factor``); Flux2 its
+    batch-norm running statistics of the 2x2-patchified latent.
+    """
+    cfg, name = vae.config, _class_name(vae)
+    z = z.double()
+    std = float(z.std(correction=0))
+    mean = float(z.mean())
+    scaling = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+    if name == "AutoencoderKLCosmos":
+        return None
+    if name == "AutoencoderKLFlux2":
+        from diffusability_hf.autoencoders import _flux2_patchify
+
+        m, s = _channel_stats(_flux2_patchify(z))
+        var = (s.square() - cfg.batch_norm_eps).clamp_min(1e-12)
+        return {"config": {}, "buffers": {"bn.running_mean": m, "bn.running_var": var}, "form": "batch-norm stats"}
+    if name in BUFFERS:
+        m, s = _channel_stats(z)
+        return {"config": {}, "buffers": {"latents_mean": m, "latents_std": s * scaling}, "form": "per channel"}
+    if name in CONFIG_LISTS:
+        m, s = _channel_stats(z)
+        return {
+            "config": {"latents_mean": _values(m), "latents_std": _values(s)},
+            "buffers": {},
+            "form": "per channel",
+        }
+    per_channel_config = (
+        getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None
+    )
+    if name not in SCALE_ONLY and per_channel_config:  # AutoencoderKL with lists, Mochi
+        m, s = _channel_stats(z)
+        lists = {"latents_mean": _values(m), "latents_std": _values(s * scaling)}
+        return {"config": lists, "buffers": {}, "form": "per channel"}
+    if name == "AutoencoderKLCogVideoX" and getattr(cfg, "invert_scale_latents", False):
+        return {"config": {"scaling_factor": round(std, 6)}, "buffers": {}, "form": "global scale (inverted)"}
+    if name in SCALE_ONLY or getattr(cfg, "shift_factor", None) is None:
+        return {"config": {"scaling_factor": round(1.0 / std, 6)}, "buffers": {}, "form": "global scale"}
+    config = {"shift_factor": round(mean, 6), "scaling_factor": round(1.0 / std, 6)}
+    return {"config": config, "buffers": {}, "form": "global shift and scale"}
+
+
+@torch.no_grad()
+def apply_latent_normalization(vae: nn.Module, estimate: Dict) -> None:
+    """Write an :func:`estimate_latent_normalization` result into ``vae`` (config and buffers; saved with it)."""
+    if estimate["config"]:
+        vae.register_to_config(**estimate["config"])
+    for path, value in estimate["buffers"].items():
+        module_path, _, attr = path.rpartition(".")
+        owner = vae.get_submodule(module_path) if module_path else vae
+        getattr(owner, attr).copy_(value.to(getattr(owner, attr)))
+
+
+@torch.no_grad()
+def normalized_std(vae: nn.Module, z: torch.Tensor) -> float:
+    """The standard deviation of ``normalize_latents(vae, z)``: 1 when the stored statistics fit these latents."""
+    return float(normalize_latents(vae, z.float()).double().std(correction=0))

@@ -1,0 +1,189 @@
+"""Output-folder guard, atomic saves and checkpoints, resume, one-line input errors, the launcher's thread default."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusability_hf import training_utils as tu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeAccelerator:
+    """What save_checkpoint / load_checkpoint use of accelerate's Accelerator, on one process."""
+
+    is_main_process, num_processes = True, 1
+
+    def __init__(self, fail_after=None):
+        self.fail_after, self.loaded = fail_after, None
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        for i, name in enumerate(("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl")):
+            if self.fail_after is not None and i == self.fail_after:
+                raise KeyboardInterrupt("killed while saving")  # what a kill leaves: a partial folder
+            with open(os.path.join(path, name), "wb") as fh:
+                fh.write(b"x" * 100)
+
+    def load_state(self, path):
+        with open(os.path.join(path, "custom_checkpoint_0.pkl"), "rb") as fh:
+            if len(fh.read()) < 100:
+                raise EOFError("Ran out of input")
+        self.loaded = path
+
+
+def test_checkpoints_are_atomic_and_rotated_only_after_completion(tmp_path, caplog):
+    acc = FakeAccelerator()
+    for step in (10, 20, 30, 40):
+        tu.save_checkpoint(acc, str(tmp_path), step, total_limit=3)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
+    assert all(tu.is_complete_checkpoint(str(tmp_path / f"checkpoint-{s}")) for s in (20, 30, 40))
+    # A kill in the middle of the next save leaves no checkpoint-50 and keeps the previous three
+    with pytest.raises(KeyboardInterrupt):
+        tu.save_checkpoint(FakeAccelerator(fail_after=2), str(tmp_path), 50, total_limit=3)
+    assert not (tmp_path / "checkpoint-50").exists() and (tmp_path / ".tmp-checkpoint-50").is_dir()
+    assert tu.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-40")
+    # The next save of the same step replaces the leftover
+    tu.save_checkpoint(acc, str(tmp_path), 50, total_limit=3)
+    assert not (tmp_path / ".tmp-checkpoint-50").exists()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-30", "checkpoint-40", "checkpoint-50"]
+
+
+def test_latest_skips_incomplete_checkpoints_and_damaged_ones_fail_clearly(tmp_path):
+    acc = FakeAccelerator()
+    for step in (2, 4):
+        tu.save_checkpoint(acc, str(tmp_path), step)
+    os.makedirs(tmp_path / "checkpoint-6")  # e.g. written by an older, non-atomic version and killed
+    (tmp_path / "checkpoint-6" / "custom_checkpoint_0.pkl").write_bytes(b"")
+    warnings = []
+    assert tu.resolve_resume(str(tmp_path), "latest", warnings.append) == str(tmp_path / "checkpoint-4")
+    assert len(warnings) == 1 and "checkpoint-6" in warnings[0] and "incomplete" in warnings[0]
+    with pytest.raises(tu.UsageError, match="incomplete"):
+        tu.resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-6"))
+    with pytest.raises(tu.MissingPathError, match="is not a folder"):
+        tu.resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-99"))
+    assert tu.resolve_resume(str(tmp_path / "new"), "latest", warnings.append) is None
+    assert tu.resolve_resume(str(tmp_path), None) is None
+    # Complete but damaged afterwards (a truncated file): a clear message instead of a bare EOFError
+    (tmp_path / "checkpoint-4" / "custom_checkpoint_0.pkl").write_bytes(b"x")
+    with pytest.raises(tu.UsageError, match="checkpoint-4 is damaged.*EOFError"):
+        tu.load_checkpoint(acc, str(tmp_path / "checkpoint-4"))
+    assert tu.load_checkpoint(acc, str(tmp_path / "checkpoint-2")) == 2 and acc.loaded.endswith("checkpoint-2")
+
+
+def test_output_dir_guard(tmp_path):
+    assert tu.check_output_dir(str(tmp_path / "new"), ["config.json"], overwrite=False) == []
+    (tmp_path / "notes.txt").write_text("a user's file")
+    assert tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=False) == []  # nothing of a run
+    (tmp_path / "config.json").write_text("{}")
+    os.makedirs(tmp_path / "checkpoint-300")
+    with pytest.raises(tu.UsageError, match=r"config.json, checkpoint-300.*--overwrite_output_dir"):
+        tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=False)
+    assert tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=True) == ["config.json", "checkpoint-300"]
+    assert tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=False, resume="latest")
+    assert tu.remove_checkpoints(str(tmp_path)) == ["checkpoint-300"] and (tmp_path / "notes.txt").exists()
+
+
+def test_atomic_save_keeps_the_old_model_on_failure_and_moves_index_files_last(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text('{"old": 1}')
+    (tmp_path / "weights.safetensors").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with tu.atomic_save(str(tmp_path)) as tmp:
+            (open(os.path.join(tmp, "weights.safetensors"), "wb")).write(b"half")
+            raise RuntimeError("killed while writing the weights")
+    assert (tmp_path / "weights.safetensors").read_bytes() == b"old" and (tmp_path / "config.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "weights.safetensors"]  # no temporary folder left
+    moves = []
+    real = tu._move_into_place
+    monkeypatch.setattr(tu, "_move_into_place", lambda a, b: (moves.append(os.path.basename(b)), real(a, b)))
+    with tu.atomic_save(str(tmp_path)) as tmp:
+        for name in ("config.json", "weights.safetensors", "zz.json"):
+            open(os.path.join(tmp, name), "w").write("new")
+        os.makedirs(os.path.join(tmp, "vae"))
+        open(os.path.join(tmp, "vae", "config.json"), "w").write("new")
+    assert moves[-1] == "config.json" and set(moves) == {"config.json", "weights.safetensors", "zz.json", "vae"}
+    assert (tmp_path / "weights.safetensors").read_text() == "new" and (tmp_path / "vae" / "config.json").exists()
+    with tu.atomic_save(str(tmp_path)) as tmp:  # a folder replaces a folder
+        os.makedirs(os.path.join(tmp, "vae"))
+        open(os.path.join(tmp, "vae", "other.json"), "w").write("newer")
+    assert os.listdir(tmp_path / "vae") == ["other.json"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+SCRIPT = """
+import sys
+from diffusability_hf.training_utils import UsageError, run_script
+
+def main(kind):
+    if kind == "usage":
+        raise UsageError("--resolution 34 is not divisible by 8:\\nuse 32 or 40.")
+    if kind == "toolkit":
+        from diffusability_hf.losses import downsample
+        import torch
+        downsample(torch.zeros(1, 3, 6, 6), 4, "bilinear")
+    if kind == "bug":
+        import json
+        json.loads("{not json")
+    print("done")
+
+run_script(main, lambda: sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("kind", ["usage", "toolkit", "bug", "ok"])
+def test_run_script_turns_input_errors_into_one_line(tmp_path, kind):
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(path), kind], capture_output=True, text=True, cwd=ROOT)
+    if kind == "ok":
+        assert proc.returncode == 0 and proc.stdout.strip() == "done"
+    elif kind == "bug":  # an error of third-party code keeps its traceback
+        assert proc.returncode == 1 and "Traceback" in proc.stderr and "JSONDecodeError" in proc.stderr
+    else:
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert ("use 32 or 40" in lines[0]) if kind == "usage" else ("not divisible" in lines[0])
+    if kind == "usage":
+        traced = subprocess.run(
+            [sys.executable, str(path), kind], capture_output=True, text=True, cwd=ROOT,
+            env=dict(os.environ, DIFFUSABILITY_TRACEBACK="1"),
+        )  # fmt: skip
+        assert "Traceback" in traced.stderr and "UsageError" in traced.stderr
+
+
+THREADS = "import torch; from diffusability_hf.training_utils import use_all_cpu_cores; use_all_cpu_cores(); "
+THREADS += "print('threads', torch.get_num_threads())"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell one thread from all")
+def test_launcher_one_thread_default_is_undone_but_a_users_choice_is_kept(tmp_path):
+    path = tmp_path / "threads.py"
+    path.write_text(THREADS)
+    cores = len(os.sched_getaffinity(0))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no"]
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+    def threads(cmd, **extra):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(base, **extra), cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split("threads")[-1])
+
+    assert threads(launch + [str(path)]) == cores  # the launcher exported OMP_NUM_THREADS=1 by itself
+    assert threads(launch + [str(path)], OMP_NUM_THREADS="1") == 1  # the user asked for one thread
+    assert threads(launch[:3] + ["--num_cpu_threads_per_process", "1"] + launch[3:] + [str(path)]) == 1
+    assert threads([sys.executable, str(path)], OMP_NUM_THREADS="1") == 1  # not under the launcher
+
+
+def test_atomic_json_and_report(tmp_path, capsys):
+    tu.atomic_write_json(str(tmp_path / "m.json"), {"a": torch.tensor(1.5).item()})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5} and os.listdir(tmp_path) == ["m.json"]
+    text = tu.report_written(str(tmp_path), ["m.json", "missing.png"])
+    assert text == f"Wrote to {tmp_path}: m.json" and text in capsys.readouterr().out
