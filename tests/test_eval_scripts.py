@@ -2,6 +2,7 @@
 extractors, offline; every number that matters is recomputed here independently."""
 
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -12,7 +13,10 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
+from diffusability_hf import training_utils
+from diffusability_hf.autoencoders import weights_fingerprint
 from diffusability_hf.data import EvalSamples, evaluation_samples
+from diffusability_hf.figures import labelled_image_grid
 from diffusability_hf.losses import downsample
 from diffusability_hf.metrics import frechet_distance
 from diffusability_hf.spectral import (
@@ -44,6 +48,51 @@ def torchscript_features(path, pixels):
 def mean_psnr(recon, pixels):
     mse = ((recon.double() - pixels.double()) ** 2).flatten(1).mean(1).numpy()
     return np.mean(10 * np.log10(4 / mse))
+
+
+def snapshot(folder):
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Copied from tests.test_extract_latents.assert_one_error_line
+def assert_one_error_line(proc, *fragments):
+    """A refusal: exit code 2, one ``error: ...`` line naming ``fragments``, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+PLAIN_PYTHON = [sys.executable]  # the script's own exit code (accelerate launch turns any failure into 1)
+
+
+def assert_grid_close(path, expected):
+    """A PNG written by a script equals a grid built here, up to a rare pixel one level off (float round-off of
+    other batch compositions)."""
+    got = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    want = np.asarray(expected).astype(int)
+    assert got.shape == want.shape
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def zigzag_numpy(b):
+    """JPEG zigzag order as row-major indices, written out independently of the library."""
+    return sorted(range(b * b), key=lambda k: (k // b + k % b, k // b if (k // b + k % b) % 2 else -(k // b)))
+
+
+def ac_shares_numpy(z, b):
+    """``E_k / sum_{j >= 1} E_j`` (DC 0) with scipy's DCT, one explicit loop over blocks."""
+    from scipy.fft import dctn
+
+    x = z.double().numpy()
+    n, c, h, w = x.shape
+    blocks = [x[..., i : i + b, j : j + b] for i in range(0, h, b) for j in range(0, w, b)]
+    energy = np.mean([dctn(blk, norm="ortho", axes=(-2, -1)) ** 2 for blk in blocks], axis=(0, 1, 2)).reshape(-1)
+    energy = energy[zigzag_numpy(b)]
+    return energy, np.concatenate([[0.0], energy[1:] / energy[1:].sum()])
 
 
 def frequency_distance_numpy(a, b):
@@ -126,6 +175,7 @@ def test_eval_ae_images_metrics_match_an_independent_computation(
     samples = evaluation_samples(32, 512, data_dir=str(image_dir))
     pixels = torch.stack([samples[i][0] for i in range(len(samples)) if samples[i][1]])
     assert len(pixels) == 7
+    grids = {}
     for label, path in (("base", tiny_vae_dir), ("noisy", second_vae_dir)):
         r = result["models"][label]
         assert (r["num_samples"], r["skipped"]) == (7, 1)
@@ -142,8 +192,40 @@ def test_eval_ae_images_metrics_match_an_independent_computation(
         assert curves["0.0"]["psnr"]["mean"] == pytest.approx(r["psnr"]["mean"], abs=1e-4)  # no cut = plain recon
         assert curves["0.5"]["psnr"]["mean"] == pytest.approx(mean_psnr(recon_cut, pixels), abs=1e-3)
         assert abs(curves["0.5"]["psnr"]["mean"] - curves["0.0"]["psnr"]["mean"]) > 1e-3
+        assert r["weights_fingerprint"] == weights_fingerprint(vae)
+        grids[label] = (recon, torch.stack([recon[0], recon_cut[0]]))  # the first sample cut by 0 and 0.5
     # Each model is scored with its own weights (the two rows differ)
     assert abs(result["models"]["noisy"]["psnr"]["mean"] - result["models"]["base"]["psnr"]["mean"]) > 0.05
+    # The grids: a row of originals, then one row per AE; the cut grid has one column per ratio
+    expected = labelled_image_grid(
+        [pixels, grids["base"][0], grids["noisy"][0]], ["original", "base", "noisy"], padding=1
+    )
+    assert_grid_close(out / "reconstructions.png", expected)
+    rgb_cut = torch.cat([chop_high_frequencies(pixels[:1], 8, r).clamp(-1, 1) for r in (0.0, 0.5)])
+    expected = labelled_image_grid(
+        [rgb_cut, grids["base"][1], grids["noisy"][1]],
+        ["pixels cut", "base latents cut", "noisy latents cut"],
+        col_labels=["0% cut", "50% cut"],
+        padding=1,
+    )
+    assert_grid_close(out / "dct_cut_grid.png", expected)
+
+    # A second run into the folder is refused before any model loads and leaves the first run's files as they were
+    before = snapshot(out)
+    proc = run_script("eval_ae.py", args, check=False, launcher=PLAIN_PYTHON)
+    assert_one_error_line(proc, f"--output_dir {out}", "metrics.json", "--overwrite_output_dir")
+    assert "Evaluating" not in proc.stderr and snapshot(out) == before
+    # --overwrite_output_dir replaces them, and no plot of the earlier run stays
+    args = [
+        "--models", f"base={tiny_vae_dir}", "--data_dir", image_dir, "--resolution", 32, "--metrics", "psnr",
+        "--output_dir", out, "--overwrite_output_dir",
+    ]  # fmt: skip
+    proc = run_script("eval_ae.py", args, launcher=PLAIN_PYTHON)
+    assert f"Wrote to {out}: metrics.json, metrics.md, reconstructions.png" in proc.stdout
+    assert list(json.loads((out / "metrics.json").read_text())["models"]) == ["base"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md", "reconstructions.png"]
+    expected = labelled_image_grid([pixels, grids["base"][0]], ["original", "base"], padding=1)
+    assert_grid_close(out / "reconstructions.png", expected)
 
 
 def test_eval_ae_two_processes_give_the_one_process_numbers(
@@ -164,8 +246,8 @@ def test_eval_ae_two_processes_give_the_one_process_numbers(
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text())["models"] for d in ("one", "two"))
     (a,), (b,) = one.values(), two.values()
     assert a["num_samples"] == b["num_samples"] == 7
-    for key in ("psnr", "ssim"):
-        assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-6)
+    for key in ("psnr", "ssim"):  # SSIM of the random tiny AE is near 0: a relative tolerance alone is too tight
+        assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-6, abs=1e-6)
     assert a["rFD-tiny_features"] == pytest.approx(b["rFD-tiny_features"], rel=1e-4)
 
 
@@ -264,6 +346,33 @@ def test_analyze_spectrum_profiles_equal_the_whole_set_at_once(run_script, tmp_p
     rgb_small = frequency_profile(downsample(pixels, 4, "area"), 4).numpy()
     np.testing.assert_allclose(result["rgb"]["4"]["profile"], rgb_small, rtol=1e-5)
     np.testing.assert_allclose(result["rgb"]["1"]["profile"], frequency_profile(pixels, 4).numpy(), rtol=1e-5)
+    assert entry["weights_fingerprint"] == weights_fingerprint(vae)
+
+    # The AC-energy shares (json: per zigzag index; md: by quarter of the zigzag order) against scipy
+    md = (out / "spectrum.md").read_text()
+    for key, signal in (("tiny", z), ("RGB at 8 px", downsample(pixels, 4, "area"))):
+        r = entry if key == "tiny" else result["rgb"]["4"]
+        energy, shares = ac_shares_numpy(signal, 4)
+        np.testing.assert_allclose(r["energy"], energy, rtol=1e-5)
+        np.testing.assert_allclose(r["ac_energy_shares"], shares, rtol=1e-5, atol=1e-12)
+        (row,) = [line for line in md.splitlines() if line.startswith(f"| {key} |")]
+        cells = [float(c) for c in row.strip("|").split("|")[2:]]
+        quarters = [shares[1:4].sum(), shares[4:8].sum(), shares[8:12].sum(), shares[12:16].sum()]
+        np.testing.assert_allclose(cells, [shares[8:].sum(), *quarters], atol=6e-5)
+    assert "AC share, zigzag 1-3" in md and "AC share, zigzag 12-15" in md
+    with Image.open(out / "spectrum.png") as im:  # two panels side by side
+        assert im.width > 2 * im.height
+
+    # A second run into the folder is refused; --overwrite_output_dir replaces the results (no stale channel plot)
+    before = snapshot(out)
+    proc = run_script("analyze_spectrum.py", args, check=False, launcher=PLAIN_PYTHON)
+    assert_one_error_line(proc, "spectrum.json", "--overwrite_output_dir")
+    assert "Encoding with" not in proc.stderr and snapshot(out) == before
+    args = [a for a in args if a != "--per_channel"] + ["--overwrite_output_dir"]
+    proc = run_script("analyze_spectrum.py", args, launcher=PLAIN_PYTHON)
+    assert f"Wrote to {out}: spectrum.json, spectrum.md, spectrum.png" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["spectrum.json", "spectrum.md", "spectrum.png"]
+    assert "channels" not in json.loads((out / "spectrum.json").read_text())["models"]["tiny"]
 
 
 def test_analyze_spectrum_clips_per_frame(run_script, tmp_path, tiny_video_vae_dir):
@@ -282,23 +391,38 @@ def test_analyze_spectrum_clips_per_frame(run_script, tmp_path, tiny_video_vae_d
 # ---------------------------------------------------------------------------------------------------- eval_dit
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline_dir(tmp_path_factory):
+def save_tiny_pipeline(path, seed, perturb=0.0):
+    """A class-conditional pipeline over the embedded AE with a tiny random DiT (``seed``: its weights; ``perturb``:
+    noise added to all of them)."""
     from diffusability_hf import autoencoders as ae
     from diffusability_hf.models.dit import build_dit
     from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
     vae = AutoencoderKL.from_pretrained(ae.EMBEDDED_AE)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     dit = build_dit("DiT-tiny/2", in_channels=vae.config.latent_channels, sample_size=8, num_classes=3)
+    if perturb:  # DiT's zero-initialised output layers make every fresh DiT predict 0: move all weights
+        with torch.no_grad():
+            for param in dit.parameters():
+                param.add_(perturb * torch.randn_like(param))
     channels = vae.config.latent_channels
     pipe = DiTFlowMatchPipeline(
         transformer=dit, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
         id2label={"0": "a", "1": "b", "2": "c"}, latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
     )  # fmt: skip
-    path = tmp_path_factory.mktemp("pipeline")
     pipe.save_pretrained(path)
-    return str(path)
+    return str(path), {"transformer": weights_fingerprint(dit), "vae": weights_fingerprint(vae)}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """``(path, {"transformer": fingerprint, "vae": fingerprint})`` of the tiny pipeline."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipeline"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tiny_pipeline):
+    return tiny_pipeline[0]
 
 
 def dit_args(pipeline, out, cache, ts, *extra):
@@ -308,16 +432,29 @@ def dit_args(pipeline, out, cache, ts, *extra):
     ]  # fmt: skip
 
 
-def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline_dir, tiny_feature_models):
+def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline, tiny_feature_models):
+    tiny_pipeline_dir, fingerprints = tiny_pipeline
     ts, out, cache = tiny_feature_models["torchscript"], tmp_path / "eval", tmp_path / "cache"
-    run_script(
-        "eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 4, "--class_sampling", "balanced")
-    )
+    args = dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 4, "--class_sampling", "balanced")
+    proc = run_script("eval_dit.py", args)
+    assert f"Wrote to {out}: metrics.json, metrics.md, samples_grid.png, samples" in proc.stdout
     files = sorted((out / "samples").glob("*.png"))
     assert len(files) == 10 and (out / "samples_grid.png").is_file()
     labels = json.loads((out / "samples" / "labels.json").read_text())
     assert [labels[f.name] for f in files] == [i % 3 for i in range(10)]
     result = json.loads((out / "metrics.json").read_text())
+    # Provenance: the weights that made the samples, next to them and in metrics.json
+    provenance = json.loads((out / "samples" / "provenance.json").read_text())
+    assert {k: provenance["pipeline"][k] for k in fingerprints} == fingerprints == result["pipeline_fingerprint"]
+    assert provenance["settings"] == {
+        "num_inference_steps": 2, "guidance_scale": 1.0, "shift": 1.0, "class_sampling": "balanced", "seed": 0,
+        "num_classes": 3, "resolution": 64, "mixed_precision": "no",
+    }  # fmt: skip
+    assert "latents_autoencoder_fingerprint" in result  # None: this pipeline records no latents provenance
+    # The grid: one row per class, named by id2label, with that class's samples in order
+    rows = [[f for f in files if labels[f.name] == k] for k in range(3)]
+    tiles = [torch.stack([EvalSamples([str(f)], 64)[0][0] for f in row]) for row in rows]
+    assert_grid_close(out / "samples_grid.png", labelled_image_grid(tiles, ["a (0)", "b (1)", "c (2)"], padding=1))
     metric = result["metrics"]["FD-tiny_features"]
     assert (metric["num_samples"], metric["num_reference"]) == (10, 10)
     assert len(list(cache.glob("*.npz"))) == 1
@@ -329,11 +466,21 @@ def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline_
     expected = frequency_distance_numpy(torchscript_features(ts, fake), torchscript_features(ts, real))
     assert metric["value"] == pytest.approx(expected, rel=1e-4)
 
-    # A rerun after losing some samples remakes exactly those, from the same noise, whatever the batch size; the
-    # reference statistics come from the cache (the reference is never read again)
+    # A second run into the finished folder is refused before anything loads, and changes nothing
+    before = snapshot(out)
+    proc = run_script("eval_dit.py", args, check=False, launcher=PLAIN_PYTHON)
+    assert_one_error_line(proc, "metrics.json", "--overwrite_output_dir", f"--samples_dir {out / 'samples'}")
+    assert snapshot(out) == before
+
+    # A run interrupted while sampling (no results yet, some samples missing) resumes: a rerun remakes exactly the
+    # missing samples, from the same noise, whatever the batch size; the reference statistics come from the cache
+    # (the reference is never read again)
     before = {f.name: np.asarray(Image.open(f)) for f in files}
+    for name in ("metrics.json", "metrics.md", "samples_grid.png"):
+        (out / name).unlink()
     for f in files[3:7]:
         f.unlink()
+    (out / "samples" / "000004.png.tmp.png").write_bytes(b"half a png")  # a write cut short by the interruption
     proc = run_script(
         "eval_dit.py", dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 3, "--class_sampling", "balanced")
     )
@@ -342,9 +489,114 @@ def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline_
         a, b = np.asarray(Image.open(f)).astype(int), before[f.name].astype(int)
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
     assert not any(f.name.endswith(".tmp.png") for f in (out / "samples").iterdir())
+    assert json.loads((out / "samples" / "provenance.json").read_text()) == provenance
     assert json.loads((out / "metrics.json").read_text())["metrics"]["FD-tiny_features"]["value"] == pytest.approx(
         metric["value"], rel=1e-3
     )
+
+
+def test_eval_dit_refuses_samples_of_another_pipeline_and_overwrite_replaces_them(
+    run_script, tmp_path, tiny_pipeline, tiny_feature_models
+):
+    """Two pipelines of the same config, other transformer weights: the second must not score the first's samples."""
+    first, _ = tiny_pipeline
+    second, second_fingerprints = save_tiny_pipeline(tmp_path / "other_pipeline", seed=1, perturb=0.05)
+    ts, out, cache = tiny_feature_models["torchscript"], tmp_path / "eval", tmp_path / "cache"
+    extra = ("--num_samples", 4, "--num_inference_steps", 1, "--class_sampling", "balanced")
+    run_script("eval_dit.py", dit_args(first, out, cache, ts, *extra), launcher=PLAIN_PYTHON)
+    for name in ("metrics.json", "metrics.md", "samples_grid.png"):  # as if interrupted after sampling
+        (out / name).unlink()
+    before = snapshot(out)
+    proc = run_script("eval_dit.py", dit_args(second, out, cache, ts, *extra), check=False, launcher=PLAIN_PYTHON)
+    assert_one_error_line(proc, "transformer weights", "--overwrite_output_dir", "new --output_dir")
+    assert "Sampling" not in proc.stderr and snapshot(out) == before
+    # --overwrite_output_dir deletes them and samples the second pipeline
+    args = dit_args(second, out, cache, ts, *extra, "--overwrite_output_dir")
+    proc = run_script("eval_dit.py", args, launcher=PLAIN_PYTHON)
+    assert "0 samples already in" in proc.stderr
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["pipeline_fingerprint"] == second_fingerprints and result["pipeline"] == second
+    for name in (f"samples/{i:06d}.png" for i in range(4)):
+        assert (
+            np.abs(
+                np.asarray(Image.open(out / name)).astype(int) - np.asarray(Image.open(io.BytesIO(before[name])))
+            ).max()
+            > 8
+        )
+    assert (
+        json.loads((out / "samples" / "provenance.json").read_text())["pipeline"]["transformer"]
+        == (second_fingerprints["transformer"])
+    )
+
+
+def test_eval_dit_check_samples_refuses_other_settings_and_unknown_samples(tmp_path):
+    script = load_script("eval_dit")
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    settings = {
+        "num_inference_steps": 2, "guidance_scale": 1.0, "shift": 1.0, "class_sampling": "random", "seed": 0,
+        "num_classes": 3, "resolution": 64, "mixed_precision": "no",
+    }  # fmt: skip
+    provenance = {"pipeline": {"transformer": "t", "vae": "v"}, "settings": settings}
+    Image.new("RGB", (4, 4)).save(folder / "000000.png")
+    Image.new("RGB", (4, 4)).save(folder / "000001.png")
+    # Samples without provenance (made by hand, or by an earlier version of the script)
+    with pytest.raises(training_utils.UsageError, match="unknown origin.*--overwrite_output_dir"):
+        script.check_samples(str(folder), provenance, [0, 1, 2], overwrite=False)
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+    (folder / "labels.json").write_text(json.dumps({"000000.png": 0, "000001.png": 1}))
+    script.check_samples(str(folder), provenance, [0, 1, 2], overwrite=False)  # the same: resumed
+    script.check_samples(str(folder), provenance, [0, 1, 2, 0, 1], overwrite=False)  # more samples: resumed
+    changes = [
+        ({"pipeline": {"transformer": "t", "vae": "other"}}, "vae weights"),
+        *(
+            ({"settings": {**settings, key: value}}, f"{key} {settings[key]} -> {value}")
+            for key, value in [("num_inference_steps", 3), ("guidance_scale", 1.5), ("shift", 3.0),
+                               ("class_sampling", "balanced"), ("seed", 1), ("resolution", 32),
+                               ("mixed_precision", "bf16")]
+        ),
+    ]  # fmt: skip
+    for change, message in changes:
+        with pytest.raises(training_utils.UsageError, match="--overwrite_output_dir") as err:
+            script.check_samples(str(folder), {**provenance, **change}, [0, 1, 2], overwrite=False)
+        assert message in str(err.value)
+        script.check_samples(str(folder), {**provenance, **change}, [0, 1, 2], overwrite=True)
+    with pytest.raises(training_utils.UsageError, match="the classes of 1 samples"):
+        script.check_samples(str(folder), provenance, [0, 2, 2], overwrite=False)
+
+
+@pytest.mark.parametrize(
+    "name, result", [("eval_ae", "metrics.json"), ("analyze_spectrum", "spectrum.json"), ("eval_dit", "metrics.json")]
+)
+def test_a_results_folder_is_refused_before_anything_loads(
+    name, result, tmp_path, tiny_vae_dir, tiny_pipeline_dir, monkeypatch, capsys
+):
+    from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
+    script = load_script(name)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / result).write_text('{"from": "the first run"}')
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something loaded before the output folder was checked")
+
+    for attr in ("Accelerator", "evaluation_samples", "load_feature_extractor", "load_lpips", "load_extractors"):
+        if hasattr(script, attr):
+            monkeypatch.setattr(script, attr, forbidden)
+    monkeypatch.setattr(script.ae, "load_pretrained", forbidden)
+    monkeypatch.setattr(script.ae, "check_model_specs", forbidden)
+    monkeypatch.setattr(DiTFlowMatchPipeline, "from_pretrained", forbidden)
+    args = ["--pipeline", tiny_pipeline_dir] if name == "eval_dit" else ["--models", tiny_vae_dir]
+    monkeypatch.setattr(sys, "argv", [name, *args, "--output_dir", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        training_utils.run_script(script.main, script.parse_args)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --output_dir {out} already holds") and result in line
+    assert "--overwrite_output_dir" in line and snapshot(out) == before
 
 
 def test_eval_dit_inception_dinov2_random_classes_and_two_processes(

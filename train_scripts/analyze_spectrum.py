@@ -12,13 +12,16 @@ the AC energy in the upper half of the zigzag order. Latents are posterior means
 (``--normalize_latents``: as the diffusion model sees them). Clips (``--video_data_dir`` etc. or ``--num_frames``)
 are analysed frame by frame; ``--per_frame`` also plots one profile per latent frame.
 
-Writes ``spectrum.png`` (+ ``spectrum_channels.png`` / ``spectrum_frames.png``), ``spectrum.json`` and
-``spectrum.md``.
+``spectrum.png`` shows eq. 1 beside each zigzag index's share of the AC energy (``E_k / sum_{j >= 1} E_j``, no
+division by the near-zero DC of zero-mean latents), where an SE autoencoder's lower high-frequency energy shows at a
+glance; ``spectrum.json`` records the profiles, the mean energies and these shares, ``spectrum.md`` the shares by
+quarter of the zigzag order. Also ``spectrum_channels.png`` / ``spectrum_frames.png`` with ``--per_channel`` /
+``--per_frame``. An ``--output_dir`` that holds these results is refused unless ``--overwrite_output_dir``.
 """
 
 import argparse
-import json
 import logging
+import math
 import os
 
 import torch
@@ -29,16 +32,29 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import evaluation_samples
+from diffusability_hf.figures import plot_spectra, save_png
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.losses import downsample
 from diffusability_hf.spectral import (
+    ac_energy_shares,
     energy_profile,
     frequency_profile,
     plot_frequency_profiles,
     share_of_high_frequencies,
 )
+from diffusability_hf.training_utils import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    report_written,
+    run_script,
+    use_all_cpu_cores,
+)
 
 logger = get_logger(__name__)
+
+# What a finished run leaves in --output_dir (a second run into it needs --overwrite_output_dir)
+RESULTS = ("spectrum.json", "spectrum.md", "spectrum.png", "spectrum_channels.png", "spectrum_frames.png")
 
 
 def parse_args(input_args=None):
@@ -83,6 +99,11 @@ def parse_args(input_args=None):
         "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Autocast for the AEs."
     )
     parser.add_argument("--output_dir", type=str, default="spectrum", help="Where the plots and JSON go.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace the results of an earlier run in --output_dir (without it such a folder is refused).",
+    )
     args = parser.parse_args(input_args)
 
     video_source = args.video_data_dir is not None or args.video_dataset_name is not None
@@ -143,7 +164,18 @@ class ProfileSums:
 
     def result(self, key, cutoff):
         p, e, n = self.sums[key]
-        return {"profile": (p / n).tolist(), "hf_share": float(share_of_high_frequencies(e / n, cutoff))}
+        return {
+            "profile": (p / n).tolist(),  # eq. 1
+            "energy": (e / n).tolist(),  # mean E[D_uv ** 2] in zigzag order
+            "ac_energy_shares": ac_energy_shares(e / n).tolist(),  # E_k / sum_{j >= 1} E_j (entry 0, the DC: 0)
+            "hf_share": float(share_of_high_frequencies(e / n, cutoff)),
+        }
+
+
+def zigzag_quarters(num):
+    """``[(start, stop)]``: the AC indices ``1 .. num - 1`` split at the quarters of the zigzag order."""
+    edges = sorted({1, *(math.ceil(q * num / 4) for q in (1, 2, 3)), num})
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a >= 1]
 
 
 @torch.no_grad()
@@ -173,20 +205,20 @@ def analyse(vae, loader, args, accelerator, sums, label, rgb_done):
 
 def plot_groups(path, groups, per):
     """One subplot per AE, one line per channel or frame."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 3.8), dpi=120, squeeze=False)
+    fig = Figure(figsize=(5.2 * len(groups), 3.8), dpi=120)
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, (label, profiles) in zip(axes[0], groups.items()):
         plot_frequency_profiles(profiles, title=f"{label}: per {per}", ax=ax)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(args):
+    use_all_cpu_cores()
+    # Validate everything cheap before any weights or data load
+    check_output_dir(args.output_dir, RESULTS, args.overwrite_output_dir)
     models = check_models(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -207,17 +239,26 @@ def main(args):
         f = ae.spatial_compression(config)
         skipped = analyse(vae, loader, args, accelerator, sums, label, f in done)
         done.add(f)
-        info[label] = {"model": path + (f":{sub}" if sub else ""), "class": config["_class_name"], "compression": f}
+        info[label] = {
+            "model": path + (f":{sub}" if sub else ""),
+            "class": config["_class_name"],
+            "weights_fingerprint": ae.weights_fingerprint(vae),
+            "compression": f,
+        }
         del vae
     sums = ProfileSums.merge(gather_object([sums]))
     skipped = sum(gather_object([skipped]))
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_outputs(args, samples, sums, info, sorted(done), skipped)
+        written = write_outputs(args, samples, sums, info, sorted(done), skipped)
+        for name in set(RESULTS) - set(written):  # --overwrite_output_dir: no stale plot of the earlier run stays
+            if os.path.isfile(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
+        report_written(args.output_dir, written)
     accelerator.end_training()
 
 
 def write_outputs(args, samples, sums, info, compressions, skipped):
+    """spectrum.json, spectrum.md and the plots, each written atomically; returns the names written."""
     cut = args.hf_cutoff
     result = {
         "samples": samples.description,
@@ -230,9 +271,10 @@ def write_outputs(args, samples, sums, info, compressions, skipped):
         "rgb": {str(f): sums.result(("RGB", f), cut) for f in [1] + compressions},
         "models": {},
     }
-    profiles = {}
-    for f in compressions:
+    profiles, energies = {}, {}
+    for f in compressions:  # RGB at each latent size ("RGB of the same spatial dimension", Fig. 2)
         profiles[f"RGB ({args.resolution // f} px)"] = result["rgb"][str(f)]["profile"]
+        energies[f"RGB ({args.resolution // f} px)"] = result["rgb"][str(f)]["energy"]
     for label, meta in info.items():
         entry = {**meta, **sums.result(label, cut)}
         if args.per_channel:
@@ -242,9 +284,13 @@ def write_outputs(args, samples, sums, info, compressions, skipped):
             keys = sorted(k[2] for k in sums.sums if isinstance(k, tuple) and k[:2] == (label, "frame"))
             entry["frames"] = [sums.result((label, "frame", t), cut) for t in keys]
         result["models"][label] = entry
-        profiles[label] = entry["profile"]
-    fig = plot_frequency_profiles(profiles, title=f"Latent vs RGB spectrum ({args.block_size}x{args.block_size} DCT)")
-    fig.savefig(os.path.join(args.output_dir, "spectrum.png"))
+        profiles[label], energies[label] = entry["profile"], entry["energy"]
+    os.makedirs(args.output_dir, exist_ok=True)
+    written = ["spectrum.json", "spectrum.md", "spectrum.png"]
+    title = f"Latent vs RGB spectrum ({args.block_size}x{args.block_size} block DCT, {args.resolution} px samples)"
+    save_png(
+        plot_spectra(profiles, energies, title=title, hf_cutoff=cut), os.path.join(args.output_dir, "spectrum.png")
+    )
     for kind, suffix in (("channels", "channel"), ("frames", "frame")):
         groups = {
             label: {f"{suffix} {i}": r["profile"] for i, r in enumerate(entry[kind])}
@@ -253,19 +299,29 @@ def write_outputs(args, samples, sums, info, compressions, skipped):
         }
         if groups:
             plot_groups(os.path.join(args.output_dir, f"spectrum_{kind}.png"), groups, suffix)
-    with open(os.path.join(args.output_dir, "spectrum.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+            written.append(f"spectrum_{kind}.png")
+    atomic_write_json(os.path.join(args.output_dir, "spectrum.json"), result)
 
-    rows = [[f"RGB at {args.resolution // int(f)} px", "", f"{r['hf_share']:.4f}"] for f, r in result["rgb"].items()]
-    rows += [[label, e["class"], f"{e['hf_share']:.4f}"] for label, e in result["models"].items()]
-    table = markdown_table(
-        rows, ["signal", "autoencoder", f"high-frequency share (top {100 * (1 - cut):.0f}% zigzag)"]
+    # One row per signal: the high-frequency share, then the AC energy by quarter of the zigzag order
+    quarters = zigzag_quarters(args.block_size**2)
+    signals = [(f"RGB at {args.resolution // int(f)} px", "", r) for f, r in result["rgb"].items()]
+    signals += [(label, e["class"], e) for label, e in result["models"].items()]
+    rows = [
+        [name, cls, f"{r['hf_share']:.4f}"] + [f"{sum(r['ac_energy_shares'][a:b]):.4f}" for a, b in quarters]
+        for name, cls, r in signals
+    ]
+    header = ["signal", "autoencoder", f"high-frequency share (top {100 * (1 - cut):.0f}% zigzag)"]
+    header += [f"AC share, zigzag {a}-{b - 1}" for a, b in quarters]
+    table = markdown_table(rows, header)
+    text = (
+        f"# Spectrum\n\n{samples.description} at {args.resolution} px, {args.block_size}x{args.block_size} DCT. "
+        "The AC shares are the parts of each signal's AC energy (all coefficients but the DC term) at those zigzag "
+        "indices; spectrum.json has one per index (`ac_energy_shares`).\n\n"
     )
-    text = f"# Spectrum\n\n{samples.description} at {args.resolution} px, {args.block_size}x{args.block_size} DCT.\n\n"
-    with open(os.path.join(args.output_dir, "spectrum.md"), "w") as fh:
-        fh.write(text + table + "\n\n![spectrum](spectrum.png)\n")
+    atomic_write_text(os.path.join(args.output_dir, "spectrum.md"), text + table + "\n\n![spectrum](spectrum.png)\n")
     print(table)
+    return written
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

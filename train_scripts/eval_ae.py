@@ -10,8 +10,10 @@ block-DCT coefficients, decode, score).
 
 Every AE sees the same samples (centre crops; clips from their first frame). The posterior mean is decoded (the
 paper's protocol; ``--sample_posterior`` draws instead) and clamped to ``[-1, 1]``. Writes ``metrics.json`` and
-``metrics.md`` (one row per AE, mean and 95% interval), ``reconstructions.png``, and for the DCT cut ``dct_cut.png``
-and ``dct_cut_grid.png``. rFID compares the features of the reconstructions with those of the originals; on 512
+``metrics.md`` (one row per AE, mean and 95% interval; the JSON names each AE's weights fingerprint),
+``reconstructions.png`` (a row of originals, then one row per AE), and for the DCT cut ``dct_cut.png`` and
+``dct_cut_grid.png`` (one column per cut ratio; the pixels cut, then each AE's latents cut). An ``--output_dir`` that
+holds these results is refused unless ``--overwrite_output_dir``. rFID compares the features of the reconstructions with those of the originals; on 512
 samples it is far from the 50K-sample figure, so compare AEs with each other, not with published rFIDs.
 
 Offline: ``--inception_weights``, ``--i3d_model``, ``--dinov2_model`` and ``--lpips_trunk_path`` take local files,
@@ -20,7 +22,6 @@ between processes and the results gathered.
 """
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import evaluation_samples
+from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.losses import LPIPS_MIN_SIZE, load_lpips
 from diffusability_hf.metrics import (
@@ -45,8 +47,19 @@ from diffusability_hf.metrics import (
     to_uint8,
 )
 from diffusability_hf.spectral import chop_high_frequencies
+from diffusability_hf.training_utils import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    report_written,
+    run_script,
+    use_all_cpu_cores,
+)
 
 logger = get_logger(__name__)
+
+# What a finished run leaves in --output_dir (a second run into it needs --overwrite_output_dir)
+RESULTS = ("metrics.json", "metrics.md", "reconstructions.png", "dct_cut.png", "dct_cut_grid.png")
 
 METRICS = ("psnr", "ssim", "lpips", "fd")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -143,6 +156,11 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of posterior samples and decoder noise.")
     parser.add_argument("--output_dir", type=str, default="eval_ae", help="Where the tables and plots go.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace the results of an earlier run in --output_dir (without it such a folder is refused).",
+    )
     args = parser.parse_args(input_args)
 
     args.video = args.video_data_dir is not None or args.video_dataset_name is not None
@@ -217,7 +235,8 @@ def scores(recon, pixels, args, lpips_model):
 @torch.no_grad()
 def evaluate_model(vae, loader, args, accelerator, lpips_model, extractors, real_stats):
     """Reconstruct every sample once (and once per DCT-cut ratio). Returns per-sample scores, feature statistics of
-    the reconstructions, cut-ratio scores, the first batch's reconstructions per ratio, timings and skips."""
+    the reconstructions, cut-ratio scores, the first readable samples with their reconstructions (8, and 1 per cut
+    ratio), timings and skips."""
     per_sample = {}
     fake_stats = {name: FeatureStatistics() for name in extractors}
     cut = {r: {} for r in args.dct_cut_ratios or []}
@@ -251,8 +270,12 @@ def evaluate_model(vae, loader, args, accelerator, lpips_model, extractors, real
             for name, extractor in extractors.items():
                 real_stats[name].update(extractor(to_uint8(pixels)))
         count += len(pixels)
-        if None not in first:  # the first readable batch, for the reconstruction grid
-            first[None] = recon[:8].cpu()
+        need = 8 - len(first.get("original", ()))
+        if need > 0:  # the first 8 readable samples of this process and their reconstructions, for the grid
+            first["original"] = torch.cat(
+                [first.get("original", pixels[:0].float().cpu()), pixels[:need].float().cpu()]
+            )
+            first[None] = torch.cat([first.get(None, recon[:0].cpu()), recon[:need].cpu()])
         # DCT cut (paper eq. 4 on the latents, Fig. 8): zero the top share of zigzag coefficients, decode, score
         for ratio in cut:
             with accelerator.autocast():
@@ -260,8 +283,8 @@ def evaluate_model(vae, loader, args, accelerator, lpips_model, extractors, real
                 rc = ae.decode(vae, zc, gen, args.decode_timestep, args.decode_noise_scale).float().clamp(-1, 1)
             for name, values in scores(rc, pixels, args, lpips_model).items():
                 cut[ratio].setdefault(name, []).append(values)
-            if ratio not in first:
-                first[ratio] = rc[:8].cpu()
+            if ratio not in first:  # the first readable sample, for the DCT-cut grid
+                first[ratio] = rc[:1].cpu()
     per_sample = {k: torch.cat(v).tolist() for k, v in per_sample.items()}
     cut = {r: {k: torch.cat(v).tolist() for k, v in d.items()} for r, d in cut.items()}
     return per_sample, fake_stats, cut, first, seconds, count, skipped
@@ -289,12 +312,10 @@ def rgb_cut_scores(pixels, args, lpips_model):
 
 def plot_dct_cut(path, curves, metrics):
     """PSNR / SSIM / LPIPS against the cut ratio, one line per AE (Fig. 8)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), dpi=120, squeeze=False)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4), dpi=120)
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for label, by_ratio in curves.items():
             ratios = sorted(by_ratio, key=float)
@@ -307,22 +328,13 @@ def plot_dct_cut(path, curves, metrics):
         ax.grid(True, alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def save_grid(path, rows):
-    """Rows of ``(N, 3, H, W)`` images (first frames of clips) in ``[-1, 1]`` as one PNG."""
-    from torchvision.utils import save_image
-
-    rows = [r[:, :, 0] if r.ndim == 5 else r for r in rows]
-    n = min(len(r) for r in rows)
-    grid = torch.cat([r[:n] for r in rows])
-    save_image((grid.float() + 1) / 2, path, nrow=n, padding=1, pad_value=1.0)
+    save_png(fig, path)
 
 
 def main(args):
+    use_all_cpu_cores()
     # Validate everything cheap before any weights load
+    check_output_dir(args.output_dir, RESULTS, args.overwrite_output_dir)
     models = check_models(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -370,12 +382,16 @@ def main(args):
         per_sample, fake, cut, first, seconds, count, skipped = evaluate_model(
             vae, loader, args, accelerator, lpips_model, extractors, real_stats
         )
+        fingerprint = ae.weights_fingerprint(vae)
         del vae
         per_sample = gather_lists(accelerator, per_sample)
         timing = gather_object([(seconds, count, skipped)])
         result = {"model": path + (f":{sub}" if sub else ""), "class": config["_class_name"]}
+        result["weights_fingerprint"] = fingerprint
         result.update({k: summarise(v) for k, v in per_sample.items()})
         result["num_samples"] = sum(c for _, c, _ in timing)
+        if result["num_samples"] == 0:
+            raise ValueError(f"None of the {len(samples)} samples could be read: check the data source.")
         result["skipped"] = sum(s for _, _, s in timing)
         for name in extractors:
             real, fake_all = (
@@ -392,25 +408,50 @@ def main(args):
         firsts[label] = first
 
     if accelerator.is_main_process:
-        write_outputs(args, samples, results, curves, firsts, lpips_model, list(extractors))
+        written = write_outputs(args, samples, results, curves, firsts, lpips_model, list(extractors))
+        for name in set(RESULTS) - set(written):  # --overwrite_output_dir: no stale plot of the earlier run stays
+            if os.path.isfile(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
+        report_written(args.output_dir, written)
     accelerator.end_training()
 
 
 def write_outputs(args, samples, results, curves, firsts, lpips_model, fds):
+    """metrics.json, metrics.md and the figures, each written atomically; returns the names written."""
     metrics = [m for m in ("psnr", "ssim", "lpips") if m in args.metrics]
-    # The first samples, read once: the grids use 8, the RGB reference of the DCT cut up to 64
-    first_pixels = torch.stack([samples[i][0] for i in range(min(len(samples), 64 if args.dct_cut_ratios else 8))])
-    originals = first_pixels[:8]
-    save_grid(os.path.join(args.output_dir, "reconstructions.png"), [originals] + [f[None] for f in firsts.values()])
+    written = ["metrics.json", "metrics.md"]
+    # Reconstructions: this process's first readable samples, then one row per AE (clips: first frames)
+    originals = next(iter(firsts.values())).get("original")  # the same samples for every AE (None: none readable)
+    if originals is not None:
+        grid = labelled_image_grid(
+            [originals] + [f[None] for f in firsts.values()], ["original"] + list(firsts), padding=1
+        )
+        save_png(grid, os.path.join(args.output_dir, "reconstructions.png"))
+        written.append("reconstructions.png")
     if args.dct_cut_ratios:
-        rgb = rgb_cut_scores(first_pixels, args, lpips_model.cpu() if lpips_model is not None else None)
-        rgb = {str(r): {k: summarise(v) for k, v in d.items()} for r, d in rgb.items()}
+        # The RGB reference of the DCT cut: the first readable samples (up to 64), read once more
+        readable = [pixels for pixels, ok in (samples[i] for i in range(min(len(samples), 64))) if ok]
+        rgb = {}
+        if readable:
+            lpips_cpu = lpips_model.cpu() if lpips_model is not None else None
+            rgb = rgb_cut_scores(torch.stack(readable), args, lpips_cpu)
+            rgb = {str(r): {k: summarise(v) for k, v in d.items()} for r, d in rgb.items()}
         if metrics:
             plot_dct_cut(os.path.join(args.output_dir, "dct_cut.png"), curves, metrics)
+            written.append("dct_cut.png")
+    if args.dct_cut_ratios and originals is not None:
+        # One column per cut ratio: the first sample with its pixels cut, then decoded from each AE's cut latents
         ratios = sorted(args.dct_cut_ratios)
         rgb_rows = torch.stack([chop_high_frequencies(originals[:1].float(), args.dct_block_size, r) for r in ratios])
         rows = [rgb_rows[:, 0].clamp(-1, 1)] + [torch.stack([f[r][0] for r in ratios]) for f in firsts.values()]
-        save_grid(os.path.join(args.output_dir, "dct_cut_grid.png"), rows)
+        grid = labelled_image_grid(
+            rows,
+            ["pixels cut"] + [f"{label} latents cut" for label in firsts],
+            col_labels=[f"{100 * r:g}% cut" for r in ratios],
+            padding=1,
+        )
+        save_png(grid, os.path.join(args.output_dir, "dct_cut_grid.png"))
+        written.append("dct_cut_grid.png")
 
     header = ["model", "class"] + [m.upper() for m in metrics] + fds + ["samples/s"]
     rows = []
@@ -454,8 +495,7 @@ def write_outputs(args, samples, results, curves, firsts, lpips_model, fds):
             "",
             "![DCT cut](dct_cut.png)",
         ]
-    with open(os.path.join(args.output_dir, "metrics.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(args.output_dir, "metrics.md"), "\n".join(lines) + "\n")
     out = {
         "samples": what,
         "resolution": args.resolution,
@@ -469,12 +509,12 @@ def write_outputs(args, samples, results, curves, firsts, lpips_model, fds):
             "block_size": args.dct_block_size,
             "order": "zigzag",
             "curves": curves,
-            "rgb_reference": rgb,  # the same cut applied to the pixels (first 64 samples)
+            "rgb_reference": rgb,  # the same cut applied to the pixels (the readable ones of the first 64 samples)
         }
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as fh:
-        json.dump(out, fh, indent=2)
+    atomic_write_json(os.path.join(args.output_dir, "metrics.json"), out)
     print(table)
+    return written
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

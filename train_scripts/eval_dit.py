@@ -12,12 +12,20 @@ clips, FVD (I3D), as in the paper's Tables 1-3.
    ``<output_dir>/samples``. Sample ``i`` has its own noise generator (seed ``--seed`` and ``i``), so it starts from
    the same noise whatever the batch size, the number of processes or an interruption (other batch compositions
    change only float round-off: a rare pixel one level off), and a rerun only makes the missing files.
+   ``samples/provenance.json`` records the pipeline's weights fingerprints (transformer and vae) and every sampling
+   setting; samples made by another pipeline or with other settings are refused before any sampling
+   (``--overwrite_output_dir`` deletes them and samples again).
    Or ``--samples_dir``: score images or clips made elsewhere (a video generator's clips for FVD).
 2. Reference statistics: the features' mean and covariance over ``--num_reference`` real images or clips, cached in
    ``--stats_cache_dir`` under a key of the source, count, resolution, frames and extractor weights (or given as
    ``--reference_stats`` ``.npz`` files). With no reference given, the embedded training crops (the default DiT
    demo's data) are the reference.
-3. Frechet distances in float64; ``metrics.json`` and ``metrics.md`` record every setting the number depends on.
+3. Frechet distances in float64; ``metrics.json`` and ``metrics.md`` record every setting the number depends on
+   (``metrics.json`` also the pipeline's fingerprints and, when the pipeline records it, the fingerprint of the
+   autoencoder its training latents came from); ``samples_grid.png`` shows samples with one row per class.
+
+An ``--output_dir`` that holds a finished run's results is refused unless ``--overwrite_output_dir``; to score its
+samples again against another reference, pass ``--samples_dir <output_dir>/samples`` and a new ``--output_dir``.
 
 Offline: ``--inception_weights``, ``--dinov2_model``, ``--i3d_model`` take local weights and ``--feature_extractor``
 takes any small local model (a transformers folder or a TorchScript file).
@@ -28,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -39,6 +48,7 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import EvalSamples, evaluation_samples, read_clip
+from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.metrics import (
     FeatureStatistics,
@@ -47,8 +57,22 @@ from diffusability_hf.metrics import (
     load_statistics,
     to_uint8,
 )
+from diffusability_hf.training_utils import (
+    UsageError,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    report_written,
+    run_script,
+    use_all_cpu_cores,
+)
 
 logger = get_logger(__name__)
+
+# What a finished run leaves in --output_dir (a second run into it needs --overwrite_output_dir); samples/ is not one
+# of them: an interrupted run resumes there (only the missing samples are made) when its provenance matches
+RESULTS = ("metrics.json", "metrics.md", "samples_grid.png")
+PROVENANCE = "provenance.json"  # in samples/: which pipeline weights and sampling settings made the samples
 
 DEFAULT_STATS_CACHE = os.path.join(
     os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")),
@@ -128,6 +152,12 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--i3d_model", type=str, default=None, help="Local StyleGAN-V i3d_torchscript.pt for FVD.")
     parser.add_argument("--output_dir", type=str, default="eval_dit", help="Where samples, tables and JSON go.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace an earlier run's results in --output_dir and delete its samples (without it a finished run's "
+        "folder, or samples of another pipeline or other sampling settings, are refused).",
+    )
     args = parser.parse_args(input_args)
 
     if (args.pipeline is None) == (args.samples_dir is None):
@@ -270,28 +300,126 @@ def sample_labels(args, num_classes):
     return np.random.default_rng(args.seed).integers(0, num_classes, size=args.num_samples).tolist()
 
 
+def pipeline_provenance(pipe) -> dict:
+    """The pipeline's weights (``weights_fingerprint`` of its transformer and vae) and, when the pipeline records it,
+    the fingerprint of the autoencoder whose latents the transformer was trained on."""
+    recorded = dict(pipe.config.get("provenance") or {})
+    out = {
+        "transformer": ae.weights_fingerprint(pipe.transformer),
+        "vae": ae.weights_fingerprint(pipe.vae),
+        "latents_autoencoder": recorded.get("latents_ae_weights_fingerprint"),
+    }
+    if recorded.get("vae_weights_fingerprint") not in (None, out["vae"]):
+        logger.warning(
+            f"The pipeline records vae weights {recorded['vae_weights_fingerprint']} but its vae has {out['vae']}: it "
+            "does not decode with the autoencoder it was saved with."
+        )
+    return out
+
+
+def sample_names(folder):
+    """The sample PNGs already in ``folder`` (not the temporary files of an interrupted write)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if n.endswith(".png") and not n.endswith(".tmp.png"))
+
+
+def check_samples(folder, provenance, labels, overwrite):
+    """Refuse, before any sampling, samples in ``folder`` that another pipeline or other settings made.
+
+    Samples are reused (only the missing ones are made) when ``samples/provenance.json`` names the same pipeline
+    weights and sampling settings and every existing sample has the class this run gives it; with ``overwrite``
+    they are deleted by the caller instead.
+    """
+    existing = sample_names(folder)
+    if not existing or overwrite:
+        return
+    again = "choose a new --output_dir, or pass --overwrite_output_dir to delete them and sample again."
+    path = os.path.join(folder, PROVENANCE)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, "labels.json")):
+        raise UsageError(
+            f"{folder} holds {len(existing)} samples of unknown origin (no {PROVENANCE} and labels.json: made by "
+            f"hand or by an earlier version of this script), which this run would score as its own: {again}"
+        )
+    with open(path) as fh:
+        old = json.load(fh)
+    with open(os.path.join(folder, "labels.json")) as fh:
+        old_labels = json.load(fh)
+    differ = [f"{k} weights" for k in ("transformer", "vae") if old["pipeline"].get(k) != provenance["pipeline"][k]]
+    settings = provenance["settings"]
+    differ += [
+        f"{k} {old['settings'].get(k)} -> {settings.get(k)}"
+        for k in sorted(set(old["settings"]) | set(settings))
+        if old["settings"].get(k) != settings.get(k)
+    ]
+    relabelled = [
+        n
+        for n in existing
+        if n[:-4].isdigit() and int(n[:-4]) < len(labels) and old_labels.get(n) != labels[int(n[:-4])]
+    ]
+    if relabelled:
+        differ.append(f"the classes of {len(relabelled)} samples (e.g. {relabelled[0]})")
+    if differ:
+        raise UsageError(
+            f"{folder} holds {len(existing)} samples made by another pipeline or with other sampling settings "
+            f"({', '.join(differ)}); reusing them would score the wrong samples: {again}"
+        )
+
+
 def make_samples(args, accelerator):
-    """Write the missing ``samples/{i:06d}.png``; returns ``(samples folder, labels, pipeline settings)``."""
+    """Write the missing ``samples/{i:06d}.png``; returns ``(samples folder, provenance, image size)``."""
     from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
     folder = os.path.join(args.output_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
     pipe = DiTFlowMatchPipeline.from_pretrained(args.pipeline).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     labels = sample_labels(args, pipe.num_classes)
+    size = pipe.transformer.config.sample_size * ae.spatial_compression(pipe.vae)
+    # Everything the pixels of sample i depend on (not the batch size or the process count: float round-off only)
+    provenance = {
+        "pipeline_path": args.pipeline,
+        "pipeline": pipeline_provenance(pipe),
+        "settings": {
+            "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": float(args.guidance_scale),
+            "shift": float(pipe.scheduler.config.shift if args.shift is None else args.shift),
+            "class_sampling": args.class_sampling,
+            "seed": args.seed,
+            "num_classes": pipe.num_classes,
+            "resolution": size,
+            "mixed_precision": accelerator.mixed_precision,
+        },
+        "id2label": pipe.config.get("id2label"),
+    }
+    check_samples(folder, provenance, labels, args.overwrite_output_dir)  # every process: the same files, read only
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:  # start over: no sample, table or grid of the earlier run stays
+            shutil.rmtree(folder, ignore_errors=True)
+            for name in RESULTS:
+                if os.path.isfile(os.path.join(args.output_dir, name)):
+                    os.remove(os.path.join(args.output_dir, name))
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".tmp.png"):  # a write interrupted by a kill
+                os.remove(os.path.join(folder, name))
+        # Before any sample is written: an interrupted run's samples are attributable on the next run
+        old_labels = {}
+        if os.path.isfile(os.path.join(folder, "labels.json")):
+            with open(os.path.join(folder, "labels.json")) as fh:
+                old_labels = json.load(fh)
+        atomic_write_json(os.path.join(folder, PROVENANCE), provenance)
+        atomic_write_json(
+            os.path.join(folder, "labels.json"),
+            {**old_labels, **{f"{i:06d}.png": labels[i] for i in range(args.num_samples)}},
+            indent=None,
+        )
+    accelerator.wait_for_everyone()
     paths = [os.path.join(folder, f"{i:06d}.png") for i in range(args.num_samples)]
     missing = [i for i in range(args.num_samples) if not os.path.isfile(paths[i])]
     accelerator.wait_for_everyone()  # every process lists the missing files before any writes one
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     logger.info(f"{args.num_samples - len(missing)} samples already in {folder}; {len(mine)} to make on this process")
-    settings = {
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "shift": float(pipe.scheduler.config.shift if args.shift is None else args.shift),
-        "class_sampling": args.class_sampling,
-        "seed": args.seed,
-        "num_classes": pipe.num_classes,
-    }
     for start in tqdm(
         range(0, len(mine), args.batch_size), desc="Sampling", disable=not accelerator.is_local_main_process
     ):
@@ -308,12 +436,8 @@ def make_samples(args, accelerator):
             Image.fromarray(image).save(tmp)
             os.replace(tmp, paths[i])  # atomic: an interrupted run leaves no half-written sample
     accelerator.wait_for_everyone()
-    size = pipe.transformer.config.sample_size * ae.spatial_compression(pipe.vae)
     del pipe
-    if accelerator.is_main_process:
-        with open(os.path.join(folder, "labels.json"), "w") as fh:
-            json.dump({f"{i:06d}.png": labels[i] for i in range(args.num_samples)}, fh)
-    return folder, settings, size
+    return folder, provenance, size
 
 
 def sample_files(folder, num_samples, video):
@@ -331,19 +455,56 @@ def sample_files(folder, num_samples, video):
     return files[:num_samples]
 
 
+def check_results(args):
+    """Refuse, before anything loads, an ``--output_dir`` that holds a finished run's results."""
+    try:
+        check_output_dir(args.output_dir, RESULTS, args.overwrite_output_dir)
+    except UsageError as err:
+        samples = os.path.join(args.output_dir, "samples")
+        hint = (
+            f" To score its samples again, pass --samples_dir {samples} with a new --output_dir."
+            if sample_names(samples)
+            else ""
+        )
+        raise UsageError(str(err) + hint) from None
+
+
+def samples_grid(files, resolution, labels=None, id2label=None, rows=8, cols=8):
+    """Samples with one row per class (the first ``rows`` classes to appear, up to ``cols`` samples each), labelled
+    with the class names; without labels, the first ``rows * cols`` files in rows."""
+    if labels is None:
+        groups = [("", files[i : i + cols]) for i in range(0, min(len(files), rows * cols), cols)]
+    else:
+        by_class = {}
+        for path, label in zip(files, labels):
+            if label in by_class or len(by_class) < rows:
+                by_class.setdefault(label, [])
+                if len(by_class[label]) < cols:
+                    by_class[label].append(path)
+        names = {int(k): v.split(",")[0] for k, v in (id2label or {}).items()}  # "tench, Tinca tinca" -> "tench"
+        groups = [(f"{names.get(int(k), 'class')} ({k})", paths) for k, paths in by_class.items()]
+    tiles = [torch.stack([EvalSamples(paths, resolution)[i][0] for i in range(len(paths))]) for _, paths in groups]
+    return labelled_image_grid(tiles, [name for name, _ in groups], padding=1)
+
+
 def main(args):
+    use_all_cpu_cores()
+    check_results(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
 
     # Feature networks first: missing weights fail before any sampling
     extractors = load_extractors(args, accelerator.device)
 
-    # Samples
-    settings = {}
+    # Samples (made here, or a folder made elsewhere: its provenance is reported when this script made it)
     if args.pipeline is not None:
-        folder, settings, size = make_samples(args, accelerator)
+        folder, provenance, size = make_samples(args, accelerator)
     else:
         folder, size = args.samples_dir, None
+        provenance = None
+        if os.path.isfile(os.path.join(folder, PROVENANCE)):
+            with open(os.path.join(folder, PROVENANCE)) as fh:
+                provenance = json.load(fh)
     files = sample_files(folder, args.num_samples, bool(args.num_frames))
     if args.resolution is None:  # the samples' own size: nothing is resized
         if size is None and args.num_frames:
@@ -370,14 +531,24 @@ def main(args):
             "reference": description,
         }
     if accelerator.is_main_process:
-        write_outputs(args, results, settings, folder, skipped)
+        written = write_outputs(args, results, provenance, folder, files, skipped)
+        for name in set(RESULTS) - set(written):  # --overwrite_output_dir: no stale grid of the earlier run stays
+            if os.path.isfile(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
+        report_written(args.output_dir, written + (["samples"] if args.pipeline is not None else []))
     accelerator.end_training()
 
 
-def write_outputs(args, results, settings, folder, skipped):
+def write_outputs(args, results, provenance, folder, files, skipped):
+    """metrics.json, metrics.md and samples_grid.png, each written atomically; returns the names written."""
     os.makedirs(args.output_dir, exist_ok=True)
+    settings = (provenance or {}).get("settings", {})
+    pipeline = (provenance or {}).get("pipeline", {})
     out = {
-        "pipeline": args.pipeline,
+        "pipeline": args.pipeline or (provenance or {}).get("pipeline_path"),
+        # Provenance: the weights that made the samples and the autoencoder of the DiT's training latents
+        "pipeline_fingerprint": {k: pipeline[k] for k in ("transformer", "vae")} if pipeline else None,
+        "latents_autoencoder_fingerprint": pipeline.get("latents_autoencoder"),
         "samples_dir": folder,
         "resolution": args.resolution,
         "num_frames": args.num_frames,
@@ -386,25 +557,31 @@ def write_outputs(args, results, settings, folder, skipped):
         "reference": reference_source(args)[1] if args.reference_stats is None else args.reference_stats,
         "metrics": results,
     }
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as fh:
-        json.dump(out, fh, indent=2, default=str)
+    written = ["metrics.json", "metrics.md"]
+    atomic_write_json(os.path.join(args.output_dir, "metrics.json"), out, default=str)
     header = ["metric", "value", "samples", "reference"]
     rows = [[k, f"{r['value']:.4f}", r["num_samples"], r["num_reference"]] for k, r in results.items()]
     table = markdown_table(rows, header)
     lines = ["# Generation metrics", "", table, ""]
     if settings:
         lines += ["Sampling: " + ", ".join(f"{k} {v}" for k, v in settings.items()), ""]
+    if pipeline:
+        lines += [f"Pipeline weights: transformer `{pipeline['transformer']}`, vae `{pipeline['vae']}`.", ""]
     if not args.num_frames:
-        from torchvision.utils import save_image
-
-        files = sample_files(folder, min(64, args.num_samples), False)
-        grid = torch.stack([EvalSamples(files, args.resolution)[i][0] for i in range(len(files))])
-        save_image((grid + 1) / 2, os.path.join(args.output_dir, "samples_grid.png"), nrow=8, padding=1)
+        labels = None
+        if os.path.isfile(os.path.join(folder, "labels.json")):
+            with open(os.path.join(folder, "labels.json")) as fh:
+                by_name = json.load(fh)
+            if all(os.path.basename(f) in by_name for f in files):
+                labels = [by_name[os.path.basename(f)] for f in files]
+        grid = samples_grid(files, args.resolution, labels, (provenance or {}).get("id2label"))
+        save_png(grid, os.path.join(args.output_dir, "samples_grid.png"))
+        written.append("samples_grid.png")
         lines += ["![samples](samples_grid.png)", ""]
-    with open(os.path.join(args.output_dir, "metrics.md"), "w") as fh:
-        fh.write("\n".join(lines))
+    atomic_write_text(os.path.join(args.output_dir, "metrics.md"), "\n".join(lines))
     print(table)
+    return written
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)
