@@ -550,15 +550,6 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
-def config_fingerprint(config) -> str:
-    """A short hash of an AE config (bookkeeping keys such as ``_diffusers_version`` left out): it tells which
-    autoencoder produced a folder of latents."""
-    import hashlib
-
-    keep = {k: v for k, v in sorted(dict(config).items()) if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def parse_model_spec(spec: str) -> Tuple[str, str, Optional[str]]:
     """``[LABEL=]PATH[:SUBFOLDER]`` -> ``(label, path, subfolder)``, e.g. ``flux=black-forest-labs/FLUX.1-dev:vae``.
 

@@ -321,3 +321,31 @@ def test_prepare_for_training_switches_off_framewise_tiling_and_slicing():
     vae.enable_slicing()
     ae.prepare_for_training(vae)
     assert not (vae.use_framewise_encoding or vae.use_framewise_decoding or vae.use_tiling or vae.use_slicing)
+
+
+def test_weights_fingerprint_tells_weights_apart_where_the_config_cannot(tmp_path):
+    """A vanilla AE and its fine-tune share a config; the fingerprint of the weights differs, and survives saving,
+    sharding and a device round trip unchanged."""
+    import hashlib
+
+    vae = tiny("AutoencoderKL")
+    tuned = AutoencoderKL.from_config(vae.config)
+    tuned.load_state_dict(vae.state_dict())
+    assert dict(tuned.config) == dict(vae.config) and ae.weights_fingerprint(tuned) == ae.weights_fingerprint(vae)
+    with torch.no_grad():
+        tuned.decoder.conv_out.bias[0] += 1e-3  # one number of the decoder
+    assert ae.weights_fingerprint(tuned) != ae.weights_fingerprint(vae)
+
+    vae.save_pretrained(tmp_path / "one")
+    vae.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for folder in ("one", "sharded"):
+        assert ae.weights_fingerprint(AutoencoderKL.from_pretrained(tmp_path / folder)) == ae.weights_fingerprint(vae)
+
+    # What it hashes: name, dtype, shape and bytes of every state_dict tensor in name order (BLAKE2b-128, 20 hex)
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    assert ae.weights_fingerprint(vae) == h.hexdigest()[:20]
+    assert ae.weights_fingerprint(vae.to(torch.float16)) != h.hexdigest()[:20]  # another dtype: other weights

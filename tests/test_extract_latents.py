@@ -8,9 +8,28 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from diffusability_hf.autoencoders import weights_fingerprint
 from diffusability_hf.data import open_and_crop
+from diffusability_hf.training_utils import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = [
+    sys.executable
+]  # the script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "extract_latents", os.path.join(ROOT, "train_scripts", "extract_latents.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_classes(root, per_class=3, size=24):
@@ -67,25 +86,105 @@ def test_extract_writes_shards_labels_and_statistics(tmp_path, tiny_vae_dir, run
     torch.testing.assert_close(first["mean_flip"][0], flipped.mean[0], rtol=1e-4, atol=1e-5)
 
 
-def test_extract_resumes_only_missing_shards_and_refuses_another_autoencoder(tmp_path, tiny_vae_dir, run_script):
+def other_weights(src, dst):
+    """A copy of the AE in ``src`` with the same config and other encoder weights (as a fine-tune would have)."""
+    vae = AutoencoderKL.from_pretrained(src)
+    with torch.no_grad():
+        vae.encoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(dst)
+    return str(dst)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def header(path):
+    """The extraction record of a shard's safetensors header."""
+    with safe_open(str(path), "pt") as fh:
+        return json.loads(fh.metadata()["extraction"])
+
+
+def assert_one_error_line(proc, *fragments):
+    """A refusal: exit code 2, one ``error: ...`` line naming ``fragments``, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def test_extract_resumes_the_same_weights_and_refuses_other_weights_or_settings(tmp_path, tiny_vae_dir, run_script):
     make_classes(tmp_path / "data", per_class=4)
     out = tmp_path / "latents"
-    extract(run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3)
+    fingerprint = weights_fingerprint(AutoencoderKL.from_pretrained(tiny_vae_dir))
+    proc = extract(run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3)
+    assert "Wrote to " in proc.stderr and "metadata.json, shard-00000.safetensors" in proc.stderr
     names = sorted(p.name for p in out.glob("shard-*.safetensors"))
     assert len(names) == 3
-    before = {n: (out / n).read_bytes() for n in names}
+    # The weights fingerprint (and the settings) in metadata.json and in every shard's header
+    meta = json.loads((out / "metadata.json").read_text())
+    assert (
+        meta["ae_weights_fingerprint"] == fingerprint and meta["extraction"]["ae_weights_fingerprint"] == fingerprint
+    )
+    for name in names:
+        settings = header(out / name)["settings"]
+        assert settings["ae_weights_fingerprint"] == fingerprint and settings == meta["extraction"]
+        assert (settings["resolution"], settings["flip"], settings["shard_size"]) == (16, False, 3)
+
+    # The same weights and settings resume: only the missing shard is encoded
+    before = snapshot(out)
     stamps = {n: os.stat(out / n).st_mtime_ns for n in names}
     (out / names[1]).unlink()  # as if the run had been killed before this shard
-    proc = extract(run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3)
+    proc = extract(run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3, launcher=PYTHON)
     assert "2 already written, 1 for this process" in proc.stdout + proc.stderr
-    assert {n: (out / n).read_bytes() for n in names} == before  # the same content, rewritten
+    assert snapshot(out) == before  # the same content, rewritten
     assert os.stat(out / names[0]).st_mtime_ns == stamps[names[0]]  # untouched
 
-    other = tmp_path / "other_vae"
-    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
-    AutoencoderKL.from_config({**vae.config, "latent_channels": 8}).save_pretrained(other)
-    proc = extract(run_script, str(other), tmp_path / "data", out, check=False)
-    assert proc.returncode != 0 and "holds latents of another autoencoder" in proc.stderr
+    # Other weights, same config: refused before any shard changes
+    other = other_weights(tiny_vae_dir, tmp_path / "other_vae")
+    other_fingerprint = weights_fingerprint(AutoencoderKL.from_pretrained(other))
+    proc = extract(run_script, other, tmp_path / "data", out, "--shard_size", 3, check=False, launcher=PYTHON)
+    assert_one_error_line(proc, "another autoencoder", fingerprint, other_fingerprint, "--overwrite_output_dir")
+    assert snapshot(out) == before
+
+    # Without metadata.json (a first run killed before it), the shards' headers are checked: other settings refused
+    (out / "metadata.json").unlink()
+    proc = extract(
+        run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3, "--flip", check=False, launcher=PYTHON
+    )
+    assert_one_error_line(proc, "shard-00000.safetensors", "flip False there, True in this run")
+    assert snapshot(out) == {k: v for k, v in before.items() if k != "metadata.json"}
+
+    # --overwrite_output_dir deletes the old latents and extracts again with the other weights
+    extract(run_script, other, tmp_path / "data", out, "--shard_size", 3, "--overwrite_output_dir", launcher=PYTHON)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["ae_weights_fingerprint"] == other_fingerprint and sorted(meta["shards"]) == names
+    assert all(header(out / n)["settings"]["ae_weights_fingerprint"] == other_fingerprint for n in names)
+    assert all((out / n).read_bytes() != before[n] for n in names)  # encoded again
+
+
+def test_extract_refuses_latents_of_an_older_version_and_damaged_shards(tmp_path):
+    """Folders without weights fingerprints (written before it existed) cannot be checked: refused with what to do."""
+    script = load_script()
+    settings = {"ae_weights_fingerprint": "abc", "resolution": 16}
+    out = tmp_path / "old"
+    out.mkdir()
+    save_file(
+        {"labels": torch.zeros(2, dtype=torch.int64)}, out / "shard-00000.safetensors", metadata={"skipped": "0"}
+    )
+    with pytest.raises(UsageError, match="older version of extract_latents.py .*shard-00000.*--overwrite_output_dir"):
+        script.check_existing_latents(str(out), settings, "ae")
+    (out / "shard-00000.safetensors").unlink()
+    (out / "metadata.json").write_text(json.dumps({"ae": "x", "ae_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(UsageError, match=r"older version .*\(metadata.json\)"):
+        script.check_existing_latents(str(out), settings, "ae")
+    (out / "metadata.json").unlink()
+    (out / "shard-00001.safetensors").write_bytes(b"\x00" * 5)  # not a safetensors file
+    with pytest.raises(UsageError, match="shard-00001.safetensors is damaged"):
+        script.check_existing_latents(str(out), settings, "ae")
+    (out / "shard-00001.safetensors").unlink()
+    assert script.check_existing_latents(str(out), settings, "ae") == 0  # an empty folder is a new one
 
 
 def test_extract_two_processes_write_disjoint_shards(tmp_path, tiny_vae_dir, run_script):
@@ -113,7 +212,15 @@ def test_extract_embedded_default_and_bad_resolution(tmp_path, run_script):
     assert proc.returncode != 0 and "not divisible by the AE's compression 8" in proc.stderr
 
 
-@pytest.mark.parametrize("bad", [["--resolution", "0"], ["--dataset_name", "a", "--train_data_dir", "b"]])
-def test_extract_bad_arguments(tmp_path, run_script, bad):
-    proc = run_script("extract_latents.py", ["--output_dir", tmp_path / "x", *bad], check=False)
-    assert proc.returncode != 0 and ("must be positive" in proc.stderr or "not both" in proc.stderr)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--resolution", "0"], "must be positive"),
+        (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
+        (["--train_data_dir", "no/such/folder"], "error: --train_data_dir no/such/folder is not a folder."),
+    ],
+)
+def test_extract_bad_arguments(tmp_path, run_script, bad, message):
+    proc = run_script("extract_latents.py", ["--output_dir", tmp_path / "x", *bad], check=False, launcher=PYTHON)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -24,6 +24,7 @@ from diffusers import (
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
 ID2LABEL = {0: "cat", 1: "dog", 2: "tench, Tinca tinca"}
+PROVENANCE = {"latents_ae_weights_fingerprint": "0123abcd", "vae_weights_fingerprint": "0123abcd", "latents": "/x"}
 MEAN = [0.1, -0.2, 0.3, 0.0]
 STD = [1.0, 2.0, 0.5, 3.0]
 
@@ -440,6 +441,7 @@ REMOTE_SCRIPT = textwrap.dedent(
         pipe.set_progress_bar_config(disable=True)
         results[key] = pipe(labels, generator=torch.Generator().manual_seed(0), **kwargs).images
         info[key] = [type(pipe).__module__, type(pipe).__name__, type(pipe.transformer).__module__]
+        info[key + "_provenance"] = pipe.config.provenance
     # The remote pipeline class loads a saved custom component from its file itself when trusted.
     pipe = type(pipe).from_pretrained(paths["custom"], trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
@@ -454,7 +456,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def saved(standin_module, tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
-    pipes = {"stock": make_pipe(), "custom": make_pipe(transformer=standin_dit(standin_module))}
+    pipes = {"stock": make_pipe(provenance=PROVENANCE), "custom": make_pipe(transformer=standin_dit(standin_module))}
     paths, expected = {}, {}
     for key, pipe in pipes.items():
         paths[key] = str(root / key)
@@ -487,6 +489,7 @@ def test_saved_model_index_layout(saved):
         assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
         assert index["id2label"] == {str(k): v for k, v in ID2LABEL.items()}
         assert index["latents_mean"] == MEAN and index["latents_std"] == STD
+        assert index["provenance"] == (PROVENANCE if key == "stock" else None)  # readable with json alone
         with open(os.path.join(path, "pipeline.py")) as f:
             code = f.read()
         assert "class DiTFlowMatchPipeline(DiffusionPipeline)" in code
@@ -501,6 +504,7 @@ def test_remote_code_loads_in_a_fresh_interpreter(saved):
     assert info["stock"][:2] == ["diffusers_modules.local.pipeline", "DiTFlowMatchPipeline"]
     assert info["stock"][2].startswith("diffusers.")
     assert info["custom"][2] == f"diffusers_modules.local.{STANDIN_MODULE}"
+    assert info["stock_provenance"] == PROVENANCE and info["custom_provenance"] is None
     for key in ("stock", "custom"):
         np.testing.assert_allclose(saved["remote"][key], saved["expected"][key], rtol=0, atol=1e-6)
     np.testing.assert_allclose(saved["remote"]["custom_own_loader"], saved["expected"]["custom"], rtol=0, atol=1e-6)
@@ -511,6 +515,7 @@ def test_toolkit_class_loads_the_saved_pipeline(saved, key):
     pipe = DiTFlowMatchPipeline.from_pretrained(saved["paths"][key])
     assert type(pipe) is DiTFlowMatchPipeline
     assert pipe.config.id2label == {str(k): v for k, v in ID2LABEL.items()}
+    assert pipe.config.provenance == (PROVENANCE if key == "stock" else None)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(LABELS, generator=torch.Generator().manual_seed(0), **SAMPLE_KWARGS).images
     np.testing.assert_array_equal(images, saved["expected"][key])

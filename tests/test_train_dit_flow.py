@@ -1,16 +1,26 @@
 """train_scripts/train_dit_flow.py end to end: extract latents, train a tiny DiT, save, load, sample (CPU, offline)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file
 
+from diffusability_hf.autoencoders import EMBEDDED_AE, weights_fingerprint
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
+from diffusability_hf.training_utils import UsageError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = [
+    sys.executable
+]  # the script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 FAST = ["--model", "DiT-tiny/2", "--train_batch_size", 8, "--report_to", "none", "--num_inference_steps", 4,
         "--validation_steps", 3, "--lr_warmup_steps", 2, "--learning_rate", 1e-3]  # fmt: skip
 
@@ -18,24 +28,48 @@ FAST = ["--model", "DiT-tiny/2", "--train_batch_size", 8, "--report_to", "none",
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
     """56 crops of the embedded photographs (7 classes), encoded by the embedded autoencoder, with flips."""
-    import os
-
     out = tmp_path_factory.mktemp("latents")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "train_scripts", "extract_latents.py"), "--output_dir", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "train_scripts", "extract_latents.py"), "--output_dir", str(out)]
     cmd += ["--max_samples", "56", "--flip", "--shard_size", "32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return str(out)
 
 
-def train(run_script, latents, out, *extra, check=True):
-    return run_script("train_dit_flow.py", ["--latents_dir", latents, "--output_dir", out, *FAST, *extra], check=check)
+def train(run_script, latents, out, *extra, check=True, launcher=None):
+    args = ["--latents_dir", latents, "--output_dir", out, *FAST, *extra]
+    return run_script("train_dit_flow.py", args, check=check, launcher=launcher)
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_dit_flow", os.path.join(ROOT, "train_scripts", "train_dit_flow.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tree(folder):
+    """Every file under ``folder`` -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(proc, *fragments):
+    """A refusal: exit code 2, one ``error: ...`` line naming ``fragments``, no traceback, no training step."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "loss=" not in proc.stderr  # the progress bar never showed a training step
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
 
 
 def test_train_save_and_sample_through_both_loaders(tmp_path, latents, run_script):
     out = tmp_path / "dit"
-    train(run_script, latents, out, "--max_train_steps", 6, "--guidance_scale", 2.0)
+    proc = train(run_script, latents, out, "--max_train_steps", 6, "--guidance_scale", 2.0)
     for name in ("model_index.json", "pipeline.py", "README.md", "samples.png"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
@@ -44,9 +78,23 @@ def test_train_save_and_sample_through_both_loaders(tmp_path, latents, run_scrip
     meta = ModelCard(card).data.to_dict()  # the Hub's own parser
     assert meta["library_name"] == "diffusers" and {"diffusability", "scale-equivariance"} <= set(meta["tags"])
     assert meta["license"] == "apache-2.0" and "base_model" not in meta  # the toolkit's embedded AE
+    assert not any(p.name.startswith(".tmp") for p in out.iterdir())  # the atomic save left nothing behind
+    assert f"Wrote to {out}: model_index.json, pipeline.py, transformer, vae, scheduler, README.md" in proc.stderr
+
+    # Provenance: the fingerprint of the weights that encoded the latents, and of the pipeline's own vae
+    fingerprint = json.loads(open(os.path.join(latents, "metadata.json")).read())["ae_weights_fingerprint"]
+    assert fingerprint == weights_fingerprint(AutoencoderKL.from_pretrained(EMBEDDED_AE))
+    provenance = json.loads((out / "model_index.json").read_text())["provenance"]
+    assert provenance["latents_ae_weights_fingerprint"] == provenance["vae_weights_fingerprint"] == fingerprint
+    assert provenance["latents"] == os.path.abspath(latents) and f"`{fingerprint}`" in card
+
+    # samples.png: one labelled row of two 64 px samples per class (7 classes), a label margin on the left
+    grid = Image.open(out / "samples.png")
+    assert grid.height == 7 * (64 + 2) and grid.width > 2 * (64 + 2)
 
     # The toolkit's class, and the remote-code layout in an interpreter that never imports the toolkit
     pipe = DiTFlowMatchPipeline.from_pretrained(out)
+    assert weights_fingerprint(pipe.vae) == fingerprint and pipe.config.provenance == provenance
     ours = pipe(["astronaut", 1], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     assert ours.images.shape == (2, 64, 64, 3) and 0 <= ours.images.min() and ours.images.max() <= 1
     code = (
@@ -54,42 +102,78 @@ def test_train_save_and_sample_through_both_loaders(tmp_path, latents, run_scrip
         f"p = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True); "
         "x = p(['astronaut', 1], num_inference_steps=4, generator=torch.Generator().manual_seed(0), "
         "output_type='np').images; numpy.save(sys.argv[1], x); "
-        "assert not any(m.startswith('diffusability_hf') for m in sys.modules)"
+        "assert not any(m.startswith('diffusability_hf') for m in sys.modules); "
+        "assert p.config.provenance['vae_weights_fingerprint'] == sys.argv[2]"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "remote.npy")], capture_output=True, text=True)
+    remote = [sys.executable, "-c", code, str(tmp_path / "remote.npy"), fingerprint]
+    proc = subprocess.run(remote, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import numpy as np
 
     np.testing.assert_allclose(np.load(tmp_path / "remote.npy"), ours.images, atol=1e-6)
 
     # The saved pipeline carries the extraction statistics and class names
-    import os
-
     meta = json.loads(open(os.path.join(latents, "metadata.json")).read())
     assert pipe.config.id2label == meta["id2label"] and pipe.config.latents_mean == meta["latents_mean"]
 
+    # A second run into the finished folder is refused before any work; the first pipeline stays as it was
+    before = tree(out)
+    proc = train(run_script, latents, out, "--max_train_steps", 2, check=False, launcher=PYTHON)
+    assert_one_error_line(
+        proc, "already holds the results of another run", "model_index.json", "--overwrite_output_dir"
+    )
+    assert tree(out) == before
 
-def test_resume_matches_straight_run(tmp_path, latents, run_script):
-    import shutil
 
+def test_resume_skips_an_incomplete_checkpoint_and_matches_the_straight_run(tmp_path, latents, run_script):
     # The learning-rate schedule depends on --max_train_steps, so the interrupted run is the straight run's
-    # checkpoint-2 resumed with the same settings
-    common = ["--checkpointing_steps", 2, "--ema_halflife_steps", 3, "--max_train_steps", 4]
+    # checkpoints resumed with the same settings
+    common = ["--checkpointing_steps", 1, "--ema_halflife_steps", 3, "--max_train_steps", 4]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(run_script, latents, straight, *common)
+    # Checkpoints are complete (marker file) and rotated to the default --checkpoints_total_limit of 3
+    names = sorted(p.name for p in straight.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert all((straight / n / "training_state.json").is_file() for n in names)
+
+    # A newest checkpoint without its marker (a save killed before it completed): `latest` skips it with a warning
     resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    train(run_script, latents, resumed, *common, "--resume_from_checkpoint", "latest")
+    for name in ("checkpoint-3", "checkpoint-4"):
+        shutil.copytree(straight / name, resumed / name)
+    (resumed / "checkpoint-4" / "training_state.json").unlink()
+    (resumed / ".tmp-checkpoint-5").mkdir()  # and the temporary folder of a save killed midway (as kill -9 leaves)
+    (resumed / ".tmp-checkpoint-5" / "custom_checkpoint_0.pkl").write_bytes(b"")
+    proc = train(run_script, latents, resumed, *common, "--resume_from_checkpoint", "latest")
+    assert f"Skipping {resumed / 'checkpoint-4'}: it is incomplete" in proc.stderr
+    assert f"Resuming from {resumed / 'checkpoint-3'}" in proc.stderr
+    assert not (resumed / ".tmp-checkpoint-5").exists()  # removed, so that it is never uploaded or mistaken
     a = load_file(straight / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
+    # A damaged checkpoint named explicitly (a truncated weights file): one clear line, no training
+    damaged = tmp_path / "damaged" / "checkpoint-2"
+    shutil.copytree(straight / "checkpoint-2", damaged)
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:100])
+    proc = train(
+        run_script, latents, tmp_path / "damaged", *common, "--resume_from_checkpoint", damaged, check=False,
+        launcher=PYTHON,
+    )  # fmt: skip
+    assert_one_error_line(proc, f"Checkpoint {damaged} is damaged", "--resume_from_checkpoint latest")
+    assert not (tmp_path / "damaged" / "model_index.json").exists()
+
 
 def test_self_conditioning_and_rope_train_and_load(tmp_path, latents, run_script):
+    # Into the folder of an earlier run, replaced with --overwrite_output_dir: its checkpoints are deleted first
     out = tmp_path / "sc"
-    train(run_script, latents, out, "--max_train_steps", 3, "--self_conditioning_prob", 0.9, "--pos_embed", "rope")
+    (out / "checkpoint-7").mkdir(parents=True)
+    (out / "checkpoint-7" / "training_state.json").write_text('{"step": 7}')
+    (out / "model_index.json").write_text("{}")
+    args = ["--max_train_steps", 3, "--self_conditioning_prob", 0.9, "--pos_embed", "rope", "--overwrite_output_dir"]
+    proc = train(run_script, latents, out, *args)
+    assert "Removed checkpoint-7 of the earlier run" in proc.stderr and not (out / "checkpoint-7").exists()
     index = json.loads((out / "model_index.json").read_text())
     assert index["transformer"] == ["selfcond_dit", "SelfConditionedDiT"]
     assert (out / "transformer" / "selfcond_dit.py").is_file()
@@ -106,24 +190,66 @@ def np_finite(x):
 
 
 def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_script):
+    # Latents of the embedded AE with an AE of the same config and other weights (as its SE fine-tune would be)
+    other = tmp_path / "other_vae"
+    vae = AutoencoderKL.from_pretrained(EMBEDDED_AE)
+    fingerprint = weights_fingerprint(vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(other)
+    proc = train(
+        run_script, latents, tmp_path / "e", "--pretrained_vae_model_name_or_path", other, "--max_train_steps", 2,
+        check=False, launcher=PYTHON,
+    )  # fmt: skip
+    line = assert_one_error_line(proc, "holds latents of other autoencoder weights", str(other))
+    assert fingerprint in line and weights_fingerprint(vae) in line
+    assert not (tmp_path / "e").exists()
     # A patch size that does not divide the 8x8 latent... DiT patches are 1, 2 or 4, so use a 3-patch config
-    proc = train(run_script, latents, tmp_path / "a", "--model", "DiT-tiny/3", "--max_train_steps", 2, check=False)
-    assert proc.returncode != 0 and "patch" in proc.stderr
-    # Latents of another autoencoder than the one given
-    proc = train(run_script, latents, tmp_path / "b", "--pretrained_vae_model_name_or_path", tiny_vae_dir, check=False)
-    assert proc.returncode != 0 and "holds latents of another autoencoder" in proc.stderr
-    proc = run_script("train_dit_flow.py", ["--output_dir", tmp_path / "c"], check=False)
-    assert proc.returncode != 0 and "extract_latents.py" in proc.stderr
+    proc = train(run_script, latents, tmp_path / "a", "--model", "DiT-tiny/3", check=False, launcher=PYTHON)
+    assert_one_error_line(proc, "Unknown DiT name 'DiT-tiny/3'")
+    # Latents of another autoencoder (another config: refused before its weights are loaded)
+    args = ["--pretrained_vae_model_name_or_path", tiny_vae_dir]
+    proc = train(run_script, latents, tmp_path / "b", *args, check=False, launcher=PYTHON)
+    assert_one_error_line(proc, "holds latents of another autoencoder", "16 channels", "4 channels")
+    proc = run_script("train_dit_flow.py", ["--output_dir", tmp_path / "c"], check=False, launcher=PYTHON)
+    assert proc.returncode == 2 and "extract_latents.py" in proc.stderr
     # Offline push: refused before training, with what to do
     proc = train(run_script, latents, tmp_path / "d", "--push_to_hub", "--hub_model_id", "me/dit", check=False)
     assert proc.returncode != 0 and "HF_HUB_OFFLINE=1" in proc.stderr
-    for out in ("a", "b", "c", "d"):
+    for out in ("a", "b", "c", "d", "e"):
         assert not (tmp_path / out / "model_index.json").exists()
 
 
-def test_on_the_fly_encoding_from_an_image_folder(tmp_path, tiny_vae_dir, run_script):
-    from PIL import Image
+def test_checks_without_training(tmp_path, latents, capsys):
+    """Cheap refusals, in process: flags, latents of an older version, shards of other weights."""
+    script = load_script()
+    args = script.parse_args(["--latents_dir", latents])
+    assert args.checkpoints_total_limit == 3 and args.overwrite_output_dir is False
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    assert "Keep this many newest complete checkpoints (default: 3)" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        script.parse_args(["--latents_dir", latents, "--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
+    assert "give one of them" in capsys.readouterr().err
 
+    old = tmp_path / "old"
+    shutil.copytree(latents, old)
+    meta = json.loads((old / "metadata.json").read_text())
+    fingerprint = meta.pop("ae_weights_fingerprint")
+    (old / "metadata.json").write_text(json.dumps({**meta, "ae_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(UsageError, match="older version of extract_latents.py .*extract them again"):
+        script.read_metadata(str(old))
+    # metadata.json of one AE, a shard of another (copied in by hand)
+    (old / "metadata.json").write_text(json.dumps({**meta, "ae_weights_fingerprint": fingerprint[::-1]}))
+    with pytest.raises(
+        UsageError, match=f"shard-00000.safetensors was encoded by other autoencoder weights \\({fingerprint}\\)"
+    ):
+        script.read_metadata(str(old))
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        script.read_metadata(str(tmp_path / "missing"))
+
+
+def test_on_the_fly_encoding_from_an_image_folder(tmp_path, tiny_vae_dir, run_script):
     gen = torch.Generator().manual_seed(0)
     for name in ("cats", "dogs"):
         (tmp_path / "data" / name).mkdir(parents=True)
@@ -138,6 +264,10 @@ def test_on_the_fly_encoding_from_an_image_folder(tmp_path, tiny_vae_dir, run_sc
     assert "Latent statistics estimated on 13 images" in proc.stdout + proc.stderr
     pipe = DiTFlowMatchPipeline.from_pretrained(out)
     assert pipe.config.id2label == {"0": "cats", "1": "dogs"} and len(pipe.config.latents_std) == 4
+    fingerprint = weights_fingerprint(AutoencoderKL.from_pretrained(tiny_vae_dir))
+    provenance = pipe.config.provenance
+    assert provenance["latents_ae_weights_fingerprint"] == provenance["vae_weights_fingerprint"] == fingerprint
+    assert provenance["latents"].startswith("encoded on the fly")
     images = pipe(["dogs"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (1, 3, 16, 16)
 

@@ -3,14 +3,18 @@
 
 For every image we store the posterior mean and std (so the DiT draws a fresh latent sample every step, as the paper
 trains on posterior samples, App. B), optionally those of the horizontally flipped image too, and the class label,
-as safetensors shards. ``metadata.json`` records the autoencoder, the class names and the per-channel latent mean and
-std that the DiT normalises with. With no arguments it encodes crops of the photographs that ship inside
+as safetensors shards. ``metadata.json`` records the autoencoder (by a fingerprint of its *weights*: a vanilla AE and
+its SE fine-tune share a config), the class names and the per-channel latent mean and std that the DiT normalises
+with; every shard's header records the fingerprint and the extraction settings too. With no arguments it encodes crops of the photographs that ship inside
 scikit-image with the toolkit's embedded autoencoder (class = source photograph), offline:
 
     accelerate launch train_scripts/extract_latents.py --output_dir latents
 
 Resumable: each shard covers a fixed slice of the dataset and is written atomically, so a rerun (with any number of
-processes) encodes only the missing shards. Under ``accelerate launch`` every process writes its own shards.
+processes) encodes only the missing shards. A folder holding latents of other autoencoder weights or other settings
+(resolution, flip, dataset, sample count, shard size, dtype) is refused before anything is encoded;
+``--overwrite_output_dir`` deletes them and extracts again. Under ``accelerate launch`` every process writes its own
+shards.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 
 import torch
 from accelerate import Accelerator
@@ -28,10 +33,19 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import LabelledImages
+from diffusability_hf.training_utils import (
+    MissingPathError,
+    UsageError,
+    atomic_write_json,
+    report_written,
+    run_script,
+    use_all_cpu_cores,
+)
 
 logger = get_logger(__name__)
 
 EMBEDDED_AE = ae.EMBEDDED_AE
+SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
 
 
 def parse_args(input_args=None):
@@ -67,6 +81,12 @@ def parse_args(input_args=None):
         "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Autocast for encoding."
     )
     parser.add_argument("--output_dir", type=str, default="latents", help="Where shards and metadata.json go.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Delete the shards and metadata.json already in --output_dir and extract again. Without it, a folder "
+        "holding latents of other autoencoder weights or other settings is refused, and one of the same resumes.",
+    )
     args = parser.parse_args(input_args)
 
     args.embedded_data = args.dataset_name is None and args.train_data_dir is None
@@ -84,8 +104,104 @@ def parse_args(input_args=None):
     return args
 
 
+def extraction_settings(args, fingerprint: str, dataset_size: int, total: int, mixed_precision: str) -> dict:
+    """Everything that decides the content of a shard: shards (and metadata.json) of one folder must agree on it.
+
+    ``ae_weights_fingerprint`` names the autoencoder by its *weights* (a vanilla AE and its SE fine-tune share a
+    config); the dataset is named by its absolute path or Hub id, its size and the columns read.
+    """
+    if args.embedded_data:
+        dataset = "embedded scikit-image photographs"
+    elif args.train_data_dir is not None:
+        dataset = os.path.abspath(args.train_data_dir)
+    else:
+        dataset = args.dataset_name
+    return {
+        "ae_weights_fingerprint": fingerprint,
+        "resolution": args.resolution,
+        "flip": bool(args.flip),
+        "dataset": dataset,
+        "dataset_config_name": args.dataset_config_name,
+        "split": args.split,
+        "image_column": args.image_column,
+        "label_column": args.label_column,
+        "dataset_size": dataset_size,
+        "requested_samples": total,
+        "shard_size": args.shard_size,
+        "dtype": args.dtype,
+        "mixed_precision": mixed_precision,
+    }
+
+
+def existing_latents(output_dir: str):
+    """``(metadata.json or None, {shard name: its settings or None})`` of the latents already in ``output_dir``."""
+    meta = None
+    meta_path = os.path.join(output_dir, "metadata.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    shards = {}
+    names = sorted(n for n in os.listdir(output_dir) if SHARD_RE.match(n)) if os.path.isdir(output_dir) else []
+    for name in names:
+        try:
+            with safe_open(os.path.join(output_dir, name), "pt") as fh:  # the header only
+                header = fh.metadata() or {}
+        except Exception as err:
+            raise UsageError(
+                f"{os.path.join(output_dir, name)} is damaged ({type(err).__name__}: {err}): delete it (a rerun "
+                "encodes it again) or pass --overwrite_output_dir to extract everything again."
+            ) from err
+        shards[name] = json.loads(header["extraction"])["settings"] if "extraction" in header else None
+    return meta, shards
+
+
+def check_existing_latents(output_dir: str, settings: dict, ae_name: str) -> int:
+    """Refuse an ``output_dir`` whose metadata.json or any shard was made by other weights or settings.
+
+    Returns how many shards are already there (all made like this run: a rerun resumes them).
+    """
+    meta, shards = existing_latents(output_dir)
+    fix = "Choose a new --output_dir, or pass --overwrite_output_dir to delete them and extract again."
+    sources = ([("metadata.json", meta.get("extraction"))] if meta is not None else []) + list(shards.items())
+    old_format = [name for name, old in sources if old is None]
+    if old_format:
+        raise UsageError(
+            f"--output_dir {output_dir} holds latents written by an older version of extract_latents.py "
+            f"({', '.join(old_format[:3])}{', ...' if len(old_format) > 3 else ''}) that records no weights "
+            f"fingerprint, so the autoencoder they came from cannot be checked. {fix}"
+        )
+    for name, old in sources:
+        diffs = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if not diffs:
+            continue
+        shown = []
+        for k in diffs:
+            if k == "ae_weights_fingerprint":
+                made_by = f" ({meta['ae']})" if meta and meta.get("ae") else ""
+                shown.append(f"autoencoder weights {old.get(k)}{made_by} there, {settings[k]} ({ae_name}) in this run")
+            else:
+                shown.append(f"{k} {old.get(k)!r} there, {settings.get(k)!r} in this run")
+        raise UsageError(
+            f"--output_dir {output_dir} holds latents made by another autoencoder or with other settings ({name}: "
+            f"{'; '.join(shown)}): they cannot be mixed with this run's. {fix}"
+        )
+    return len(shards)
+
+
+def remove_latents(output_dir: str) -> None:
+    """Delete the shards (also unfinished ``.tmp`` ones) and metadata.json of ``output_dir`` (--overwrite_output_dir)."""
+    for name in os.listdir(output_dir):
+        if SHARD_RE.match(name) or name.startswith("shard-") and name.endswith(".tmp") or name == "metadata.json":
+            os.remove(os.path.join(output_dir, name))
+
+
 def main(args):
+    use_all_cpu_cores()
     # Validate cheap things before any weights or data
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir} is a file, not a folder.")
     config = ae.pretrained_config(args.pretrained_model_name_or_path, args.subfolder, args.revision, args.cache_dir)
     f = ae.spatial_compression(config)
     if args.resolution % f:
@@ -96,18 +212,6 @@ def main(args):
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    os.makedirs(args.output_dir, exist_ok=True)
-    meta_path = os.path.join(args.output_dir, "metadata.json")
-    fingerprint = ae.config_fingerprint(config)
-    if os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            old = json.load(fh)
-        if old.get("ae_fingerprint") != fingerprint or old.get("resolution") != args.resolution:
-            raise ValueError(
-                f"{args.output_dir} holds latents of another autoencoder or resolution ({old.get('ae')}, "
-                f"{old.get('resolution')} px): use a new --output_dir."
-            )
-
     dataset = LabelledImages(
         args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
         args.dataset_config_name, args.cache_dir, args.split, embedded_samples=args.max_samples,
@@ -115,6 +219,26 @@ def main(args):
     total = min(len(dataset), args.max_samples or len(dataset))
     num_shards = math.ceil(total / args.shard_size)
     shard_path = [os.path.join(args.output_dir, f"shard-{j:05d}.safetensors") for j in range(num_shards)]
+
+    # The autoencoder, named by its weights; an existing folder must hold latents of these weights and settings
+    vae = ae.prepare_for_training(
+        ae.model_class(config).from_pretrained(
+            args.pretrained_model_name_or_path, subfolder=args.subfolder, revision=args.revision,
+            variant=args.variant, cache_dir=args.cache_dir,
+        )
+    ).eval().requires_grad_(False)  # fmt: skip
+    fingerprint = ae.weights_fingerprint(vae)
+    settings = extraction_settings(args, fingerprint, len(dataset), total, accelerator.mixed_precision)
+    ae_name = args.pretrained_model_name_or_path + (f" (subfolder {args.subfolder})" if args.subfolder else "")
+    if args.overwrite_output_dir:
+        if accelerator.is_main_process and os.path.isdir(args.output_dir):
+            remove_latents(args.output_dir)
+    else:
+        check_existing_latents(args.output_dir, settings, ae_name)
+    accelerator.wait_for_everyone()  # every process has checked (or the old latents are gone) before any writes
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
     todo = [j for j in range(num_shards) if not os.path.isfile(shard_path[j])]
     accelerator.wait_for_everyone()  # every process lists the missing shards before any writes one
     mine = todo[accelerator.process_index :: accelerator.num_processes]
@@ -124,18 +248,12 @@ def main(args):
     )
 
     # Encode
-    vae = ae.prepare_for_training(
-        ae.model_class(config).from_pretrained(
-            args.pretrained_model_name_or_path, subfolder=args.subfolder, revision=args.revision,
-            variant=args.variant, cache_dir=args.cache_dir,
-        )
-    ).to(accelerator.device).eval().requires_grad_(False)  # fmt: skip
+    vae = vae.to(accelerator.device)
     # Channels-last convolutions are markedly faster for 2D AEs (oneDNN on CPU, tensor cores on GPU)
     channels_last = ae.get_row(config).layout == "image"
     if channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     dtype = getattr(torch, args.dtype)
-    skipped = 0
     for j in tqdm(mine, desc="Shards", disable=not accelerator.is_local_main_process):
         indices = list(range(j * args.shard_size, min((j + 1) * args.shard_size, total)))
         loader = torch.utils.data.DataLoader(
@@ -145,7 +263,6 @@ def main(args):
         )
         out = {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "labels", "indices")}
         for pixels, labels, idx, ok in loader:
-            skipped += int((~ok).sum())
             pixels = pixels[ok].to(accelerator.device)
             if channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -164,23 +281,28 @@ def main(args):
         if "labels" not in tensors:  # every image of this shard was unreadable
             tensors = {"labels": torch.zeros(0, dtype=torch.int64), "indices": torch.zeros(0, dtype=torch.int64)}
         tmp = shard_path[j] + ".tmp"
-        save_file(tensors, tmp, metadata={"skipped": str(len(indices) - len(tensors.get("labels", [])))})
+        # One header key: safetensors writes several in a random order, and a rerun must write the same bytes
+        header = {"settings": settings, "skipped": len(indices) - len(tensors.get("labels", []))}
+        save_file(tensors, tmp, metadata={"extraction": json.dumps(header, sort_keys=True)})
         os.replace(tmp, shard_path[j])  # atomic: a killed run never leaves a half shard behind
     accelerator.wait_for_everyone()
 
     # Statistics over every shard (also those of earlier runs), then metadata.json
     if accelerator.is_main_process:
-        write_metadata(args, config, fingerprint, dataset.names, shard_path, total, f)
+        write_metadata(args, config, settings, dataset.names, shard_path, total, f)
+        names = [os.path.basename(p) for p in shard_path]
+        more = f" and {len(names) - 3} more shards (to {names[-1]})" if len(names) > 3 else ""
+        report_written(args.output_dir, ["metadata.json", *names[:3]], log=lambda text: logger.info(text + more))
     accelerator.end_training()
 
 
-def write_metadata(args, config, fingerprint, names, shard_paths, total, compression):
+def write_metadata(args, config, settings, names, shard_paths, total, compression):
     """Per-channel mean/std of the posterior means (float64 sums over all shards) and the dataset description."""
     count, s1, s2, skipped, stored = 0, None, None, 0, 0
     has_std = False
     for path in shard_paths:
         with safe_open(path, "pt") as fh:  # reads only the means, not the stds and flips
-            skipped += int((fh.metadata() or {}).get("skipped", 0))
+            skipped += json.loads(fh.metadata()["extraction"])["skipped"]
             if "mean" not in fh.keys():  # an all-unreadable shard
                 continue
             has_std = "std" in fh.keys()
@@ -196,7 +318,7 @@ def write_metadata(args, config, fingerprint, names, shard_paths, total, compres
     meta = {
         "ae": args.pretrained_model_name_or_path + (f" (subfolder {args.subfolder})" if args.subfolder else ""),
         "ae_class": config["_class_name"],
-        "ae_fingerprint": fingerprint,
+        "ae_weights_fingerprint": settings["ae_weights_fingerprint"],
         "resolution": args.resolution,
         "latent_shape": [ae.latent_channels(config), latent, latent],
         "num_samples": stored,
@@ -212,11 +334,11 @@ def write_metadata(args, config, fingerprint, names, shard_paths, total, compres
         if args.embedded_data
         else (args.dataset_name or args.train_data_dir),
         "requested_samples": total,
+        "extraction": settings,  # what every shard's header records too (see check_existing_latents)
     }
-    with open(os.path.join(args.output_dir, "metadata.json"), "w") as fh:
-        json.dump(meta, fh, indent=2)
+    atomic_write_json(os.path.join(args.output_dir, "metadata.json"), meta)
     logger.info(f"Wrote {stored} latents ({skipped} unreadable images skipped) to {args.output_dir}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -9,6 +9,10 @@ The paper judges an autoencoder by the DiT trained on its latents. This script t
 with classifier-free-guidance label dropout, AdamW (0.9, 0.99), weight decay 0.01, warmup then cosine decay to
 1e-5, gradient clipping at 16 and an EMA, and saves a ``DiTFlowMatchPipeline`` (transformer + VAE +
 ``FlowMatchEulerDiscreteScheduler``) that ``DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`` loads.
+The VAE must be the autoencoder whose weights encoded the latents (compared by weights fingerprint, refused
+otherwise); the pipeline records both fingerprints in ``model_index.json`` under ``provenance``. An ``--output_dir``
+holding a finished pipeline or another run's checkpoints is refused unless ``--resume_from_checkpoint`` or
+``--overwrite_output_dir`` is given; checkpoints and the final save are atomic.
 With no arguments it extracts nothing and trains a small DiT on the embedded autoencoder's latents of the
 scikit-image photographs (class = source photograph), offline:
 
@@ -36,11 +40,27 @@ from diffusability_hf import __version__
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.ema import EMA
 from diffusability_hf.flow import interpolate, sample_sigmas, velocity_target
+from diffusability_hf.training_utils import (
+    MissingPathError,
+    UsageError,
+    atomic_save,
+    atomic_write_text,
+    check_output_dir,
+    load_checkpoint,
+    remove_checkpoints,
+    report_written,
+    resolve_resume,
+    run_script,
+    save_checkpoint,
+    use_all_cpu_cores,
+)
 
 logger = get_logger(__name__)
 
 EMBEDDED_AE = ae.EMBEDDED_AE
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
+# What a finished run leaves in --output_dir (a second run into it is refused without --overwrite_output_dir)
+RESULTS = ("model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png")
 
 
 def parse_args(input_args=None):
@@ -69,8 +89,8 @@ def parse_args(input_args=None):
         "--pretrained_vae_model_name_or_path",
         type=str,
         default=None,
-        help="The autoencoder the latents come from (decodes samples; must match --latents_dir). Default: the "
-        "toolkit's embedded AutoencoderKL.",
+        help="The autoencoder the latents come from (decodes samples; its weights must be those that encoded "
+        "--latents_dir, checked by fingerprint). Default: the toolkit's embedded AutoencoderKL.",
     )
     parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE repo, e.g. 'vae'.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where models are cached.")
@@ -127,9 +147,26 @@ def parse_args(input_args=None):
     parser.add_argument("--shift", type=float, default=1.0, help="Time shift (eq. 3) for validation samples.")
     parser.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps.")
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Save the state every N steps.")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep this many checkpoints.")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=3,
+        help="Keep this many newest complete checkpoints (default: %(default)s); 0 keeps them all.",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="'latest' (the newest complete checkpoint of --output_dir; incomplete ones are skipped) or a "
+        "checkpoint folder.",
+    )
     parser.add_argument("--output_dir", type=str, default="dit-flow", help="Where everything is written.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Reuse an --output_dir that holds a finished pipeline or another run's checkpoints: the checkpoints "
+        "are deleted at the start, the pipeline is replaced when the new one is saved.",
+    )
     parser.add_argument("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb' or 'none'.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline to the Hub.")
@@ -175,6 +212,13 @@ def parse_args(input_args=None):
         parser.error("--class_dropout_prob must be in [0, 1) and --self_conditioning_prob in [0, 1].")
     if args.train_batch_size <= 0 or args.max_train_steps <= 0 or args.lr_warmup_steps < 0:
         parser.error("--train_batch_size and --max_train_steps must be positive, --lr_warmup_steps >= 0.")
+    if args.checkpointing_steps <= 0 or args.validation_steps <= 0 or args.checkpoints_total_limit < 0:
+        parser.error("--checkpointing_steps and --validation_steps must be positive, --checkpoints_total_limit >= 0.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error(
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would continue from: give "
+            "one of them."
+        )
     if args.report_to == "none":
         args.report_to = None
     return args
@@ -263,11 +307,49 @@ def estimate_latent_stats(vae, dataset, args, device):
 
 
 def read_metadata(latents_dir: str) -> dict:
+    """metadata.json of an extract_latents.py folder, checked against the header of every shard it lists."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(latents_dir):
+        raise MissingPathError(f"--latents_dir {latents_dir} is not a folder: run train_scripts/extract_latents.py.")
     path = os.path.join(latents_dir, "metadata.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --latents_dir must be the output of extract_latents.py.")
+        raise MissingPathError(f"{path} not found: --latents_dir must be the output of extract_latents.py.")
     with open(path) as fh:
-        return json.load(fh)
+        meta = json.load(fh)
+    if "ae_weights_fingerprint" not in meta:
+        raise UsageError(
+            f"{latents_dir} was written by an older version of extract_latents.py that records no weights "
+            "fingerprint, so the autoencoder these latents came from cannot be checked: extract them again "
+            "(extract_latents.py --overwrite_output_dir)."
+        )
+    for name in meta["shards"]:
+        shard = os.path.join(latents_dir, name)
+        if not os.path.isfile(shard):
+            raise MissingPathError(f"{shard} is missing: run extract_latents.py again to finish {latents_dir}.")
+        with safe_open(shard, "pt") as fh:  # the header only
+            header = fh.metadata() or {}
+        found = (
+            json.loads(header["extraction"])["settings"]["ae_weights_fingerprint"] if "extraction" in header else None
+        )
+        if found != meta["ae_weights_fingerprint"]:
+            raise UsageError(
+                f"{shard} was encoded by other autoencoder weights ({found}) than metadata.json says "
+                f"({meta['ae_weights_fingerprint']}): extract {latents_dir} again (--overwrite_output_dir)."
+            )
+    return meta
+
+
+def check_latents_autoencoder(meta: dict, vae_fingerprint: str, args) -> None:
+    """Refuse latents that another autoencoder (other *weights*, whatever the config) encoded than the given one."""
+    if meta["ae_weights_fingerprint"] != vae_fingerprint:
+        raise UsageError(
+            f"{args.latents_dir} holds latents of other autoencoder weights ({meta['ae']}, fingerprint "
+            f"{meta['ae_weights_fingerprint']}) than --pretrained_vae_model_name_or_path "
+            f"{args.pretrained_vae_model_name_or_path} (fingerprint {vae_fingerprint}): pass the autoencoder the "
+            "latents were extracted with, or extract them again with this one (the pipeline would otherwise decode "
+            "with a decoder that the DiT's latents were not made by)."
+        )
 
 
 def build_transformer(args, meta):
@@ -333,14 +415,20 @@ def main(args):
             "process. The models trained here fit on one GPU, and data parallelism gives the same result: launch with "
             "accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml instead."
         )
-    # Validate cheap things: the latents, the AE they came from, the model geometry
+    use_all_cpu_cores()
+    # Validate cheap things: the output folder, the latents, the AE they came from, the model geometry
+    found = check_output_dir(args.output_dir, RESULTS, args.overwrite_output_dir, args.resume_from_checkpoint)
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
     vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
     meta = read_metadata(args.latents_dir) if args.latents_dir else on_the_fly_metadata(args, vae_config)
-    if args.latents_dir and meta["ae_fingerprint"] != ae.config_fingerprint(vae_config):
-        raise ValueError(
-            f"{args.latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}) than "
-            f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path}: pass the autoencoder "
-            "the latents were extracted with, or extract them again with this one."
+    given = (vae_config["_class_name"], ae.latent_channels(vae_config))
+    if args.latents_dir and (meta["ae_class"], meta["latent_shape"][0]) != given:
+        raise UsageError(  # cheap, before any weights are loaded (the weights are compared once loaded)
+            f"{args.latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}, "
+            f"{meta['latent_shape'][0]} channels) than --pretrained_vae_model_name_or_path "
+            f"{args.pretrained_vae_model_name_or_path} ({given[0]}, {given[1]} channels): pass "
+            "the autoencoder the latents were extracted with, or extract them again with this one."
         )
     transformer = build_transformer(args, meta)
     num_classes = meta["num_classes"]
@@ -356,9 +444,35 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, warn=logger.warning)
+    if args.resume_from_checkpoint and resume_path is None and set(found) & set(RESULTS):
+        raise UsageError(
+            f"--resume_from_checkpoint latest: {args.output_dir} has no complete checkpoint to resume, and a new run "
+            "would replace the finished pipeline there: choose a new --output_dir, or pass --overwrite_output_dir "
+            "(without --resume_from_checkpoint) to replace it."
+        )
+    # The autoencoder, named by its weights: it must be the one that encoded the latents (it decodes the samples)
+    vae = ae.model_class(vae_config).from_pretrained(
+        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
+    )
+    vae_fingerprint = ae.weights_fingerprint(vae)
+    if args.latents_dir:
+        check_latents_autoencoder(meta, vae_fingerprint, args)
+    else:  # encoded on the fly by this very autoencoder
+        meta["ae_weights_fingerprint"] = vae_fingerprint
+    meta["vae_weights_fingerprint"] = vae_fingerprint
+    vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
+
     repo_id = None
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:  # so that `latest` can never resume the old run
+            for name in remove_checkpoints(args.output_dir):
+                logger.info(f"Removed {name} of the earlier run (--overwrite_output_dir)")
         os.makedirs(args.output_dir, exist_ok=True)
+        for name in os.listdir(args.output_dir):  # leftovers of a killed save (never complete, never resumed)
+            if name.startswith((".tmp-checkpoint-", ".tmp-save-")):
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+                logger.info(f"Removed {name}, left by a save that was interrupted")
         if args.push_to_hub:
             from diffusability_hf.hub import check_hub_access
 
@@ -367,10 +481,6 @@ def main(args):
             )
 
     # Data: posterior mean/std per image; a fresh sample each step, normalised per channel (extraction statistics)
-    vae = ae.model_class(vae_config).from_pretrained(
-        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
-    )
-    vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
     if args.latents_dir:
         dataset, collate = LatentShards(args.latents_dir, meta, args.seed), None
     else:
@@ -412,23 +522,13 @@ def main(args):
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Flow matching: {args.max_train_steps} steps, total batch {total_batch} *****")
 
-    # Resume
+    # Resume (from the newest complete checkpoint for 'latest': see resolve_resume above)
     global_step, first_epoch, skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            ckpts = (
-                [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")]
-                if os.path.isdir(args.output_dir)
-                else []
-            )
-            path = os.path.join(args.output_dir, max(ckpts, key=lambda d: int(d.split("-")[1]))) if ckpts else None
-        if path is not None:
-            logger.info(f"Resuming from {path}")
-            accelerator.load_state(path)
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            first_epoch = global_step // steps_per_epoch
-            skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        global_step = load_checkpoint(accelerator, resume_path)
+        first_epoch = global_step // steps_per_epoch
+        skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     t_start, micro, last = time.time(), 0, {}
@@ -472,7 +572,7 @@ def main(args):
             accelerator.log(last, step=global_step)
             progress.set_postfix(loss=f"{last['train/loss']:.4f}")
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args, global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 log_samples(
                     accelerator, make_pipeline(unwrapped, ema, vae, meta, args), args, global_step, num_classes
@@ -482,20 +582,29 @@ def main(args):
         if global_step >= args.max_train_steps:
             break
 
-    # Save the EMA transformer as a DiTFlowMatchPipeline
+    # Save the EMA transformer as a DiTFlowMatchPipeline: pipeline, remote-code files, samples and card are written
+    # into a temporary folder and moved in together (model_index.json last), so a killed save never leaves a half
+    # pipeline where a loadable one was
     accelerator.wait_for_everyone()
-    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args, global_step)
+    if global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
     if accelerator.is_main_process:
+        seconds = time.time() - t_start
         pipeline = make_pipeline(unwrapped, ema, vae, meta, args, copy=False)
-        pipeline.save_pretrained(args.output_dir)
         grid = log_samples(accelerator, pipeline, args, global_step, num_classes)
-        grid.save(os.path.join(args.output_dir, "samples.png"))
-        write_card(args, meta, transformer=unwrapped, steps=global_step, seconds=time.time() - t_start, loss=last)
+        with atomic_save(args.output_dir) as tmp:
+            pipeline.save_pretrained(tmp)
+            grid.save(os.path.join(tmp, "samples.png"))
+            write_card(tmp, args, meta, transformer=unwrapped, steps=global_step, seconds=seconds, loss=last)
         if args.push_to_hub:
             from diffusability_hf.hub import push_folder
 
             logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'DiT flow pipeline')}")
+        checkpoints = sorted(
+            (n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
+        )
+        names = ["model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png"]
+        report_written(args.output_dir, names + checkpoints[-1:] + [args.logging_dir], log=logger.info)
     accelerator.end_training()
 
 
@@ -518,45 +627,49 @@ def make_pipeline(transformer, ema, vae, meta, args, copy=True):
         id2label=meta["id2label"],
         latents_mean=meta["latents_mean"],
         latents_std=meta["latents_std"],
+        provenance=pipeline_provenance(meta, args),
     )
 
 
-def log_samples(accelerator, pipeline, args, step, num_classes, per_class=2):
-    """A seeded grid, ``per_class`` samples of each class (at most 16 classes), to the trackers; returns it."""
-    from PIL import Image
+def pipeline_provenance(meta, args) -> dict:
+    """What the pipeline records (``model_index.json`` -> ``provenance``) about the latents it was trained on."""
+    return {
+        "latents_ae_weights_fingerprint": meta["ae_weights_fingerprint"],
+        "vae_weights_fingerprint": meta["vae_weights_fingerprint"],
+        "latents_ae": meta["ae"],
+        "latents": os.path.abspath(args.latents_dir) if args.latents_dir else f"encoded on the fly: {meta['dataset']}",
+        "fingerprint_function": "diffusability_hf.autoencoders.weights_fingerprint",
+    }
 
-    labels = [c for c in range(min(num_classes, 16)) for _ in range(per_class)]
+
+def log_samples(accelerator, pipeline, args, step, num_classes, per_class=2):
+    """A seeded grid, one row of ``per_class`` samples per class (at most 16 classes) labelled with the class, to
+    the trackers; returns it as a PIL image."""
+    import numpy as np
+
+    from diffusability_hf.figures import labelled_image_grid
+
+    classes = list(range(min(num_classes, 16)))
     images = pipeline(
-        labels, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        generator=torch.Generator(pipeline.device).manual_seed(args.seed), output_type="np",
+        [c for c in classes for _ in range(per_class)], num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, shift=args.shift,
+        generator=torch.Generator(pipeline.device).manual_seed(args.seed), output_type="pt",
     ).images  # fmt: skip
-    h, w = images.shape[1:3]
-    cols = per_class * 4
-    rows = math.ceil(len(images) / cols)
-    grid = torch.zeros(rows * h, cols * w, 3)
-    for i, img in enumerate(torch.from_numpy(images)):
-        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    images = images.cpu() * 2 - 1  # (K * per_class, 3, H, W) in [-1, 1]
+    id2label = pipeline.config.id2label or {}
+    row_labels = [f"{c}: {id2label.get(str(c), c)}"[:28] for c in classes]
+    grid = labelled_image_grid(list(images.split(per_class)), row_labels)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation/samples", grid.permute(2, 0, 1), step)
+            tracker.writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation/samples": wandb.Image(grid.numpy())}, step=step)
-    return Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
+            tracker.log({"validation/samples": wandb.Image(grid)}, step=step)
+    return grid
 
 
-def save_checkpoint(accelerator, args, step):
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        ckpts = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        for old in ckpts[: max(0, len(ckpts) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, old))
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
-
-
-def write_card(args, meta, transformer, steps, seconds, loss):
+def write_card(folder, args, meta, transformer, steps, seconds, loss):
     from diffusability_hf.hub import card_license, license_sentence, markdown_table, metadata_yaml, render_model_card
 
     vae_source = args.pretrained_vae_model_name_or_path
@@ -570,6 +683,8 @@ def write_card(args, meta, transformer, steps, seconds, loss):
             "license_sentence": license_sentence(license_fields, base_id),
             "vae": meta["ae"],
             "vae_class": meta["ae_class"],
+            "latents_ae_fingerprint": meta["ae_weights_fingerprint"],
+            "vae_fingerprint": meta["vae_weights_fingerprint"],
             "model": args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
             "transformer_class": type(transformer).__name__,
             "num_parameters": f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M",
@@ -587,9 +702,8 @@ def write_card(args, meta, transformer, steps, seconds, loss):
         },
         template_dir=MODEL_CARDS,
     )
-    with open(os.path.join(args.output_dir, "README.md"), "w") as fh:
-        fh.write(card)
+    atomic_write_text(os.path.join(folder, "README.md"), card)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -56,6 +56,13 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
             Per-channel mean the training latents were normalised with (defaults to 0).
         latents_std (`list[float]`, *optional*):
             Per-channel standard deviation the training latents were normalised with (defaults to 1).
+        provenance (`dict`, *optional*):
+            Where the transformer's training latents came from, saved in `model_index.json` (readable with `json`
+            alone). The toolkit's training script records `latents_ae_weights_fingerprint` (the weights of the
+            autoencoder that encoded the training latents), `vae_weights_fingerprint` (the weights of this
+            pipeline's `vae`), `latents_ae` (its name or path), `latents` (the latents folder, or the images encoded
+            on the fly) and `fingerprint_function`; a consumer recomputes the `vae` fingerprint with that function
+            and refuses a mismatch.
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -68,6 +75,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         id2label: dict[str, str] | None = None,
         latents_mean: list[float] | None = None,
         latents_std: list[float] | None = None,
+        provenance: dict | None = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
@@ -75,7 +83,10 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         id2label = {str(int(k)): str(v) for k, v in id2label.items()} if id2label else None
         latents_mean = [float(m) for m in latents_mean] if latents_mean is not None else None
         latents_std = [float(s) for s in latents_std] if latents_std is not None else None
-        self.register_to_config(id2label=id2label, latents_mean=latents_mean, latents_std=latents_std)
+        provenance = json.loads(json.dumps(provenance)) if provenance else None  # plain JSON values, as saved
+        self.register_to_config(
+            id2label=id2label, latents_mean=latents_mean, latents_std=latents_std, provenance=provenance
+        )
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     # ----------------------------------------------------------------------------------------------------- labels
@@ -359,8 +370,8 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
           `my_package.models.<module>`; as diffusers does for components, nothing is imported on the repository's
           word), or from the saved file when `trust_remote_code=True`.
 
-        Components can be passed directly (`transformer=...`), and `id2label`, `latents_mean` and `latents_std`
-        override the saved ones; other keyword arguments go to every model's `from_pretrained` (`torch_dtype`,
+        Components can be passed directly (`transformer=...`), and `id2label`, `latents_mean`, `latents_std` and
+        `provenance` override the saved ones; other keyword arguments go to every model's `from_pretrained` (`torch_dtype`,
         `variant`, ...). A Hub repository id is downloaded first (`revision`, `cache_dir`, `token`, `local_files_only`).
         """
         trust_remote_code = kwargs.pop("trust_remote_code", False)
@@ -372,7 +383,9 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
             folder = snapshot_download(folder, **{k: kwargs.pop(k) for k in hub_keys if k in kwargs})
 
         config = cls.load_config(folder)
-        init_kwargs = {key: kwargs.pop(key, config.get(key)) for key in ("id2label", "latents_mean", "latents_std")}
+        init_kwargs = {
+            key: kwargs.pop(key, config.get(key)) for key in ("id2label", "latents_mean", "latents_std", "provenance")
+        }
         passed = {name: kwargs.pop(name) for name in _COMPONENTS if name in kwargs}
         for name in _COMPONENTS:
             if name in passed:
