@@ -1287,7 +1287,10 @@ def run_validation(accelerator, vae, ema, val, rgb, args, step):
             log_clips(accelerator, val[kind], result["recon"], step)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                fig = plot_frequency_profiles({"RGB": rgb[kind], f"latents (step {step})": result["profile"]})
+                fig = plot_spectra(
+                    {"RGB at the latent size": rgb[kind]["profile"], f"latents (step {step})": result["profile"]},
+                    {"RGB at the latent size": rgb[kind]["energy"], f"latents (step {step})": result["energy"]},
+                )
                 tracker.writer.add_figure(f"validation/spectrum_{kind}", fig, step)
                 if "frame_profiles" in result:  # one curve per latent frame
                     frames = {f"latent frame {k}": prof for k, prof in enumerate(result["frame_profiles"])}
