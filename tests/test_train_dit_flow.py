@@ -189,7 +189,7 @@ def np_finite(x):
     return bool(np.isfinite(x).all())
 
 
-def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_script):
+def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_script, capsys):
     # Latents of the embedded AE with an AE of the same config and other weights (as its SE fine-tune would be)
     other = tmp_path / "other_vae"
     vae = AutoencoderKL.from_pretrained(EMBEDDED_AE)
@@ -204,15 +204,19 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
     line = assert_one_error_line(proc, "holds latents of other autoencoder weights", str(other))
     assert fingerprint in line and weights_fingerprint(vae) in line
     assert not (tmp_path / "e").exists()
-    # A patch size that does not divide the 8x8 latent... DiT patches are 1, 2 or 4, so use a 3-patch config
-    proc = train(run_script, latents, tmp_path / "a", "--model", "DiT-tiny/3", check=False, launcher=PYTHON)
-    assert_one_error_line(proc, "Unknown DiT name 'DiT-tiny/3'")
-    # Latents of another autoencoder (another config: refused before its weights are loaded)
-    args = ["--pretrained_vae_model_name_or_path", tiny_vae_dir]
-    proc = train(run_script, latents, tmp_path / "b", *args, check=False, launcher=PYTHON)
-    assert_one_error_line(proc, "holds latents of another autoencoder", "16 channels", "4 channels")
-    proc = run_script("train_dit_flow.py", ["--output_dir", tmp_path / "c"], check=False, launcher=PYTHON)
-    assert proc.returncode == 2 and "extract_latents.py" in proc.stderr
+    # In process (the same checks, without three more interpreters): a patch size that does not divide the 8x8
+    # latent (DiT patches are 1, 2 or 4, so a 3-patch config), another autoencoder config, no data at all
+    script = load_script()
+    for out, extra, match in [
+        ("a", ["--model", "DiT-tiny/3"], "Unknown DiT name 'DiT-tiny/3'"),
+        ("b", ["--pretrained_vae_model_name_or_path", tiny_vae_dir], "another autoencoder .*16 channels.*4 channels"),
+    ]:
+        args = script.parse_args(["--latents_dir", latents, "--output_dir", str(tmp_path / out), *map(str, extra)])
+        with pytest.raises(ValueError, match=match):
+            script.main(args)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output_dir", str(tmp_path / "c")])
+    assert "extract_latents.py" in capsys.readouterr().err
     # Offline push: refused before training, with what to do
     proc = train(run_script, latents, tmp_path / "d", "--push_to_hub", "--hub_model_id", "me/dit", check=False)
     assert proc.returncode != 0 and "HF_HUB_OFFLINE=1" in proc.stderr
