@@ -172,7 +172,7 @@ def push_folder(repo_id: str, folder: str, token: Optional[str] = None, commit_m
             folder_path=folder,
             token=token,
             commit_message=commit_message,
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "step_*", "epoch_*"],
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", "logs/**", "step_*", "epoch_*"],
         )
     except Exception as err:
         raise HubError(

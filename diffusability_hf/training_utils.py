@@ -279,14 +279,19 @@ def latest_checkpoint(output_dir: str, warn: Callable[[str], None] = logger.warn
     for path in reversed(list_checkpoints(output_dir)):
         if is_complete_checkpoint(path):
             return path
-        warn(f"Skipping {path}: it is incomplete (no {CHECKPOINT_MARKER}; the run was probably killed while saving).")
+        warn(
+            f"Skipping {path}: it is incomplete (no {CHECKPOINT_MARKER}: the run was probably killed while saving it, "
+            "or an older version wrote it; pass it to --resume_from_checkpoint explicitly to try it)."
+        )
     return None
 
 
 def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str], warn=logger.warning) -> Optional[str]:
     """The checkpoint to resume from: ``None`` (new run), the latest complete one, or a checked explicit folder.
 
-    An explicit folder that does not exist or is incomplete raises :class:`UsageError` before any heavy work.
+    An explicit folder that does not exist raises :class:`UsageError` before any heavy work; one without the marker
+    (an older version's checkpoint, or a save that was killed) is tried with a warning, and :func:`load_checkpoint`
+    says so clearly if it is damaged.
     """
     if resume_from_checkpoint is None:
         return None
@@ -298,9 +303,9 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str], warn=
     if not os.path.isdir(resume_from_checkpoint):
         raise MissingPathError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a folder.")
     if not is_complete_checkpoint(resume_from_checkpoint):
-        raise UsageError(
-            f"--resume_from_checkpoint {resume_from_checkpoint} is incomplete (no {CHECKPOINT_MARKER}: the run was "
-            "probably killed while saving it): pass an earlier checkpoint, or 'latest' to take the newest complete one."
+        warn(
+            f"--resume_from_checkpoint {resume_from_checkpoint} has no {CHECKPOINT_MARKER} (written by an older "
+            "version, or the run was killed while saving it): trying to load it anyway."
         )
     return resume_from_checkpoint
 

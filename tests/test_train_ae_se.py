@@ -172,7 +172,7 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
         tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", resumed / "checkpoint-3",
         check=False,
     )  # fmt: skip
-    assert proc.returncode != 0 and "error: --resume_from_checkpoint" in proc.stderr and "incomplete" in proc.stderr
+    assert proc.returncode != 0 and "error: Checkpoint" in proc.stderr and "is damaged" in proc.stderr
     proc = train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
     assert "Skipping" in proc.stderr and "checkpoint-3" in proc.stderr and "Resuming from" in proc.stderr
 
