@@ -342,7 +342,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
         if os.path.lexists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if total_limit is not None:
+        if total_limit:  # None or 0: keep every checkpoint
             complete = [p for p in list_checkpoints(output_dir) if is_complete_checkpoint(p)]
             for old in complete[: max(0, len(complete) - total_limit)]:
                 shutil.rmtree(old, ignore_errors=True)

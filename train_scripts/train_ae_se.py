@@ -406,7 +406,8 @@ def parse_args(input_args=None):
         "--checkpoints_total_limit",
         type=int,
         default=3,
-        help="Keep at most this many (complete) checkpoints; older ones are deleted once a new one is complete.",
+        help="Keep this many newest complete checkpoints (default: %(default)s; 0 keeps them all); older ones are "
+        "deleted once a new one is complete.",
     )
     parser.add_argument(
         "--resume_from_checkpoint",
@@ -528,8 +529,8 @@ def resolve_args(args, parser):
         parser.error("--chf_max_ratio must be in (0, 1].")
     if args.resolution <= 0 or args.train_batch_size < 0 or args.max_train_steps <= 0:
         parser.error("--resolution and --max_train_steps must be positive, --train_batch_size at least 0.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be at least 1.")
+    if args.checkpoints_total_limit < 0:
+        parser.error("--checkpoints_total_limit must be >= 0 (0 keeps every checkpoint).")
     if args.latent_stats_num_samples < 1 or args.num_validation_images < 1 or args.num_validation_videos < 1:
         parser.error("--latent_stats_num_samples, --num_validation_images and --num_validation_videos must be >= 1.")
     if args.hub_token is not None:  # the value itself is never echoed
@@ -1125,7 +1126,7 @@ def main(args):
             )
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(accelerator, unwrapped, ema, val, rgb, args, global_step)
             if global_step >= args.max_train_steps:
@@ -1138,7 +1139,7 @@ def main(args):
     peak = peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
     from accelerate.utils import gather_object
 
     skips = SkipLog().merge(gather_object([skips]))  # unique unreadable files over all processes
