@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import os
+import runpy
 import sys
 
 import numpy as np
@@ -55,17 +56,46 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-# Copied from tests.test_extract_latents.assert_one_error_line
-def assert_one_error_line(proc, *fragments):
-    """A refusal: exit code 2, one ``error: ...`` line naming ``fragments``, no traceback."""
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+def run_in_process(monkeypatch, capsys, name, args):
+    """Run ``python train_scripts/<name> args`` in this process (its ``__main__`` block; no second interpreter to
+    start: runs whose launcher behaviour other tests cover); returns its stdout."""
+    path = os.path.join(ROOT, "train_scripts", name)
+    monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
+    capsys.readouterr()
+    runpy.run_path(path, run_name="__main__")
+    return capsys.readouterr().out
+
+
+def run_refused(monkeypatch, capsys, name, args, forbid_loading=True):
+    """Run ``python train_scripts/<name> args`` in this process (its ``__main__`` block, as the command line does)
+    and expect a refusal: exit code 2 and one ``error: ...`` line on stderr, no traceback; returns that line.
+
+    ``forbid_loading``: anything that loads a model, data or a feature network, or starts accelerate, fails the test.
+    """
+    import accelerate
+
+    from diffusability_hf import autoencoders, data, losses, metrics
+    from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something loaded before the output folder was checked")
+
+    if forbid_loading:
+        for module, attr in [
+            (accelerate, "Accelerator"), (autoencoders, "load_pretrained"), (autoencoders, "check_model_specs"),
+            (data, "evaluation_samples"), (metrics, "load_feature_extractor"), (losses, "load_lpips"),
+            (DiTFlowMatchPipeline, "from_pretrained"),
+        ]:  # fmt: skip
+            monkeypatch.setattr(module, attr, forbidden)
+    path = os.path.join(ROOT, "train_scripts", name)
+    monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(path, run_name="__main__")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     return lines[0]
-
-
-PLAIN_PYTHON = [sys.executable]  # the script's own exit code (accelerate launch turns any failure into 1)
 
 
 def assert_grid_close(path, expected):
@@ -156,7 +186,7 @@ def write_gifs(folder, num=4, frames=12, size=40):
 
 
 def test_eval_ae_images_metrics_match_an_independent_computation(
-    run_script, tmp_path, tiny_vae_dir, second_vae_dir, image_dir, tiny_feature_models
+    run_script, tmp_path, tiny_vae_dir, second_vae_dir, image_dir, tiny_feature_models, monkeypatch, capsys
 ):
     out = tmp_path / "eval"
     ts = tiny_feature_models["torchscript"]
@@ -210,18 +240,20 @@ def test_eval_ae_images_metrics_match_an_independent_computation(
     )
     assert_grid_close(out / "dct_cut_grid.png", expected)
 
-    # A second run into the folder is refused before any model loads and leaves the first run's files as they were
+    # A second run into the folder is refused before anything loads and leaves the first run's files as they were
     before = snapshot(out)
-    proc = run_script("eval_ae.py", args, check=False, launcher=PLAIN_PYTHON)
-    assert_one_error_line(proc, f"--output_dir {out}", "metrics.json", "--overwrite_output_dir")
-    assert "Evaluating" not in proc.stderr and snapshot(out) == before
+    with monkeypatch.context() as patched:
+        line = run_refused(patched, capsys, "eval_ae.py", args)
+    assert line.startswith(f"error: --output_dir {out} already holds the results of another run (metrics.json")
+    assert "--overwrite_output_dir" in line and snapshot(out) == before
     # --overwrite_output_dir replaces them, and no plot of the earlier run stays
     args = [
         "--models", f"base={tiny_vae_dir}", "--data_dir", image_dir, "--resolution", 32, "--metrics", "psnr",
         "--output_dir", out, "--overwrite_output_dir",
     ]  # fmt: skip
-    proc = run_script("eval_ae.py", args, launcher=PLAIN_PYTHON)
-    assert f"Wrote to {out}: metrics.json, metrics.md, reconstructions.png" in proc.stdout
+    with monkeypatch.context() as patched:
+        stdout = run_in_process(patched, capsys, "eval_ae.py", args)
+    assert f"Wrote to {out}: metrics.json, metrics.md, reconstructions.png" in stdout
     assert list(json.loads((out / "metrics.json").read_text())["models"]) == ["base"]
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md", "reconstructions.png"]
     expected = labelled_image_grid([pixels, grids["base"][0]], ["original", "base"], padding=1)
@@ -322,7 +354,9 @@ def test_missing_weights_message_names_the_file_the_folder_and_the_flag(tmp_path
 # ------------------------------------------------------------------------------------------- analyze_spectrum
 
 
-def test_analyze_spectrum_profiles_equal_the_whole_set_at_once(run_script, tmp_path, tiny_vae_dir, image_dir):
+def test_analyze_spectrum_profiles_equal_the_whole_set_at_once(
+    run_script, tmp_path, tiny_vae_dir, image_dir, monkeypatch, capsys
+):
     out = tmp_path / "spec"
     args = [
         "--models", f"tiny={tiny_vae_dir}", "--data_dir", image_dir, "--resolution", 32, "--batch_size", 3,
@@ -365,12 +399,14 @@ def test_analyze_spectrum_profiles_equal_the_whole_set_at_once(run_script, tmp_p
 
     # A second run into the folder is refused; --overwrite_output_dir replaces the results (no stale channel plot)
     before = snapshot(out)
-    proc = run_script("analyze_spectrum.py", args, check=False, launcher=PLAIN_PYTHON)
-    assert_one_error_line(proc, "spectrum.json", "--overwrite_output_dir")
-    assert "Encoding with" not in proc.stderr and snapshot(out) == before
+    with monkeypatch.context() as patched:
+        line = run_refused(patched, capsys, "analyze_spectrum.py", args)
+    assert line.startswith(f"error: --output_dir {out} already holds the results of another run (spectrum.json")
+    assert "--overwrite_output_dir" in line and snapshot(out) == before
     args = [a for a in args if a != "--per_channel"] + ["--overwrite_output_dir"]
-    proc = run_script("analyze_spectrum.py", args, launcher=PLAIN_PYTHON)
-    assert f"Wrote to {out}: spectrum.json, spectrum.md, spectrum.png" in proc.stdout
+    with monkeypatch.context() as patched:
+        stdout = run_in_process(patched, capsys, "analyze_spectrum.py", args)
+    assert f"Wrote to {out}: spectrum.json, spectrum.md, spectrum.png" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["spectrum.json", "spectrum.md", "spectrum.png"]
     assert "channels" not in json.loads((out / "spectrum.json").read_text())["models"]["tiny"]
 
@@ -432,7 +468,9 @@ def dit_args(pipeline, out, cache, ts, *extra):
     ]  # fmt: skip
 
 
-def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline, tiny_feature_models):
+def test_eval_dit_samples_scores_and_caches(
+    run_script, tmp_path, tiny_pipeline, tiny_feature_models, monkeypatch, capsys
+):
     tiny_pipeline_dir, fingerprints = tiny_pipeline
     ts, out, cache = tiny_feature_models["torchscript"], tmp_path / "eval", tmp_path / "cache"
     args = dit_args(tiny_pipeline_dir, out, cache, ts, "--batch_size", 4, "--class_sampling", "balanced")
@@ -468,8 +506,10 @@ def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline,
 
     # A second run into the finished folder is refused before anything loads, and changes nothing
     before = snapshot(out)
-    proc = run_script("eval_dit.py", args, check=False, launcher=PLAIN_PYTHON)
-    assert_one_error_line(proc, "metrics.json", "--overwrite_output_dir", f"--samples_dir {out / 'samples'}")
+    with monkeypatch.context() as patched:
+        line = run_refused(patched, capsys, "eval_dit.py", args)
+    assert line.startswith(f"error: --output_dir {out} already holds the results of another run (metrics.json")
+    assert "--overwrite_output_dir" in line and f"--samples_dir {out / 'samples'} with a new --output_dir" in line
     assert snapshot(out) == before
 
     # A run interrupted while sampling (no results yet, some samples missing) resumes: a rerun remakes exactly the
@@ -496,37 +536,37 @@ def test_eval_dit_samples_scores_and_caches(run_script, tmp_path, tiny_pipeline,
 
 
 def test_eval_dit_refuses_samples_of_another_pipeline_and_overwrite_replaces_them(
-    run_script, tmp_path, tiny_pipeline, tiny_feature_models
+    tmp_path, tiny_pipeline, tiny_feature_models, monkeypatch, capsys
 ):
     """Two pipelines of the same config, other transformer weights: the second must not score the first's samples."""
+    from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
     first, _ = tiny_pipeline
     second, second_fingerprints = save_tiny_pipeline(tmp_path / "other_pipeline", seed=1, perturb=0.05)
     ts, out, cache = tiny_feature_models["torchscript"], tmp_path / "eval", tmp_path / "cache"
     extra = ("--num_samples", 4, "--num_inference_steps", 1, "--class_sampling", "balanced")
-    run_script("eval_dit.py", dit_args(first, out, cache, ts, *extra), launcher=PLAIN_PYTHON)
+    with monkeypatch.context() as patched:
+        run_in_process(patched, capsys, "eval_dit.py", dit_args(first, out, cache, ts, *extra))
     for name in ("metrics.json", "metrics.md", "samples_grid.png"):  # as if interrupted after sampling
         (out / name).unlink()
     before = snapshot(out)
-    proc = run_script("eval_dit.py", dit_args(second, out, cache, ts, *extra), check=False, launcher=PLAIN_PYTHON)
-    assert_one_error_line(proc, "transformer weights", "--overwrite_output_dir", "new --output_dir")
-    assert "Sampling" not in proc.stderr and snapshot(out) == before
+    with monkeypatch.context() as patched:  # the pipeline loads (its weights are compared), nothing is sampled
+        patched.setattr(DiTFlowMatchPipeline, "__call__", lambda *a, **k: pytest.fail("sampled"))
+        line = run_refused(patched, capsys, "eval_dit.py", dit_args(second, out, cache, ts, *extra), False)
+    assert f"{out / 'samples'} holds 4 samples made by another pipeline" in line and "(transformer weights)" in line
+    assert "new --output_dir" in line and "--overwrite_output_dir" in line and snapshot(out) == before
     # --overwrite_output_dir deletes them and samples the second pipeline
     args = dit_args(second, out, cache, ts, *extra, "--overwrite_output_dir")
-    proc = run_script("eval_dit.py", args, launcher=PLAIN_PYTHON)
-    assert "0 samples already in" in proc.stderr
+    with monkeypatch.context() as patched:
+        stdout = run_in_process(patched, capsys, "eval_dit.py", args)
+    assert f"Wrote to {out}: metrics.json, metrics.md, samples_grid.png, samples" in stdout
     result = json.loads((out / "metrics.json").read_text())
     assert result["pipeline_fingerprint"] == second_fingerprints and result["pipeline"] == second
-    for name in (f"samples/{i:06d}.png" for i in range(4)):
-        assert (
-            np.abs(
-                np.asarray(Image.open(out / name)).astype(int) - np.asarray(Image.open(io.BytesIO(before[name])))
-            ).max()
-            > 8
-        )
-    assert (
-        json.loads((out / "samples" / "provenance.json").read_text())["pipeline"]["transformer"]
-        == (second_fingerprints["transformer"])
-    )
+    for name in (f"samples/{i:06d}.png" for i in range(4)):  # other weights, other images
+        new, old = np.asarray(Image.open(out / name)), np.asarray(Image.open(io.BytesIO(before[name])))
+        assert np.abs(new.astype(int) - old.astype(int)).max() > 8, name
+    provenance = json.loads((out / "samples" / "provenance.json").read_text())
+    assert {k: provenance["pipeline"][k] for k in second_fingerprints} == second_fingerprints
 
 
 def test_eval_dit_check_samples_refuses_other_settings_and_unknown_samples(tmp_path):
@@ -563,40 +603,6 @@ def test_eval_dit_check_samples_refuses_other_settings_and_unknown_samples(tmp_p
         script.check_samples(str(folder), {**provenance, **change}, [0, 1, 2], overwrite=True)
     with pytest.raises(training_utils.UsageError, match="the classes of 1 samples"):
         script.check_samples(str(folder), provenance, [0, 2, 2], overwrite=False)
-
-
-@pytest.mark.parametrize(
-    "name, result", [("eval_ae", "metrics.json"), ("analyze_spectrum", "spectrum.json"), ("eval_dit", "metrics.json")]
-)
-def test_a_results_folder_is_refused_before_anything_loads(
-    name, result, tmp_path, tiny_vae_dir, tiny_pipeline_dir, monkeypatch, capsys
-):
-    from diffusability_hf.pipelines import DiTFlowMatchPipeline
-
-    script = load_script(name)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / result).write_text('{"from": "the first run"}')
-    (out / "notes.txt").write_text("the user's own file")
-    before = snapshot(out)
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("something loaded before the output folder was checked")
-
-    for attr in ("Accelerator", "evaluation_samples", "load_feature_extractor", "load_lpips", "load_extractors"):
-        if hasattr(script, attr):
-            monkeypatch.setattr(script, attr, forbidden)
-    monkeypatch.setattr(script.ae, "load_pretrained", forbidden)
-    monkeypatch.setattr(script.ae, "check_model_specs", forbidden)
-    monkeypatch.setattr(DiTFlowMatchPipeline, "from_pretrained", forbidden)
-    args = ["--pipeline", tiny_pipeline_dir] if name == "eval_dit" else ["--models", tiny_vae_dir]
-    monkeypatch.setattr(sys, "argv", [name, *args, "--output_dir", str(out)])
-    with pytest.raises(SystemExit) as exit_info:
-        training_utils.run_script(script.main, script.parse_args)
-    assert exit_info.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: --output_dir {out} already holds") and result in line
-    assert "--overwrite_output_dir" in line and snapshot(out) == before
 
 
 def test_eval_dit_inception_dinov2_random_classes_and_two_processes(
