@@ -250,6 +250,7 @@ def main():
 
     # 2-3. Reconstruction with the DCT cut, and spectra
     def eval_ae(threads):
+        shutil.rmtree(os.path.join(out, "eval_ae"), ignore_errors=True)  # a rerun replaces the earlier results
         times["eval_ae"] = run(
             "eval_ae.py", "--models", *specs, "--metrics", "psnr", "ssim", "--num_samples", cfg["eval_samples"],
             "--dct_cut_ratios", *CUT_RATIOS, "--output_dir", os.path.join(out, "eval_ae"),
@@ -257,6 +258,7 @@ def main():
         )  # fmt: skip
 
     def spectrum(threads):
+        shutil.rmtree(os.path.join(out, "spectrum"), ignore_errors=True)
         times["spectrum"] = run(
             "analyze_spectrum.py", "--models", *specs, "--num_samples", cfg["spectrum_samples"], "--output_dir",
             os.path.join(out, "spectrum"), log=os.path.join(logs, "spectrum.log"), threads=threads,
