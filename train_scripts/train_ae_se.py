@@ -81,6 +81,7 @@ from diffusability_hf.training_utils import (
     atomic_write_json,
     atomic_write_text,
     check_output_dir,
+    list_checkpoints,
     load_checkpoint,
     remove_checkpoints,
     report_written,
@@ -1212,15 +1213,11 @@ def main(args):
             url = push_folder(repo_id, args.output_dir, None, "SE fine-tuned autoencoder")
             logger.info(f"Uploaded to {url}")
         names = ["config.json", "diffusion_pytorch_model.safetensors", "lora", "README.md", "metrics.json"]
-        names += ["spectrum.png", "reconstruction.gif"] + [os.path.basename(c) for c in checkpoints_of(args)]
+        names += ["spectrum.png", "reconstruction.gif"] + [
+            os.path.basename(c) for c in list_checkpoints(args.output_dir)
+        ]
         report_written(args.output_dir, names + [args.logging_dir] * bool(args.report_to))
     accelerator.end_training()
-
-
-def checkpoints_of(args):
-    from diffusability_hf.training_utils import list_checkpoints
-
-    return list_checkpoints(args.output_dir)
 
 
 def latent_normalization(vae, train_images, train_videos, args, accelerator):
