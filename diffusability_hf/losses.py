@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .spectral import chop_high_frequencies
 
-DOWNSAMPLE_MODES = ("bilinear", "bilinear_antialias", "area")
+DOWNSAMPLE_MODES = ("bilinear", "bilinear_align_corners", "bilinear_antialias", "area")
 
 
 def _frames_to_batch(x: torch.Tensor):
@@ -36,12 +36,16 @@ def _frames_to_batch(x: torch.Tensor):
 def downsample(x: torch.Tensor, factor: int, mode: str = "bilinear") -> torch.Tensor:
     """Spatially downsample images ``(B, C, H, W)`` or every frame of videos ``(B, C, T, H, W)`` by ``factor``.
 
-    Modes:
-        ``bilinear``: the paper's choice (Section 3.3, "x2-4 bilinear downsampling"), ``align_corners=False``
-            and **no** antialiasing. For ``factor = 2`` it equals 2x2 box averaging; for 4 it averages the two
-            centre pixels of each 4-pixel cell (so it aliases, like the paper's).
-        ``bilinear_antialias``: bilinear with torch's antialiasing filter.
-        ``area``: box averaging (average pooling), the default of the authors' released code.
+    Modes (the paper, Section 3.3, says only "x2-4 bilinear downsampling"; the authors' released code has two
+    modes, ``'bil'`` and ``'mean'``, and its released configs do not say which one the paper's runs used):
+        ``bilinear``: ``F.interpolate(mode="bilinear", align_corners=False)``, **no** antialiasing. For
+            ``factor = 2`` it equals 2x2 box averaging; for 4 it averages only the two centre pixels of each
+            4-pixel cell (it aliases).
+        ``bilinear_align_corners``: the authors' ``'bil'``: bilinear with ``align_corners=True``, no antialiasing.
+            Output pixel ``i`` samples input position ``i * (H - 1) / (H / factor - 1)``, so the corners map onto
+            the corners and the sampling grid spreads over the whole image instead of sitting at cell centres.
+        ``bilinear_antialias``: bilinear with torch's antialiasing filter (a triangle kernel ``factor`` wide).
+        ``area``: box averaging of each ``factor x factor`` cell (average pooling), the authors' ``'mean'``.
 
     ``H`` and ``W`` must be divisible by ``factor``.
     """
@@ -61,7 +65,11 @@ def downsample(x: torch.Tensor, factor: int, mode: str = "bilinear") -> torch.Te
         out = F.avg_pool2d(flat, kernel_size=factor, stride=factor)
     else:
         out = F.interpolate(
-            flat, size=size, mode="bilinear", align_corners=False, antialias=mode.endswith("antialias")
+            flat,
+            size=size,
+            mode="bilinear",
+            align_corners=mode == "bilinear_align_corners",
+            antialias=mode == "bilinear_antialias",
         )
     return undo(out)
 

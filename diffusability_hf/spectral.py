@@ -224,17 +224,19 @@ def ac_energy_shares(energy: torch.Tensor) -> torch.Tensor:
 def chop_mask(block_size: int, ratio: float, order: str = "zigzag") -> torch.Tensor:
     """Binary ``(B, B)`` mask ``M`` of paper eq. 5 that keeps the low frequencies.
 
-    ``order="zigzag"``: zero the last ``N = round(ratio * B ** 2)`` coefficients in zigzag order,
-    ``M[u, v] = 1 iff zigzag(u, v) < B ** 2 - N``. ``order="axis"`` (Table 6's non-zigzag ablation): cut each
-    axis independently, keeping ``u < B - n`` and ``v < B - n`` with ``n = round(ratio * B)``.
+    ``order="zigzag"``: keep the first ``K = floor((1 - ratio) * B ** 2)`` coefficients in zigzag order,
+    ``M[u, v] = 1 iff zigzag(u, v) < K`` (eq. 5 with ``N = B ** 2 - K``). ``order="axis"`` (Table 6's non-zigzag
+    ablation): cut each axis independently, keeping ``u < K`` and ``v < K`` with ``K = floor((1 - ratio) * B)``.
+    The paper does not say how ``N`` is rounded; the floor of the kept count is the authors' released code's
+    (``int((1 - cut_ratio) * B * B)``), so a ratio cuts at least its share.
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}.")
     if order == "zigzag":
-        n = round(ratio * block_size * block_size)
-        return (zigzag_rank(block_size) < block_size * block_size - n).float()
+        keep = int((1.0 - ratio) * block_size * block_size)
+        return (zigzag_rank(block_size) < keep).float()
     if order == "axis":
-        keep = block_size - round(ratio * block_size)
+        keep = int((1.0 - ratio) * block_size)
         idx = torch.arange(block_size)
         return ((idx[:, None] < keep) & (idx[None, :] < keep)).float()
     raise ValueError(f"order must be 'zigzag' or 'axis', got {order!r}.")

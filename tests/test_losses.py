@@ -255,7 +255,7 @@ def test_kl_divergence_zero_at_standard_normal_and_half_precision():
 
 
 def np_chop(x: np.ndarray, ratio: float, b: int = 8) -> np.ndarray:
-    """Zero the last round(ratio * b^2) zigzag coefficients of every block, with scipy (b = 8 only)."""
+    """Zero the last b^2 - floor((1 - ratio) b^2) zigzag coefficients of every block, with scipy (b = 8 only)."""
     # fmt: off
     zigzag = [
         0, 1, 8, 16, 9, 2, 3, 10,
@@ -268,7 +268,7 @@ def np_chop(x: np.ndarray, ratio: float, b: int = 8) -> np.ndarray:
         53, 60, 61, 54, 47, 55, 62, 63,
     ]
     # fmt: on
-    n = round(ratio * b * b)
+    n = b * b - int((1 - ratio) * b * b)
     mask = np.ones(b * b)
     mask[zigzag[b * b - n :]] = 0
     mask = mask.reshape(b, b)

@@ -444,7 +444,7 @@ def test_chop_zigzag_zeroes_exactly_the_last_coefficients(ratio, shape):
     x = white_noise(*shape, seed=17).double()
     out = chop_high_frequencies(x, 8, ratio)
     assert out.shape == x.shape and out.dtype == torch.float64
-    n = round(ratio * 64)
+    n = 64 - int((1 - ratio) * 64)  # the authors' rule: keep floor((1 - r) B^2)
     before = ref_zigzag_flat(ref_block_dct(x.numpy(), 8))
     after = ref_zigzag_flat(ref_block_dct(out.numpy(), 8))  # (..., nh, nw, 64)
     zero = np.abs(after) < 1e-10
@@ -457,7 +457,7 @@ def test_chop_zigzag_zeroes_exactly_the_last_coefficients(ratio, shape):
 def test_chop_axis_keeps_a_square_corner(ratio):
     x = white_noise(2, 3, 16, 16, seed=18).double()
     out = chop_high_frequencies(x, 8, ratio, order="axis")
-    keep = 8 - round(ratio * 8)
+    keep = int((1 - ratio) * 8)
     before, after = ref_block_dct(x.numpy(), 8), ref_block_dct(out.numpy(), 8)
     nonzero = np.abs(after) > 1e-10
     expected = np.zeros((8, 8), dtype=bool)
@@ -470,7 +470,8 @@ def test_chop_mask_counts_and_errors():
     for b in (4, 8):
         for ratio in (0.0, 0.2, 0.5, 1.0):
             m = chop_mask(b, ratio)
-            assert m.sum().item() == b * b - round(ratio * b * b)
+            assert m.sum().item() == int((1 - ratio) * b * b)
+    assert chop_mask(8, 0.1).sum().item() == 57  # 57.6 kept coefficients round down (7 cut, not 6)
     with pytest.raises(ValueError):
         chop_mask(8, 1.5)
     with pytest.raises(ValueError):

@@ -266,8 +266,9 @@ def parse_args(input_args=None):
         type=str,
         default="bilinear",
         choices=DOWNSAMPLE_MODES,
-        help="'bilinear' (paper, no antialiasing), 'bilinear_antialias', or 'area' (box averaging, "
-        "the authors' code default).",
+        help="How x and z are downsampled for SE (paper: 'bilinear'; see losses.downsample): 'bilinear' "
+        "(align_corners=False, no antialiasing), 'bilinear_align_corners' (the authors' code's 'bil'), "
+        "'bilinear_antialias', or 'area' (box averaging, the authors' code's 'mean'). Default: %(default)s.",
     )
     parser.add_argument(
         "--kl_weight",
