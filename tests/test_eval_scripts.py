@@ -485,8 +485,8 @@ def test_eval_dit_samples_scores_and_caches(
     provenance = json.loads((out / "samples" / "provenance.json").read_text())
     assert {k: provenance["pipeline"][k] for k in fingerprints} == fingerprints == result["pipeline_fingerprint"]
     assert provenance["settings"] == {
-        "num_inference_steps": 2, "guidance_scale": 1.0, "shift": 1.0, "class_sampling": "balanced", "seed": 0,
-        "num_classes": 3, "resolution": 64, "mixed_precision": "no",
+        "num_inference_steps": 2, "guidance_scale": 1.0, "guidance_interval": None, "shift": 1.0,
+        "class_sampling": "balanced", "seed": 0, "num_classes": 3, "resolution": 64, "mixed_precision": "no",
     }  # fmt: skip
     assert "latents_autoencoder_fingerprint" in result  # None: this pipeline records no latents provenance
     # The grid: one row per class, named by id2label, with that class's samples in order
@@ -592,6 +592,7 @@ def test_eval_dit_check_samples_refuses_other_settings_and_unknown_samples(tmp_p
         *(
             ({"settings": {**settings, key: value}}, f"{key} {settings[key]} -> {value}")
             for key, value in [("num_inference_steps", 3), ("guidance_scale", 1.5), ("shift", 3.0),
+                               ("guidance_interval", [0.1, 0.9]),
                                ("class_sampling", "balanced"), ("seed", 1), ("resolution", 32),
                                ("mixed_precision", "bf16")]
         ),

@@ -529,3 +529,72 @@ def test_saved_pipeline_needs_trust_or_the_imported_class(saved, monkeypatch):
     monkeypatch.delitem(sys.modules, STANDIN_MODULE)
     with pytest.raises(ValueError, match=rf"custom class StandInSelfCondDiT.*module named `{STANDIN_MODULE}`"):
         DiTFlowMatchPipeline.from_pretrained(saved["paths"]["custom"])
+
+
+# ------------------------------------------------------------------------------------------- guidance interval
+
+
+def euler_reference(pipe, labels, num_steps, g, interval, seed=0):
+    """An independent Euler loop: sigmas 1, 1 - 1/N, ..., 1/N, 0 (no shift); guidance only where sigma_i is inside
+    ``interval`` (the current noise level of the step), else the conditional velocity alone."""
+    x = torch.randn((len(labels), 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+    sigmas = [1 - i / num_steps for i in range(num_steps)] + [0.0]
+    cond, null = torch.tensor(labels), torch.full((len(labels),), pipe.num_classes)
+    for s, s_next in zip(sigmas, sigmas[1:]):
+        t = torch.full((len(labels),), s * 1000.0)
+        with torch.no_grad():
+            v = pipe.transformer(x, timestep=t, class_labels=cond).sample
+            if interval[0] <= s <= interval[1]:
+                v_uncond = pipe.transformer(x, timestep=t, class_labels=null).sample
+                v = v_uncond + g * (v - v_uncond)
+        x = x + (s_next - s) * v
+    return x
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.3, 0.8), (0.0, 0.1)])
+def test_guidance_interval_guides_only_inside_it(interval):
+    pipe = make_pipe()
+    calls, handle = record_calls(pipe.transformer)
+    got = sample(pipe, labels=[2, 0], num_inference_steps=5, guidance_scale=3.0, output_type="latent",
+                 guidance_interval=interval)  # fmt: skip
+    handle.remove()
+    sigmas = [1.0, 0.8, 0.6, 0.4, 0.2]
+    assert [c["hidden_states"].shape[0] for c in calls] == [
+        4 if interval[0] <= s <= interval[1] else 2 for s in sigmas
+    ]
+    torch.testing.assert_close(got, euler_reference(pipe, [2, 0], 5, 3.0, interval), rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_interval_everywhere_equals_plain_guidance_and_nowhere_equals_none():
+    pipe = make_pipe()
+    plain = sample(pipe, num_inference_steps=4, guidance_scale=2.5, output_type="latent")
+    everywhere = sample(
+        pipe, num_inference_steps=4, guidance_scale=2.5, output_type="latent", guidance_interval=(0, 1)
+    )
+    nowhere = sample(pipe, num_inference_steps=4, guidance_scale=2.5, output_type="latent", guidance_interval=(0, 0))
+    unguided = sample(pipe, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+    torch.testing.assert_close(everywhere, plain, rtol=0, atol=0)
+    torch.testing.assert_close(nowhere, unguided, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, unguided, atol=1e-4)
+
+
+def test_guidance_interval_self_conditioning_keeps_each_branch(standin_module):
+    """Outside the interval only the conditional branch runs; its activations keep feeding it, and the
+    unconditional branch gets its own last ones back (zeros before its first pass)."""
+    pipe = make_pipe(transformer=standin_dit(standin_module))
+    calls, handle = record_calls(pipe.transformer)
+    sample(pipe, labels=[1, 2], num_inference_steps=4, guidance_scale=2.0, guidance_interval=(0.0, 0.6))
+    handle.remove()
+    assert [c["hidden_states"].shape[0] for c in calls] == [2, 2, 4, 4]  # sigmas 1, 0.75 outside; 0.5, 0.25 inside
+    assert calls[0]["self_cond"] is None
+    torch.testing.assert_close(calls[1]["self_cond"], calls[0]["output"].last_hidden_state, rtol=0, atol=0)
+    cond, uncond = calls[2]["self_cond"].chunk(2)
+    torch.testing.assert_close(cond, calls[1]["output"].last_hidden_state, rtol=0, atol=0)
+    assert torch.count_nonzero(uncond) == 0
+    torch.testing.assert_close(calls[3]["self_cond"], calls[2]["output"].last_hidden_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.2), (-0.1, 0.5), (0.2,)])
+def test_bad_guidance_interval_raises(interval):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(make_pipe(), guidance_scale=2.0, guidance_interval=interval)

@@ -69,7 +69,8 @@ def assert_one_error_line(proc, *fragments):
 
 def test_train_save_and_sample_through_both_loaders(tmp_path, latents, run_script):
     out = tmp_path / "dit"
-    proc = train(run_script, latents, out, "--max_train_steps", 6, "--guidance_scale", 2.0)
+    proc = train(run_script, latents, out, "--max_train_steps", 6, "--guidance_scale", 2.0, "--stock_dit")
+    assert json.loads((out / "model_index.json").read_text())["transformer"] == ["diffusers", "DiTTransformer2DModel"]
     for name in ("model_index.json", "pipeline.py", "README.md", "samples.png"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
@@ -165,13 +166,13 @@ def test_resume_skips_an_incomplete_checkpoint_and_matches_the_straight_run(tmp_
     assert not (tmp_path / "damaged" / "model_index.json").exists()
 
 
-def test_self_conditioning_and_rope_train_and_load(tmp_path, latents, run_script):
-    # Into the folder of an earlier run, replaced with --overwrite_output_dir: its checkpoints are deleted first
+def test_the_papers_dit_is_the_default_and_trains_and_loads(tmp_path, latents, run_script):
+    # App. B's DiT (RoPE, self-conditioning at 90%) with no architecture flag. Into the folder of an earlier run, replaced with --overwrite_output_dir: its checkpoints are deleted first
     out = tmp_path / "sc"
     (out / "checkpoint-7").mkdir(parents=True)
     (out / "checkpoint-7" / "training_state.json").write_text('{"step": 7}')
     (out / "model_index.json").write_text("{}")
-    args = ["--max_train_steps", 3, "--self_conditioning_prob", 0.9, "--pos_embed", "rope", "--overwrite_output_dir"]
+    args = ["--max_train_steps", 3, "--overwrite_output_dir"]
     proc = train(run_script, latents, out, *args)
     assert "Removed checkpoint-7 of the earlier run" in proc.stderr and not (out / "checkpoint-7").exists()
     index = json.loads((out / "model_index.json").read_text())
@@ -179,6 +180,7 @@ def test_self_conditioning_and_rope_train_and_load(tmp_path, latents, run_script
     assert (out / "transformer" / "selfcond_dit.py").is_file()
     pipe = DiTFlowMatchPipeline.from_pretrained(out)
     assert pipe.transformer.config.self_conditioning and pipe.transformer.config.pos_embed == "rope"
+    assert "`self_conditioning_prob` | `0.9`" in (out / "README.md").read_text()
     images = pipe([0, 6], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 64, 64, 3) and np_finite(images)
 
@@ -210,6 +212,11 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
     for out, extra, match in [
         ("a", ["--model", "DiT-tiny/3"], "Unknown DiT name 'DiT-tiny/3'"),
         ("b", ["--pretrained_vae_model_name_or_path", tiny_vae_dir], "another autoencoder .*16 channels.*4 channels"),
+        (
+            "f",
+            ["--train_batch_size", "64"],
+            "holds 56 latents, fewer than one batch .*--train_batch_size to at most 56",
+        ),
     ]:
         args = script.parse_args(["--latents_dir", latents, "--output_dir", str(tmp_path / out), *map(str, extra)])
         with pytest.raises(ValueError, match=match):
@@ -220,7 +227,7 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
     # Offline push: refused before training, with what to do
     proc = train(run_script, latents, tmp_path / "d", "--push_to_hub", "--hub_model_id", "me/dit", check=False)
     assert proc.returncode != 0 and "HF_HUB_OFFLINE=1" in proc.stderr
-    for out in ("a", "b", "c", "d", "e"):
+    for out in ("a", "b", "c", "d", "e", "f"):
         assert not (tmp_path / out / "model_index.json").exists()
 
 
@@ -229,6 +236,18 @@ def test_checks_without_training(tmp_path, latents, capsys):
     script = load_script()
     args = script.parse_args(["--latents_dir", latents])
     assert args.checkpoints_total_limit == 3 and args.overwrite_output_dir is False
+    # The paper's DiT by default (App. B), the stock diffusers one a flag away; flags of the one for the other refused
+    assert (args.pos_embed, args.self_conditioning_prob, args.stock_dit) == ("rope", 0.9, False)
+    stock = script.parse_args(["--latents_dir", latents, "--stock_dit"])
+    assert (stock.pos_embed, stock.self_conditioning_prob) == ("sincos", 0.0)
+    meta = {"latent_shape": [16, 8, 8], "num_classes": 7}
+    assert type(script.build_transformer(args, meta)).__name__ == "SelfConditionedDiT"
+    assert type(script.build_transformer(stock, meta)).__name__ == "DiTTransformer2DModel"
+    with pytest.raises(SystemExit):
+        script.parse_args(
+            ["--latents_dir", latents, "--stock_dit", "--pos_embed", "sincos", "--self_conditioning_prob", "0.5"]
+        )
+    assert "drop --self_conditioning_prob, or drop --stock_dit" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     assert "Keep this many newest complete checkpoints (default: 3)" in " ".join(capsys.readouterr().out.split())
@@ -265,7 +284,7 @@ def test_on_the_fly_encoding_from_an_image_folder(tmp_path, tiny_vae_dir, run_sc
     args = ["--train_data_dir", tmp_path / "data", "--pretrained_vae_model_name_or_path", tiny_vae_dir]
     args += ["--resolution", 16, "--random_flip", "--stats_batches", 2, "--max_train_steps", 3, "--output_dir", out]
     proc = run_script("train_dit_flow.py", [*args, *FAST])
-    assert "Latent statistics estimated on 13 images" in proc.stdout + proc.stderr
+    assert "Latent statistics (of posterior samples) estimated on 13 images" in proc.stdout + proc.stderr
     pipe = DiTFlowMatchPipeline.from_pretrained(out)
     assert pipe.config.id2label == {"0": "cats", "1": "dogs"} and len(pipe.config.latents_std) == 4
     fingerprint = weights_fingerprint(AutoencoderKL.from_pretrained(tiny_vae_dir))
@@ -282,3 +301,25 @@ def test_bf16_autocast_keeps_fp32_weights_and_finite_loss(tmp_path, latents, run
     assert "loss=" in proc.stderr and "loss=nan" not in proc.stderr  # tqdm postfix of every step
     weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+def test_on_the_fly_statistics_are_those_of_posterior_samples(tiny_vae_dir):
+    """estimate_latent_stats: per-channel mean/std of z = mean + std * eps (what the DiT sees), against numpy draws."""
+    import numpy as np
+    from accelerate import PartialState
+
+    PartialState()  # the script logs through accelerate's logger
+    script = load_script()
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    gen = torch.Generator().manual_seed(3)
+    items = [(torch.rand(3, 16, 16, generator=gen) * 2 - 1, i % 2, None, True) for i in range(6)]
+    args = type("Args", (), {"seed": 0, "stats_batches": 2, "train_batch_size": 3})()
+    mean, std = script.estimate_latent_stats(vae, items, args, "cpu")
+    with torch.no_grad():
+        post = vae.encode(torch.stack([it[0] for it in items])).latent_dist
+    mu, sd = post.mean.double().numpy(), post.std.double().numpy()  # (6, C, h, w)
+    draws = mu[None] + sd[None] * np.random.default_rng(0).standard_normal((4000, *mu.shape))
+    flat = draws.transpose(2, 0, 1, 3, 4).reshape(mu.shape[1], -1)  # (C, draws * 6 * h * w)
+    np.testing.assert_allclose(mean, flat.mean(1), rtol=0, atol=3e-3 * flat.std(1).max())
+    np.testing.assert_allclose(std, flat.std(1), rtol=3e-3)
+    assert np.all(np.array(std) > mu.transpose(1, 0, 2, 3).reshape(mu.shape[1], -1).std(1))  # not the means' std

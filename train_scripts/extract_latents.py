@@ -4,8 +4,9 @@
 For every image we store the posterior mean and std (so the DiT draws a fresh latent sample every step, as the paper
 trains on posterior samples, App. B), optionally those of the horizontally flipped image too, and the class label,
 as safetensors shards. ``metadata.json`` records the autoencoder (by a fingerprint of its *weights*: a vanilla AE and
-its SE fine-tune share a config), the class names and the per-channel latent mean and std that the DiT normalises
-with; every shard's header records the fingerprint and the extraction settings too. With no arguments it encodes crops of the photographs that ship inside
+its SE fine-tune share a config), the class names and the per-channel mean and std of the posterior samples the DiT
+normalises with (the latents it sees, as the authors' code computes them; the std of the posterior means alone is
+recorded too); every shard's header records the fingerprint and the extraction settings too. With no arguments it encodes crops of the photographs that ship inside
 scikit-image with the toolkit's embedded autoencoder (class = source photograph), offline:
 
     accelerate launch train_scripts/extract_latents.py --output_dir latents
@@ -296,24 +297,42 @@ def main(args):
     accelerator.end_training()
 
 
-def write_metadata(args, config, settings, names, shard_paths, total, compression):
-    """Per-channel mean/std of the posterior means (float64 sums over all shards) and the dataset description."""
-    count, s1, s2, skipped, stored = 0, None, None, 0, 0
-    has_std = False
+def latent_statistics(shard_paths):
+    """Per-channel mean and std of the latents the DiT trains on, and of the posterior means, over every shard.
+
+    The DiT sees posterior samples ``z = mean + std * eps`` (App. B: "posterior sampling from the encoder
+    distribution"), of the flipped images half of the time when flips are stored; the authors' code likewise
+    computes its latent statistics on the latents the DiT sees. Their moments are exact without drawing ``eps``:
+    ``E[z] = E[mean]`` and ``E[z^2] = E[mean^2] + E[std^2]`` (float64 sums over images, positions and, when stored,
+    both flips). Returns ``(samples: (mean, std), means: (mean, std), has_std, stored rows, skipped images)``.
+    """
+    count, sums, skipped, stored, has_std = 0, None, 0, 0, False
     for path in shard_paths:
-        with safe_open(path, "pt") as fh:  # reads only the means, not the stds and flips
+        with safe_open(path, "pt") as fh:
             skipped += json.loads(fh.metadata()["extraction"])["skipped"]
             if "mean" not in fh.keys():  # an all-unreadable shard
                 continue
             has_std = "std" in fh.keys()
-            mean = fh.get_tensor("mean").double()  # (N, C, h, w)
-        dims = [0] + list(range(2, mean.ndim))
-        s1 = mean.sum(dims) if s1 is None else s1 + mean.sum(dims)
-        s2 = mean.square().sum(dims) if s2 is None else s2 + mean.square().sum(dims)
-        count += mean.numel() // mean.shape[1]
-        stored += mean.shape[0]
-    channel_mean = s1 / count
-    channel_std = (s2 / count - channel_mean.square()).clamp_min(1e-12).sqrt()
+            suffixes = ["", "_flip"] if "mean_flip" in fh.keys() else [""]
+            for suffix in suffixes:
+                mean = fh.get_tensor("mean" + suffix).double()  # (N, C, h, w)
+                var = fh.get_tensor("std" + suffix).double().square() if has_std else torch.zeros_like(mean)
+                dims = [0] + list(range(2, mean.ndim))
+                part = torch.stack([mean.sum(dims), mean.square().sum(dims), var.sum(dims)])  # (3, C)
+                sums = part if sums is None else sums + part
+                count += mean.numel() // mean.shape[1]
+            stored += mean.shape[0]
+    if sums is None:
+        raise ValueError("Every image was unreadable: there are no latents to compute statistics of.")
+    channel_mean, mean_sq, posterior_var = sums / count
+    means_std = (mean_sq - channel_mean.square()).clamp_min(1e-12).sqrt()
+    samples_std = (mean_sq + posterior_var - channel_mean.square()).clamp_min(1e-12).sqrt()
+    return (channel_mean, samples_std), (channel_mean, means_std), has_std, stored, skipped
+
+
+def write_metadata(args, config, settings, names, shard_paths, total, compression):
+    """``metadata.json``: the latent statistics of :func:`latent_statistics` and the dataset description."""
+    (channel_mean, channel_std), (_, means_std), has_std, stored, skipped = latent_statistics(shard_paths)
     latent = args.resolution // compression
     meta = {
         "ae": args.pretrained_model_name_or_path + (f" (subfolder {args.subfolder})" if args.subfolder else ""),
@@ -326,7 +345,9 @@ def write_metadata(args, config, settings, names, shard_paths, total, compressio
         "num_classes": len(names),
         "id2label": {str(i): n for i, n in enumerate(names)},
         "latents_mean": channel_mean.tolist(),
-        "latents_std": channel_std.tolist(),
+        "latents_std": channel_std.tolist(),  # of posterior samples: what the DiT normalises with
+        "latent_statistics": "posterior samples z = mean + std * eps" + (" and their flips" if args.flip else ""),
+        "posterior_means_std": means_std.tolist(),  # for reference: the std of the posterior means alone
         "has_std": has_std,
         "flip": bool(args.flip),
         "shards": [os.path.basename(p) for p in shard_paths],

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train a class-conditional latent DiT with rectified flow on autoencoder latents (paper Section 4, App. B).
 
-The paper judges an autoencoder by the DiT trained on its latents. This script trains diffusers'
-``DiTTransformer2DModel`` (or the toolkit's ``SelfConditionedDiT`` for self-conditioning and 2D RoPE, App. B) on
+The paper judges an autoencoder by the DiT trained on its latents. This script trains the paper's DiT (App. B: the
+toolkit's ``SelfConditionedDiT``, with 2D RoPE and self-conditioning at 90%; ``--stock_dit`` trains diffusers'
+``DiTTransformer2DModel`` instead) on
 
     x_t = (1 - s) x0 + s * noise,   target v = noise - x0,   s ~ logit-normal(0, 1)
 
@@ -102,22 +103,36 @@ def parse_args(input_args=None):
         "--model_config_name_or_path", type=str, default=None, help="A transformer config.json instead of --model."
     )
     parser.add_argument(
+        "--stock_dit",
+        action="store_true",
+        help="Train diffusers' stock DiTTransformer2DModel (sin-cos positions, no self-conditioning) instead of the "
+        "paper's App. B DiT (the toolkit's SelfConditionedDiT with RoPE and self-conditioning). Both save as a "
+        "pipeline that loads with DiffusionPipeline.from_pretrained(path, trust_remote_code=True).",
+    )
+    parser.add_argument(
         "--pos_embed",
         type=str,
-        default="sincos",
+        default="rope",
         choices=["sincos", "rope"],
-        help="'rope' (paper App. B) uses the toolkit's SelfConditionedDiT; 'sincos' the stock DiT.",
+        help="Positions of the paper's DiT: 'rope' (App. B, 2D RoPE in attention; default) or 'sincos' (DiT's fixed "
+        "2D sin-cos table). With --stock_dit: sincos.",
     )
     parser.add_argument(
         "--self_conditioning_prob",
         type=float,
-        default=0.0,
-        help="Paper: 0.9. Probability of a no-grad auxiliary pass whose last-block activations condition the main "
-        "pass (App. B); > 0 uses the toolkit's SelfConditionedDiT.",
+        default=0.9,
+        help="Probability of the no-grad auxiliary pass whose last-block activations condition the main pass "
+        "(App. B: 0.9, the default; 0 trains the paper's DiT without it). With --stock_dit, or a "
+        "--model_config_name_or_path without self_conditioning: true, 0.",
     )
     # Flow matching
     parser.add_argument(
-        "--weighting_scheme", type=str, default="logit_normal", choices=["logit_normal", "uniform"], help="s ~ ?"
+        "--weighting_scheme",
+        type=str,
+        default="logit_normal",
+        choices=["logit_normal", "uniform"],
+        help="How the noise level sigma of each training sample is drawn: logit-normal (the paper, following SD3) "
+        "or uniform in [0, 1].",
     )
     parser.add_argument("--logit_mean", type=float, default=0.0, help="Logit-normal location (paper: 0).")
     parser.add_argument("--logit_std", type=float, default=1.0, help="Logit-normal scale (paper: 1).")
@@ -208,6 +223,13 @@ def parse_args(input_args=None):
             "Give exactly one of --latents_dir (run train_scripts/extract_latents.py first), --train_data_dir or "
             "--dataset_name (encoded on the fly)."
         )
+    if args.stock_dit:
+        if args.self_conditioning_prob not in (0.0, 0.9):  # 0.9 is the default, 0 agrees with the stock model
+            parser.error(
+                "--stock_dit trains diffusers' DiTTransformer2DModel, which has no self-conditioning: drop "
+                "--self_conditioning_prob, or drop --stock_dit to train the paper's DiT with it."
+            )
+        args.pos_embed, args.self_conditioning_prob = "sincos", 0.0
     if not 0 <= args.class_dropout_prob < 1 or not 0 <= args.self_conditioning_prob <= 1:
         parser.error("--class_dropout_prob must be in [0, 1) and --self_conditioning_prob in [0, 1].")
     if args.train_batch_size <= 0 or args.max_train_steps <= 0 or args.lr_warmup_steps < 0:
@@ -291,7 +313,8 @@ def collate_images(items):
 
 @torch.no_grad()
 def estimate_latent_stats(vae, dataset, args, device):
-    """Per-channel mean/std of the posterior means of the first ``--stats_batches`` batches (seeded order)."""
+    """Per-channel mean/std of the posterior samples (what the DiT sees, as extract_latents.py computes them) of the
+    first ``--stats_batches`` batches (seeded order): ``E[z] = E[mean]``, ``E[z^2] = E[mean^2] + E[std^2]``."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     take = order[: args.stats_batches * args.train_batch_size].tolist()
     loader = torch.utils.data.DataLoader(
@@ -299,11 +322,27 @@ def estimate_latent_stats(vae, dataset, args, device):
     )
     s1 = s2 = n = 0
     for batch in loader:
-        z = ae.encode(vae, batch["pixels"].to(device)).mean.double()  # (B, C, h, w)
-        s1, s2, n = s1 + z.sum((0, 2, 3)), s2 + z.square().sum((0, 2, 3)), n + z.numel() // z.shape[1]
+        post = ae.encode(vae, batch["pixels"].to(device))
+        z = post.mean.double()  # (B, C, h, w)
+        var = post.std.double().square() if post.std is not None else torch.zeros_like(z)
+        s1, s2, n = s1 + z.sum((0, 2, 3)), s2 + (z.square() + var).sum((0, 2, 3)), n + z.numel() // z.shape[1]
     mean = s1 / n
-    logger.info(f"Latent statistics estimated on {len(take)} images")
+    logger.info(f"Latent statistics (of posterior samples) estimated on {len(take)} images")
     return mean.tolist(), (s2 / n - mean.square()).clamp_min(1e-12).sqrt().tolist()
+
+
+def check_dataset_size(meta, args, num_processes: int) -> None:
+    """Every process needs at least one full batch per epoch (batches are full: the last partial one is dropped)."""
+    count = meta["num_samples"] if args.latents_dir else len(meta["images"])
+    need = args.train_batch_size * num_processes
+    if count < need:
+        where = f"{args.latents_dir} holds {count} latents" if args.latents_dir else f"the data has {count} images"
+        more = " (extract_latents.py --max_samples)" if args.latents_dir else ""
+        processes = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise UsageError(
+            f"{where}, fewer than one batch ({args.train_batch_size} per process{processes} = {need}): lower "
+            f"--train_batch_size to at most {max(1, count // num_processes)}, or use more data{more}."
+        )
 
 
 def read_metadata(latents_dir: str) -> dict:
@@ -353,7 +392,7 @@ def check_latents_autoencoder(meta: dict, vae_fingerprint: str, args) -> None:
 
 
 def build_transformer(args, meta):
-    """The stock ``DiTTransformer2DModel`` unless RoPE or self-conditioning asks for ``SelfConditionedDiT``."""
+    """The paper's DiT (App. B: ``SelfConditionedDiT``), or with ``--stock_dit`` diffusers' ``DiTTransformer2DModel``."""
     import diffusers
 
     from diffusability_hf.models.dit import build_dit, build_selfcond_dit, disable_label_dropout, dit_config
@@ -369,9 +408,10 @@ def build_transformer(args, meta):
                 f"The transformer config takes {model.config.in_channels}x{model.config.sample_size}^2 latents, but "
                 f"{args.latents_dir} holds {channels}x{size}^2 ones."
             )
-        if custom and args.self_conditioning_prob > 0 and not model.config.self_conditioning:
-            raise ValueError("--self_conditioning_prob > 0 needs a config with self_conditioning: true.")
-    elif args.pos_embed == "rope" or args.self_conditioning_prob > 0:
+        if not (custom and model.config.self_conditioning) and args.self_conditioning_prob > 0:
+            logger.info(f"{args.model_config_name_or_path} has no self-conditioning: training without it")
+            args.self_conditioning_prob = 0.0  # the config decides the architecture; recorded as trained
+    elif not args.stock_dit:
         dit_config(args.model, channels, size, meta["num_classes"])  # validates the patch size first
         model = build_selfcond_dit(
             args.model, channels, size, meta["num_classes"], args.pos_embed, args.self_conditioning_prob > 0
@@ -443,6 +483,7 @@ def main(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    check_dataset_size(meta, args, accelerator.num_processes)  # before the autoencoder loads
     set_seed(args.seed)
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, warn=logger.warning)
     if args.resume_from_checkpoint and resume_path is None and set(found) & set(RESULTS):
@@ -486,8 +527,6 @@ def main(args):
     else:
         dataset, collate = meta.pop("images"), collate_images
         meta["latents_mean"], meta["latents_std"] = estimate_latent_stats(vae, dataset, args, accelerator.device)
-    if len(dataset) < args.train_batch_size:
-        raise ValueError(f"{len(dataset)} samples are fewer than --train_batch_size {args.train_batch_size}.")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate
     )

@@ -34,7 +34,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
     r"""
     Class-conditional image generation with a latent DiT trained by rectified flow (flow matching), sampled with
     `FlowMatchEulerDiscreteScheduler`, optional classifier-free guidance, the paper's time shift (eq. 3) and
-    self-conditioning.
+    self-conditioning, optionally only inside a noise interval (`guidance_interval`).
 
     The transformer predicts the velocity `v = noise - x0` for `x_t = (1 - sigma) x0 + sigma noise`, with the
     timestep on the DiT's 0..1000 scale (`sigma * 1000`). Latents are sampled in the normalised space the transformer
@@ -170,7 +170,20 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------------------------------------------- sampling
 
-    def check_inputs(self, num_inference_steps: int, guidance_scale: float, shift: float, output_type: str):
+    def check_inputs(
+        self,
+        num_inference_steps: int,
+        guidance_scale: float,
+        shift: float,
+        output_type: str,
+        guidance_interval: tuple[float, float] | None = None,
+    ):
+        if guidance_interval is not None:
+            if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
+                raise ValueError(
+                    f"`guidance_interval` must be (sigma_min, sigma_max) with 0 <= sigma_min <= sigma_max <= 1, got "
+                    f"{guidance_interval!r}."
+                )
         if output_type not in _OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
@@ -199,6 +212,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
         shift: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -217,6 +231,11 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
             shift (`float`, *optional*):
                 Time shift `s` of eq. 3, `t' = 1 - (1 - t) / (s + (1 - s)(1 - t)) = s t / (1 + (s - 1) t)`;
                 defaults to the scheduler's configured `shift` (1.0, no shift, for a default scheduler).
+            guidance_interval (`tuple[float, float]`, *optional*):
+                `(sigma_min, sigma_max)`: apply guidance only at the steps whose current noise level `sigma` (after
+                the shift; 1 = noise, 0 = data) lies in `[sigma_min, sigma_max]`, and a single conditional pass at
+                the others (Kynkanniemi et al., 2024, "Applying guidance in a limited interval", which the paper
+                cites; the authors' sampler has the same `t_min`/`t_max` option). `None`: guidance at every step.
             generator (`torch.Generator` or a list of them, *optional*):
                 Makes the initial noise, hence the images, deterministic.
             output_type (`str`, defaults to `"pil"`):
@@ -235,7 +254,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         """
         # 1. Check inputs before any sampling
         shift = float(self.scheduler.config.shift if shift is None else shift)
-        self.check_inputs(num_inference_steps, guidance_scale, shift, output_type)
+        self.check_inputs(num_inference_steps, guidance_scale, shift, output_type, guidance_interval)
         class_ids = self.get_label_ids(class_labels)
         device = self._execution_device
         transformer = self.transformer
@@ -250,8 +269,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
             (batch_size, channels, size, size), generator=generator, device=device, dtype=transformer.dtype
         )
         labels = torch.tensor(class_ids, device=device, dtype=torch.long)
-        if do_cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])  # (2B,)
+        null_labels = torch.full_like(labels, self.num_classes)  # the unconditional branch of guidance
 
         # 3. Timesteps: the uniform grid 1, 1 - 1/N, ..., 1/N shifted once by the scheduler (its shift map is eq. 3);
         # custom sigmas are shifted by `scheduler.shift`, so they go in unshifted. Unlike the default grid
@@ -268,19 +286,29 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         # 4. Euler integration from sigma = 1 (noise) to 0 (data); no dropout, whatever mode the models were left in
         was_training = transformer.training
         transformer.eval()
-        self_cond = None
+        self_cond = {"cond": None, "uncond": None}  # each branch feeds its own last-block activations back
         try:
-            for t in self.progress_bar(timesteps):
-                model_input = torch.cat([latents, latents]) if do_cfg else latents  # (B or 2B, C, h, w)
-                timestep = t.expand(model_input.shape[0]).to(device)
-                kwargs = {"self_cond": self_cond} if self_conditioning else {}
-                output = transformer(
-                    hidden_states=model_input, timestep=timestep, class_labels=labels, return_dict=True, **kwargs
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                sigma = float(self.scheduler.sigmas[i])
+                guided = do_cfg and (  # the scheduler's sigmas are float32: ends inclusive to 1e-6
+                    guidance_interval is None or guidance_interval[0] - 1e-6 <= sigma <= guidance_interval[1] + 1e-6
                 )
-                if self_conditioning:
-                    self_cond = output.last_hidden_state  # fed back at the next step
+                branches = ("cond", "uncond") if guided else ("cond",)
+                model_input = torch.cat([latents] * len(branches))  # (B or 2B, C, h, w)
+                step_labels = torch.cat([labels, null_labels]) if guided else labels
+                timestep = t.expand(model_input.shape[0]).to(device)
+                kwargs = {"self_cond": None} if self_conditioning else {}
+                if self_conditioning and self_cond["cond"] is not None:
+                    fed = [self_cond[b] if self_cond[b] is not None else torch.zeros_like(self_cond["cond"])
+                           for b in branches]  # fmt: skip
+                    kwargs["self_cond"] = torch.cat(fed)
+                output = transformer(
+                    hidden_states=model_input, timestep=timestep, class_labels=step_labels, return_dict=True, **kwargs
+                )
+                if self_conditioning:  # fed back at the next step
+                    self_cond.update(zip(branches, output.last_hidden_state.chunk(len(branches))))
                 velocity = output.sample[:, :channels]  # drop extra outputs (e.g. learned sigma)
-                if do_cfg:
+                if guided:
                     v_cond, v_uncond = velocity.chunk(2)
                     velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
