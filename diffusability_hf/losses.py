@@ -161,13 +161,32 @@ def chf_loss(
     block_size: int = 8,
     order: str = "zigzag",
     distance: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    pixel_block_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Chopping-high-frequencies regulariser, the second term of paper eq. 4, per sample:
     ``d(D^-1(D(x) * M), Dec(D^-1(D(z) * M)))`` with the mask ``M`` of eq. 5 (Appendix C.1).
 
-    ``ratio`` is the share of block-DCT coefficients zeroed, in pixels and latents alike. Returns ``(B,)``.
+    The latent is cut with ``block_size`` blocks and the image with ``pixel_block_size`` blocks, by default
+    ``block_size`` times the spatial compression (``x``'s width over ``z``'s: 64 for an 8x AE with 8x8 latent
+    blocks), as the authors' code does: one latent block covers exactly one pixel block, so both masks keep the
+    same share of the same frequency band. ``ratio`` is the share of coefficients zeroed in both.
+
+    Args:
+        x: ``(B, C, H, W)`` or ``(B, C, T, H, W)`` pixels.
+        z: latents of ``x``, ``(B, c, h, w)`` or ``(B, c, t, h, w)``.
+        decode: latents -> pixels.
+        ratio: share of block-DCT coefficients removed (:func:`~diffusability_hf.spectral.chop_mask`).
+        block_size: latent DCT block ``B``.
+        pixel_block_size: pixel DCT block; default ``B * (W // w)``.
+
+    Returns:
+        ``(B,)``.
     """
-    x_chop = chop_high_frequencies(x, block_size, ratio, order)
+    if pixel_block_size is None:
+        if x.shape[-1] % z.shape[-1]:
+            raise ValueError(f"Image width {x.shape[-1]} is not a multiple of the latent width {z.shape[-1]}.")
+        pixel_block_size = block_size * (x.shape[-1] // z.shape[-1])
+    x_chop = chop_high_frequencies(x, pixel_block_size, ratio, order)
     recon = decode(chop_high_frequencies(z, block_size, ratio, order))
     return (distance or per_sample_mse)(recon, x_chop)
 

@@ -258,30 +258,57 @@ def chop_high_frequencies(x: torch.Tensor, block_size: int = 8, ratio: float = 0
     return blockwise_idct2d(coeffs * mask.to(coeffs.dtype)).to(x.dtype)
 
 
-def soft_penalty_weights(block_size: int = 8, p: float = 2.0) -> torch.Tensor:
-    """``W_uv = (u + v) ** p / B ** p`` of paper eq. 6, shape ``(B, B)``."""
+SOFT_PENALTY_NORMALIZATIONS = ("authors", "paper")
+
+
+def soft_penalty_weights(block_size: int = 8, p: float = 2.0, normalization: str = "authors") -> torch.Tensor:
+    """The ``(B, B)`` weights ``W_uv`` of the soft high-frequency penalty (Appendix C.2).
+
+    ``"paper"``: eq. 6 as printed, ``W_uv = (u + v) ** p / B ** p``. ``"authors"``: the authors' released code,
+    ``W_uv = ((u + v) / (B - 1)) ** p / 4`` (0 at DC, 1 at the highest frequency ``u = v = B - 1``).
+    """
+    if normalization not in SOFT_PENALTY_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {SOFT_PENALTY_NORMALIZATIONS}, got {normalization!r}.")
     idx = torch.arange(block_size, dtype=torch.float32)
-    return (idx[:, None] + idx[None, :]).pow(p) / float(block_size) ** p
+    freq = idx[:, None] + idx[None, :]  # u + v
+    if normalization == "paper":
+        return freq.pow(p) / float(block_size) ** p
+    return (freq / max(1, block_size - 1)).pow(p) / 4.0
 
 
-def soft_frequency_penalty(z: torch.Tensor, block_size: int = 8, p: float = 2.0) -> torch.Tensor:
+def soft_frequency_penalty(
+    z: torch.Tensor, block_size: int = 8, p: float = 2.0, normalization: str = "authors"
+) -> torch.Tensor:
     """Soft high-frequency penalty of paper eq. 6-7 on the amplitudes ``|D_uv(z)|``, per sample.
 
-    ``sum_uv |D_uv(z)| * W_uv`` for every block, averaged over channels, frames and blocks. Eq. 7 writes
-    ``D_uv`` without the absolute value; a signed sum can be lowered by flipping signs, so we penalise the
-    amplitude. The paper does not state ``p``; ``p = 2`` is our default. Used with a weight ``gamma`` around 0.01
-    (Appendix C.2, Table 7).
+    ``normalization="authors"`` (the default): the authors' released code, the **mean** over every coefficient of
+    every block (and channel and frame) of ``|D_uv| * ((u + v) / (B - 1)) ** p / 4``. The paper's gamma values
+    (Table 7, "a small coefficient (e.g., 0.01)") were found with that code, so with this default gamma means what
+    the paper means. ``normalization="paper"``: eq. 6-7 as printed, the **sum** over each block of
+    ``|D_uv| * (u + v) ** p / B ** p``, averaged over blocks, channels and frames: ``4 B^2 (B - 1)^p / B^p`` times
+    the authors' value (196x at ``B = 8, p = 2``), so a gamma tuned for one is wrong for the other.
+
+    Eq. 7 writes ``D_uv`` without the absolute value; a signed sum can be lowered by flipping signs, so both
+    penalise the amplitude (as the authors' code does). The paper does not state ``p``; ``p = 2`` is the authors'
+    code's default. Weighted by gamma (``--soft_penalty_weight``).
 
     Args:
         z: ``(N, C, h, w)`` or ``(N, C, T, h, w)`` latents.
+        block_size: DCT block ``B``.
+        p: exponent of eq. 6.
+        normalization: ``"authors"`` or ``"paper"``.
 
     Returns:
         ``(N,)`` per-sample penalty.
     """
-    coeffs = blockwise_dct2d(z, block_size).abs()
-    w = soft_penalty_weights(block_size, p).to(device=z.device, dtype=coeffs.dtype)
-    per_block = (coeffs * w).sum(dim=(-2, -1))  # (N, ..., H/B, W/B)
-    return per_block.flatten(1).mean(dim=1).to(z.dtype if z.is_floating_point() else torch.float32)
+    coeffs = blockwise_dct2d(z, block_size).abs()  # (N, ..., H/B, W/B, B, B)
+    w = soft_penalty_weights(block_size, p, normalization).to(device=z.device, dtype=coeffs.dtype)
+    weighted = coeffs * w
+    if normalization == "paper":
+        per_sample = weighted.sum(dim=(-2, -1)).flatten(1).mean(dim=1)  # sum per block, mean over blocks
+    else:
+        per_sample = weighted.flatten(1).mean(dim=1)  # mean over every coefficient
+    return per_sample.to(z.dtype if z.is_floating_point() else torch.float32)
 
 
 def plot_frequency_profiles(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from scipy.fft import dctn, idctn
 
 from diffusability_hf.losses import (
@@ -294,6 +295,49 @@ def test_chf_loss_by_hand(ratio):
     xn, zn = x.double().numpy(), z.double().numpy()
     expected = np_per_sample_mse(2 * np_chop(zn, ratio), np_chop(xn, ratio))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def np_zigzag(b: int) -> list:
+    """JPEG zigzag by sorting: anti-diagonal s = u + v first; odd ones run with u increasing, even ones decreasing."""
+    cells = [(u, v) for u in range(b) for v in range(b)]
+    return [u * b + v for u, v in sorted(cells, key=lambda c: (c[0] + c[1], c[0] if (c[0] + c[1]) % 2 else -c[0]))]
+
+
+def np_chop_any(x: np.ndarray, ratio: float, b: int) -> np.ndarray:
+    """Keep the first floor((1 - ratio) b^2) zigzag coefficients of every b x b block (scipy DCT, any b)."""
+    mask = np.zeros(b * b)
+    mask[np_zigzag(b)[: int((1 - ratio) * b * b)]] = 1
+    mask = mask.reshape(b, b)
+    out = np.empty_like(x, dtype=np.float64)
+    for i in range(x.shape[-2] // b):
+        for j in range(x.shape[-1] // b):
+            sl = (..., slice(i * b, (i + 1) * b), slice(j * b, (j + 1) * b))
+            out[sl] = idctn(dctn(x[sl], norm="ortho", axes=(-2, -1)) * mask, norm="ortho", axes=(-2, -1))
+    return out
+
+
+def test_np_zigzag_is_jpegs_for_8():
+    assert np_zigzag(8)[:10] == [0, 1, 8, 16, 9, 2, 3, 10, 17, 24] and np_zigzag(8)[-3:] == [55, 62, 63]
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.75])
+def test_chf_cuts_pixels_with_block_times_compression(ratio):
+    """App. C.1 as the authors' code: an 8x AE with 8x8 latent blocks cuts the image in 64x64 blocks, so that each
+    latent block and the pixels it decodes to lose the same share of the same frequencies."""
+    x, z = randn(2, 3, 64, 128, seed=29), randn(2, 4, 8, 16, seed=30)
+
+    def decode(t):  # a stand-in 8x decoder: (B, 4, h, w) -> (B, 3, 8h, 8w)
+        return F.interpolate(t[:, :3], scale_factor=8, mode="nearest")
+
+    got = chf_loss(x, z, decode, ratio)
+    expected = np_per_sample_mse(decode(torch.from_numpy(np_chop_any(z.double().numpy(), ratio, 8))).numpy(),
+                                 np_chop_any(x.double().numpy(), ratio, 64))  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    # the old behaviour (pixels cut in 8x8 blocks like the latents) is a different target
+    wrong = np_per_sample_mse(decode(torch.from_numpy(np_chop_any(z.double().numpy(), ratio, 8))).numpy(),
+                              np_chop_any(x.double().numpy(), ratio, 8))  # fmt: skip
+    assert np.all(np.abs(got.numpy() - wrong) > 1e-3 * np.abs(wrong))
+    np.testing.assert_allclose(chf_loss(x, z, decode, ratio, pixel_block_size=8).numpy(), wrong, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -492,28 +492,49 @@ def test_chop_is_differentiable_and_a_projection():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ref_soft_penalty(z: np.ndarray, b: int, p: float) -> np.ndarray:
-    u = np.arange(b)
-    w = (u[:, None] + u[None, :]) ** p / b**p
-    per_block = (np.abs(ref_block_dct(z, b)) * w).sum(axis=(-2, -1))
-    return per_block.reshape(z.shape[0], -1).mean(axis=1)
+def ref_soft_penalty(z: np.ndarray, b: int, p: float, normalization: str) -> np.ndarray:
+    """Eq. 6-7 as printed (per-block sum of |D| (u+v)^p / b^p, mean over blocks), or the authors' code: the mean
+    over every coefficient of |D| w(u, v) with w = (x + y)^p / 4 on linspace(0, 1, b) coordinates."""
+    amp = np.abs(ref_block_dct(z, b))  # (N, ..., nh, nw, b, b)
+    if normalization == "paper":
+        u = np.arange(b)
+        per_block = (amp * (u[:, None] + u[None, :]) ** p / b**p).sum(axis=(-2, -1))
+        return per_block.reshape(z.shape[0], -1).mean(axis=1)
+    x = np.linspace(0, 1, b)
+    w = (x[None, :] + x[:, None]) ** p / 4.0
+    return (amp * w).reshape(z.shape[0], -1).mean(axis=1)
 
 
-def test_soft_penalty_weights_eq6():
-    w = soft_penalty_weights(8, 2.0).numpy()
+def test_soft_penalty_weights_eq6_and_the_authors():
+    w = soft_penalty_weights(8, 2.0, "paper").numpy()
     assert w[0, 0] == 0.0 and w[7, 7] == pytest.approx(14**2 / 64)
     assert w[2, 3] == pytest.approx(25 / 64)
-    np.testing.assert_allclose(soft_penalty_weights(4, 1.0).numpy(), np.add.outer(np.arange(4), np.arange(4)) / 4)
+    np.testing.assert_allclose(
+        soft_penalty_weights(4, 1.0, "paper").numpy(), np.add.outer(np.arange(4), np.arange(4)) / 4
+    )
+    a = soft_penalty_weights(8, 2.0).numpy()  # the default: the authors' normalisation
+    assert a[0, 0] == 0.0 and a[7, 7] == pytest.approx(1.0) and a[2, 3] == pytest.approx((5 / 7) ** 2 / 4)
+    with pytest.raises(ValueError, match="normalization"):
+        soft_penalty_weights(8, 2.0, "eq6")
 
 
+@pytest.mark.parametrize("normalization", ["authors", "paper"])
 @pytest.mark.parametrize(
     "shape, b, p", [((3, 4, 16, 16), 8, 2.0), ((2, 3, 8, 12), 4, 1.0), ((2, 2, 3, 16, 8), 8, 1.5)]
 )
-def test_soft_penalty_matches_hand_computation(shape, b, p):
+def test_soft_penalty_matches_hand_computation(shape, b, p, normalization):
     z = white_noise(*shape, seed=20) - 0.2
-    got = soft_frequency_penalty(z, b, p)
+    got = soft_frequency_penalty(z, b, p, normalization)
     assert got.shape == (shape[0],) and got.dtype == torch.float32
-    np.testing.assert_allclose(got.numpy(), ref_soft_penalty(z.double().numpy(), b, p), rtol=1e-5)
+    np.testing.assert_allclose(got.numpy(), ref_soft_penalty(z.double().numpy(), b, p, normalization), rtol=1e-5)
+
+
+def test_soft_penalty_default_is_the_authors_and_eq6_is_196x_stronger_at_b8_p2():
+    z = white_noise(2, 4, 16, 16, seed=23)
+    authors = soft_frequency_penalty(z)
+    np.testing.assert_allclose(authors.numpy(), ref_soft_penalty(z.double().numpy(), 8, 2.0, "authors"), rtol=1e-5)
+    ratio = (soft_frequency_penalty(z, normalization="paper") / authors).numpy()
+    np.testing.assert_allclose(ratio, 4 * 64 * 7**2 / 8**2, rtol=1e-5)  # = 196
 
 
 def test_soft_penalty_zero_for_constant_input_and_positive_otherwise():

@@ -193,19 +193,26 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
     )
 
 
-def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, tiny_vae_dir):
-    out = tmp_path / "ddp"
+def test_two_process_ddp_keeps_ranks_in_sync_and_splits_the_presets_global_batch(tmp_path, tiny_vae_dir):
+    """Two processes with --preset flux: Table 5's global batch of 32 images is 16 per process, not 32 each."""
+    out, data = tmp_path / "ddp", tmp_path / "data"
+    data.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(36):
+        Image.fromarray((torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(data / f"{i}.png")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    old = os.environ.get("ACCELERATE_USE_CPU")
-    os.environ["ACCELERATE_USE_CPU"] = "1"
-    try:
-        proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 3, launcher=torchrun)
-    finally:
-        if old is None:
-            os.environ.pop("ACCELERATE_USE_CPU")
-        else:
-            os.environ["ACCELERATE_USE_CPU"] = old
+    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--preset", "flux",
+            "--train_data_dir", data, "--resolution", 32, "--max_train_steps", 3, "--validation_steps", 2,
+            "--num_validation_images", 2, "--learning_rate", 1e-3, "--report_to", "none", "--latent_stats_num_samples",
+            4, "--lpips_trunk_path", os.path.join(tiny_vae_dir, "alexnet_trunk.pth")]  # fmt: skip
+    proc = launch(args, launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
     assert "MULTI_CPU" in proc.stdout + proc.stderr
+    assert "global batch 32 images (16 per process x 2 processes x 1 accumulation steps; --preset flux's" in (
+        proc.stdout + proc.stderr
+    )
+    batch = json.loads((out / "metrics.json").read_text())["global_batch"]
+    assert (batch["images"], batch["per_process"]["images"], batch["num_processes"]) == (32, 16, 2)
+    assert "global batch per step: 32 images (16 per process x 2 processes" in (out / "README.md").read_text()
     sums = json.loads((out / "metrics.json").read_text())["rank_weight_checksums"]
     assert len(sums) == 2
     assert sums[0] == pytest.approx(sums[1], rel=1e-6)
@@ -330,6 +337,89 @@ def test_presets_fill_table5_and_explicit_flags_win():
     embedded = script.parse_args([])
     assert embedded.pretrained_model_name_or_path == script.EMBEDDED_AE and embedded.lpips_weight == 0.0
     assert embedded.checkpoints_total_limit == 3 and not embedded.overwrite_output_dir
+
+
+def test_presets_batch_sizes_are_global_and_explicit_ones_per_process():
+    """Table 5's batch is the global one: split over processes x accumulation steps; refused when they do not
+    divide it, with the flags that give it; an explicit --train_batch_size keeps diffusers' per-process meaning."""
+    script = load_script()
+    base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"]
+    flux = script.parse_args([*base, "--preset", "flux"])
+    assert flux.preset_global_batch == {"train_batch_size": 32}
+    assert [script.split_global_batch(flux, n)["train_batch_size"] for n in (1, 2, 8, 32)] == [32, 16, 4, 1]
+    accum = script.parse_args([*base, "--preset", "flux", "--gradient_accumulation_steps", "4"])
+    assert script.split_global_batch(accum, 2) == {"train_batch_size": 4}  # 4 x 2 processes x 4 steps = 32
+    with pytest.raises(script.UsageError) as err:
+        script.split_global_batch(flux, 3)
+    message = str(err.value)
+    assert (
+        "global batch of 32 images per step (Table 5)" in message
+        and "launch with 1, 2, 4, 8, 16, 32 processes" in message
+    )
+    assert "--train_batch_size 10 (30 images per step) or --train_batch_size 11 (33 images per step)" in message
+    with pytest.raises(script.UsageError, match="launch with 1, 2, 4, 8 processes"):
+        script.split_global_batch(accum, 3)
+    with pytest.raises(script.UsageError, match="64 processes x 1"):
+        script.split_global_batch(flux, 64)
+    # Explicit sizes are per process; the embedded CPU sizing is not Table 5's and is not split either
+    assert script.parse_args([*base, "--preset", "flux", "--train_batch_size", "32"]).preset_global_batch == {}
+    assert script.parse_args(["--preset", "flux"]).preset_global_batch == {}
+    config = os.path.join(TINY_CONFIGS, "cogvideox.json")
+    video = script.parse_args(
+        ["--preset", "cogvideox", "--model_config_name_or_path", config, "--train_data_dir", "d"]
+    )
+    assert script.split_global_batch(video, 8) == {"train_batch_size": 8, "video_batch_size": 4}  # 64 + 32 in all
+    mixed = script.parse_args(
+        [
+            "--preset",
+            "cogvideox",
+            "--model_config_name_or_path",
+            config,
+            "--train_data_dir",
+            "d",
+            "--video_batch_size",
+            "2",
+        ]
+    )
+    assert script.split_global_batch(mixed, 8) == {"train_batch_size": 8}  # the explicit clip batch stays per process
+    for key, value in script.split_global_batch(video, 8).items():
+        setattr(video, key, value)
+    described = script.describe_global_batch(video, 8, True)
+    assert (described["images"], described["clips"]) == (64, 32) and "cogvideox's Table 5 global batch" in described[
+        "description"
+    ]
+
+
+def test_the_scripts_chf_and_soft_penalty_terms_are_the_papers_as_the_authors_cut_them(tiny_vae_dir):
+    """The training step's App. C terms: CHF cuts the image in (latent block x compression) blocks, the soft
+    penalty uses the authors' normalisation by default and eq. 6 as printed on request."""
+    from diffusers import AutoencoderKL
+
+    from diffusability_hf.losses import ReconstructionDistance, chf_loss
+    from diffusability_hf.spectral import soft_frequency_penalty
+
+    script = load_script()
+    flags = ["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", "d", "--resolution", "32",
+             "--chf_weight", "1", "--soft_penalty_weight", "0.5", "--se_weight", "0", "--dct_block_size", "4",
+             "--latent_sampling", "mode", "--lpips_weight", "0"]  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()  # (2, C, 16, 16): a 2x AE
+    compression = x.shape[-1] // z.shape[-1]
+    for normalization in ("authors", "paper"):
+        args = script.parse_args([*flags, "--soft_penalty_normalization", normalization])
+        model = script.SEAutoencoderLoss(vae, ReconstructionDistance(1.0, 0.0), args)
+        with torch.no_grad():
+            loss, terms = model.losses(x, 2, 1, 0.5)
+            decode = model.decode
+            expected_chf = chf_loss(x, z, decode, 0.5, 4, pixel_block_size=4 * compression)
+            expected_soft = soft_frequency_penalty(z, 4, 2.0, normalization)
+        torch.testing.assert_close(terms["chf"], expected_chf, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(terms["soft"], expected_soft, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(loss, terms["rec"] + terms["chf"] + 0.5 * terms["soft"], rtol=1e-5, atol=1e-7)
+    assert args.soft_penalty_normalization == "paper"
+    assert script.parse_args(flags).soft_penalty_normalization == "authors"
 
 
 def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_dir):
@@ -511,7 +601,7 @@ def test_video_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     config = os.path.join(TINY_CONFIGS, "ltx.json")
     args = ["--model_config_name_or_path", config, "--output_dir", out, *VIDEO_FAST, "--num_frames", 9]
     proc = launch([*args, "--max_train_steps", 2], launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
-    assert "MULTI_CPU" in proc.stdout + proc.stderr and "total batch 4 images + 2 clips" in proc.stdout + proc.stderr
+    assert "MULTI_CPU" in proc.stdout + proc.stderr and "global batch 4 images + 2 clips" in proc.stdout + proc.stderr
     sums = json.loads((out / "metrics.json").read_text())["rank_weight_checksums"]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-6)
 

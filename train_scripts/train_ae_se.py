@@ -69,6 +69,7 @@ from diffusability_hf.losses import (
 )
 from diffusability_hf.metrics.quality import psnr
 from diffusability_hf.spectral import (
+    SOFT_PENALTY_NORMALIZATIONS,
     energy_profile,
     frequency_profile,
     high_frequency_share,
@@ -214,7 +215,9 @@ def parse_args(input_args=None):
         default=None,
         choices=sorted(PRESETS),
         help="Fill Table 5's per-AE settings (lr, batch, steps, KL, MSE weight, grad clip, frozen "
-        "up-blocks, resolution). Explicit flags win.",
+        "up-blocks, resolution). Explicit flags win. Its batch sizes are the paper's global ones (e.g. 32 images per "
+        "step in total), split over the processes and accumulation steps; a launch that does not divide them is "
+        "refused.",
     )
     # Data
     parser.add_argument("--dataset_name", type=str, default=None, help="HF datasets name (or local dataset script).")
@@ -276,20 +279,39 @@ def parse_args(input_args=None):
         default=None,
         help="KL beta, per-element mean. Default: 0 with SE (paper), the preset's value without.",
     )
-    parser.add_argument("--chf_weight", type=float, default=0.0, help="Weight of the CHF term (App. C.1, eq. 4).")
+    parser.add_argument(
+        "--chf_weight",
+        type=float,
+        default=0.0,
+        help="Weight of the CHF term (App. C.1, eq. 4-5): latents cut in --dct_block_size blocks, images in blocks "
+        "of that times the spatial compression (64 for an 8x AE), as the authors' code, so both lose the same "
+        "frequencies.",
+    )
     parser.add_argument(
         "--chf_max_ratio",
         type=float,
         default=0.9,
-        help="CHF chops a ratio drawn uniformly in [0, this] per step (Table 6 uses 0.1-0.9).",
+        help="CHF zeroes a share of the zigzag coefficients drawn once per step, uniformly in [0, this), shared by "
+        "the batch and seeded by --seed and the step (the authors' code: rand() * max per call; Table 6 uses "
+        "0.1-0.9). Default: %(default)s.",
     )
     parser.add_argument(
         "--soft_penalty_weight",
         type=float,
         default=0.0,
-        help="gamma of the soft high-frequency penalty (App. C.2, eq. 6-7; the paper tries ~0.01).",
+        help="gamma of the soft high-frequency penalty (App. C.2, eq. 6-7; the paper's Table 7 tries 0.001-0.1, "
+        "'e.g. 0.01'). Its scale depends on --soft_penalty_normalization.",
     )
-    parser.add_argument("--soft_penalty_p", type=float, default=2.0, help="Exponent p of eq. 6.")
+    parser.add_argument(
+        "--soft_penalty_normalization",
+        type=str,
+        default="authors",
+        choices=SOFT_PENALTY_NORMALIZATIONS,
+        help="'authors' (default): the authors' code, mean over coefficients of |D_uv| ((u+v)/(B-1))^p / 4, the "
+        "normalisation the paper's gamma values were found with; 'paper': eq. 6-7 as printed, per-block sum of "
+        "|D_uv| (u+v)^p / B^p (196x stronger at B = 8, p = 2).",
+    )
+    parser.add_argument("--soft_penalty_p", type=float, default=2.0, help="Exponent p of eq. 6 (authors' code: 2).")
     parser.add_argument(
         "--se_temporal_scale_factors",
         type=int,
@@ -347,13 +369,16 @@ def parse_args(input_args=None):
         "--image_batch_size",
         type=int,
         default=None,
-        help="Per-device image batch size (Table 5: 32 for image AEs, 64 images for video AEs).",
+        help="Images per process and micro-batch, as in diffusers' examples (global batch = this x processes x "
+        "accumulation steps). Unset with --preset: Table 5's global 32 (image AEs) or 64 (video AEs) split over the "
+        "processes.",
     )
     parser.add_argument(
         "--video_batch_size",
         type=int,
         default=None,
-        help="Per-device clips per step for video AEs, trained jointly with the images (Table 5: 32).",
+        help="Clips per process and micro-batch for video AEs, trained jointly with the images. Unset with --preset: "
+        "Table 5's global 32 split over the processes.",
     )
     parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
@@ -492,6 +517,12 @@ def resolve_args(args, parser):
     elif args.embedded_data:
         layers.insert(0, {"resolution": EMBEDDED_DEFAULTS["resolution"]})
     layers.append(GENERIC_DEFAULTS)
+    # Table 5's batch sizes are global (32 images per step in total): the ones a preset fills are split over the
+    # processes in main(); an explicit --train_batch_size / --video_batch_size is per process, as in diffusers.
+    args.preset_global_batch = {}
+    for key in ("train_batch_size", "video_batch_size"):
+        if getattr(args, key) is None and key in preset and next(layer for layer in layers if key in layer) is preset:
+            args.preset_global_batch[key] = preset[key]
     for key in GENERIC_DEFAULTS:
         if getattr(args, key) is None:
             setattr(args, key, next(layer[key] for layer in layers if key in layer))
@@ -599,6 +630,53 @@ def check_geometry(args, config):
     return f
 
 
+def describe_global_batch(args, num_processes: int, is_video: bool) -> dict:
+    """What one optimizer step sees in total, for the log, ``metrics.json`` and the model card."""
+    per_step = num_processes * args.gradient_accumulation_steps
+    images, clips = args.train_batch_size * per_step, (args.video_batch_size * per_step if is_video else 0)
+    text = f"{images} images" + (f" + {clips} clips of {args.num_frames} frames" if is_video else "")
+    text += f" ({args.train_batch_size}" + (f" + {args.video_batch_size}" if is_video else "")
+    text += f" per process x {num_processes} processes x {args.gradient_accumulation_steps} accumulation steps"
+    text += f"; --preset {args.preset}'s Table 5 global batch)" if args.preset_global_batch else ")"
+    return {
+        "images": images,
+        "clips": clips,
+        "per_process": {"images": args.train_batch_size, "clips": args.video_batch_size if is_video else 0},
+        "num_processes": num_processes,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "source": f"--preset {args.preset} (Table 5, global)" if args.preset_global_batch else "per-process flags",
+        "description": text,
+    }
+
+
+def split_global_batch(args, num_processes: int) -> dict:
+    """Per-process batch sizes that give a preset's global batch (Table 5) with this launch.
+
+    ``global = per_process x num_processes x gradient_accumulation_steps``. Returns ``{flag: per-process size}`` for
+    the sizes the preset filled (none when the user gave them); raises a :class:`UsageError` naming the flags that
+    reach the paper's batch, or the nearest ones, when the processes and accumulation steps do not divide it.
+    """
+    split, accum = {}, args.gradient_accumulation_steps
+    for key, total in args.preset_global_batch.items():
+        if total == 0:
+            split[key] = 0
+            continue
+        share = num_processes * accum
+        if total % share:
+            flag = "--train_batch_size" if key == "train_batch_size" else "--video_batch_size"
+            what = "images" if key == "train_batch_size" else "clips"
+            near = sorted({max(1, total // share), total // share + 1})
+            options = " or ".join(f"{flag} {n} ({n * share} {what} per step)" for n in near)
+            counts = [n for n in range(1, total + 1) if total % (n * accum) == 0]
+            raise UsageError(
+                f"--preset {args.preset} trains with the paper's global batch of {total} {what} per step (Table 5), "
+                f"which {num_processes} processes x {accum} accumulation steps do not divide: launch with "
+                f"{', '.join(map(str, counts))} processes, or give the per-process batch yourself: {options}."
+            )
+        split[key] = total // share
+    return split
+
+
 def check_video(args, config):
     """Video settings against the AE class, before any weights load. Returns whether it trains on clips."""
     row = ae.get_row(config)
@@ -686,7 +764,7 @@ class SEAutoencoderLoss(nn.Module):
             terms["chf"] = chf_loss(x, z, self.decode, chf_ratio, a.dct_block_size, distance=self.distance)
             loss = loss + a.chf_weight * terms["chf"]
         if a.soft_penalty_weight > 0:
-            terms["soft"] = soft_frequency_penalty(z, a.dct_block_size, a.soft_penalty_p)
+            terms["soft"] = soft_frequency_penalty(z, a.dct_block_size, a.soft_penalty_p, a.soft_penalty_normalization)
             loss = loss + a.soft_penalty_weight * terms["soft"]
         return loss, terms
 
@@ -938,6 +1016,9 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    # A preset's Table 5 batch is global: split over this launch's processes, before any data or weights load
+    for key, value in split_global_batch(args, accelerator.num_processes).items():
+        setattr(args, key, value)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1046,12 +1127,9 @@ def main(args):
         tracker_config = {k: v for k, v in tracker_config.items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("train_ae_se", config=tracker_config)
 
-    per_step = accelerator.num_processes * args.gradient_accumulation_steps
-    batch_desc = f"{args.train_batch_size * per_step} images"
-    if is_video:
-        batch_desc += f" + {args.video_batch_size * per_step} clips of {args.num_frames} frames"
+    global_batch = describe_global_batch(args, accelerator.num_processes, is_video)
     logger.info(
-        f"***** SE fine-tuning: {args.max_train_steps} steps, total batch {batch_desc}, "
+        f"***** SE fine-tuning: {args.max_train_steps} steps, global batch {global_batch['description']}, "
         f"alpha={args.se_weight}, scales={args.se_scale_factors}, KL={args.kl_weight} *****"
     )
 
@@ -1198,6 +1276,8 @@ def main(args):
             normalization=normalization,
             cross_decoding=cross,
             validation=val_info,
+            global_batch={k: v for k, v in global_batch.items() if k != "description"},
+            global_batch_description=global_batch["description"],
         )
         write_outputs(args, before, after, rgb, val, run)
         if "image" in val:
@@ -1330,6 +1410,7 @@ def write_outputs(args, before, after, rgb, val, run):
         {
             "latent_normalization": {"base": run["base_normalization"], **run["normalization"]},
             "train_steps": run["steps"],
+            "global_batch": run["global_batch"],
             "skipped_images": run["skips"]["unreadable_files"],  # unique unreadable files (not skip events)
             "unreadable_files": run["skips"],
             "train_seconds": round(run["seconds"], 1),
@@ -1348,7 +1429,8 @@ def write_outputs(args, before, after, rgb, val, run):
         plot_spectra(profiles, energies, title="Latent spectrum before and after fine-tuning (paper Fig. 2/4)"),
         os.path.join(args.output_dir, "spectrum.png"),
     )
-    hp = {k: v for k, v in vars(args).items() if k not in ("hub_token", "embedded_model", "embedded_data")}
+    hidden = ("hub_token", "embedded_model", "embedded_data", "preset_global_batch")
+    hp = {k: v for k, v in vars(args).items() if k not in hidden}
     for key in ("se_scale_factors", "se_temporal_scale_factors"):
         hp[key] = " ".join(map(str, getattr(args, key) or [])) or None
     if args.embedded_model:
@@ -1380,6 +1462,7 @@ def write_outputs(args, before, after, rgb, val, run):
             "se_weight": args.se_weight,
             "scale_factors": hp["se_scale_factors"],
             "steps": run["steps"],
+            "global_batch": run["global_batch_description"],
             "trainable": f"{run['trainable']:,}",
             "total": f"{run['total']:,}",
             "results_table": markdown_table(rows, ["metric", "before", "after"]),

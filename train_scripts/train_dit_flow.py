@@ -140,7 +140,13 @@ def parse_args(input_args=None):
         "--class_dropout_prob", type=float, default=0.1, help="Labels replaced by the null class (CFG training)."
     )
     # Optimisation
-    parser.add_argument("--train_batch_size", type=int, default=None, help="Per-device batch (default 32).")
+    parser.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=None,
+        help="Latents per process and micro-batch, as in diffusers' examples (global batch = this x processes x "
+        "accumulation steps; default 32). App. B gives no DiT batch size, so no preset sets one.",
+    )
     parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (paper: 400k).")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
     parser.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate (App. B: 3e-4).")
@@ -559,7 +565,11 @@ def main(args):
         config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("train_dit_flow", config=config)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Flow matching: {args.max_train_steps} steps, total batch {total_batch} *****")
+    args.global_batch = (
+        f"{total_batch} latents ({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+        f"{args.gradient_accumulation_steps} accumulation steps)"
+    )
+    logger.info(f"***** Flow matching: {args.max_train_steps} steps, global batch {args.global_batch} *****")
 
     # Resume (from the newest complete checkpoint for 'latest': see resolve_resume above)
     global_step, first_epoch, skip = 0, 0, 0
@@ -728,6 +738,7 @@ def write_card(folder, args, meta, transformer, steps, seconds, loss):
             "transformer_class": type(transformer).__name__,
             "num_parameters": f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M",
             "steps": steps,
+            "global_batch": args.global_batch,
             "minutes": f"{seconds / 60:.1f}",
             "final_loss": f"{loss.get('train/loss', float('nan')):.4f}",
             "num_classes": meta["num_classes"],
