@@ -574,8 +574,8 @@ def test_eval_dit_check_samples_refuses_other_settings_and_unknown_samples(tmp_p
     folder = tmp_path / "samples"
     folder.mkdir()
     settings = {
-        "num_inference_steps": 2, "guidance_scale": 1.0, "shift": 1.0, "class_sampling": "random", "seed": 0,
-        "num_classes": 3, "resolution": 64, "mixed_precision": "no",
+        "num_inference_steps": 2, "guidance_scale": 1.0, "guidance_interval": None, "shift": 1.0,
+        "class_sampling": "random", "seed": 0, "num_classes": 3, "resolution": 64, "mixed_precision": "no",
     }  # fmt: skip
     provenance = {"pipeline": {"transformer": "t", "vae": "v"}, "settings": settings}
     Image.new("RGB", (4, 4)).save(folder / "000000.png")
@@ -671,3 +671,26 @@ def test_eval_dit_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(args)
     assert message in capsys.readouterr().err
+
+
+def test_eval_dit_defaults_are_the_papers_protocol(tmp_path, capsys):
+    """Sec. 4, "Inference details": 256 steps without guidance, classes drawn at random; the guidance interval only
+    with guidance."""
+    script = load_script("eval_dit")
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    args = script.parse_args(["--pipeline", str(pipeline)])
+    assert (args.num_inference_steps, args.guidance_scale, args.guidance_interval) == (256, 1.0, None)
+    assert args.class_sampling == "random"
+    guided = script.parse_args(
+        ["--pipeline", str(pipeline), "--guidance_scale", "3", "--guidance_interval", "0.1", "0.9"]
+    )
+    assert guided.guidance_interval == [0.1, 0.9]
+    for extra, message in [
+        (["--guidance_interval", "0.1", "0.9"], "needs --guidance_scale > 1"),
+        (["--guidance_scale", "3", "--guidance_interval", "0.9", "0.1"], "0 <= SIGMA_MIN <= SIGMA_MAX <= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            script.parse_args(["--pipeline", str(pipeline), *extra])
+        assert message in capsys.readouterr().err

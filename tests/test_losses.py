@@ -71,6 +71,41 @@ def test_downsample_bilinear_factor4_averages_centre_pixels():
     np.testing.assert_allclose(downsample(x, 4, "bilinear").numpy(), expected, atol=1e-12)
 
 
+def np_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resampling with align_corners=True, by hand: output i samples input (H - 1) i / (out - 1)."""
+
+    def weights(n_in, n_out):  # (n_out, n_in) interpolation matrix
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            pos = (n_in - 1) * i / (n_out - 1) if n_out > 1 else 0.0
+            lo = min(int(np.floor(pos)), n_in - 1)
+            hi, frac = min(lo + 1, n_in - 1), pos - np.floor(pos)
+            m[i, lo] += 1 - frac
+            m[i, hi] += frac
+        return m
+
+    rows, cols = weights(x.shape[-2], out_h), weights(x.shape[-1], out_w)
+    return np.einsum("oh,...hw,pw->...op", rows, x, cols)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_downsample_bilinear_align_corners_is_the_authors_bil(factor):
+    """The authors' 'bil': F.interpolate(bilinear, align_corners=True), no antialias; per frame for videos."""
+    x = randn(2, 3, 16, 24, seed=7).double()
+    got = downsample(x, factor, "bilinear_align_corners")
+    np.testing.assert_allclose(
+        got.numpy(), np_bilinear_align_corners(x.numpy(), 16 // factor, 24 // factor), atol=1e-12
+    )
+    # Corners map onto corners (unlike align_corners=False), and it differs from the other modes
+    np.testing.assert_allclose(got[..., 0, 0].numpy(), x[..., 0, 0].numpy(), atol=1e-12)
+    np.testing.assert_allclose(got[..., -1, -1].numpy(), x[..., -1, -1].numpy(), atol=1e-12)
+    for other in ("bilinear", "area"):
+        assert not torch.allclose(got, downsample(x, factor, other))
+    v = randn(1, 2, 3, 8, 8, seed=8).double()
+    expected = np.stack([np_bilinear_align_corners(f.numpy(), 8 // factor, 8 // factor) for f in frames(v)], axis=2)
+    np.testing.assert_allclose(downsample(v, factor, "bilinear_align_corners").numpy(), expected, atol=1e-12)
+
+
 def test_downsample_antialias_differs_but_preserves_constants():
     x = randn(1, 2, 16, 16, seed=4)
     aa = downsample(x, 4, "bilinear_antialias")

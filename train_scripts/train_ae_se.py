@@ -97,7 +97,9 @@ logger = get_logger(__name__)
 EMBEDDED_AE = ae.EMBEDDED_AE
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 
-# Paper Table 5 (Appendix B). `kl_weight` is the baseline's KL beta: SE runs turn KL off (Section 3.3).
+# Paper Table 5 (Appendix B). `kl_weight` is the baseline's KL beta: SE runs turn KL off (Section 3.3). The batch sizes
+# are global ("a batch size of 32 (320,000 total seen images)", Sec. 4): split_global_batch() divides them over the
+# processes and accumulation steps of the launch.
 PRESETS = {
     "flux": dict(
         learning_rate=1e-5,

@@ -12,7 +12,7 @@ Only the toolkit's own scripts are used, each as a user would run it:
 2. Reconstruction (Table 4) and DCT-cut robustness (Fig. 8): ``eval_ae.py`` on held-out crops (PSNR, SSIM).
 3. Spectrum (Fig. 4): ``analyze_spectrum.py``, latent profiles of the three AEs against RGB.
 4. Stage II (Table 1): per AE, ``extract_latents.py`` then ``train_dit_flow.py`` (the same small DiT, class = the
-   source photograph of a crop) for each of ``--seeds``; ``eval_dit.py`` samples each pipeline and computes the
+   source photograph of a crop; diffusers' stock DiT, ``--stock_dit``, as in the committed results' run) for each of ``--seeds``; ``eval_dit.py`` samples each pipeline and computes the
    Frechet distance in the feature space of a small classifier trained here on real crops (a domain "Inception":
    Inception itself needs downloaded weights and was not trained on these photographs).
 5. ``results.md`` (three tables, the plots) and ``results.json`` in ``--output_dir``; ``--results_dir`` also copies
@@ -287,7 +287,8 @@ def main():
         shutil.rmtree(dit, ignore_errors=True)
         times[f"dit_{name}_{seed}"] = run(
             "train_dit_flow.py", "--latents_dir", latents[name], "--pretrained_vae_model_name_or_path", models[name],
-            "--model", cfg["dit"], "--max_train_steps", cfg["dit_steps"], "--train_batch_size", cfg["dit_batch"],
+            "--model", cfg["dit"], "--stock_dit", "--max_train_steps", cfg["dit_steps"], "--train_batch_size",
+            cfg["dit_batch"],
             "--learning_rate", cfg["dit_lr"], "--lr_warmup_steps", max(1, cfg["dit_steps"] // 10),
             "--validation_steps", cfg["dit_steps"], "--checkpointing_steps", cfg["dit_steps"],
             "--num_inference_steps", cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir",
