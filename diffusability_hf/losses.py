@@ -44,7 +44,8 @@ def downsample(x: torch.Tensor, factor: int, mode: str = "bilinear") -> torch.Te
         ``bilinear_align_corners``: the authors' ``'bil'``: bilinear with ``align_corners=True``, no antialiasing.
             Output pixel ``i`` samples input position ``i * (H - 1) / (H / factor - 1)``, so the corners map onto
             the corners and the sampling grid spreads over the whole image instead of sitting at cell centres.
-        ``bilinear_antialias``: bilinear with torch's antialiasing filter (a triangle kernel ``factor`` wide).
+        ``bilinear_antialias``: bilinear with torch's antialiasing filter (a triangle stretched by ``factor``: at x4,
+            weights 1, 3, 5, 7, 7, 5, 3, 1 / 32 over the 8 pixels around each 4-pixel cell).
         ``area``: box averaging of each ``factor x factor`` cell (average pooling), the authors' ``'mean'``.
 
     ``H`` and ``W`` must be divisible by ``factor``.
