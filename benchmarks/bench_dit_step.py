@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """DiT training-step time of train_dit_flow.py's loop against a bare forward + backward of the same model.
 
-For each ``--models`` DiT (built by the script's ``build_transformer``: the stock ``DiTTransformer2DModel``, or the
-toolkit's ``SelfConditionedDiT`` when ``--self_conditioning_prob`` > 0) and each ``--latents`` shape (16x8x8 = the
+For each ``--models`` DiT (built by the script's ``build_transformer``: the stock ``DiTTransformer2DModel``, the
+script's ``--stock_dit``, or, when ``--self_conditioning_prob`` > 0, the toolkit's ``SelfConditionedDiT`` with sin-cos
+positions) and each ``--latents`` shape (16x8x8 = the
 embedded autoencoder at 64 px; 4x32x32 = SD-VAE latents of ImageNet-256), at batch ``--batch_size``:
 
 * (a) bare: ``model(x_t, t, labels).sample``, MSE to a fixed target, backward, AdamW step, on precomputed random
@@ -99,7 +100,7 @@ def script_namespace(args, model_name):
     """The train_dit_flow.py flags that ``build_transformer`` and ``FlowMatchingLoss`` read (script defaults)."""
     return argparse.Namespace(
         model=model_name, model_config_name_or_path=None, pos_embed="sincos", latents_dir="(benchmark)",
-        self_conditioning_prob=args.self_conditioning_prob, weighting_scheme="logit_normal", logit_mean=0.0,
+        stock_dit=args.self_conditioning_prob == 0, self_conditioning_prob=args.self_conditioning_prob, weighting_scheme="logit_normal", logit_mean=0.0,
         logit_std=1.0, class_dropout_prob=0.1,
     )  # fmt: skip
 
@@ -247,11 +248,32 @@ def script_ms_per_step(model_name, latents_dir, vae, args, tmp, device):
         t = []
         for n in (n1, n2):
             out = os.path.join(tmp, f"dit_{rep}_{n}")
-            cmd = [sys.executable, TRAIN_SCRIPT, "--latents_dir", latents_dir, "--model", model_name,
-                   "--train_batch_size", str(args.batch_size), "--max_train_steps", str(n),
-                   "--validation_steps", BIG, "--checkpointing_steps", BIG, "--report_to", "none",
-                   "--num_inference_steps", "1", "--self_conditioning_prob", str(args.self_conditioning_prob),
-                   "--mixed_precision", args.mixed_precision, "--output_dir", out]  # fmt: skip
+            cmd = [
+                sys.executable,
+                TRAIN_SCRIPT,
+                "--latents_dir",
+                latents_dir,
+                "--model",
+                model_name,
+                "--train_batch_size",
+                str(args.batch_size),
+                "--max_train_steps",
+                str(n),
+                "--validation_steps",
+                BIG,
+                "--checkpointing_steps",
+                BIG,
+                "--report_to",
+                "none",
+                "--num_inference_steps",
+                "1",
+                "--mixed_precision",
+                args.mixed_precision,
+                "--output_dir",
+                out,
+            ]
+            cmd += (["--stock_dit"] if args.self_conditioning_prob == 0 else
+                    ["--pos_embed", "sincos", "--self_conditioning_prob", str(args.self_conditioning_prob)])  # fmt: skip
             if vae is not None:
                 cmd += ["--pretrained_vae_model_name_or_path", vae]
             t.append(run(cmd, device))
