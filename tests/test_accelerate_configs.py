@@ -82,7 +82,7 @@ def test_two_process_ddp_equals_one_process_with_twice_the_batch(tmp_path, tiny_
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
     two = [*common, "--train_batch_size", 2, "--output_dir", tmp_path / "two"]
     proc = run_script("train_ae_se.py", two, launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
-    assert "total batch 4 images" in proc.stdout + proc.stderr
+    assert "global batch 4 images (2 per process x 2 processes" in proc.stdout + proc.stderr
     one, two = (load_file(str(tmp_path / d / "diffusion_pytorch_model.safetensors")) for d in ("one", "two"))
     start = load_file(os.path.join(tiny_vae_dir, "diffusion_pytorch_model.safetensors"))
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
