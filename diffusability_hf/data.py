@@ -46,6 +46,40 @@ def load_embedded_image(name: str) -> np.ndarray:
     return image
 
 
+# Colour photographs of other installed packages (each used only if its package is installed): scikit-learn's
+# sample images and matplotlib's sample data. The RGBA and synthetic images of these packages are not photographs.
+OPTIONAL_PHOTOGRAPHS = {
+    "sklearn_china": ("sklearn", "china.jpg"),
+    "sklearn_flower": ("sklearn", "flower.jpg"),
+    "grace_hopper": ("matplotlib", "grace_hopper.jpg"),
+}
+
+
+def installed_photographs() -> List[str]:
+    """Every colour photograph that ships with the installed packages, by name (for :func:`load_photograph`): the
+    scikit-image ones of :data:`EMBEDDED_TRAIN_IMAGES` and :data:`EMBEDDED_VALIDATION_IMAGES`, then those of
+    :data:`OPTIONAL_PHOTOGRAPHS` whose package is installed."""
+    import importlib.util
+
+    names = list(EMBEDDED_TRAIN_IMAGES) + list(EMBEDDED_VALIDATION_IMAGES)
+    return names + [n for n, (package, _) in OPTIONAL_PHOTOGRAPHS.items() if importlib.util.find_spec(package)]
+
+
+def load_photograph(name: str) -> np.ndarray:
+    """``(H, W, 3)`` uint8: a scikit-image photograph (:func:`load_embedded_image`) or one of
+    :data:`OPTIONAL_PHOTOGRAPHS` (scikit-learn's sample images, matplotlib's sample data)."""
+    if name not in OPTIONAL_PHOTOGRAPHS:
+        return load_embedded_image(name)
+    package, filename = OPTIONAL_PHOTOGRAPHS[name]
+    if package == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(filename), dtype=np.uint8)
+    import matplotlib.cbook
+
+    return np.asarray(Image.open(matplotlib.cbook.get_sample_data(filename, asfileobj=False)).convert("RGB"))
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB image -> ``(3, H, W)`` float32 in ``[-1, 1]``."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -70,7 +104,8 @@ def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rand
 
 
 class EmbeddedPhotoCrops(torch.utils.data.Dataset):
-    """``num_samples`` random crops of the scikit-image photographs, deterministic per index and ``seed``.
+    """``num_samples`` random crops of the scikit-image photographs (or any of :func:`installed_photographs`),
+    deterministic per index and ``seed``; crop ``i`` comes from photograph ``i % len(names)``.
 
     Each crop takes a random region of side ``resolution * s`` with ``s`` uniform in ``scale_range`` and resizes it
     to ``resolution`` (bicubic), so one photograph yields crops at several scales.
@@ -87,7 +122,7 @@ class EmbeddedPhotoCrops(torch.utils.data.Dataset):
     ):
         self.resolution, self.num_samples, self.seed = resolution, num_samples, seed
         self.random_flip, self.scale_range = random_flip, scale_range
-        self.images = [Image.fromarray(load_embedded_image(n)) for n in names]
+        self.images = [Image.fromarray(load_photograph(n)) for n in names]
         self.names = list(names)
 
     def __len__(self) -> int:
@@ -539,7 +574,7 @@ class EmbeddedPanClips(torch.utils.data.Dataset):
     ):
         self.resolution, self.num_frames, self.num_samples, self.seed = resolution, num_frames, num_samples, seed
         self.scale_range, self.max_travel = scale_range, max_travel
-        self.images = [Image.fromarray(load_embedded_image(n)) for n in names]
+        self.images = [Image.fromarray(load_photograph(n)) for n in names]
         self.gif = _decode_gif(embedded_gif_path()) if include_gif else None  # Pillow: no video extra needed
 
     def __len__(self) -> int:

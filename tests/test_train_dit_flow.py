@@ -323,3 +323,96 @@ def test_on_the_fly_statistics_are_those_of_posterior_samples(tiny_vae_dir):
     np.testing.assert_allclose(mean, flat.mean(1), rtol=0, atol=3e-3 * flat.std(1).max())
     np.testing.assert_allclose(std, flat.std(1), rtol=3e-3)
     assert np.all(np.array(std) > mu.transpose(1, 0, 2, 3).reshape(mu.shape[1], -1).std(1))  # not the means' std
+
+
+def transformer_weights(folder):
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def test_pipeline_snapshots_hold_the_ema_weights_of_their_step(tmp_path, latents, run_script):
+    from diffusers import DiffusionPipeline
+
+    # Steps inside a long warmup (lr = step / warmup, whatever --max_train_steps) and a short EMA half-life without
+    # ramp (the EMA far from the raw weights): a 2-step run's final pipeline is what a 4-step run has at step 2
+    common = ["--ema_halflife_steps", 3, "--ema_rampup_ratio", 0, "--lr_warmup_steps", 100, "--checkpointing_steps", 2]
+    full, short, resumed = tmp_path / "full", tmp_path / "short", tmp_path / "resumed"
+    proc = train(run_script, latents, full, *common, "--max_train_steps", 4, "--pipeline_snapshot_steps", 1)
+    snapshots = full / "snapshots"
+    assert sorted(os.listdir(snapshots)) == ["step-1", "step-2", "step-3"]  # not the last step: the main save
+    assert f"Saved the EMA pipeline at step 2 to {snapshots / 'step-2'}" in proc.stderr
+    assert "README.md, samples.png, checkpoint-4, snapshots" in proc.stderr
+    final = json.loads((full / "model_index.json").read_text())
+    index = json.loads((snapshots / "step-2" / "model_index.json").read_text())
+    assert final["provenance"]["step"] == 4 and index["provenance"] == {**final["provenance"], "step": 2}
+    assert index["_class_name"] == final["_class_name"] and index["transformer"] == final["transformer"]
+    for name in ("model_index.json", "pipeline.py", "transformer/selfcond_dit.py", "vae", "scheduler"):
+        assert (snapshots / "step-2" / name).exists(), name
+    assert not (snapshots / "step-2" / "samples.png").exists()
+
+    # The EMA of checkpoint-2 (the same step), not its raw weights
+    snap = transformer_weights(snapshots / "step-2")
+    raw = load_file(full / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(snap[k], raw[f"transformer.{k}"]) for k in snap)
+    pipe = DiTFlowMatchPipeline.from_pretrained(snapshots / "step-2")
+    shadow = torch.load(full / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)["shadow"]
+    for (key, param), ema in zip(pipe.transformer.named_parameters(), shadow, strict=True):
+        torch.testing.assert_close(param.detach(), ema, rtol=0, atol=0, msg=key)
+    assert pipe.config.provenance["step"] == 2
+    images = pipe([0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np_finite(images)
+    remote = DiffusionPipeline.from_pretrained(snapshots / "step-1", trust_remote_code=True)
+    assert remote.config.provenance["step"] == 1 and type(remote).__name__ == "DiTFlowMatchPipeline"
+
+    # A 2-step run's final pipeline: the weights of the 4-step run's snapshot at step 2. Into the folder of an
+    # earlier run, replaced with --overwrite_output_dir: its snapshots are deleted at the start
+    (short / "snapshots" / "step-9").mkdir(parents=True)
+    (short / "model_index.json").write_text("{}")
+    proc = train(run_script, latents, short, *common, "--max_train_steps", 2, "--overwrite_output_dir")
+    assert "Removed snapshots/ of the earlier run (--overwrite_output_dir)" in proc.stderr
+    assert not (short / "snapshots").exists()  # none asked for this time
+    assert json.loads((short / "model_index.json").read_text())["provenance"]["step"] == 2
+    ref = transformer_weights(short)
+    assert snap.keys() == ref.keys()
+    for key in snap:
+        torch.testing.assert_close(snap[key], ref[key], rtol=0, atol=0, msg=key)
+
+    # Resumed from checkpoint-2: existing snapshots are kept, the one of a step trained again is replaced (here a
+    # stale copy of another step's), the leftover of a killed snapshot save is removed
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(snapshots / "step-1", resumed / "snapshots" / "step-1")
+    (resumed / "snapshots" / "step-1" / "kept.txt").write_text("kept")
+    shutil.copytree(snapshots / "step-1", resumed / "snapshots" / "step-3")
+    (resumed / "snapshots" / ".tmp-save-x" / "step-3").mkdir(parents=True)
+    args = [*common, "--max_train_steps", 4, "--pipeline_snapshot_steps", 1, "--resume_from_checkpoint", "latest"]
+    proc = train(run_script, latents, resumed, *args)
+    assert "Removed snapshots/.tmp-save-x, left by a save that was interrupted" in proc.stderr
+    assert sorted(os.listdir(resumed / "snapshots")) == ["step-1", "step-3"]
+    assert (resumed / "snapshots" / "step-1" / "kept.txt").is_file()
+    a, b = transformer_weights(snapshots / "step-3"), transformer_weights(resumed / "snapshots" / "step-3")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert json.loads((resumed / "snapshots" / "step-3" / "model_index.json").read_text())["provenance"]["step"] == 3
+
+
+def test_pipeline_snapshot_flag_checks(tmp_path, latents, capsys):
+    script = load_script()
+    assert script.parse_args(["--latents_dir", latents]).pipeline_snapshot_steps is None  # off by default
+    for bad in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--latents_dir", latents, "--pipeline_snapshot_steps", bad])
+        assert "--pipeline_snapshot_steps must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    assert "FD versus training steps" in " ".join(capsys.readouterr().out.split())
+    # Snapshots alone (a run killed before its first checkpoint) belong to a run: refused, or resumed into not at all
+    out = tmp_path / "dit"
+    (out / "snapshots" / "step-5").mkdir(parents=True)
+    with pytest.raises(UsageError, match="already holds the results of another run \\(snapshots\\)"):
+        script.main(script.parse_args(["--latents_dir", latents, "--output_dir", str(out)]))
+    args = script.parse_args(
+        ["--latents_dir", latents, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
+    )
+    with pytest.raises(UsageError, match="would replace the snapshots of the earlier run there"):
+        script.main(args)
+    assert os.listdir(out) == ["snapshots"]

@@ -8,9 +8,23 @@
 The profile is eq. 1: block-DCT amplitudes ``|D_uv / D_00|`` in zigzag order, averaged over blocks, channels and
 samples (:func:`diffusability_hf.spectral.frequency_profile`); RGB is measured at the latents' spatial size
 ("RGB of the same spatial dimension", Fig. 2) and at full resolution. The scalar high-frequency share is the part of
-the AC energy in the upper half of the zigzag order. Latents are posterior means in the AE's raw space
-(``--normalize_latents``: as the diffusion model sees them). Clips (``--video_data_dir`` etc. or ``--num_frames``)
-are analysed frame by frame; ``--per_frame`` also plots one profile per latent frame.
+the AC energy in the upper half of the zigzag order. Clips (``--video_data_dir`` etc. or ``--num_frames``) are
+analysed frame by frame; ``--per_frame`` also plots one profile per latent frame.
+
+Which latents: posterior means in the AE's raw space by default; ``--sample_posterior`` analyses posterior samples
+``z = mean + std * eps`` instead (what a diffusion model is trained on, paper App. B), sample ``i`` of the evaluation
+set drawing its ``eps`` from its own CPU generator seeded ``seed * 1_000_003 + i`` (``--seed``; the same numbers
+whatever the batch size, process count or device). A deterministic encoder has no std: its samples are its means.
+``--normalize_latents`` (or ``--normalize_latents config``) applies the AE's own normalisation
+(:func:`diffusability_hf.autoencoders.normalize_latents`); ``--normalize_latents per_channel`` standardises each
+latent channel by the mean and std of the analysed latents themselves, measured over the whole analysed set as
+``extract_latents.py`` measures the statistics the DiT normalises with (``E[z] = E[mean]``, ``Var(z) = Var(mean) +
+E[std^2]`` for samples, ``Var(mean)`` for means): what this toolkit's DiT sees. It encodes the set twice (statistics
+first). Normalisation matters because channels are pooled: the high-frequency share is invariant to one global
+scale but not to one scale per channel. Every model's entry also records ``posterior_variance_ratio``, per channel
+``E[std^2] / (Var(mean) + E[std^2])`` over the analysed samples and positions (the share of the channel's latent
+variance that is posterior noise; 0 for deterministic encoders), in the space analysed (a per-channel scale leaves
+it unchanged).
 
 ``spectrum.png`` shows eq. 1 beside each zigzag index's share of the AC energy (``E_k / sum_{j >= 1} E_j``, no
 division by the near-zero DC of zero-mean latents), where an SE autoencoder's lower high-frequency energy shows at a
@@ -55,6 +69,8 @@ logger = get_logger(__name__)
 
 # What a finished run leaves in --output_dir (a second run into it needs --overwrite_output_dir)
 RESULTS = ("spectrum.json", "spectrum.md", "spectrum.png", "spectrum_channels.png", "spectrum_frames.png")
+NORMALIZATIONS = ("none", "config", "per_channel")
+SEED_STRIDE = 1_000_003  # sample i of --seed s draws its posterior noise from a generator seeded s * SEED_STRIDE + i
 
 
 def parse_args(input_args=None):
@@ -93,7 +109,27 @@ def parse_args(input_args=None):
     parser.add_argument("--per_channel", action="store_true", help="Also one profile per latent channel.")
     parser.add_argument("--per_frame", action="store_true", help="Clips: also one profile per latent frame.")
     parser.add_argument(
-        "--normalize_latents", action="store_true", help="Analyse latents normalised as the diffusion model sees them."
+        "--normalize_latents",
+        type=str,
+        nargs="?",
+        const="config",
+        default="none",
+        choices=NORMALIZATIONS,
+        help="Normalise the latents before the DCT: 'config' (the flag alone) with the AE's own normalisation, as "
+        "its diffusers pipelines do; 'per_channel' by each channel's mean and std over the analysed latents (as "
+        "extract_latents.py measures them for this toolkit's DiT; encodes the set twice); 'none' (default): raw.",
+    )
+    parser.add_argument(
+        "--sample_posterior",
+        action="store_true",
+        help="Analyse posterior samples z = mean + std * eps (what the diffusion model trains on) instead of the "
+        "posterior means; deterministic encoders give their means.",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="--sample_posterior: sample i draws eps from a generator seeded seed * 1000003 + i (any batch size).",
     )
     parser.add_argument(
         "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Autocast for the AEs."
@@ -127,6 +163,8 @@ def parse_args(input_args=None):
             parser.error(f"--{flag} must be positive.")
     if not 0 < args.hf_cutoff < 1:
         parser.error("--hf_cutoff must be in (0, 1).")
+    if args.seed < 0:
+        parser.error("--seed must be non-negative.")
     labels = [ae.parse_model_spec(s)[0] for s in args.models]
     if len(set(labels)) != len(labels):
         parser.error(f"Two --models share a label ({labels}): name them as LABEL=PATH.")
@@ -178,18 +216,121 @@ def zigzag_quarters(num):
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a >= 1]
 
 
-@torch.no_grad()
-def analyse(vae, loader, args, accelerator, sums, label, rgb_done):
-    f = ae.spatial_compression(vae)
-    skipped = 0
+class ChannelMoments:
+    """Per-channel float64 sums over samples, frames and positions of the posterior mean, its square and the
+    posterior variance ``std ** 2`` (0 for deterministic encoders), that processes can add up."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, key, mean, var):
+        dims = [0] + list(range(2, mean.ndim))
+        part = torch.stack([mean.sum(dims), mean.square().sum(dims), var.sum(dims)]).double().cpu()  # (3, C)
+        n = mean.numel() // mean.shape[1]
+        old = self.sums.get(key)
+        self.sums[key] = (part, n) if old is None else (old[0] + part, old[1] + n)
+
+    @staticmethod
+    def merge(parts):
+        total = ChannelMoments()
+        for part in parts:
+            for key, (sums, n) in part.sums.items():
+                old = total.sums.get(key)
+                total.sums[key] = (sums, n) if old is None else (old[0] + sums, old[1] + n)
+        return total
+
+    def stats(self, key):
+        """``(E[mean], Var(mean), E[std^2])`` per channel, float64 ``(C,)`` each (population moments)."""
+        sums, n = self.sums[key]
+        channel_mean, mean_sq, posterior_var = sums / n
+        return channel_mean, (mean_sq - channel_mean.square()).clamp_min(0), posterior_var
+
+    def standardization(self, key, samples):
+        """Per-channel ``(mean, std)`` of the analysed latents, as extract_latents.py measures them: ``E[z] =
+        E[mean]``, ``Var(z) = Var(mean) + E[std^2]`` for posterior samples, ``Var(mean)`` for means."""
+        channel_mean, var_means, posterior_var = self.stats(key)
+        var = var_means + posterior_var if samples else var_means
+        return channel_mean, var.clamp_min(1e-12).sqrt()
+
+    def variance_ratio(self, key):
+        """``E[std^2] / (Var(mean) + E[std^2])`` per channel (0 for a channel without variance)."""
+        _, var_means, posterior_var = self.stats(key)
+        total = var_means + posterior_var
+        return torch.where(total > 0, posterior_var / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def encoded_batches(vae, loader, indices, accelerator, counts):
+    """``(pixels, mean, std, sample indices)`` per batch of readable samples (``std`` ``None`` for deterministic
+    encoders; float32); ``counts["skipped"]`` counts the unreadable ones. ``indices``: the loader's samples' indices
+    in the evaluation set, in loader order (it does not shuffle)."""
+    start = 0
     for pixels, ok in tqdm(loader, disable=not accelerator.is_local_main_process, leave=False):
-        skipped += int((~ok).sum())
+        batch = [i for i, good in zip(indices[start : start + len(ok)], ok.tolist()) if good]
+        start += len(ok)
+        counts["skipped"] += int((~ok).sum())
         pixels = pixels[ok].to(accelerator.device)
         if len(pixels) == 0:
             continue
         with accelerator.autocast():
-            z = ae.encode(vae, pixels).mode()
-        z = (ae.normalize_latents(vae, z) if args.normalize_latents else z).float()  # (N, C, [T,] h, w)
+            post = ae.encode(vae, pixels)
+        yield pixels, post.mean.float(), None if post.std is None else post.std.float(), batch
+
+
+def posterior_noise(shape, sample_indices, seed, device):
+    """``eps`` of shape ``(len(sample_indices), *shape)``: sample ``i`` from a CPU generator seeded
+    ``seed * SEED_STRIDE + i`` (the same numbers whatever the batch, process or device)."""
+    noise = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + i)) for i in sample_indices
+    ]
+    return torch.stack(noise).to(device)
+
+
+def moment_space(vae, mean, std, args):
+    """Posterior mean and variance (float64) in the space whose per-channel moments are recorded: the AE's
+    normalised space with ``--normalize_latents config`` (its normalisation is affine per element, so the std
+    scales by ``|normalize(1) - normalize(0)|``), else the raw one (a per-channel standardisation does not change
+    the variance ratio)."""
+    mean = mean.double()
+    var = torch.zeros_like(mean) if std is None else std.double().square()
+    if args.normalize_latents == "config":
+        scale = ae.normalize_latents(vae, torch.ones_like(mean)) - ae.normalize_latents(vae, torch.zeros_like(mean))
+        mean, var = ae.normalize_latents(vae, mean), var * scale.square()
+    return mean, var
+
+
+def analysed_latents(vae, mean, std, sample_indices, args, standardization=None):
+    """The latents whose spectrum is measured: posterior samples (``--sample_posterior``, when the encoder has a
+    std) or means, normalised as ``--normalize_latents`` says (``standardization``: per-channel ``(mean, std)``)."""
+    z = mean
+    if args.sample_posterior and std is not None:
+        z = mean + std * posterior_noise(mean.shape[1:], sample_indices, args.seed, mean.device)
+    if args.normalize_latents == "config":
+        z = ae.normalize_latents(vae, z)
+    elif args.normalize_latents == "per_channel":
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        m, s = (t.to(device=z.device, dtype=z.dtype).reshape(shape) for t in standardization)
+        z = (z - m) / s
+    return z.float()  # (N, C, [T,] h, w)
+
+
+@torch.no_grad()
+def measure_moments(vae, loader, indices, args, accelerator, label):
+    """A first pass for ``--normalize_latents per_channel``: the per-channel moments over every process."""
+    moments, counts = ChannelMoments(), {"skipped": 0}
+    for _, mean, std, _ in encoded_batches(vae, loader, indices, accelerator, counts):
+        moments.add(label, *moment_space(vae, mean, std, args))
+    return ChannelMoments.merge(gather_object([moments]))
+
+
+@torch.no_grad()
+def analyse(vae, loader, indices, args, accelerator, sums, moments, label, rgb_done, standardization=None):
+    """Adds the spectra of the analysed latents (and of RGB unless ``rgb_done``) to ``sums`` and their posterior
+    moments to ``moments``; returns the number of unreadable samples."""
+    f = ae.spatial_compression(vae)
+    counts = {"skipped": 0}
+    for pixels, mean, std, batch in encoded_batches(vae, loader, indices, accelerator, counts):
+        moments.add(label, *moment_space(vae, mean, std, args))
+        z = analysed_latents(vae, mean, std, batch, args, standardization)
         sums.add(label, z, args.block_size)
         if args.per_channel:
             for c in range(z.shape[1]):
@@ -200,7 +341,7 @@ def analyse(vae, loader, args, accelerator, sums, label, rgb_done):
         if not rgb_done:
             sums.add(("RGB", f), downsample(pixels.float(), f, "area"), args.block_size)
             sums.add(("RGB", 1), pixels.float(), args.block_size)
-    return skipped
+    return counts["skipped"]
 
 
 def plot_groups(path, groups, per):
@@ -232,24 +373,32 @@ def main(args):
         torch.utils.data.Subset(samples, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
     )
 
-    sums, info, skipped, done = ProfileSums(), {}, 0, set()
+    sums, moments, info, skipped, done = ProfileSums(), ChannelMoments(), {}, 0, set()
     for label, path, sub, config in models:
         logger.info(f"Encoding with {label} ({config['_class_name']})")
         vae = ae.load_pretrained(path, sub, args.revision, args.variant, args.cache_dir).to(accelerator.device)
         f = ae.spatial_compression(config)
-        skipped = analyse(vae, loader, args, accelerator, sums, label, f in done)
+        standardization = None
+        if args.normalize_latents == "per_channel":
+            logger.info(f"Measuring the per-channel statistics of {label}'s latents")
+            first = measure_moments(vae, loader, indices, args, accelerator, label)
+            standardization = first.standardization(label, args.sample_posterior)
+        skipped = analyse(vae, loader, indices, args, accelerator, sums, moments, label, f in done, standardization)
         done.add(f)
         info[label] = {
             "model": path + (f":{sub}" if sub else ""),
             "class": config["_class_name"],
             "weights_fingerprint": ae.weights_fingerprint(vae),
             "compression": f,
+            "standardization": standardization,
+            "posterior_std": not ae.get_row(config).deterministic,  # deterministic encoders have none
         }
         del vae
     sums = ProfileSums.merge(gather_object([sums]))
+    moments = ChannelMoments.merge(gather_object([moments]))
     skipped = sum(gather_object([skipped]))
     if accelerator.is_main_process:
-        written = write_outputs(args, samples, sums, info, sorted(done), skipped)
+        written = write_outputs(args, samples, sums, moments, info, sorted(done), skipped)
         for name in set(RESULTS) - set(written):  # --overwrite_output_dir: no stale plot of the earlier run stays
             if os.path.isfile(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
@@ -257,7 +406,23 @@ def main(args):
     accelerator.end_training()
 
 
-def write_outputs(args, samples, sums, info, compressions, skipped):
+def latents_entry(args, meta, moments, label):
+    """What spectrum.json records of a model's analysed latents: which ones, their normalisation and the posterior
+    variance ratio per channel."""
+    sampled = args.sample_posterior and meta["posterior_std"]
+    entry = {"latents": "posterior samples" if sampled else "posterior means", "normalization": args.normalize_latents}
+    if args.sample_posterior and not meta["posterior_std"]:
+        entry["latents_note"] = "deterministic encoder: no posterior std, its posterior samples are its means"
+    if meta["standardization"] is not None:
+        channel_mean, channel_std = meta["standardization"]
+        entry["normalization_mean"], entry["normalization_std"] = channel_mean.tolist(), channel_std.tolist()
+    ratio = moments.variance_ratio(label)
+    entry["posterior_variance_ratio"] = ratio.tolist()  # E[std^2] / (Var(mean) + E[std^2]) per channel
+    entry["posterior_variance_ratio_mean"] = float(ratio.mean())
+    return entry
+
+
+def write_outputs(args, samples, sums, moments, info, compressions, skipped):
     """spectrum.json, spectrum.md and the plots, each written atomically; returns the names written."""
     cut = args.hf_cutoff
     result = {
@@ -267,7 +432,9 @@ def write_outputs(args, samples, sums, info, compressions, skipped):
         "skipped": skipped,
         "block_size": args.block_size,
         "hf_cutoff": cut,
-        "latents": "normalised" if args.normalize_latents else "raw posterior means",
+        "latents": "posterior samples" if args.sample_posterior else "posterior means",
+        "normalization": args.normalize_latents,  # none, config (the AE's own) or per_channel (measured here)
+        "seed": args.seed if args.sample_posterior else None,
         "rgb": {str(f): sums.result(("RGB", f), cut) for f in [1] + compressions},
         "models": {},
     }
@@ -276,7 +443,8 @@ def write_outputs(args, samples, sums, info, compressions, skipped):
         profiles[f"RGB ({args.resolution // f} px)"] = result["rgb"][str(f)]["profile"]
         energies[f"RGB ({args.resolution // f} px)"] = result["rgb"][str(f)]["energy"]
     for label, meta in info.items():
-        entry = {**meta, **sums.result(label, cut)}
+        entry = {k: v for k, v in meta.items() if k != "standardization"}
+        entry.update(latents_entry(args, meta, moments, label), **sums.result(label, cut))
         if args.per_channel:
             keys = sorted(k[2] for k in sums.sums if isinstance(k, tuple) and k[:2] == (label, "channel"))
             entry["channels"] = [sums.result((label, "channel", c), cut) for c in keys]
@@ -318,7 +486,22 @@ def write_outputs(args, samples, sums, info, compressions, skipped):
         "The AC shares are the parts of each signal's AC energy (all coefficients but the DC term) at those zigzag "
         "indices; spectrum.json has one per index (`ac_energy_shares`).\n\n"
     )
-    atomic_write_text(os.path.join(args.output_dir, "spectrum.md"), text + table + "\n\n![spectrum](spectrum.png)\n")
+    # The latents analysed, one row per model (its own table: the one above holds numbers after the class only)
+    names = {"none": "none (raw)", "config": "the AE's own", "per_channel": "per channel (measured here)"}
+    latent_rows = [
+        [e["latents"], label, names[e["normalization"]], f"{e['posterior_variance_ratio_mean']:.4f}"]
+        for label, e in result["models"].items()
+    ]
+    latent_header = ["latents", "model", "normalisation", "posterior variance ratio (mean over channels)"]
+    latents_text = (
+        "\n\nThe posterior variance ratio of a channel is `E[std^2] / (Var(mean) + E[std^2])` over the analysed "
+        "samples and positions: the share of its latent variance that is posterior noise (spectrum.json has one per "
+        "channel, `posterior_variance_ratio`).\n\n" + markdown_table(latent_rows, latent_header)
+    )
+    atomic_write_text(
+        os.path.join(args.output_dir, "spectrum.md"),
+        text + table + latents_text + "\n\n![spectrum](spectrum.png)\n",
+    )
     print(table)
     return written
 

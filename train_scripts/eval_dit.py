@@ -24,6 +24,16 @@ clips, FVD (I3D), as in the paper's Tables 1-3.
    (``metrics.json`` also the pipeline's fingerprints and, when the pipeline records it, the fingerprint of the
    autoencoder its training latents came from); ``samples_grid.png`` shows samples with one row per class.
 
+Diagnostics of a ``--pipeline`` (optional, on the main process, after sampling):
+
+- ``--trajectory_steps K``: the model's prediction of the clean latent, ``x0 = x_t - sigma * v``, at ``K`` evenly
+  spaced steps of the denoising trajectories of samples ``0..--trajectory_samples - 1`` (their own noise and
+  class), decoded: ``trajectory.png`` (one row per sample, one column per step, labelled with sigma) and
+  ``trajectory.json``, the paper's Fig. 6.
+- ``--loss_latents_dir DIR``: the flow-matching loss of the transformer at ``--loss_noise_levels`` fixed noise levels
+  on held-out latents (an extract_latents.py folder of the autoencoder the DiT was trained on: refused otherwise,
+  before anything loads), in ``metrics.json`` (``loss_per_noise_level``) and ``metrics.md``.
+
 An ``--output_dir`` that holds a finished run's results is refused unless ``--overwrite_output_dir``; to score its
 samples again against another reference, pass ``--samples_dir <output_dir>/samples`` and a new ``--output_dir``.
 
@@ -49,6 +59,7 @@ from tqdm.auto import tqdm
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import EvalSamples, evaluation_samples, read_clip
 from diffusability_hf.figures import labelled_image_grid, save_png
+from diffusability_hf.flow import flow_matching_loss, interpolate, timesteps_from_sigmas
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.metrics import (
     FeatureStatistics,
@@ -58,6 +69,7 @@ from diffusability_hf.metrics import (
     to_uint8,
 )
 from diffusability_hf.training_utils import (
+    MissingPathError,
     UsageError,
     atomic_write_json,
     atomic_write_text,
@@ -71,7 +83,7 @@ logger = get_logger(__name__)
 
 # What a finished run leaves in --output_dir (a second run into it needs --overwrite_output_dir); samples/ is not one
 # of them: an interrupted run resumes there (only the missing samples are made) when its provenance matches
-RESULTS = ("metrics.json", "metrics.md", "samples_grid.png")
+RESULTS = ("metrics.json", "metrics.md", "samples_grid.png", "trajectory.png", "trajectory.json")
 PROVENANCE = "provenance.json"  # in samples/: which pipeline weights and sampling settings made the samples
 
 DEFAULT_STATS_CACHE = os.path.join(
@@ -172,6 +184,42 @@ def parse_args(input_args=None):
         "--dinov2_model", type=str, default="facebook/dinov2-large", help="DINOv2 for FDD: Hub id or local folder."
     )
     parser.add_argument("--i3d_model", type=str, default=None, help="Local StyleGAN-V i3d_torchscript.pt for FVD.")
+    # Diagnostics of the pipeline
+    parser.add_argument(
+        "--trajectory_steps",
+        type=int,
+        default=0,
+        help="Decode the model's prediction of the clean latent, x0 = x_t - sigma * v, at this many evenly spaced "
+        "steps (the first and the last included) of the denoising trajectory of each of the first "
+        "--trajectory_samples samples, into trajectory.png and trajectory.json: the paper's Fig. 6. 0 (default): off.",
+    )
+    parser.add_argument(
+        "--trajectory_samples",
+        type=int,
+        default=1,
+        help="Trajectories to show with --trajectory_steps (rows of trajectory.png): samples 0..N-1, with the noise "
+        "and class of the sample files of the same index.",
+    )
+    parser.add_argument(
+        "--loss_latents_dir",
+        type=str,
+        default=None,
+        help="Held-out latents (an extract_latents.py folder of the autoencoder whose latents the DiT was trained on, "
+        "checked by weights fingerprint): report the DiT's flow-matching loss (Sec. 4, App. B: MSE of the velocity "
+        "noise - x0 on posterior samples) at --loss_noise_levels fixed noise levels, in metrics.json and metrics.md.",
+    )
+    parser.add_argument(
+        "--loss_noise_levels",
+        type=int,
+        default=10,
+        help="Noise levels of --loss_latents_dir: sigma = (k + 0.5) / K for k = 0..K-1 (default %(default)s).",
+    )
+    parser.add_argument(
+        "--loss_max_samples",
+        type=int,
+        default=512,
+        help="Latents of --loss_latents_dir to use, the first in shard order (default %(default)s).",
+    )
     parser.add_argument("--output_dir", type=str, default="eval_dit", help="Where samples, tables and JSON go.")
     parser.add_argument(
         "--overwrite_output_dir",
@@ -219,6 +267,24 @@ def parse_args(input_args=None):
     for flag in ("num_samples", "num_reference", "batch_size", "num_inference_steps", "frame_stride"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive.")
+    for flag in ("trajectory_samples", "loss_noise_levels", "loss_max_samples"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be positive.")
+    if args.trajectory_steps < 0:
+        parser.error("--trajectory_steps must be 0 (off) or positive.")
+    if args.trajectory_steps and args.pipeline is None:
+        parser.error("--trajectory_steps needs --pipeline: the trajectory is sampled from it.")
+    if args.trajectory_steps:
+        low = min(2, args.num_inference_steps)  # the first and the last step
+        if not low <= args.trajectory_steps <= args.num_inference_steps:
+            parser.error(
+                f"--trajectory_steps must be between {low} (the first and the last step) and --num_inference_steps "
+                f"{args.num_inference_steps}."
+            )
+        if args.trajectory_samples > args.num_samples:
+            parser.error("--trajectory_samples must be at most --num_samples (trajectory i is sample i's).")
+    if args.loss_latents_dir is not None and args.pipeline is None:
+        parser.error("--loss_latents_dir needs --pipeline: the loss is the pipeline's transformer's.")
     if min(args.num_samples, args.num_reference) < 2:
         parser.error("A covariance needs at least 2 samples and 2 reference items.")
     return args
@@ -392,13 +458,24 @@ def check_samples(folder, provenance, labels, overwrite):
         )
 
 
-def make_samples(args, accelerator):
-    """Write the missing ``samples/{i:06d}.png``; returns ``(samples folder, provenance, image size)``."""
+def load_pipeline(args, accelerator):
+    """The ``--pipeline`` on this process's device, its progress bar off."""
     from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
-    folder = os.path.join(args.output_dir, "samples")
     pipe = DiTFlowMatchPipeline.from_pretrained(args.pipeline).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_generators(args, indices, device):
+    """One noise generator per sample index (seed ``--seed`` and the index): the noise of sample ``i`` whatever the
+    batch it is in."""
+    return [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i in indices]
+
+
+def make_samples(args, accelerator, pipe):
+    """Write the missing ``samples/{i:06d}.png``; returns ``(samples folder, provenance, image size)``."""
+    folder = os.path.join(args.output_dir, "samples")
     labels = sample_labels(args, pipe.num_classes)
     size = pipe.transformer.config.sample_size * ae.spatial_compression(pipe.vae)
     # Everything the pixels of sample i depend on (not the batch size or the process count: float round-off only)
@@ -451,7 +528,7 @@ def make_samples(args, accelerator):
         range(0, len(mine), args.batch_size), desc="Sampling", disable=not accelerator.is_local_main_process
     ):
         batch = mine[start : start + args.batch_size]
-        gens = [torch.Generator(accelerator.device).manual_seed(args.seed * 1_000_003 + i) for i in batch]
+        gens = sample_generators(args, batch, accelerator.device)
         with accelerator.autocast():
             images = pipe(
                 [labels[i] for i in batch], num_inference_steps=args.num_inference_steps,
@@ -464,8 +541,256 @@ def make_samples(args, accelerator):
             Image.fromarray(image).save(tmp)
             os.replace(tmp, paths[i])  # atomic: an interrupted run leaves no half-written sample
     accelerator.wait_for_everyone()
-    del pipe
     return folder, provenance, size
+
+
+# ------------------------------------------------------------------------------------------------- diagnostics
+
+
+def trajectory_step_indices(num_inference_steps: int, count: int) -> list:
+    """``count`` evenly spaced step indices of ``0..num_inference_steps - 1``, the first and the last included."""
+    if count == 1:
+        return [num_inference_steps - 1]
+    spaced = np.floor(np.linspace(0, num_inference_steps - 1, count) + 0.5).astype(int)
+    return sorted(set(spaced.tolist()))
+
+
+def class_names(id2label):
+    """Class id -> short name (``"tench, Tinca tinca"`` -> ``"tench"``)."""
+    return {int(k): v.split(",")[0] for k, v in (id2label or {}).items()}
+
+
+@torch.no_grad()
+def make_trajectory(args, accelerator, pipe):
+    """The paper's Fig. 6: decoded ``x0`` predictions along the denoising trajectories of samples ``0..N-1``.
+
+    Each sample starts from the noise of its sample file (its own generator) with its class; the pipeline's
+    ``callback_on_step_end`` hands over ``x0_pred = x_t - sigma * v`` (guided velocity, before the step) at the kept
+    steps, which the pipeline's own ``decode_latents`` decodes (denormalised with its ``latents_mean``/``latents_std``).
+    Returns ``(grid image, description)``.
+    """
+    steps = trajectory_step_indices(args.num_inference_steps, args.trajectory_steps)
+    indices = list(range(args.trajectory_samples))
+    labels = sample_labels(args, pipe.num_classes)[: len(indices)]
+    sigmas, timesteps, rows = {}, {}, [[] for _ in indices]
+
+    for start in range(0, len(indices), args.batch_size):
+        batch = indices[start : start + args.batch_size]
+        kept = {}
+
+        def keep(pipeline, step_index, timestep, callback_kwargs, kept=kept):
+            if step_index in steps:
+                kept[step_index] = callback_kwargs["x0_pred"]
+                sigmas[step_index] = float(pipeline.scheduler.sigmas[step_index])
+                timesteps[step_index] = float(timestep)
+            return {}
+
+        with accelerator.autocast():
+            pipe(
+                [labels[i] for i in batch], num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval, shift=args.shift,
+                generator=sample_generators(args, batch, accelerator.device), output_type="latent",
+                callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["x0_pred"],
+            )  # fmt: skip
+        was_training = pipe.vae.training
+        pipe.vae.eval()
+        try:
+            decoded = []
+            for step in steps:
+                with accelerator.autocast():
+                    decoded.append(pipe.decode_latents(kept[step]).float().clamp(-1, 1).cpu())  # (b, 3, H, W)
+        finally:
+            pipe.vae.train(was_training)
+        for j, i in enumerate(batch):
+            rows[i] = torch.stack([images[j] for images in decoded])  # (K, 3, H, W)
+
+    names = class_names(pipe.config.get("id2label"))
+    row_labels = [f"{names.get(int(k), 'class')} ({k})" for k in labels]
+    column_labels = [f"sigma={sigmas[s]:.2f}" for s in steps]
+    grid = labelled_image_grid(rows, row_labels, column_labels, padding=1)
+    description = {
+        "image": "trajectory.png",
+        "prediction": "x0 = x_t - sigma * v (guided velocity, before the step), decoded",
+        "sample_indices": indices,
+        "class_labels": labels,
+        "row_labels": row_labels,
+        "step_indices": steps,
+        "sigmas": [sigmas[s] for s in steps],
+        "timesteps": [timesteps[s] for s in steps],
+        "labels": column_labels,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": float(args.guidance_scale),
+        "guidance_interval": args.guidance_interval,
+        "shift": float(pipe.scheduler.config.shift if args.shift is None else args.shift),
+        "seed": args.seed,
+    }
+    return grid, description
+
+
+def read_latents_metadata(folder: str) -> dict:
+    """metadata.json of an extract_latents.py folder, checked against the header of every shard it lists."""
+    from safetensors import safe_open
+
+    flag = f"--loss_latents_dir {folder}"
+    path = os.path.join(folder, "metadata.json")
+    if not os.path.isdir(folder) or not os.path.isfile(path):
+        raise MissingPathError(
+            f"{flag} has no metadata.json: give a folder written by train_scripts/extract_latents.py."
+        )
+    with open(path) as fh:
+        meta = json.load(fh)
+    if "ae_weights_fingerprint" not in meta:
+        raise UsageError(
+            f"{flag} was written by an older version of extract_latents.py that records no weights fingerprint, so "
+            "the autoencoder these latents came from cannot be checked: extract them again (--overwrite_output_dir)."
+        )
+    for name in meta["shards"]:
+        shard = os.path.join(folder, name)
+        if not os.path.isfile(shard):
+            raise MissingPathError(f"{shard} is missing: run extract_latents.py again to finish {folder}.")
+        with safe_open(shard, "pt") as fh:  # the header only
+            header = fh.metadata() or {}
+        found = (
+            json.loads(header["extraction"])["settings"]["ae_weights_fingerprint"] if "extraction" in header else None
+        )
+        if found != meta["ae_weights_fingerprint"]:
+            raise UsageError(
+                f"{shard} was encoded by other autoencoder weights ({found}) than metadata.json says "
+                f"({meta['ae_weights_fingerprint']}): extract {folder} again (--overwrite_output_dir)."
+            )
+    return meta
+
+
+def check_loss_autoencoder(meta: dict, expected: str, source: str, args) -> None:
+    """Refuse held-out latents that other autoencoder weights encoded than the DiT's training latents."""
+    if meta["ae_weights_fingerprint"] != expected:
+        raise UsageError(
+            f"--loss_latents_dir {args.loss_latents_dir} holds latents of other autoencoder weights ({meta['ae']}, "
+            f"fingerprint {meta['ae_weights_fingerprint']}) than {source} (fingerprint {expected}): the loss would "
+            "measure the DiT on latents it was not trained on; extract the held-out latents with that autoencoder "
+            "(extract_latents.py --pretrained_model_name_or_path), or evaluate the pipeline trained on these latents."
+        )
+
+
+def check_loss_latent_shape(meta: dict, transformer_config: dict, args) -> None:
+    """Refuse held-out latents of another shape than the transformer takes (channels x size x size)."""
+    channels, height, width = meta["latent_shape"]
+    want_channels, size = transformer_config["in_channels"], transformer_config["sample_size"]
+    if (channels, height, width) == (want_channels, size, size):
+        return
+    if channels != want_channels:
+        fix = "extract them with the autoencoder the DiT was trained on"
+    else:
+        factor = meta["resolution"] // height if height else 0
+        fix = f"extract them at the DiT's training resolution (extract_latents.py --resolution {size * factor})"
+    raise UsageError(
+        f"--loss_latents_dir {args.loss_latents_dir} holds {channels}x{height}x{width} latents, but the pipeline's "
+        f"transformer takes {want_channels}x{size}x{size} ones: {fix}."
+    )
+
+
+def check_loss_latents(args):
+    """Before anything loads: ``--loss_latents_dir``'s metadata against the pipeline's JSON files (the autoencoder
+    its training latents came from, ``model_index.json`` provenance, and the transformer's latent shape). Returns
+    the metadata, or ``None`` without ``--loss_latents_dir``."""
+    if args.loss_latents_dir is None:
+        return None
+    meta = read_latents_metadata(args.loss_latents_dir)
+    with open(os.path.join(args.pipeline, "model_index.json")) as fh:
+        recorded = (json.load(fh).get("provenance") or {}).get("latents_ae_weights_fingerprint")
+    if recorded is not None:
+        check_loss_autoencoder(meta, recorded, f"the pipeline's training latents ({args.pipeline} provenance)", args)
+    config = os.path.join(args.pipeline, "transformer", "config.json")
+    if os.path.isfile(config):
+        with open(config) as fh:
+            check_loss_latent_shape(meta, json.load(fh), args)
+    return meta
+
+
+def read_loss_latents(args, meta: dict, pipe) -> dict:
+    """The first ``--loss_max_samples`` rows (shard order, not flipped) of ``--loss_latents_dir``: posterior
+    ``mean``, ``std`` (zeros for a deterministic encoder) and ``labels``, checked against the loaded pipeline."""
+    from safetensors import safe_open
+
+    if (pipe.config.get("provenance") or {}).get("latents_ae_weights_fingerprint") is None:
+        # No recorded provenance: the pipeline's vae is the autoencoder its latents are decoded with
+        check_loss_autoencoder(meta, ae.weights_fingerprint(pipe.vae), f"the pipeline's vae ({args.pipeline})", args)
+    check_loss_latent_shape(meta, pipe.transformer.config, args)
+    parts = {"mean": [], "std": [], "labels": []}
+    count = 0
+    for name in meta["shards"]:
+        if count >= args.loss_max_samples:
+            break
+        with safe_open(os.path.join(args.loss_latents_dir, name), "pt") as fh:
+            if "mean" not in fh.keys():  # every image of this shard was unreadable
+                continue
+            take = min(args.loss_max_samples - count, fh.get_slice("labels").get_shape()[0])
+            mean = fh.get_slice("mean")[:take].float()
+            parts["mean"].append(mean)
+            parts["std"].append(fh.get_slice("std")[:take].float() if "std" in fh.keys() else torch.zeros_like(mean))
+            parts["labels"].append(fh.get_slice("labels")[:take].long())
+            count += take
+    if count == 0:
+        raise UsageError(f"--loss_latents_dir {args.loss_latents_dir} holds no latents: extract some first.")
+    rows = {k: torch.cat(v) for k, v in parts.items()}
+    bad = rows["labels"][(rows["labels"] < 0) | (rows["labels"] >= pipe.num_classes)]
+    if len(bad):
+        raise UsageError(
+            f"--loss_latents_dir {args.loss_latents_dir} has class {int(bad[0])}, outside the pipeline's "
+            f"{pipe.num_classes} classes: use held-out latents of the DiT's classes."
+        )
+    if meta.get("id2label") and pipe.config.get("id2label") and meta["id2label"] != pipe.config.get("id2label"):
+        logger.warning(f"{args.loss_latents_dir} names its classes differently from the pipeline's id2label.")
+    return rows
+
+
+@torch.no_grad()
+def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
+    """The transformer's flow-matching loss at the noise levels ``sigma_k = (k + 0.5) / K`` on held-out latents.
+
+    As in training (train_dit_flow.py): ``x0 = (mean + std * eps - latents_mean) / latents_std``, a posterior sample
+    normalised with the *pipeline's* statistics; ``x_t = (1 - sigma) x0 + sigma noise``; target ``noise - x0``; the
+    latents' own classes (no label dropout); per-sample MSE, averaged per level. A self-conditioned transformer gets
+    an auxiliary pass whose ``last_hidden_state`` feeds the main pass (self-conditioning with probability 1, as at
+    inference). ``eps`` (all rows), then one ``noise`` per level (all rows), come from one CPU generator seeded with
+    ``--seed``: the numbers do not depend on the batch size or the device's random number generator.
+    """
+    transformer, device = pipe.transformer, accelerator.device
+    mean, std, labels = rows["mean"], rows["std"], rows["labels"]
+    n, channels = mean.shape[:2]
+    stat_mean = torch.tensor(pipe.config.latents_mean or [0.0] * channels).view(1, -1, 1, 1)
+    stat_std = torch.tensor(pipe.config.latents_std or [1.0] * channels).view(1, -1, 1, 1)
+    generator = torch.Generator().manual_seed(args.seed)
+    eps = torch.randn(mean.shape, generator=generator)
+    x0_all = (mean + std * eps - stat_mean) / stat_std  # (n, C, h, w)
+    self_conditioning = bool(getattr(transformer.config, "self_conditioning", False))
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    levels = [(k + 0.5) / args.loss_noise_levels for k in range(args.loss_noise_levels)]
+    losses = []
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        for sigma in tqdm(levels, desc="Loss per noise level", disable=not accelerator.is_local_main_process):
+            noise_all = torch.randn(mean.shape, generator=generator)
+            total = 0.0
+            for start in range(0, n, args.batch_size):
+                x0 = x0_all[start : start + args.batch_size].to(device)
+                noise = noise_all[start : start + args.batch_size].to(device)
+                y = labels[start : start + args.batch_size].to(device)
+                s = torch.full((x0.shape[0],), sigma, device=device)
+                x_t = interpolate(x0, noise, s).to(transformer.dtype)
+                timestep = timesteps_from_sigmas(s, num_train_timesteps)
+                with accelerator.autocast():
+                    kwargs = {}
+                    if self_conditioning:  # the auxiliary pass at the same noise level (App. B)
+                        aux = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True)
+                        kwargs["self_cond"] = aux.last_hidden_state
+                    out = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True, **kwargs)
+                total += float(flow_matching_loss(out.sample[:, :channels], x0, noise).double().sum())
+            losses.append(total / n)
+    finally:
+        transformer.train(was_training)
+    return {"sigma": levels, "loss": losses, "num_samples": int(n), "latents_dir": args.loss_latents_dir}
 
 
 def sample_files(folder, num_samples, video):
@@ -518,6 +843,7 @@ def samples_grid(files, resolution, labels=None, id2label=None, rows=8, cols=8):
 def main(args):
     use_all_cpu_cores()
     check_results(args)
+    loss_meta = check_loss_latents(args)  # other autoencoder's latents are refused before anything loads
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
 
@@ -525,8 +851,18 @@ def main(args):
     extractors = load_extractors(args, accelerator.device)
 
     # Samples (made here, or a folder made elsewhere: its provenance is reported when this script made it)
+    diagnostics = {}
     if args.pipeline is not None:
-        folder, provenance, size = make_samples(args, accelerator)
+        pipe = load_pipeline(args, accelerator)
+        loss_rows = read_loss_latents(args, loss_meta, pipe) if loss_meta is not None else None  # before sampling
+        folder, provenance, size = make_samples(args, accelerator, pipe)
+        if accelerator.is_main_process:
+            if args.trajectory_steps:
+                diagnostics["trajectory"] = make_trajectory(args, accelerator, pipe)
+            if loss_rows is not None:
+                diagnostics["loss_per_noise_level"] = loss_per_noise_level(args, accelerator, pipe, loss_rows)
+        accelerator.wait_for_everyone()
+        del pipe
     else:
         folder, size = args.samples_dir, None
         provenance = None
@@ -559,7 +895,7 @@ def main(args):
             "reference": description,
         }
     if accelerator.is_main_process:
-        written = write_outputs(args, results, provenance, folder, files, skipped)
+        written = write_outputs(args, results, provenance, folder, files, skipped, diagnostics)
         for name in set(RESULTS) - set(written):  # --overwrite_output_dir: no stale grid of the earlier run stays
             if os.path.isfile(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
@@ -567,8 +903,10 @@ def main(args):
     accelerator.end_training()
 
 
-def write_outputs(args, results, provenance, folder, files, skipped):
-    """metrics.json, metrics.md and samples_grid.png, each written atomically; returns the names written."""
+def write_outputs(args, results, provenance, folder, files, skipped, diagnostics=None):
+    """metrics.json, metrics.md, samples_grid.png and, when asked for, trajectory.png and trajectory.json, each
+    written atomically; returns the names written."""
+    diagnostics = diagnostics or {}
     os.makedirs(args.output_dir, exist_ok=True)
     settings = (provenance or {}).get("settings", {})
     pipeline = (provenance or {}).get("pipeline", {})
@@ -586,6 +924,10 @@ def write_outputs(args, results, provenance, folder, files, skipped):
         "metrics": results,
     }
     written = ["metrics.json", "metrics.md"]
+    if "trajectory" in diagnostics:
+        out["trajectory"] = diagnostics["trajectory"][1]
+    if "loss_per_noise_level" in diagnostics:
+        out["loss_per_noise_level"] = diagnostics["loss_per_noise_level"]
     atomic_write_json(os.path.join(args.output_dir, "metrics.json"), out, default=str)
     header = ["metric", "value", "samples", "reference"]
     rows = [[k, f"{r['value']:.4f}", r["num_samples"], r["num_reference"]] for k, r in results.items()]
@@ -606,6 +948,28 @@ def write_outputs(args, results, provenance, folder, files, skipped):
         save_png(grid, os.path.join(args.output_dir, "samples_grid.png"))
         written.append("samples_grid.png")
         lines += ["![samples](samples_grid.png)", ""]
+    if "loss_per_noise_level" in diagnostics:
+        loss = diagnostics["loss_per_noise_level"]
+        lines += [
+            f"## Flow-matching loss per noise level ({loss['num_samples']} held-out latents of "
+            f"`{loss['latents_dir']}`, seed {args.seed})",
+            "",
+            markdown_table([[f"{s:.3f}", f"{v:.5f}"] for s, v in zip(loss["sigma"], loss["loss"])], ["sigma", "loss"]),
+            "",
+        ]
+    if "trajectory" in diagnostics:
+        grid, description = diagnostics["trajectory"]
+        save_png(grid, os.path.join(args.output_dir, "trajectory.png"))
+        atomic_write_json(os.path.join(args.output_dir, "trajectory.json"), description)
+        written += ["trajectory.png", "trajectory.json"]
+        lines += [
+            "## Denoising trajectory (x0 predictions, decoded; the paper's Fig. 6)",
+            "",
+            "Steps " + ", ".join(map(str, description["step_indices"])) + f" of {description['num_inference_steps']}.",
+            "",
+            "![trajectory](trajectory.png)",
+            "",
+        ]
     atomic_write_text(os.path.join(args.output_dir, "metrics.md"), "\n".join(lines))
     print(table)
     return written

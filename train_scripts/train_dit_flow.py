@@ -13,7 +13,8 @@ with classifier-free-guidance label dropout, AdamW (0.9, 0.99), weight decay 0.0
 The VAE must be the autoencoder whose weights encoded the latents (compared by weights fingerprint, refused
 otherwise); the pipeline records both fingerprints in ``model_index.json`` under ``provenance``. An ``--output_dir``
 holding a finished pipeline or another run's checkpoints is refused unless ``--resume_from_checkpoint`` or
-``--overwrite_output_dir`` is given; checkpoints and the final save are atomic.
+``--overwrite_output_dir`` is given; checkpoints and the final save are atomic. ``--pipeline_snapshot_steps N``
+also saves the EMA pipeline every N steps as ``snapshots/step-N`` (for a FD-vs-steps curve with eval_dit.py).
 With no arguments it extracts nothing and trains a small DiT on the embedded autoencoder's latents of the
 scikit-image photographs (class = source photograph), offline:
 
@@ -62,6 +63,7 @@ EMBEDDED_AE = ae.EMBEDDED_AE
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 # What a finished run leaves in --output_dir (a second run into it is refused without --overwrite_output_dir)
 RESULTS = ("model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png")
+SNAPSHOTS = "snapshots"  # --pipeline_snapshot_steps: <output_dir>/snapshots/step-<N>, part of the run like checkpoints
 
 
 def parse_args(input_args=None):
@@ -169,6 +171,15 @@ def parse_args(input_args=None):
     parser.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps.")
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Save the state every N steps.")
     parser.add_argument(
+        "--pipeline_snapshot_steps",
+        type=int,
+        default=None,
+        help="Also save the EMA weights every N steps (not at the last, the main save) as a complete, loadable "
+        "pipeline in --output_dir/snapshots/step-N (no samples or card; model_index.json provenance records the "
+        "step), to measure FD versus training steps (run eval_dit.py on each snapshot). Each costs a save of the "
+        "pipeline (transformer and VAE weights). Default: none.",
+    )
+    parser.add_argument(
         "--checkpoints_total_limit",
         type=int,
         default=3,
@@ -242,6 +253,8 @@ def parse_args(input_args=None):
         parser.error("--train_batch_size and --max_train_steps must be positive, --lr_warmup_steps >= 0.")
     if args.checkpointing_steps <= 0 or args.validation_steps <= 0 or args.checkpoints_total_limit < 0:
         parser.error("--checkpointing_steps and --validation_steps must be positive, --checkpoints_total_limit >= 0.")
+    if args.pipeline_snapshot_steps is not None and args.pipeline_snapshot_steps <= 0:
+        parser.error("--pipeline_snapshot_steps must be positive (or left out: no snapshots).")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error(
             "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would continue from: give "
@@ -463,7 +476,9 @@ def main(args):
         )
     use_all_cpu_cores()
     # Validate cheap things: the output folder, the latents, the AE they came from, the model geometry
-    found = check_output_dir(args.output_dir, RESULTS, args.overwrite_output_dir, args.resume_from_checkpoint)
+    found = check_output_dir(
+        args.output_dir, RESULTS + (SNAPSHOTS,), args.overwrite_output_dir, args.resume_from_checkpoint
+    )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
     vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
@@ -476,6 +491,7 @@ def main(args):
             f"{args.pretrained_vae_model_name_or_path} ({given[0]}, {given[1]} channels): pass "
             "the autoencoder the latents were extracted with, or extract them again with this one."
         )
+    set_seed(args.seed)  # the initial weights are --seed's (torch's own start seed differs from run to run)
     transformer = build_transformer(args, meta)
     num_classes = meta["num_classes"]
 
@@ -492,10 +508,11 @@ def main(args):
     check_dataset_size(meta, args, accelerator.num_processes)  # before the autoencoder loads
     set_seed(args.seed)
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, warn=logger.warning)
-    if args.resume_from_checkpoint and resume_path is None and set(found) & set(RESULTS):
+    if args.resume_from_checkpoint and resume_path is None and set(found) & set(RESULTS + (SNAPSHOTS,)):
+        what = "the finished pipeline" if set(found) & set(RESULTS) else f"the {SNAPSHOTS} of the earlier run"
         raise UsageError(
             f"--resume_from_checkpoint latest: {args.output_dir} has no complete checkpoint to resume, and a new run "
-            "would replace the finished pipeline there: choose a new --output_dir, or pass --overwrite_output_dir "
+            f"would replace {what} there: choose a new --output_dir, or pass --overwrite_output_dir "
             "(without --resume_from_checkpoint) to replace it."
         )
     # The autoencoder, named by its weights: it must be the one that encoded the latents (it decodes the samples)
@@ -515,11 +532,18 @@ def main(args):
         if args.overwrite_output_dir:  # so that `latest` can never resume the old run
             for name in remove_checkpoints(args.output_dir):
                 logger.info(f"Removed {name} of the earlier run (--overwrite_output_dir)")
+            if os.path.lexists(os.path.join(args.output_dir, SNAPSHOTS)):  # the pipeline snapshots of that run
+                shutil.rmtree(os.path.join(args.output_dir, SNAPSHOTS))
+                logger.info(f"Removed {SNAPSHOTS}/ of the earlier run (--overwrite_output_dir)")
         os.makedirs(args.output_dir, exist_ok=True)
-        for name in os.listdir(args.output_dir):  # leftovers of a killed save (never complete, never resumed)
-            if name.startswith((".tmp-checkpoint-", ".tmp-save-")):
-                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
-                logger.info(f"Removed {name}, left by a save that was interrupted")
+        # Leftovers of a killed save (never complete, never resumed), snapshots' included
+        leftovers = [n for n in os.listdir(args.output_dir) if n.startswith((".tmp-checkpoint-", ".tmp-save-"))]
+        if os.path.isdir(os.path.join(args.output_dir, SNAPSHOTS)):
+            names = os.listdir(os.path.join(args.output_dir, SNAPSHOTS))
+            leftovers += [f"{SNAPSHOTS}/{n}" for n in names if n.startswith((".tmp-save-", ".old-"))]
+        for name in leftovers:
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+            logger.info(f"Removed {name}, left by a save that was interrupted")
         if args.push_to_hub:
             from diffusability_hf.hub import check_hub_access
 
@@ -622,10 +646,19 @@ def main(args):
             progress.set_postfix(loss=f"{last['train/loss']:.4f}")
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
-            if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_samples(
-                    accelerator, make_pipeline(unwrapped, ema, vae, meta, args), args, global_step, num_classes
-                )
+            snapshot = (
+                args.pipeline_snapshot_steps is not None
+                and global_step % args.pipeline_snapshot_steps == 0
+                and global_step < args.max_train_steps  # the last step's weights are the main save
+            )
+            validate = global_step % args.validation_steps == 0
+            if (snapshot or validate) and accelerator.is_main_process:
+                pipeline = make_pipeline(unwrapped, ema, vae, meta, args, step=global_step)  # an EMA copy
+                if snapshot:
+                    save_snapshot(pipeline, args.output_dir, global_step)
+                if validate:
+                    log_samples(accelerator, pipeline, args, global_step, num_classes)
+                del pipeline
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -639,7 +672,7 @@ def main(args):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
     if accelerator.is_main_process:
         seconds = time.time() - t_start
-        pipeline = make_pipeline(unwrapped, ema, vae, meta, args, copy=False)
+        pipeline = make_pipeline(unwrapped, ema, vae, meta, args, copy=False, step=global_step)
         grid = log_samples(accelerator, pipeline, args, global_step, num_classes)
         with atomic_save(args.output_dir) as tmp:
             pipeline.save_pretrained(tmp)
@@ -653,12 +686,13 @@ def main(args):
             (n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
         )
         names = ["model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png"]
-        report_written(args.output_dir, names + checkpoints[-1:] + [args.logging_dir], log=logger.info)
+        report_written(args.output_dir, names + checkpoints[-1:] + [SNAPSHOTS, args.logging_dir], log=logger.info)
     accelerator.end_training()
 
 
-def make_pipeline(transformer, ema, vae, meta, args, copy=True):
-    """A ``DiTFlowMatchPipeline`` around the EMA weights (a copy for validation, in place at the end)."""
+def make_pipeline(transformer, ema, vae, meta, args, copy=True, step=None):
+    """A ``DiTFlowMatchPipeline`` around the EMA weights (a copy for validation and snapshots, in place at the end);
+    ``step`` is recorded in its provenance."""
     import copy as copy_module
 
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -676,19 +710,35 @@ def make_pipeline(transformer, ema, vae, meta, args, copy=True):
         id2label=meta["id2label"],
         latents_mean=meta["latents_mean"],
         latents_std=meta["latents_std"],
-        provenance=pipeline_provenance(meta, args),
+        provenance=pipeline_provenance(meta, args, step),
     )
 
 
-def pipeline_provenance(meta, args) -> dict:
-    """What the pipeline records (``model_index.json`` -> ``provenance``) about the latents it was trained on."""
-    return {
+def pipeline_provenance(meta, args, step=None) -> dict:
+    """What the pipeline records (``model_index.json`` -> ``provenance``) about the latents it was trained on, and
+    after how many optimizer steps (``step``; the snapshots' and the final save's)."""
+    provenance = {
         "latents_ae_weights_fingerprint": meta["ae_weights_fingerprint"],
         "vae_weights_fingerprint": meta["vae_weights_fingerprint"],
         "latents_ae": meta["ae"],
         "latents": os.path.abspath(args.latents_dir) if args.latents_dir else f"encoded on the fly: {meta['dataset']}",
         "fingerprint_function": "diffusability_hf.autoencoders.weights_fingerprint",
     }
+    if step is not None:
+        provenance["step"] = int(step)
+    return provenance
+
+
+def save_snapshot(pipeline, output_dir: str, step: int) -> str:
+    """``pipeline`` saved (remote-code layout, as the final save) as ``output_dir/snapshots/step-{step}``: written into
+    a temporary folder inside ``snapshots/`` and renamed into place (a snapshot of that step, a resumed run's, is
+    renamed aside first), so that a killed save never leaves a half pipeline there. Main process only."""
+    snapshots = os.path.join(output_dir, SNAPSHOTS)
+    name = f"step-{step}"
+    with atomic_save(snapshots) as tmp:  # moves tmp/step-N into snapshots/ when the save completed
+        pipeline.save_pretrained(os.path.join(tmp, name))
+    logger.info(f"Saved the EMA pipeline at step {step} to {os.path.join(snapshots, name)}")
+    return os.path.join(snapshots, name)
 
 
 def log_samples(accelerator, pipeline, args, step, num_classes, per_class=2):

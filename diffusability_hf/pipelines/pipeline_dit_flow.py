@@ -12,10 +12,12 @@ import numbers
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging
@@ -34,7 +36,9 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
     r"""
     Class-conditional image generation with a latent DiT trained by rectified flow (flow matching), sampled with
     `FlowMatchEulerDiscreteScheduler`, optional classifier-free guidance, the paper's time shift (eq. 3) and
-    self-conditioning, optionally only inside a noise interval (`guidance_interval`).
+    self-conditioning, optionally only inside a noise interval (`guidance_interval`). A diffusers-style
+    `callback_on_step_end` sees the latents after every step and the model's prediction of the clean latent
+    (`x0_pred`), which is what the paper's Fig. 6 decodes along one denoising trajectory.
 
     The transformer predicts the velocity `v = noise - x0` for `x_t = (1 - sigma) x0 + sigma noise`, with the
     timestep on the DiT's 0..1000 scale (`sigma * 1000`). Latents are sampled in the normalised space the transformer
@@ -66,6 +70,9 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
+    # What `callback_on_step_end` can ask for: the latents after the scheduler step, and the prediction of the clean
+    # latent at this step, `x0_pred = x_t - sigma * v` (guided velocity, normalised latent space, before the step)
+    _callback_tensor_inputs = ["latents", "x0_pred"]
 
     def __init__(
         self,
@@ -177,7 +184,26 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         shift: float,
         output_type: str,
         guidance_interval: tuple[float, float] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(
+                "`callback_on_step_end` must be callable as `(pipe, step_index, timestep, callback_kwargs) -> dict`, "
+                f"got {type(callback_on_step_end).__name__}."
+            )
+        if callback_on_step_end_tensor_inputs is not None:
+            if isinstance(callback_on_step_end_tensor_inputs, str):
+                raise ValueError(
+                    "`callback_on_step_end_tensor_inputs` must be a list of names, e.g. "
+                    f"[{callback_on_step_end_tensor_inputs!r}], not a string."
+                )
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
+                    f"{unknown}."
+                )
         if guidance_interval is not None:
             if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
                 raise ValueError(
@@ -216,6 +242,8 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate one image per class label.
@@ -243,6 +271,15 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
                 `"latent"` (B, C, h, w) latents in the transformer's normalised space.
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of every step as `callback_on_step_end(self, step_index, timestep,
+                callback_kwargs)`, where `callback_kwargs` holds the tensors named in
+                `callback_on_step_end_tensor_inputs`; the dict it returns may replace `latents` (as in diffusers).
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                Which tensors the callback gets: `"latents"`, the latents after the scheduler step (the new `x_t`),
+                and/or `"x0_pred"`, the model's prediction of the clean latent at this step, `x_t - sigma * v` with
+                the (guided) velocity `v` and the step's noise level `sigma` (before the step). Both are in the
+                transformer's normalised latent space: decode them with `pipe.decode_latents` (the paper's Fig. 6).
 
         Returns:
             [`ImagePipelineOutput`] with `images`, or the tuple `(images,)`.
@@ -254,7 +291,12 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         """
         # 1. Check inputs before any sampling
         shift = float(self.scheduler.config.shift if shift is None else shift)
-        self.check_inputs(num_inference_steps, guidance_scale, shift, output_type, guidance_interval)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            num_inference_steps, guidance_scale, shift, output_type, guidance_interval, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         class_ids = self.get_label_ids(class_labels)
         device = self._execution_device
         transformer = self.transformer
@@ -282,6 +324,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         finally:
             self.scheduler.set_shift(previous_shift)
         timesteps = self.scheduler.timesteps  # sigma * num_train_timesteps, the DiT's 0..1000 scale
+        self._num_timesteps = len(timesteps)
 
         # 4. Euler integration from sigma = 1 (noise) to 0 (data); no dropout, whatever mode the models were left in
         was_training = transformer.training
@@ -311,7 +354,16 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
                 if guided:
                     v_cond, v_uncond = velocity.chunk(2)
                     velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+                step_inputs = {}
+                if callback_on_step_end is not None and "x0_pred" in callback_on_step_end_tensor_inputs:
+                    # x_t = (1 - sigma) x0 + sigma noise and v = noise - x0 give x0 = x_t - sigma v
+                    step_inputs["x0_pred"] = (latents.float() - sigma * velocity.float()).to(latents.dtype)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    step_inputs["latents"] = latents
+                    callback_kwargs = {k: step_inputs[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
         finally:
             transformer.train(was_training)
 

@@ -1,0 +1,1089 @@
+#!/usr/bin/env python
+"""Does an autoencoder make latents easier to diffuse? The paper's protocols for several autoencoders on the same
+data, through the toolkit's own scripts, in one report (``report.md``, ``report.json`` and their plots).
+
+    python train_scripts/diffusability_bench.py                       # the default run (time: see the README)
+    python train_scripts/diffusability_bench.py --smoke               # every stage, a handful of steps each
+    python train_scripts/diffusability_bench.py --models sd=./sd-vae sd-se=./sd-vae-se \\
+        --train_data_dir ./my_classes --validation_data_dir ./my_val --resolution 256
+
+Stages (each one the toolkit script a user would run, in a fresh process, offline):
+
+0. Data. By default every colour photograph that ships with the installed packages (scikit-image; scikit-learn's
+   and matplotlib's sample images when installed), cut into random-scale crops (a region of 1 to 4 crop sides,
+   resized) written as image folders: ``data/train`` (the training photographs, one class per photograph: the
+   autoencoders' and the DiTs' training data), ``data/reference`` (fresh crops of the same photographs, another
+   seed: the generators' reference set, the reconstructions' Frechet distance and the held-out diffusion loss) and
+   ``data/heldout`` (crops of photographs that no stage trains on: reconstruction, DCT cut and spectra). With
+   ``--train_data_dir`` (subfolders = classes) or ``--dataset_name`` the user's data take their place.
+1. Stage I (``train_ae_se.py``). The default run makes both of the paper's protocols from the toolkit's embedded
+   AutoencoderKL: fine-tuning (Table 1: "vanilla" = the embedded AE trained on to a fair baseline at this
+   resolution, then "+FT" and "+FT-SE" from it, the same steps, seed and data but for the SE weight) and training
+   from scratch (App. C.5, Table 10: the same architecture from random init with and without SE). ``--models``
+   takes existing AEs; ``--base_model PATH --finetune`` makes +FT and +FT-SE from one.
+2. Reconstruction (``eval_ae.py``): PSNR, SSIM and the DCT cut (Fig. 8) on held-out crops; the Frechet distance of
+   reconstructions of the reference crops to the crops themselves, in the generators' feature spaces (the decoder's
+   share of a generator's distance).
+3. Latent space (``analyze_spectrum.py``): the spectrum and high-frequency share of the per-channel normalised
+   posterior samples the DiT is trained on, and of the raw posterior means; each channel's posterior variance
+   ratio (the share of its variance that is posterior noise).
+4. Stage II (``extract_latents.py``, ``train_dit_flow.py``, ``eval_dit.py``): per AE and seed the paper's DiT
+   (App. B: RoPE, self-conditioning; sized to the budget) on its latents, with pipeline snapshots along training;
+   every snapshot's samples scored (the FD-vs-steps curve), the final one's flow-matching loss per noise level on
+   held-out latents and its decoded x0 predictions along one denoising trajectory (Fig. 6).
+
+Feature spaces for the Frechet distances (no Inception or DINOv2 weights are needed): ``domain``, a small CNN
+trained here to tell the training photographs apart (a domain "Inception"; trained on the training crops, never
+on the reference ones), and ``random``, an untrained CNN with fixed seeded weights (multi-scale pooled features:
+independent of the data and of the classifier). The report gives both and says whether they agree.
+
+Generation numbers are mean ± std over seeds with each AE's seed-paired difference to the first AE of its
+protocol (same DiT seed, data order and sampling noise) and its 95% Student-t interval; the interval covers the
+DiTs' seed-to-seed variation only (each autoencoder is trained once). Independent script runs go ``--jobs`` at a
+time with the CPU threads split between them. A rerun into the same ``--output_dir`` with the same settings
+reuses every finished stage (an interrupted run continues); other settings are refused unless
+``--overwrite_output_dir``.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "train_scripts")
+
+from diffusability_hf import autoencoders as ae  # noqa: E402
+from diffusability_hf.data import (  # noqa: E402
+    EMBEDDED_VALIDATION_IMAGES,
+    EmbeddedPhotoCrops,
+    installed_photographs,
+)
+from diffusability_hf.hub import markdown_table  # noqa: E402
+from diffusability_hf.metrics.bench import (  # noqa: E402
+    DomainClassifier,
+    DomainFeatures,
+    RandomFeatures,
+    paired_comparison,
+)
+from diffusability_hf.training_utils import UsageError, atomic_write_json, atomic_write_text, run_script  # noqa: E402
+
+# The default run, sized for 2 CPU cores (see the README for its measured time). The AE sizing is the embedded
+# CPU one of train_ae_se.py (lr 2e-4, no LPIPS: its trunk is a download) at batch 8 and 128 px (16x16 latents).
+FULL = dict(
+    resolution=128, train_crops=2048, reference_crops=256, heldout_crops=128, ae_batch=8, ae_lr=2e-4,
+    scratch_lr=5e-4, vanilla_steps=600, ft_steps=300, scratch_steps=300, classifier_steps=400,
+    dit_width=128, dit_heads=2, dit_depth=4, dit_patch=2, dit_steps=600, dit_batch=32, dit_lr=3e-4,
+    curve_points=4, fd_samples=256, sampling_steps=32, trajectory_steps=6, loss_noise_levels=10,
+    seeds=(0, 1, 2),
+)  # fmt: skip
+SMOKE = dict(
+    resolution=64, train_crops=64, reference_crops=16, heldout_crops=8, ae_batch=4, ae_lr=2e-4, scratch_lr=5e-4,
+    vanilla_steps=2, ft_steps=2, scratch_steps=2, classifier_steps=3, dit_width=32, dit_heads=2, dit_depth=2,
+    dit_patch=2, dit_steps=4, dit_batch=8, dit_lr=1e-3, curve_points=2, fd_samples=16, sampling_steps=2,
+    trajectory_steps=2, loss_noise_levels=4, seeds=(0, 1),
+)  # fmt: skip
+CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+FEATURES = ("domain", "random")
+# The default run's autoencoders: label -> (protocol, how it is made)
+DEFAULT_AES = {
+    "vanilla": "finetune",
+    "+FT": "finetune",
+    "+FT-SE": "finetune",
+    "scratch": "scratch",
+    "scratch+SE": "scratch",
+}
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Autoencoders to compare, LABEL=PATH[:SUBFOLDER] (local folders or Hub ids); the first is the baseline "
+        "of the paired differences. Default: the default run's five (vanilla, +FT, +FT-SE, scratch, scratch+SE).",
+    )
+    parser.add_argument(
+        "--base_model",
+        type=str,
+        default=None,
+        help="PATH[:SUBFOLDER] of an autoencoder to fine-tune with --finetune (it is then the baseline 'vanilla').",
+    )
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="Make the paper's +FT and +FT-SE from --base_model with train_ae_se.py (same steps, seed and data; SE "
+        "weight 0 and 0.25).",
+    )
+    parser.add_argument(
+        "--train_data_dir", type=str, default=None, help="An image folder whose subfolders are the classes."
+    )
+    parser.add_argument("--dataset_name", type=str, default=None, help="Or an HF dataset with image + label columns.")
+    parser.add_argument(
+        "--validation_data_dir",
+        type=str,
+        default=None,
+        help="Held-out images for reconstruction and spectra (with --train_data_dir; default: the training folder, "
+        "which the report then says is not held out).",
+    )
+    parser.add_argument(
+        "--validation_split", type=str, default="validation", help="The held-out split of --dataset_name."
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="Crop side (default 128: 16x16 latents at 8x).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="DiT seeds (default 0 1 2).")
+    parser.add_argument("--dit_steps", type=int, default=None, help="DiT training steps (default 600).")
+    parser.add_argument("--ae_steps", type=int, default=None, help="Fine-tuning steps of +FT / +FT-SE (default 300).")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="Independent script runs at once, the CPU threads split between them (default 2: small models use 2 "
+        "cores better as 2 one-thread runs than as one two-thread run).",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="Every stage with a handful of steps (the plumbing; meaningless numbers)."
+    )
+    parser.add_argument("--output_dir", type=str, default="diffusability_bench", help="Where everything goes.")
+    parser.add_argument(
+        "--results_dir",
+        type=str,
+        default=None,
+        help="Also copy the report (report.md, report.json and the plots it links to) here.",
+    )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Delete an --output_dir made with other settings and start again (without it such a folder is refused; "
+        "one made with the same settings is continued).",
+    )
+    args = parser.parse_args(input_args)
+    if args.seeds is not None and len(set(args.seeds)) < 2:
+        parser.error("--seeds needs at least 2 different seeds to show a spread (the default run uses 0 1 2).")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1.")
+    if args.finetune != (args.base_model is not None):
+        parser.error("--finetune and --base_model go together: --base_model PATH --finetune.")
+    if args.train_data_dir is not None and args.dataset_name is not None:
+        parser.error("Give --train_data_dir or --dataset_name, not both.")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        parser.error(f"--train_data_dir {args.train_data_dir} is not a folder.")
+    if args.validation_data_dir is not None and not os.path.isdir(args.validation_data_dir):
+        parser.error(f"--validation_data_dir {args.validation_data_dir} is not a folder.")
+    args.user_data = args.train_data_dir is not None or args.dataset_name is not None
+    models = []
+    for spec in args.models or []:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            parser.error(f"--models takes LABEL=PATH[:SUBFOLDER], got {spec!r}.")
+        models.append((label, path))
+    if len({label for label, _ in models}) != len(models):
+        parser.error("--models labels must be different.")
+    args.model_list = models
+    for key in ("dit_steps", "ae_steps", "resolution"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key} must be positive.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the toolkit's scripts
+
+
+# Every script runs in its own process, forked from a server process that has imported torch, diffusers and the
+# toolkit once: a fresh interpreter spends about 15 s importing them on 2 CPU cores, which would dominate the
+# bench's many short runs. The child runs the script file as ``__main__`` with its own argv, CPU threads and log,
+# exactly as ``python train_scripts/<script> ...`` would.
+PRELOAD = [
+    "torch", "diffusers", "diffusers.models.autoencoders.autoencoder_kl", "accelerate", "safetensors.torch",
+    "diffusability_hf.autoencoders", "diffusability_hf.data", "diffusability_hf.losses", "diffusability_hf.metrics",
+    "diffusability_hf.models", "diffusability_hf.pipelines", "diffusability_hf.training_utils", "matplotlib.pyplot",
+    "__main__",
+]  # fmt: skip
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+_context = None
+
+
+def _script_process(script, argv, log, threads):
+    """The child: output to ``log``, ``threads`` CPU threads, then the script as ``__main__``."""
+    import runpy
+
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **OFFLINE)
+    torch.set_num_threads(threads)
+    os.chdir(ROOT)
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def run(script, *args, log, threads):
+    """One toolkit script in its own process, offline, on ``threads`` CPU threads; its output goes to ``log``
+    (which starts with the equivalent command line). Returns the seconds it took; a failure raises with the end
+    of its log."""
+    import multiprocessing
+
+    global _context
+    if _context is None:
+        os.environ.update(OFFLINE)  # before the server imports huggingface_hub, which reads them at import
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    path = os.path.join(SCRIPTS, script)
+    argv = [str(a) for a in args]
+    with open(log, "w") as fh:
+        fh.write(" ".join(["python", os.path.relpath(path, ROOT), *argv]) + "\n\n")
+    start = time.time()
+    proc = _context.Process(target=_script_process, args=(path, argv, log, threads))
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        with open(log) as fh:
+            tail = fh.read()[-4000:]
+        raise RuntimeError(f"{script} failed ({proc.exitcode}); its log is {log}:\n{tail}")
+    return time.time() - start
+
+
+def cpu_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_parallel(tasks, jobs, cores):
+    """Run the callables (each takes its CPU thread count) with at most ``jobs`` at once, the ``cores`` split
+    between them; when there are more tasks than jobs, the last one to start gets every core (it will mostly run
+    alone). Re-raises a failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock, started = threading.Lock(), itertools.count(1)
+    share = max(1, cores // max(1, min(jobs, len(tasks))))
+
+    def start(task):
+        with lock:
+            last = next(started) == len(tasks) > jobs
+        return task(cores if last else share)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(start, t) for t in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # no queued run starts after a failure
+            raise
+
+
+class Stages:
+    """Runs each named step once: a step whose output marker exists is reused (a rerun continues an interrupted
+    bench). The seconds of every step and of every invocation are kept in ``times.json`` (a continued run adds
+    its own), so the report's total is the sum of the invocations' wall times."""
+
+    def __init__(self, out):
+        self.path, self.logs, self.lock = os.path.join(out, "times.json"), os.path.join(out, "logs"), threading.Lock()
+        os.makedirs(self.logs, exist_ok=True)
+        self.times = {"steps": {}, "invocations": []}
+        if os.path.isfile(self.path):
+            with open(self.path) as fh:
+                self.times = json.load(fh)
+        self.start = time.time()
+        self.times["invocations"].append(0.0)
+
+    def record(self, name, seconds):
+        with self.lock:
+            self.times["steps"][name] = seconds
+            self.times["invocations"][-1] = time.time() - self.start
+            atomic_write_json(self.path, self.times)
+
+    def total(self):
+        self.record("report", 0.0)
+        return sum(self.times["invocations"])
+
+    def script(self, name, marker, script, *args, threads):
+        if os.path.exists(marker):
+            return
+        self.record(name, run(script, *args, log=os.path.join(self.logs, f"{name}.log"), threads=threads))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and feature spaces
+
+
+def write_crops(folder, names, num, resolution, seed, label_names=None):
+    """``num`` random-scale crops of the photographs ``names`` (crop ``i`` from photograph ``i % len(names)``) as
+    PNGs in ``folder/<photograph>/``, an image folder whose subfolders are the classes."""
+    from PIL import Image
+
+    if os.path.isfile(os.path.join(folder, ".complete")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    crops = EmbeddedPhotoCrops(resolution, names, num_samples=num, seed=seed, random_flip=False)
+    for i in range(num):
+        pixels, k = crops.crop(i)
+        sub = os.path.join(folder, (label_names or names)[k])
+        os.makedirs(sub, exist_ok=True)
+        array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(array).save(os.path.join(sub, f"{i:05d}.png"))
+    open(os.path.join(folder, ".complete"), "w").close()
+
+
+def image_folder_items(folder):
+    """``[(path, class index)]`` of an image folder whose subfolders are the classes, and the class names."""
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    items = [
+        (os.path.join(folder, c, f), k)
+        for k, c in enumerate(classes)
+        for f in sorted(os.listdir(os.path.join(folder, c)))
+        if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    ]
+    return items, classes
+
+
+def load_items(items, resolution):
+    from diffusability_hf.data import open_and_crop
+
+    pixels, labels = [], []
+    for path, label in items:
+        x = open_and_crop(path, resolution)
+        if x is not None:
+            pixels.append(x)
+            labels.append(label)
+    return torch.stack(pixels), torch.tensor(labels)
+
+
+def make_feature_spaces(out, train_dir, test_dir, resolution, steps, batch=32):
+    """Train the domain classifier on ``train_dir`` (random flips), measure its accuracy on ``test_dir`` (other
+    crops), export both feature networks as TorchScript. Returns ``({name: path}, accuracy)``."""
+    paths = {name: os.path.join(out, f"features_{name}.pt") for name in FEATURES}
+    info_path = os.path.join(out, "features.json")
+    if all(os.path.isfile(p) for p in paths.values()) and os.path.isfile(info_path):
+        with open(info_path) as fh:
+            return paths, json.load(fh)["domain_accuracy"]
+    torch.manual_seed(0)
+    train_items, classes = image_folder_items(train_dir)
+    x_train, y_train = load_items(train_items, resolution)
+    x_test, y_test = load_items(image_folder_items(test_dir)[0], resolution)
+    model = DomainClassifier(len(classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(x_train), (batch,), generator=gen)
+        x = x_train[idx]
+        flip = torch.rand(batch, generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        loss = nn.functional.cross_entropy(model(x), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+    torch.jit.script(DomainFeatures(model)).save(paths["domain"])
+    torch.jit.script(RandomFeatures(seed=0).eval()).save(paths["random"])
+    atomic_write_json(info_path, {"domain_accuracy": accuracy, "classes": classes, "steps": steps})
+    return paths, accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def generation_verdict(comparisons, better, worse):
+    """One sentence on a seed-paired comparison over both feature spaces (lower FD is better)."""
+    outcome = {}
+    for space, row in comparisons.items():
+        if not row["ci95_excludes_zero"]:
+            outcome[space] = "no difference beyond the seed noise"
+        else:
+            outcome[space] = "better" if row["diff"] < 0 else "worse"
+    spaces = list(outcome)
+    agree = len(set(outcome.values())) == 1
+    text = "; ".join(
+        f"{space} FD {comparisons[space]['diff']:+.3f} (95% CI [{comparisons[space]['diff_ci95'][0]:+.3f}, "
+        f"{comparisons[space]['diff_ci95'][1]:+.3f}]): {outcome[space]}"
+        for space in spaces
+    )
+    if agree and outcome[spaces[0]] == "better":
+        verdict = f"supported: {better}'s generator is better than {worse}'s in both feature spaces"
+    elif agree and outcome[spaces[0]] == "worse":
+        verdict = f"contradicted: {better}'s generator is worse than {worse}'s in both feature spaces"
+    elif agree:
+        verdict = f"not shown: {better} and {worse} give generators that do not differ beyond the seed noise"
+    else:
+        verdict = "inconclusive: the two feature spaces disagree"
+    return {"verdict": verdict, "detail": text, "feature_spaces_agree": agree, "per_space": outcome}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bench
+
+
+def settings_for(args):
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.resolution is not None:
+        cfg["resolution"] = args.resolution
+    if args.seeds is not None:
+        cfg["seeds"] = tuple(dict.fromkeys(args.seeds))
+    if args.dit_steps is not None:
+        cfg["dit_steps"] = args.dit_steps
+    if args.ae_steps is not None:
+        cfg["ft_steps"] = args.ae_steps
+    cfg["seeds"] = list(cfg["seeds"])
+    cfg["models"] = [list(m) for m in args.model_list]
+    cfg["base_model"] = args.base_model
+    cfg["finetune"] = args.finetune
+    cfg["train_data_dir"] = os.path.abspath(args.train_data_dir) if args.train_data_dir else None
+    cfg["validation_data_dir"] = os.path.abspath(args.validation_data_dir) if args.validation_data_dir else None
+    cfg["dataset_name"] = args.dataset_name
+    cfg["validation_split"] = args.validation_split
+    cfg["smoke"] = args.smoke
+    return cfg
+
+
+def check_output(out, cfg, overwrite):
+    """A folder of another bench's settings is refused (or, with ``overwrite``, emptied); the same settings
+    continue. Returns the time spent by earlier invocations."""
+    path = os.path.join(out, "bench_settings.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        if old["settings"] != json.loads(json.dumps(cfg)):
+            if not overwrite:
+                changed = sorted(k for k in set(old["settings"]) | set(cfg) if old["settings"].get(k) != cfg.get(k))
+                raise UsageError(
+                    f"{out} holds a bench run with other settings ({', '.join(changed)} differ): choose another "
+                    "--output_dir, or pass --overwrite_output_dir to delete it and start again."
+                )
+            shutil.rmtree(out)
+    elif os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UsageError(
+            f"{out} is not empty and holds no bench run: choose another --output_dir, or pass --overwrite_output_dir "
+            "to delete it."
+        )
+    elif overwrite and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    if not os.path.isfile(path):
+        atomic_write_json(path, {"settings": cfg})
+
+
+def split_spec(spec):
+    """``PATH[:SUBFOLDER]`` -> ``(path, subfolder)``; a Windows drive letter or an existing path is kept whole."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, None
+    path, sub = spec.rsplit(":", 1)
+    return path, sub or None
+
+
+def ae_args(spec, flag="--pretrained_model_name_or_path", subflag="--subfolder"):
+    path, sub = split_spec(spec)
+    return [flag, path] + ([subflag, sub] if sub else [])
+
+
+def main(args):
+    cfg = settings_for(args)
+    out = os.path.abspath(args.output_dir)
+    check_output(out, cfg, args.overwrite_output_dir)
+    stages = Stages(out)
+    cores, jobs = cpu_cores(), args.jobs
+    res = cfg["resolution"]
+    data = os.path.join(out, "data")
+
+    # 0. Data: the class folders of the training crops, the reference crops and the held-out crops
+    start = time.time()
+    if args.user_data:
+        train_source = (["--train_data_dir", cfg["train_data_dir"]] if cfg["train_data_dir"] else
+                        ["--dataset_name", cfg["dataset_name"]])  # fmt: skip
+        heldout_source = (
+            ["--data_dir", cfg["validation_data_dir"] or cfg["train_data_dir"]]
+            if cfg["train_data_dir"]
+            else ["--dataset_name", cfg["dataset_name"], "--split", cfg["validation_split"]]
+        )
+        reference_source = heldout_source
+        data_note = (
+            f"the user's data ({cfg['train_data_dir'] or cfg['dataset_name']}); held out: "
+            + (cfg["validation_data_dir"] or (f"split {cfg['validation_split']}" if cfg["dataset_name"] else
+                                              "NOT held out (no --validation_data_dir: the training folder)"))
+        )  # fmt: skip
+        train_dir = cfg["train_data_dir"]
+        feature_test_dir = cfg["validation_data_dir"] or cfg["train_data_dir"]
+        photos = {}
+    else:
+        names = installed_photographs()
+        heldout_names = [n for n in names if n in EMBEDDED_VALIDATION_IMAGES]
+        train_names = [n for n in names if n not in heldout_names]
+        train_dir = os.path.join(data, "train")
+        write_crops(train_dir, train_names, cfg["train_crops"], res, seed=0)
+        write_crops(os.path.join(data, "reference"), train_names, cfg["reference_crops"], res, seed=1)
+        write_crops(os.path.join(data, "heldout"), heldout_names, cfg["heldout_crops"], res, seed=2)
+        train_source = ["--train_data_dir", train_dir]
+        heldout_source = ["--data_dir", os.path.join(data, "heldout")]
+        reference_source = ["--data_dir", os.path.join(data, "reference")]
+        feature_test_dir = os.path.join(data, "reference")
+        photos = {"train": train_names, "heldout": heldout_names}
+        data_note = (
+            f"{len(names)} colour photographs of the installed packages; classes (training): "
+            f"{', '.join(train_names)}; held out (never trained on): {', '.join(heldout_names)}. "
+            f"{cfg['train_crops']} training crops, {cfg['reference_crops']} reference crops (other seed), "
+            f"{cfg['heldout_crops']} held-out crops, {res} px, each a random region of 1 to 4 crop sides"
+        )
+    stages.record("data", time.time() - start)
+
+    # 1. Stage I
+    ae_dir = os.path.join(out, "ae")
+    common = [*train_source, "--resolution", res, "--train_batch_size", cfg["ae_batch"], "--lpips_weight", 0,
+              "--random_flip", "--seed", 0, "--report_to", "none", "--checkpoints_total_limit", 1]  # fmt: skip
+    models, protocols, made = {}, {}, []
+
+    def train_ae(label, source, steps, se_weight, lr, threads):
+        folder = os.path.join(ae_dir, label.replace("+", "plus-"))
+        stages.script(
+            f"train_{label}", os.path.join(folder, "config.json"), "train_ae_se.py", *source, *common,
+            "--se_weight", se_weight, "--learning_rate", lr, "--max_train_steps", steps, "--validation_steps", steps,
+            "--checkpointing_steps", steps, "--output_dir", folder, threads=threads,
+        )  # fmt: skip
+        return folder
+
+    def folder_of(label):
+        return os.path.join(ae_dir, label.replace("+", "plus-"))
+
+    if not args.model_list and not args.base_model:  # the default run: both protocols from the embedded AE
+        train_ae("vanilla", ["--pretrained_model_name_or_path", ae.EMBEDDED_AE], cfg["vanilla_steps"], 0.0,
+                 cfg["ae_lr"], threads=cores)  # fmt: skip
+        vanilla = ["--pretrained_model_name_or_path", folder_of("vanilla")]
+        config = ["--model_config_name_or_path", os.path.join(ae.EMBEDDED_AE, "config.json")]
+        in_parallel([
+            partial(train_ae, "+FT", vanilla, cfg["ft_steps"], 0.0, cfg["ae_lr"]),
+            partial(train_ae, "+FT-SE", vanilla, cfg["ft_steps"], 0.25, cfg["ae_lr"]),
+            partial(train_ae, "scratch", config, cfg["scratch_steps"], 0.0, cfg["scratch_lr"]),
+            partial(train_ae, "scratch+SE", config, cfg["scratch_steps"], 0.25, cfg["scratch_lr"]),
+        ], jobs, cores)  # fmt: skip
+        for label, protocol in DEFAULT_AES.items():
+            models[label], protocols[label] = folder_of(label), protocol
+        made = list(DEFAULT_AES)
+    else:
+        for label, spec in args.model_list:
+            models[label], protocols[label] = spec, "given"
+        if args.base_model:
+            base = ae_args(args.base_model)
+            models.setdefault("vanilla", args.base_model)
+            protocols["vanilla"] = "finetune"
+            in_parallel([
+                partial(train_ae, "+FT", base, cfg["ft_steps"], 0.0, cfg["ae_lr"]),
+                partial(train_ae, "+FT-SE", base, cfg["ft_steps"], 0.25, cfg["ae_lr"]),
+            ], jobs, cores)  # fmt: skip
+            for label in ("+FT", "+FT-SE"):
+                models[label], protocols[label] = folder_of(label), "finetune"
+            made = ["+FT", "+FT-SE"]
+    labels = list(models)
+    specs = [f"{label}={models[label]}" for label in labels]
+    groups = {}
+    for label in labels:
+        groups.setdefault(protocols[label], []).append(label)
+
+    # 2-3. Reconstruction, the DCT cut, spectra; and the feature spaces (in this process)
+    start = time.time()
+    features, accuracy = make_feature_spaces(out, train_dir, feature_test_dir, res, cfg["classifier_steps"])
+    stages.record("feature_spaces", time.time() - start)
+    extractors = [features[name] for name in FEATURES]
+    n_heldout, n_ref = cfg["heldout_crops"], cfg["reference_crops"]
+
+    def evaluate(name, threads):
+        folder = os.path.join(out, name)
+        if name == "eval_ae":
+            stages.script(name, os.path.join(folder, "metrics.json"), "eval_ae.py", "--models", *specs,
+                          *heldout_source, "--resolution", res, "--num_samples", n_heldout, "--metrics", "psnr",
+                          "ssim", "--dct_cut_ratios", *CUT_RATIOS, "--output_dir", folder, threads=threads)  # fmt: skip
+        elif name == "eval_ae_fd":
+            stages.script(name, os.path.join(folder, "metrics.json"), "eval_ae.py", "--models", *specs,
+                          *reference_source, "--resolution", res, "--num_samples", n_ref, "--metrics", "fd",
+                          "psnr", "--feature_extractor", *extractors, "--output_dir", folder,
+                          threads=threads)  # fmt: skip
+        elif name == "spectrum":  # what the DiT sees: per-channel normalised posterior samples
+            stages.script(name, os.path.join(folder, "spectrum.json"), "analyze_spectrum.py", "--models", *specs,
+                          *heldout_source, "--resolution", res, "--num_samples", n_heldout, "--sample_posterior",
+                          "--normalize_latents", "per_channel", "--output_dir", folder, threads=threads)  # fmt: skip
+        else:  # raw posterior means
+            stages.script(name, os.path.join(folder, "spectrum.json"), "analyze_spectrum.py", "--models", *specs,
+                          *heldout_source, "--resolution", res, "--num_samples", n_heldout, "--output_dir", folder,
+                          threads=threads)  # fmt: skip
+
+    in_parallel([partial(evaluate, n) for n in ("eval_ae", "eval_ae_fd", "spectrum", "spectrum_means")], jobs, cores)
+
+    # 4. Stage II: latents per AE (training crops with flips; reference crops for the held-out loss)
+    def extract(label, which, threads):
+        folder = os.path.join(out, f"latents_{which}", label.replace("+", "plus-"))
+        source = train_source if which == "train" else (
+            ["--train_data_dir", reference_source[1]] if reference_source[0] == "--data_dir" else
+            ["--dataset_name", cfg["dataset_name"], "--split", cfg["validation_split"]])  # fmt: skip
+        extra = ["--flip"] if which == "train" else ["--max_samples", n_ref]
+        stages.script(f"extract_{which}_{label}", os.path.join(folder, "metadata.json"), "extract_latents.py",
+                      *ae_args(models[label]), *source, "--resolution", res, *extra, "--output_dir", folder,
+                      threads=threads)  # fmt: skip
+        return folder
+
+    in_parallel([partial(extract, label, which) for label in labels for which in ("train", "reference")], jobs, cores)
+    steps = cfg["dit_steps"]
+    every = max(1, steps // cfg["curve_points"])
+    curve_steps = sorted({*range(every, steps, every), steps})
+
+    def dit_config(label):
+        """The paper's DiT (App. B: RoPE, self-conditioning) at the bench's size, for this AE's latent shape."""
+        from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
+
+        with open(os.path.join(out, "latents_train", label.replace("+", "plus-"), "metadata.json")) as fh:
+            meta = json.load(fh)
+        folder = os.path.join(out, "dit_configs", label.replace("+", "plus-"))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            channels, size = meta["latent_shape"][0], meta["latent_shape"][1]
+            model = SelfConditionedDiT(
+                num_attention_heads=cfg["dit_heads"], attention_head_dim=cfg["dit_width"] // cfg["dit_heads"],
+                in_channels=channels, num_layers=cfg["dit_depth"], sample_size=size, patch_size=cfg["dit_patch"],
+                num_embeds_ada_norm=meta["num_classes"], pos_embed="rope", self_conditioning=True,
+            )  # fmt: skip
+            model.save_config(folder)
+        return folder
+
+    dit_configs = {label: dit_config(label) for label in labels}
+
+    def generate(label, seed, threads):
+        tag = f"{label.replace('+', 'plus-')}-seed{seed}"
+        dit = os.path.join(out, "dit", tag)
+        stages.script(
+            f"dit_{label}_{seed}", os.path.join(dit, "model_index.json"), "train_dit_flow.py", "--latents_dir",
+            os.path.join(out, "latents_train", label.replace("+", "plus-")), *ae_args(models[label],
+            "--pretrained_vae_model_name_or_path", "--vae_subfolder"), "--model_config_name_or_path",
+            dit_configs[label], "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"],
+            "--learning_rate", cfg["dit_lr"], "--lr_warmup_steps", max(1, steps // 10), "--validation_steps", steps,
+            "--checkpointing_steps", steps, "--pipeline_snapshot_steps", every, "--num_inference_steps",
+            cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir", dit, threads=threads,
+        )  # fmt: skip
+        for step in curve_steps:
+            final = step == steps
+            pipeline = dit if final else os.path.join(dit, "snapshots", f"step-{step}")
+            folder = os.path.join(out, "eval_dit", tag, f"step-{step}")
+            extra = []
+            if final:
+                extra = ["--loss_latents_dir", os.path.join(out, "latents_reference", label.replace("+", "plus-")),
+                         "--loss_noise_levels", cfg["loss_noise_levels"], "--trajectory_steps",
+                         cfg["trajectory_steps"]]  # fmt: skip
+            stages.script(
+                f"eval_dit_{label}_{seed}_{step}", os.path.join(folder, "metrics.json"), "eval_dit.py", "--pipeline",
+                pipeline, "--num_samples", cfg["fd_samples"], "--num_inference_steps", cfg["sampling_steps"],
+                "--class_sampling", "balanced", "--seed", seed, "--feature_extractor", *extractors,
+                *(["--reference_data_dir", reference_source[1]] if reference_source[0] == "--data_dir" else
+                  ["--reference_dataset_name", cfg["dataset_name"], "--reference_split", cfg["validation_split"]]),
+                "--num_reference", n_ref, "--resolution", res, "--stats_cache_dir",
+                os.path.join(out, "reference_stats"), *extra, "--output_dir", folder, threads=threads,
+            )  # fmt: skip
+
+    # seeds outermost: runs that share the machine at the same time are spread over the AEs
+    in_parallel([partial(generate, label, seed) for seed in cfg["seeds"] for label in labels], jobs, cores)
+    times = {"total": stages.total(), "invocations": list(stages.times["invocations"]), **stages.times["steps"]}
+    report = write_report(out, cfg, labels, models, groups, made, curve_steps, accuracy, times, photos, data_note)
+    if args.results_dir:
+        publish(out, args.results_dir, report)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def read_json(*parts):
+    with open(os.path.join(*parts)) as fh:
+        return json.load(fh)
+
+
+def fd_values(metrics):
+    """``{feature space: value}`` of an eval_dit/eval_ae metrics.json ``metrics`` block, keyed by extractor file."""
+    found = {}
+    for key, entry in metrics.items():
+        for space in FEATURES:
+            if f"features_{space}" in key or f"features_{space}" in str(entry.get("extractor", "")):
+                found[space] = entry["value"] if isinstance(entry, dict) and "value" in entry else entry
+    return found
+
+
+def write_report(out, cfg, labels, models, groups, made, curve_steps, accuracy, times, photos, data_note):
+    rec = read_json(out, "eval_ae", "metrics.json")
+    rfd = read_json(out, "eval_ae_fd", "metrics.json")
+    spec = read_json(out, "spectrum", "spectrum.json")
+    spec_means = read_json(out, "spectrum_means", "spectrum.json")
+    seeds, final = cfg["seeds"], curve_steps[-1]
+
+    def tag(label, seed):
+        return f"{label.replace('+', 'plus-')}-seed{seed}"
+
+    fd = {space: {label: {} for label in labels} for space in FEATURES}
+    curve = {space: {label: {} for label in labels} for space in FEATURES}
+    loss = {}
+    for label in labels:
+        for seed in seeds:
+            for step in curve_steps:
+                m = read_json(out, "eval_dit", tag(label, seed), f"step-{step}", "metrics.json")
+                values = fd_values(m["metrics"])
+                for space in FEATURES:
+                    curve[space][label].setdefault(step, {})[seed] = values[space]
+                    if step == final:
+                        fd[space][label][seed] = values[space]
+                if step == final:
+                    loss.setdefault(label, {})[seed] = m["loss_per_noise_level"]
+    generation = {}
+    for protocol, members in groups.items():
+        if len(members) < 2 and protocol != "given":
+            continue
+        generation[protocol] = {
+            space: paired_comparison({m: fd[space][m] for m in members}, members[0]) for space in FEATURES
+        }
+    all_comparison = {space: paired_comparison({m: fd[space][m] for m in labels}, labels[0]) for space in FEATURES}
+
+    # Verdicts: SE versus its counterpart trained identically without it
+    pairs = [(b, a) for a, b in (("+FT", "+FT-SE"), ("scratch", "scratch+SE")) if a in labels and b in labels]
+    if not pairs and len(labels) >= 2:
+        pairs = [(m, labels[0]) for m in labels[1:]]
+    verdicts = {"spectrum": [], "dct_cut": [], "generation": []}
+    for se, base in pairs:
+        hs, hb = spec["models"][se]["hf_share"], spec["models"][base]["hf_share"]
+        verdicts["spectrum"].append({
+            "pair": [se, base], "hf_share": [hs, hb],
+            "verdict": (f"supported: {se}'s normalised latents have less high-frequency energy than {base}'s "
+                        f"({hs:.3f} vs {hb:.3f}, {100 * (hs - hb) / hb:+.0f}%)") if hs < hb else
+                       (f"not supported: {se}'s normalised latents have no less high-frequency energy than {base}'s "
+                        f"({hs:.3f} vs {hb:.3f})"),
+        })  # fmt: skip
+        curves = rec["dct_cut"]["curves"]
+        diffs = {r: curves[se][str(float(r))]["psnr"]["mean"] - curves[base][str(float(r))]["psnr"]["mean"]
+                 for r in CUT_RATIOS[1:]}  # fmt: skip
+        gap0 = curves[se]["0.0"]["psnr"]["mean"] - curves[base]["0.0"]["psnr"]["mean"]
+        gains = {r: d - gap0 for r, d in diffs.items()}  # the cut's effect beyond the uncut reconstruction gap
+        better = [r for r, g in gains.items() if g > 0]
+        verdicts["dct_cut"].append({
+            "pair": [se, base], "psnr_diff_per_ratio": diffs, "uncut_psnr_diff": gap0, "gain_beyond_uncut": gains,
+            "verdict": (f"supported: cutting {se}'s latent high frequencies costs less PSNR than {base}'s at every "
+                        f"ratio (beyond the uncut gap {gap0:+.2f} dB)") if len(better) == len(gains) else
+                       (f"not supported: {se} loses less PSNR than {base} at {len(better)} of {len(gains)} cut "
+                        f"ratios (beyond the uncut gap {gap0:+.2f} dB)"),
+        })  # fmt: skip
+        comparisons = {space: paired_comparison({base: fd[space][base], se: fd[space][se]}, base)[se]
+                       for space in FEATURES}  # fmt: skip
+        verdicts["generation"].append({"pair": [se, base], **generation_verdict(comparisons, se, base)})
+
+    # Plateau of the FD curve: the last interval's improvement against the seed noise
+    plateau = {}
+    for space in FEATURES:
+        for label in labels:
+            if len(curve_steps) < 2:
+                continue
+            a = np.array([curve[space][label][curve_steps[-2]][s] for s in seeds])
+            b = np.array([curve[space][label][final][s] for s in seeds])
+            gain, noise = float((a - b).mean()), float(b.std(ddof=1)) if len(seeds) > 1 else float("nan")
+            plateau.setdefault(space, {})[label] = {
+                "last_interval_gain": gain, "seed_std_final": noise, "plateaued": bool(gain <= noise),
+            }  # fmt: skip
+
+    figures = plot_report(out, labels, seeds, curve_steps, curve, loss, final)
+    result = {
+        "smoke": cfg["smoke"],
+        "settings": cfg,
+        "data": {"description": data_note, **photos},
+        "models": {
+            label: {
+                "path": models[label],
+                "protocol": [p for p, m in groups.items() if label in m][0],
+                "made_by_the_bench": label in made,
+                "weights_fingerprint": rec["models"][label].get("weights_fingerprint"),
+            }
+            for label in labels
+        },  # fmt: skip
+        "domain_classifier_accuracy": accuracy,
+        "reconstruction": {label: rec["models"][label] for label in labels},
+        "reconstruction_fd": {label: rfd["models"][label] for label in labels},
+        "dct_cut_psnr": {
+            label: {r: v["psnr"]["mean"] for r, v in rec["dct_cut"]["curves"][label].items()} for label in labels
+        },  # fmt: skip
+        "spectrum_normalised_samples": spec["models"],
+        "spectrum_raw_means": spec_means["models"],
+        "generation_fd": fd,
+        "generation_comparisons": generation,
+        "generation_all_vs_first": all_comparison,
+        "fd_curve": {
+            space: {label: {str(k): v for k, v in c.items()} for label, c in curve[space].items()}
+            for space in FEATURES
+        },  # fmt: skip
+        "fd_curve_plateau": plateau,
+        "loss_per_noise_level": loss,
+        "verdicts": verdicts,
+        "seconds": times,
+        "figures": figures,
+    }
+    atomic_write_json(os.path.join(out, "report.json"), portable(result, out))
+    text = report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means)
+    atomic_write_text(os.path.join(out, "report.md"), text)
+    print(text)
+    return result
+
+
+def rfd_value(entry, space):
+    for key, value in entry.items():
+        if f"features_{space}" in key:
+            return value["value"] if isinstance(value, dict) else value
+    return float("nan")
+
+
+def report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means):
+    smoke, seeds = cfg["smoke"], cfg["seeds"]
+    fmt_time = time.strftime("%H:%M:%S", time.gmtime(result["seconds"]["total"]))
+    aes = ", ".join(f"{k} ({v['protocol']})" for k, v in result["models"].items())
+    lines = [
+        "# Diffusability bench" + (" (smoke run: the numbers are meaningless)" if smoke else ""),
+        "",
+        f"Data: {result['data']['description']}.",
+        "",
+        f"Autoencoders: {aes}. Stage I: "
+        f"AE batch {cfg['ae_batch']}, {cfg['resolution']} px; vanilla = the embedded AE trained on for "
+        f"{cfg['vanilla_steps']} steps, +FT / +FT-SE {cfg['ft_steps']} more steps from it (SE weight 0 / 0.25), "
+        f"scratch / scratch+SE {cfg['scratch_steps']} steps from random init. Stage II: the paper's DiT (App. B: "
+        f"RoPE, self-conditioning at 90%) at width {cfg['dit_width']}, depth {cfg['dit_depth']}, patch "
+        f"{cfg['dit_patch']}, {cfg['dit_steps']} steps at batch {cfg['dit_batch']}, seeds {seeds}; "
+        f"{cfg['fd_samples']} samples per FD ({cfg['sampling_steps']} Euler steps, no guidance, classes balanced) "
+        f"against {cfg['reference_crops']} reference crops. {fmt_time} in total.",
+        "",
+        "    python train_scripts/diffusability_bench.py" + (" --smoke" if smoke else ""),
+        "",
+        "## Reconstruction and latent space (Table 4, Fig. 4)",
+        "",
+    ]
+    rows = []
+    for label in labels:
+        r, s, sm = rec["models"][label], spec["models"][label], spec_means["models"][label]
+        rows.append([
+            label, f"{r['psnr']['mean']:.2f} ± {r['psnr']['ci95']:.2f}", f"{r['ssim']['mean']:.4f}",
+            f"{rfd_value(rfd['models'][label], 'domain'):.3f}", f"{rfd_value(rfd['models'][label], 'random'):.4f}",
+            f"{s['hf_share']:.3f}", f"{sm['hf_share']:.3f}", f"{s.get('posterior_variance_ratio_mean', float('nan')):.3f}",
+        ])  # fmt: skip
+    lines += [
+        markdown_table(
+            rows,
+            [
+                "AE",
+                "PSNR (dB)",
+                "SSIM",
+                "rFD domain",
+                "rFD random",
+                "HF share, normalised samples",
+                "HF share, raw means",
+                "posterior variance ratio",
+            ],
+        ),  # fmt: skip
+        "",
+        "PSNR (mean ± 95% interval) and SSIM on held-out crops; rFD: Frechet distance of the reconstructions of the "
+        "reference crops to the crops, in the generators' feature spaces (the decoder's floor under a generator's "
+        "FD). HF share: the part of the latents' AC energy in the upper half of the zigzag order (8x8 blocks); "
+        "variance ratio: the mean over channels of E[std^2] / Var(z).",
+        "",
+        "![spectrum](spectrum/spectrum.png)",
+        "",
+        "## DCT cut (Fig. 8): PSNR when the top share of latent zigzag coefficients is zeroed",
+        "",
+    ]
+    curves = rec["dct_cut"]["curves"]
+    lines += [
+        markdown_table(
+            [
+                [f"{100 * r:.0f}"] + [f"{curves[n][str(float(r))]['psnr']['mean']:.2f}" for n in labels]
+                for r in CUT_RATIOS
+            ],
+            ["cut (%)"] + labels,
+        ),  # fmt: skip
+        "",
+        "![DCT cut](eval_ae/dct_cut.png)",
+        "",
+        f"## Generation (Tables 1 and 10): Frechet distance of the DiT's samples after {curve_steps[-1]} steps, lower "
+        "is better",
+        "",
+        f"Feature spaces: `domain` (the classifier trained on the training crops; accuracy on the reference crops "
+        f"{100 * result['domain_classifier_accuracy']:.1f}%) and `random` (an untrained seeded CNN).",
+        "",
+    ]
+    for protocol, comparison in result["generation_comparisons"].items():
+        rows = []
+        members = list(comparison["domain"])
+        for label in members:
+            cells = [label]
+            for space in FEATURES:
+                row = comparison[space][label]
+                cells.append(f"{row['mean']:.4g} ± {row['std']:.2g}")
+                cells.append(" / ".join(f"{row['per_seed'][str(s)]:.4g}" for s in seeds))
+                cells.append("" if "diff" not in row else f"{row['diff']:+.4g} [{row['diff_ci95'][0]:+.4g}, "
+                             f"{row['diff_ci95'][1]:+.4g}]" + (" *" if row["ci95_excludes_zero"] else ""))  # fmt: skip
+            rows.append(cells)
+        header = ["AE"] + [
+            f"{h} ({space})" for space in FEATURES for h in ("FD mean ± std", "per seed", f"vs {members[0]} (95% CI)")
+        ]
+        lines += [f"Protocol: {protocol}", "", markdown_table(rows, header), ""]
+    lines += [
+        "Differences are paired by seed (same DiT seed, data order and sampling noise); * marks a 95% Student-t "
+        "interval that excludes 0. They cover the DiTs' seed-to-seed variation only: each autoencoder was trained "
+        "once.",
+        "",
+        "## FD along DiT training (is it trained long enough?)",
+        "",
+    ]
+    for space in FEATURES:
+        rows = []
+        for label in labels:
+            c = result["fd_curve"][space][label]
+            rows.append(
+                [label]
+                + [f"{np.mean(list(c[str(k)].values())):.4g}" for k in curve_steps]
+                + ["yes" if result["fd_curve_plateau"].get(space, {}).get(label, {}).get("plateaued") else "no"]
+            )
+        lines += [
+            f"`{space}` features, mean over seeds:",
+            "",
+            markdown_table(rows, ["AE"] + [f"step {k}" for k in curve_steps] + ["last gain <= seed std"]),
+            "",
+        ]
+    lines += [
+        "![FD curve](fd_curve.png)",
+        "",
+        "## Flow-matching loss per noise level on held-out latents (final DiTs, mean over seeds)",
+        "",
+    ]
+    sigmas = next(iter(next(iter(result["loss_per_noise_level"].values())).values()))["sigma"]
+    rows = []
+    for label in labels:
+        per = np.mean([result["loss_per_noise_level"][label][s]["loss"] for s in seeds], axis=0)
+        rows.append([label] + [f"{v:.4f}" for v in per])
+    lines += [markdown_table(rows, ["AE"] + [f"σ={s:.2f}" for s in sigmas]), "", "![loss](loss_per_noise_level.png)",
+              "", "## Fig. 6: decoded x0 predictions along one denoising trajectory (seed "
+              f"{seeds[0]}, sample 0, the same noise and class for every AE)", "", "![trajectories](trajectories.png)",
+              "", "![samples](samples.png)", "", "## Verdicts", ""]  # fmt: skip
+    for claim, title in (("spectrum", "Spectrum"), ("dct_cut", "DCT cut"), ("generation", "Generation")):
+        for v in result["verdicts"][claim]:
+            detail = f" ({v['detail']})" if "detail" in v else ""
+            lines.append(f"- **{title}**, {v['pair'][0]} vs {v['pair'][1]}: {v['verdict']}{detail}.")
+    lines += ["", "Every number above comes from `report.json`, which also keeps each stage's seconds.", ""]
+    return "\n".join(lines)
+
+
+def plot_report(out, labels, seeds, curve_steps, curve, loss, final):
+    """fd_curve.png, loss_per_noise_level.png, trajectories.png (Fig. 6) and samples.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(FEATURES), figsize=(5 * len(FEATURES), 3.5), squeeze=False)
+    for ax, space in zip(axes[0], FEATURES):
+        for label in labels:
+            values = np.array([[curve[space][label][k][s] for s in seeds] for k in curve_steps])
+            ax.errorbar(curve_steps, values.mean(1), yerr=values.std(1, ddof=1) if len(seeds) > 1 else None,
+                        label=label, marker="o", capsize=3)  # fmt: skip
+        ax.set_xlabel("DiT training step")
+        ax.set_ylabel(f"FD ({space} features)")
+        ax.set_title(f"{space} features, mean ± std over seeds")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "fd_curve.png"), dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label in labels:
+        per = np.array([loss[label][s]["loss"] for s in seeds])
+        ax.plot(loss[label][seeds[0]]["sigma"], per.mean(0), marker="o", label=label)
+    ax.set_xlabel("noise level sigma (0 = data, 1 = noise)")
+    ax.set_ylabel("flow-matching loss (held-out latents)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss_per_noise_level.png"), dpi=90)
+    plt.close(fig)
+
+    def stack(name, filename):
+        rows = []
+        for label in labels:
+            path = os.path.join(out, "eval_dit", f"{label.replace('+', 'plus-')}-seed{seeds[0]}", f"step-{final}",
+                                filename)  # fmt: skip
+            rows.append((label, Image.open(path).convert("RGB")))
+        width = max(im.width for _, im in rows)
+        height = sum(im.height for _, im in rows)
+        fig = plt.figure(figsize=(width / 80 + 1.2, height / 80 + 0.3))
+        for i, (label, im) in enumerate(rows):
+            ax = fig.add_subplot(len(rows), 1, i + 1)
+            ax.imshow(np.asarray(im))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(label, fontsize=8)
+        fig.tight_layout(pad=0.3)
+        fig.savefig(os.path.join(out, name), dpi=80)
+        plt.close(fig)
+
+    stack("trajectories.png", "trajectory.png")
+    samples_row(out, labels, seeds[0], final)
+    return ["fd_curve.png", "loss_per_noise_level.png", "trajectories.png", "samples.png"]
+
+
+def samples_row(out, labels, seed, final, columns=12):
+    """``samples.png``: the first ``columns`` samples of each AE's DiT (seed ``seed``); sample ``i`` has the same
+    class (balanced sampling) and starting noise in every row."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(len(labels), columns, figsize=(columns, len(labels) + 0.4), squeeze=False)
+    for r, label in enumerate(labels):
+        folder = os.path.join(out, "eval_dit", f"{label.replace('+', 'plus-')}-seed{seed}", f"step-{final}", "samples")
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:columns]
+        for c in range(columns):
+            ax = axes[r, c]
+            if c < len(files):
+                ax.imshow(np.asarray(Image.open(os.path.join(folder, files[c]))))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(os.path.join(out, "samples.png"), dpi=80)
+    plt.close(fig)
+
+
+def portable(value, out):
+    """``value`` ready for ``report.json``: the output folder's and the repository's absolute paths made relative
+    to them, NaN and infinities as ``None`` (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): portable(v, out) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, out) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str) and os.path.isabs(value):
+        for base in (out, ROOT):
+            if value == base or value.startswith(base + os.sep):
+                return os.path.relpath(value, base)
+    return value
+
+
+REPORT_FILES = ("report.md", "report.json", "fd_curve.png", "loss_per_noise_level.png", "trajectories.png",
+                "samples.png", "spectrum/spectrum.png", "eval_ae/dct_cut.png", "eval_ae/dct_cut_grid.png")  # fmt: skip
+
+
+def publish(out, results_dir, report):
+    """Copy the report and the plots it links to (paths relative to it, so the links keep working)."""
+    for rel in REPORT_FILES:
+        os.makedirs(os.path.dirname(os.path.join(results_dir, rel)), exist_ok=True)
+        shutil.copyfile(os.path.join(out, rel), os.path.join(results_dir, rel))
+
+
+if __name__ == "__main__":
+    run_script(main, parse_args)
