@@ -42,7 +42,9 @@ def test_smoke_run_goes_through_every_stage(smoke):
         assert (out / "latents_reference" / label / "metadata.json").is_file()
         for seed in (0, 1):
             dit = out / "dit" / f"{label}-seed{seed}"
-            assert (dit / "model_index.json").is_file() and (dit / "snapshots" / "step-2" / "model_index.json").is_file()
+            assert (dit / "model_index.json").is_file() and (
+                dit / "snapshots" / "step-2" / "model_index.json"
+            ).is_file()
             for step in (2, 4):
                 assert (out / "eval_dit" / f"{label}-seed{seed}" / f"step-{step}" / "metrics.json").is_file()
     for path in ("eval_ae/metrics.json", "eval_ae_fd/metrics.json", "spectrum/spectrum.json",
@@ -54,7 +56,8 @@ def test_smoke_run_goes_through_every_stage(smoke):
     heldout = sorted(d for d in os.listdir(out / "data" / "heldout") if not d.startswith("."))
     assert heldout == ["chelsea", "coffee"] and not set(heldout) & set(train_classes) and len(train_classes) >= 7
     # +FT and +FT-SE start from the bench's vanilla and differ in the SE weight only; scratch starts from a config
-    logs = {n: (out / "logs" / f"train_{n}.log").read_text() for n in ("+FT", "+FT-SE", "scratch", "scratch+SE")}
+    names = ("+FT", "+FT-SE", "scratch", "scratch+SE")
+    logs = {n: (out / "logs" / ("train_" + n.replace("+", "plus-") + ".log")).read_text() for n in names}
     assert "alpha=0.0" in logs["+FT"] and "alpha=0.25" in logs["+FT-SE"] and "alpha=0.25" in logs["scratch+SE"]
     assert str(out / "ae" / "vanilla") in logs["+FT"].splitlines()[0]
     assert "--model_config_name_or_path" in logs["scratch"].splitlines()[0]

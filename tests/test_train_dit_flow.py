@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusability_hf.autoencoders import EMBEDDED_AE, weights_fingerprint
+from diffusability_hf.latents import read_latents_metadata
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 from diffusability_hf.training_utils import UsageError
 
@@ -261,15 +262,15 @@ def test_checks_without_training(tmp_path, latents, capsys):
     fingerprint = meta.pop("ae_weights_fingerprint")
     (old / "metadata.json").write_text(json.dumps({**meta, "ae_fingerprint": "0123456789abcdef"}))
     with pytest.raises(UsageError, match="older version of extract_latents.py .*extract them again"):
-        script.read_metadata(str(old))
+        read_latents_metadata(str(old))
     # metadata.json of one AE, a shard of another (copied in by hand)
     (old / "metadata.json").write_text(json.dumps({**meta, "ae_weights_fingerprint": fingerprint[::-1]}))
     with pytest.raises(
         UsageError, match=f"shard-00000.safetensors was encoded by other autoencoder weights \\({fingerprint}\\)"
     ):
-        script.read_metadata(str(old))
+        read_latents_metadata(str(old))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        script.read_metadata(str(tmp_path / "missing"))
+        read_latents_metadata(str(tmp_path / "missing"))
 
 
 def test_on_the_fly_encoding_from_an_image_folder(tmp_path, tiny_vae_dir, run_script):

@@ -93,6 +93,10 @@ SMOKE = dict(
     dit_patch=2, dit_steps=4, dit_batch=8, dit_lr=1e-3, curve_points=2, fd_samples=16, sampling_steps=2,
     trajectory_steps=2, loss_noise_levels=4, seeds=(0, 1),
 )  # fmt: skip
+# --ablation: +FT / +FT-SE from the embedded AE for this many steps per cell AE; the long DiT cell trains this many
+# times the default DiT steps; two seeds per cell (the issue's budget rule: 2 hours on 2 cores)
+ABLATION = dict(ablation_ae_steps=300, ablation_long_factor=3, ablation_seeds=[0, 1])
+ABLATION_SMOKE = dict(ablation_ae_steps=2, ablation_long_factor=2, ablation_seeds=[0, 1])
 CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 FEATURES = ("domain", "random")
 # The default run's autoencoders: label -> (protocol, how it is made)
@@ -155,7 +159,19 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--smoke", action="store_true", help="Every stage with a handful of steps (the plumbing; meaningless numbers)."
     )
-    parser.add_argument("--output_dir", type=str, default="diffusability_bench", help="Where everything goes.")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="The second run: the factors that separate a small CPU run from the paper's regime, one at a time "
+        "(latent size 8x8 vs 16x16, DiT training length, DiT recipe stock vs App. B, SE scales {2, 4} vs {2}), +FT vs +FT-SE per cell "
+        "with two seeds.",
+    )
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help="Where everything goes (default: diffusability_bench, or diffusability_bench_ablation).",
+    )
     parser.add_argument(
         "--results_dir",
         type=str,
@@ -182,6 +198,11 @@ def parse_args(input_args=None):
     if args.validation_data_dir is not None and not os.path.isdir(args.validation_data_dir):
         parser.error(f"--validation_data_dir {args.validation_data_dir} is not a folder.")
     args.user_data = args.train_data_dir is not None or args.dataset_name is not None
+    if args.ablation and (args.user_data or args.models or args.base_model):
+        parser.error("--ablation runs on the default data with the embedded autoencoder: drop --models, "
+                     "--base_model and the data flags, or drop --ablation.")  # fmt: skip
+    if args.output_dir is None:
+        args.output_dir = "diffusability_bench_ablation" if args.ablation else "diffusability_bench"
     models = []
     for spec in args.models or []:
         label, sep, path = spec.partition("=")
@@ -449,12 +470,16 @@ def settings_for(args):
     cfg["dataset_name"] = args.dataset_name
     cfg["validation_split"] = args.validation_split
     cfg["smoke"] = args.smoke
+    if args.ablation:
+        cfg.update(ablation=True, **(ABLATION_SMOKE if args.smoke else ABLATION))
+        if args.seeds is not None:
+            cfg["ablation_seeds"] = list(cfg["seeds"])
     return cfg
 
 
 def check_output(out, cfg, overwrite):
     """A folder of another bench's settings is refused (or, with ``overwrite``, emptied); the same settings
-    continue. Returns the time spent by earlier invocations."""
+    continue."""
     path = os.path.join(out, "bench_settings.json")
     if os.path.isfile(path):
         with open(path) as fh:
@@ -480,7 +505,7 @@ def check_output(out, cfg, overwrite):
 
 
 def split_spec(spec):
-    """``PATH[:SUBFOLDER]`` -> ``(path, subfolder)``; a Windows drive letter or an existing path is kept whole."""
+    """``PATH[:SUBFOLDER]`` -> ``(path, subfolder)``; an existing path is kept whole."""
     if os.path.exists(spec) or ":" not in spec:
         return spec, None
     path, sub = spec.rsplit(":", 1)
@@ -492,209 +517,418 @@ def ae_args(spec, flag="--pretrained_model_name_or_path", subflag="--subfolder")
     return [flag, path] + ([subflag, sub] if sub else [])
 
 
+def slug(label):
+    """A folder name for a label: ``+FT-SE`` -> ``plus-FT-SE``, ``+FT-SE {2} 16x16`` -> ``plus-FT-SE_2_16x16``."""
+    return label.replace("+", "plus-").replace(" ", "_").replace("{", "").replace("}", "").replace(",", "")
+
+
+class Bench:
+    """The bench's stages over a set of autoencoders: the data and feature spaces of a resolution, stage I runs,
+    the evaluations of a group of AEs, latents, and DiT runs keyed by (AE, recipe, steps, seed)."""
+
+    def __init__(self, args, cfg, out):
+        self.args, self.cfg, self.out = args, cfg, out
+        self.stages = Stages(out)
+        self.cores, self.jobs = cpu_cores(), args.jobs
+        self.sources, self.features = {}, {}
+        self.models, self.info = {}, {}  # label -> path spec; label -> protocol, resolution, made by the bench
+
+    def parallel(self, tasks):
+        return in_parallel(tasks, self.jobs, self.cores)
+
+    def suffix(self, res):
+        """Folder suffix of a resolution that is not the run's main one (the ablation's 64 px cell)."""
+        return "" if res == self.cfg["resolution"] else f"_{res}px"
+
+    # 0. Data
+    def data(self, res):
+        """The script arguments of the training, held-out and reference data at ``res`` (written once)."""
+        if res in self.sources:
+            return self.sources[res]
+        cfg, start = self.cfg, time.time()
+        if self.args.user_data:
+            train = (["--train_data_dir", cfg["train_data_dir"]] if cfg["train_data_dir"] else
+                     ["--dataset_name", cfg["dataset_name"]])  # fmt: skip
+            heldout = (["--data_dir", cfg["validation_data_dir"] or cfg["train_data_dir"]] if cfg["train_data_dir"]
+                       else ["--dataset_name", cfg["dataset_name"], "--split", cfg["validation_split"]])  # fmt: skip
+            held = cfg["validation_data_dir"] or (
+                f"split {cfg['validation_split']}" if cfg["dataset_name"] else
+                "NOT held out (no --validation_data_dir: the training folder)")  # fmt: skip
+            src = dict(train=train, heldout=heldout, reference=heldout, train_dir=cfg["train_data_dir"],
+                       test_dir=cfg["validation_data_dir"] or cfg["train_data_dir"], photos={},
+                       note=f"the user's data ({cfg['train_data_dir'] or cfg['dataset_name']}); held out: {held}")  # fmt: skip
+        else:
+            names = installed_photographs()
+            heldout_names = [n for n in names if n in EMBEDDED_VALIDATION_IMAGES]
+            train_names = [n for n in names if n not in heldout_names]
+            data = os.path.join(self.out, "data" + self.suffix(res))
+            write_crops(os.path.join(data, "train"), train_names, cfg["train_crops"], res, seed=0)
+            write_crops(os.path.join(data, "reference"), train_names, cfg["reference_crops"], res, seed=1)
+            write_crops(os.path.join(data, "heldout"), heldout_names, cfg["heldout_crops"], res, seed=2)
+            src = dict(
+                train=["--train_data_dir", os.path.join(data, "train")],
+                heldout=["--data_dir", os.path.join(data, "heldout")],
+                reference=["--data_dir", os.path.join(data, "reference")],
+                train_dir=os.path.join(data, "train"), test_dir=os.path.join(data, "reference"),
+                photos={"train": train_names, "heldout": heldout_names},
+                note=(f"{len(names)} colour photographs of the installed packages; classes (training): "
+                      f"{', '.join(train_names)}; held out (never trained on): {', '.join(heldout_names)}. "
+                      f"{cfg['train_crops']} training crops, {cfg['reference_crops']} reference crops (other seed), "
+                      f"{cfg['heldout_crops']} held-out crops, {res} px, each a random region of 1 to 4 crop sides"),
+            )  # fmt: skip
+        self.stages.record("data" + self.suffix(res), time.time() - start)
+        self.sources[res] = src
+        return src
+
+    def feature_spaces(self, res):
+        if res not in self.features:
+            start, src = time.time(), self.data(res)
+            folder = os.path.join(self.out, "features" + self.suffix(res)) if self.suffix(res) else self.out
+            os.makedirs(folder, exist_ok=True)
+            self.features[res] = make_feature_spaces(folder, src["train_dir"], src["test_dir"], res,
+                                                     self.cfg["classifier_steps"])  # fmt: skip
+            self.stages.record("feature_spaces" + self.suffix(res), time.time() - start)
+        return self.features[res]
+
+    # 1. Stage I
+    def train_ae(self, label, start, se_weight, steps, lr, res, protocol, threads, extra=()):
+        """``train_ae_se.py`` from ``start`` (``--pretrained_model_name_or_path`` or ``--model_config_name_or_path``
+        arguments) on the bench's training data; everything but ``se_weight`` and ``extra`` is shared."""
+        cfg, folder = self.cfg, os.path.join(self.out, "ae", slug(label))
+        self.stages.script(
+            f"train_{slug(label)}", os.path.join(folder, "config.json"), "train_ae_se.py", *start,
+            *self.data(res)["train"], "--resolution", res, "--train_batch_size", cfg["ae_batch"], "--lpips_weight", 0,
+            "--random_flip", "--seed", 0, "--report_to", "none", "--checkpoints_total_limit", 1, "--se_weight",
+            se_weight, "--learning_rate", lr, "--max_train_steps", steps, "--validation_steps", steps,
+            "--checkpointing_steps", steps, *extra, "--output_dir", folder, threads=threads,
+        )  # fmt: skip
+        self.add(label, folder, protocol, res, made=True)
+
+    def add(self, label, path, protocol, res, made=False):
+        self.models[label] = path
+        self.info[label] = {"protocol": protocol, "resolution": res, "made_by_the_bench": made}
+
+    # 2-3. Reconstruction, DCT cut, spectra
+    def evaluate(self, labels):
+        """eval_ae.py (held-out: PSNR, SSIM, DCT cut; reference: rFD in both feature spaces) and
+        analyze_spectrum.py (normalised posterior samples; raw means) of ``labels``, which share a resolution."""
+        res = self.info[labels[0]]["resolution"]
+        src, (features, _) = self.data(res), self.feature_spaces(res)
+        specs = [f"{label}={self.models[label]}" for label in labels]
+        n_held, n_ref, sfx = self.cfg["heldout_crops"], self.cfg["reference_crops"], self.suffix(res)
+        runs = {
+            "eval_ae": ("metrics.json", "eval_ae.py", *src["heldout"], "--num_samples", n_held, "--metrics", "psnr",
+                        "ssim", "--dct_cut_ratios", *CUT_RATIOS),
+            "eval_ae_fd": ("metrics.json", "eval_ae.py", *src["reference"], "--num_samples", n_ref, "--metrics",
+                           "fd", "psnr", "--feature_extractor", *[features[n] for n in FEATURES]),
+            "spectrum": ("spectrum.json", "analyze_spectrum.py", *src["heldout"], "--num_samples", n_held,
+                         "--sample_posterior", "--normalize_latents", "per_channel"),  # what the DiT sees
+            "spectrum_means": ("spectrum.json", "analyze_spectrum.py", *src["heldout"], "--num_samples", n_held),
+        }  # fmt: skip
+
+        def one(name, threads):
+            marker, script, *rest = runs[name]
+            folder = os.path.join(self.out, name + sfx)
+            self.stages.script(name + sfx, os.path.join(folder, marker), script, "--models", *specs, *rest,
+                               "--resolution", res, "--output_dir", folder, threads=threads)  # fmt: skip
+
+        self.parallel([partial(one, name) for name in runs])
+        return {name: read_json(self.out, name + sfx, runs[name][0]) for name in runs}
+
+    # 4. Stage II
+    def extract(self, label, which, threads):
+        """Latents of the training crops (with flips) or of the reference crops (the held-out loss)."""
+        res, cfg = self.info[label]["resolution"], self.cfg
+        src = self.data(res)
+        folder = os.path.join(self.out, f"latents_{which}", slug(label))
+        source = src["train"] if which == "train" else (
+            ["--train_data_dir", src["reference"][1]] if src["reference"][0] == "--data_dir" else
+            ["--dataset_name", cfg["dataset_name"], "--split", cfg["validation_split"]])  # fmt: skip
+        extra = ["--flip"] if which == "train" else ["--max_samples", cfg["reference_crops"]]
+        self.stages.script(f"extract_{which}_{slug(label)}", os.path.join(folder, "metadata.json"),
+                           "extract_latents.py", *ae_args(self.models[label]), *source, "--resolution", res, *extra,
+                           "--output_dir", folder, threads=threads)  # fmt: skip
+
+    def dit_config(self, label, recipe):
+        """The paper's DiT (App. B: RoPE, self-conditioning; ``recipe="appb"``) or diffusers' stock DiT
+        (``"stock"``: sin-cos positions, no self-conditioning) at the bench's size, for this AE's latents."""
+        meta = read_json(self.out, "latents_train", slug(label), "metadata.json")
+        cfg = self.cfg
+        folder = os.path.join(self.out, "dit_configs", slug(label) + ("" if recipe == "appb" else f"-{recipe}"))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            channels, size = meta["latent_shape"][0], meta["latent_shape"][1]
+            shape = dict(num_attention_heads=cfg["dit_heads"], attention_head_dim=cfg["dit_width"] // cfg["dit_heads"],
+                         in_channels=channels, num_layers=cfg["dit_depth"], sample_size=size,
+                         patch_size=cfg["dit_patch"], num_embeds_ada_norm=meta["num_classes"])  # fmt: skip
+            if recipe == "appb":
+                from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
+
+                model = SelfConditionedDiT(**shape, pos_embed="rope", self_conditioning=True)
+            else:
+                from diffusers import DiTTransformer2DModel
+
+                model = DiTTransformer2DModel(**shape, out_channels=channels, norm_type="ada_norm_zero")
+            model.save_config(folder)
+        return folder
+
+    def dit_tag(self, label, seed, recipe="appb", steps=None):
+        steps = steps or self.cfg["dit_steps"]
+        variant = "" if (recipe, steps) == ("appb", self.cfg["dit_steps"]) else f"-{recipe}-{steps}"
+        return f"{slug(label)}{variant}-seed{seed}"
+
+    def curve_steps(self, steps):
+        every = max(1, steps // self.cfg["curve_points"])
+        return sorted({*range(every, steps, every), steps})
+
+    def generate(self, label, seed, threads, recipe="appb", steps=None):
+        """train_dit_flow.py with pipeline snapshots, then eval_dit.py on every snapshot and the final pipeline
+        (which also gets the held-out loss per noise level and the Fig. 6 trajectory)."""
+        cfg, steps = self.cfg, steps or self.cfg["dit_steps"]
+        res = self.info[label]["resolution"]
+        src, (features, _) = self.data(res), self.feature_spaces(res)
+        tag = self.dit_tag(label, seed, recipe, steps)
+        dit = os.path.join(self.out, "dit", tag)
+        curve = self.curve_steps(steps)
+        self.stages.script(
+            f"dit_{tag}", os.path.join(dit, "model_index.json"), "train_dit_flow.py", "--latents_dir",
+            os.path.join(self.out, "latents_train", slug(label)),
+            *ae_args(self.models[label], "--pretrained_vae_model_name_or_path", "--vae_subfolder"),
+            "--model_config_name_or_path", self.dit_config(label, recipe), *(["--stock_dit"] if recipe == "stock"
+            else []), "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"], "--learning_rate",
+            cfg["dit_lr"], "--lr_warmup_steps", max(1, steps // 10), "--validation_steps", steps,
+            "--checkpointing_steps", steps, "--pipeline_snapshot_steps", curve[0], "--num_inference_steps",
+            cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir", dit, threads=threads,
+        )  # fmt: skip
+        reference = (["--reference_data_dir", src["reference"][1]] if src["reference"][0] == "--data_dir" else
+                     ["--reference_dataset_name", cfg["dataset_name"], "--reference_split", cfg["validation_split"]])  # fmt: skip
+        for step in curve:
+            final = step == steps
+            pipeline = dit if final else os.path.join(dit, "snapshots", f"step-{step}")
+            folder = os.path.join(self.out, "eval_dit", tag, f"step-{step}")
+            extra = []
+            if final:
+                extra = ["--loss_latents_dir", os.path.join(self.out, "latents_reference", slug(label)),
+                         "--loss_noise_levels", cfg["loss_noise_levels"], "--trajectory_steps",
+                         cfg["trajectory_steps"]]  # fmt: skip
+            self.stages.script(
+                f"eval_dit_{tag}_{step}", os.path.join(folder, "metrics.json"), "eval_dit.py", "--pipeline", pipeline,
+                "--num_samples", cfg["fd_samples"], "--num_inference_steps", cfg["sampling_steps"],
+                "--class_sampling", "balanced", "--seed", seed, "--feature_extractor",
+                *[features[n] for n in FEATURES], *reference, "--num_reference", cfg["reference_crops"],
+                "--resolution", res, "--stats_cache_dir", os.path.join(self.out, "reference_stats"), *extra,
+                "--output_dir", folder, threads=threads,
+            )  # fmt: skip
+
+    def results(self, label, seeds, recipe="appb", steps=None):
+        """``(final FD {space: {seed: value}}, curve {space: {step: {seed: value}}}, loss {seed: ...})``."""
+        steps = steps or self.cfg["dit_steps"]
+        fd = {space: {} for space in FEATURES}
+        curve = {space: {} for space in FEATURES}
+        loss = {}
+        for seed in seeds:
+            for step in self.curve_steps(steps):
+                m = read_json(self.out, "eval_dit", self.dit_tag(label, seed, recipe, steps), f"step-{step}",
+                              "metrics.json")  # fmt: skip
+                values = fd_values(m["metrics"])
+                for space in FEATURES:
+                    curve[space].setdefault(step, {})[seed] = values[space]
+                    if step == steps:
+                        fd[space][seed] = values[space]
+                if step == steps:
+                    loss[seed] = m["loss_per_noise_level"]
+        return fd, curve, loss
+
+
 def main(args):
     cfg = settings_for(args)
     out = os.path.abspath(args.output_dir)
     check_output(out, cfg, args.overwrite_output_dir)
-    stages = Stages(out)
-    cores, jobs = cpu_cores(), args.jobs
+    bench = Bench(args, cfg, out)
+    if args.ablation:
+        return run_ablation(bench)
     res = cfg["resolution"]
-    data = os.path.join(out, "data")
-
-    # 0. Data: the class folders of the training crops, the reference crops and the held-out crops
-    start = time.time()
-    if args.user_data:
-        train_source = (["--train_data_dir", cfg["train_data_dir"]] if cfg["train_data_dir"] else
-                        ["--dataset_name", cfg["dataset_name"]])  # fmt: skip
-        heldout_source = (
-            ["--data_dir", cfg["validation_data_dir"] or cfg["train_data_dir"]]
-            if cfg["train_data_dir"]
-            else ["--dataset_name", cfg["dataset_name"], "--split", cfg["validation_split"]]
-        )
-        reference_source = heldout_source
-        data_note = (
-            f"the user's data ({cfg['train_data_dir'] or cfg['dataset_name']}); held out: "
-            + (cfg["validation_data_dir"] or (f"split {cfg['validation_split']}" if cfg["dataset_name"] else
-                                              "NOT held out (no --validation_data_dir: the training folder)"))
-        )  # fmt: skip
-        train_dir = cfg["train_data_dir"]
-        feature_test_dir = cfg["validation_data_dir"] or cfg["train_data_dir"]
-        photos = {}
-    else:
-        names = installed_photographs()
-        heldout_names = [n for n in names if n in EMBEDDED_VALIDATION_IMAGES]
-        train_names = [n for n in names if n not in heldout_names]
-        train_dir = os.path.join(data, "train")
-        write_crops(train_dir, train_names, cfg["train_crops"], res, seed=0)
-        write_crops(os.path.join(data, "reference"), train_names, cfg["reference_crops"], res, seed=1)
-        write_crops(os.path.join(data, "heldout"), heldout_names, cfg["heldout_crops"], res, seed=2)
-        train_source = ["--train_data_dir", train_dir]
-        heldout_source = ["--data_dir", os.path.join(data, "heldout")]
-        reference_source = ["--data_dir", os.path.join(data, "reference")]
-        feature_test_dir = os.path.join(data, "reference")
-        photos = {"train": train_names, "heldout": heldout_names}
-        data_note = (
-            f"{len(names)} colour photographs of the installed packages; classes (training): "
-            f"{', '.join(train_names)}; held out (never trained on): {', '.join(heldout_names)}. "
-            f"{cfg['train_crops']} training crops, {cfg['reference_crops']} reference crops (other seed), "
-            f"{cfg['heldout_crops']} held-out crops, {res} px, each a random region of 1 to 4 crop sides"
-        )
-    stages.record("data", time.time() - start)
 
     # 1. Stage I
-    ae_dir = os.path.join(out, "ae")
-    common = [*train_source, "--resolution", res, "--train_batch_size", cfg["ae_batch"], "--lpips_weight", 0,
-              "--random_flip", "--seed", 0, "--report_to", "none", "--checkpoints_total_limit", 1]  # fmt: skip
-    models, protocols, made = {}, {}, []
-
-    def train_ae(label, source, steps, se_weight, lr, threads):
-        folder = os.path.join(ae_dir, label.replace("+", "plus-"))
-        stages.script(
-            f"train_{label}", os.path.join(folder, "config.json"), "train_ae_se.py", *source, *common,
-            "--se_weight", se_weight, "--learning_rate", lr, "--max_train_steps", steps, "--validation_steps", steps,
-            "--checkpointing_steps", steps, "--output_dir", folder, threads=threads,
-        )  # fmt: skip
-        return folder
-
-    def folder_of(label):
-        return os.path.join(ae_dir, label.replace("+", "plus-"))
-
     if not args.model_list and not args.base_model:  # the default run: both protocols from the embedded AE
-        train_ae("vanilla", ["--pretrained_model_name_or_path", ae.EMBEDDED_AE], cfg["vanilla_steps"], 0.0,
-                 cfg["ae_lr"], threads=cores)  # fmt: skip
-        vanilla = ["--pretrained_model_name_or_path", folder_of("vanilla")]
+        bench.train_ae("vanilla", ["--pretrained_model_name_or_path", ae.EMBEDDED_AE], 0.0, cfg["vanilla_steps"],
+                       cfg["ae_lr"], res, "finetune", threads=bench.cores)  # fmt: skip
+        vanilla = ["--pretrained_model_name_or_path", bench.models["vanilla"]]
         config = ["--model_config_name_or_path", os.path.join(ae.EMBEDDED_AE, "config.json")]
-        in_parallel([
-            partial(train_ae, "+FT", vanilla, cfg["ft_steps"], 0.0, cfg["ae_lr"]),
-            partial(train_ae, "+FT-SE", vanilla, cfg["ft_steps"], 0.25, cfg["ae_lr"]),
-            partial(train_ae, "scratch", config, cfg["scratch_steps"], 0.0, cfg["scratch_lr"]),
-            partial(train_ae, "scratch+SE", config, cfg["scratch_steps"], 0.25, cfg["scratch_lr"]),
-        ], jobs, cores)  # fmt: skip
-        for label, protocol in DEFAULT_AES.items():
-            models[label], protocols[label] = folder_of(label), protocol
-        made = list(DEFAULT_AES)
+        bench.parallel([
+            partial(bench.train_ae, "+FT", vanilla, 0.0, cfg["ft_steps"], cfg["ae_lr"], res, "finetune"),
+            partial(bench.train_ae, "+FT-SE", vanilla, 0.25, cfg["ft_steps"], cfg["ae_lr"], res, "finetune"),
+            partial(bench.train_ae, "scratch", config, 0.0, cfg["scratch_steps"], cfg["scratch_lr"], res, "scratch"),
+            partial(bench.train_ae, "scratch+SE", config, 0.25, cfg["scratch_steps"], cfg["scratch_lr"], res,
+                    "scratch"),
+        ])  # fmt: skip
+        for label in DEFAULT_AES:  # in the table's order, whichever run finished first
+            bench.info[label] = bench.info.pop(label)
+            bench.models[label] = bench.models.pop(label)
     else:
         for label, spec in args.model_list:
-            models[label], protocols[label] = spec, "given"
+            bench.add(label, spec, "given", res)
         if args.base_model:
+            bench.add("vanilla", args.base_model, "finetune", res)
             base = ae_args(args.base_model)
-            models.setdefault("vanilla", args.base_model)
-            protocols["vanilla"] = "finetune"
-            in_parallel([
-                partial(train_ae, "+FT", base, cfg["ft_steps"], 0.0, cfg["ae_lr"]),
-                partial(train_ae, "+FT-SE", base, cfg["ft_steps"], 0.25, cfg["ae_lr"]),
-            ], jobs, cores)  # fmt: skip
+            bench.parallel([
+                partial(bench.train_ae, "+FT", base, 0.0, cfg["ft_steps"], cfg["ae_lr"], res, "finetune"),
+                partial(bench.train_ae, "+FT-SE", base, 0.25, cfg["ft_steps"], cfg["ae_lr"], res, "finetune"),
+            ])  # fmt: skip
             for label in ("+FT", "+FT-SE"):
-                models[label], protocols[label] = folder_of(label), "finetune"
-            made = ["+FT", "+FT-SE"]
-    labels = list(models)
-    specs = [f"{label}={models[label]}" for label in labels]
-    groups = {}
+                bench.info[label] = bench.info.pop(label)
+                bench.models[label] = bench.models.pop(label)
+    labels = list(bench.models)
+
+    # 2-3. Reconstruction, DCT cut, spectra
+    evals = bench.evaluate(labels)
+
+    # 4. Stage II: latents, then per AE and seed a DiT and its scores; seeds outermost, so that runs sharing the
+    # machine at the same time are spread over the AEs
+    bench.parallel([partial(bench.extract, label, which) for label in labels for which in ("train", "reference")])
     for label in labels:
-        groups.setdefault(protocols[label], []).append(label)
-
-    # 2-3. Reconstruction, the DCT cut, spectra; and the feature spaces (in this process)
-    start = time.time()
-    features, accuracy = make_feature_spaces(out, train_dir, feature_test_dir, res, cfg["classifier_steps"])
-    stages.record("feature_spaces", time.time() - start)
-    extractors = [features[name] for name in FEATURES]
-    n_heldout, n_ref = cfg["heldout_crops"], cfg["reference_crops"]
-
-    def evaluate(name, threads):
-        folder = os.path.join(out, name)
-        if name == "eval_ae":
-            stages.script(name, os.path.join(folder, "metrics.json"), "eval_ae.py", "--models", *specs,
-                          *heldout_source, "--resolution", res, "--num_samples", n_heldout, "--metrics", "psnr",
-                          "ssim", "--dct_cut_ratios", *CUT_RATIOS, "--output_dir", folder, threads=threads)  # fmt: skip
-        elif name == "eval_ae_fd":
-            stages.script(name, os.path.join(folder, "metrics.json"), "eval_ae.py", "--models", *specs,
-                          *reference_source, "--resolution", res, "--num_samples", n_ref, "--metrics", "fd",
-                          "psnr", "--feature_extractor", *extractors, "--output_dir", folder,
-                          threads=threads)  # fmt: skip
-        elif name == "spectrum":  # what the DiT sees: per-channel normalised posterior samples
-            stages.script(name, os.path.join(folder, "spectrum.json"), "analyze_spectrum.py", "--models", *specs,
-                          *heldout_source, "--resolution", res, "--num_samples", n_heldout, "--sample_posterior",
-                          "--normalize_latents", "per_channel", "--output_dir", folder, threads=threads)  # fmt: skip
-        else:  # raw posterior means
-            stages.script(name, os.path.join(folder, "spectrum.json"), "analyze_spectrum.py", "--models", *specs,
-                          *heldout_source, "--resolution", res, "--num_samples", n_heldout, "--output_dir", folder,
-                          threads=threads)  # fmt: skip
-
-    in_parallel([partial(evaluate, n) for n in ("eval_ae", "eval_ae_fd", "spectrum", "spectrum_means")], jobs, cores)
-
-    # 4. Stage II: latents per AE (training crops with flips; reference crops for the held-out loss)
-    def extract(label, which, threads):
-        folder = os.path.join(out, f"latents_{which}", label.replace("+", "plus-"))
-        source = train_source if which == "train" else (
-            ["--train_data_dir", reference_source[1]] if reference_source[0] == "--data_dir" else
-            ["--dataset_name", cfg["dataset_name"], "--split", cfg["validation_split"]])  # fmt: skip
-        extra = ["--flip"] if which == "train" else ["--max_samples", n_ref]
-        stages.script(f"extract_{which}_{label}", os.path.join(folder, "metadata.json"), "extract_latents.py",
-                      *ae_args(models[label]), *source, "--resolution", res, *extra, "--output_dir", folder,
-                      threads=threads)  # fmt: skip
-        return folder
-
-    in_parallel([partial(extract, label, which) for label in labels for which in ("train", "reference")], jobs, cores)
-    steps = cfg["dit_steps"]
-    every = max(1, steps // cfg["curve_points"])
-    curve_steps = sorted({*range(every, steps, every), steps})
-
-    def dit_config(label):
-        """The paper's DiT (App. B: RoPE, self-conditioning) at the bench's size, for this AE's latent shape."""
-        from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
-
-        with open(os.path.join(out, "latents_train", label.replace("+", "plus-"), "metadata.json")) as fh:
-            meta = json.load(fh)
-        folder = os.path.join(out, "dit_configs", label.replace("+", "plus-"))
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            channels, size = meta["latent_shape"][0], meta["latent_shape"][1]
-            model = SelfConditionedDiT(
-                num_attention_heads=cfg["dit_heads"], attention_head_dim=cfg["dit_width"] // cfg["dit_heads"],
-                in_channels=channels, num_layers=cfg["dit_depth"], sample_size=size, patch_size=cfg["dit_patch"],
-                num_embeds_ada_norm=meta["num_classes"], pos_embed="rope", self_conditioning=True,
-            )  # fmt: skip
-            model.save_config(folder)
-        return folder
-
-    dit_configs = {label: dit_config(label) for label in labels}
-
-    def generate(label, seed, threads):
-        tag = f"{label.replace('+', 'plus-')}-seed{seed}"
-        dit = os.path.join(out, "dit", tag)
-        stages.script(
-            f"dit_{label}_{seed}", os.path.join(dit, "model_index.json"), "train_dit_flow.py", "--latents_dir",
-            os.path.join(out, "latents_train", label.replace("+", "plus-")), *ae_args(models[label],
-            "--pretrained_vae_model_name_or_path", "--vae_subfolder"), "--model_config_name_or_path",
-            dit_configs[label], "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"],
-            "--learning_rate", cfg["dit_lr"], "--lr_warmup_steps", max(1, steps // 10), "--validation_steps", steps,
-            "--checkpointing_steps", steps, "--pipeline_snapshot_steps", every, "--num_inference_steps",
-            cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir", dit, threads=threads,
-        )  # fmt: skip
-        for step in curve_steps:
-            final = step == steps
-            pipeline = dit if final else os.path.join(dit, "snapshots", f"step-{step}")
-            folder = os.path.join(out, "eval_dit", tag, f"step-{step}")
-            extra = []
-            if final:
-                extra = ["--loss_latents_dir", os.path.join(out, "latents_reference", label.replace("+", "plus-")),
-                         "--loss_noise_levels", cfg["loss_noise_levels"], "--trajectory_steps",
-                         cfg["trajectory_steps"]]  # fmt: skip
-            stages.script(
-                f"eval_dit_{label}_{seed}_{step}", os.path.join(folder, "metrics.json"), "eval_dit.py", "--pipeline",
-                pipeline, "--num_samples", cfg["fd_samples"], "--num_inference_steps", cfg["sampling_steps"],
-                "--class_sampling", "balanced", "--seed", seed, "--feature_extractor", *extractors,
-                *(["--reference_data_dir", reference_source[1]] if reference_source[0] == "--data_dir" else
-                  ["--reference_dataset_name", cfg["dataset_name"], "--reference_split", cfg["validation_split"]]),
-                "--num_reference", n_ref, "--resolution", res, "--stats_cache_dir",
-                os.path.join(out, "reference_stats"), *extra, "--output_dir", folder, threads=threads,
-            )  # fmt: skip
-
-    # seeds outermost: runs that share the machine at the same time are spread over the AEs
-    in_parallel([partial(generate, label, seed) for seed in cfg["seeds"] for label in labels], jobs, cores)
-    times = {"total": stages.total(), "invocations": list(stages.times["invocations"]), **stages.times["steps"]}
-    report = write_report(out, cfg, labels, models, groups, made, curve_steps, accuracy, times, photos, data_note)
+        bench.dit_config(label, "appb")
+    bench.parallel([partial(bench.generate, label, seed) for seed in cfg["seeds"] for label in labels])
+    write_report(bench, labels, evals)
     if args.results_dir:
-        publish(out, args.results_dir, report)
+        publish(out, args.results_dir, REPORT_FILES)
+
+
+def ablation_design(cfg):
+    """The ablation's autoencoders (label -> resolution, SE weight, extra train_ae_se flags) and cells (factor,
+    level, the no-SE and SE autoencoders compared, DiT recipe, DiT steps): each factor that separates a small CPU run
+    from the paper's regime is varied alone, the rest held at the default run's values."""
+    big, small = cfg["resolution"], cfg["resolution"] // 2
+    side = {r: f"{r // 8}x{r // 8}" for r in (big, small)}  # the embedded AE compresses 8x
+    aes = {
+        f"+FT {side[small]}": (small, 0.0, ()),
+        f"+FT-SE {side[small]}": (small, 0.25, ()),
+        f"+FT {side[big]}": (big, 0.0, ()),
+        f"+FT-SE {side[big]}": (big, 0.25, ()),
+        f"+FT-SE {{2}} {side[big]}": (big, 0.25, ("--se_scale_factors", 2)),
+    }
+    steps, long = cfg["dit_steps"], cfg["dit_steps"] * cfg["ablation_long_factor"]
+    ft, se = f"+FT {side[big]}", f"+FT-SE {side[big]}"
+    cells = [
+        ("latent size", f"{side[small]} latents ({small} px)", f"+FT {side[small]}", f"+FT-SE {side[small]}", "appb",
+         steps),
+        ("latent size", f"{side[big]} latents ({big} px)", ft, se, "appb", steps),
+        ("DiT training length", f"{steps} steps", ft, se, "appb", steps),
+        ("DiT training length", f"{long} steps", ft, se, "appb", long),
+        ("DiT recipe", "App. B DiT (RoPE, self-conditioning)", ft, se, "appb", steps),
+        ("DiT recipe", "stock DiT (sin-cos positions, no self-conditioning)", ft, se, "stock", steps),
+        ("SE scales", "{2, 4} (the paper's)", ft, se, "appb", steps),
+        ("SE scales", "{2}", ft, f"+FT-SE {{2}} {side[big]}", "appb", steps),
+    ]  # fmt: skip
+    return aes, cells
+
+
+def run_ablation(bench):
+    """``--ablation``: +FT and +FT-SE from the embedded AE (``--ablation_ae_steps`` each, the default run's AE
+    sizing) at two latent sizes and with SE scales {2}, then paired DiT runs per cell (see :func:`ablation_design`)."""
+    cfg = bench.cfg
+    aes, cells = ablation_design(cfg)
+    embedded = ["--pretrained_model_name_or_path", ae.EMBEDDED_AE]
+    bench.parallel([
+        partial(bench.train_ae, label, embedded, se, cfg["ablation_ae_steps"], cfg["ae_lr"], res, "ablation",
+                extra=list(extra))
+        for label, (res, se, extra) in aes.items()
+    ])  # fmt: skip
+    for label in aes:
+        bench.info[label] = bench.info.pop(label)
+        bench.models[label] = bench.models.pop(label)
+    by_res = {}
+    for label, (res, _, _) in aes.items():
+        by_res.setdefault(res, []).append(label)
+    evals = {}
+    for group in by_res.values():
+        for name, result in bench.evaluate(group).items():
+            evals.setdefault(name, {"models": {}, "dct_cut": {"curves": {}}})
+            evals[name]["models"].update(result["models"])
+            if "dct_cut" in result:
+                evals[name]["dct_cut"]["curves"].update(result["dct_cut"]["curves"])
+    bench.parallel([partial(bench.extract, label, which) for label in aes for which in ("train", "reference")])
+    seeds = cfg["ablation_seeds"]
+    runs = list(dict.fromkeys((label, recipe, steps) for _, _, a, b, recipe, steps in cells for label in (a, b)))
+    for label, recipe, _ in runs:
+        bench.dit_config(label, recipe)
+    runs.sort(key=lambda r: -r[2])  # the longest first, so that the last ones to start are short
+    bench.parallel([partial(bench.generate, label, seed, recipe=recipe, steps=steps) for label, recipe, steps in
+                    runs for seed in seeds])  # fmt: skip
+    write_ablation_report(bench, list(aes), cells, evals, seeds)
+    if bench.args.results_dir:
+        publish(bench.out, bench.args.results_dir, ABLATION_REPORT_FILES)
+
+
+def write_ablation_report(bench, labels, cells, evals, seeds):
+    out, cfg = bench.out, bench.cfg
+    rows, result_cells = [], []
+    for factor, level, base, se, recipe, steps in cells:
+        fd_base, _, _ = bench.results(base, seeds, recipe, steps)
+        fd_se, _, _ = bench.results(se, seeds, recipe, steps)
+        comparisons = {space: paired_comparison({base: fd_base[space], se: fd_se[space]}, base)
+                       for space in FEATURES}  # fmt: skip
+        verdict = generation_verdict({space: c[se] for space, c in comparisons.items()}, se, base)
+        result_cells.append({"factor": factor, "level": level, "no_se": base, "se": se, "recipe": recipe,
+                             "dit_steps": steps, "comparisons": comparisons, **verdict})  # fmt: skip
+        cells_md = [factor, level, f"{se} vs {base}"]
+        for space in FEATURES:
+            c = comparisons[space]
+            cells_md += [f"{c[base]['mean']:.4g} / {c[se]['mean']:.4g}",
+                         f"{c[se]['diff']:+.4g} [{c[se]['diff_ci95'][0]:+.4g}, {c[se]['diff_ci95'][1]:+.4g}]"
+                         + (" *" if c[se]["ci95_excludes_zero"] else "")]  # fmt: skip
+        cells_md.append(verdict["verdict"].split(":")[0])
+        rows.append(cells_md)
+    rec, spec = evals["eval_ae"], evals["spectrum"]
+    ae_rows = [[label, f"{rec['models'][label]['psnr']['mean']:.2f}", f"{rec['models'][label]['ssim']['mean']:.4f}",
+                f"{spec['models'][label]['hf_share']:.3f}",
+                f"{rec['dct_cut']['curves'][label]['0.5']['psnr']['mean']:.2f}"] for label in labels]  # fmt: skip
+    times = {"total": bench.stages.total(), "invocations": list(bench.stages.times["invocations"]),
+             **bench.stages.times["steps"]}  # fmt: skip
+    result = {
+        "smoke": cfg["smoke"], "ablation": True, "settings": cfg,
+        "data": {res: {"description": src["note"], **src["photos"]} for res, src in bench.sources.items()},
+        "models": {label: {"path": bench.models[label], **bench.info[label],
+                           "weights_fingerprint": rec["models"][label].get("weights_fingerprint")}
+                   for label in labels},
+        "reconstruction": {label: rec["models"][label] for label in labels},
+        "dct_cut_psnr": {label: {r: v["psnr"]["mean"] for r, v in rec["dct_cut"]["curves"][label].items()}
+                         for label in labels},
+        "spectrum_normalised_samples": {label: spec["models"][label] for label in labels},
+        "cells": result_cells, "seconds": times,
+    }  # fmt: skip
+    atomic_write_json(os.path.join(out, "report.json"), portable(result, out))
+    fmt_time = time.strftime("%H:%M:%S", time.gmtime(times["total"]))
+    header = ["factor", "level", "compared"] + [h for space in FEATURES for h in (
+        f"FD ({space}) no SE / SE", f"SE - no SE ({space}, 95% CI)")] + ["generation"]  # fmt: skip
+    lines = [
+        "# Diffusability bench: ablation" + (" (smoke run: the numbers are meaningless)" if cfg["smoke"] else ""),
+        "",
+        "Each factor that separates a small CPU run from the paper's regime, varied alone around the default run's "
+        "settings: "
+        f"+FT and +FT-SE from the embedded AE ({cfg['ablation_ae_steps']} steps each, batch {cfg['ae_batch']}), "
+        f"the paper's DiT (width {cfg['dit_width']}, depth {cfg['dit_depth']}, patch {cfg['dit_patch']}) for "
+        f"{cfg['dit_steps']} steps unless the cell says otherwise, seeds {seeds}, {cfg['fd_samples']} samples per "
+        f"FD. {fmt_time} in total.",
+        "",
+        "    python train_scripts/diffusability_bench.py --ablation" + (" --smoke" if cfg["smoke"] else ""),
+        "",
+        "## Generation: +FT-SE against +FT per cell (mean FD over seeds; paired difference, * = 95% CI excludes 0)",
+        "",
+        markdown_table(rows, header),
+        "",
+        "## The autoencoders (held-out crops at their resolution)",
+        "",
+        markdown_table(ae_rows, ["AE", "PSNR (dB)", "SSIM", "HF share, normalised samples", "PSNR, 50% DCT cut"]),
+        "",
+        "## Where SE helps the generator",
+        "",
+    ]
+    for cell in result_cells:
+        lines.append(f"- {cell['factor']}, {cell['level']}: {cell['verdict']} ({cell['detail']}).")
+    lines += ["", "Every number above comes from `report.json`, which also keeps each stage's seconds.", ""]
+    text = "\n".join(lines)
+    atomic_write_text(os.path.join(out, "report.md"), text)
+    print(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,30 +950,28 @@ def fd_values(metrics):
     return found
 
 
-def write_report(out, cfg, labels, models, groups, made, curve_steps, accuracy, times, photos, data_note):
-    rec = read_json(out, "eval_ae", "metrics.json")
-    rfd = read_json(out, "eval_ae_fd", "metrics.json")
-    spec = read_json(out, "spectrum", "spectrum.json")
-    spec_means = read_json(out, "spectrum_means", "spectrum.json")
-    seeds, final = cfg["seeds"], curve_steps[-1]
-
-    def tag(label, seed):
-        return f"{label.replace('+', 'plus-')}-seed{seed}"
-
-    fd = {space: {label: {} for label in labels} for space in FEATURES}
-    curve = {space: {label: {} for label in labels} for space in FEATURES}
+def write_report(bench, labels, evals):
+    """report.json, report.md and the plots of the default run (or of the user's autoencoders)."""
+    out, cfg = bench.out, bench.cfg
+    rec, rfd, spec, spec_means = (evals[n] for n in ("eval_ae", "eval_ae_fd", "spectrum", "spectrum_means"))
+    seeds, curve_steps = cfg["seeds"], bench.curve_steps(cfg["dit_steps"])
+    final = curve_steps[-1]
+    fd = {space: {} for space in FEATURES}
+    curve = {space: {} for space in FEATURES}
     loss = {}
     for label in labels:
-        for seed in seeds:
-            for step in curve_steps:
-                m = read_json(out, "eval_dit", tag(label, seed), f"step-{step}", "metrics.json")
-                values = fd_values(m["metrics"])
-                for space in FEATURES:
-                    curve[space][label].setdefault(step, {})[seed] = values[space]
-                    if step == final:
-                        fd[space][label][seed] = values[space]
-                if step == final:
-                    loss.setdefault(label, {})[seed] = m["loss_per_noise_level"]
+        final_fd, label_curve, loss[label] = bench.results(label, seeds)
+        for space in FEATURES:
+            fd[space][label], curve[space][label] = final_fd[space], label_curve[space]
+    groups = {}
+    for label in labels:
+        groups.setdefault(bench.info[label]["protocol"], []).append(label)
+    models, made = bench.models, [label for label in labels if bench.info[label]["made_by_the_bench"]]
+    accuracy = bench.feature_spaces(cfg["resolution"])[1]
+    src = bench.data(cfg["resolution"])
+    photos, data_note = src["photos"], src["note"]
+    times = {"total": bench.stages.total(), "invocations": list(bench.stages.times["invocations"]),
+             **bench.stages.times["steps"]}  # fmt: skip
     generation = {}
     for protocol, members in groups.items():
         if len(members) < 2 and protocol != "given":
@@ -1015,8 +1247,7 @@ def plot_report(out, labels, seeds, curve_steps, curve, loss, final):
     def stack(name, filename):
         rows = []
         for label in labels:
-            path = os.path.join(out, "eval_dit", f"{label.replace('+', 'plus-')}-seed{seeds[0]}", f"step-{final}",
-                                filename)  # fmt: skip
+            path = os.path.join(out, "eval_dit", f"{slug(label)}-seed{seeds[0]}", f"step-{final}", filename)
             rows.append((label, Image.open(path).convert("RGB")))
         width = max(im.width for _, im in rows)
         height = sum(im.height for _, im in rows)
@@ -1044,7 +1275,7 @@ def samples_row(out, labels, seed, final, columns=12):
 
     fig, axes = plt.subplots(len(labels), columns, figsize=(columns, len(labels) + 0.4), squeeze=False)
     for r, label in enumerate(labels):
-        folder = os.path.join(out, "eval_dit", f"{label.replace('+', 'plus-')}-seed{seed}", f"step-{final}", "samples")
+        folder = os.path.join(out, "eval_dit", f"{slug(label)}-seed{seed}", f"step-{final}", "samples")
         files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))[:columns]
         for c in range(columns):
             ax = axes[r, c]
@@ -1078,9 +1309,12 @@ REPORT_FILES = ("report.md", "report.json", "fd_curve.png", "loss_per_noise_leve
                 "samples.png", "spectrum/spectrum.png", "eval_ae/dct_cut.png", "eval_ae/dct_cut_grid.png")  # fmt: skip
 
 
-def publish(out, results_dir, report):
+ABLATION_REPORT_FILES = ("report.md", "report.json")
+
+
+def publish(out, results_dir, files):
     """Copy the report and the plots it links to (paths relative to it, so the links keep working)."""
-    for rel in REPORT_FILES:
+    for rel in files:
         os.makedirs(os.path.dirname(os.path.join(results_dir, rel)), exist_ok=True)
         shutil.copyfile(os.path.join(out, rel), os.path.join(results_dir, rel))
 

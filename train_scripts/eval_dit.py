@@ -61,6 +61,7 @@ from diffusability_hf.data import EvalSamples, evaluation_samples, read_clip
 from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.flow import flow_matching_loss, interpolate, timesteps_from_sigmas
 from diffusability_hf.hub import markdown_table
+from diffusability_hf.latents import read_latents_metadata
 from diffusability_hf.metrics import (
     FeatureStatistics,
     frechet_distance,
@@ -69,7 +70,6 @@ from diffusability_hf.metrics import (
     to_uint8,
 )
 from diffusability_hf.training_utils import (
-    MissingPathError,
     UsageError,
     atomic_write_json,
     atomic_write_text,
@@ -627,40 +627,6 @@ def make_trajectory(args, accelerator, pipe):
     return grid, description
 
 
-def read_latents_metadata(folder: str) -> dict:
-    """metadata.json of an extract_latents.py folder, checked against the header of every shard it lists."""
-    from safetensors import safe_open
-
-    flag = f"--loss_latents_dir {folder}"
-    path = os.path.join(folder, "metadata.json")
-    if not os.path.isdir(folder) or not os.path.isfile(path):
-        raise MissingPathError(
-            f"{flag} has no metadata.json: give a folder written by train_scripts/extract_latents.py."
-        )
-    with open(path) as fh:
-        meta = json.load(fh)
-    if "ae_weights_fingerprint" not in meta:
-        raise UsageError(
-            f"{flag} was written by an older version of extract_latents.py that records no weights fingerprint, so "
-            "the autoencoder these latents came from cannot be checked: extract them again (--overwrite_output_dir)."
-        )
-    for name in meta["shards"]:
-        shard = os.path.join(folder, name)
-        if not os.path.isfile(shard):
-            raise MissingPathError(f"{shard} is missing: run extract_latents.py again to finish {folder}.")
-        with safe_open(shard, "pt") as fh:  # the header only
-            header = fh.metadata() or {}
-        found = (
-            json.loads(header["extraction"])["settings"]["ae_weights_fingerprint"] if "extraction" in header else None
-        )
-        if found != meta["ae_weights_fingerprint"]:
-            raise UsageError(
-                f"{shard} was encoded by other autoencoder weights ({found}) than metadata.json says "
-                f"({meta['ae_weights_fingerprint']}): extract {folder} again (--overwrite_output_dir)."
-            )
-    return meta
-
-
 def check_loss_autoencoder(meta: dict, expected: str, source: str, args) -> None:
     """Refuse held-out latents that other autoencoder weights encoded than the DiT's training latents."""
     if meta["ae_weights_fingerprint"] != expected:
@@ -695,7 +661,7 @@ def check_loss_latents(args):
     the metadata, or ``None`` without ``--loss_latents_dir``."""
     if args.loss_latents_dir is None:
         return None
-    meta = read_latents_metadata(args.loss_latents_dir)
+    meta = read_latents_metadata(args.loss_latents_dir, "--loss_latents_dir")
     with open(os.path.join(args.pipeline, "model_index.json")) as fh:
         recorded = (json.load(fh).get("provenance") or {}).get("latents_ae_weights_fingerprint")
     if recorded is not None:

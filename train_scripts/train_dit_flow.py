@@ -23,7 +23,6 @@ scikit-image photographs (class = source photograph), offline:
 """
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from diffusability_hf import __version__
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.ema import EMA
 from diffusability_hf.flow import interpolate, sample_sigmas, velocity_target
+from diffusability_hf.latents import read_latents_metadata
 from diffusability_hf.training_utils import (
     MissingPathError,
     UsageError,
@@ -364,40 +364,6 @@ def check_dataset_size(meta, args, num_processes: int) -> None:
         )
 
 
-def read_metadata(latents_dir: str) -> dict:
-    """metadata.json of an extract_latents.py folder, checked against the header of every shard it lists."""
-    from safetensors import safe_open
-
-    if not os.path.isdir(latents_dir):
-        raise MissingPathError(f"--latents_dir {latents_dir} is not a folder: run train_scripts/extract_latents.py.")
-    path = os.path.join(latents_dir, "metadata.json")
-    if not os.path.isfile(path):
-        raise MissingPathError(f"{path} not found: --latents_dir must be the output of extract_latents.py.")
-    with open(path) as fh:
-        meta = json.load(fh)
-    if "ae_weights_fingerprint" not in meta:
-        raise UsageError(
-            f"{latents_dir} was written by an older version of extract_latents.py that records no weights "
-            "fingerprint, so the autoencoder these latents came from cannot be checked: extract them again "
-            "(extract_latents.py --overwrite_output_dir)."
-        )
-    for name in meta["shards"]:
-        shard = os.path.join(latents_dir, name)
-        if not os.path.isfile(shard):
-            raise MissingPathError(f"{shard} is missing: run extract_latents.py again to finish {latents_dir}.")
-        with safe_open(shard, "pt") as fh:  # the header only
-            header = fh.metadata() or {}
-        found = (
-            json.loads(header["extraction"])["settings"]["ae_weights_fingerprint"] if "extraction" in header else None
-        )
-        if found != meta["ae_weights_fingerprint"]:
-            raise UsageError(
-                f"{shard} was encoded by other autoencoder weights ({found}) than metadata.json says "
-                f"({meta['ae_weights_fingerprint']}): extract {latents_dir} again (--overwrite_output_dir)."
-            )
-    return meta
-
-
 def check_latents_autoencoder(meta: dict, vae_fingerprint: str, args) -> None:
     """Refuse latents that another autoencoder (other *weights*, whatever the config) encoded than the given one."""
     if meta["ae_weights_fingerprint"] != vae_fingerprint:
@@ -482,7 +448,7 @@ def main(args):
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
     vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
-    meta = read_metadata(args.latents_dir) if args.latents_dir else on_the_fly_metadata(args, vae_config)
+    meta = read_latents_metadata(args.latents_dir) if args.latents_dir else on_the_fly_metadata(args, vae_config)
     given = (vae_config["_class_name"], ae.latent_channels(vae_config))
     if args.latents_dir and (meta["ae_class"], meta["latent_shape"][0]) != given:
         raise UsageError(  # cheap, before any weights are loaded (the weights are compared once loaded)

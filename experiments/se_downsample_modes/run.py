@@ -60,7 +60,8 @@ def parse_args():
     return args
 
 
-# Copied from experiments/toy_reproduction/run.py (run, cpu_cores, in_parallel)
+# cpu_cores and in_parallel: copied from train_scripts/diffusability_bench.py; run() starts a fresh interpreter per
+# script (the bench forks them from a server that has imported torch and diffusers once)
 def run(script, *args, log, threads):
     """One toolkit script in a fresh process, offline, on ``threads`` CPU threads; its output goes to ``log``."""
     cmd = [sys.executable, os.path.join(SCRIPTS, script), *map(str, args)]
