@@ -24,17 +24,17 @@ def bench(args, **kwargs):
     return subprocess.run([sys.executable, BENCH, *map(str, args)], capture_output=True, text=True, env=env, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench")
-    out, report = tmp / "bench", tmp / "report"
+def test_smoke_run(tmp_path):
+    """One test (one smoke run, whichever pytest-xdist worker gets it): every stage, the report, a rerun."""
+    out, report = tmp_path / "bench", tmp_path / "report"
     proc = bench(["--smoke", "--output_dir", out, "--results_dir", report])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, report
+    check_every_stage(out)
+    check_the_report(out, report)
+    check_a_rerun_continues_and_other_settings_are_refused(out)
 
 
-def test_smoke_run_goes_through_every_stage(smoke):
-    out, report = smoke
+def check_every_stage(out):
     labels = ["vanilla", "plus-FT", "plus-FT-SE", "scratch", "scratchplus-SE"]
     for label in labels:
         assert (out / "ae" / label / "diffusion_pytorch_model.safetensors").is_file(), label
@@ -63,8 +63,7 @@ def test_smoke_run_goes_through_every_stage(smoke):
     assert "--model_config_name_or_path" in logs["scratch"].splitlines()[0]
 
 
-def test_smoke_report_holds_the_stages_numbers(smoke):
-    out, report = smoke
+def check_the_report(out, report):
     result = json.loads((out / "report.json").read_text())
     labels = ["vanilla", "+FT", "+FT-SE", "scratch", "scratch+SE"]
     assert result["smoke"] is True and list(result["models"]) == labels
@@ -98,8 +97,7 @@ def test_smoke_report_holds_the_stages_numbers(smoke):
     assert "Table 1" in text and "Fig. 8" in text and "Fig. 6" in text and "## Verdicts" in text
 
 
-def test_a_rerun_continues_and_other_settings_are_refused(smoke, tmp_path):
-    out, _ = smoke
+def check_a_rerun_continues_and_other_settings_are_refused(out):
     before = {p: p.stat().st_mtime for p in (out / "ae").rglob("*.safetensors")}
     proc = bench(["--smoke", "--output_dir", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,3 +163,38 @@ def test_feature_spaces_are_deterministic_scriptable_and_independent():
     classifier = DomainClassifier(num_classes=5)
     feats = DomainFeatures(classifier)
     assert torch.allclose(feats(x), classifier.features(x * 2 - 1)) and feats(x).shape == (3, 128)
+
+
+def test_ablation_smoke_varies_one_factor_per_cell(tmp_path):
+    out = tmp_path / "ablation"
+    proc = bench(["--ablation", "--smoke", "--output_dir", out])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "report.json").read_text())
+    cells = {(c["factor"], c["level"]): c for c in result["cells"]}
+    assert {factor for factor, _ in cells} == {"latent size", "DiT training length", "DiT recipe", "SE scales"}
+    small, big = (c for (f, _), c in cells.items() if f == "latent size")
+    assert (small["no_se"], small["se"], big["no_se"], big["se"]) == (
+        "+FT 8x8",
+        "+FT-SE 8x8",
+        "+FT 16x16",
+        "+FT-SE 16x16",
+    )
+    assert result["models"]["+FT 8x8"]["resolution"] == 64 and result["models"]["+FT 16x16"]["resolution"] == 128
+    short, long = (c for (f, _), c in cells.items() if f == "DiT training length")
+    assert (short["dit_steps"], long["dit_steps"]) == (4, 8) and "fd_curve" in long and "fd_curve" not in short
+    recipes = {c["recipe"] for (f, _), c in cells.items() if f == "DiT recipe"}
+    assert recipes == {"appb", "stock"}
+    stock = json.loads((out / "dit_configs" / "plus-FT_16x16-stock" / "config.json").read_text())
+    assert stock["_class_name"] == "DiTTransformer2DModel"
+    scales = [c for (f, _), c in cells.items() if f == "SE scales"]
+    assert scales[1]["se"] == "+FT-SE {2} 16x16"
+    log = (out / "logs" / "train_plus-FT-SE_2_16x16.log").read_text().splitlines()[0]
+    assert "--se_scale_factors 2" in log and "--resolution 128" in log
+    # each cell's numbers are the paired comparison of the two runs' final FDs
+    for cell in result["cells"]:
+        for space in ("domain", "random"):
+            row = cell["comparisons"][space][cell["se"]]
+            base = cell["comparisons"][space][cell["no_se"]]
+            assert row["diff"] == pytest.approx(row["mean"] - base["mean"]) and cell["verdict"]
+    text = (out / "report.md").read_text()
+    assert "Where SE helps the generator" in text and "stock DiT" in text

@@ -201,6 +201,9 @@ def parse_args(input_args=None):
     if args.ablation and (args.user_data or args.models or args.base_model):
         parser.error("--ablation runs on the default data with the embedded autoencoder: drop --models, "
                      "--base_model and the data flags, or drop --ablation.")  # fmt: skip
+    if args.ablation and args.resolution is not None and args.resolution < 128:
+        parser.error("--ablation compares latents of --resolution and half of it: give at least 128 (8x8 latents "
+                     "in the small cell, one 8x8 DCT block per channel).")  # fmt: skip
     if args.output_dir is None:
         args.output_dir = "diffusability_bench_ablation" if args.ablation else "diffusability_bench"
     models = []
@@ -471,6 +474,8 @@ def settings_for(args):
     cfg["validation_split"] = args.validation_split
     cfg["smoke"] = args.smoke
     if args.ablation:
+        if args.smoke and args.resolution is None:  # its small cell needs 8x8 latents (one DCT block)
+            cfg["resolution"] = 128
         cfg.update(ablation=True, **(ABLATION_SMOKE if args.smoke else ABLATION))
         if args.seeds is not None:
             cfg["ablation_seeds"] = list(cfg["seeds"])
@@ -680,7 +685,7 @@ class Bench:
         every = max(1, steps // self.cfg["curve_points"])
         return sorted({*range(every, steps, every), steps})
 
-    def generate(self, label, seed, threads, recipe="appb", steps=None):
+    def generate(self, label, seed, threads, recipe="appb", steps=None, curve=True):
         """train_dit_flow.py with pipeline snapshots, then eval_dit.py on every snapshot and the final pipeline
         (which also gets the held-out loss per noise level and the Fig. 6 trajectory)."""
         cfg, steps = self.cfg, steps or self.cfg["dit_steps"]
@@ -688,7 +693,8 @@ class Bench:
         src, (features, _) = self.data(res), self.feature_spaces(res)
         tag = self.dit_tag(label, seed, recipe, steps)
         dit = os.path.join(self.out, "dit", tag)
-        curve = self.curve_steps(steps)
+        curve = self.curve_steps(steps) if curve else [steps]
+        snapshots = ["--pipeline_snapshot_steps", curve[0]] if len(curve) > 1 else []
         self.stages.script(
             f"dit_{tag}", os.path.join(dit, "model_index.json"), "train_dit_flow.py", "--latents_dir",
             os.path.join(self.out, "latents_train", slug(label)),
@@ -696,7 +702,7 @@ class Bench:
             "--model_config_name_or_path", self.dit_config(label, recipe), *(["--stock_dit"] if recipe == "stock"
             else []), "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"], "--learning_rate",
             cfg["dit_lr"], "--lr_warmup_steps", max(1, steps // 10), "--validation_steps", steps,
-            "--checkpointing_steps", steps, "--pipeline_snapshot_steps", curve[0], "--num_inference_steps",
+            "--checkpointing_steps", steps, *snapshots, "--num_inference_steps",
             cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir", dit, threads=threads,
         )  # fmt: skip
         reference = (["--reference_data_dir", src["reference"][1]] if src["reference"][0] == "--data_dir" else
@@ -719,14 +725,16 @@ class Bench:
                 "--output_dir", folder, threads=threads,
             )  # fmt: skip
 
-    def results(self, label, seeds, recipe="appb", steps=None):
-        """``(final FD {space: {seed: value}}, curve {space: {step: {seed: value}}}, loss {seed: ...})``."""
+    def results(self, label, seeds, recipe="appb", steps=None, curve=True):
+        """``(final FD {space: {seed: value}}, curve {space: {step: {seed: value}}}, loss {seed: ...})``; the
+        curve has the final step only when the run was made with ``curve=False``."""
         steps = steps or self.cfg["dit_steps"]
+        evaluated = self.curve_steps(steps) if curve else [steps]
         fd = {space: {} for space in FEATURES}
         curve = {space: {} for space in FEATURES}
         loss = {}
         for seed in seeds:
-            for step in self.curve_steps(steps):
+            for step in evaluated:
                 m = read_json(self.out, "eval_dit", self.dit_tag(label, seed, recipe, steps), f"step-{step}",
                               "metrics.json")  # fmt: skip
                 values = fd_values(m["metrics"])
@@ -852,8 +860,9 @@ def run_ablation(bench):
     for label, recipe, _ in runs:
         bench.dit_config(label, recipe)
     runs.sort(key=lambda r: -r[2])  # the longest first, so that the last ones to start are short
-    bench.parallel([partial(bench.generate, label, seed, recipe=recipe, steps=steps) for label, recipe, steps in
-                    runs for seed in seeds])  # fmt: skip
+    # FD curves only along the long DiT runs (how the generators change with training length)
+    bench.parallel([partial(bench.generate, label, seed, recipe=recipe, steps=steps, curve=steps > cfg["dit_steps"])
+                    for label, recipe, steps in runs for seed in seeds])  # fmt: skip
     write_ablation_report(bench, list(aes), cells, evals, seeds)
     if bench.args.results_dir:
         publish(bench.out, bench.args.results_dir, ABLATION_REPORT_FILES)
@@ -863,13 +872,15 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
     out, cfg = bench.out, bench.cfg
     rows, result_cells = [], []
     for factor, level, base, se, recipe, steps in cells:
-        fd_base, _, _ = bench.results(base, seeds, recipe, steps)
-        fd_se, _, _ = bench.results(se, seeds, recipe, steps)
+        long = steps > cfg["dit_steps"]
+        fd_base, curve_base, _ = bench.results(base, seeds, recipe, steps, curve=long)
+        fd_se, curve_se, _ = bench.results(se, seeds, recipe, steps, curve=long)
         comparisons = {space: paired_comparison({base: fd_base[space], se: fd_se[space]}, base)
                        for space in FEATURES}  # fmt: skip
         verdict = generation_verdict({space: c[se] for space, c in comparisons.items()}, se, base)
         result_cells.append({"factor": factor, "level": level, "no_se": base, "se": se, "recipe": recipe,
-                             "dit_steps": steps, "comparisons": comparisons, **verdict})  # fmt: skip
+                             "dit_steps": steps, "comparisons": comparisons, **verdict,
+                             **({"fd_curve": {base: curve_base, se: curve_se}} if long else {})})  # fmt: skip
         cells_md = [factor, level, f"{se} vs {base}"]
         for space in FEATURES:
             c = comparisons[space]
