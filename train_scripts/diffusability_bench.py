@@ -1153,8 +1153,8 @@ def report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means
         "",
         "![DCT cut](eval_ae/dct_cut.png)",
         "",
-        f"## Generation (Tables 1 and 10): Frechet distance of the DiT's samples after {curve_steps[-1]} steps, lower "
-        "is better",
+        f"## Generation (Table 1: fine-tuning; Table 10: from scratch): Frechet distance of the DiT's samples after "
+        f"{curve_steps[-1]} steps, lower is better",
         "",
         f"Feature spaces: `domain` (the classifier trained on the training crops; accuracy on the reference crops "
         f"{100 * result['domain_classifier_accuracy']:.1f}%) and `random` (an untrained seeded CNN).",
