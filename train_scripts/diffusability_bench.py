@@ -82,9 +82,9 @@ from diffusability_hf.training_utils import UsageError, atomic_write_json, atomi
 # CPU one of train_ae_se.py (lr 2e-4, no LPIPS: its trunk is a download) at batch 8 and 128 px (16x16 latents).
 FULL = dict(
     resolution=128, train_crops=2048, reference_crops=256, heldout_crops=128, ae_batch=8, ae_lr=2e-4,
-    scratch_lr=5e-4, vanilla_steps=400, ft_steps=300, scratch_steps=300, classifier_steps=400,
+    scratch_lr=5e-4, vanilla_steps=600, ft_steps=300, scratch_steps=300, classifier_steps=400,
     dit_width=128, dit_heads=2, dit_depth=4, dit_patch=2, dit_steps=600, dit_batch=32, dit_lr=3e-4,
-    curve_points=3, fd_samples=256, sampling_steps=25, trajectory_steps=6, loss_noise_levels=10,
+    curve_points=2, fd_samples=256, sampling_steps=32, trajectory_steps=6, loss_noise_levels=10,
     seeds=(0, 1, 2),
 )  # fmt: skip
 SMOKE = dict(
@@ -338,6 +338,9 @@ class Stages:
     def script(self, name, marker, script, *args, threads):
         if os.path.exists(marker):
             return
+        folder = os.path.dirname(marker)
+        if os.path.isdir(folder) and os.listdir(folder):  # an interrupted attempt of this very step: start afresh
+            shutil.rmtree(folder)
         self.record(name, run(script, *args, log=os.path.join(self.logs, f"{name}.log"), threads=threads))
 
 
