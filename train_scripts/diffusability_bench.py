@@ -95,7 +95,7 @@ SMOKE = dict(
 )  # fmt: skip
 # --ablation: +FT / +FT-SE from the embedded AE for this many steps per cell AE; the long DiT cell trains this many
 # times the default DiT steps; two seeds per cell (the budget rule: 2 hours on 2 cores)
-ABLATION = dict(ablation_ae_steps=300, ablation_long_factor=3, ablation_seeds=[0, 1])
+ABLATION = dict(ablation_ae_steps=300, ablation_long_factor=2, ablation_seeds=[0, 1])
 ABLATION_SMOKE = dict(ablation_ae_steps=2, ablation_long_factor=2, ablation_seeds=[0, 1])
 CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 FEATURES = ("domain", "random")
