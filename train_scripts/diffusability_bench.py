@@ -60,23 +60,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "train_scripts")
-
-from diffusability_hf import autoencoders as ae  # noqa: E402
-from diffusability_hf.data import (  # noqa: E402
+from diffusability_hf import autoencoders as ae
+from diffusability_hf.data import (
     EMBEDDED_VALIDATION_IMAGES,
     EmbeddedPhotoCrops,
     installed_photographs,
 )
-from diffusability_hf.hub import markdown_table  # noqa: E402
-from diffusability_hf.metrics.bench import (  # noqa: E402
+from diffusability_hf.hub import markdown_table
+from diffusability_hf.metrics.bench import (
     DomainClassifier,
     DomainFeatures,
     RandomFeatures,
     paired_comparison,
 )
-from diffusability_hf.training_utils import UsageError, atomic_write_json, atomic_write_text, run_script  # noqa: E402
+from diffusability_hf.training_utils import UsageError, atomic_write_json, atomic_write_text, run_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "train_scripts")
 
 # The default run, sized for 2 CPU cores (see the README for its measured time). The AE sizing is the embedded
 # CPU one of train_ae_se.py (lr 2e-4, no LPIPS: its trunk is a download) at batch 8 and 128 px (16x16 latents).
@@ -348,7 +348,7 @@ class Stages:
 # Data and feature spaces
 
 
-def write_crops(folder, names, num, resolution, seed, label_names=None):
+def write_crops(folder, names, num, resolution, seed):
     """``num`` random-scale crops of the photographs ``names`` (crop ``i`` from photograph ``i % len(names)``) as
     PNGs in ``folder/<photograph>/``, an image folder whose subfolders are the classes."""
     from PIL import Image
@@ -359,7 +359,7 @@ def write_crops(folder, names, num, resolution, seed, label_names=None):
     crops = EmbeddedPhotoCrops(resolution, names, num_samples=num, seed=seed, random_flip=False)
     for i in range(num):
         pixels, k = crops.crop(i)
-        sub = os.path.join(folder, (label_names or names)[k])
+        sub = os.path.join(folder, names[k])
         os.makedirs(sub, exist_ok=True)
         array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         Image.fromarray(array).save(os.path.join(sub, f"{i:05d}.png"))
@@ -960,8 +960,8 @@ def fd_values(metrics):
     found = {}
     for key, entry in metrics.items():
         for space in FEATURES:
-            if f"features_{space}" in key or f"features_{space}" in str(entry.get("extractor", "")):
-                found[space] = entry["value"] if isinstance(entry, dict) and "value" in entry else entry
+            if f"features_{space}" in key:  # eval_dit: {"value": ...}; eval_ae: the number itself
+                found[space] = entry["value"] if isinstance(entry, dict) else entry
     return found
 
 
@@ -1082,13 +1082,6 @@ def write_report(bench, labels, evals):
     return result
 
 
-def rfd_value(entry, space):
-    for key, value in entry.items():
-        if f"features_{space}" in key:
-            return value["value"] if isinstance(value, dict) else value
-    return float("nan")
-
-
 def report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means):
     smoke, seeds = cfg["smoke"], cfg["seeds"]
     fmt_time = time.strftime("%H:%M:%S", time.gmtime(result["seconds"]["total"]))
@@ -1117,7 +1110,7 @@ def report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means
         r, s, sm = rec["models"][label], spec["models"][label], spec_means["models"][label]
         rows.append([
             label, f"{r['psnr']['mean']:.2f} ± {r['psnr']['ci95']:.2f}", f"{r['ssim']['mean']:.4f}",
-            f"{rfd_value(rfd['models'][label], 'domain'):.3f}", f"{rfd_value(rfd['models'][label], 'random'):.4f}",
+            f"{fd_values(rfd['models'][label]).get('domain', float('nan')):.3f}", f"{fd_values(rfd['models'][label]).get('random', float('nan')):.4f}",
             f"{s['hf_share']:.3f}", f"{sm['hf_share']:.3f}", f"{s.get('posterior_variance_ratio_mean', float('nan')):.3f}",
         ])  # fmt: skip
     lines += [
