@@ -539,6 +539,8 @@ class Bench:
         self.stages = Stages(out)
         self.cores, self.jobs = cpu_cores(), args.jobs
         self.sources, self.features = {}, {}
+        # parallel stage-I tasks ask for the same data and feature spaces: the first writes them, the others wait
+        self.prepare = threading.RLock()
         self.models, self.info = {}, {}  # label -> path spec; label -> protocol, resolution, made by the bench
 
     def parallel(self, tasks):
@@ -551,8 +553,12 @@ class Bench:
     # 0. Data
     def data(self, res):
         """The script arguments of the training, held-out and reference data at ``res`` (written once)."""
-        if res in self.sources:
+        with self.prepare:
+            if res not in self.sources:
+                self.sources[res] = self._write_data(res)
             return self.sources[res]
+
+    def _write_data(self, res):
         cfg, start = self.cfg, time.time()
         if self.args.user_data:
             train = (["--train_data_dir", cfg["train_data_dir"]] if cfg["train_data_dir"] else
@@ -585,18 +591,18 @@ class Bench:
                       f"{cfg['heldout_crops']} held-out crops, {res} px, each a random region of 1 to 4 crop sides"),
             )  # fmt: skip
         self.stages.record("data" + self.suffix(res), time.time() - start)
-        self.sources[res] = src
         return src
 
     def feature_spaces(self, res):
-        if res not in self.features:
-            start, src = time.time(), self.data(res)
-            folder = os.path.join(self.out, "features" + self.suffix(res)) if self.suffix(res) else self.out
-            os.makedirs(folder, exist_ok=True)
-            self.features[res] = make_feature_spaces(folder, src["train_dir"], src["test_dir"], res,
-                                                     self.cfg["classifier_steps"])  # fmt: skip
-            self.stages.record("feature_spaces" + self.suffix(res), time.time() - start)
-        return self.features[res]
+        with self.prepare:
+            if res not in self.features:
+                start, src = time.time(), self.data(res)
+                folder = os.path.join(self.out, "features" + self.suffix(res)) if self.suffix(res) else self.out
+                os.makedirs(folder, exist_ok=True)
+                self.features[res] = make_feature_spaces(folder, src["train_dir"], src["test_dir"], res,
+                                                         self.cfg["classifier_steps"])  # fmt: skip
+                self.stages.record("feature_spaces" + self.suffix(res), time.time() - start)
+            return self.features[res]
 
     # 1. Stage I
     def train_ae(self, label, start, se_weight, steps, lr, res, protocol, threads, extra=()):
