@@ -6,18 +6,22 @@
   loadable one was; ``latest`` resumes from the newest *complete* checkpoint (``resolve_resume``).
 - Errors about the user's input: one ``error: ...`` line and exit code 2, no traceback (``run_script``).
 - CPU threads: ``accelerate launch`` runs a plain single CPU process on one thread (``use_all_cpu_cores``).
+- Training loops: launcher checks (``check_launcher``, ``refuse_hub_token``), the accelerator set-up
+  (``make_accelerator``), per-step seeding (``step_generator``), resuming (``resume_position``), the App. B
+  schedule (``warmup_cosine``), peak memory (``peak_memory_gb``) and tracker settings (``tracker_config``).
 """
 
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 import traceback
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +353,142 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
                 logger.info(f"Removed {old} (--checkpoints_total_limit {total_limit})")
     accelerator.wait_for_everyone()
     return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loops: what both training scripts do the same way
+
+HUB_TOKEN_REFUSAL = (
+    "--hub_token is refused: a token on the command line shows in process lists, shell history and the "
+    "launcher's error messages. Log in with `hf auth login` or set the HF_TOKEN environment variable."
+)
+
+
+def refuse_hub_token(parser, args) -> None:
+    """``parser.error`` for a ``--hub_token`` on the command line (the value itself is never echoed)."""
+    if getattr(args, "hub_token", None) is not None:
+        parser.error(HUB_TOKEN_REFUSAL)
+
+
+def hub_repo(args) -> Optional[str]:
+    """With ``--push_to_hub``, the Hub repo the run will upload to, checked (login, access) before any training;
+    ``--hub_model_id`` or the output folder's name. ``None`` without ``--push_to_hub``."""
+    if not args.push_to_hub:
+        return None
+    from .hub import check_hub_access
+
+    return check_hub_access(
+        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), None, args.private
+    )
+
+
+def check_launcher() -> None:
+    """Refuse an FSDP launch (``accelerate launch`` sets ``ACCELERATE_USE_FSDP`` for FSDP configs), before any
+    weights load: the scripts' EMA, validation and final save need every parameter on one process."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UsageError(
+            "FSDP is not supported by this script yet: its EMA, validation and final save need every parameter on one "
+            "process. The models trained here fit on one GPU, and data parallelism gives the same result: launch with "
+            "accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml instead."
+        )
+
+
+def make_accelerator(args):
+    """The ``Accelerator`` of a training script (accumulation, precision, trackers under ``output_dir/logging_dir``,
+    a seedable sampler so that a resumed run sees the batches a straight one does), with logging configured."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return accelerator
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The seed of one micro-batch: a function of (``--seed``, optimizer step, process, micro-batch) only, so that a
+    resumed run draws what a straight one does and no two processes or accumulation steps share noise."""
+    return seed * 1_000_003 + step * 64 + rank + micro * 7_919_000_003
+
+
+def step_generator(device, seed: int, step: int, rank: int, micro: int):
+    """A ``torch.Generator`` on ``device`` seeded with :func:`step_seed`; torch's global RNG (dropout, decoder noise
+    injection) is seeded from the same value, offset so that the two streams differ."""
+    import torch
+
+    value = step_seed(seed, step, rank, micro)
+    torch.manual_seed(value + 12_345)
+    return torch.Generator(device).manual_seed(value)
+
+
+def resume_position(accelerator, path: Optional[str], steps_per_epoch: int, accumulation: int) -> Tuple[int, int, int]:
+    """``(global_step, first_epoch, batches_to_skip)`` after loading checkpoint ``path`` (``(0, 0, 0)`` for None)."""
+    if path is None:
+        return 0, 0, 0
+    logger.info(f"Resuming from {path}")
+    step = load_checkpoint(accelerator, path)
+    return step, step // steps_per_epoch, (step % steps_per_epoch) * accumulation
+
+
+def warmup_cosine(step: int, warmup: int, total: int, peak: float, end: float) -> float:
+    """App. B's schedule as a factor of ``peak``: linear warmup from 0 to ``peak`` over ``warmup`` steps, then cosine
+    decay to ``end`` at ``total`` steps. For ``LambdaLR``; under accelerate the scheduler steps once per process per
+    optimizer step, so pass ``warmup`` and ``total`` times the process count (as diffusers' examples do)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))) / peak
+
+
+def peak_memory_gb(device) -> float:
+    """Peak accelerator memory allocated by tensors (CUDA), else the process's peak resident memory."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # VmHWM: unlike ru_maxrss, it does not start from the launcher's peak (kept across fork and exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def tracker_config(args) -> dict:
+    """The run's settings for ``accelerator.init_trackers``: scalars as they are, lists of scalars joined by spaces,
+    the rest (and ``hub_token``) left out."""
+    config = {}
+    for key, value in vars(args).items():
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+            value = " ".join(map(str, value))
+        if key != "hub_token" and isinstance(value, (int, float, str, bool)):
+            config[key] = value
+    return config
+
+
+def remove_interrupted_saves(output_dir: str, subfolders: Sequence[str] = ()) -> List[str]:
+    """Delete what a killed save left (``.tmp-checkpoint-*``, ``.tmp-save-*``; ``.old-*`` in ``subfolders``):
+    never complete, never resumed. Returns the names removed."""
+    removed = []
+    for folder, prefixes in [("", (".tmp-checkpoint-", ".tmp-save-"))] + [
+        (s, (".tmp-save-", ".old-")) for s in subfolders
+    ]:
+        path = os.path.join(output_dir, folder)
+        if not os.path.isdir(path):
+            continue
+        for name in sorted(os.listdir(path)):
+            if name.startswith(prefixes):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+                removed.append(os.path.join(folder, name) if folder else name)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------------------

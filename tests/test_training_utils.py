@@ -190,3 +190,65 @@ def test_atomic_json_and_report(tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5} and os.listdir(tmp_path) == ["m.json"]
     text = tu.report_written(str(tmp_path), ["m.json", "missing.png"])
     assert text == f"Wrote to {tmp_path}: m.json" and text in capsys.readouterr().out
+
+
+def test_step_generator_depends_on_seed_step_rank_and_micro_batch_only():
+    draw = lambda *key: torch.randn(4, generator=tu.step_generator("cpu", *key))  # noqa: E731
+    assert torch.equal(draw(3, 10, 0, 0), draw(3, 10, 0, 0))  # a resumed run draws what a straight one does
+    keys = [(3, 10, 0, 0), (4, 10, 0, 0), (3, 11, 0, 0), (3, 10, 1, 0), (3, 10, 0, 1)]
+    draws = [draw(*k) for k in keys]
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])
+    seeds = {tu.step_seed(s, step, r, m) for s in range(3) for step in range(200) for r in range(64) for m in range(4)}
+    assert len(seeds) == 3 * 200 * 64 * 4  # no two (seed, step, process, micro-batch) share noise
+    tu.step_generator("cpu", 3, 10, 0, 0)
+    a = torch.rand(3)
+    tu.step_generator("cpu", 3, 10, 0, 0)
+    assert torch.equal(a, torch.rand(3))  # torch's own RNG (dropout) is seeded from the same key
+    assert not torch.equal(a, torch.rand(3, generator=tu.step_generator("cpu", 3, 10, 0, 0)))
+
+
+def test_warmup_cosine_is_app_b_schedule():
+    f = [tu.warmup_cosine(s, 10, 110, 1e-4, 1e-6) for s in range(0, 121)]
+    assert f[0] == 0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
+    assert f[60] == pytest.approx((1e-6 + 0.5 * (1e-4 - 1e-6)) / 1e-4)  # half way through the cosine
+    assert f[110] == pytest.approx(1e-2) and f[120] == pytest.approx(1e-2)  # ends at lr_end / peak, and stays
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_resume_position_and_tracker_config(tmp_path):
+    acc = FakeAccelerator()
+    assert tu.resume_position(acc, None, 7, 2) == (0, 0, 0) and acc.loaded is None
+    path = tu.save_checkpoint(acc, str(tmp_path), 23)
+    assert tu.resume_position(acc, path, 7, 2) == (23, 3, 4) and acc.loaded == path  # 23 = 3 * 7 + 2 steps
+
+    class Args:
+        pass
+
+    args = Args()
+    args.lr, args.name, args.flag, args.scales, args.hub_token, args.obj = 1e-4, "x", True, [2, 4], "secret", {}
+    assert tu.tracker_config(args) == {"lr": 1e-4, "name": "x", "flag": True, "scales": "2 4"}
+
+
+def test_launcher_checks(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(tu.UsageError, match="FSDP is not supported"):
+        tu.check_launcher()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    tu.check_launcher()
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hub_token")
+    with pytest.raises(SystemExit):
+        tu.refuse_hub_token(parser, parser.parse_args(["--hub_token", "hf_x"]))
+    tu.refuse_hub_token(parser, parser.parse_args([]))
+    for name in (".tmp-checkpoint-5", ".tmp-save-1", "checkpoint-4", "snapshots/.old-2", "snapshots/step-2"):
+        os.makedirs(tmp_path / name)
+    assert tu.remove_interrupted_saves(str(tmp_path), ["snapshots"]) == [
+        ".tmp-checkpoint-5",
+        ".tmp-save-1",
+        os.path.join("snapshots", ".old-2"),
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "snapshots"] and os.listdir(tmp_path / "snapshots") == [
+        "step-2"
+    ]
