@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """DiT training-step time of train_dit_flow.py's loop against a bare forward + backward of the same model.
 
-For each ``--models`` DiT (built by the script's ``build_transformer``: the stock ``DiTTransformer2DModel``, the
-script's ``--stock_dit``, or, when ``--self_conditioning_prob`` > 0, the toolkit's ``SelfConditionedDiT`` with sin-cos
-positions) and each ``--latents`` shape (16x8x8 = the
-embedded autoencoder at 64 px; 4x32x32 = SD-VAE latents of ImageNet-256), at batch ``--batch_size``:
+For each ``--models`` DiT (built with ``diffusability_hf.models.dit`` as the script builds it: the stock
+``DiTTransformer2DModel``, the script's ``--stock_dit``, or, when ``--self_conditioning_prob`` > 0, the toolkit's
+``SelfConditionedDiT`` with sin-cos positions) and each ``--latents`` shape (16x8x8 = the embedded autoencoder at
+64 px; 4x32x32 = SD-VAE latents of ImageNet-256), at batch ``--batch_size``:
 
 * (a) bare: ``model(x_t, t, labels).sample``, MSE to a fixed target, backward, AdamW step, on precomputed random
   tensors (nothing else);
-* (b) the loop's step, rebuilt from train_dit_flow.py's ``main()`` around the script's own ``FlowMatchingLoss``
-  (loaded from the script file, as the script builds it): per-step generator and seeding, posterior sample and
-  per-channel normalisation of a (mean, std) batch, the loss under ``accelerator.accumulate``,
+* (b) the loop's step, rebuilt from train_dit_flow.py's ``main()`` around the objective the script trains, the
+  library's ``diffusability_hf.flow.FlowMatchingLoss`` (the script's default settings): per-step generator and
+  seeding, posterior sample and per-channel normalisation of a (mean, std) batch, the loss under
+  ``accelerator.accumulate``,
   ``accelerator.backward``, gradient clipping at 16, AdamW + warmup-cosine LR step, EMA update, loss ``.item()``
   and ``accelerator.log``. The batch is a precomputed tensor: no data loading;
 * (c) the script end to end: ``python train_scripts/train_dit_flow.py`` on latents that extract_latents.py wrote
@@ -45,7 +46,6 @@ label table per block, so 1000 classes add AdamW and EMA work to (a) and (b) ali
 """
 
 import argparse
-import importlib.util
 import os
 import platform
 import subprocess
@@ -60,13 +60,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "train_scripts", "train_dit_flow.py")
 EXTRACT_SCRIPT = os.path.join(ROOT, "train_scripts", "extract_latents.py")
 BIG = str(10**9)  # --validation_steps / --checkpointing_steps past the run
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_dit_flow", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_latents(text):
@@ -96,33 +89,30 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def script_namespace(args, model_name):
-    """The train_dit_flow.py flags that ``build_transformer`` and ``FlowMatchingLoss`` read (script defaults)."""
-    return argparse.Namespace(
-        model=model_name, model_config_name_or_path=None, pos_embed="sincos", latents_dir="(benchmark)",
-        stock_dit=args.self_conditioning_prob == 0, self_conditioning_prob=args.self_conditioning_prob, weighting_scheme="logit_normal", logit_mean=0.0,
-        logit_std=1.0, class_dropout_prob=0.1,
-    )  # fmt: skip
-
-
-def bench_in_process(script, accelerator, model_name, latents, args, device):
+def bench_in_process(accelerator, model_name, latents, args, device):
     """Median ms/step of (a), (a+aux) when self-conditioning, and (b) on one model and latent shape."""
     from diffusability_hf.ema import EMA
+    from diffusability_hf.flow import FlowMatchingLoss
+    from diffusability_hf.models.dit import build_dit, build_selfcond_dit
+    from diffusability_hf.training_utils import step_generator, warmup_cosine
 
     c, s, _ = shape_of(latents)
     b, k = args.batch_size, args.num_classes
-    ns = script_namespace(args, model_name)
+    sc = args.self_conditioning_prob
     torch.manual_seed(0)
-    transformer = script.build_transformer(ns, {"latent_shape": [c, s, s], "num_classes": k}).to(device).train()
+    # As train_dit_flow.py builds them: --stock_dit, or the paper's DiT with --pos_embed sincos
+    transformer = build_selfcond_dit(model_name, c, s, k, "sincos", True) if sc > 0 else build_dit(model_name, c, s, k)
+    transformer = transformer.to(device).train()
     n_params = sum(p.numel() for p in transformer.parameters())
     params = list(transformer.parameters())
     ema = EMA(params, 6931.0, 0.05)  # the script's defaults
     optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    n = accelerator.num_processes  # the prepared scheduler steps once per process, as in the script
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: script.warmup_cosine(step, 50, 500, 3e-4, 1e-5)
+        optimizer, lambda step: warmup_cosine(step, 50 * n, 500 * n, 3e-4, 1e-5)
     )
-    loss_module = script.FlowMatchingLoss(transformer, ns, k)
-    model, acc_optimizer, acc_scheduler = accelerator.prepare(loss_module, optimizer, lr_scheduler)
+    objective = FlowMatchingLoss(transformer, k, class_dropout_prob=0.1, self_conditioning_prob=sc)
+    model, acc_optimizer, acc_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
     bf16 = args.mixed_precision == "bf16"
 
     g = torch.Generator().manual_seed(1)
@@ -154,9 +144,7 @@ def bench_in_process(script, accelerator, model_name, latents, args, device):
 
     def loop():  # train_dit_flow.py main(), one optimizer step (no gradient accumulation, one process)
         global_step = counter[0]
-        seed = global_step * 64 + accelerator.process_index
-        gen = torch.Generator(accelerator.device).manual_seed(seed)
-        torch.manual_seed(seed + 12_345)
+        gen = step_generator(accelerator.device, 0, global_step, accelerator.process_index, 0)
         eps = torch.randn(batch["mean"].shape, generator=gen, device=accelerator.device)
         x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std
         with accelerator.accumulate(model):
@@ -339,7 +327,6 @@ def main():
     from accelerate import Accelerator
 
     device = torch.device(args.device)
-    script = load_script()
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
     print(describe_env(device, args))
     sc = args.self_conditioning_prob > 0
@@ -348,7 +335,7 @@ def main():
         extracted = {}
         for name in args.models:
             for latents in args.latents:
-                med, n_params, reps = bench_in_process(script, accelerator, name, latents, args, device)
+                med, n_params, reps = bench_in_process(accelerator, name, latents, args, device)
                 r = {"model": name, "latents": latents, "med": med, "params": n_params, "reps": reps}
                 if latents in args.script_latents:
                     if latents not in extracted:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Step-time and memory overhead of the SE term (paper eq. 2) in one training step of train_ae_se.py.
 
-Times the script's own training module (encode + decode + SE branch in one forward, backward, AdamW step) with
-``--se_weight 0.25`` and with ``--se_weight 0`` side by side (alternating, same process, same weights), for the
+Times the objective that train_ae_se.py trains with, ``diffusability_hf.losses.SEAutoencoderLoss`` (encode + decode
++ SE branch in one forward), then backward and an AdamW step, with ``se_weight=0.25`` and with ``se_weight=0`` side
+by side (alternating, same process, same weights), for the
 embedded autoencoder and a FLUX-sized ``AutoencoderKL`` (random init, FLUX.1's config). The paper counts +10.75% of
 the FLOPs of an encode + decode for FluxAE at 256^2; our target is at most +15% step time.
 
@@ -13,15 +14,15 @@ runs two steps of one variant (model, optimizer state and activations included).
 """
 
 import argparse
-import importlib.util
-import os
 import subprocess
 import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from diffusability_hf.autoencoders import EMBEDDED_AE
+from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
+
 FLUX_VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -36,19 +37,11 @@ FLUX_VAE_CONFIG = dict(
 )
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_ae_se", os.path.join(ROOT, "train_scripts", "train_ae_se.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build(name):
     from diffusers import AutoencoderKL
 
     if name == "embedded":
-        script = load_script()
-        return AutoencoderKL.from_pretrained(script.EMBEDDED_AE)
+        return AutoencoderKL.from_pretrained(EMBEDDED_AE)
     torch.manual_seed(0)
     return AutoencoderKL(**FLUX_VAE_CONFIG)
 
@@ -63,8 +56,8 @@ def peak_mb(device):
 
 def train_step(module, x, opt, scale_factor, device, bf16):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss, _ = module(x, None, scale_factor)  # (images, videos, scale factor)
-    loss.backward()
+        loss, _ = module(x, None, scale_factor)  # (images, videos, scale factor) -> per-sample (B,)
+    loss.mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -84,10 +77,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak_only", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    script = load_script()
     device = torch.device(args.device)
-    from diffusability_hf.losses import ReconstructionDistance
-
     distance = ReconstructionDistance(mse_weight=1.0, lpips_weight=0.0)
     if args.peak_only is None:
         print(
@@ -98,12 +88,10 @@ def main():
         vae = build(name).to(device)
         opt = torch.optim.AdamW(vae.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.01)
         x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
-        modules = {}
-        for variant, (alpha, _) in VARIANTS.items():
-            ns = argparse.Namespace(se_weight=alpha, kl_weight=0.0, chf_weight=0.0, soft_penalty_weight=0.0,
-                                    latent_sampling="sample", se_downsample_mode="bilinear", dct_block_size=8,
-                                    decode_timestep=0.05, decode_noise_scale=0.025)  # fmt: skip
-            modules[variant] = script.SEAutoencoderLoss(vae, distance, ns)
+        # The script's objective with its defaults (bilinear SE, posterior samples, no KL / CHF / soft penalty)
+        modules = {
+            variant: SEAutoencoderLoss(vae, distance, se_weight=alpha) for variant, (alpha, _) in VARIANTS.items()
+        }
 
         def step(variant, modules=modules, x=x, opt=opt):
             bf16 = args.mixed_precision == "bf16"

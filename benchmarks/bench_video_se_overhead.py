@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Step-time and memory overhead of the SE term (paper eq. 2) when fine-tuning video autoencoders on clips.
 
-One training step on a clip batch, as ``SEAutoencoderLoss`` in ``train_scripts/train_ae_se.py`` computes it for
-``--video_batch_size`` clips (rebuilt here from the library so the benchmark does not track the script's
-signature): encode, posterior sample, decode, per-sample MSE (LPIPS off: its trunk is a download), then
-``alpha * scale_equivariance_loss`` with ``alpha = 0.25`` and bilinear x2 or x4 spatial downsampling of every frame
-(no SE: the term is skipped), backward, grad-norm clipping at 50, AdamW step. The decoder's output layers
+One training step on a clip batch of the objective train_ae_se.py trains with,
+``diffusability_hf.losses.SEAutoencoderLoss``, on ``--video_batch_size`` clips: encode, posterior sample, decode,
+MSE (LPIPS off: its trunk is a download), then ``alpha * scale_equivariance_loss`` with ``alpha = 0.25`` and
+bilinear x2 or x4 spatial downsampling of every frame (no SE: ``se_weight=0``, the term is skipped), backward,
+grad-norm clipping at 50, AdamW step. The decoder's output layers
 (``norm_out``, ``conv_out``) are frozen, the script's default for a pretrained video AE; random init, no download.
 
 Every repetition runs each variant once, in turn (no SE, SE x2, SE x4, then the same three with
@@ -52,7 +52,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.losses import per_sample_mse, scale_equivariance_loss
+from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
 
 TINY_DIR = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
 TINY = sorted(f[: -len(".json")] for f in os.listdir(TINY_DIR) if f.endswith(".json"))
@@ -123,16 +123,12 @@ def sync(device):
 
 
 def train_step(vae, params, opt, x, scale_factor, gen, bf16):
-    """One optimizer step of the SE objective on clips ``x`` (B, C, T, H, W)."""
-
-    def decode(z):
-        return ae.decode(vae, z, gen)
-
+    """One optimizer step of the SE objective on clips ``x`` (B, C, T, H, W); ``scale_factor`` None: no SE."""
+    objective = SEAutoencoderLoss(
+        vae, ReconstructionDistance(1.0, 0.0), se_weight=0.0 if scale_factor is None else SE_WEIGHT
+    )
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        z = ae.encode(vae, x).sample(gen)
-        loss = per_sample_mse(decode(z), x)  # (B,)
-        if scale_factor is not None:
-            loss = loss + SE_WEIGHT * scale_equivariance_loss(x, z, decode, scale_factor, "bilinear", per_sample_mse)
+        loss, _ = objective(None, x, scale_factor or 2, generator=gen)  # (B,)
         loss = loss.mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

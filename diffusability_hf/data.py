@@ -1,15 +1,23 @@
-"""Image datasets for autoencoder fine-tuning: HF ``datasets``, image folders, and the embedded sample photographs.
+"""Image data for the toolkit's scripts: HF ``datasets``, image folders, the embedded sample photographs, and the
+fixed evaluation sets (images or clips). Videos, camera pans and joint image + video batches are in
+:mod:`diffusability_hf.video_data`.
 
-Every dataset yields ``{"pixel_values": (3, R, R) float in [-1, 1], "skipped": [(where, reason), ...]}``. An
-unreadable or corrupt image is skipped (the next one is used instead) and named in ``skipped``, never a crash; the
-training loop's :class:`SkipLog` warns once per file and counts files and skip events.
+What an item is, per dataset (pixels are float in ``[-1, 1]``):
+
+- :class:`EmbeddedPhotoCrops`, :class:`HFImageDataset` (autoencoder fine-tuning):
+  ``{"pixel_values": (3, R, R), "skipped": [(where, reason), ...]}``. An unreadable or corrupt image is skipped
+  (the next one is used instead) and named in ``skipped``, never a crash; the training loop's :class:`SkipLog`
+  warns once per file and counts files and skip events. :func:`collate` stacks them.
+- :class:`LabelledImages` (class-conditional DiT training): ``(pixels (3, R, R), label, index, ok)``.
+- :class:`EvalSamples` (evaluation): ``(pixels, ok)``, pixels ``(3, R, R)`` or clips ``(3, T, R, R)``.
+
+``ok = False`` marks an unreadable item (zeros are returned): the caller drops and counts it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import random
 from typing import Dict, List, Optional, Sequence
@@ -19,6 +27,8 @@ import torch
 from PIL import Image
 
 logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # image files (also the frames of a frame folder)
 
 # Colour photographs that ship inside scikit-image (`skimage.data`), all loadable offline.
 EMBEDDED_TRAIN_IMAGES = (
@@ -379,333 +389,6 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Videos: clips are (3, T, R, R) float in [-1, 1]; every dataset yields {"pixel_values", "skipped"}.
-
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def embedded_gif_path() -> str:
-    """The small animated GIF that ships inside scikit-image (24 frames)."""
-    import skimage
-
-    return os.path.join(os.path.dirname(skimage.__file__), "data", "no_time_for_that_tiny.gif")
-
-
-def _require_pyav():
-    try:
-        import av  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            "Reading video files needs PyAV: `pip install 'diffusability-hf[video]'` (or `pip install av`). Folders "
-            "of frame images need nothing more."
-        ) from err
-
-
-def _decode_gif(path: str) -> List[np.ndarray]:
-    """Every frame of a GIF as ``(H, W, 3)`` uint8, with Pillow (composited, so partial frames are whole)."""
-    from PIL import ImageSequence
-
-    with Image.open(path) as gif:
-        return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
-
-
-def _decode_all(source) -> List[np.ndarray]:
-    """Every frame of a video file (path or bytes) as ``(H, W, 3)`` uint8, with PyAV."""
-    _require_pyav()
-    import av
-
-    with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-
-
-def _frame_files(folder: str) -> List[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def read_clip(source, num_frames: int, frame_stride: int, rng: random.Random, random_start: bool = True) -> np.ndarray:
-    """``num_frames`` frames, ``frame_stride`` apart, from a video file, its bytes, or a folder of frame images.
-
-    The start is random (a temporal crop) or the first frame. Returns ``(T, H, W, 3)`` uint8. Raises ``ValueError``
-    when the video is shorter than ``1 + (num_frames - 1) * frame_stride`` frames.
-    """
-    span = 1 + (num_frames - 1) * frame_stride
-    if isinstance(source, str) and os.path.isdir(source):
-        files = _frame_files(source)
-        total = len(files)
-    else:
-        frames = _decode_all(source)
-        total = len(frames)
-    if total < span:
-        raise ValueError(f"has {total} frames, fewer than the {span} that --num_frames/--frame_stride need")
-    start = rng.randint(0, total - span) if random_start else 0
-    index = range(start, start + span, frame_stride)
-    if isinstance(source, str) and os.path.isdir(source):
-        return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in index])
-    return np.stack([frames[i] for i in index])
-
-
-def clip_to_tensor(
-    frames: np.ndarray, resolution: int, center_crop: bool, random_flip: bool, rng: random.Random
-) -> torch.Tensor:
-    """``(T, H, W, 3)`` uint8 -> ``(3, T, R, R)`` in ``[-1, 1]``: the same resize, crop and flip for every frame."""
-    state = rng.getstate()
-    out = []
-    for frame in frames:
-        rng.setstate(state)  # one crop and one flip decision for the whole clip
-        out.append(to_tensor(resize_and_crop(Image.fromarray(frame), resolution, center_crop, random_flip, rng)))
-    return torch.stack(out, dim=1)  # (3, T, R, R)
-
-
-class VideoClips(torch.utils.data.Dataset):
-    """Clips from a list of sources (video paths, frame folders, or HF ``{"bytes", "path"}`` cells).
-
-    An unreadable or too short video is skipped (the next one is used) and named in ``skipped``.
-    """
-
-    def __init__(
-        self,
-        sources: Sequence,
-        resolution: int,
-        num_frames: int,
-        frame_stride: int = 1,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        random_start: bool = True,
-        seed: int = 0,
-    ):
-        self.sources, self.resolution, self.num_frames, self.frame_stride = (
-            list(sources),
-            resolution,
-            num_frames,
-            frame_stride,
-        )
-        self.center_crop, self.random_flip, self.random_start, self.seed = center_crop, random_flip, random_start, seed
-        self.epoch = 0
-        if not self.sources:
-            raise ValueError("No videos found.")
-        if not all(isinstance(src, str) and os.path.isdir(src) for src in self.sources):
-            _require_pyav()  # before any clip is read: an ImportError would otherwise count as unreadable videos
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def _load(self, source, rng: random.Random) -> torch.Tensor:
-        data = source.get("bytes") or source.get("path") if isinstance(source, dict) else source
-        frames = read_clip(data, self.num_frames, self.frame_stride, rng, self.random_start)
-        return clip_to_tensor(frames, self.resolution, self.center_crop, self.random_flip, rng)
-
-    def read(self, index: int) -> Optional[torch.Tensor]:
-        """Clip ``index`` itself, or ``None`` (and a warning) when it cannot be read: no fallback to the next one."""
-        source = self.sources[index]
-        try:
-            return self._load(source, random.Random(hash((self.seed, self.epoch, index))))
-        except Exception as err:
-            logger.warning("Skipping video %s: %s", source.get("path") if isinstance(source, dict) else source, err)
-            return None
-
-    def __getitem__(self, index: int) -> Dict:
-        rng = random.Random(hash((self.seed, self.epoch, index)))
-        skipped = []
-        for attempt in range(min(len(self), 100)):
-            source = self.sources[(index + attempt) % len(self)]
-            where = source.get("path") if isinstance(source, dict) else source
-            try:
-                return {"pixel_values": self._load(source, rng), "skipped": skipped}
-            except Exception as err:  # unreadable, corrupt or too short: skip it, name it (the loop warns once)
-                skipped.append((str(where), f"{type(err).__name__}: {err}"))
-        raise RuntimeError("100 consecutive videos could not be read: check the dataset and --num_frames.")
-
-
-def list_videos(video_data_dir: str) -> List[str]:
-    """Video files (``VIDEO_EXTENSIONS``) and frame folders (subfolders holding images) under a folder, sorted."""
-    if not os.path.isdir(video_data_dir):
-        raise FileNotFoundError(f"--video_data_dir {video_data_dir} is not a folder.")
-    found = []
-    for root, dirs, files in os.walk(video_data_dir):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
-        if root != video_data_dir and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-            found.append(root)  # a folder of frames is one video
-    if not found:
-        raise ValueError(
-            f"--video_data_dir {video_data_dir} holds no videos ({', '.join(VIDEO_EXTENSIONS)}) and no frame folders."
-        )
-    return sorted(found)
-
-
-def load_video_dataset(
-    dataset_name: str, video_column: Optional[str], dataset_config_name=None, cache_dir=None, split="train"
-):
-    """An HF dataset with a video column, as a list of undecoded cells (``{"bytes", "path"}`` or paths)."""
-    import datasets
-
-    ds = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
-    columns = ds.column_names
-    if video_column is None:
-        video_column = next((c for c in columns if isinstance(ds.features[c], datasets.Video)), None)
-        if video_column is None:
-            raise ValueError(f"The dataset has no Video column; its columns are {columns}: pass --video_column.")
-    if video_column not in columns:
-        raise ValueError(f"--video_column '{video_column}' is not in the dataset; its columns are {columns}.")
-    if isinstance(ds.features[video_column], datasets.Video):
-        ds = ds.cast_column(video_column, datasets.Video(decode=False))
-    return list(ds[video_column])
-
-
-class EmbeddedPanClips(torch.utils.data.Dataset):
-    """Camera-pan clips over the scikit-image photographs (plus the animated GIF it ships), offline.
-
-    Clip ``i`` moves a square window of side ``resolution * s`` (``s`` uniform in ``scale_range``) along a straight
-    line with sub-pixel steps and a slight zoom, and resizes every frame to ``resolution``. Every
-    ``len(names) + 1``-th clip is a temporal crop of the GIF instead (real motion, upscaled).
-    """
-
-    def __init__(
-        self,
-        resolution: int,
-        num_frames: int,
-        names: Sequence[str] = EMBEDDED_TRAIN_IMAGES,
-        num_samples: int = 1024,
-        seed: int = 0,
-        scale_range=(1.0, 3.0),
-        max_travel: float = 0.5,
-        include_gif: bool = True,
-    ):
-        self.resolution, self.num_frames, self.num_samples, self.seed = resolution, num_frames, num_samples, seed
-        self.scale_range, self.max_travel = scale_range, max_travel
-        self.images = [Image.fromarray(load_photograph(n)) for n in names]
-        self.gif = _decode_gif(embedded_gif_path()) if include_gif else None  # Pillow: no video extra needed
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> Dict:
-        rng = random.Random(self.seed * 1_000_003 + index)
-        k = index % (len(self.images) + (self.gif is not None))
-        if k == len(self.images):
-            start = rng.randrange(len(self.gif))
-            frames = [self.gif[(start + t) % len(self.gif)] for t in range(self.num_frames)]
-            clip = clip_to_tensor(np.stack(frames), self.resolution, False, True, rng)  # the GIF loops
-        else:
-            clip = pan_clip(self.images[k], self.resolution, self.num_frames, rng, self.scale_range, self.max_travel)
-        return {"pixel_values": clip, "skipped": []}
-
-
-def pan_clip(
-    image: Image.Image,
-    resolution: int,
-    num_frames: int,
-    rng: random.Random,
-    scale_range=(1.0, 3.0),
-    travel: float = 0.5,
-    side: Optional[float] = None,
-    angle: Optional[float] = None,
-) -> torch.Tensor:
-    """A ``(3, T, R, R)`` camera pan over ``image``: a window of side ``side`` (random by default) moving in a
-    straight line by up to ``travel`` of its side over the clip, with a slight zoom; sub-pixel steps."""
-    w, h = image.size
-    side = min(side or resolution * rng.uniform(*scale_range), 0.8 * min(w, h))
-    zoom = rng.uniform(0.9, 1.1)
-    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
-    dist = travel * side * rng.uniform(0.3, 1.0)
-    biggest = side * max(1.0, zoom)
-    dx = float(np.clip(dist * math.cos(angle), biggest - w, w - biggest))
-    dy = float(np.clip(dist * math.sin(angle), biggest - h, h - biggest))
-    # Start centre: anywhere that keeps the whole path inside the photograph
-    x0 = rng.uniform(biggest / 2 - min(0.0, dx), w - biggest / 2 - max(0.0, dx))
-    y0 = rng.uniform(biggest / 2 - min(0.0, dy), h - biggest / 2 - max(0.0, dy))
-    frames = []
-    for t in range(num_frames):
-        f = t / max(num_frames - 1, 1)
-        s, cx, cy = side * (1 + (zoom - 1) * f), x0 + f * dx, y0 + f * dy
-        box = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
-        frames.append(to_tensor(image.resize((resolution, resolution), Image.BICUBIC, box=box)))
-    return torch.stack(frames, dim=1)  # (3, T, R, R)
-
-
-def embedded_validation_clips(resolution: int, num_frames: int, num_clips: int = 4) -> torch.Tensor:
-    """Fixed ``(N, 3, T, R, R)`` validation pans over the held-out photographs (seeded, the same every call)."""
-    clips = []
-    for i in range(num_clips):
-        image = Image.fromarray(load_embedded_image(EMBEDDED_VALIDATION_IMAGES[i % len(EMBEDDED_VALIDATION_IMAGES)]))
-        rng = random.Random(i)
-        clips.append(pan_clip(image, resolution, num_frames, rng, side=min(image.size) / 2, angle=i * math.pi / 2))
-    return torch.stack(clips)
-
-
-class JointBatches(torch.utils.data.Dataset):
-    """Item ``i`` is one whole per-process batch: ``image_batch_size`` images and ``video_batch_size`` clips.
-
-    The paper trains video AEs on joint image+video batches (Table 5: 64 images and 32 clips). Each modality walks
-    through its own dataset in a seeded random order that depends only on the batch position, so a resumed run
-    sees the same batches. Use with ``DataLoader(batch_size=1, collate_fn=unwrap_batch)``.
-    """
-
-    def __init__(self, images, videos, image_batch_size: int, video_batch_size: int, seed: int = 0):
-        self.images, self.videos, self.seed = images, videos, seed
-        self.image_batch_size, self.video_batch_size = image_batch_size, video_batch_size
-        if image_batch_size and images is None or video_batch_size and videos is None:
-            raise ValueError("A batch size is set for a modality without a dataset.")
-        sizes = [len(d) // b for d, b in ((images, image_batch_size), (videos, video_batch_size)) if b]
-        self.num_batches = max(1, max(sizes, default=1))
-        self.epoch, self._orders = 0, {}
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def _order(self, n: int, salt: int, cycle: int) -> torch.Tensor:
-        """The seeded permutation of one pass (``cycle``) over a dataset of ``n`` items."""
-        key = (salt, cycle)
-        if key not in self._orders:
-            if len(self._orders) > 8:
-                self._orders.clear()
-            gen = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + cycle)
-            self._orders[key] = torch.randperm(n, generator=gen)
-        return self._orders[key]
-
-    def _take(self, dataset, batch_size: int, index: int, salt: int):
-        out, skipped, n = [], [], len(dataset)
-        for j in range(batch_size):
-            pos = (self.epoch * self.num_batches + index) * batch_size + j
-            item = dataset[int(self._order(n, salt, pos // n)[pos % n])]
-            out.append(item["pixel_values"])
-            skipped += item["skipped"]
-        return torch.stack(out), skipped
-
-    def __getitem__(self, index: int) -> Dict:
-        images, skipped_images = (
-            self._take(self.images, self.image_batch_size, index, 1) if self.image_batch_size else (None, [])
-        )
-        videos, skipped_videos = (
-            self._take(self.videos, self.video_batch_size, index, 2) if self.video_batch_size else (None, [])
-        )
-        return {"pixel_values": images, "video_values": videos, "skipped": skipped_images + skipped_videos}
-
-
-def unwrap_batch(items: List[Dict]) -> Dict:
-    """``collate_fn`` for :class:`JointBatches`: the loader's batch of one is the batch."""
-    return items[0]
-
-
-def to_uint8_frames(clips: torch.Tensor) -> np.ndarray:
-    """``(N, 3, T, H, W)`` in ``[-1, 1]`` -> ``(T, H, N*W, 3)`` uint8: the clips side by side."""
-    x = clips.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu()
-    return x.permute(2, 3, 0, 4, 1).flatten(2, 3).numpy()  # (T, H, N*W, 3)
-
-
-def clips_to_gif(clips: torch.Tensor, recon: Optional[torch.Tensor] = None, fps: float = 8.0) -> bytes:
-    """An animated GIF of ``clips`` (``(N, 3, T, H, W)``) side by side, with ``recon`` below them when given."""
-    frames = to_uint8_frames(clips)
-    if recon is not None:
-        frames = np.concatenate([frames, to_uint8_frames(recon)], axis=1)  # (T, 2H, N*W, 3)
-    images = [Image.fromarray(f) for f in frames]
-    buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Evaluation sets: deterministic centre crops (clips from their first frame), unreadable items skipped and counted.
 
 
@@ -735,6 +418,8 @@ class EvalSamples(torch.utils.data.Dataset):
             if pixels is None:
                 return torch.zeros(3, self.resolution, self.resolution), False
             return pixels, True
+        from .video_data import clip_to_tensor, read_clip
+
         where = item.get("path") if isinstance(item, dict) else item
         try:
             data = (item.get("bytes") or item.get("path")) if isinstance(item, dict) else item
@@ -793,6 +478,8 @@ def evaluation_samples(
     video = video_data_dir is not None or video_dataset_name is not None
     if video and num_frames is None:
         raise ValueError("Clips need --num_frames.")
+    from .video_data import EmbeddedPanClips, list_videos, load_video_dataset
+
     if video:
         sources = (
             list_videos(video_data_dir)
@@ -822,3 +509,15 @@ def evaluation_samples(
     out = EvalSamples(_LazyItems(sources.__getitem__, n), resolution, num_frames, frame_stride)
     out.description = f"{n} {'clips' if num_frames else 'images'} of {what}"
     return out
+
+
+# The video readers live in video_data.py; these stay importable from here (train_scripts/eval_dit.py imports them).
+_VIDEO_NAMES = ("read_clip", "list_videos")
+
+
+def __getattr__(name: str):
+    if name in _VIDEO_NAMES:
+        from . import video_data
+
+        return getattr(video_data, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,8 @@ Convention (diffusers' ``FlowMatchEulerDiscreteScheduler``): ``sigma = 1`` is pu
 
 and the model predicts ``v``. A sampler integrates ``dx = v dsigma`` from ``sigma = 1`` down to ``0``, which is what
 ``FlowMatchEulerDiscreteScheduler.step`` does (``x + (sigma_next - sigma) * v``). The DiT sees ``sigma`` on its
-0..1000 timestep scale (:func:`timesteps_from_sigmas`).
+0..1000 timestep scale (:func:`timesteps_from_sigmas`). :class:`FlowMatchingLoss` is the training objective built
+from these functions, as ``train_scripts/train_dit_flow.py`` runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Union
 
 import torch
+import torch.nn as nn
 
 SIGMA_SAMPLING_MODES = ("logit_normal", "uniform")
 
@@ -151,3 +153,79 @@ def euler_sample(
         # Same update as FlowMatchEulerDiscreteScheduler.step, accumulated in float32 then cast back.
         x = (x.float() + (sigma_next - sigma) * v.float()).to(noise.dtype)
     return x
+
+
+class FlowMatchingLoss(nn.Module):
+    """The class-conditional rectified-flow objective of the paper's DiT (Section 4, Appendix B), per sample.
+
+    For clean latents ``x0`` and their labels it draws, in this order from one ``generator``: ``noise ~ N(0, I)``,
+    ``sigma`` (:func:`sample_sigmas`: logit-normal, Appendix B), which labels become the null class (classifier-free
+    guidance training), and, with self-conditioning, which samples keep the auxiliary pass. Then
+
+        x_t = (1 - sigma) * x0 + sigma * noise,     loss = || v_theta(x_t, 1000 sigma, y) - (noise - x0) ||^2
+
+    averaged per sample (:func:`interpolate`, :func:`timesteps_from_sigmas`, :func:`flow_matching_loss`). The whole
+    step is one ``forward``, so that DDP and autocast see all of it; the caller reduces the ``(B,)`` loss.
+
+    Self-conditioning (Appendix B): a no-grad auxiliary pass at the same ``x_t`` gives the last block's activations,
+    which condition the main pass for a fraction ``self_conditioning_prob`` of the samples (zeros for the others).
+
+    Args:
+        transformer: a class-conditional DiT called as ``transformer(x_t, timestep, labels)`` that returns
+            ``.sample`` ``(B, C or 2C, h, w)`` (the first ``C`` channels are the velocity) and, for
+            self-conditioning, ``.last_hidden_state`` ``(B, N, D)`` and a ``self_cond`` keyword. Its label table
+            must hold ``num_classes + 1`` rows: id ``num_classes`` is the null class.
+        num_classes: the number of real classes (the null class id).
+        weighting_scheme: how ``sigma`` is drawn, ``"logit_normal"`` (the paper, after SD3) or ``"uniform"``.
+        logit_mean, logit_std: the logit-normal location and scale (paper: 0 and 1).
+        class_dropout_prob: probability that a label is replaced by the null class, in ``[0, 1)``.
+        self_conditioning_prob: probability that a sample's main pass sees the auxiliary pass, in ``[0, 1]``; 0 runs
+            no auxiliary pass (a transformer without self-conditioning).
+        num_train_timesteps: the DiT's timestep scale (``timestep = sigma * num_train_timesteps``).
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        num_classes: int,
+        weighting_scheme: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        class_dropout_prob: float = 0.1,
+        self_conditioning_prob: float = 0.0,
+        num_train_timesteps: int = 1000,
+    ):
+        super().__init__()
+        if weighting_scheme not in SIGMA_SAMPLING_MODES:
+            raise ValueError(f"Unknown weighting scheme {weighting_scheme!r}; choose one of {SIGMA_SAMPLING_MODES}.")
+        if not 0 <= class_dropout_prob < 1 or not 0 <= self_conditioning_prob <= 1:
+            raise ValueError(
+                f"class_dropout_prob must be in [0, 1) and self_conditioning_prob in [0, 1], got {class_dropout_prob} "
+                f"and {self_conditioning_prob}."
+            )
+        self.transformer = transformer
+        self.num_classes = num_classes
+        self.weighting_scheme, self.logit_mean, self.logit_std = weighting_scheme, logit_mean, logit_std
+        self.class_dropout_prob = class_dropout_prob
+        self.self_conditioning_prob = self_conditioning_prob
+        self.num_train_timesteps = num_train_timesteps
+
+    def forward(
+        self, x0: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """Per-sample loss ``(B,)`` (float32) of clean latents ``x0`` ``(B, C, h, w)`` with labels ``(B,)``."""
+        b, device = x0.shape[0], x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        sigma = sample_sigmas(b, self.weighting_scheme, self.logit_mean, self.logit_std, generator, device)  # (B,)
+        x_t = interpolate(x0, noise, sigma)  # (B, C, h, w)
+        drop = torch.rand(b, generator=generator, device=device) < self.class_dropout_prob
+        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # CFG: the null class id
+        timestep = timesteps_from_sigmas(sigma, self.num_train_timesteps)
+        kwargs = {}
+        if self.self_conditioning_prob > 0:  # Appendix B: a no-grad auxiliary pass at the same noise level
+            with torch.no_grad():
+                aux = self.transformer(x_t, timestep, labels).last_hidden_state  # (B, N, D)
+            keep = torch.rand(b, generator=generator, device=device) < self.self_conditioning_prob
+            kwargs["self_cond"] = aux * keep.view(-1, 1, 1).to(aux.dtype)
+        pred = self.transformer(x_t, timestep, labels, **kwargs).sample[:, : x0.shape[1]]  # learned sigma dropped
+        return flow_matching_loss(pred, x0, noise)

@@ -1,4 +1,11 @@
-"""Model cards and Hub uploads."""
+"""Model cards and Hub uploads.
+
+- Rendering: ``model_cards/<name>.md`` templates with ``{{ placeholder }}`` fields (:func:`render_model_card`), the
+  front matter (``base_model`` only for Hub repo ids, the license read from the base model's card).
+- The SE fine-tuned autoencoder's card (:func:`se_autoencoder_card_fields`): built from the run's ``metrics.json``
+  and settings; ``train_scripts/train_ae_se.py`` renders and writes it.
+- Uploads: :func:`check_hub_access` before training, :func:`push_folder` after it.
+"""
 
 from __future__ import annotations
 
@@ -180,3 +187,201 @@ def push_folder(repo_id: str, folder: str, token: Optional[str] = None, commit_m
             f"`hf upload {repo_id} {folder}`."
         ) from err
     return str(getattr(info, "commit_url", info))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model card of an SE fine-tuned autoencoder (train_scripts/train_ae_se.py, template model_cards/se_autoencoder.md)
+
+
+def hyperparameters_table(hyperparameters: Mapping[str, object]) -> str:
+    """The card's table of a run's settings: one row per flag with a scalar value, sorted; ``None`` left out."""
+    rows = [
+        (f"`{k}`", f"`{v}`")
+        for k, v in sorted(hyperparameters.items())
+        if v is not None and not isinstance(v, (list, dict))
+    ]
+    return markdown_table(rows, ["flag", "value"])
+
+
+def compatibility_text(cross_decoding: Optional[Mapping[str, Mapping[str, float]]]) -> str:
+    """What "drop-in replacement" means for an SE fine-tuned AE: the API, not the latent space.
+
+    ``cross_decoding``: ``{"image" or "video": {"base_encoder_base_decoder": PSNR, "base_encoder_new_decoder",
+    "new_encoder_base_decoder", "new_encoder_new_decoder"}}`` in dB, or ``None`` (trained from random init)."""
+    lines = [
+        "It loads and runs wherever the base model does (same class and config layout), but its latent space is not "
+        "the base's: **a diffusion model trained on the base's latents must be retrained** on this autoencoder's "
+        "latents (extract them again)."
+    ]
+    if cross_decoding is None:
+        lines.append("(Trained from random initialisation: there is no base to cross-decode with.)")
+        return "\n".join(lines)
+    rows = []
+    for kind, c in cross_decoding.items():
+        what = "" if kind == "image" else " (clips)"
+        rows += [
+            (f"base encoder -> base decoder{what}", f"{c['base_encoder_base_decoder']:.2f}"),
+            (f"base encoder -> this decoder{what}", f"{c['base_encoder_new_decoder']:.2f}"),
+            (f"this encoder -> base decoder{what}", f"{c['new_encoder_base_decoder']:.2f}"),
+            (f"this encoder -> this decoder{what}", f"{c['new_encoder_new_decoder']:.2f}"),
+        ]
+    lines += [
+        "",
+        "Cross-decoding on the validation set (PSNR in dB, posterior mean): how far the latent space moved.",
+        "",
+        markdown_table(rows, ["latents -> decoder", "PSNR (dB)"]),
+    ]
+    return "\n".join(lines)
+
+
+def normalization_table(normalization: Mapping[str, object], base: Mapping[str, object]) -> str:
+    """The latent normalisation fields, ``base`` vs saved, and how well each normalises the training latents.
+
+    ``normalization``: the record train_ae_se.py keeps under ``latent_normalization`` in ``metrics.json``
+    (``saved``, ``reestimated``, ``form`` or ``reason``, ``num_samples``, ``kind``, the normalised stds)."""
+    saved = normalization["saved"]
+
+    def show(v):
+        if isinstance(v, list):
+            return "[" + ", ".join(f"{x:.4g}" for x in v[:4]) + (", ..." if len(v) > 4 else "") + "]"
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    rows = [(f"`{k}`", show(base.get(k, "-")), show(saved.get(k, "-"))) for k in sorted(set(base) | set(saved))]
+    rows.append(
+        (
+            "std of the normalised latents",
+            f"{normalization['normalized_std_with_base_values']:.3f}",
+            f"{normalization['normalized_std_with_saved_values']:.3f}",
+        )
+    )
+    how = (
+        f"re-estimated ({normalization['form']}) on posterior samples of {normalization['num_samples']} training "
+        f"{normalization['kind']}"
+        if normalization["reestimated"]
+        else f"kept as the base's ({normalization['reason']})"
+    )
+    return f"Latent normalisation {how}:\n\n" + markdown_table(rows, ["field", "base", "saved"])
+
+
+def dataset_description(
+    dataset_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    video_dataset_name: Optional[str] = None,
+    video_data_dir: Optional[str] = None,
+    video: bool = False,
+    images: bool = True,
+) -> str:
+    """The card's "Training data" line from the data flags (none given: the embedded photographs and pans).
+    ``video``: a video AE (then the clips are named too); ``images``: it also trained on images."""
+    embedded = dataset_name is None and train_data_dir is None
+    text = "scikit-image sample photographs (embedded)" if embedded else (dataset_name or "local image folder")
+    if not video:
+        return text
+    clips = (
+        "camera pans over the embedded photographs and scikit-image's GIF"
+        if video_dataset_name is None and video_data_dir is None
+        else (video_dataset_name or "local video folder")
+    )
+    return f"{text if images else 'no images'}; clips: {clips}"
+
+
+def usage_snippet(
+    class_name: str,
+    num_frames: Optional[int] = None,
+    decode_timestep: float = 0.05,
+    timestep_conditioning: bool = False,
+) -> str:
+    """The card's Python usage example for ``class_name``; ``num_frames`` for a video AE (``None``: images)."""
+    video = num_frames is not None
+    shape = f"1, 3, {num_frames}, 256, 256" if video else "1, 3, 256, 256"
+    lines = ["import torch", f"from diffusers import {class_name}", ""]
+    lines.append(f'vae = {class_name}.from_pretrained("path/or/repo-id")')
+    if class_name == "AutoencoderKLAllegro":
+        lines.append("vae.enable_tiling()  # diffusers implements only Allegro's tiled path")
+    lines.append(f"x = torch.rand({shape}) * 2 - 1  # pixels in [-1, 1]" + ("; (B, C, T, H, W)" if video else ""))
+    lines.append("z = vae.encode(x).latent_dist.mode()")
+    if timestep_conditioning:
+        lines.append(f"recon = vae.decode(z, temb=torch.tensor([{decode_timestep}])).sample")
+    else:
+        lines.append("recon = vae.decode(z).sample")
+    return "\n".join(lines)
+
+
+def se_autoencoder_card_fields(
+    metrics: Mapping,
+    hyperparameters: Mapping[str, object],
+    *,
+    class_name: str,
+    se_weight: float,
+    scale_factors: str,
+    num_frames: int,
+    decode_timestep: float,
+    timestep_conditioning: bool,
+    global_batch: str,
+    trainable: int,
+    total: int,
+    dataset: str,
+    base_id: Optional[str],
+    license_fields: Mapping[str, object],
+) -> dict:
+    """The values of every placeholder of ``model_cards/se_autoencoder.md``.
+
+    Args:
+        metrics: what train_ae_se.py writes to ``metrics.json``: the image results at the top level, the clips'
+            under ``"video"`` (``before``/``after`` PSNR and high-frequency share, ``num_validation_images`` or
+            ``num_validation_videos``, ``validation``, ``cross_decoding_psnr`` for a pretrained base),
+            ``base_model``, the two weights fingerprints, ``latent_normalization`` and ``train_steps``.
+        hyperparameters: the run's settings for the table (see :func:`hyperparameters_table`).
+        class_name: the diffusers class of the saved model.
+        se_weight, scale_factors: alpha of eq. 2 and the SE factors as text (e.g. ``"2 4"``).
+        num_frames, decode_timestep, timestep_conditioning: clip length and LTX decode settings (usage snippet).
+        global_batch: what one optimizer step sees, in words.
+        trainable, total: parameter counts.
+        dataset: the training data, in words (:func:`dataset_description`).
+        base_id: the base model's Hub repo id (``None`` for local or random-init bases): the card's ``base_model``.
+        license_fields: from :func:`card_license`.
+    """
+    from . import __version__
+
+    results = {"image": metrics} if "before" in metrics else {}
+    if "video" in metrics:
+        results["video"] = metrics["video"]
+    rows, described, cross = [], [], {}
+    for kind, entry in results.items():
+        what = "" if kind == "image" else " (clips)"
+        b, a = entry["before"], entry["after"]
+        rows += [
+            (f"PSNR{what} (dB)", f"{b['psnr']:.2f}", f"{a['psnr']:.2f}"),
+            (f"latent high-frequency share{what}", f"{b['hf_share']:.4f}", f"{a['hf_share']:.4f}"),
+        ]
+        n = entry[f"num_validation_{kind}s"]
+        items = f"{n} images" if kind == "image" else f"{n} clips of {num_frames} frames"
+        described.append(f"{items} ({entry['validation'].get('source', 'fixed')})")
+        if "cross_decoding_psnr" in entry:
+            cross[kind] = entry["cross_decoding_psnr"]
+    normalization = {k: v for k, v in metrics["latent_normalization"].items() if k != "base"}
+    video_frames = num_frames if "video" in results else None
+    media = "\n![Validation clips (top) and reconstructions (bottom)](reconstruction.gif)\n" if video_frames else ""
+    return {
+        "base_model": metrics["base_model"],
+        "card_metadata": metadata_yaml(base_id, license_fields),
+        "license_sentence": license_sentence(license_fields, base_id),
+        "class_name": class_name,
+        "se_weight": se_weight,
+        "scale_factors": scale_factors,
+        "steps": metrics["train_steps"],
+        "global_batch": global_batch,
+        "trainable": f"{trainable:,}",
+        "total": f"{total:,}",
+        "results_table": markdown_table(rows, ["metric", "before", "after"]),
+        "validation_description": "; ".join(described),
+        "compatibility": compatibility_text(cross or None),
+        "normalization_table": normalization_table(normalization, metrics["latent_normalization"]["base"]),
+        "base_fingerprint": metrics["base_weights_fingerprint"],
+        "fingerprint": metrics["weights_fingerprint"],
+        "hyperparameters_table": hyperparameters_table(hyperparameters),
+        "version": __version__,
+        "dataset": dataset,
+        "usage": usage_snippet(class_name, video_frames, decode_timestep, timestep_conditioning),
+        "media": media,
+    }

@@ -1,11 +1,209 @@
-"""The latent shard format of ``train_scripts/extract_latents.py``, as its readers see it: ``metadata.json`` (the
-autoencoder by its weights fingerprint, the class names, the per-channel statistics of the posterior samples, the
-shard list) and safetensors shards whose headers repeat the fingerprint and the extraction settings."""
+"""The latent shard format: what ``train_scripts/extract_latents.py`` writes and its readers read.
+
+A folder holds safetensors shards ``shard-00000.safetensors``, ... (each a fixed slice of the dataset) and
+``metadata.json``. A shard stores, per readable image, the posterior ``mean`` and ``std`` ``(N, C, h, w)`` (``std``
+absent for a deterministic encoder), with ``--flip`` those of the mirrored image (``mean_flip``, ``std_flip``), the
+``labels`` and the dataset ``indices`` ``(N,)``; its header (one key, ``extraction``) records the extraction settings,
+the autoencoder by its weights fingerprint among them, and how many images were unreadable. ``metadata.json`` repeats
+the settings and adds the class names, the shard list and the per-channel statistics of the posterior samples the
+DiT normalises with (:func:`latent_statistics`).
+
+Writer: :func:`write_shard`, :func:`write_metadata`, with :func:`check_existing_latents` and :func:`remove_latents`
+for a folder that already holds latents. Readers: :func:`read_latents_metadata` (checked against every shard),
+:class:`LatentShards` (the DiT's training rows) and :func:`read_latent_rows` (the first rows at once).
+"""
 
 import json
 import os
+import random
+import re
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
-from .training_utils import MissingPathError, UsageError
+import torch
+
+from .training_utils import MissingPathError, UsageError, atomic_write_json
+
+SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
+METADATA = "metadata.json"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index``: ``shard-00000.safetensors``, ..."""
+    return f"shard-{index:05d}.safetensors"
+
+
+def _shard_header(path: str) -> dict:
+    """The extraction record of a shard's header (``{}`` for a shard of an older version, which has none)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as fh:  # the header only
+        header = fh.metadata() or {}
+    return json.loads(header["extraction"]) if "extraction" in header else {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writer
+
+
+def write_shard(path: str, tensors: Dict[str, torch.Tensor], settings: dict, skipped: int) -> None:
+    """Write one shard atomically (a temporary file, then a rename: a killed run never leaves a half shard).
+
+    ``tensors``: ``mean``, ``std``, ``mean_flip``, ``std_flip`` (those there are), ``labels``, ``indices``;
+    ``settings``: the extraction settings every shard of the folder shares; ``skipped``: unreadable images.
+    """
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    # One header key: safetensors writes several in a random order, and a rerun must write the same bytes
+    header = {"settings": settings, "skipped": skipped}
+    save_file(tensors, tmp, metadata={"extraction": json.dumps(header, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def existing_latents(output_dir: str) -> Tuple[Optional[dict], Dict[str, Optional[dict]]]:
+    """``(metadata.json or None, {shard name: its settings or None})`` of the latents already in ``output_dir``."""
+    meta = None
+    meta_path = os.path.join(output_dir, METADATA)
+    if os.path.isfile(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    shards = {}
+    names = sorted(n for n in os.listdir(output_dir) if SHARD_RE.match(n)) if os.path.isdir(output_dir) else []
+    for name in names:
+        try:
+            header = _shard_header(os.path.join(output_dir, name))
+        except Exception as err:
+            raise UsageError(
+                f"{os.path.join(output_dir, name)} is damaged ({type(err).__name__}: {err}): delete it (a rerun "
+                "encodes it again) or pass --overwrite_output_dir to extract everything again."
+            ) from err
+        shards[name] = header.get("settings")
+    return meta, shards
+
+
+def check_existing_latents(output_dir: str, settings: dict, ae_name: str) -> int:
+    """Refuse an ``output_dir`` whose metadata.json or any shard was made by other weights or settings.
+
+    Returns how many shards are already there (all made like this run: a rerun resumes them).
+    """
+    meta, shards = existing_latents(output_dir)
+    fix = "Choose a new --output_dir, or pass --overwrite_output_dir to delete them and extract again."
+    sources = ([(METADATA, meta.get("extraction"))] if meta is not None else []) + list(shards.items())
+    old_format = [name for name, old in sources if old is None]
+    if old_format:
+        raise UsageError(
+            f"--output_dir {output_dir} holds latents written by an older version of extract_latents.py "
+            f"({', '.join(old_format[:3])}{', ...' if len(old_format) > 3 else ''}) that records no weights "
+            f"fingerprint, so the autoencoder they came from cannot be checked. {fix}"
+        )
+    for name, old in sources:
+        diffs = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if not diffs:
+            continue
+        shown = []
+        for k in diffs:
+            if k == "ae_weights_fingerprint":
+                made_by = f" ({meta['ae']})" if meta and meta.get("ae") else ""
+                shown.append(f"autoencoder weights {old.get(k)}{made_by} there, {settings[k]} ({ae_name}) in this run")
+            else:
+                shown.append(f"{k} {old.get(k)!r} there, {settings.get(k)!r} in this run")
+        raise UsageError(
+            f"--output_dir {output_dir} holds latents made by another autoencoder or with other settings ({name}: "
+            f"{'; '.join(shown)}): they cannot be mixed with this run's. {fix}"
+        )
+    return len(shards)
+
+
+def remove_latents(output_dir: str) -> None:
+    """Delete the shards (also unfinished ``.tmp`` ones) and metadata.json of ``output_dir`` (--overwrite_output_dir)."""
+    for name in os.listdir(output_dir):
+        if SHARD_RE.match(name) or name.startswith("shard-") and name.endswith(".tmp") or name == METADATA:
+            os.remove(os.path.join(output_dir, name))
+
+
+def latent_statistics(shard_paths: Iterable[str]):
+    """Per-channel mean and std of the latents the DiT trains on, and of the posterior means, over every shard.
+
+    The DiT sees posterior samples ``z = mean + std * eps`` (App. B: "posterior sampling from the encoder
+    distribution"), of the flipped images half of the time when flips are stored; the authors' code likewise
+    computes its latent statistics on the latents the DiT sees. Their moments are exact without drawing ``eps``:
+    ``E[z] = E[mean]`` and ``E[z^2] = E[mean^2] + E[std^2]`` (float64 sums over images, positions and, when stored,
+    both flips). Returns ``(samples: (mean, std), means: (mean, std), has_std, stored rows, skipped images)``.
+    """
+    from safetensors import safe_open
+
+    count, sums, skipped, stored, has_std = 0, None, 0, 0, False
+    for path in shard_paths:
+        with safe_open(path, "pt") as fh:
+            skipped += json.loads(fh.metadata()["extraction"])["skipped"]
+            if "mean" not in fh.keys():  # an all-unreadable shard
+                continue
+            has_std = "std" in fh.keys()
+            suffixes = ["", "_flip"] if "mean_flip" in fh.keys() else [""]
+            for suffix in suffixes:
+                mean = fh.get_tensor("mean" + suffix).double()  # (N, C, h, w)
+                var = fh.get_tensor("std" + suffix).double().square() if has_std else torch.zeros_like(mean)
+                dims = [0] + list(range(2, mean.ndim))
+                part = torch.stack([mean.sum(dims), mean.square().sum(dims), var.sum(dims)])  # (3, C)
+                sums = part if sums is None else sums + part
+                count += mean.numel() // mean.shape[1]
+            stored += mean.shape[0]
+    if sums is None:
+        raise ValueError("Every image was unreadable: there are no latents to compute statistics of.")
+    channel_mean, mean_sq, posterior_var = sums / count
+    means_std = (mean_sq - channel_mean.square()).clamp_min(1e-12).sqrt()
+    samples_std = (mean_sq + posterior_var - channel_mean.square()).clamp_min(1e-12).sqrt()
+    return (channel_mean, samples_std), (channel_mean, means_std), has_std, stored, skipped
+
+
+def write_metadata(
+    output_dir: str,
+    shard_names: Sequence[str],
+    settings: dict,
+    *,
+    ae: str,
+    ae_class: str,
+    latent_shape: Sequence[int],
+    class_names: Sequence[str],
+    dataset: str,
+    requested_samples: int,
+) -> dict:
+    """Write ``metadata.json`` of ``output_dir`` (atomically) once every shard is there, and return it: the
+    statistics of :func:`latent_statistics` over the shards, the class names and the dataset description.
+
+    ``settings`` are the extraction settings every shard's header records (with ``resolution``, ``flip`` and
+    ``ae_weights_fingerprint``); ``ae`` names the autoencoder for people, ``ae_class`` is its diffusers class.
+    """
+    paths = [os.path.join(output_dir, n) for n in shard_names]
+    (channel_mean, channel_std), (_, means_std), has_std, stored, skipped = latent_statistics(paths)
+    flip = bool(settings["flip"])
+    meta = {
+        "ae": ae,
+        "ae_class": ae_class,
+        "ae_weights_fingerprint": settings["ae_weights_fingerprint"],
+        "resolution": settings["resolution"],
+        "latent_shape": list(latent_shape),
+        "num_samples": stored,
+        "skipped_images": skipped,
+        "num_classes": len(class_names),
+        "id2label": {str(i): n for i, n in enumerate(class_names)},
+        "latents_mean": channel_mean.tolist(),
+        "latents_std": channel_std.tolist(),  # of posterior samples: what the DiT normalises with
+        "latent_statistics": "posterior samples z = mean + std * eps" + (" and their flips" if flip else ""),
+        "posterior_means_std": means_std.tolist(),  # for reference: the std of the posterior means alone
+        "has_std": has_std,
+        "flip": flip,
+        "shards": list(shard_names),
+        "dataset": dataset,
+        "requested_samples": requested_samples,
+        "extraction": settings,  # what every shard's header records too (see check_existing_latents)
+    }
+    atomic_write_json(os.path.join(output_dir, METADATA), meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers
 
 
 def read_latents_metadata(folder: str, flag: str = "--latents_dir") -> dict:
@@ -15,11 +213,9 @@ def read_latents_metadata(folder: str, flag: str = "--latents_dir") -> dict:
     folder written by an older version (no weights fingerprint) or a shard that other autoencoder weights encoded;
     ``flag`` names the argument that gave ``folder`` in the messages.
     """
-    from safetensors import safe_open
-
     if not os.path.isdir(folder):
         raise MissingPathError(f"{flag} {folder} is not a folder: run train_scripts/extract_latents.py.")
-    path = os.path.join(folder, "metadata.json")
+    path = os.path.join(folder, METADATA)
     if not os.path.isfile(path):
         raise MissingPathError(
             f"{flag} {folder} has no metadata.json: give a folder written by train_scripts/extract_latents.py."
@@ -36,14 +232,70 @@ def read_latents_metadata(folder: str, flag: str = "--latents_dir") -> dict:
         shard = os.path.join(folder, name)
         if not os.path.isfile(shard):
             raise MissingPathError(f"{shard} is missing: run extract_latents.py again to finish {folder}.")
-        with safe_open(shard, "pt") as fh:  # the header only
-            header = fh.metadata() or {}
-        found = (
-            json.loads(header["extraction"])["settings"]["ae_weights_fingerprint"] if "extraction" in header else None
-        )
+        found = _shard_header(shard).get("settings", {}).get("ae_weights_fingerprint")
         if found != meta["ae_weights_fingerprint"]:
             raise UsageError(
                 f"{shard} was encoded by other autoencoder weights ({found}) than metadata.json says "
                 f"({meta['ae_weights_fingerprint']}): extract {folder} again (--overwrite_output_dir)."
             )
     return meta
+
+
+class LatentShards(torch.utils.data.Dataset):
+    """The rows of a folder's shards, read lazily (memory-mapped): ``{"mean", "std", "label"}`` per item, ``mean``
+    and ``std`` ``(C, h, w)`` float32 (``std`` zeros for a deterministic encoder).
+
+    With flips stored, an item is the mirrored image's posterior half of the time, drawn from ``(seed, epoch,
+    index)`` (set ``epoch`` before each epoch): the usual horizontal-flip augmentation, the same in a resumed run.
+
+    Args:
+        latents_dir: the folder; meta: its :func:`read_latents_metadata`; seed: the flip draws' seed.
+    """
+
+    def __init__(self, latents_dir: str, meta: dict, seed: int = 0):
+        from safetensors import safe_open
+
+        self.files = [safe_open(os.path.join(latents_dir, s), "pt") for s in meta["shards"]]
+        self.rows = [(k, r) for k, fh in enumerate(self.files) for r in range(fh.get_slice("labels").get_shape()[0])]
+        self.has_std, self.flip, self.seed, self.epoch = meta["has_std"], meta["flip"], seed, 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        k, r = self.rows[index]
+        fh = self.files[k]
+        suffix = "_flip" if self.flip and random.Random(hash((self.seed, self.epoch, index))).random() < 0.5 else ""
+        mean = fh.get_slice("mean" + suffix)[r : r + 1][0].float()
+        std = fh.get_slice("std" + suffix)[r : r + 1][0].float() if self.has_std else torch.zeros_like(mean)
+        return {"mean": mean, "std": std, "label": int(fh.get_slice("labels")[r : r + 1][0])}
+
+    def __getstate__(self):  # safe_open handles do not pickle
+        raise TypeError("LatentShards keeps its shards open and cannot be pickled: read it with num_workers=0.")
+
+
+def read_latent_rows(
+    latents_dir: str, meta: dict, max_rows: int, flag: str = "--latents_dir"
+) -> Dict[str, torch.Tensor]:
+    """The first ``max_rows`` rows of the shards at once (shard order, never flipped): ``mean`` and ``std`` (zeros for
+    a deterministic encoder) float32 ``(n, C, h, w)``, ``labels`` int64 ``(n,)``. Shards whose every image was
+    unreadable are passed over; a folder with no rows at all raises a :class:`UsageError` naming ``flag``."""
+    from safetensors import safe_open
+
+    parts = {"mean": [], "std": [], "labels": []}
+    count = 0
+    for name in meta["shards"]:
+        if count >= max_rows:
+            break
+        with safe_open(os.path.join(latents_dir, name), "pt") as fh:
+            if "mean" not in fh.keys():  # every image of this shard was unreadable
+                continue
+            take = min(max_rows - count, fh.get_slice("labels").get_shape()[0])
+            mean = fh.get_slice("mean")[:take].float()
+            parts["mean"].append(mean)
+            parts["std"].append(fh.get_slice("std")[:take].float() if "std" in fh.keys() else torch.zeros_like(mean))
+            parts["labels"].append(fh.get_slice("labels")[:take].long())
+            count += take
+    if count == 0:
+        raise UsageError(f"{flag} {latents_dir} holds no latents: extract some first.")
+    return {k: torch.cat(v) for k, v in parts.items()}

@@ -1,19 +1,21 @@
-"""Losses of the SE fine-tuning objective (paper eq. 2) and its Appendix C variants.
+"""Losses of the SE fine-tuning objective (paper eq. 2) and its Appendix C variants, and the objective itself.
 
 Every loss here returns a per-sample tensor of shape ``(B,)``; the training loop reduces it. Images are
 ``(B, C, H, W)``, videos ``(B, C, T, H, W)`` in ``[-1, 1]``; video operations act on every frame (spatially).
+:class:`SEAutoencoderLoss` puts them together as ``train_scripts/train_ae_se.py`` trains with them.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spectral import chop_high_frequencies
+from . import autoencoders as ae
+from .spectral import SOFT_PENALTY_NORMALIZATIONS, chop_high_frequencies, soft_frequency_penalty
 
 DOWNSAMPLE_MODES = ("bilinear", "bilinear_align_corners", "bilinear_antialias", "area")
 
@@ -300,3 +302,150 @@ class ReconstructionDistance(nn.Module):
         if not torch.is_tensor(loss):
             raise ValueError("Both the MSE and the LPIPS weights are 0: the reconstruction distance is empty.")
         return loss
+
+
+class SEAutoencoderLoss(nn.Module):
+    """The SE fine-tuning objective of paper eq. 2 with the optional terms of Sec. 3.3 and Appendix C, per sample:
+
+        L(x) = d(x, Dec(z)) + alpha * d(down(x), Dec(down(z)))          (eq. 2, :func:`scale_equivariance_loss`)
+               + beta * KL(q(z|x) || N(0, I))                          (per element, :func:`kl_divergence`)
+               + w_chf * d(D^-1(D(x) M), Dec(D^-1(D(z) M)))            (eq. 4-5, :func:`chf_loss`)
+               + gamma * L_soft(z)                                     (eq. 6-7, ``spectral.soft_frequency_penalty``)
+
+    with ``z`` a posterior sample of ``Enc(x)`` (or its mean) and ``d`` the reconstruction distance. Encode, decode
+    and every branch run in one ``forward``, so that DDP and autocast see all of it. A term whose weight is 0 is not
+    computed. Images go through a causal video AE as 1-frame videos.
+
+    Args:
+        vae: a diffusers autoencoder of ``autoencoders.AE_TABLE``: the trained module.
+        distance: ``d(pred, target) -> (B,)``, e.g. :class:`ReconstructionDistance`. Not registered as a submodule:
+            a frozen LPIPS is no part of the trained (or checkpointed) state.
+        se_weight: ``alpha`` (paper: 0.25; 0 is the paper's "+FT" baseline).
+        downsample_mode: how ``x`` and ``z`` are downsampled for SE (:func:`downsample`).
+        kl_weight: ``beta``; skipped for deterministic encoders (no log-variance).
+        chf_weight: weight of the CHF term (latents cut in ``dct_block_size`` blocks).
+        soft_penalty_weight: ``gamma`` of the soft high-frequency penalty.
+        soft_penalty_p: exponent ``p`` of eq. 6.
+        soft_penalty_normalization: ``"authors"`` or ``"paper"`` (``spectral.soft_frequency_penalty``).
+        dct_block_size: latent DCT block ``B`` of the CHF term and the soft penalty.
+        latent_sampling: ``"sample"`` (a posterior sample, as the authors' code) or ``"mode"`` (the mean).
+        decode_timestep, decode_noise_scale: for timestep-conditioned LTX decoders (``autoencoders.decode``).
+    """
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        se_weight: float = 0.25,
+        downsample_mode: str = "bilinear",
+        kl_weight: float = 0.0,
+        chf_weight: float = 0.0,
+        soft_penalty_weight: float = 0.0,
+        soft_penalty_p: float = 2.0,
+        soft_penalty_normalization: str = "authors",
+        dct_block_size: int = 8,
+        latent_sampling: str = "sample",
+        decode_timestep: float = 0.05,
+        decode_noise_scale: float = 0.025,
+    ):
+        super().__init__()
+        if latent_sampling not in ("sample", "mode"):
+            raise ValueError(f"latent_sampling must be 'sample' or 'mode', got {latent_sampling!r}.")
+        if downsample_mode not in DOWNSAMPLE_MODES:
+            raise ValueError(f"Unknown downsampling mode {downsample_mode!r}; choose one of {DOWNSAMPLE_MODES}.")
+        if soft_penalty_normalization not in SOFT_PENALTY_NORMALIZATIONS:
+            raise ValueError(f"soft_penalty_normalization must be one of {SOFT_PENALTY_NORMALIZATIONS}.")
+        self.vae = vae
+        object.__setattr__(self, "distance", distance)  # frozen LPIPS: not part of the trained state
+        self.se_weight = se_weight
+        self.downsample_mode = downsample_mode
+        self.kl_weight = kl_weight
+        self.chf_weight = chf_weight
+        self.soft_penalty_weight = soft_penalty_weight
+        self.soft_penalty_p = soft_penalty_p
+        self.soft_penalty_normalization = soft_penalty_normalization
+        self.dct_block_size = dct_block_size
+        self.latent_sampling = latent_sampling
+        self.decode_timestep = decode_timestep
+        self.decode_noise_scale = decode_noise_scale
+
+    def decode(self, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``Dec(z)``; ``generator`` draws the decode noise of timestep-conditioned LTX decoders."""
+        return ae.decode(self.vae, z, generator, self.decode_timestep, self.decode_noise_scale)
+
+    def sample_losses(
+        self,
+        x: torch.Tensor,
+        scale_factor: int,
+        temporal_factor: int = 1,
+        chf_ratio: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``L(x)`` of one modality, images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)``: the per-sample total
+        ``(B,)`` and its terms ``{"rec", "se", "kl", "chf", "soft": (B,)}`` (those with a positive weight), unweighted."""
+        if self.chf_weight > 0 and chf_ratio is None:
+            raise ValueError("The CHF term needs chf_ratio, the share of DCT coefficients to cut.")
+
+        def decode(z):
+            return self.decode(z, generator)
+
+        posterior = ae.encode(self.vae, x)
+        z = posterior.sample(generator) if self.latent_sampling == "sample" else posterior.mode()
+        terms = {"rec": self.distance(decode(z), x)}  # (B,)
+        loss = terms["rec"]
+        if self.se_weight > 0:
+            terms["se"] = scale_equivariance_loss(
+                x, z, decode, scale_factor, self.downsample_mode, self.distance, temporal_factor
+            )
+            loss = loss + self.se_weight * terms["se"]
+        if self.kl_weight > 0 and posterior.logvar is not None:
+            terms["kl"] = kl_divergence(posterior.mean, posterior.logvar)  # per element, also for 5D
+            loss = loss + self.kl_weight * terms["kl"]
+        if self.chf_weight > 0:
+            terms["chf"] = chf_loss(x, z, decode, chf_ratio, self.dct_block_size, distance=self.distance)
+            loss = loss + self.chf_weight * terms["chf"]
+        if self.soft_penalty_weight > 0:
+            terms["soft"] = soft_frequency_penalty(
+                z, self.dct_block_size, self.soft_penalty_p, self.soft_penalty_normalization
+            )
+            loss = loss + self.soft_penalty_weight * terms["soft"]
+        return loss, terms
+
+    def forward(
+        self,
+        images: Optional[torch.Tensor],
+        videos: Optional[torch.Tensor] = None,
+        scale_factor: int = 2,
+        temporal_factor: int = 1,
+        chf_ratio: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The objective on a batch of images, of clips, or both (the paper's joint image + video batches).
+
+        Args:
+            images: ``(B_i, C, H, W)`` or ``None``.
+            videos: ``(B_v, C, T, H, W)`` or ``None`` (video AEs).
+            scale_factor: the SE downsampling factor, one per batch (paper: 2 or 4).
+            temporal_factor: also downsample clips in time for SE (:func:`temporal_downsample`); 1 = spatial only.
+            chf_ratio: the share of DCT coefficients the CHF term cuts (one per batch).
+            generator: draws the posterior samples and the decode noise.
+
+        Returns:
+            ``(loss, terms)``: the per-sample loss ``(B_i + B_v,)``, images first (every sample counts once in its
+            mean), and the batch means of the unweighted terms, detached, for logging (with ``rec_image`` and
+            ``rec_video`` for joint batches).
+        """
+        parts = [
+            (kind, self.sample_losses(x, scale_factor, temporal_factor, chf_ratio, generator))
+            for kind, x in (("image", images), ("video", videos))
+            if x is not None
+        ]
+        if not parts:
+            raise ValueError("SEAutoencoderLoss needs images, videos or both.")
+        loss = torch.cat([p[0] for _, p in parts])  # (B_images + B_videos,)
+        terms = {k: torch.cat([p[1][k] for _, p in parts if k in p[1]]) for _, p in parts for k in p[1]}
+        terms = {k: v.detach().float().mean() for k, v in terms.items()}
+        if len(parts) > 1:
+            terms.update({f"rec_{kind}": p[1]["rec"].detach().float().mean() for kind, p in parts})
+        return loss, terms

@@ -47,7 +47,6 @@ def tiny_vae_dir(tmp_path_factory):
 
 def script_env(extra=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    env.pop("DIFFUSABILITY_DEBUG", None)
     return dict(env, **(extra or {}))
 
 

@@ -1,6 +1,6 @@
-"""Datasets: the embedded photographs, image folders with corrupt files, videos, camera pans, joint batches."""
+"""Datasets: the embedded photographs, image folders with corrupt files (data.py); videos, camera pans, joint
+batches (video_data.py)."""
 
-import io
 import math
 import os
 import random
@@ -13,26 +13,26 @@ from PIL import Image
 from diffusability_hf.data import (
     EMBEDDED_TRAIN_IMAGES,
     EMBEDDED_VALIDATION_IMAGES,
-    EmbeddedPanClips,
     EmbeddedPhotoCrops,
     HFImageDataset,
-    JointBatches,
     SkipLog,
-    VideoClips,
-    clip_to_tensor,
-    clips_to_gif,
     collate,
-    embedded_gif_path,
     embedded_validation_batch,
-    embedded_validation_clips,
     hold_out,
-    list_videos,
     load_embedded_image,
     load_image_dataset,
+)
+from diffusability_hf.video_data import (
+    EmbeddedPanClips,
+    JointBatches,
+    VideoClips,
+    clip_to_tensor,
+    embedded_gif_path,
+    embedded_validation_clips,
+    list_videos,
     load_video_dataset,
     pan_clip,
     read_clip,
-    to_uint8_frames,
     unwrap_batch,
 )
 
@@ -469,34 +469,6 @@ def test_joint_batches_with_real_datasets(tmp_path):
     assert len(batch["skipped"]) == 1  # both videos are drawn once per pass; the corrupt one is skipped
 
 
-def test_to_uint8_frames_layout():
-    clips = torch.rand(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2  # some out of range
-    got = to_uint8_frames(clips)
-    assert got.shape == (4, 5, 12, 3) and got.dtype == np.uint8
-    ref = np.rint((np.clip(clips.double().numpy(), -1, 1) + 1) * 127.5)
-    for n in range(2):
-        for t in range(4):
-            np.testing.assert_array_equal(got[t, :, n * 6 : (n + 1) * 6], ref[n, :, t].transpose(1, 2, 0))
-
-
-def test_clips_to_gif_decodes_to_the_clips():
-    g = torch.Generator().manual_seed(0)
-    clips, recon = torch.rand(2, 3, 4, 8, 10, generator=g) * 2 - 1, torch.rand(2, 3, 4, 8, 10, generator=g) * 2 - 1
-    ref = np.concatenate([to_uint8_frames(clips), to_uint8_frames(recon)], axis=1).astype(int)  # (T, 2H, N*W, 3)
-    gif = Image.open(io.BytesIO(clips_to_gif(clips, recon, fps=5)))
-    assert gif.format == "GIF" and gif.n_frames == 4 and gif.size == (20, 16)
-    assert abs(gif.info["duration"] - 200) <= 10
-    for t in range(4):
-        gif.seek(t)
-        frame = np.asarray(gif.convert("RGB")).astype(int)
-        assert np.abs(frame - ref[t]).mean() < 8  # palette quantisation only
-        assert np.abs(frame[:8] - ref[t, 8:]).mean() > 40  # clips on top, recon below
-    alone = Image.open(io.BytesIO(clips_to_gif(clips)))
-    assert alone.n_frames == 4 and alone.size == (20, 8)
-    alone.seek(2)
-    assert np.abs(np.asarray(alone.convert("RGB")).astype(int) - ref[2, :8]).mean() < 8
-
-
 def test_skip_log_counts_files_once_and_warns_once(caplog):
     log = SkipLog()
     with caplog.at_level("WARNING", logger="diffusability_hf.data"):
@@ -528,3 +500,13 @@ def test_hold_out_takes_readable_items_never_repeats_and_reports_what_it_examine
     assert not torch.equal(pixels, other)
     everything, held_all, bad_all = hold_out(10, 20, read)  # asks for more than there is: no repeats
     assert len(everything) == 8 and held_all == list(range(10)) and bad_all == [3, 7]
+
+
+def test_the_video_readers_stay_importable_from_data():
+    """eval_dit.py (and older code) import read_clip and list_videos from data.py."""
+    from diffusability_hf import data, video_data
+    from diffusability_hf.data import list_videos as from_data
+
+    assert from_data is video_data.list_videos and data.read_clip is video_data.read_clip
+    with pytest.raises(AttributeError):
+        data.no_such_name  # noqa: B018

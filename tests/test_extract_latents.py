@@ -14,23 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from diffusability_hf.autoencoders import weights_fingerprint
 from diffusability_hf.data import open_and_crop
+from diffusability_hf.latents import check_existing_latents
 from diffusability_hf.training_utils import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = [
-    sys.executable
-]  # the script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
-
-
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "extract_latents", os.path.join(ROOT, "train_scripts", "extract_latents.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
+PYTHON = [sys.executable]
 
 
 def make_classes(root, per_class=3, size=24):
@@ -175,7 +164,6 @@ def test_extract_resumes_the_same_weights_and_refuses_other_weights_or_settings(
 
 def test_extract_refuses_latents_of_an_older_version_and_damaged_shards(tmp_path):
     """Folders without weights fingerprints (written before it existed) cannot be checked: refused with what to do."""
-    script = load_script()
     settings = {"ae_weights_fingerprint": "abc", "resolution": 16}
     out = tmp_path / "old"
     out.mkdir()
@@ -183,17 +171,17 @@ def test_extract_refuses_latents_of_an_older_version_and_damaged_shards(tmp_path
         {"labels": torch.zeros(2, dtype=torch.int64)}, out / "shard-00000.safetensors", metadata={"skipped": "0"}
     )
     with pytest.raises(UsageError, match="older version of extract_latents.py .*shard-00000.*--overwrite_output_dir"):
-        script.check_existing_latents(str(out), settings, "ae")
+        check_existing_latents(str(out), settings, "ae")
     (out / "shard-00000.safetensors").unlink()
     (out / "metadata.json").write_text(json.dumps({"ae": "x", "ae_fingerprint": "0123456789abcdef"}))
     with pytest.raises(UsageError, match=r"older version .*\(metadata.json\)"):
-        script.check_existing_latents(str(out), settings, "ae")
+        check_existing_latents(str(out), settings, "ae")
     (out / "metadata.json").unlink()
     (out / "shard-00001.safetensors").write_bytes(b"\x00" * 5)  # not a safetensors file
     with pytest.raises(UsageError, match="shard-00001.safetensors is damaged"):
-        script.check_existing_latents(str(out), settings, "ae")
+        check_existing_latents(str(out), settings, "ae")
     (out / "shard-00001.safetensors").unlink()
-    assert script.check_existing_latents(str(out), settings, "ae") == 0  # an empty folder is a new one
+    assert check_existing_latents(str(out), settings, "ae") == 0  # an empty folder is a new one
 
 
 def test_extract_two_processes_write_disjoint_shards(tmp_path, tiny_vae_dir, run_script):
@@ -233,3 +221,18 @@ def test_extract_bad_arguments(tmp_path, run_script, bad, message):
     proc = run_script("extract_latents.py", ["--output_dir", tmp_path / "x", *bad], check=False, launcher=PYTHON)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_extract_settings_are_flag_then_embedded_preset_then_default():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "extract_latents", os.path.join(ROOT, "train_scripts", "extract_latents.py")
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    embedded = script.parse_args([])
+    assert (embedded.resolution, embedded.max_samples, embedded.embedded_data) == (64, 1024, True)
+    assert script.parse_args(["--resolution", "32"]).resolution == 32
+    folder = script.parse_args(["--train_data_dir", "d"])
+    assert (folder.resolution, folder.max_samples, folder.embedded_data) == (256, None, False)

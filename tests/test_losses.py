@@ -1,4 +1,5 @@
-"""SE loss (paper eq. 2), downsampling, KL, CHF loss and the reconstruction distance, against numpy references."""
+"""SE loss (paper eq. 2), downsampling, KL, CHF loss and the reconstruction distance, against numpy references; the
+SE objective (``SEAutoencoderLoss``) against eq. 2 computed by hand with stock diffusers calls."""
 
 import os
 
@@ -12,6 +13,7 @@ from scipy.fft import dctn, idctn
 from diffusability_hf.losses import (
     LPIPS_TRUNK_FILES,
     ReconstructionDistance,
+    SEAutoencoderLoss,
     chf_loss,
     downsample,
     kl_divergence,
@@ -624,3 +626,118 @@ def test_se_loss_temporal_factor_errors_and_images():
         scale_equivariance_loss(xi, zi, lambda t: 2 * t, 2, temporal_factor=2),
         scale_equivariance_loss(xi, zi, lambda t: 2 * t, 2),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SEAutoencoderLoss: the objective train_ae_se.py trains with (test_train_ae_se.py checks that the script's step is it)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_kl_vae():
+    """A 2x AutoencoderKL with random weights (16x16 latents for 32 px images)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        mid_block_add_attention=False,
+    ).eval()  # fmt: skip
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("scale_factor", [2, 4])
+def test_se_objective_is_eq2_by_hand(tiny_kl_vae, scale_factor):
+    """L = d(x, Dec(z)) + alpha d(down(x), Dec(down(z))), z a posterior sample, d = MSE: per sample, with diffusers'
+    own encode / sample / decode and the tested downsample."""
+    vae, x = tiny_kl_vae, randn(3, 3, 32, 32, seed=70).clamp(-1, 1)
+    objective = SEAutoencoderLoss(vae, per_sample_mse, se_weight=0.25)
+    with torch.no_grad():
+        loss, terms = objective(x, None, scale_factor, generator=seeded(5))
+        z = vae.encode(x).latent_dist.sample(seeded(5))  # the same posterior draw
+        rec = (vae.decode(z).sample - x).square().flatten(1).mean(1)
+        x_small, z_small = downsample(x, scale_factor), downsample(z, scale_factor)
+        se = (vae.decode(z_small).sample - x_small).square().flatten(1).mean(1)
+    assert loss.shape == (3,) and set(terms) == {"rec", "se"}
+    torch.testing.assert_close(loss, rec + 0.25 * se, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(terms["se"], se.mean(), rtol=1e-6, atol=1e-7)
+    # alpha = 0 is the paper's "+FT": the reconstruction term alone, and no SE decode
+    with torch.no_grad():
+        plain, terms = SEAutoencoderLoss(vae, per_sample_mse, se_weight=0.0)(
+            x, None, scale_factor, generator=seeded(5)
+        )
+    torch.testing.assert_close(plain, rec, rtol=1e-6, atol=1e-7)
+    assert set(terms) == {"rec"}
+
+
+@pytest.mark.parametrize("normalization", ["authors", "paper"])
+def test_se_objective_with_every_term_is_the_weighted_sum_of_the_tested_terms(tiny_kl_vae, normalization):
+    """Sec. 3.3 and App. C: + beta KL (per element) + w CHF (eq. 4-5, pixels cut in (latent block x compression)
+    blocks) + gamma soft penalty (eq. 6-7), each the tested function of this file or of spectral.py."""
+    from diffusability_hf.spectral import soft_frequency_penalty
+
+    vae, x = tiny_kl_vae, randn(2, 3, 32, 32, seed=71).clamp(-1, 1)
+    d = ReconstructionDistance(mse_weight=2.0, lpips_weight=0.0)
+    weight = {"se": 0.25, "kl": 1e-3, "chf": 0.5, "soft": 0.1}
+    objective = SEAutoencoderLoss(
+        vae, d, se_weight=0.25, kl_weight=1e-3, chf_weight=0.5, soft_penalty_weight=0.1, downsample_mode="area",
+        dct_block_size=4, soft_penalty_normalization=normalization,
+    )  # fmt: skip
+    with torch.no_grad():
+        loss, terms = objective(x, None, 4, chf_ratio=0.3, generator=seeded(6))
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(seeded(6))
+
+        def decode(latents):
+            return vae.decode(latents).sample
+
+        expected = {
+            "rec": d(decode(z), x),
+            "se": scale_equivariance_loss(x, z, decode, 4, "area", d),
+            "kl": kl_divergence(posterior.mean, posterior.logvar),
+            "chf": chf_loss(x, z, decode, 0.3, 4, pixel_block_size=4 * 2, distance=d),  # a 2x AE
+            "soft": soft_frequency_penalty(z, 4, 2.0, normalization),
+        }
+    total = expected["rec"] + sum(weight[k] * expected[k] for k in weight)
+    torch.testing.assert_close(loss, total, rtol=1e-5, atol=1e-7)
+    assert set(terms) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(terms[key], value.mean(), rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_se_objective_joint_batches_put_images_first_and_count_every_sample_once(tiny_kl_vae):
+    """Joint image + clip batches (Table 5): one per-sample loss per image, then per clip, drawn from one generator
+    in that order; a video AE encodes images as 1-frame videos."""
+    from diffusability_hf import autoencoders as ae
+
+    config = ae.read_config(os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs", "cogvideox.json"))
+    torch.manual_seed(0)
+    vae = ae.model_class(config).from_config(config).eval()
+    images, clips = randn(2, 3, 32, 32, seed=72).clamp(-1, 1), randn(1, 3, 9, 32, 32, seed=73).clamp(-1, 1)
+    objective = SEAutoencoderLoss(vae, per_sample_mse, se_weight=0.25)
+    with torch.no_grad():
+        loss, terms = objective(images, clips, 2, generator=seeded(7))
+        gen = seeded(7)
+        image_loss, image_terms = objective.sample_losses(images, 2, generator=gen)
+        clip_loss, clip_terms = objective.sample_losses(clips, 2, generator=gen)
+    torch.testing.assert_close(loss, torch.cat([image_loss, clip_loss]))  # (2 + 1,)
+    torch.testing.assert_close(terms["rec"], torch.cat([image_terms["rec"], clip_terms["rec"]]).mean())
+    torch.testing.assert_close(terms["rec_image"], image_terms["rec"].mean())
+    torch.testing.assert_close(terms["rec_video"], clip_terms["rec"].mean())
+
+
+def test_se_objective_refuses_what_it_cannot_compute(tiny_kl_vae):
+    x = randn(1, 3, 32, 32, seed=74)
+    with pytest.raises(ValueError, match="chf_ratio"):
+        SEAutoencoderLoss(tiny_kl_vae, per_sample_mse, chf_weight=1.0)(x, None, 2)
+    with pytest.raises(ValueError, match="images, videos or both"):
+        SEAutoencoderLoss(tiny_kl_vae, per_sample_mse)(None, None, 2)
+    with pytest.raises(ValueError, match="latent_sampling"):
+        SEAutoencoderLoss(tiny_kl_vae, per_sample_mse, latent_sampling="mean")
+    # the distance (a frozen LPIPS) is not part of the trained state
+    d = ReconstructionDistance(1.0, 0.0)
+    assert not any(name.startswith("distance") for name, _ in SEAutoencoderLoss(tiny_kl_vae, d).named_modules())

@@ -1,5 +1,6 @@
-"""Model card templates and the helpers that fill their front matter (license from the base model, base_model only
-for Hub repo ids); the scripts' end-to-end tests check the rendered cards of real runs."""
+"""Model card templates and the helpers that fill them: front matter (license from the base model, base_model only
+for Hub repo ids) and the SE autoencoder's card from a run's metrics; the scripts' end-to-end tests check the
+rendered cards of real runs (rendering raises on a placeholder without a value)."""
 
 import os
 import re
@@ -10,6 +11,8 @@ from huggingface_hub import ModelCard
 from diffusability_hf.hub import (
     MODEL_CARDS_DIR,
     card_license,
+    compatibility_text,
+    dataset_description,
     hub_repo_id,
     license_sentence,
     metadata_yaml,
@@ -17,10 +20,11 @@ from diffusability_hf.hub import (
     read_card_metadata,
     render_model_card,
     render_template,
+    se_autoencoder_card_fields,
+    usage_snippet,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"se_autoencoder": "train_ae_se.py", "dit_pipeline": "train_dit_flow.py"}
+TEMPLATES = ["dit_pipeline", "se_autoencoder"]
 
 
 def placeholders(name):
@@ -28,18 +32,67 @@ def placeholders(name):
         return set(re.findall(r"\{\{\s*(\w+)\s*\}\}", fh.read()))
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_every_placeholder_is_filled_by_its_script(name):
-    """The script passes a value for each placeholder of its template (rendering raises on a missing one)."""
-    with open(os.path.join(ROOT, "train_scripts", SCRIPTS[name])) as fh:
-        source = fh.read()
-    start = source.index(f'"{name}"')
-    call = source[start : source.index("template_dir=MODEL_CARDS", start)]
-    given = set(re.findall(r'^\s*"(\w+)":', call, flags=re.M))
-    assert placeholders(name) == given
+def run_metrics(video=False, cross=True):
+    """A metrics.json as train_ae_se.py writes it (images at the top level, clips under "video")."""
+
+    def entry(kind, n):
+        psnrs = dict(base_encoder_base_decoder=30.0, base_encoder_new_decoder=25.0, new_encoder_base_decoder=24.0,
+                     new_encoder_new_decoder=30.5)  # fmt: skip
+        out = {"before": {"psnr": 30.0, "hf_share": 0.2}, "after": {"psnr": 30.5, "hf_share": 0.1},
+               f"num_validation_{kind}s": n, "validation": {"source": "held out, never trained on"}}  # fmt: skip
+        return {**out, "cross_decoding_psnr": psnrs} if cross else out
+
+    norm = {"num_samples": 8, "kind": "images", "normalized_std_with_base_values": 0.5, "reestimated": True,
+            "form": "global scale", "normalized_std_with_saved_values": 1.0, "saved": {"scaling_factor": 0.4}}  # fmt: skip
+    metrics = {"base_model": "owner/base", "base_weights_fingerprint": "b" * 16, "weights_fingerprint": "f" * 16,
+               **entry("image", 8), "latent_normalization": {"base": {"scaling_factor": 0.2}, **norm},
+               "train_steps": 300}  # fmt: skip
+    return {**metrics, "video": entry("video", 4)} if video else metrics
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def card_fields(metrics, **overrides):
+    kwargs = dict(class_name="AutoencoderKL", se_weight=0.25, scale_factors="2 4", num_frames=17,
+                  decode_timestep=0.05, timestep_conditioning=False, global_batch="32 images", trainable=1000,
+                  total=2000, dataset="local image folder", base_id="owner/base", license_fields={"license": "mit"})  # fmt: skip
+    return se_autoencoder_card_fields(metrics, {"learning_rate": 1e-5, "lora_rank": None}, **{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_the_se_card_fills_every_placeholder_of_its_template(video):
+    fields = card_fields(run_metrics(video=video), class_name="AutoencoderKLCogVideoX" if video else "AutoencoderKL")
+    assert set(fields) == placeholders("se_autoencoder")
+    card = render_model_card("se_autoencoder", fields)
+    assert ModelCard(card).data.to_dict()["base_model"] == "owner/base" and "{{" not in card
+    assert "| PSNR (dB) | 30.00 | 30.50 |" in card and "| `learning_rate` | `1e-05` |" in card
+    assert "lora_rank" not in card  # unset settings are left out
+    assert "8 images (held out, never trained on)" in card and "| this encoder -> base decoder | 24.00 |" in card
+    assert "re-estimated (global scale) on posterior samples of 8 training images" in card
+    assert ("PSNR (clips) (dB)" in card and "4 clips of 17 frames" in card and "reconstruction.gif" in card) == video
+    assert "trainable parameters: 1,000 of 2,000" in card
+
+
+def test_the_se_card_of_a_random_init_has_no_cross_decoding_and_clip_only_runs_work():
+    assert "there is no base to cross-decode with" in card_fields(run_metrics(cross=False))["compatibility"]
+    assert "there is no base to cross-decode with" in compatibility_text(None)
+    clips_only = {k: v for k, v in run_metrics(video=True).items() if k not in ("before", "after")}
+    fields = card_fields(clips_only)
+    assert "PSNR (dB)" not in fields["results_table"] and "PSNR (clips) (dB)" in fields["results_table"]
+
+
+def test_card_parts_say_what_the_run_trained_on_and_how_to_use_it():
+    assert dataset_description() == "scikit-image sample photographs (embedded)"
+    assert dataset_description("ILSVRC/imagenet-1k") == "ILSVRC/imagenet-1k"
+    assert dataset_description(train_data_dir="d", video=True) == (
+        "local image folder; clips: camera pans over the embedded photographs and scikit-image's GIF"
+    )
+    assert dataset_description(video_data_dir="v", video=True, images=False) == "no images; clips: local video folder"
+    snippet = usage_snippet("AutoencoderKLLTXVideo", 9, 0.05, timestep_conditioning=True)
+    assert "torch.rand(1, 3, 9, 256, 256)" in snippet and "temb=torch.tensor([0.05])" in snippet
+    assert "vae.enable_tiling()" in usage_snippet("AutoencoderKLAllegro", 17)
+    assert "torch.rand(1, 3, 256, 256)" in usage_snippet("AutoencoderKL")
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_rendered_front_matter_parses_with_the_hubs_parser(name):
     fields = {key: f"value-of-{key}" for key in placeholders(name)}
     fields["card_metadata"] = metadata_yaml("black-forest-labs/FLUX.1-dev", {"license": "other", "license_name": "x"})
@@ -58,17 +111,14 @@ def test_render_refuses_a_missing_value():
     assert render_template("{{ a }} and {{a}}", {"a": 1}) == "1 and 1"
 
 
-def test_hub_repo_id_only_for_repo_names(tmp_path):
+def test_hub_repo_id_only_for_repo_names(tmp_path, monkeypatch):
     assert hub_repo_id("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
     assert hub_repo_id(str(tmp_path)) is None and hub_repo_id("./local/dir/x") is None
     assert hub_repo_id("just-a-name") is None and hub_repo_id(None) is None
     (tmp_path / "owner").mkdir()
     (tmp_path / "owner" / "name").mkdir()
-    os.chdir(tmp_path)  # a local folder named like a repo id is local
-    try:
-        assert hub_repo_id("owner/name") is None
-    finally:
-        os.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)  # a local folder named like a repo id is local
+    assert hub_repo_id("owner/name") is None
 
 
 def write_card(folder, front):

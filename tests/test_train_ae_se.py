@@ -1,8 +1,11 @@
 """End-to-end runs of train_scripts/train_ae_se.py through `accelerate launch` on tiny autoencoders (CPU, offline)."""
 
+import glob
+import importlib.util
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -13,24 +16,21 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusability_hf import autoencoders as ae
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "train_scripts", "train_ae_se.py")
 CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
+TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
+QUIET = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
 
 
-def env():
-    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    e.pop("DIFFUSABILITY_DEBUG", None)
-    return e
-
-
-def launch(args, check=True, launcher=None, extra_env=None):
-    cmd = launcher or [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG]
-    run_env = dict(env(), **(extra_env or {}))
-    proc = subprocess.run(cmd + [SCRIPT] + list(map(str, args)), capture_output=True, text=True, env=run_env, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+@pytest.fixture(scope="module")
+def script():
+    """train_ae_se.py as a module, for the tests of its argument handling (the runs go through `run_script`)."""
+    spec = importlib.util.spec_from_file_location("train_ae_se", os.path.join(ROOT, "train_scripts", "train_ae_se.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 FAST = [
@@ -54,19 +54,19 @@ def fast(model_dir):
     return FAST + ["--lpips_trunk_path", os.path.join(model_dir, "alexnet_trunk.pth")]
 
 
-def train_tiny(model_dir, out, *extra, launcher=None, check=True):
+def train_tiny(run_script, model_dir, out, *extra, launcher=None, check=True):
     """Fine-tune the tiny model into ``out`` with the quick settings plus ``extra`` flags (which win)."""
     args = ["--pretrained_model_name_or_path", model_dir, "--output_dir", out, *fast(model_dir), *extra]
-    return launch(args, check=check, launcher=launcher)
+    return run_script("train_ae_se.py", args, check=check, launcher=launcher)
 
 
 def weights(path):
     return load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
 
 
-def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
+def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir, run_script):
     out = tmp_path / "out"
-    train_tiny(tiny_vae_dir, out, "--max_train_steps", 3, "--ema_halflife_steps", 10)
+    train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 3, "--ema_halflife_steps", 10)
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "spectrum.png", "metrics.json"):
         assert (out / name).is_file(), name
 
@@ -78,7 +78,8 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
         "assert torch.isfinite(y).all() and y.shape == x.shape; "
         "assert not any(m.startswith('diffusability_hf') for m in sys.modules); print('ok')"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          cwd=str(tmp_path))  # fmt: skip
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -103,12 +104,12 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir):
     assert "must be retrained" in card and "never trained on" in card
 
 
-def test_saved_model_has_reestimated_latent_scaling_and_cross_decoding_is_measured(tmp_path, tiny_vae_dir):
+def test_saved_model_has_reestimated_latent_scaling_and_cross_decoding_is_measured(tmp_path, tiny_vae_dir, run_script):
     from diffusability_hf.data import EmbeddedPhotoCrops, embedded_validation_batch
     from diffusability_hf.metrics.quality import psnr
 
     out = tmp_path / "out"
-    train_tiny(tiny_vae_dir, out, "--max_train_steps", 3, "--latent_stats_num_samples", 64)
+    train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 3, "--latent_stats_num_samples", 64)
     metrics = json.loads((out / "metrics.json").read_text())
     base, new = AutoencoderKL.from_pretrained(tiny_vae_dir), AutoencoderKL.from_pretrained(out)
     norm = metrics["latent_normalization"]
@@ -140,27 +141,26 @@ def test_saved_model_has_reestimated_latent_scaling_and_cross_decoding_is_measur
     assert weights_fingerprint(base) == metrics["base_weights_fingerprint"]
 
 
-def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny_vae_dir):
+def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny_vae_dir, run_script):
     out = tmp_path / "out"
-    train_tiny(tiny_vae_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2)
+    train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    quiet = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
-    proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 1, launcher=quiet, check=False)
+    proc = train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 1, launcher=QUIET, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--overwrite_output_dir" in errors[0] and "checkpoint-2" in errors[0], proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing touched
-    train_tiny(tiny_vae_dir, out, "--max_train_steps", 1, "--overwrite_output_dir")
+    train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 1, "--overwrite_output_dir")
     assert not (out / "checkpoint-2").exists()  # the old run's checkpoints cannot be resumed by mistake
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_dir):
+def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_dir, run_script):
     common = ["--checkpointing_steps", 2, "--num_frozen_up_blocks", 1, "--ema_halflife_steps", 3]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_tiny(tiny_vae_dir, straight, *common, "--max_train_steps", 4)
-    train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 2)
+    train_tiny(run_script, tiny_vae_dir, straight, *common, "--max_train_steps", 4)
+    train_tiny(run_script, tiny_vae_dir, resumed, *common, "--max_train_steps", 2)
     assert (resumed / "checkpoint-2").is_dir()
     # A save killed half-way (no marker, a 0-byte pickle): 'latest' skips it, an explicit path is refused
     import shutil
@@ -169,11 +169,13 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
     (resumed / "checkpoint-3" / "training_state.json").unlink()
     (resumed / "checkpoint-3" / "custom_checkpoint_0.pkl").write_bytes(b"")
     proc = train_tiny(
-        tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", resumed / "checkpoint-3",
+        run_script, tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", resumed / "checkpoint-3",
         check=False,
     )  # fmt: skip
     assert proc.returncode != 0 and "error: Checkpoint" in proc.stderr and "is damaged" in proc.stderr
-    proc = train_tiny(tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    proc = train_tiny(
+        run_script, tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"
+    )
     assert "Skipping" in proc.stderr and "checkpoint-3" in proc.stderr and "Resuming from" in proc.stderr
 
     a, b, base = weights(straight), weights(resumed), weights(tiny_vae_dir)
@@ -193,7 +195,7 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
     )
 
 
-def test_two_process_ddp_keeps_ranks_in_sync_and_splits_the_presets_global_batch(tmp_path, tiny_vae_dir):
+def test_two_process_ddp_keeps_ranks_in_sync_and_splits_the_presets_global_batch(tmp_path, tiny_vae_dir, run_script):
     """Two processes with --preset flux: Table 5's global batch of 32 images is 16 per process, not 32 each."""
     out, data = tmp_path / "ddp", tmp_path / "data"
     data.mkdir()
@@ -205,7 +207,7 @@ def test_two_process_ddp_keeps_ranks_in_sync_and_splits_the_presets_global_batch
             "--train_data_dir", data, "--resolution", 32, "--max_train_steps", 3, "--validation_steps", 2,
             "--num_validation_images", 2, "--learning_rate", 1e-3, "--report_to", "none", "--latent_stats_num_samples",
             4, "--lpips_trunk_path", os.path.join(tiny_vae_dir, "alexnet_trunk.pth")]  # fmt: skip
-    proc = launch(args, launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
+    proc = run_script("train_ae_se.py", args, launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
     assert "MULTI_CPU" in proc.stdout + proc.stderr
     assert "global batch 32 images (16 per process x 2 processes x 1 accumulation steps; --preset flux's" in (
         proc.stdout + proc.stderr
@@ -219,7 +221,7 @@ def test_two_process_ddp_keeps_ranks_in_sync_and_splits_the_presets_global_batch
     assert sums[0] != pytest.approx(sum(v.double().sum().item() for v in weights(tiny_vae_dir).values()), rel=1e-9)
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
+def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir, run_script):
     data = tmp_path / "images"
     data.mkdir()
     rng = torch.Generator().manual_seed(0)
@@ -230,7 +232,9 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
     (data / "broken.png").write_bytes(good[: len(good) // 3])  # truncated PNG
     (data / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     out = tmp_path / "out"
-    proc = train_tiny(tiny_vae_dir, out, "--train_data_dir", data, "--max_train_steps", 8)  # 3 passes over the data
+    proc = train_tiny(
+        run_script, tiny_vae_dir, out, "--train_data_dir", data, "--max_train_steps", 8
+    )  # 3 passes over the data
     metrics = json.loads((out / "metrics.json").read_text())
     validation = metrics["validation"]
     # Validation images are held out of training: 2 readable ones, never repeated; unreadable ones examined on the
@@ -258,10 +262,9 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir):
         (["--push_to_hub", "--hub_model_id", "me/vae"], "HF_HUB_OFFLINE=1"),
     ],
 )
-def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message):
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message, run_script):
     out = tmp_path / "out"
-    quiet = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
-    proc = train_tiny(tiny_vae_dir, out, "--max_train_steps", 1000, *extra, check=False, launcher=quiet)
+    proc = train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 1000, *extra, check=False, launcher=QUIET)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     # One line that says what to do, no traceback (argparse's own errors print the usage first)
@@ -272,25 +275,26 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra
     assert not (out / "checkpoint-500").exists()
 
 
-def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir):
+def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir, run_script):
     # No --lpips_trunk_path, and an empty torch hub cache
     args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", "--max_train_steps", 2]
     args += [*FAST, "--lpips_weight", "1"]
     empty = {"TORCH_HOME": str(tmp_path / "empty_torch_home")}
-    proc = launch(args, check=False, extra_env=empty)
+    proc = run_script("train_ae_se.py", args, check=False, extra_env=empty)
     assert proc.returncode != 0
     assert "alexnet-owt-7be5be79.pth" in proc.stderr and "--lpips_trunk_path" in proc.stderr
     assert "--lpips_weight 0" in proc.stderr
     # A wrong data path is reported first: it is the user's first mistake, and LPIPS may not even be wanted
-    proc = launch(args + ["--train_data_dir", tmp_path / "no-such-folder"], check=False, extra_env=empty)
+    proc = run_script("train_ae_se.py", [*args, "--train_data_dir", tmp_path / "no-such-folder"], check=False,
+                      extra_env=empty)  # fmt: skip
     assert proc.returncode != 0 and "no-such-folder is not a folder" in proc.stderr
     assert "alexnet-owt-7be5be79.pth" not in proc.stderr
 
 
-def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
+def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir, run_script):
     out = tmp_path / "lora"
     train_tiny(
-        tiny_vae_dir, out, "--max_train_steps", 2, "--use_lora", "--lora_rank", 2, "--ema_halflife_steps", 0,
+        run_script, tiny_vae_dir, out, "--max_train_steps", 2, "--use_lora", "--lora_rank", 2, "--ema_halflife_steps", 0,
         "--keep_base_latent_scaling",
     )  # fmt: skip
     assert (
@@ -306,18 +310,9 @@ def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir):
     assert torch.isfinite(vae.decode(torch.zeros(1, 4, 8, 8)).sample).all()
 
 
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_ae_se", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_presets_fill_table5_and_explicit_flags_win():
-    script = load_script()
-    flux = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "flux", "--train_data_dir", "d"])
+def test_presets_fill_table5_and_explicit_flags_win(script, tiny_vae_dir):
+    x = tiny_vae_dir
+    flux = script.parse_args(["--pretrained_model_name_or_path", x, "--preset", "flux", "--train_data_dir", "d"])
     # Paper Table 5 (FluxAE) and Appendix B
     assert (flux.learning_rate, flux.train_batch_size, flux.max_train_steps) == (1e-5, 32, 10_000)
     assert (flux.max_grad_norm, flux.num_frozen_up_blocks, flux.mse_weight, flux.lpips_weight) == (50.0, 1, 1.0, 1.0)
@@ -325,25 +320,50 @@ def test_presets_fill_table5_and_explicit_flags_win():
     assert flux.se_weight == 0.25 and flux.se_scale_factors == [2, 4] and flux.ema_halflife_steps == 5000
     assert flux.kl_weight == 0.0  # SE on: KL off (Section 3.3)
     ft = script.parse_args(
-        ["--pretrained_model_name_or_path", "x", "--preset", "flux", "--se_weight", "0", "--train_data_dir", "d"]
+        ["--pretrained_model_name_or_path", x, "--preset", "flux", "--se_weight", "0", "--train_data_dir", "d"]
     )
     assert ft.kl_weight == 1e-3  # the "+FT" baseline keeps Table 5's KL
     ltx = script.parse_args(
-        ["--pretrained_model_name_or_path", "x", "--preset", "ltx", "--learning_rate", "3e-5", "--train_data_dir", "d"]
+        ["--pretrained_model_name_or_path", x, "--preset", "ltx", "--learning_rate", "3e-5", "--train_data_dir", "d"]
     )
     assert ltx.learning_rate == 3e-5 and ltx.mse_weight == 5.0 and ltx.max_grad_norm == 50.0
-    cosmos = script.parse_args(["--pretrained_model_name_or_path", "x", "--preset", "cosmos", "--train_data_dir", "d"])
+    cosmos = script.parse_args(["--pretrained_model_name_or_path", x, "--preset", "cosmos", "--train_data_dir", "d"])
     assert cosmos.learning_rate == 1e-4 and cosmos.num_frozen_up_blocks == 3
     embedded = script.parse_args([])
-    assert embedded.pretrained_model_name_or_path == script.EMBEDDED_AE and embedded.lpips_weight == 0.0
+    assert embedded.pretrained_model_name_or_path == ae.EMBEDDED_AE and embedded.lpips_weight == 0.0
     assert embedded.checkpoints_total_limit == 3 and not embedded.overwrite_output_dir
+    # A flag given with the default's value is still given: it wins over the preset
+    assert script.parse_args(["--pretrained_model_name_or_path", x, "--preset", "cosmos", "--train_data_dir", "d",
+                              "--learning_rate", "1e-5"]).learning_rate == 1e-5  # fmt: skip
+    assert (cosmos.validation_steps, cosmos.checkpointing_steps) == (500, 1000)  # not in Table 5: the defaults
 
 
-def test_presets_batch_sizes_are_global_and_explicit_ones_per_process():
+def test_help_shows_the_defaults_the_presets_and_the_rule(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Peak learning rate (1e-05)" in text and "Square training crop side (256)" in text
+    assert "a flag given on the command line wins; else, with no --dataset_name / --train_data_dir" in text
+    assert "--preset flux: learning_rate=1e-05 train_batch_size=32" in text
+    assert "no dataset, embedded AE: learning_rate=0.0002 train_batch_size=16 max_train_steps=300" in text
+
+
+def test_checks_return_values_and_leave_the_arguments_alone(script, tiny_vae_dir):
+    config = os.path.join(TINY_CONFIGS, "cogvideox.json")
+    video = script.parse_args(["--model_config_name_or_path", config, "--train_data_dir", "d", "--resolution", "32"])
+    image = script.parse_args(["--pretrained_model_name_or_path", tiny_vae_dir, "--resolution", "32"])
+    before = {name: dict(vars(a)) for name, a in (("video", video), ("image", image))}
+    assert script.check_video(video, video.vae_config) == 4  # half of --train_batch_size 8 (Table 5's ratio)
+    assert script.check_video(image, image.vae_config) == 0
+    assert script.check_geometry(image, image.vae_config) == 4  # the spatial compression
+    assert script.split_global_batch(image, 2) == {}
+    assert {"video": vars(video), "image": vars(image)} == before
+
+
+def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, tiny_vae_dir):
     """Table 5's batch is the global one: split over processes x accumulation steps; refused when they do not
     divide it, with the flags that give it; an explicit --train_batch_size keeps diffusers' per-process meaning."""
-    script = load_script()
-    base = ["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"]
+    base = ["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", "d"]
     flux = script.parse_args([*base, "--preset", "flux"])
     assert flux.preset_global_batch == {"train_batch_size": 32}
     assert [script.split_global_batch(flux, n)["train_batch_size"] for n in (1, 2, 8, 32)] == [32, 16, 4, 1]
@@ -390,41 +410,61 @@ def test_presets_batch_sizes_are_global_and_explicit_ones_per_process():
     ]
 
 
-def test_the_scripts_chf_and_soft_penalty_terms_are_the_papers_as_the_authors_cut_them(tiny_vae_dir):
-    """The training step's App. C terms: CHF cuts the image in (latent block x compression) blocks, the soft
-    penalty uses the authors' normalisation by default and eq. 6 as printed on request."""
-    from diffusers import AutoencoderKL
+def test_the_scripts_training_step_is_the_library_objective(tmp_path, tiny_vae_dir, run_script):
+    """The loss and terms the script logs at step 1 are ``SEAutoencoderLoss`` (every term on) on that step's batch,
+    scale factor, CHF ratio and generator: the objective that test_losses.py checks against eq. 2 is the one that
+    trains. Four copies of one image: two are held out for validation, and step 1's batch is the other two, in
+    whichever order the sampler draws them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from diffusability_hf.losses import ReconstructionDistance, chf_loss
-    from diffusability_hf.spectral import soft_frequency_penalty
+    from diffusability_hf.data import to_tensor
+    from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
+    from diffusability_hf.training_utils import step_generator
 
-    script = load_script()
-    flags = ["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", "d", "--resolution", "32",
-             "--chf_weight", "1", "--soft_penalty_weight", "0.5", "--se_weight", "0", "--dct_block_size", "4",
-             "--latent_sampling", "mode", "--lpips_weight", "0"]  # fmt: skip
-    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    for i in range(4):
+        image.save(data / f"{i}.png")
+    seed, weights = 7, {"se_weight": 0.25, "kl_weight": 1e-3, "chf_weight": 0.5, "soft_penalty_weight": 0.1}
+    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", data, "--output_dir", out,
+            "--resolution", 32, "--train_batch_size", 2, "--num_validation_images", 2, "--max_train_steps", 1,
+            "--report_to", "tensorboard", "--lpips_weight", 0, "--dct_block_size", 4, "--seed", seed,
+            "--latent_stats_num_samples", 2, *[v for k, w in weights.items() for v in (f"--{k}", w)]]  # fmt: skip
+    run_script("train_ae_se.py", args)
+    events = EventAccumulator(os.path.dirname(glob.glob(f"{out}/logs/**/events.out.tfevents.*", recursive=True)[0]))
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"] if tag.startswith("train/")}
+
+    # The same step with the library objective: the step's draws as the script makes them, the base weights
+    step_rng = random.Random(seed * 100_003 + 0)
+    scale, chf_ratio = step_rng.choice([2, 4]), step_rng.uniform(0.0, 0.9)
+    objective = SEAutoencoderLoss(
+        AutoencoderKL.from_pretrained(tiny_vae_dir), ReconstructionDistance(1.0, 0.0), **weights, dct_block_size=4
+    )
     with torch.no_grad():
-        z = vae.encode(x).latent_dist.mode()  # (2, C, 16, 16): a 2x AE
-    compression = x.shape[-1] // z.shape[-1]
-    for normalization in ("authors", "paper"):
-        args = script.parse_args([*flags, "--soft_penalty_normalization", normalization])
-        model = script.SEAutoencoderLoss(vae, ReconstructionDistance(1.0, 0.0), args)
-        with torch.no_grad():
-            loss, terms = model.losses(x, 2, 1, 0.5)
-            decode = model.decode
-            expected_chf = chf_loss(x, z, decode, 0.5, 4, pixel_block_size=4 * compression)
-            expected_soft = soft_frequency_penalty(z, 4, 2.0, normalization)
-        torch.testing.assert_close(terms["chf"], expected_chf, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(terms["soft"], expected_soft, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(loss, terms["rec"] + terms["chf"] + 0.5 * terms["soft"], rtol=1e-5, atol=1e-7)
-    assert args.soft_penalty_normalization == "paper"
-    assert script.parse_args(flags).soft_penalty_normalization == "authors"
+        loss, terms = objective(
+            to_tensor(image).expand(2, -1, -1, -1), None, scale, chf_ratio=chf_ratio,
+            generator=step_generator(torch.device("cpu"), seed, 0, 0, 0),
+        )  # fmt: skip
+    assert logged["train/scale_factor"] == scale
+    assert logged["train/loss"] == pytest.approx(loss.mean().item(), rel=1e-6, abs=1e-9)
+    assert {f"train/{k}" for k in terms} == {"train/rec", "train/se", "train/kl", "train/chf", "train/soft"}
+    for key, value in terms.items():
+        assert logged[f"train/{key}"] == pytest.approx(value.item(), rel=1e-6, abs=1e-9), key
 
 
-def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_dir):
+def test_the_soft_penalty_uses_the_authors_normalisation_unless_asked(script, tiny_vae_dir):
+    base = ["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", "d"]
+    assert script.parse_args(base).soft_penalty_normalization == "authors"
+    assert script.parse_args([*base, "--soft_penalty_normalization", "paper"]).soft_penalty_normalization == "paper"
+
+
+def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_dir, run_script):
     out = tmp_path / "bf16"
-    train_tiny(tiny_vae_dir, out, "--max_train_steps", 2, "--mixed_precision", "bf16", "--ema_halflife_steps", 0)
+    train_tiny(
+        run_script, tiny_vae_dir, out, "--max_train_steps", 2, "--mixed_precision", "bf16", "--ema_halflife_steps", 0
+    )
     saved = weights(out)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
     metrics = json.loads((out / "metrics.json").read_text())
@@ -433,23 +473,23 @@ def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_d
 
 def test_embedded_autoencoder_is_a_trained_flux_like_vae():
     from diffusability_hf.data import embedded_validation_batch
+    from diffusability_hf.metrics.quality import psnr
 
-    script = load_script()
-    vae = AutoencoderKL.from_pretrained(script.EMBEDDED_AE).eval()
+    vae = AutoencoderKL.from_pretrained(ae.EMBEDDED_AE).eval()
     assert vae.config.latent_channels == 16 and len(vae.config.block_out_channels) == 4  # 16 channels, 8x down
     x = embedded_validation_batch(64)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
         y = vae.decode(z).sample.clamp(-1, 1)
     assert z.shape == (8, 16, 8, 8)
-    psnr = script.psnr(y, x).mean().item()
-    assert psnr > 23.0, psnr  # a trained autoencoder, not a random one (~12 dB)
+    value = psnr(y, x).mean().item()
+    assert value > 23.0, value  # a trained autoencoder, not a random one (~12 dB)
 
 
-def test_no_argument_run_does_the_real_job(tmp_path):
+def test_no_argument_run_does_the_real_job(tmp_path, run_script):
     """The README's first Quickstart command: SE cuts the latent high-frequency share, PSNR stays within 1 dB."""
     out = tmp_path / "ae-se"
-    launch(["--output_dir", out])
+    run_script("train_ae_se.py", ["--output_dir", out])
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
     assert after["hf_share"] <= 0.7 * before["hf_share"], (before, after)
@@ -461,7 +501,6 @@ def test_no_argument_run_does_the_real_job(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Video autoencoders: joint image + clip batches (paper Table 5), tiny configs shipped with the package
 
-TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 VIDEO_FAST = [
     "--resolution", 32, "--dct_block_size", 4, "--se_scale_factors", 2, "--image_batch_size", 2,
     "--video_batch_size", 1, "--report_to", "none", "--validation_steps", 2, "--num_validation_images", 2,
@@ -469,9 +508,10 @@ VIDEO_FAST = [
 ]  # fmt: skip
 
 
-def train_video(stem, out, *extra, check=True):
+def train_video(run_script, stem, out, *extra, check=True):
     config = os.path.join(TINY_CONFIGS, f"{stem}.json")
-    return launch(["--model_config_name_or_path", config, "--output_dir", out, *VIDEO_FAST, *extra], check=check)
+    args = ["--model_config_name_or_path", config, "--output_dir", out, *VIDEO_FAST, *extra]
+    return run_script("train_ae_se.py", args, check=check)
 
 
 def write_videos(folder, num=3, frames=20, size=40):
@@ -506,7 +546,7 @@ def write_videos(folder, num=3, frames=20, size=40):
         ("wan", 9, ["--image_batch_size", 1]),
     ],
 )
-def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, stem, frames, extra):
+def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, stem, frames, extra, run_script):
     out = tmp_path / "out"
     if "VIDEOS" in extra:
         write_videos(tmp_path / "videos")
@@ -514,7 +554,7 @@ def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, s
         {"VIDEOS": tmp_path / "videos", "TRUNK": os.path.join(tiny_vae_dir, "alexnet_trunk.pth")}.get(e, e)
         for e in extra
     ]
-    proc = train_video(stem, out, "--num_frames", frames, "--max_train_steps", 2, *extra)
+    proc = train_video(run_script, stem, out, "--num_frames", frames, "--max_train_steps", 2, *extra)
     log = proc.stdout + proc.stderr
     assert f"clips of {frames} frames" in log and "Peak memory" in log
 
@@ -557,13 +597,15 @@ def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, s
     assert y.shape == x.shape and torch.isfinite(y).all()
 
 
-def test_video_resume_matches_straight_run(tmp_path):
+def test_video_resume_matches_straight_run(tmp_path, run_script):
     # The timestep-conditioned LTX decoder: decode noise from the step generator, noise injection from torch's RNG
     common = ["--num_frames", 9, "--checkpointing_steps", 2, "--ema_halflife_steps", 3]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_video("ltx_timestep", straight, *common, "--max_train_steps", 4)
-    train_video("ltx_timestep", resumed, *common, "--max_train_steps", 2)
-    train_video("ltx_timestep", resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    train_video(run_script, "ltx_timestep", straight, *common, "--max_train_steps", 4)
+    train_video(run_script, "ltx_timestep", resumed, *common, "--max_train_steps", 2)
+    train_video(
+        run_script, "ltx_timestep", resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"
+    )
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
@@ -583,31 +625,30 @@ def test_video_resume_matches_straight_run(tmp_path):
         (None, ["--video_batch_size", 2], "AutoencoderKL is an image autoencoder, but --video_batch_size"),
     ],
 )
-def test_video_bad_input_fails_before_training(tmp_path, tiny_vae_dir, stem, extra, message):
+def test_video_bad_input_fails_before_training(tmp_path, tiny_vae_dir, script, stem, extra, message):
     model = ["--pretrained_model_name_or_path", tiny_vae_dir] if stem is None else []
     if stem is not None:
         model = ["--model_config_name_or_path", os.path.join(TINY_CONFIGS, f"{stem}.json")]
     args = [*model, "--output_dir", str(tmp_path / "out"), *map(str, VIDEO_FAST), *map(str, extra)]
-    script = load_script()
     with pytest.raises((ValueError, FileNotFoundError)) as err:
         script.main(script.parse_args(args))
     assert message in str(err.value)
     assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
 
 
-def test_video_two_process_ddp_keeps_ranks_in_sync(tmp_path):
+def test_video_two_process_ddp_keeps_ranks_in_sync(tmp_path, run_script):
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
     config = os.path.join(TINY_CONFIGS, "ltx.json")
     args = ["--model_config_name_or_path", config, "--output_dir", out, *VIDEO_FAST, "--num_frames", 9]
-    proc = launch([*args, "--max_train_steps", 2], launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
+    proc = run_script("train_ae_se.py", [*args, "--max_train_steps", 2], launcher=torchrun,
+                      extra_env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     assert "MULTI_CPU" in proc.stdout + proc.stderr and "global batch 4 images + 2 clips" in proc.stdout + proc.stderr
     sums = json.loads((out / "metrics.json").read_text())["rank_weight_checksums"]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=1e-6)
 
 
-def test_embedded_video_run_is_sized_for_a_cpu_and_explicit_flags_win():
-    script = load_script()
+def test_embedded_video_run_is_sized_for_a_cpu_and_explicit_flags_win(script):
     config = os.path.join(TINY_CONFIGS, "cogvideox.json")
     args = script.parse_args(["--preset", "cogvideox", "--model_config_name_or_path", config])
     # Table 5's CogVideoX-AE settings that are not about size stay; the size is the embedded CPU run's

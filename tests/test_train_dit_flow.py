@@ -19,21 +19,19 @@ from diffusability_hf.pipelines import DiTFlowMatchPipeline
 from diffusability_hf.training_utils import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = [
-    sys.executable
-]  # the script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
+# The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
+PYTHON = [sys.executable]
 FAST = ["--model", "DiT-tiny/2", "--train_batch_size", 8, "--report_to", "none", "--num_inference_steps", 4,
         "--validation_steps", 3, "--lr_warmup_steps", 2, "--learning_rate", 1e-3]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def latents(tmp_path_factory):
-    """56 crops of the embedded photographs (7 classes), encoded by the embedded autoencoder, with flips."""
-    out = tmp_path_factory.mktemp("latents")
-    cmd = [sys.executable, os.path.join(ROOT, "train_scripts", "extract_latents.py"), "--output_dir", str(out)]
-    cmd += ["--max_samples", "56", "--flip", "--shard_size", "32"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.fixture
+def latents(tmp_path_factory, run_script):
+    """56 crops of the embedded photographs (7 classes), encoded by the embedded autoencoder, with flips: extracted
+    once per session (metadata.json is written last), then shared read-only (tests copy before they change it)."""
+    out = tmp_path_factory.getbasetemp() / "dit_flow_latents"
+    if not (out / "metadata.json").is_file():
+        run_script("extract_latents.py", ["--output_dir", out, "--max_samples", 56, "--flip", "--shard_size", 32])
     return str(out)
 
 
@@ -242,8 +240,19 @@ def test_checks_without_training(tmp_path, latents, capsys):
     stock = script.parse_args(["--latents_dir", latents, "--stock_dit"])
     assert (stock.pos_embed, stock.self_conditioning_prob) == ("sincos", 0.0)
     meta = {"latent_shape": [16, 8, 8], "num_classes": 7}
-    assert type(script.build_transformer(args, meta)).__name__ == "SelfConditionedDiT"
-    assert type(script.build_transformer(stock, meta)).__name__ == "DiTTransformer2DModel"
+    model = script.build_transformer(args, script.transformer_config(args, meta))
+    assert type(model).__name__ == "SelfConditionedDiT" and model.config.self_conditioning
+    assert type(script.build_transformer(stock, script.transformer_config(stock, meta))).__name__ == (
+        "DiTTransformer2DModel"
+    )
+    # Explicit flag > the embedded demo's preset > the argparse default (App. B's), all three shown by --help
+    assert (args.max_train_steps, args.lr_warmup_steps, args.validation_steps, args.checkpointing_steps) == (
+        500, 50, 250, 500
+    )  # fmt: skip
+    explicit = script.parse_args(["--latents_dir", latents, "--max_train_steps", "7"])
+    assert (explicit.max_train_steps, explicit.lr_warmup_steps) == (7, 50)
+    other = script.parse_args(["--latents_dir", latents, "--pretrained_vae_model_name_or_path", "x"])
+    assert (other.max_train_steps, other.lr_warmup_steps, other.train_batch_size) == (400_000, 10_000, 32)
     with pytest.raises(SystemExit):
         script.parse_args(
             ["--latents_dir", latents, "--stock_dit", "--pos_embed", "sincos", "--self_conditioning_prob", "0.5"]
@@ -251,7 +260,10 @@ def test_checks_without_training(tmp_path, latents, capsys):
     assert "drop --self_conditioning_prob, or drop --stock_dit" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
-    assert "Keep this many newest complete checkpoints (default: 3)" in " ".join(capsys.readouterr().out.split())
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "Keep this many newest complete checkpoints (default: 3)" in shown
+    assert "(default: 400000; the embedded demo: 500)" in shown and "(default: 10000; the embedded demo: 50)" in shown
+    assert "dataloader_num_workers" not in shown
     with pytest.raises(SystemExit):
         script.parse_args(["--latents_dir", latents, "--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
     assert "give one of them" in capsys.readouterr().err
@@ -417,3 +429,52 @@ def test_pipeline_snapshot_flag_checks(tmp_path, latents, capsys):
     with pytest.raises(UsageError, match="would replace the snapshots of the earlier run there"):
         script.main(args)
     assert os.listdir(out) == ["snapshots"]
+
+
+def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, latents, run_script):
+    """Step 1's logged training loss equals diffusability_hf.flow.FlowMatchingLoss evaluated here on the same batch
+    (the seedable sampler's first batch of --seed, with its flips), the same initial weights (--seed) and the same
+    step generator (training_utils.step_generator): the objective the script runs is the library's, which
+    test_flow.py checks against the formula. A stock DiT config keeps PyTorch's default init (DiT's adaLN-Zero init
+    would output 0 at step 1, whatever the labels and noise levels), and has no self-conditioning."""
+    from accelerate.utils import set_seed
+    from diffusers import DiTTransformer2DModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffusability_hf.flow import FlowMatchingLoss
+    from diffusability_hf.latents import LatentShards
+    from diffusability_hf.models.dit import dit_config
+    from diffusability_hf.training_utils import step_generator
+
+    DiTTransformer2DModel(**dit_config("DiT-tiny/2", 16, 8, 7)).save_config(tmp_path / "config")
+    out = tmp_path / "dit"
+    extra = ["--model_config_name_or_path", tmp_path / "config", "--max_train_steps", 1, "--report_to", "tensorboard"]
+    extra += ["--seed", 3, "--class_dropout_prob", 0.5, "--logit_mean", 0.5]
+    proc = train(run_script, latents, out, *extra)
+    assert "has no self-conditioning: training without it" in proc.stderr
+    logged = EventAccumulator(str(out / "logs" / "train_dit_flow")).Reload().Scalars("train/loss")
+    assert [e.step for e in logged] == [1]
+
+    script = load_script()
+    args = script.parse_args(["--latents_dir", latents, *map(str, FAST), *map(str, extra)])
+    meta = read_latents_metadata(latents)
+    shards = LatentShards(latents, meta, seed=3)
+    order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(3))  # the sampler's epoch 0
+    batch = torch.utils.data.default_collate([shards[i] for i in order[: args.train_batch_size].tolist()])
+    set_seed(3)
+    transformer = script.build_transformer(args, script.transformer_config(args, meta))
+    mean, std = (torch.tensor(meta[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+
+    def step_1_loss(**settings):
+        gen = step_generator("cpu", 3, 0, 0, 0)  # --seed, step 0, process 0, micro-batch 0
+        eps = torch.randn(batch["mean"].shape, generator=gen)
+        x0 = (batch["mean"] + batch["std"] * eps - mean) / std  # the posterior sample, normalised
+        objective = FlowMatchingLoss(transformer, meta["num_classes"], **settings)
+        with torch.no_grad():
+            return objective(x0, batch["label"], gen).mean().item()
+
+    loss = step_1_loss(class_dropout_prob=0.5, logit_mean=0.5, self_conditioning_prob=0.0)
+    assert logged[0].value == pytest.approx(loss, rel=1e-6, abs=0)
+    # The comparison sees the label dropout and the noise levels
+    assert logged[0].value != pytest.approx(step_1_loss(class_dropout_prob=0.1, logit_mean=0.5), rel=1e-4)
+    assert logged[0].value != pytest.approx(step_1_loss(class_dropout_prob=0.5), rel=1e-4)

@@ -61,7 +61,7 @@ from diffusability_hf.data import EvalSamples, evaluation_samples, read_clip
 from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.flow import flow_matching_loss, interpolate, timesteps_from_sigmas
 from diffusability_hf.hub import markdown_table
-from diffusability_hf.latents import read_latents_metadata
+from diffusability_hf.latents import read_latent_rows, read_latents_metadata
 from diffusability_hf.metrics import (
     FeatureStatistics,
     frechet_distance,
@@ -676,29 +676,11 @@ def check_loss_latents(args):
 def read_loss_latents(args, meta: dict, pipe) -> dict:
     """The first ``--loss_max_samples`` rows (shard order, not flipped) of ``--loss_latents_dir``: posterior
     ``mean``, ``std`` (zeros for a deterministic encoder) and ``labels``, checked against the loaded pipeline."""
-    from safetensors import safe_open
-
     if (pipe.config.get("provenance") or {}).get("latents_ae_weights_fingerprint") is None:
         # No recorded provenance: the pipeline's vae is the autoencoder its latents are decoded with
         check_loss_autoencoder(meta, ae.weights_fingerprint(pipe.vae), f"the pipeline's vae ({args.pipeline})", args)
     check_loss_latent_shape(meta, pipe.transformer.config, args)
-    parts = {"mean": [], "std": [], "labels": []}
-    count = 0
-    for name in meta["shards"]:
-        if count >= args.loss_max_samples:
-            break
-        with safe_open(os.path.join(args.loss_latents_dir, name), "pt") as fh:
-            if "mean" not in fh.keys():  # every image of this shard was unreadable
-                continue
-            take = min(args.loss_max_samples - count, fh.get_slice("labels").get_shape()[0])
-            mean = fh.get_slice("mean")[:take].float()
-            parts["mean"].append(mean)
-            parts["std"].append(fh.get_slice("std")[:take].float() if "std" in fh.keys() else torch.zeros_like(mean))
-            parts["labels"].append(fh.get_slice("labels")[:take].long())
-            count += take
-    if count == 0:
-        raise UsageError(f"--loss_latents_dir {args.loss_latents_dir} holds no latents: extract some first.")
-    rows = {k: torch.cat(v) for k, v in parts.items()}
+    rows = read_latent_rows(args.loss_latents_dir, meta, args.loss_max_samples, "--loss_latents_dir")
     bad = rows["labels"][(rows["labels"] < 0) | (rows["labels"] >= pipe.num_classes)]
     if len(bad):
         raise UsageError(

@@ -6,8 +6,9 @@ trains on posterior samples, App. B), optionally those of the horizontally flipp
 as safetensors shards. ``metadata.json`` records the autoencoder (by a fingerprint of its *weights*: a vanilla AE and
 its SE fine-tune share a config), the class names and the per-channel mean and std of the posterior samples the DiT
 normalises with (the latents it sees, as the authors' code computes them; the std of the posterior means alone is
-recorded too); every shard's header records the fingerprint and the extraction settings too. With no arguments it encodes crops of the photographs that ship inside
-scikit-image with the toolkit's embedded autoencoder (class = source photograph), offline:
+recorded too); every shard's header records the fingerprint and the extraction settings too (the format:
+``diffusability_hf.latents``). With no arguments it encodes crops of the photographs that ship inside scikit-image
+with the toolkit's embedded autoencoder (class = source photograph), offline:
 
     accelerate launch train_scripts/extract_latents.py --output_dir latents
 
@@ -19,34 +20,26 @@ shards.
 """
 
 import argparse
-import json
 import logging
 import math
 import os
-import re
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import LabelledImages
-from diffusability_hf.training_utils import (
-    MissingPathError,
-    UsageError,
-    atomic_write_json,
-    report_written,
-    run_script,
-    use_all_cpu_cores,
-)
+from diffusability_hf.latents import check_existing_latents, remove_latents, shard_name, write_metadata, write_shard
+from diffusability_hf.training_utils import MissingPathError, UsageError, report_written, run_script, use_all_cpu_cores
 
 logger = get_logger(__name__)
 
 EMBEDDED_AE = ae.EMBEDDED_AE
-SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
+# Without --dataset_name or --train_data_dir: crops of the embedded photographs, under any flag given explicitly
+EMBEDDED_DATA = dict(resolution=64, max_samples=1024)
+EMBEDDED_DATASET = "embedded scikit-image photographs"
 
 
 def parse_args(input_args=None):
@@ -69,11 +62,18 @@ def parse_args(input_args=None):
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
     parser.add_argument("--label_column", type=str, default="label", help="Class label column.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models are cached.")
-    parser.add_argument("--resolution", type=int, default=None, help="Centre-crop side (default 256; embedded: 64).")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=256,
+        help="Centre-crop side (default: %(default)s; embedded photographs: 64).",
+    )
     parser.add_argument(
         "--flip", action="store_true", help="Also store the latents of the horizontally flipped image."
     )
-    parser.add_argument("--max_samples", type=int, default=None, help="Encode at most this many images.")
+    parser.add_argument(
+        "--max_samples", type=int, default=None, help="Encode at most this many images (default: all; embedded: 1024)."
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="Images per encoder call.")
     parser.add_argument("--shard_size", type=int, default=1024, help="Images per shard file.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
@@ -90,15 +90,16 @@ def parse_args(input_args=None):
     )
     args = parser.parse_args(input_args)
 
+    # Settings: an explicit flag, else the embedded photographs' preset (without a dataset), else the argparse default
     args.embedded_data = args.dataset_name is None and args.train_data_dir is None
+    if args.embedded_data:
+        parser.set_defaults(**EMBEDDED_DATA)
+        args = parser.parse_args(input_args)
+        args.embedded_data = True
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("Give either --dataset_name or --train_data_dir, not both.")
     if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = EMBEDDED_AE
-    if args.resolution is None:
-        args.resolution = 64 if args.embedded_data else 256
-    if args.max_samples is None and args.embedded_data:
-        args.max_samples = 1024
     for flag in ("resolution", "batch_size", "shard_size"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive.")
@@ -112,7 +113,7 @@ def extraction_settings(args, fingerprint: str, dataset_size: int, total: int, m
     config); the dataset is named by its absolute path or Hub id, its size and the columns read.
     """
     if args.embedded_data:
-        dataset = "embedded scikit-image photographs"
+        dataset = EMBEDDED_DATASET
     elif args.train_data_dir is not None:
         dataset = os.path.abspath(args.train_data_dir)
     else:
@@ -132,68 +133,6 @@ def extraction_settings(args, fingerprint: str, dataset_size: int, total: int, m
         "dtype": args.dtype,
         "mixed_precision": mixed_precision,
     }
-
-
-def existing_latents(output_dir: str):
-    """``(metadata.json or None, {shard name: its settings or None})`` of the latents already in ``output_dir``."""
-    meta = None
-    meta_path = os.path.join(output_dir, "metadata.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-    shards = {}
-    names = sorted(n for n in os.listdir(output_dir) if SHARD_RE.match(n)) if os.path.isdir(output_dir) else []
-    for name in names:
-        try:
-            with safe_open(os.path.join(output_dir, name), "pt") as fh:  # the header only
-                header = fh.metadata() or {}
-        except Exception as err:
-            raise UsageError(
-                f"{os.path.join(output_dir, name)} is damaged ({type(err).__name__}: {err}): delete it (a rerun "
-                "encodes it again) or pass --overwrite_output_dir to extract everything again."
-            ) from err
-        shards[name] = json.loads(header["extraction"])["settings"] if "extraction" in header else None
-    return meta, shards
-
-
-def check_existing_latents(output_dir: str, settings: dict, ae_name: str) -> int:
-    """Refuse an ``output_dir`` whose metadata.json or any shard was made by other weights or settings.
-
-    Returns how many shards are already there (all made like this run: a rerun resumes them).
-    """
-    meta, shards = existing_latents(output_dir)
-    fix = "Choose a new --output_dir, or pass --overwrite_output_dir to delete them and extract again."
-    sources = ([("metadata.json", meta.get("extraction"))] if meta is not None else []) + list(shards.items())
-    old_format = [name for name, old in sources if old is None]
-    if old_format:
-        raise UsageError(
-            f"--output_dir {output_dir} holds latents written by an older version of extract_latents.py "
-            f"({', '.join(old_format[:3])}{', ...' if len(old_format) > 3 else ''}) that records no weights "
-            f"fingerprint, so the autoencoder they came from cannot be checked. {fix}"
-        )
-    for name, old in sources:
-        diffs = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-        if not diffs:
-            continue
-        shown = []
-        for k in diffs:
-            if k == "ae_weights_fingerprint":
-                made_by = f" ({meta['ae']})" if meta and meta.get("ae") else ""
-                shown.append(f"autoencoder weights {old.get(k)}{made_by} there, {settings[k]} ({ae_name}) in this run")
-            else:
-                shown.append(f"{k} {old.get(k)!r} there, {settings.get(k)!r} in this run")
-        raise UsageError(
-            f"--output_dir {output_dir} holds latents made by another autoencoder or with other settings ({name}: "
-            f"{'; '.join(shown)}): they cannot be mixed with this run's. {fix}"
-        )
-    return len(shards)
-
-
-def remove_latents(output_dir: str) -> None:
-    """Delete the shards (also unfinished ``.tmp`` ones) and metadata.json of ``output_dir`` (--overwrite_output_dir)."""
-    for name in os.listdir(output_dir):
-        if SHARD_RE.match(name) or name.startswith("shard-") and name.endswith(".tmp") or name == "metadata.json":
-            os.remove(os.path.join(output_dir, name))
 
 
 def main(args):
@@ -219,7 +158,7 @@ def main(args):
     )  # fmt: skip
     total = min(len(dataset), args.max_samples or len(dataset))
     num_shards = math.ceil(total / args.shard_size)
-    shard_path = [os.path.join(args.output_dir, f"shard-{j:05d}.safetensors") for j in range(num_shards)]
+    shard_path = [os.path.join(args.output_dir, shard_name(j)) for j in range(num_shards)]
 
     # The autoencoder, named by its weights; an existing folder must hold latents of these weights and settings
     vae = ae.prepare_for_training(
@@ -281,84 +220,26 @@ def main(args):
         tensors = {k: torch.cat(v).contiguous() for k, v in out.items() if v}
         if "labels" not in tensors:  # every image of this shard was unreadable
             tensors = {"labels": torch.zeros(0, dtype=torch.int64), "indices": torch.zeros(0, dtype=torch.int64)}
-        tmp = shard_path[j] + ".tmp"
-        # One header key: safetensors writes several in a random order, and a rerun must write the same bytes
-        header = {"settings": settings, "skipped": len(indices) - len(tensors.get("labels", []))}
-        save_file(tensors, tmp, metadata={"extraction": json.dumps(header, sort_keys=True)})
-        os.replace(tmp, shard_path[j])  # atomic: a killed run never leaves a half shard behind
+        write_shard(shard_path[j], tensors, settings, skipped=len(indices) - len(tensors["labels"]))
     accelerator.wait_for_everyone()
 
     # Statistics over every shard (also those of earlier runs), then metadata.json
     if accelerator.is_main_process:
-        write_metadata(args, config, settings, dataset.names, shard_path, total, f)
         names = [os.path.basename(p) for p in shard_path]
+        latent = args.resolution // f
+        meta = write_metadata(
+            args.output_dir, names, settings, ae=ae_name, ae_class=config["_class_name"],
+            latent_shape=[ae.latent_channels(config), latent, latent], class_names=dataset.names,
+            dataset=EMBEDDED_DATASET if args.embedded_data else args.dataset_name or args.train_data_dir,
+            requested_samples=total,
+        )  # fmt: skip
+        logger.info(
+            f"Wrote {meta['num_samples']} latents ({meta['skipped_images']} unreadable images skipped) to "
+            f"{args.output_dir}"
+        )
         more = f" and {len(names) - 3} more shards (to {names[-1]})" if len(names) > 3 else ""
         report_written(args.output_dir, ["metadata.json", *names[:3]], log=lambda text: logger.info(text + more))
     accelerator.end_training()
-
-
-def latent_statistics(shard_paths):
-    """Per-channel mean and std of the latents the DiT trains on, and of the posterior means, over every shard.
-
-    The DiT sees posterior samples ``z = mean + std * eps`` (App. B: "posterior sampling from the encoder
-    distribution"), of the flipped images half of the time when flips are stored; the authors' code likewise
-    computes its latent statistics on the latents the DiT sees. Their moments are exact without drawing ``eps``:
-    ``E[z] = E[mean]`` and ``E[z^2] = E[mean^2] + E[std^2]`` (float64 sums over images, positions and, when stored,
-    both flips). Returns ``(samples: (mean, std), means: (mean, std), has_std, stored rows, skipped images)``.
-    """
-    count, sums, skipped, stored, has_std = 0, None, 0, 0, False
-    for path in shard_paths:
-        with safe_open(path, "pt") as fh:
-            skipped += json.loads(fh.metadata()["extraction"])["skipped"]
-            if "mean" not in fh.keys():  # an all-unreadable shard
-                continue
-            has_std = "std" in fh.keys()
-            suffixes = ["", "_flip"] if "mean_flip" in fh.keys() else [""]
-            for suffix in suffixes:
-                mean = fh.get_tensor("mean" + suffix).double()  # (N, C, h, w)
-                var = fh.get_tensor("std" + suffix).double().square() if has_std else torch.zeros_like(mean)
-                dims = [0] + list(range(2, mean.ndim))
-                part = torch.stack([mean.sum(dims), mean.square().sum(dims), var.sum(dims)])  # (3, C)
-                sums = part if sums is None else sums + part
-                count += mean.numel() // mean.shape[1]
-            stored += mean.shape[0]
-    if sums is None:
-        raise ValueError("Every image was unreadable: there are no latents to compute statistics of.")
-    channel_mean, mean_sq, posterior_var = sums / count
-    means_std = (mean_sq - channel_mean.square()).clamp_min(1e-12).sqrt()
-    samples_std = (mean_sq + posterior_var - channel_mean.square()).clamp_min(1e-12).sqrt()
-    return (channel_mean, samples_std), (channel_mean, means_std), has_std, stored, skipped
-
-
-def write_metadata(args, config, settings, names, shard_paths, total, compression):
-    """``metadata.json``: the latent statistics of :func:`latent_statistics` and the dataset description."""
-    (channel_mean, channel_std), (_, means_std), has_std, stored, skipped = latent_statistics(shard_paths)
-    latent = args.resolution // compression
-    meta = {
-        "ae": args.pretrained_model_name_or_path + (f" (subfolder {args.subfolder})" if args.subfolder else ""),
-        "ae_class": config["_class_name"],
-        "ae_weights_fingerprint": settings["ae_weights_fingerprint"],
-        "resolution": args.resolution,
-        "latent_shape": [ae.latent_channels(config), latent, latent],
-        "num_samples": stored,
-        "skipped_images": skipped,
-        "num_classes": len(names),
-        "id2label": {str(i): n for i, n in enumerate(names)},
-        "latents_mean": channel_mean.tolist(),
-        "latents_std": channel_std.tolist(),  # of posterior samples: what the DiT normalises with
-        "latent_statistics": "posterior samples z = mean + std * eps" + (" and their flips" if args.flip else ""),
-        "posterior_means_std": means_std.tolist(),  # for reference: the std of the posterior means alone
-        "has_std": has_std,
-        "flip": bool(args.flip),
-        "shards": [os.path.basename(p) for p in shard_paths],
-        "dataset": "embedded scikit-image photographs"
-        if args.embedded_data
-        else (args.dataset_name or args.train_data_dir),
-        "requested_samples": total,
-        "extraction": settings,  # what every shard's header records too (see check_existing_latents)
-    }
-    atomic_write_json(os.path.join(args.output_dir, "metadata.json"), meta)
-    logger.info(f"Wrote {stored} latents ({skipped} unreadable images skipped) to {args.output_dir}")
 
 
 if __name__ == "__main__":

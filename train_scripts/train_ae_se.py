@@ -5,9 +5,10 @@ Paper: "Improving the Diffusability of Autoencoders" (Skorokhodov et al., 2025),
 
     L(x) = d(x, Dec(z)) + alpha * d(down(x), Dec(down(z))) [+ beta * KL],   d = MSE + LPIPS,  alpha = 0.25
 
-with ``down`` a x2 or x4 bilinear downsampling drawn once per step. ``--se_weight 0`` is the paper's "+FT"
-baseline (the same fine-tuning without the regulariser). Run with no arguments to fine-tune the toolkit's own
-small pretrained AutoencoderKL on crops of the photographs that ship inside scikit-image, offline, on a CPU:
+with ``down`` a x2 or x4 bilinear downsampling drawn once per step (``diffusability_hf.losses.SEAutoencoderLoss``).
+``--se_weight 0`` is the paper's "+FT" baseline (the same fine-tuning without the regulariser). Run with no
+arguments to fine-tune the toolkit's own small pretrained AutoencoderKL on crops of the photographs that ship inside
+scikit-image, offline, on a CPU:
 
     accelerate launch train_scripts/train_ae_se.py --output_dir ae-se
 
@@ -17,182 +18,141 @@ plus ``README.md`` (model card), ``spectrum.png`` and ``metrics.json``.
 
 import argparse
 import json
-import logging
 import math
 import os
 import random
+import textwrap
 import time
 
 import torch
-import torch.nn as nn
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from diffusability_hf import __version__
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import (
     EMBEDDED_VALIDATION_IMAGES,
-    EmbeddedPanClips,
     EmbeddedPhotoCrops,
     HFImageDataset,
-    JointBatches,
     SkipLog,
-    VideoClips,
-    clips_to_gif,
     collate,
     embedded_validation_batch,
-    embedded_validation_clips,
     hold_out,
-    list_videos,
     load_image_dataset,
-    load_video_dataset,
     open_and_crop,
-    unwrap_batch,
 )
 from diffusability_hf.ema import EMA
 from diffusability_hf.figures import plot_spectra, save_png
+from diffusability_hf.hub import (
+    card_license,
+    dataset_description,
+    push_folder,
+    render_model_card,
+    se_autoencoder_card_fields,
+)
 from diffusability_hf.latent_normalization import (
     apply_latent_normalization,
     current_latent_normalization,
     estimate_latent_normalization,
     normalized_std,
 )
-from diffusability_hf.losses import (
-    DOWNSAMPLE_MODES,
-    ReconstructionDistance,
-    chf_loss,
-    downsample,
-    kl_divergence,
-    scale_equivariance_loss,
-)
+from diffusability_hf.losses import DOWNSAMPLE_MODES, ReconstructionDistance, SEAutoencoderLoss, downsample
 from diffusability_hf.metrics.quality import psnr
 from diffusability_hf.spectral import (
     SOFT_PENALTY_NORMALIZATIONS,
     energy_profile,
     frequency_profile,
     high_frequency_share,
-    plot_frequency_profiles,
-    soft_frequency_penalty,
 )
+from diffusability_hf.tracking import log_clips, log_frame_profiles, log_images, log_spectra
 from diffusability_hf.training_utils import (
     UsageError,
     atomic_save,
     atomic_write_json,
     atomic_write_text,
+    check_launcher,
     check_output_dir,
+    hub_repo,
     list_checkpoints,
-    load_checkpoint,
+    make_accelerator,
+    peak_memory_gb,
+    refuse_hub_token,
     remove_checkpoints,
     report_written,
     resolve_resume,
+    resume_position,
     run_script,
     save_checkpoint,
+    step_generator,
+    tracker_config,
     use_all_cpu_cores,
+)
+from diffusability_hf.video_data import (
+    EmbeddedPanClips,
+    JointBatches,
+    VideoClips,
+    embedded_validation_clips,
+    list_videos,
+    load_video_dataset,
+    unwrap_batch,
 )
 
 logger = get_logger(__name__)
 
-EMBEDDED_AE = ae.EMBEDDED_AE
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
+RESULT_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "metrics.json", "lora")
+BATCH_FLAGS = ("train_batch_size", "video_batch_size")
 
-# Paper Table 5 (Appendix B). `kl_weight` is the baseline's KL beta: SE runs turn KL off (Section 3.3). The batch sizes
-# are global ("a batch size of 32 (320,000 total seen images)", Sec. 4): split_global_batch() divides them over the
-# processes and accumulation steps of the launch.
+# Paper Table 5 (Appendix B). `kl_weight` is the "+FT" baseline's KL beta: SE runs turn KL off (Section 3.3). The
+# batch sizes are global ("a batch size of 32 (320,000 total seen images)", Sec. 4): split_global_batch() divides
+# them over the processes and accumulation steps of the launch.
 PRESETS = {
-    "flux": dict(
-        learning_rate=1e-5,
-        train_batch_size=32,
-        max_train_steps=10_000,
-        kl_weight=1e-3,
-        mse_weight=1.0,
-        lpips_weight=1.0,
-        max_grad_norm=50.0,
-        num_frozen_up_blocks=1,
-        resolution=256,
-    ),
-    "cosmos": dict(
-        learning_rate=1e-4,
-        train_batch_size=32,
-        max_train_steps=10_000,
-        kl_weight=0.0,
-        mse_weight=1.0,
-        lpips_weight=1.0,
-        max_grad_norm=50.0,
-        num_frozen_up_blocks=3,
-        resolution=256,
-    ),
-    "cogvideox": dict(
-        learning_rate=3e-4,
-        train_batch_size=64,
-        video_batch_size=32,
-        max_train_steps=20_000,
-        kl_weight=1e-3,
-        mse_weight=1.0,
-        lpips_weight=1.0,
-        max_grad_norm=1.0,
-        num_frozen_up_blocks=0,
-        resolution=256,
-        num_frames=17,
-    ),
-    "ltx": dict(
-        learning_rate=5e-5,
-        train_batch_size=64,
-        video_batch_size=32,
-        max_train_steps=20_000,
-        kl_weight=1e-4,
-        mse_weight=5.0,
-        lpips_weight=1.0,
-        max_grad_norm=50.0,
-        num_frozen_up_blocks=0,
-        resolution=256,
-        num_frames=17,
-    ),
-}
+    "flux": dict(learning_rate=1e-5, train_batch_size=32, max_train_steps=10_000, kl_weight=1e-3, mse_weight=1.0,
+                 lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=1, resolution=256),
+    "cosmos": dict(learning_rate=1e-4, train_batch_size=32, max_train_steps=10_000, kl_weight=0.0, mse_weight=1.0,
+                   lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=3, resolution=256),
+    "cogvideox": dict(learning_rate=3e-4, train_batch_size=64, video_batch_size=32, max_train_steps=20_000,
+                      kl_weight=1e-3, mse_weight=1.0, lpips_weight=1.0, max_grad_norm=1.0, num_frozen_up_blocks=0,
+                      resolution=256, num_frames=17),
+    "ltx": dict(learning_rate=5e-5, train_batch_size=64, video_batch_size=32, max_train_steps=20_000, kl_weight=1e-4,
+                mse_weight=5.0, lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=0, resolution=256,
+                num_frames=17),
+}  # fmt: skip
 
-# The no-argument run: the embedded AE on embedded photographs, sized for a few CPU minutes. LPIPS is off because
-# its trunk is a download; the paper's MSE term stays.
-EMBEDDED_DEFAULTS = dict(
-    learning_rate=2e-4,
-    train_batch_size=16,
-    max_train_steps=300,
-    lpips_weight=0.0,
-    resolution=64,
-    validation_steps=100,
-    checkpointing_steps=300,
-    num_frozen_up_blocks=0,
-)
+# Without a dataset the run is sized for a few CPU minutes, whatever the preset. LPIPS is off: its trunk is a download.
+EMBEDDED_SIZING = {
+    # the embedded AE on the embedded photographs (the no-argument run)
+    "embedded AE": dict(learning_rate=2e-4, train_batch_size=16, max_train_steps=300, lpips_weight=0.0, resolution=64,
+                        validation_steps=100, checkpointing_steps=300, num_frozen_up_blocks=0),
+    # a video AE (e.g. diffusability_hf/assets/tiny_configs/cogvideox.json) on embedded crops and camera pans
+    "video AE": dict(train_batch_size=4, video_batch_size=2, max_train_steps=100, lpips_weight=0.0, resolution=64,
+                     validation_steps=50, checkpointing_steps=100),
+    "other AEs": dict(resolution=64),  # the embedded photographs' crops
+}  # fmt: skip
 
-# A video AE with no dataset: joint batches of embedded crops and camera pans at 64 px, sized for a few CPU minutes
-# with a tiny config (e.g. diffusability_hf/assets/tiny_configs/cogvideox.json). LPIPS is off: its trunk is a download.
-EMBEDDED_VIDEO_DEFAULTS = dict(
-    train_batch_size=4,
-    video_batch_size=2,
-    max_train_steps=100,
-    lpips_weight=0.0,
-    resolution=64,
-    validation_steps=50,
-    checkpointing_steps=100,
-)
 
-# Everything else (the flags that the layers above may leave unset).
-GENERIC_DEFAULTS = dict(
-    learning_rate=1e-5,
-    train_batch_size=8,
-    max_train_steps=10_000,
-    mse_weight=1.0,
-    lpips_weight=1.0,
-    max_grad_norm=50.0,
-    num_frozen_up_blocks=0,
-    resolution=256,
-    validation_steps=500,
-    checkpointing_steps=1000,
-)
+def settings_help() -> str:
+    """The --help epilog: the rule, the presets and the no-dataset sizing, from the tables above."""
+    rows = [(f"--preset {name}", values) for name, values in PRESETS.items()]
+    rows += [(f"no dataset, {kind}", values) for kind, values in EMBEDDED_SIZING.items()]
+    lines = textwrap.wrap(
+        "Settings: a flag given on the command line wins; else, with no --dataset_name / --train_data_dir, the CPU "
+        "sizing below (for a video AE: with no video data either); else --preset; else the defaults above. With SE "
+        "on (--se_weight > 0), a preset's kl_weight is not used (Section 3.3).",
+        width=100,
+    )
+    for label, values in rows:
+        text = f"{label}: " + " ".join(f"{k}={v}" for k, v in values.items())
+        lines += textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     # Model
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -208,18 +168,17 @@ def parse_args(input_args=None):
         "--model_config_name_or_path",
         type=str,
         default=None,
-        help="A diffusers config.json (file or folder): train from random init (paper App. C.5). The "
-        "class comes from its '_class_name'.",
+        help="A diffusers config.json (file or folder): train from random init (paper App. C.5). The class comes from "
+        "its '_class_name'.",
     )
     parser.add_argument(
         "--preset",
         type=str,
         default=None,
         choices=sorted(PRESETS),
-        help="Fill Table 5's per-AE settings (lr, batch, steps, KL, MSE weight, grad clip, frozen "
-        "up-blocks, resolution). Explicit flags win. Its batch sizes are the paper's global ones (e.g. 32 images per "
-        "step in total), split over the processes and accumulation steps; a launch that does not divide them is "
-        "refused.",
+        help="Table 5's per-AE settings (listed below); flags given explicitly win. Its batch sizes are the paper's "
+        "global ones (e.g. 32 images per step in total), split over the processes and accumulation steps; a launch "
+        "that does not divide them is refused.",
     )
     # Data
     parser.add_argument("--dataset_name", type=str, default=None, help="HF datasets name (or local dataset script).")
@@ -227,7 +186,7 @@ def parse_args(input_args=None):
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
     parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of images (HF 'imagefolder').")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models are cached.")
-    parser.add_argument("--resolution", type=int, default=None, help="Square training crop side in pixels.")
+    parser.add_argument("--resolution", type=int, default=256, help="Square training crop side (%(default)s).")
     parser.add_argument("--center_crop", action="store_true", help="Center crops instead of random crops.")
     parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
@@ -243,12 +202,15 @@ def parse_args(input_args=None):
     parser.add_argument("--video_dataset_config_name", type=str, default=None, help="Its config.")
     parser.add_argument("--video_column", type=str, default=None, help="Video column (default: the first Video one).")
     parser.add_argument(
-        "--num_frames", type=int, default=None, help="Frames per clip (paper: 17; must fit the AE, e.g. 1 + 8k)."
+        "--num_frames",
+        type=int,
+        default=17,
+        help="Frames per clip (paper: %(default)s; must fit the AE, e.g. 1 + 8k).",
     )
     parser.add_argument("--frame_stride", type=int, default=1, help="Take every N-th frame of a video.")
     # Loss (paper eq. 2 and Appendix C)
-    parser.add_argument("--mse_weight", type=float, default=None, help="MSE weight in d (Table 5).")
-    parser.add_argument("--lpips_weight", type=float, default=None, help="LPIPS weight in d (Table 5: 1.0).")
+    parser.add_argument("--mse_weight", type=float, default=1.0, help="MSE weight in d (Table 5; %(default)s).")
+    parser.add_argument("--lpips_weight", type=float, default=1.0, help="LPIPS weight in d (Table 5: %(default)s).")
     parser.add_argument(
         "--lpips_net", type=str, default="alex", choices=["alex", "vgg", "squeeze"], help="LPIPS trunk."
     )
@@ -278,8 +240,8 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--kl_weight",
         type=float,
-        default=None,
-        help="KL beta, per-element mean. Default: 0 with SE (paper), the preset's value without.",
+        default=0.0,
+        help="KL beta, per-element mean (default: %(default)s; without SE, the preset's value).",
     )
     parser.add_argument(
         "--chf_weight",
@@ -346,8 +308,8 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--num_frozen_up_blocks",
         type=int,
-        default=None,
-        help="Decoder up-blocks nearest the output to freeze (Table 5: flux 1, cosmos 3, video 0).",
+        default=0,
+        help="Decoder up-blocks nearest the output to freeze (Table 5: flux 1, cosmos 3, video 0; default %(default)s).",
     )
     parser.add_argument(
         "--train_output_layers",
@@ -370,21 +332,21 @@ def parse_args(input_args=None):
         "--train_batch_size",
         "--image_batch_size",
         type=int,
-        default=None,
+        default=8,
         help="Images per process and micro-batch, as in diffusers' examples (global batch = this x processes x "
-        "accumulation steps). Unset with --preset: Table 5's global 32 (image AEs) or 64 (video AEs) split over the "
-        "processes.",
+        "accumulation steps; default %(default)s). From --preset: Table 5's global 32 (image AEs) or 64 (video AEs) "
+        "split over the processes.",
     )
     parser.add_argument(
         "--video_batch_size",
         type=int,
         default=None,
-        help="Clips per process and micro-batch for video AEs, trained jointly with the images. Unset with --preset: "
-        "Table 5's global 32 split over the processes.",
+        help="Clips per process and micro-batch for video AEs, trained jointly with the images (default: half the "
+        "image batch, Table 5's ratio). From --preset: Table 5's global 32 split over the processes.",
     )
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps.")
+    parser.add_argument("--max_train_steps", type=int, default=10_000, help="Optimizer steps (%(default)s).")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
-    parser.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate (Table 5).")
+    parser.add_argument("--learning_rate", type=float, default=1e-5, help="Peak learning rate (%(default)s).")
     parser.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch x accumulation x processes.")
     parser.add_argument(
         "--lr_scheduler",
@@ -398,7 +360,7 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2 (paper: 0.99).")
     parser.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01).")
     parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping norm (Table 5).")
+    parser.add_argument("--max_grad_norm", type=float, default=50.0, help="Gradient clipping norm (%(default)s).")
     parser.add_argument(
         "--ema_halflife_steps",
         type=float,
@@ -409,8 +371,8 @@ def parse_args(input_args=None):
         "--ema_rampup_ratio",
         type=float,
         default=0.05,
-        help="Effective half-life min(half-life, ratio * step), as the authors' code, so short runs "
-        "get an EMA that fits their length; 0 disables the ramp.",
+        help="Effective half-life min(half-life, ratio * step), as the authors' code, so short runs get an EMA that "
+        "fits their length; 0 disables the ramp.",
     )
     parser.add_argument(
         "--mixed_precision",
@@ -430,7 +392,9 @@ def parse_args(input_args=None):
         help="Reuse an --output_dir that holds another run's model or checkpoints (its checkpoints are deleted at "
         "the start, its model replaced at the end). Without it such a folder is refused.",
     )
-    parser.add_argument("--checkpointing_steps", type=int, default=None, help="Save the training state every N steps.")
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=1000, help="Save the training state every N steps (%(default)s)."
+    )
     parser.add_argument(
         "--checkpoints_total_limit",
         type=int,
@@ -445,7 +409,7 @@ def parse_args(input_args=None):
         help="'latest' (the newest complete checkpoint in --output_dir) or a checkpoint folder: restores model, EMA, "
         "optimizer, scheduler, RNG, step.",
     )
-    parser.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps.")
+    parser.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps (%(default)s).")
     parser.add_argument(
         "--num_validation_images",
         type=int,
@@ -468,6 +432,7 @@ def parse_args(input_args=None):
         action="store_true",
         help="Save the base's latent normalisation unchanged instead of re-estimating it (both are recorded).",
     )
+    # Copied from train_scripts/train_dit_flow.py (the tracker and Hub flags), with this script's help texts
     parser.add_argument(
         "--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'."
     )
@@ -490,62 +455,55 @@ def parse_args(input_args=None):
         "its model card.",
     )
     args = parser.parse_args(input_args)
-    return resolve_args(args, parser)
-
-
-def _is_video_ae(args) -> bool:
-    """Whether the model's config names a video AE class (False when it cannot be read: main() reports that)."""
-    try:
-        return ae.get_row(load_autoencoder(args)[0]).video
-    except (OSError, ValueError):
-        return False
-
-
-def resolve_args(args, parser):
-    """Fill unset flags from the embedded-data sizing, the preset and the generic defaults; validate combinations.
-
-    With no dataset (the embedded photographs and pans) the run is sized for a CPU whatever the preset: the
-    sizing layer comes before the preset's Table 5 values. Explicit flags always win.
-    """
-    args.embedded_model = args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None
-    args.embedded_data = args.dataset_name is None and args.train_data_dir is None
-    args.embedded_video = args.video_data_dir is None and args.video_dataset_name is None
-    preset = PRESETS.get(args.preset, {})
-    layers = [preset]
-    if args.embedded_model and args.embedded_data:
-        layers.insert(0, EMBEDDED_DEFAULTS)
-    elif args.embedded_data and args.embedded_video and _is_video_ae(args):
-        layers.insert(0, EMBEDDED_VIDEO_DEFAULTS)
-    elif args.embedded_data:
-        layers.insert(0, {"resolution": EMBEDDED_DEFAULTS["resolution"]})
-    layers.append(GENERIC_DEFAULTS)
-    # Table 5's batch sizes are global (32 images per step in total): the ones a preset fills are split over the
-    # processes in main(); an explicit --train_batch_size / --video_batch_size is per process, as in diffusers.
-    args.preset_global_batch = {}
-    for key in ("train_batch_size", "video_batch_size"):
-        if getattr(args, key) is None and key in preset and next(layer for layer in layers if key in layer) is preset:
-            args.preset_global_batch[key] = preset[key]
-    for key in GENERIC_DEFAULTS:
-        if getattr(args, key) is None:
-            setattr(args, key, next(layer[key] for layer in layers if key in layer))
-    if args.kl_weight is None:  # not in GENERIC_DEFAULTS on purpose: SE switches it off
-        args.kl_weight = 0.0 if args.se_weight > 0 else preset.get("kl_weight", 0.0)
-    if args.embedded_model:
-        args.pretrained_model_name_or_path = EMBEDDED_AE
-    # Video settings (used only with a video AE; check_video() decides in main())
-    if args.num_frames is None:
-        args.num_frames = preset.get("num_frames", 17)
-    if args.video_batch_size is None:
-        args.video_batch_size = next(
-            (layer["video_batch_size"] for layer in layers if "video_batch_size" in layer), None
-        )
-
+    refuse_hub_token(parser, args)
+    given = given_flags(parser, input_args, args)
     if args.pretrained_model_name_or_path is not None and args.model_config_name_or_path is not None:
         parser.error("Give either --pretrained_model_name_or_path or --model_config_name_or_path, not both.")
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("Give either --dataset_name or --train_data_dir, not both.")
     if args.video_data_dir is not None and args.video_dataset_name is not None:
         parser.error("Give either --video_data_dir or --video_dataset_name, not both.")
+    args.embedded_model = args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None
+    args.embedded_data = args.dataset_name is None and args.train_data_dir is None
+    args.embedded_video = args.video_data_dir is None and args.video_dataset_name is None
+    if args.embedded_model:
+        args.pretrained_model_name_or_path = ae.EMBEDDED_AE
+    args.vae_config = read_vae_config(args)  # the one read of the model's config: main() uses it too
+    vars(args).update(preset_settings(args, given, ae.get_row(args.vae_config).video))
+    check_settings(parser, args)
+    if args.report_to == "none":
+        args.report_to = None
+    return args
+
+
+def given_flags(parser, input_args, args) -> set:
+    """The settings named on the command line (by ``dest``): parsed again into a namespace that already holds a
+    marker for every setting of ``args``, which argparse's defaults then leave alone."""
+    unset = object()
+    probe = parser.parse_args(input_args, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+def preset_settings(args, given: set, video_ae: bool) -> dict:
+    """The one rule for settings: a flag on the command line > the no-dataset CPU sizing > --preset > argparse's
+    default. Returns the values for the flags that were not given, and ``preset_global_batch``: the batch sizes that
+    are the preset's Table 5 global ones (split over the processes in main())."""
+    table5 = dict(PRESETS.get(args.preset, {}))
+    if args.se_weight > 0:
+        table5.pop("kl_weight", None)  # SE runs turn KL off (Section 3.3)
+    sizing = {}
+    if args.embedded_data:
+        kind = (
+            "embedded AE" if args.embedded_model else "video AE" if video_ae and args.embedded_video else "other AEs"
+        )
+        sizing = EMBEDDED_SIZING[kind]
+    values = {k: v for k, v in {**table5, **sizing}.items() if k not in given}
+    values["preset_global_batch"] = {k: table5[k] for k in BATCH_FLAGS if k in values and k not in sizing}
+    return values
+
+
+def check_settings(parser, args) -> None:
+    """Refuse settings that cannot work together (argparse's ``error``: usage, then one line)."""
     if args.num_frames < 1 or args.frame_stride < 1:
         parser.error("--num_frames and --frame_stride must be positive.")
     if args.video_batch_size is not None and args.video_batch_size < 0:
@@ -568,38 +526,36 @@ def resolve_args(args, parser):
         parser.error("--checkpoints_total_limit must be >= 0 (0 keeps every checkpoint).")
     if args.latent_stats_num_samples < 1 or args.num_validation_images < 1 or args.num_validation_videos < 1:
         parser.error("--latent_stats_num_samples, --num_validation_images and --num_validation_videos must be >= 1.")
-    if args.hub_token is not None:  # the value itself is never echoed
-        parser.error(
-            "--hub_token is refused: a token on the command line shows in process lists, shell history and the "
-            "launcher's error messages. Log in with `hf auth login` or set the HF_TOKEN environment variable."
-        )
-    if args.report_to == "none":
-        args.report_to = None
-    return args
 
 
-def load_autoencoder(args):
-    """Read the config (cheap, validates the class), then build or load the weights. Errors say what to fetch."""
+def read_vae_config(args) -> dict:
+    """The autoencoder's ``config.json`` (cheap; validates the class). Errors say what to fetch."""
     if args.model_config_name_or_path is not None:
         if not os.path.exists(args.model_config_name_or_path):
             raise FileNotFoundError(f"--model_config_name_or_path {args.model_config_name_or_path} does not exist.")
         config = ae.read_config(args.model_config_name_or_path)
-        cls = ae.model_class(config)
-        return config, lambda: cls.from_config(config), False
-    path, sub = args.pretrained_model_name_or_path, args.subfolder
-    config = ae.pretrained_config(path, sub, args.revision, args.cache_dir)
-    cls = ae.model_class(config)
-
-    def build():
-        return cls.from_pretrained(
-            path, subfolder=sub, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+    else:
+        config = ae.pretrained_config(
+            args.pretrained_model_name_or_path, args.subfolder, args.revision, args.cache_dir
         )
+    ae.model_class(config)  # an unsupported class is refused here
+    return config
 
-    return config, build, True
+
+def load_vae(args, config):
+    """The pretrained weights, or a random init of ``--model_config_name_or_path``."""
+    cls = ae.model_class(config)
+    if args.model_config_name_or_path is not None:
+        return cls.from_config(config)
+    return cls.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder=args.subfolder, revision=args.revision, variant=args.variant,
+        cache_dir=args.cache_dir,
+    )  # fmt: skip
 
 
-def check_geometry(args, config):
-    """Fail before any heavy work when the resolution, scale factors or DCT block do not fit the AE."""
+def check_geometry(args, config) -> int:
+    """Fail before any heavy work when the resolution, scale factors or DCT block do not fit the AE; returns its
+    spatial compression."""
     f = ae.spatial_compression(config)
     if args.resolution % f:
         lo = args.resolution // f * f
@@ -632,23 +588,52 @@ def check_geometry(args, config):
     return f
 
 
-def describe_global_batch(args, num_processes: int, is_video: bool) -> dict:
-    """What one optimizer step sees in total, for the log, ``metrics.json`` and the model card."""
-    per_step = num_processes * args.gradient_accumulation_steps
-    images, clips = args.train_batch_size * per_step, (args.video_batch_size * per_step if is_video else 0)
-    text = f"{images} images" + (f" + {clips} clips of {args.num_frames} frames" if is_video else "")
-    text += f" ({args.train_batch_size}" + (f" + {args.video_batch_size}" if is_video else "")
-    text += f" per process x {num_processes} processes x {args.gradient_accumulation_steps} accumulation steps"
-    text += f"; --preset {args.preset}'s Table 5 global batch)" if args.preset_global_batch else ")"
-    return {
-        "images": images,
-        "clips": clips,
-        "per_process": {"images": args.train_batch_size, "clips": args.video_batch_size if is_video else 0},
-        "num_processes": num_processes,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "source": f"--preset {args.preset} (Table 5, global)" if args.preset_global_batch else "per-process flags",
-        "description": text,
-    }
+def check_video(args, config) -> int:
+    """Video settings against the AE class, before any weights load. Returns the clips per process and
+    micro-batch: 0 for an image AE, ``--video_batch_size`` or half the image batch (Table 5's ratio) for a video AE."""
+    row = ae.get_row(config)
+    name = row.class_name
+    if not row.video:
+        given = [
+            flag
+            for flag, value in (
+                ("--video_data_dir", args.video_data_dir),
+                ("--video_dataset_name", args.video_dataset_name),
+                (
+                    "--video_batch_size" + (f" (from --preset {args.preset})" if args.preset else ""),
+                    args.video_batch_size,
+                ),
+                ("--se_temporal_scale_factors", args.se_temporal_scale_factors),
+            )
+            if value
+        ]
+        if given:
+            videos = ", ".join(n for n in ae.supported_classes() if ae.get_row(n).video)
+            raise ValueError(f"{name} is an image autoencoder, but {', '.join(given)} need a video AE ({videos}).")
+        if args.train_batch_size == 0:
+            raise ValueError("--train_batch_size must be positive.")
+        return 0
+    clips = max(1, args.train_batch_size // 2) if args.video_batch_size is None else args.video_batch_size
+    if clips == 0 and args.train_batch_size == 0:
+        raise ValueError("--image_batch_size and --video_batch_size are both 0: nothing to train on.")
+    ae.check_num_frames(config, args.num_frames)
+    if not row.causal and args.train_batch_size > 0:
+        raise ValueError(
+            f"{name} is not causal (it takes {ae.frame_rule(config)} frames): it cannot encode images as 1-frame "
+            "videos. Pass --image_batch_size 0 to train on clips only."
+        )
+    if clips == 0 and args.se_temporal_scale_factors:
+        raise ValueError("--se_temporal_scale_factors needs clips: set --video_batch_size.")
+    latent_frames = ae.latent_num_frames(config, args.num_frames)
+    for f in args.se_temporal_scale_factors or []:
+        pixels = 1 + (args.num_frames - 1) // f
+        if not row.causal or (latent_frames - 1) % f or not ae.valid_num_frames(config, pixels):
+            raise ValueError(
+                f"Temporal SE factor {f} does not fit {args.num_frames} frames ({latent_frames} latent frames) of "
+                f"{name}: the downsampled clip must itself take {ae.frame_rule(config)} frames. Try --num_frames "
+                f"{1 + ae.frame_multiple(config) * f} or {1 + 2 * ae.frame_multiple(config) * f}, or drop {f}."
+            )
+    return clips
 
 
 def split_global_batch(args, num_processes: int) -> dict:
@@ -679,110 +664,113 @@ def split_global_batch(args, num_processes: int) -> dict:
     return split
 
 
-def check_video(args, config):
-    """Video settings against the AE class, before any weights load. Returns whether it trains on clips."""
-    row = ae.get_row(config)
-    name = row.class_name
-    if not row.video:
-        given = [
-            flag
-            for flag, value in (
-                ("--video_data_dir", args.video_data_dir),
-                ("--video_dataset_name", args.video_dataset_name),
-                (
-                    "--video_batch_size" + (f" (from --preset {args.preset})" if args.preset else ""),
-                    args.video_batch_size,
-                ),
-                ("--se_temporal_scale_factors", args.se_temporal_scale_factors),
-            )
-            if value
-        ]
-        if given:
-            videos = ", ".join(n for n in ae.supported_classes() if ae.get_row(n).video)
-            raise ValueError(f"{name} is an image autoencoder, but {', '.join(given)} need a video AE ({videos}).")
-        if args.train_batch_size == 0:
-            raise ValueError("--train_batch_size must be positive.")
-        args.video_batch_size = 0
-        return False
-    if args.video_batch_size is None:
-        args.video_batch_size = max(1, args.train_batch_size // 2)  # Table 5's 2:1 images to clips
-    if args.video_batch_size == 0 and args.train_batch_size == 0:
-        raise ValueError("--image_batch_size and --video_batch_size are both 0: nothing to train on.")
-    ae.check_num_frames(config, args.num_frames)
-    if not row.causal and args.train_batch_size > 0:
-        raise ValueError(
-            f"{name} is not causal (it takes {ae.frame_rule(config)} frames): it cannot encode images as 1-frame "
-            "videos. Pass --image_batch_size 0 to train on clips only."
+def describe_global_batch(args, num_processes: int, is_video: bool) -> dict:
+    """What one optimizer step sees in total, for the log, ``metrics.json`` and the model card."""
+    per_step = num_processes * args.gradient_accumulation_steps
+    images, clips = args.train_batch_size * per_step, (args.video_batch_size * per_step if is_video else 0)
+    text = f"{images} images" + (f" + {clips} clips of {args.num_frames} frames" if is_video else "")
+    text += f" ({args.train_batch_size}" + (f" + {args.video_batch_size}" if is_video else "")
+    text += f" per process x {num_processes} processes x {args.gradient_accumulation_steps} accumulation steps"
+    text += f"; --preset {args.preset}'s Table 5 global batch)" if args.preset_global_batch else ")"
+    return {
+        "images": images,
+        "clips": clips,
+        "per_process": {"images": args.train_batch_size, "clips": args.video_batch_size if is_video else 0},
+        "num_processes": num_processes,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "source": f"--preset {args.preset} (Table 5, global)" if args.preset_global_batch else "per-process flags",
+        "description": text,
+    }
+
+
+def held_out_split(num_items, num_held_out, read, what, flag, seed):
+    """Hold ``num_held_out`` readable items out of training (seeded); returns (pixels, training indices, info)."""
+    pixels, held, unreadable = hold_out(num_items, num_held_out, read, seed)
+    train = [i for i in range(num_items) if i not in set(held)]
+    if pixels is None or not train:
+        raise UsageError(
+            f"The training data has {num_items} {what} ({len(unreadable)} unreadable among those examined): too few "
+            f"to hold out {num_held_out} for validation and train on the rest. Lower {flag} or add data."
         )
-    if args.video_batch_size == 0 and args.se_temporal_scale_factors:
-        raise ValueError("--se_temporal_scale_factors needs clips: set --video_batch_size.")
-    latent_frames = ae.latent_num_frames(config, args.num_frames)
-    for f in args.se_temporal_scale_factors or []:
-        pixels = 1 + (args.num_frames - 1) // f
-        if not row.causal or (latent_frames - 1) % f or not ae.valid_num_frames(config, pixels):
-            raise ValueError(
-                f"Temporal SE factor {f} does not fit {args.num_frames} frames ({latent_frames} latent frames) of "
-                f"{name}: the downsampled clip must itself take {ae.frame_rule(config)} frames. Try --num_frames "
-                f"{1 + ae.frame_multiple(config) * f} or {1 + 2 * ae.frame_multiple(config) * f}, or drop {f}."
-            )
-    return True
+    info = {
+        "source": f"held out of the training data at random (seed {seed}), never trained on",
+        "num_held_out": int(pixels.shape[0]),
+        "held_out_indices": held,
+        "unreadable_held_out_indices": unreadable,
+    }
+    if pixels.shape[0] < num_held_out:
+        logger.warning(
+            f"Only {pixels.shape[0]} readable {what} could be held out for validation ({flag} {num_held_out})."
+        )
+    return pixels, train, info
 
 
-class SEAutoencoderLoss(nn.Module):
-    """Encode, decode and the SE branch in one ``forward`` (so DDP/FSDP and autocast see all of it).
+def image_datasets(args):
+    """Training images and the fixed validation images, which are never trained on."""
+    if args.embedded_data:
+        logger.info("No image dataset given: training on crops of the photographs that ship inside scikit-image.")
+        info = {
+            "source": f"crops of the photographs {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
+            "num_held_out": args.num_validation_images,
+        }
+        return (
+            EmbeddedPhotoCrops(args.resolution, seed=args.seed, random_flip=True),
+            embedded_validation_batch(args.resolution, args.num_validation_images),
+            info,
+        )
+    ds, column = load_image_dataset(
+        args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir
+    )
+    val, train_indices, info = held_out_split(
+        len(ds), args.num_validation_images, lambda i: open_and_crop(ds[i][column], args.resolution), "images",
+        "--num_validation_images", args.seed,
+    )  # fmt: skip
+    train = HFImageDataset(
+        ds.select(train_indices), column, args.resolution, args.center_crop, args.random_flip, args.seed
+    )
+    return train, val, info
 
-    Takes an image batch and, for video AEs, a clip batch (either may be ``None``): the paper's joint image+video
-    batches, images going through a causal video AE as 1-frame videos. Every sample, image or clip, counts once in
-    the batch mean. Returns that mean and a dict of detached per-term means. Paper eq. 2, plus App. C terms.
-    """
 
-    def __init__(self, vae, distance, args):
-        super().__init__()
-        self.vae = vae
-        object.__setattr__(self, "distance", distance)  # frozen LPIPS: not part of the trained state
-        self.args = args
-        self.generator = None
+def video_datasets(args):
+    """Training clips and the fixed validation clips (first frames, centre crops), which are never trained on."""
+    if args.embedded_video:
+        logger.info("No video dataset given: training on camera pans over the embedded photographs and the GIF.")
+        info = {
+            "source": f"camera pans over {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
+            "num_held_out": args.num_validation_videos,
+        }
+        return (
+            EmbeddedPanClips(args.resolution, args.num_frames, seed=args.seed),
+            embedded_validation_clips(args.resolution, args.num_frames, args.num_validation_videos),
+            info,
+        )
+    if args.video_data_dir is not None:
+        sources = list_videos(args.video_data_dir)
+    else:
+        sources = load_video_dataset(
+            args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir
+        )
+    clip = dict(resolution=args.resolution, num_frames=args.num_frames, frame_stride=args.frame_stride)
+    val_set = VideoClips(sources, **clip, center_crop=True, random_start=False)
+    val, train_indices, info = held_out_split(
+        len(sources), args.num_validation_videos, val_set.read, "videos", "--num_validation_videos", args.seed
+    )
+    train = VideoClips(
+        [sources[i] for i in train_indices], **clip, center_crop=args.center_crop, random_flip=args.random_flip,
+        seed=args.seed,
+    )  # fmt: skip
+    return train, val, info
 
-    def decode(self, z):
-        a = self.args
-        return ae.decode(self.vae, z, self.generator, a.decode_timestep, a.decode_noise_scale)
 
-    def losses(self, x, scale_factor, temporal_factor, chf_ratio):
-        """Per-sample terms ``{name: (B,)}`` and the per-sample total for images or clips ``x``."""
-        a = self.args
-        posterior = ae.encode(self.vae, x)
-        z = posterior.sample(self.generator) if a.latent_sampling == "sample" else posterior.mode()
-        terms = {"rec": self.distance(self.decode(z), x)}  # (B,)
-        loss = terms["rec"]
-        if a.se_weight > 0:
-            terms["se"] = scale_equivariance_loss(
-                x, z, self.decode, scale_factor, a.se_downsample_mode, self.distance, temporal_factor
-            )
-            loss = loss + a.se_weight * terms["se"]
-        if a.kl_weight > 0 and posterior.logvar is not None:
-            terms["kl"] = kl_divergence(posterior.mean, posterior.logvar)  # per element, also for 5D
-            loss = loss + a.kl_weight * terms["kl"]
-        if a.chf_weight > 0:
-            terms["chf"] = chf_loss(x, z, self.decode, chf_ratio, a.dct_block_size, distance=self.distance)
-            loss = loss + a.chf_weight * terms["chf"]
-        if a.soft_penalty_weight > 0:
-            terms["soft"] = soft_frequency_penalty(z, a.dct_block_size, a.soft_penalty_p, a.soft_penalty_normalization)
-            loss = loss + a.soft_penalty_weight * terms["soft"]
-        return loss, terms
-
-    def forward(self, images, videos, scale_factor, temporal_factor=1, chf_ratio=None, generator=None):
-        self.generator = generator
-        parts = [
-            (kind, self.losses(x, scale_factor, temporal_factor, chf_ratio))
-            for kind, x in (("image", images), ("video", videos))
-            if x is not None
-        ]
-        loss = torch.cat([p[0] for _, p in parts])  # (B_images + B_videos,)
-        terms = {k: torch.cat([p[1][k] for _, p in parts if k in p[1]]) for _, p in parts for k in p[1]}
-        terms = {k: v.detach().float().mean() for k, v in terms.items()}
-        if len(parts) > 1:
-            terms.update({f"rec_{kind}": p[1]["rec"].detach().float().mean() for kind, p in parts})
-        return loss.mean(), terms
+def trainable_split(vae, args):
+    """Freeze what the paper freezes (App. B); return the frozen module names."""
+    frozen = ae.frozen_module_names(vae, args.num_frozen_up_blocks, not args.train_output_layers)
+    if args.freeze_encoder:
+        frozen += [n for n in ("encoder", "quant_conv") if getattr(vae, n, None) is not None]
+    vae.requires_grad_(True)
+    for name in frozen:
+        vae.get_submodule(name).requires_grad_(False)
+    return frozen
 
 
 @torch.no_grad()
@@ -831,6 +819,32 @@ def rgb_spectrum(pixels, compression, block_size):
     }
 
 
+def run_validation(accelerator, vae, ema, val, rgb, args, step):
+    """Validate the EMA weights (the model that will be saved), then put the training weights back."""
+    params = [p for p in vae.parameters() if p.requires_grad]
+    backup = [p.detach().clone() for p in params]
+    if ema is not None:
+        ema.copy_to(params)
+    results = {kind: evaluate(vae, pixels, args) for kind, pixels in val.items()}
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)
+    for kind, result in results.items():
+        prefix = "" if kind == "image" else "video_"
+        accelerator.log({f"val/{prefix}psnr": result["psnr"], f"val/{prefix}hf_share": result["hf_share"]}, step=step)
+        if kind == "image":
+            log_images(accelerator.trackers, val[kind], result["recon"], step)
+        else:
+            log_clips(accelerator.trackers, val[kind], result["recon"], step)
+        labels = ("RGB at the latent size", f"latents (step {step})")
+        profiles = dict(zip(labels, (rgb[kind]["profile"], result["profile"])))
+        log_spectra(accelerator.trackers, f"validation/spectrum_{kind}", profiles,
+                    dict(zip(labels, (rgb[kind]["energy"], result["energy"]))), step)  # fmt: skip
+        if "frame_profiles" in result:  # one curve per latent frame
+            log_frame_profiles(accelerator.trackers, "validation/spectrum_per_frame", result["frame_profiles"], step)
+        logger.info(f"step {step}: val {kind} PSNR {result['psnr']:.2f} dB, latent HF share {result['hf_share']:.4f}")
+
+
 @torch.no_grad()
 def training_latents(vae, dataset, args, device, batch_size=8):
     """Posterior samples (seeded) of the first ``--latent_stats_num_samples`` items of a training dataset."""
@@ -846,159 +860,131 @@ def training_latents(vae, dataset, args, device, batch_size=8):
     return torch.cat(out)
 
 
-def trainable_split(vae, args):
-    """Freeze what the paper freezes (App. B); return the frozen module names."""
-    frozen = ae.frozen_module_names(vae, args.num_frozen_up_blocks, not args.train_output_layers)
-    if args.freeze_encoder:
-        frozen += [n for n in ("encoder", "quant_conv") if getattr(vae, n, None) is not None]
-    vae.requires_grad_(True)
-    for name in frozen:
-        vae.get_submodule(name).requires_grad_(False)
-    return frozen
-
-
-def log_images(accelerator, pixels, recon, step):
-    grid = torch.cat([pixels, recon]).clamp(-1, 1).add(1).div(2).cpu()  # (2N, 3, H, W): originals, then recons
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation/reconstruction", grid, step, dataformats="NCHW")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation/reconstruction": [wandb.Image(img) for img in grid]}, step=step)
-
-
-def log_clips(accelerator, clips, recon, step, tag="validation/reconstruction_clips"):
-    """Originals above reconstructions, clips side by side, as one animated GIF per tracker."""
-    gif = clips_to_gif(clips, recon)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":  # TensorBoard shows an image summary holding GIF bytes as an animation
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            h, w = clips.shape[-2] * 2, clips.shape[-1] * clips.shape[0]
-            image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif)
-            tracker.writer._get_file_writer().add_summary(
-                Summary(value=[Summary.Value(tag=tag, image=image)]), global_step=step
-            )
-        elif tracker.name == "wandb":
-            import io
-
-            import wandb
-
-            tracker.log({tag: wandb.Video(io.BytesIO(gif), format="gif")}, step=step)
-    return gif
-
-
-def peak_memory_gb(device) -> float:
-    """Peak accelerator memory allocated by tensors (CUDA), else the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:  # VmHWM: unlike ru_maxrss, it does not start from the launcher's peak (kept across fork and exec)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def held_out_split(num_items, num_held_out, read, what, flag, seed):
-    """Hold ``num_held_out`` readable items out of training (seeded); returns (pixels, training indices, info)."""
-    pixels, held, unreadable = hold_out(num_items, num_held_out, read, seed)
-    train = [i for i in range(num_items) if i not in set(held)]
-    if pixels is None or not train:
-        raise UsageError(
-            f"The training data has {num_items} {what} ({len(unreadable)} unreadable among those examined): too few "
-            f"to hold out {num_held_out} for validation and train on the rest. Lower {flag} or add data."
-        )
-    info = {
-        "source": f"held out of the training data at random (seed {seed}), never trained on",
-        "num_held_out": int(pixels.shape[0]),
-        "held_out_indices": held,
-        "unreadable_held_out_indices": unreadable,
+def latent_normalization(vae, train_images, train_videos, args, device):
+    """Re-estimate (or keep, with --keep_base_latent_scaling) the saved AE's latent normalisation; the record."""
+    dataset = train_videos if train_videos is not None else train_images  # what a video DiT would train on
+    z = training_latents(vae, dataset, args, device)
+    record = {
+        "num_samples": int(z.shape[0]),
+        "kind": "clips" if train_videos is not None else "images",
+        "latent_mean": float(z.double().mean()),
+        "latent_std": float(z.double().std(correction=0)),
+        "normalized_std_with_base_values": normalized_std(vae, z),
     }
-    if pixels.shape[0] < num_held_out:
-        logger.warning(
-            f"Only {pixels.shape[0]} readable {what} could be held out for validation ({flag} {num_held_out})."
-        )
-    return pixels, train, info
-
-
-def image_data(args):
-    """Training images and the fixed validation images, which are never trained on."""
-    if args.embedded_data:
-        logger.info("No image dataset given: training on crops of the photographs that ship inside scikit-image.")
-        info = {
-            "source": f"crops of the photographs {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
-            "num_held_out": args.num_validation_images,
-        }
-        return (
-            EmbeddedPhotoCrops(args.resolution, seed=args.seed, random_flip=True),
-            embedded_validation_batch(args.resolution, args.num_validation_images),
-            info,
-        )
-    ds, column = load_image_dataset(
-        args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir
-    )
-    val, train_indices, info = held_out_split(
-        len(ds), args.num_validation_images, lambda i: open_and_crop(ds[i][column], args.resolution), "images",
-        "--num_validation_images", args.seed,
-    )  # fmt: skip
-    train = HFImageDataset(
-        ds.select(train_indices), column, args.resolution, args.center_crop, args.random_flip, args.seed
-    )
-    return train, val, info
-
-
-def video_data(args):
-    """Training clips and the fixed validation clips (first frames, centre crops), which are never trained on."""
-    if args.embedded_video:
-        logger.info("No video dataset given: training on camera pans over the embedded photographs and the GIF.")
-        info = {
-            "source": f"camera pans over {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
-            "num_held_out": args.num_validation_videos,
-        }
-        return (
-            EmbeddedPanClips(args.resolution, args.num_frames, seed=args.seed),
-            embedded_validation_clips(args.resolution, args.num_frames, args.num_validation_videos),
-            info,
-        )
-    if args.video_data_dir is not None:
-        sources = list_videos(args.video_data_dir)
+    estimate = estimate_latent_normalization(vae, z)
+    if estimate is None:
+        record.update(reestimated=False, reason=f"{type(vae).__name__}'s statistics are not re-estimated")
+        logger.warning(f"{type(vae).__name__}: latent normalisation kept as the base's (not re-estimated here).")
+    elif args.keep_base_latent_scaling:
+        record.update(reestimated=False, reason="--keep_base_latent_scaling", would_be=estimate["config"])
     else:
-        sources = load_video_dataset(
-            args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir
-        )
-    clip = dict(resolution=args.resolution, num_frames=args.num_frames, frame_stride=args.frame_stride)
-    val_set = VideoClips(sources, **clip, center_crop=True, random_start=False)
-    val, train_indices, info = held_out_split(
-        len(sources), args.num_validation_videos, val_set.read, "videos", "--num_validation_videos", args.seed
+        apply_latent_normalization(vae, estimate)
+        record.update(reestimated=True, form=estimate["form"])
+    record["normalized_std_with_saved_values"] = normalized_std(vae, z)
+    record["saved"] = current_latent_normalization(vae)
+    logger.info(
+        f"Latent normalisation ({'re-estimated' if record['reestimated'] else 'kept'}): normalised latent std "
+        f"{record['normalized_std_with_base_values']:.3f} with the base's values, "
+        f"{record['normalized_std_with_saved_values']:.3f} with the saved ones"
     )
-    train = VideoClips(
-        [sources[i] for i in train_indices], **clip, center_crop=args.center_crop, random_flip=args.random_flip,
-        seed=args.seed,
+    return record
+
+
+def cross_decoding(base, final, val, before, after, args):
+    """PSNR of the base encoder's latents through the fine-tuned decoder and of the fine-tuned encoder's latents
+    through the base decoder, beside base -> base and new -> new, on the validation items."""
+    return {
+        kind: {
+            "base_encoder_base_decoder": before[kind]["psnr"],
+            "base_encoder_new_decoder": evaluate(base, pixels, args, decoder=final)["psnr"],
+            "new_encoder_base_decoder": evaluate(final, pixels, args, decoder=base)["psnr"],
+            "new_encoder_new_decoder": after[kind]["psnr"],
+        }
+        for kind, pixels in val.items()
+    }
+
+
+def write_outputs(args, before, after, rgb, val, run):
+    """metrics.json, spectrum.png and the model card README.md."""
+    base = (
+        "embedded (diffusability_hf/assets/embedded_ae)"
+        if args.embedded_model
+        else (args.pretrained_model_name_or_path or f"random init from {args.model_config_name_or_path}")
+    )
+    base = base + (f" (subfolder {args.subfolder})" if args.subfolder else "")
+    keep = ("psnr", "hf_share", "profile", "energy", "frame_profiles")
+    metrics = {"base_model": base, "base_weights_fingerprint": run["base_fingerprint"]}
+    metrics["weights_fingerprint"] = run["fingerprint"]
+    for kind in val:  # images at the top level, clips under "video"
+        entry = {
+            "before": {k: before[kind][k] for k in keep if k in before[kind]},
+            "after": {k: after[kind][k] for k in keep if k in after[kind]},
+            "rgb_profile": rgb[kind]["profile"],
+            "rgb_energy": rgb[kind]["energy"],
+            f"num_validation_{kind}s": int(val[kind].shape[0]),
+            "validation": run["validation"].get(kind, {}),
+        }
+        if run["cross_decoding"] is not None:
+            entry["cross_decoding_psnr"] = run["cross_decoding"][kind]
+        if kind == "image":
+            metrics.update(entry)
+        else:
+            metrics["video"] = entry
+    metrics.update(
+        {
+            "latent_normalization": {"base": run["base_normalization"], **run["normalization"]},
+            "train_steps": run["steps"],
+            "global_batch": {k: v for k, v in run["global_batch"].items() if k != "description"},
+            "skipped_images": run["skips"]["unreadable_files"],  # unique unreadable files (not skip events)
+            "unreadable_files": run["skips"],
+            "train_seconds": round(run["seconds"], 1),
+            "peak_memory_gb": round(run["peak_memory_gb"], 3),
+            "rank_weight_checksums": run["checksums"],
+        }
+    )
+    atomic_write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    profiles, energies = {}, {}
+    for kind in val:
+        label = "" if kind == "image" else " (clips)"
+        for name, source in ((f"RGB at the latent size{label}", rgb[kind]), (f"latents before{label}", before[kind]),
+                             (f"latents after{label}", after[kind])):  # fmt: skip
+            profiles[name], energies[name] = source["profile"], source["energy"]
+    save_png(
+        plot_spectra(profiles, energies, title="Latent spectrum before and after fine-tuning (paper Fig. 2/4)"),
+        os.path.join(args.output_dir, "spectrum.png"),
+    )
+    # The model card: metrics.json's numbers, the run's settings
+    hidden = ("hub_token", "embedded_model", "embedded_data", "preset_global_batch", "vae_config")
+    hp = {k: v for k, v in vars(args).items() if k not in hidden}
+    for key in ("se_scale_factors", "se_temporal_scale_factors"):
+        hp[key] = " ".join(map(str, getattr(args, key) or [])) or None
+    if args.embedded_model:
+        hp["pretrained_model_name_or_path"] = "(embedded)"
+    base_id = None if args.embedded_model or args.model_config_name_or_path else args.pretrained_model_name_or_path
+    fields = se_autoencoder_card_fields(
+        metrics, hp, class_name=run["class_name"], se_weight=args.se_weight, scale_factors=hp["se_scale_factors"],
+        num_frames=args.num_frames, decode_timestep=args.decode_timestep,
+        timestep_conditioning=run["timestep_conditioning"], global_batch=run["global_batch"]["description"],
+        trainable=run["trainable"], total=run["total"], base_id=base_id,
+        dataset=dataset_description(args.dataset_name, args.train_data_dir, args.video_dataset_name,
+                                    args.video_data_dir, "video" in val, bool(args.train_batch_size)),
+        license_fields=card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
     )  # fmt: skip
-    return train, val, info
-
-
-RESULT_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "metrics.json", "lora")
+    card = render_model_card("se_autoencoder", fields, template_dir=MODEL_CARDS)
+    atomic_write_text(os.path.join(args.output_dir, "README.md"), card)
 
 
 def main(args):
     use_all_cpu_cores()  # a plain `accelerate launch` runs one CPU process on one thread
     # Validate everything cheap before touching weights or data
     check_output_dir(args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch for FSDP configs
-        raise ValueError(
-            "FSDP is not supported by this script yet: its EMA, validation and final save need every parameter on one "
-            "process. The models trained here fit on one GPU, and data parallelism gives the same result: launch with "
-            "accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml instead."
-        )
+    check_launcher()
     if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
-    config, build_vae, pretrained = load_autoencoder(args)
+    config, pretrained = args.vae_config, args.model_config_name_or_path is None
     compression = check_geometry(args, config)
-    is_video = check_video(args, config)
+    args.video_batch_size = check_video(args, config)
+    is_video = ae.get_row(config).video
     if args.gradient_checkpointing and not ae.model_class(config)._supports_gradient_checkpointing:
         raise ValueError(
             f"{config['_class_name']} does not support gradient checkpointing in diffusers: drop "
@@ -1008,37 +994,24 @@ def main(args):
     if not pretrained and not args.train_output_layers:
         args.train_output_layers = True  # random init: nothing pretrained to protect
 
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    # Accelerator; a preset's Table 5 batch is global: split over this launch's processes before any data loads
+    accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
-    # A preset's Table 5 batch is global: split over this launch's processes, before any data or weights load
-    for key, value in split_global_batch(args, accelerator.num_processes).items():
-        setattr(args, key, value)
+    vars(args).update(split_global_batch(args, accelerator.num_processes))
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub:
-            from diffusability_hf.hub import check_hub_access
-
-            repo_id = check_hub_access(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), None, args.private
-            )
+        repo_id = hub_repo(args)
 
     # Data: image batches, or joint image + clip batches for video AEs (Table 5); validation items held out
-    train_images, val_images, val_info = image_data(args) if args.train_batch_size else (None, None, {})
+    train_images, val_images, val_info = image_datasets(args) if args.train_batch_size else (None, None, {})
     val_info = {"image": val_info} if val_images is not None else {}
+    train_videos, val_videos = None, None
     if is_video:
-        train_videos, val_videos, video_info = video_data(args) if args.video_batch_size else (None, None, {})
+        train_videos, val_videos, video_info = video_datasets(args) if args.video_batch_size else (None, None, {})
         if val_videos is not None:
             val_info["video"] = video_info
         train_dataset = JointBatches(
@@ -1048,15 +1021,11 @@ def main(args):
             train_dataset, batch_size=1, collate_fn=unwrap_batch, num_workers=args.dataloader_num_workers
         )
     else:
-        val_videos, train_dataset = None, train_images
+        train_dataset = train_images
         train_dataloader = torch.utils.data.DataLoader(
-            train_dataset,
-            batch_size=args.train_batch_size,
-            shuffle=True,
-            collate_fn=collate,
-            num_workers=args.dataloader_num_workers,
-            drop_last=len(train_dataset) >= args.train_batch_size,
-        )
+            train_dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+            num_workers=args.dataloader_num_workers, drop_last=len(train_dataset) >= args.train_batch_size,
+        )  # fmt: skip
     val = {
         kind: v.to(accelerator.device) for kind, v in (("image", val_images), ("video", val_videos)) if v is not None
     }
@@ -1068,7 +1037,7 @@ def main(args):
     distance.to(accelerator.device)
 
     # Model
-    vae = ae.prepare_for_training(build_vae())  # no slicing, tiling or frame-wise passes while training
+    vae = ae.prepare_for_training(load_vae(args, config))  # no slicing, tiling or frame-wise passes while training
     base_fingerprint = ae.weights_fingerprint(vae)
     base_normalization = current_latent_normalization(vae)
     frozen = trainable_split(vae, args)
@@ -1093,6 +1062,7 @@ def main(args):
     rgb = {kind: rgb_spectrum(pixels, compression, args.dct_block_size) for kind, pixels in val.items()}
     ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
 
+    # Optimizer, schedule and the SE objective (paper eq. 2 and App. C), prepared together
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     # Scalar parameters (e.g. LTX's timestep_scale_multiplier, initialised to 1000) are multipliers: no decay
@@ -1113,7 +1083,13 @@ def main(args):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    model = SEAutoencoderLoss(vae, distance, args)
+    model = SEAutoencoderLoss(
+        vae, distance, se_weight=args.se_weight, downsample_mode=args.se_downsample_mode, kl_weight=args.kl_weight,
+        chf_weight=args.chf_weight, soft_penalty_weight=args.soft_penalty_weight, soft_penalty_p=args.soft_penalty_p,
+        soft_penalty_normalization=args.soft_penalty_normalization, dct_block_size=args.dct_block_size,
+        latent_sampling=args.latent_sampling, decode_timestep=args.decode_timestep,
+        decode_noise_scale=args.decode_noise_scale,
+    )  # fmt: skip
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -1123,12 +1099,7 @@ def main(args):
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token"}
-        for key in ("se_scale_factors", "se_temporal_scale_factors"):
-            tracker_config[key] = " ".join(map(str, getattr(args, key) or []))
-        tracker_config = {k: v for k, v in tracker_config.items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("train_ae_se", config=tracker_config)
-
+        accelerator.init_trackers("train_ae_se", config=tracker_config(args))
     global_batch = describe_global_batch(args, accelerator.num_processes, is_video)
     logger.info(
         f"***** SE fine-tuning: {args.max_train_steps} steps, global batch {global_batch['description']}, "
@@ -1136,17 +1107,15 @@ def main(args):
     )
 
     # Resume (from the newest complete checkpoint for 'latest'); an overwritten folder loses its old checkpoints
-    global_step, first_epoch, skip_batches = 0, 0, 0
     if args.overwrite_output_dir and resume_path is None and accelerator.is_main_process:
         for name in remove_checkpoints(args.output_dir):
             logger.info(f"--overwrite_output_dir: removed the earlier run's {name}")
     accelerator.wait_for_everyone()
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        global_step = load_checkpoint(accelerator, resume_path)
-        first_epoch = global_step // steps_per_epoch
-        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, skip_batches = resume_position(
+        accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
+    )
 
+    # Training loop
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
@@ -1167,14 +1136,13 @@ def main(args):
             scale = step_rng.choice(args.se_scale_factors)
             chf_ratio = step_rng.uniform(0.0, args.chf_max_ratio)
             temporal = step_rng.choice(args.se_temporal_scale_factors) if args.se_temporal_scale_factors else 1
-            # Noise is a function of (seed, step, micro-batch, rank) only, so a resumed run draws what a straight one
-            # does: the posterior samples from `gen`; dropout and decoder noise injection (LTX) from torch's RNG
-            step_seed = args.seed * 1_000_003 + global_step * 64 + accelerator.process_index + micro * 7_919_000_003
-            gen = torch.Generator(accelerator.device).manual_seed(step_seed)
-            torch.manual_seed(step_seed + 12_345)
+            # Posterior samples from `gen`; dropout and decoder noise injection (LTX) from torch's RNG
+            gen = step_generator(accelerator.device, args.seed, global_step, accelerator.process_index, micro)
             micro += 1
             with accelerator.accumulate(model):
                 loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
+                loss = loss.mean()  # (B_images + B_videos,) -> the batch mean: every image and clip counts once
+                # Copied from train_scripts/train_dit_flow.py (backward, clipping on sync steps, optimizer, schedule)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -1222,8 +1190,6 @@ def main(args):
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
-    from accelerate.utils import gather_object
-
     skips = SkipLog().merge(gather_object([skips]))  # unique unreadable files over all processes
     # Every rank must hold the same weights after DDP training: record one checksum per rank
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters() if p.requires_grad]).sum()
@@ -1246,10 +1212,7 @@ def main(args):
             )
             merge_lora(final)
         # Latent normalisation re-estimated on training latents, in the class's own convention
-        normalization = latent_normalization(
-            final, train_images, train_videos if is_video else None, args, accelerator
-        )
-        # Save the EMA weights as the final model, in diffusers format, atomically
+        normalization = latent_normalization(final, train_images, train_videos, args, accelerator.device)
         with atomic_save(args.output_dir) as tmp:
             final.save_pretrained(tmp, safe_serialization=True)
             if lora_files is not None:
@@ -1261,320 +1224,38 @@ def main(args):
                     json.dump(lora_files[1], f, indent=2)
         after = {kind: evaluate(final, pixels, args) for kind, pixels in val.items()}
         # Cross-decoding: how far the fine-tuned latent space moved from the base's
-        cross = cross_decoding(build_vae, final, val, before, after, args, accelerator) if pretrained else None
+        cross = None
+        if pretrained:
+            base = ae.prepare_for_training(load_vae(args, config)).to(accelerator.device)
+            cross = cross_decoding(base, final, val, before, after, args)
+            del base
+
+        # metrics.json, spectrum.png, the model card; the reconstructions to the trackers
         run = dict(
-            steps=global_step,
-            trainable=n_train,
-            total=n_all,
-            skips=skips.summary(),
-            class_name=type(final).__name__,
-            seconds=time.time() - t_start,
-            checksums=rank_checksums,
-            peak_memory_gb=peak,
+            steps=global_step, trainable=n_train, total=n_all, skips=skips.summary(), class_name=type(final).__name__,
+            seconds=time.time() - t_start, checksums=rank_checksums, peak_memory_gb=peak,
             timestep_conditioning=bool(getattr(final.config, "timestep_conditioning", False)),
-            base_fingerprint=base_fingerprint,
-            fingerprint=ae.weights_fingerprint(final),
-            base_normalization=base_normalization,
-            normalization=normalization,
-            cross_decoding=cross,
-            validation=val_info,
-            global_batch={k: v for k, v in global_batch.items() if k != "description"},
-            global_batch_description=global_batch["description"],
-        )
+            base_fingerprint=base_fingerprint, fingerprint=ae.weights_fingerprint(final),
+            base_normalization=base_normalization, normalization=normalization, cross_decoding=cross,
+            validation=val_info, global_batch=global_batch,
+        )  # fmt: skip
         write_outputs(args, before, after, rgb, val, run)
         if "image" in val:
-            log_images(accelerator, val["image"], after["image"]["recon"], global_step)
+            log_images(accelerator.trackers, val["image"], after["image"]["recon"], global_step)
         if "video" in val:
-            gif = log_clips(accelerator, val["video"], after["video"]["recon"], global_step)
+            gif = log_clips(accelerator.trackers, val["video"], after["video"]["recon"], global_step)
             tmp_gif = os.path.join(args.output_dir, ".reconstruction.gif.tmp")
             with open(tmp_gif, "wb") as f:
                 f.write(gif)
             os.replace(tmp_gif, os.path.join(args.output_dir, "reconstruction.gif"))
         if args.push_to_hub:
-            from diffusability_hf.hub import push_folder
-
-            url = push_folder(repo_id, args.output_dir, None, "SE fine-tuned autoencoder")
-            logger.info(f"Uploaded to {url}")
+            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'SE fine-tuned autoencoder')}")
         names = ["config.json", "diffusion_pytorch_model.safetensors", "lora", "README.md", "metrics.json"]
         names += ["spectrum.png", "reconstruction.gif"] + [
             os.path.basename(c) for c in list_checkpoints(args.output_dir)
         ]
         report_written(args.output_dir, names + [args.logging_dir] * bool(args.report_to))
     accelerator.end_training()
-
-
-def latent_normalization(vae, train_images, train_videos, args, accelerator):
-    """Re-estimate (or keep, with --keep_base_latent_scaling) the saved AE's latent normalisation; the record."""
-    dataset = train_videos if train_videos is not None else train_images  # what a video DiT would train on
-    z = training_latents(vae, dataset, args, accelerator.device)
-    record = {
-        "num_samples": int(z.shape[0]),
-        "kind": "clips" if train_videos is not None else "images",
-        "latent_mean": float(z.double().mean()),
-        "latent_std": float(z.double().std(correction=0)),
-        "normalized_std_with_base_values": normalized_std(vae, z),
-    }
-    estimate = estimate_latent_normalization(vae, z)
-    if estimate is None:
-        record.update(reestimated=False, reason=f"{type(vae).__name__}'s statistics are not re-estimated")
-        logger.warning(f"{type(vae).__name__}: latent normalisation kept as the base's (not re-estimated here).")
-    elif args.keep_base_latent_scaling:
-        record.update(reestimated=False, reason="--keep_base_latent_scaling", would_be=estimate["config"])
-    else:
-        apply_latent_normalization(vae, estimate)
-        record.update(reestimated=True, form=estimate["form"])
-    record["normalized_std_with_saved_values"] = normalized_std(vae, z)
-    record["saved"] = current_latent_normalization(vae)
-    logger.info(
-        f"Latent normalisation ({'re-estimated' if record['reestimated'] else 'kept'}): normalised latent std "
-        f"{record['normalized_std_with_base_values']:.3f} with the base's values, "
-        f"{record['normalized_std_with_saved_values']:.3f} with the saved ones"
-    )
-    return record
-
-
-def cross_decoding(build_vae, final, val, before, after, args, accelerator):
-    """PSNR of the base encoder's latents through the fine-tuned decoder and of the fine-tuned encoder's latents
-    through the base decoder, beside base -> base and new -> new, on the validation items."""
-    base = ae.prepare_for_training(build_vae()).to(accelerator.device)
-    out = {}
-    for kind, pixels in val.items():
-        out[kind] = {
-            "base_encoder_base_decoder": before[kind]["psnr"],
-            "base_encoder_new_decoder": evaluate(base, pixels, args, decoder=final)["psnr"],
-            "new_encoder_base_decoder": evaluate(final, pixels, args, decoder=base)["psnr"],
-            "new_encoder_new_decoder": after[kind]["psnr"],
-        }
-    del base
-    return out
-
-
-def run_validation(accelerator, vae, ema, val, rgb, args, step):
-    """Validate the EMA weights (the model that will be saved), then put the training weights back."""
-    params = [p for p in vae.parameters() if p.requires_grad]
-    backup = [p.detach().clone() for p in params]
-    if ema is not None:
-        ema.copy_to(params)
-    results = {kind: evaluate(vae, pixels, args) for kind, pixels in val.items()}
-    with torch.no_grad():
-        for p, b in zip(params, backup):
-            p.copy_(b)
-    for kind, result in results.items():
-        prefix = "" if kind == "image" else "video_"
-        accelerator.log({f"val/{prefix}psnr": result["psnr"], f"val/{prefix}hf_share": result["hf_share"]}, step=step)
-        if kind == "image":
-            log_images(accelerator, val[kind], result["recon"], step)
-        else:
-            log_clips(accelerator, val[kind], result["recon"], step)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                fig = plot_spectra(
-                    {"RGB at the latent size": rgb[kind]["profile"], f"latents (step {step})": result["profile"]},
-                    {"RGB at the latent size": rgb[kind]["energy"], f"latents (step {step})": result["energy"]},
-                )
-                tracker.writer.add_figure(f"validation/spectrum_{kind}", fig, step)
-                if "frame_profiles" in result:  # one curve per latent frame
-                    frames = {f"latent frame {k}": prof for k, prof in enumerate(result["frame_profiles"])}
-                    fig = plot_frequency_profiles(frames, title=f"Per-frame latent profiles (step {step})")
-                    tracker.writer.add_figure("validation/spectrum_per_frame", fig, step)
-        logger.info(f"step {step}: val {kind} PSNR {result['psnr']:.2f} dB, latent HF share {result['hf_share']:.4f}")
-
-
-def write_outputs(args, before, after, rgb, val, run):
-    """metrics.json, spectrum.png and the model card README.md."""
-    from diffusability_hf.hub import card_license, license_sentence, markdown_table, metadata_yaml, render_model_card
-
-    base = (
-        "embedded (diffusability_hf/assets/embedded_ae)"
-        if args.embedded_model
-        else (args.pretrained_model_name_or_path or f"random init from {args.model_config_name_or_path}")
-    )
-    base = base + (f" (subfolder {args.subfolder})" if args.subfolder else "")
-    keep = ("psnr", "hf_share", "profile", "energy", "frame_profiles")
-    metrics = {"base_model": base, "base_weights_fingerprint": run["base_fingerprint"]}
-    metrics["weights_fingerprint"] = run["fingerprint"]
-    for kind in val:  # images at the top level, clips under "video"
-        entry = {
-            "before": {k: before[kind][k] for k in keep if k in before[kind]},
-            "after": {k: after[kind][k] for k in keep if k in after[kind]},
-            "rgb_profile": rgb[kind]["profile"],
-            "rgb_energy": rgb[kind]["energy"],
-            f"num_validation_{kind}s": int(val[kind].shape[0]),
-            "validation": run["validation"].get(kind, {}),
-        }
-        if run["cross_decoding"] is not None:
-            entry["cross_decoding_psnr"] = run["cross_decoding"][kind]
-        if kind == "image":
-            metrics.update(entry)
-        else:
-            metrics["video"] = entry
-    metrics.update(
-        {
-            "latent_normalization": {"base": run["base_normalization"], **run["normalization"]},
-            "train_steps": run["steps"],
-            "global_batch": run["global_batch"],
-            "skipped_images": run["skips"]["unreadable_files"],  # unique unreadable files (not skip events)
-            "unreadable_files": run["skips"],
-            "train_seconds": round(run["seconds"], 1),
-            "peak_memory_gb": round(run["peak_memory_gb"], 3),
-            "rank_weight_checksums": run["checksums"],
-        }
-    )
-    atomic_write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
-    profiles, energies = {}, {}
-    for kind in val:
-        label = "" if kind == "image" else " (clips)"
-        for name, source in ((f"RGB at the latent size{label}", rgb[kind]), (f"latents before{label}", before[kind]),
-                             (f"latents after{label}", after[kind])):  # fmt: skip
-            profiles[name], energies[name] = source["profile"], source["energy"]
-    save_png(
-        plot_spectra(profiles, energies, title="Latent spectrum before and after fine-tuning (paper Fig. 2/4)"),
-        os.path.join(args.output_dir, "spectrum.png"),
-    )
-    hidden = ("hub_token", "embedded_model", "embedded_data", "preset_global_batch")
-    hp = {k: v for k, v in vars(args).items() if k not in hidden}
-    for key in ("se_scale_factors", "se_temporal_scale_factors"):
-        hp[key] = " ".join(map(str, getattr(args, key) or [])) or None
-    if args.embedded_model:
-        hp["pretrained_model_name_or_path"] = "(embedded)"
-    hp_rows = [
-        (f"`{k}`", f"`{v}`") for k, v in sorted(hp.items()) if v is not None and not isinstance(v, (list, dict))
-    ]
-    rows, described = [], []
-    for kind in val:
-        what = "" if kind == "image" else " (clips)"
-        b, a = before[kind], after[kind]
-        rows += [
-            (f"PSNR{what} (dB)", f"{b['psnr']:.2f}", f"{a['psnr']:.2f}"),
-            (f"latent high-frequency share{what}", f"{b['hf_share']:.4f}", f"{a['hf_share']:.4f}"),
-        ]
-        n = int(val[kind].shape[0])
-        items = f"{n} images" if kind == "image" else f"{n} clips of {args.num_frames} frames"
-        described.append(f"{items} ({run['validation'].get(kind, {}).get('source', 'fixed')})")
-    class_name = run["class_name"]
-    base_id = None if args.embedded_model or args.model_config_name_or_path else args.pretrained_model_name_or_path
-    license_fields = card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub)
-    card = render_model_card(
-        "se_autoencoder",
-        {
-            "base_model": base,
-            "card_metadata": metadata_yaml(base_id, license_fields),
-            "license_sentence": license_sentence(license_fields, base_id),
-            "class_name": class_name,
-            "se_weight": args.se_weight,
-            "scale_factors": hp["se_scale_factors"],
-            "steps": run["steps"],
-            "global_batch": run["global_batch_description"],
-            "trainable": f"{run['trainable']:,}",
-            "total": f"{run['total']:,}",
-            "results_table": markdown_table(rows, ["metric", "before", "after"]),
-            "validation_description": "; ".join(described),
-            "compatibility": compatibility_text(run, args),
-            "normalization_table": normalization_table(run),
-            "base_fingerprint": run["base_fingerprint"],
-            "fingerprint": run["fingerprint"],
-            "hyperparameters_table": markdown_table(hp_rows, ["flag", "value"]),
-            "version": __version__,
-            "dataset": dataset_description(args, "video" in val),
-            "usage": usage_snippet(class_name, args, "video" in val, run["timestep_conditioning"]),
-            "media": "\n![Validation clips (top) and reconstructions (bottom)](reconstruction.gif)\n"
-            if "video" in val
-            else "",
-        },
-        template_dir=MODEL_CARDS,
-    )
-    atomic_write_text(os.path.join(args.output_dir, "README.md"), card)
-
-
-def compatibility_text(run, args):
-    """What "drop-in replacement" means for this model: the API, not the latent space (cross-decoding PSNRs)."""
-    lines = [
-        "It loads and runs wherever the base model does (same class and config layout), but its latent space is not "
-        "the base's: **a diffusion model trained on the base's latents must be retrained** on this autoencoder's "
-        "latents (extract them again)."
-    ]
-    cross = run["cross_decoding"]
-    if cross is None:
-        lines.append("(Trained from random initialisation: there is no base to cross-decode with.)")
-        return "\n".join(lines)
-    rows = []
-    for kind, c in cross.items():
-        what = "" if kind == "image" else " (clips)"
-        rows += [
-            (f"base encoder -> base decoder{what}", f"{c['base_encoder_base_decoder']:.2f}"),
-            (f"base encoder -> this decoder{what}", f"{c['base_encoder_new_decoder']:.2f}"),
-            (f"this encoder -> base decoder{what}", f"{c['new_encoder_base_decoder']:.2f}"),
-            (f"this encoder -> this decoder{what}", f"{c['new_encoder_new_decoder']:.2f}"),
-        ]
-    from diffusability_hf.hub import markdown_table
-
-    lines += [
-        "",
-        "Cross-decoding on the validation set (PSNR in dB, posterior mean): how far the latent space moved.",
-        "",
-        markdown_table(rows, ["latents -> decoder", "PSNR (dB)"]),
-    ]
-    return "\n".join(lines)
-
-
-def normalization_table(run):
-    """The latent normalisation fields, base vs saved, and how well each normalises the training latents."""
-    from diffusability_hf.hub import markdown_table
-
-    norm, base = run["normalization"], run["base_normalization"]
-    saved = norm["saved"]
-
-    def show(v):
-        if isinstance(v, list):
-            return "[" + ", ".join(f"{x:.4g}" for x in v[:4]) + (", ..." if len(v) > 4 else "") + "]"
-        return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-    rows = [(f"`{k}`", show(base.get(k, "-")), show(saved.get(k, "-"))) for k in sorted(set(base) | set(saved))]
-    rows.append(
-        (
-            "std of the normalised latents",
-            f"{norm['normalized_std_with_base_values']:.3f}",
-            f"{norm['normalized_std_with_saved_values']:.3f}",
-        )
-    )
-    how = (
-        f"re-estimated ({norm['form']}) on posterior samples of {norm['num_samples']} training {norm['kind']}"
-        if norm["reestimated"]
-        else f"kept as the base's ({norm['reason']})"
-    )
-    return f"Latent normalisation {how}:\n\n" + markdown_table(rows, ["field", "base", "saved"])
-
-
-def dataset_description(args, video):
-    images = (
-        "scikit-image sample photographs (embedded)"
-        if args.embedded_data
-        else (args.dataset_name or "local image folder")
-    )
-    if not video:
-        return images
-    clips = (
-        "camera pans over the embedded photographs and scikit-image's GIF"
-        if args.embedded_video
-        else (args.video_dataset_name or "local video folder")
-    )
-    return f"{images if args.train_batch_size else 'no images'}; clips: {clips}"
-
-
-def usage_snippet(class_name, args, video, timestep_conditioning=False):
-    """The card's Python usage example for this class."""
-    shape = f"1, 3, {args.num_frames}, 256, 256" if video else "1, 3, 256, 256"
-    lines = ["import torch", f"from diffusers import {class_name}", ""]
-    lines.append(f'vae = {class_name}.from_pretrained("path/or/repo-id")')
-    if class_name == "AutoencoderKLAllegro":
-        lines.append("vae.enable_tiling()  # diffusers implements only Allegro's tiled path")
-    lines.append(f"x = torch.rand({shape}) * 2 - 1  # pixels in [-1, 1]" + ("; (B, C, T, H, W)" if video else ""))
-    lines.append("z = vae.encode(x).latent_dist.mode()")
-    if timestep_conditioning:
-        lines.append(f"recon = vae.decode(z, temb=torch.tensor([{args.decode_timestep}])).sample")
-    else:
-        lines.append("recon = vae.decode(z).sample")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,58 +3,65 @@
 
 The paper judges an autoencoder by the DiT trained on its latents. This script trains the paper's DiT (App. B: the
 toolkit's ``SelfConditionedDiT``, with 2D RoPE and self-conditioning at 90%; ``--stock_dit`` trains diffusers'
-``DiTTransformer2DModel`` instead) on
+``DiTTransformer2DModel`` instead) with the library's ``diffusability_hf.flow.FlowMatchingLoss``:
 
-    x_t = (1 - s) x0 + s * noise,   target v = noise - x0,   s ~ logit-normal(0, 1)
+    x_t = (1 - sigma) x0 + sigma noise,   target v = noise - x0,   sigma = sigmoid(--logit_mean + --logit_std N(0, 1))
 
-with classifier-free-guidance label dropout, AdamW (0.9, 0.99), weight decay 0.01, warmup then cosine decay to
-1e-5, gradient clipping at 16 and an EMA, and saves a ``DiTFlowMatchPipeline`` (transformer + VAE +
-``FlowMatchEulerDiscreteScheduler``) that ``DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`` loads.
-The VAE must be the autoencoder whose weights encoded the latents (compared by weights fingerprint, refused
-otherwise); the pipeline records both fingerprints in ``model_index.json`` under ``provenance``. An ``--output_dir``
-holding a finished pipeline or another run's checkpoints is refused unless ``--resume_from_checkpoint`` or
-``--overwrite_output_dir`` is given; checkpoints and the final save are atomic. ``--pipeline_snapshot_steps N``
-also saves the EMA pipeline every N steps as ``snapshots/step-N`` (for a FD-vs-steps curve with eval_dit.py).
-With no arguments it extracts nothing and trains a small DiT on the embedded autoencoder's latents of the
-scikit-image photographs (class = source photograph), offline:
+(sigma = 1 is pure noise, as in diffusers' ``FlowMatchEulerDiscreteScheduler``; ``--weighting_scheme uniform`` draws
+sigma uniformly), with classifier-free-
+guidance label dropout, AdamW (0.9, 0.99), weight decay 0.01, warmup then cosine decay to 1e-5, gradient clipping at
+16 and an EMA, and saves a ``DiTFlowMatchPipeline`` (transformer + VAE + ``FlowMatchEulerDiscreteScheduler``) that
+``DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`` loads. The VAE must be the autoencoder whose
+weights encoded the latents (compared by weights fingerprint, refused otherwise); the pipeline records both
+fingerprints in ``model_index.json`` under ``provenance``. An ``--output_dir`` holding a finished pipeline or another
+run's checkpoints is refused unless ``--resume_from_checkpoint`` or ``--overwrite_output_dir`` is given; checkpoints
+and the final save are atomic. ``--pipeline_snapshot_steps N`` also saves the EMA pipeline every N steps as
+``snapshots/step-N`` (for a FD-vs-steps curve with eval_dit.py). With no arguments it trains a small DiT on the
+embedded autoencoder's latents of the scikit-image photographs (class = source photograph), offline:
 
     accelerate launch train_scripts/extract_latents.py --output_dir latents
     accelerate launch train_scripts/train_dit_flow.py --latents_dir latents --output_dir dit
 """
 
 import argparse
-import logging
 import math
 import os
-import random
 import shutil
 import time
 
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from diffusability_hf import __version__
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.ema import EMA
-from diffusability_hf.flow import interpolate, sample_sigmas, velocity_target
-from diffusability_hf.latents import read_latents_metadata
+from diffusability_hf.flow import FlowMatchingLoss
+from diffusability_hf.latents import LatentShards, read_latents_metadata
 from diffusability_hf.training_utils import (
     MissingPathError,
     UsageError,
     atomic_save,
     atomic_write_text,
+    check_launcher,
     check_output_dir,
-    load_checkpoint,
+    hub_repo,
+    list_checkpoints,
+    make_accelerator,
+    peak_memory_gb,
+    refuse_hub_token,
     remove_checkpoints,
+    remove_interrupted_saves,
     report_written,
     resolve_resume,
+    resume_position,
     run_script,
     save_checkpoint,
+    step_generator,
+    tracker_config,
     use_all_cpu_cores,
+    warmup_cosine,
 )
 
 logger = get_logger(__name__)
@@ -64,9 +71,15 @@ MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # What a finished run leaves in --output_dir (a second run into it is refused without --overwrite_output_dir)
 RESULTS = ("model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png")
 SNAPSHOTS = "snapshots"  # --pipeline_snapshot_steps: <output_dir>/snapshots/step-<N>, part of the run like checkpoints
+# The argparse defaults are App. B's; the embedded CPU demo (no --pretrained_vae_model_name_or_path) runs this much
+# shorter, under any flag given explicitly
+EMBEDDED_DEMO = dict(max_train_steps=500, lr_warmup_steps=50, validation_steps=250, checkpointing_steps=500)
 
 
 def parse_args(input_args=None):
+    def demo(key):
+        return f" (default: %(default)s; the embedded demo: {EMBEDDED_DEMO[key]})."
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # Latents and the autoencoder
     parser.add_argument("--latents_dir", type=str, default=None, help="Output of extract_latents.py.")
@@ -82,18 +95,14 @@ def parse_args(input_args=None):
     parser.add_argument("--label_column", type=str, default="label", help="Class label column.")
     parser.add_argument("--resolution", type=int, default=256, help="Centre-crop side when encoding on the fly.")
     parser.add_argument("--random_flip", action="store_true", help="Mirror half the images (on-the-fly encoding).")
-    parser.add_argument(
-        "--stats_batches",
-        type=int,
-        default=16,
-        help="On the fly: batches encoded before training to estimate the per-channel latent mean/std.",
-    )
+    parser.add_argument("--stats_batches", type=int, default=16, help="On the fly: batches for the latent mean/std.")
     parser.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
         default=None,
         help="The autoencoder the latents come from (decodes samples; its weights must be those that encoded "
-        "--latents_dir, checked by fingerprint). Default: the toolkit's embedded AutoencoderKL.",
+        "--latents_dir, checked by fingerprint). Default: the toolkit's embedded AutoencoderKL, with the shorter "
+        "embedded-demo defaults of --max_train_steps, --lr_warmup_steps, --validation_steps, --checkpointing_steps.",
     )
     parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE repo, e.g. 'vae'.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where models are cached.")
@@ -145,15 +154,19 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--train_batch_size",
         type=int,
-        default=None,
+        default=32,
         help="Latents per process and micro-batch, as in diffusers' examples (global batch = this x processes x "
-        "accumulation steps; default 32). App. B gives no DiT batch size, so no preset sets one.",
+        "accumulation steps; default: %(default)s). App. B gives no DiT batch size.",
     )
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (paper: 400k).")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=400_000, help="Optimizer steps, App. B's 400k" + demo("max_train_steps")
+    )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
     parser.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate (App. B: 3e-4).")
     parser.add_argument("--lr_end", type=float, default=1e-5, help="Cosine decay target (App. B: 1e-5).")
-    parser.add_argument("--lr_warmup_steps", type=int, default=None, help="Linear warmup (App. B: 10k).")
+    parser.add_argument(
+        "--lr_warmup_steps", type=int, default=10_000, help="Linear warmup, App. B's 10k" + demo("lr_warmup_steps")
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (App. B: 0.9).")
     parser.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2 (App. B: 0.99).")
     parser.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (App. B: 0.01).")
@@ -168,8 +181,15 @@ def parse_args(input_args=None):
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Euler steps for validation samples.")
     parser.add_argument("--guidance_scale", type=float, default=1.5, help="CFG scale for validation samples.")
     parser.add_argument("--shift", type=float, default=1.0, help="Time shift (eq. 3) for validation samples.")
-    parser.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps.")
-    parser.add_argument("--checkpointing_steps", type=int, default=None, help="Save the state every N steps.")
+    parser.add_argument(
+        "--validation_steps", type=int, default=5000, help="Sample a grid every N steps" + demo("validation_steps")
+    )
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=10_000,
+        help="Save the state every N steps" + demo("checkpointing_steps"),
+    )
     parser.add_argument(
         "--pipeline_snapshot_steps",
         type=int,
@@ -186,11 +206,7 @@ def parse_args(input_args=None):
         help="Keep this many newest complete checkpoints (default: %(default)s); 0 keeps them all.",
     )
     parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="'latest' (the newest complete checkpoint of --output_dir; incomplete ones are skipped) or a "
-        "checkpoint folder.",
+        "--resume_from_checkpoint", type=str, default=None, help="'latest' (the newest complete one) or a checkpoint."
     )
     parser.add_argument("--output_dir", type=str, default="dit-flow", help="Where everything is written.")
     parser.add_argument(
@@ -218,24 +234,13 @@ def parse_args(input_args=None):
         help="License of the model card (a Hub license id). Default: the autoencoder's, read from its model card.",
     )
     args = parser.parse_args(input_args)
-    if args.hub_token is not None:  # the value itself is never echoed
-        parser.error(
-            "--hub_token is refused: a token on the command line shows in process lists, shell history and the "
-            "launcher's error messages. Log in with `hf auth login` or set the HF_TOKEN environment variable."
-        )
+    refuse_hub_token(parser, args)
 
-    small = args.pretrained_vae_model_name_or_path is None  # the embedded CPU demo
-    defaults = dict(train_batch_size=32, max_train_steps=400_000, lr_warmup_steps=10_000, validation_steps=5000,
-                    checkpointing_steps=10_000)  # fmt: skip
-    if small:
-        defaults = dict(train_batch_size=32, max_train_steps=500, lr_warmup_steps=50, validation_steps=250,
-                        checkpointing_steps=500)  # fmt: skip
-        args.pretrained_vae_model_name_or_path = EMBEDDED_AE
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    sources = [x is not None for x in (args.latents_dir, args.train_data_dir, args.dataset_name)]
-    if sum(sources) != 1:
+    # Settings: an explicit flag, else the embedded demo's preset (without an autoencoder), else the argparse default
+    if args.pretrained_vae_model_name_or_path is None:
+        parser.set_defaults(pretrained_vae_model_name_or_path=EMBEDDED_AE, **EMBEDDED_DEMO)
+        args = parser.parse_args(input_args)
+    if sum(x is not None for x in (args.latents_dir, args.train_data_dir, args.dataset_name)) != 1:
         parser.error(
             "Give exactly one of --latents_dir (run train_scripts/extract_latents.py first), --train_data_dir or "
             "--dataset_name (encoded on the fly)."
@@ -265,45 +270,9 @@ def parse_args(input_args=None):
     return args
 
 
-class LatentShards(torch.utils.data.Dataset):
-    """Rows of extract_latents.py shards, read lazily (memory-mapped): ``mean``, ``std`` (or ``None``), label.
-
-    With ``--flip`` latents stored, each item uses the flipped image's posterior half of the time (seeded per
-    index and epoch), the usual horizontal-flip augmentation.
-    """
-
-    def __init__(self, latents_dir: str, meta: dict, seed: int = 0):
-        from safetensors import safe_open
-
-        self.files = [safe_open(os.path.join(latents_dir, s), "pt") for s in meta["shards"]]
-        self.rows = [(k, r) for k, fh in enumerate(self.files) for r in range(fh.get_slice("labels").get_shape()[0])]
-        self.has_std, self.flip, self.seed, self.epoch = meta["has_std"], meta["flip"], seed, 0
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        k, r = self.rows[index]
-        fh = self.files[k]
-        suffix = "_flip" if self.flip and random.Random(hash((self.seed, self.epoch, index))).random() < 0.5 else ""
-        mean = fh.get_slice("mean" + suffix)[r : r + 1][0].float()
-        std = fh.get_slice("std" + suffix)[r : r + 1][0].float() if self.has_std else torch.zeros_like(mean)
-        return {"mean": mean, "std": std, "label": int(fh.get_slice("labels")[r : r + 1][0])}
-
-    def __getstate__(self):  # safe_open handles do not pickle: DataLoader workers reopen the shards
-        raise TypeError("Use --dataloader_num_workers 0 with LatentShards.")
-
-
-def warmup_cosine(step: int, warmup: int, total: int, peak: float, end: float) -> float:
-    """App. B: linear warmup from 0 to ``peak``, then cosine decay to ``end`` at ``total`` steps (a factor of peak)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return (end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))) / peak
-
-
-def on_the_fly_metadata(args, vae_config) -> dict:
-    """What extract_latents.py would have written, for images encoded during training (statistics come later)."""
+def on_the_fly_data(args, vae_config):
+    """``(metadata, images)`` for images encoded during training: what extract_latents.py would have written (the
+    statistics come later, :func:`estimate_latent_stats`) and the ``LabelledImages`` dataset."""
     from diffusability_hf.data import LabelledImages
 
     f = ae.spatial_compression(vae_config)
@@ -313,15 +282,15 @@ def on_the_fly_metadata(args, vae_config) -> dict:
         args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
         cache_dir=args.cache_dir, random_flip=args.random_flip, seed=args.seed,
     )  # fmt: skip
-    return {
+    meta = {
         "ae": args.pretrained_vae_model_name_or_path,
         "ae_class": vae_config["_class_name"],
         "latent_shape": [ae.latent_channels(vae_config), args.resolution // f, args.resolution // f],
         "num_classes": len(images.names),
         "id2label": {str(i): n for i, n in enumerate(images.names)},
         "dataset": args.dataset_name or args.train_data_dir,
-        "images": images,
     }
+    return meta, images
 
 
 def collate_images(items):
@@ -350,9 +319,31 @@ def estimate_latent_stats(vae, dataset, args, device):
     return mean.tolist(), (s2 / n - mean.square()).clamp_min(1e-12).sqrt().tolist()
 
 
-def check_dataset_size(meta, args, num_processes: int) -> None:
+def check_latents_autoencoder(meta: dict, args, vae_config=None, vae_fingerprint=None) -> None:
+    """Refuse latents that another autoencoder encoded than --pretrained_vae_model_name_or_path: by class and
+    channels from ``vae_config`` (cheap, before any weights load), by *weights* from ``vae_fingerprint``."""
+    given, fix = args.pretrained_vae_model_name_or_path, "pass the autoencoder the latents were extracted with, or"
+    if vae_config is not None and (meta["ae_class"], meta["latent_shape"][0]) != (
+        vae_config["_class_name"],
+        ae.latent_channels(vae_config),
+    ):
+        raise UsageError(
+            f"{args.latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}, "
+            f"{meta['latent_shape'][0]} channels) than --pretrained_vae_model_name_or_path {given} "
+            f"({vae_config['_class_name']}, {ae.latent_channels(vae_config)} channels): {fix} extract them again with "
+            "this one."
+        )
+    if vae_fingerprint is not None and meta["ae_weights_fingerprint"] != vae_fingerprint:
+        raise UsageError(
+            f"{args.latents_dir} holds latents of other autoencoder weights ({meta['ae']}, fingerprint "
+            f"{meta['ae_weights_fingerprint']}) than --pretrained_vae_model_name_or_path {given} (fingerprint "
+            f"{vae_fingerprint}): {fix} extract them again with this one (the pipeline would otherwise decode with "
+            "a decoder that the DiT's latents were not made by)."
+        )
+
+
+def check_dataset_size(count: int, args, num_processes: int) -> None:
     """Every process needs at least one full batch per epoch (batches are full: the last partial one is dropped)."""
-    count = meta["num_samples"] if args.latents_dir else len(meta["images"])
     need = args.train_batch_size * num_processes
     if count < need:
         where = f"{args.latents_dir} holds {count} latents" if args.latents_dir else f"the data has {count} images"
@@ -364,296 +355,56 @@ def check_dataset_size(meta, args, num_processes: int) -> None:
         )
 
 
-def check_latents_autoencoder(meta: dict, vae_fingerprint: str, args) -> None:
-    """Refuse latents that another autoencoder (other *weights*, whatever the config) encoded than the given one."""
-    if meta["ae_weights_fingerprint"] != vae_fingerprint:
-        raise UsageError(
-            f"{args.latents_dir} holds latents of other autoencoder weights ({meta['ae']}, fingerprint "
-            f"{meta['ae_weights_fingerprint']}) than --pretrained_vae_model_name_or_path "
-            f"{args.pretrained_vae_model_name_or_path} (fingerprint {vae_fingerprint}): pass the autoencoder the "
-            "latents were extracted with, or extract them again with this one (the pipeline would otherwise decode "
-            "with a decoder that the DiT's latents were not made by)."
-        )
+def transformer_config(args, meta) -> dict:
+    """The transformer's config, read once and checked against the latents before anything heavy loads: App. B's
+    ``--model`` size (:func:`~diffusability_hf.models.dit.dit_config` checks the name and the patch size), or the
+    ``--model_config_name_or_path`` file (its ``in_channels`` and ``sample_size``)."""
+    import inspect
 
-
-def build_transformer(args, meta):
-    """The paper's DiT (App. B: ``SelfConditionedDiT``), or with ``--stock_dit`` diffusers' ``DiTTransformer2DModel``."""
-    import diffusers
-
-    from diffusability_hf.models.dit import build_dit, build_selfcond_dit, disable_label_dropout, dit_config
-    from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
+    from diffusability_hf.models.dit import dit_config
 
     channels, size, _ = meta["latent_shape"]
-    if args.model_config_name_or_path is not None:
-        config = ae.read_config(args.model_config_name_or_path)
-        custom = config.get("_class_name") == "SelfConditionedDiT"
-        model = (SelfConditionedDiT if custom else diffusers.DiTTransformer2DModel).from_config(config)
-        if model.config.in_channels != channels or model.config.sample_size != size:
-            raise ValueError(
-                f"The transformer config takes {model.config.in_channels}x{model.config.sample_size}^2 latents, but "
-                f"{args.latents_dir} holds {channels}x{size}^2 ones."
-            )
-        if not (custom and model.config.self_conditioning) and args.self_conditioning_prob > 0:
-            logger.info(f"{args.model_config_name_or_path} has no self-conditioning: training without it")
-            args.self_conditioning_prob = 0.0  # the config decides the architecture; recorded as trained
-    elif not args.stock_dit:
-        dit_config(args.model, channels, size, meta["num_classes"])  # validates the patch size first
-        model = build_selfcond_dit(
-            args.model, channels, size, meta["num_classes"], args.pos_embed, args.self_conditioning_prob > 0
+    if args.model_config_name_or_path is None:
+        return dit_config(args.model, channels, size, meta["num_classes"])
+    config = ae.read_config(args.model_config_name_or_path)
+    defaults = inspect.signature(transformer_class(config).__init__).parameters
+    takes = [config.get(k, defaults[k].default) for k in ("in_channels", "sample_size")]
+    if takes != [channels, size]:
+        raise ValueError(
+            f"The transformer config takes {takes[0]}x{takes[1]}^2 latents, but {args.latents_dir} holds "
+            f"{channels}x{size}^2 ones."
         )
+    return config
+
+
+def transformer_class(config: dict):
+    """``SelfConditionedDiT`` for a config that names it, else diffusers' ``DiTTransformer2DModel``."""
+    import diffusers
+
+    from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
+
+    return SelfConditionedDiT if config.get("_class_name") == "SelfConditionedDiT" else diffusers.DiTTransformer2DModel
+
+
+def build_transformer(args, config: dict):
+    """The paper's DiT (App. B: ``SelfConditionedDiT``) of :func:`transformer_config`, with ``--stock_dit`` diffusers'
+    ``DiTTransformer2DModel`` (DiT init), or the class of a ``--model_config_name_or_path``."""
+    import diffusers
+
+    from diffusability_hf.models.dit import build_dit, disable_label_dropout
+    from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
+
+    if args.model_config_name_or_path is not None:
+        model = transformer_class(config).from_config(config)
+    elif args.stock_dit:
+        model = build_dit(config)
     else:
-        model = build_dit(args.model, channels, size, meta["num_classes"])
+        model = SelfConditionedDiT(
+            **config, pos_embed=args.pos_embed, self_conditioning=args.self_conditioning_prob > 0
+        )
     if isinstance(model, diffusers.DiTTransformer2DModel):
         disable_label_dropout(model)  # the CFG label drop happens once, in FlowMatchingLoss, with the null class
     return model
-
-
-class FlowMatchingLoss(torch.nn.Module):
-    """Rectified-flow loss in one ``forward`` (DDP and autocast see all of it): per-sample MSE to ``noise - x0``."""
-
-    def __init__(self, transformer, args, null_class):
-        super().__init__()
-        self.transformer, self.args, self.null_class = transformer, args, null_class
-
-    def forward(self, x0, labels, generator):
-        a, b = self.args, x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        sigma = sample_sigmas(b, a.weighting_scheme, a.logit_mean, a.logit_std, generator=generator, device=x0.device)
-        x_t = interpolate(x0, noise, sigma)  # (B, C, h, w)
-        drop = torch.rand(b, generator=generator, device=x0.device) < a.class_dropout_prob
-        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)  # CFG: null class id
-        timestep = sigma * 1000  # the DiT's 0..1000 scale
-        kwargs = {}
-        if a.self_conditioning_prob > 0:  # App. B: no-grad auxiliary pass at the same noise level
-            with torch.no_grad():
-                aux = self.transformer(x_t, timestep, labels).last_hidden_state
-            keep = torch.rand(b, generator=generator, device=x0.device) < a.self_conditioning_prob
-            kwargs["self_cond"] = aux * keep.view(-1, 1, 1).to(aux.dtype)
-        pred = self.transformer(x_t, timestep, labels, **kwargs).sample[:, : x0.shape[1]]
-        return F.mse_loss(pred.float(), velocity_target(x0, noise).float(), reduction="none").flatten(1).mean(1)
-
-
-def main(args):
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch for FSDP configs
-        raise ValueError(
-            "FSDP is not supported by this script yet: its EMA, validation and final save need every parameter on one "
-            "process. The models trained here fit on one GPU, and data parallelism gives the same result: launch with "
-            "accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml instead."
-        )
-    use_all_cpu_cores()
-    # Validate cheap things: the output folder, the latents, the AE they came from, the model geometry
-    found = check_output_dir(
-        args.output_dir, RESULTS + (SNAPSHOTS,), args.overwrite_output_dir, args.resume_from_checkpoint
-    )
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
-    vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
-    meta = read_latents_metadata(args.latents_dir) if args.latents_dir else on_the_fly_metadata(args, vae_config)
-    given = (vae_config["_class_name"], ae.latent_channels(vae_config))
-    if args.latents_dir and (meta["ae_class"], meta["latent_shape"][0]) != given:
-        raise UsageError(  # cheap, before any weights are loaded (the weights are compared once loaded)
-            f"{args.latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}, "
-            f"{meta['latent_shape'][0]} channels) than --pretrained_vae_model_name_or_path "
-            f"{args.pretrained_vae_model_name_or_path} ({given[0]}, {given[1]} channels): pass "
-            "the autoencoder the latents were extracted with, or extract them again with this one."
-        )
-    set_seed(args.seed)  # the initial weights are --seed's (torch's own start seed differs from run to run)
-    transformer = build_transformer(args, meta)
-    num_classes = meta["num_classes"]
-
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    check_dataset_size(meta, args, accelerator.num_processes)  # before the autoencoder loads
-    set_seed(args.seed)
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, warn=logger.warning)
-    if args.resume_from_checkpoint and resume_path is None and set(found) & set(RESULTS + (SNAPSHOTS,)):
-        what = "the finished pipeline" if set(found) & set(RESULTS) else f"the {SNAPSHOTS} of the earlier run"
-        raise UsageError(
-            f"--resume_from_checkpoint latest: {args.output_dir} has no complete checkpoint to resume, and a new run "
-            f"would replace {what} there: choose a new --output_dir, or pass --overwrite_output_dir "
-            "(without --resume_from_checkpoint) to replace it."
-        )
-    # The autoencoder, named by its weights: it must be the one that encoded the latents (it decodes the samples)
-    vae = ae.model_class(vae_config).from_pretrained(
-        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
-    )
-    vae_fingerprint = ae.weights_fingerprint(vae)
-    if args.latents_dir:
-        check_latents_autoencoder(meta, vae_fingerprint, args)
-    else:  # encoded on the fly by this very autoencoder
-        meta["ae_weights_fingerprint"] = vae_fingerprint
-    meta["vae_weights_fingerprint"] = vae_fingerprint
-    vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
-
-    repo_id = None
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir:  # so that `latest` can never resume the old run
-            for name in remove_checkpoints(args.output_dir):
-                logger.info(f"Removed {name} of the earlier run (--overwrite_output_dir)")
-            if os.path.lexists(os.path.join(args.output_dir, SNAPSHOTS)):  # the pipeline snapshots of that run
-                shutil.rmtree(os.path.join(args.output_dir, SNAPSHOTS))
-                logger.info(f"Removed {SNAPSHOTS}/ of the earlier run (--overwrite_output_dir)")
-        os.makedirs(args.output_dir, exist_ok=True)
-        # Leftovers of a killed save (never complete, never resumed), snapshots' included
-        leftovers = [n for n in os.listdir(args.output_dir) if n.startswith((".tmp-checkpoint-", ".tmp-save-"))]
-        if os.path.isdir(os.path.join(args.output_dir, SNAPSHOTS)):
-            names = os.listdir(os.path.join(args.output_dir, SNAPSHOTS))
-            leftovers += [f"{SNAPSHOTS}/{n}" for n in names if n.startswith((".tmp-save-", ".old-"))]
-        for name in leftovers:
-            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
-            logger.info(f"Removed {name}, left by a save that was interrupted")
-        if args.push_to_hub:
-            from diffusability_hf.hub import check_hub_access
-
-            repo_id = check_hub_access(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), None, args.private
-            )
-
-    # Data: posterior mean/std per image; a fresh sample each step, normalised per channel (extraction statistics)
-    if args.latents_dir:
-        dataset, collate = LatentShards(args.latents_dir, meta, args.seed), None
-    else:
-        dataset, collate = meta.pop("images"), collate_images
-        meta["latents_mean"], meta["latents_std"] = estimate_latent_stats(vae, dataset, args, accelerator.device)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate
-    )
-    lat_mean = torch.tensor(meta["latents_mean"], device=accelerator.device).view(1, -1, 1, 1)
-    lat_std = torch.tensor(meta["latents_std"], device=accelerator.device).view(1, -1, 1, 1)
-
-    n_params = sum(p.numel() for p in transformer.parameters())
-    logger.info(f"{type(transformer).__name__} ({args.model}): {n_params / 1e6:.1f}M parameters")
-    params = list(transformer.parameters())
-    ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
-    optimizer = torch.optim.AdamW(
-        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
-    )
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: warmup_cosine(
-            step // accelerator.num_processes, args.lr_warmup_steps, args.max_train_steps, args.learning_rate,
-            args.lr_end,
-        ),
-    )  # fmt: skip
-    model = FlowMatchingLoss(transformer, args, num_classes)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    unwrapped = accelerator.unwrap_model(model).transformer
-
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    if accelerator.is_main_process:
-        config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("train_dit_flow", config=config)
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    args.global_batch = (
-        f"{total_batch} latents ({args.train_batch_size} per process x {accelerator.num_processes} processes x "
-        f"{args.gradient_accumulation_steps} accumulation steps)"
-    )
-    logger.info(f"***** Flow matching: {args.max_train_steps} steps, global batch {args.global_batch} *****")
-
-    # Resume (from the newest complete checkpoint for 'latest': see resolve_resume above)
-    global_step, first_epoch, skip = 0, 0, 0
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        global_step = load_checkpoint(accelerator, resume_path)
-        first_epoch = global_step // steps_per_epoch
-        skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-
-    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    t_start, micro, last = time.time(), 0, {}
-    for epoch in range(first_epoch, num_epochs):
-        dataset.epoch = epoch
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
-        for batch in batches:
-            seed = args.seed * 1_000_003 + global_step * 64 + accelerator.process_index + micro * 7_919_000_003
-            gen = torch.Generator(accelerator.device).manual_seed(seed)
-            torch.manual_seed(seed + 12_345)
-            micro += 1
-            if "pixels" in batch:  # on-the-fly: the frozen AE's posterior of this batch
-                with torch.no_grad():
-                    post = ae.encode(vae, batch["pixels"])
-                batch["mean"] = post.mean.float()
-                batch["std"] = post.std.float() if post.std is not None else torch.zeros_like(batch["mean"])
-            eps = torch.randn(batch["mean"].shape, generator=gen, device=accelerator.device)
-            x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # posterior sample, normalised
-            with accelerator.accumulate(model):
-                loss = model(x0, batch["label"], gen).mean()
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step, micro = global_step + 1, 0
-            progress.update(1)
-            if ema is not None:
-                ema.update(list(unwrapped.parameters()), global_step)
-            last = {
-                "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
-                "train/lr": lr_scheduler.get_last_lr()[0],
-            }
-            if grad_norm is not None:
-                last["train/grad_norm"] = float(grad_norm)
-            accelerator.log(last, step=global_step)
-            progress.set_postfix(loss=f"{last['train/loss']:.4f}")
-            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
-            snapshot = (
-                args.pipeline_snapshot_steps is not None
-                and global_step % args.pipeline_snapshot_steps == 0
-                and global_step < args.max_train_steps  # the last step's weights are the main save
-            )
-            validate = global_step % args.validation_steps == 0
-            if (snapshot or validate) and accelerator.is_main_process:
-                pipeline = make_pipeline(unwrapped, ema, vae, meta, args, step=global_step)  # an EMA copy
-                if snapshot:
-                    save_snapshot(pipeline, args.output_dir, global_step)
-                if validate:
-                    log_samples(accelerator, pipeline, args, global_step, num_classes)
-                del pipeline
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
-
-    # Save the EMA transformer as a DiTFlowMatchPipeline: pipeline, remote-code files, samples and card are written
-    # into a temporary folder and moved in together (model_index.json last), so a killed save never leaves a half
-    # pipeline where a loadable one was
-    accelerator.wait_for_everyone()
-    if global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
-    if accelerator.is_main_process:
-        seconds = time.time() - t_start
-        pipeline = make_pipeline(unwrapped, ema, vae, meta, args, copy=False, step=global_step)
-        grid = log_samples(accelerator, pipeline, args, global_step, num_classes)
-        with atomic_save(args.output_dir) as tmp:
-            pipeline.save_pretrained(tmp)
-            grid.save(os.path.join(tmp, "samples.png"))
-            write_card(tmp, args, meta, transformer=unwrapped, steps=global_step, seconds=seconds, loss=last)
-        if args.push_to_hub:
-            from diffusability_hf.hub import push_folder
-
-            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'DiT flow pipeline')}")
-        checkpoints = sorted(
-            (n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
-        )
-        names = ["model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png"]
-        report_written(args.output_dir, names + checkpoints[-1:] + [SNAPSHOTS, args.logging_dir], log=logger.info)
-    accelerator.end_training()
 
 
 def make_pipeline(transformer, ema, vae, meta, args, copy=True, step=None):
@@ -734,13 +485,14 @@ def log_samples(accelerator, pipeline, args, step, num_classes, per_class=2):
     return grid
 
 
-def write_card(folder, args, meta, transformer, steps, seconds, loss):
+def write_card(folder, args, meta, transformer, steps, seconds, loss, global_batch):
     from diffusability_hf.hub import card_license, license_sentence, markdown_table, metadata_yaml, render_model_card
 
     vae_source = args.pretrained_vae_model_name_or_path
     base_id = None if os.path.abspath(vae_source) == os.path.abspath(ae.EMBEDDED_AE) else vae_source
     license_fields = card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub)
-    hp = [(f"`{k}`", f"`{v}`") for k, v in sorted(vars(args).items()) if k != "hub_token" and v is not None]
+    settings = {**vars(args), "global_batch": global_batch}
+    hp = [(f"`{k}`", f"`{v}`") for k, v in sorted(settings.items()) if k != "hub_token" and v is not None]
     card = render_model_card(
         "dit_pipeline",
         {
@@ -754,7 +506,7 @@ def write_card(folder, args, meta, transformer, steps, seconds, loss):
             "transformer_class": type(transformer).__name__,
             "num_parameters": f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M",
             "steps": steps,
-            "global_batch": args.global_batch,
+            "global_batch": global_batch,
             "minutes": f"{seconds / 60:.1f}",
             "final_loss": f"{loss.get('train/loss', float('nan')):.4f}",
             "num_classes": meta["num_classes"],
@@ -769,6 +521,209 @@ def write_card(folder, args, meta, transformer, steps, seconds, loss):
         template_dir=MODEL_CARDS,
     )
     atomic_write_text(os.path.join(folder, "README.md"), card)
+
+
+def main(args):
+    check_launcher()
+    use_all_cpu_cores()
+    # Validate cheap things: the output folder, the latents, the AE they came from, the model geometry
+    found = check_output_dir(
+        args.output_dir, RESULTS + (SNAPSHOTS,), args.overwrite_output_dir, args.resume_from_checkpoint
+    )
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
+    vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
+    if args.latents_dir:
+        meta, images = read_latents_metadata(args.latents_dir), None
+        check_latents_autoencoder(meta, args, vae_config=vae_config)
+    else:
+        meta, images = on_the_fly_data(args, vae_config)
+    model_config = transformer_config(args, meta)
+
+    accelerator = make_accelerator(args)
+    check_dataset_size(meta["num_samples"] if images is None else len(images), args, accelerator.num_processes)
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, warn=logger.warning)
+    if args.resume_from_checkpoint and resume_path is None and set(found) & set(RESULTS + (SNAPSHOTS,)):
+        what = "the finished pipeline" if set(found) & set(RESULTS) else f"the {SNAPSHOTS} of the earlier run"
+        raise UsageError(
+            f"--resume_from_checkpoint latest: {args.output_dir} has no complete checkpoint to resume, and a new run "
+            f"would replace {what} there: choose a new --output_dir, or pass --overwrite_output_dir "
+            "(without --resume_from_checkpoint) to replace it."
+        )
+
+    # The autoencoder, named by its weights: it must be the one that encoded the latents (it decodes the samples)
+    vae = ae.model_class(vae_config).from_pretrained(
+        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, cache_dir=args.cache_dir
+    )
+    meta["vae_weights_fingerprint"] = ae.weights_fingerprint(vae)
+    if args.latents_dir:
+        check_latents_autoencoder(meta, args, vae_fingerprint=meta["vae_weights_fingerprint"])
+    else:  # encoded on the fly by this very autoencoder
+        meta["ae_weights_fingerprint"] = meta["vae_weights_fingerprint"]
+    vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
+
+    repo_id = None
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:  # so that `latest` can never resume the old run
+            for name in remove_checkpoints(args.output_dir):
+                logger.info(f"Removed {name} of the earlier run (--overwrite_output_dir)")
+            if os.path.lexists(os.path.join(args.output_dir, SNAPSHOTS)):  # the pipeline snapshots of that run
+                shutil.rmtree(os.path.join(args.output_dir, SNAPSHOTS))
+                logger.info(f"Removed {SNAPSHOTS}/ of the earlier run (--overwrite_output_dir)")
+        os.makedirs(args.output_dir, exist_ok=True)
+        for name in remove_interrupted_saves(args.output_dir, subfolders=[SNAPSHOTS]):
+            logger.info(f"Removed {name}, left by a save that was interrupted")
+        repo_id = hub_repo(args)
+
+    # Data: posterior mean/std per image; a fresh sample each step, normalised per channel (extraction statistics)
+    if images is None:
+        dataset, collate = LatentShards(args.latents_dir, meta, args.seed), None
+    else:
+        dataset, collate = images, collate_images
+        meta["latents_mean"], meta["latents_std"] = estimate_latent_stats(vae, dataset, args, accelerator.device)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate
+    )
+    lat_mean = torch.tensor(meta["latents_mean"], device=accelerator.device).view(1, -1, 1, 1)
+    lat_std = torch.tensor(meta["latents_std"], device=accelerator.device).view(1, -1, 1, 1)
+
+    # Model: the initial weights are --seed's (torch's own start seed differs from run to run)
+    set_seed(args.seed)
+    transformer = build_transformer(args, model_config)
+    if args.self_conditioning_prob > 0 and not getattr(transformer.config, "self_conditioning", False):
+        logger.info(f"{args.model_config_name_or_path} has no self-conditioning: training without it")
+        args.self_conditioning_prob = 0.0  # the config decides the architecture; recorded as trained
+    num_classes = meta["num_classes"]
+    n_params = sum(p.numel() for p in transformer.parameters())
+    logger.info(f"{type(transformer).__name__} ({args.model}): {n_params / 1e6:.1f}M parameters")
+    objective = FlowMatchingLoss(
+        transformer,
+        num_classes,
+        weighting_scheme=args.weighting_scheme,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        class_dropout_prob=args.class_dropout_prob,
+        self_conditioning_prob=args.self_conditioning_prob,
+    )
+
+    # Optimizer (App. B): AdamW, warmup then cosine decay to --lr_end, an EMA of the weights
+    params = list(transformer.parameters())
+    ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
+    )
+    n = accelerator.num_processes  # the prepared scheduler steps once per process per optimizer step
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(
+            step, args.lr_warmup_steps * n, args.max_train_steps * n, args.learning_rate, args.lr_end
+        ),
+    )
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(objective, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    unwrapped = accelerator.unwrap_model(model).transformer
+
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_dit_flow", config=tracker_config(args))
+    total_batch = args.train_batch_size * n * args.gradient_accumulation_steps
+    global_batch = (
+        f"{total_batch} latents ({args.train_batch_size} per process x {n} processes x "
+        f"{args.gradient_accumulation_steps} accumulation steps)"
+    )
+    logger.info(f"***** Flow matching: {args.max_train_steps} steps, global batch {global_batch} *****")
+    global_step, first_epoch, skip = resume_position(
+        accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
+    )
+
+    # Training loop
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process
+    )
+    t_start, micro, last = time.time(), 0, {}
+    for epoch in range(first_epoch, num_epochs):
+        dataset.epoch = epoch
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
+        for batch in batches:
+            gen = step_generator(accelerator.device, args.seed, global_step, accelerator.process_index, micro)
+            micro += 1
+            if "pixels" in batch:  # on-the-fly: the frozen AE's posterior of this batch
+                with torch.no_grad():
+                    post = ae.encode(vae, batch["pixels"])
+                batch["mean"] = post.mean.float()
+                batch["std"] = post.std.float() if post.std is not None else torch.zeros_like(batch["mean"])
+            eps = torch.randn(batch["mean"].shape, generator=gen, device=accelerator.device)
+            x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # (B, C, h, w) posterior sample, normalised
+            with accelerator.accumulate(model):
+                loss = model(x0, batch["label"], gen).mean()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step, micro = global_step + 1, 0
+            progress_bar.update(1)
+            if ema is not None:
+                ema.update(list(unwrapped.parameters()), global_step)
+            last = {
+                "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                "train/lr": lr_scheduler.get_last_lr()[0],
+            }
+            if grad_norm is not None:
+                last["train/grad_norm"] = float(grad_norm)
+            accelerator.log(last, step=global_step)
+            progress_bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+            snapshot = (
+                args.pipeline_snapshot_steps is not None
+                and global_step % args.pipeline_snapshot_steps == 0
+                and global_step < args.max_train_steps  # the last step's weights are the main save
+            )
+            validate = global_step % args.validation_steps == 0
+            if (snapshot or validate) and accelerator.is_main_process:
+                pipeline = make_pipeline(unwrapped, ema, vae, meta, args, step=global_step)  # an EMA copy
+                if snapshot:
+                    save_snapshot(pipeline, args.output_dir, global_step)
+                if validate:
+                    log_samples(accelerator, pipeline, args, global_step, num_classes)
+                del pipeline
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # Save the EMA transformer as a DiTFlowMatchPipeline: pipeline, remote-code files, samples and card are written
+    # into a temporary folder and moved in together (model_index.json last), so a killed save never leaves a half
+    # pipeline where a loadable one was
+    accelerator.wait_for_everyone()
+    # Copied from train_scripts/train_ae_se.py (the peak memory line)
+    peak = peak_memory_gb(accelerator.device)
+    logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
+    if global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+    if accelerator.is_main_process:
+        seconds = time.time() - t_start
+        pipeline = make_pipeline(unwrapped, ema, vae, meta, args, copy=False, step=global_step)
+        grid = log_samples(accelerator, pipeline, args, global_step, num_classes)
+        with atomic_save(args.output_dir) as tmp:
+            pipeline.save_pretrained(tmp)
+            grid.save(os.path.join(tmp, "samples.png"))
+            write_card(tmp, args, meta, unwrapped, global_step, seconds, last, global_batch)
+        if repo_id is not None:
+            from diffusability_hf.hub import push_folder
+
+            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'DiT flow pipeline')}")
+        checkpoints = [os.path.basename(p) for p in list_checkpoints(args.output_dir)]
+        report_written(args.output_dir, [*RESULTS, *checkpoints[-1:], SNAPSHOTS, args.logging_dir], log=logger.info)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
