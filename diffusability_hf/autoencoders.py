@@ -618,3 +618,118 @@ def load_pretrained(path: str, subfolder: Optional[str] = None, revision=None, v
         path, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir
     )
     return prepare_for_training(vae).eval().requires_grad_(False)
+
+
+def load_autoencoder(
+    config: dict,
+    path: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    revision=None,
+    variant=None,
+    cache_dir=None,
+) -> nn.Module:
+    """The pretrained weights at ``path``, or a random init of ``config`` when ``path`` is ``None`` (paper App. C.5:
+    SE from scratch). ``config`` names the class (``_class_name``); no tiling, slicing or eval mode is set here."""
+    cls = model_class(config)
+    if path is None:
+        return cls.from_config(config)
+    return cls.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir)
+
+
+def freeze_for_fine_tuning(
+    vae: nn.Module, num_frozen_up_blocks: int = 0, freeze_output_layers: bool = True, freeze_encoder: bool = False
+) -> List[str]:
+    """Make ``vae`` trainable except what the paper freezes (App. B, Table 5: :func:`frozen_module_names`), plus the
+    encoder (and ``quant_conv``) with ``freeze_encoder``; returns the frozen module names."""
+    frozen = frozen_module_names(vae, num_frozen_up_blocks, freeze_output_layers)
+    if freeze_encoder:
+        frozen += [n for n in ("encoder", "quant_conv") if getattr(vae, n, None) is not None]
+    vae.requires_grad_(True)
+    for name in frozen:
+        vae.get_submodule(name).requires_grad_(False)
+    return frozen
+
+
+def check_se_geometry(config: dict, resolution: int, scale_factors, dct_block_size: int) -> int:
+    """Check that SE training crops fit the AE before any weights load (paper eq. 2: ``down(z)`` must be a whole
+    latent the decoder takes): ``resolution`` divisible by the spatial compression, every scale factor dividing the
+    latent side, the smallest downsampled latent at least the decoder's minimum, the latent side divisible by the DCT
+    block (eq. 1, 4-7). Returns the spatial compression; raises ``ValueError`` naming the flags to change."""
+    f = spatial_compression(config)
+    if resolution % f:
+        lo = resolution // f * f
+        raise ValueError(
+            f"--resolution {resolution} is not divisible by the autoencoder's spatial compression {f}; "
+            f"use {lo or f} or {lo + f}."
+        )
+    latent = resolution // f
+    for s in scale_factors:
+        if latent % s:
+            ok = [r for r in range(f, 4 * resolution, f) if (r // f) % math.lcm(*scale_factors) == 0]
+            near = sorted(ok, key=lambda r: abs(r - resolution))[:2]
+            raise ValueError(
+                f"SE scale factor {s} does not divide the latent size {latent}x{latent} (resolution "
+                f"{resolution} / compression {f}). Use --resolution {' or '.join(map(str, sorted(near)))}, "
+                f"or change --se_scale_factors."
+            )
+    row = get_row(config)
+    if latent // max(scale_factors) < row.min_latent_size:
+        raise ValueError(
+            f"{row.class_name}'s decoder needs latents of at least {row.min_latent_size}x{row.min_latent_size}, but SE "
+            f"x{max(scale_factors)} makes {latent}x{latent} smaller: raise --resolution or lower "
+            "--se_scale_factors."
+        )
+    if latent % dct_block_size:
+        raise ValueError(
+            f"The latent size {latent} is not divisible by --dct_block_size {dct_block_size} (spectra, CHF and "
+            "the soft penalty use block DCTs): pick a block size that divides it."
+        )
+    return f
+
+
+def check_se_video(
+    config: dict,
+    image_batch_size: int,
+    video_batch_size: Optional[int],
+    num_frames: int,
+    temporal_scale_factors=None,
+    video_flags=(),
+) -> int:
+    """Check joint image + clip SE training against the AE class (Table 5), before any weights load.
+
+    ``video_flags``: the video-only settings given (flag names), refused for an image AE. ``temporal_scale_factors``
+    must leave a downsampled clip that the AE itself takes. Returns the clips per process and micro-batch: 0 for an
+    image AE, ``video_batch_size`` or half the image batch (Table 5's ratio) for a video AE.
+    """
+    row = get_row(config)
+    name = row.class_name
+    if not row.video:
+        if video_flags:
+            videos = ", ".join(n for n in supported_classes() if get_row(n).video)
+            raise ValueError(
+                f"{name} is an image autoencoder, but {', '.join(video_flags)} need a video AE ({videos})."
+            )
+        if image_batch_size == 0:
+            raise ValueError("--train_batch_size must be positive.")
+        return 0
+    clips = max(1, image_batch_size // 2) if video_batch_size is None else video_batch_size
+    if clips == 0 and image_batch_size == 0:
+        raise ValueError("--image_batch_size and --video_batch_size are both 0: nothing to train on.")
+    check_num_frames(config, num_frames)
+    if not row.causal and image_batch_size > 0:
+        raise ValueError(
+            f"{name} is not causal (it takes {frame_rule(config)} frames): it cannot encode images as 1-frame "
+            "videos. Pass --image_batch_size 0 to train on clips only."
+        )
+    if clips == 0 and temporal_scale_factors:
+        raise ValueError("--se_temporal_scale_factors needs clips: set --video_batch_size.")
+    latent_frames = latent_num_frames(config, num_frames)
+    for f in temporal_scale_factors or []:
+        pixels = 1 + (num_frames - 1) // f
+        if not row.causal or (latent_frames - 1) % f or not valid_num_frames(config, pixels):
+            raise ValueError(
+                f"Temporal SE factor {f} does not fit {num_frames} frames ({latent_frames} latent frames) of "
+                f"{name}: the downsampled clip must itself take {frame_rule(config)} frames. Try --num_frames "
+                f"{1 + frame_multiple(config) * f} or {1 + 2 * frame_multiple(config) * f}, or drop {f}."
+            )
+    return clips

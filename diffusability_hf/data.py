@@ -509,15 +509,3 @@ def evaluation_samples(
     out = EvalSamples(_LazyItems(sources.__getitem__, n), resolution, num_frames, frame_stride)
     out.description = f"{n} {'clips' if num_frames else 'images'} of {what}"
     return out
-
-
-# The video readers live in video_data.py; these stay importable from here (train_scripts/eval_dit.py imports them).
-_VIDEO_NAMES = ("read_clip", "list_videos")
-
-
-def __getattr__(name: str):
-    if name in _VIDEO_NAMES:
-        from . import video_data
-
-        return getattr(video_data, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

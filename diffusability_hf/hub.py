@@ -4,6 +4,8 @@
   front matter (``base_model`` only for Hub repo ids, the license read from the base model's card).
 - The SE fine-tuned autoencoder's card (:func:`se_autoencoder_card_fields`): built from the run's ``metrics.json``
   and settings; ``train_scripts/train_ae_se.py`` renders and writes it.
+- The DiT pipeline's card (:func:`dit_pipeline_card_fields`): built from the latents' metadata, the transformer and
+  the run's settings; ``train_scripts/train_dit_flow.py`` renders and writes it.
 - Uploads: :func:`check_hub_access` before training, :func:`push_folder` after it.
 """
 
@@ -384,4 +386,65 @@ def se_autoencoder_card_fields(
         "dataset": dataset,
         "usage": usage_snippet(class_name, video_frames, decode_timestep, timestep_conditioning),
         "media": media,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The card of a DiT flow-matching pipeline (train_scripts/train_dit_flow.py, template model_cards/dit_pipeline.md)
+
+
+def dit_pipeline_card_fields(
+    meta: Mapping,
+    hyperparameters: Mapping[str, object],
+    *,
+    transformer,
+    model: str,
+    steps: int,
+    seconds: float,
+    final_loss: float,
+    global_batch: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    shift: float,
+    base_id: Optional[str],
+    license_fields: Mapping[str, object],
+) -> dict:
+    """The values of every placeholder of ``model_cards/dit_pipeline.md``.
+
+    Args:
+        meta: the latents' metadata (``ae``, ``ae_class``, ``ae_weights_fingerprint``, ``num_classes``,
+            ``dataset``, ``id2label``) with ``vae_weights_fingerprint``, the pipeline's VAE's.
+        hyperparameters: the run's settings for the table (see :func:`hyperparameters_table`).
+        transformer: the trained transformer (its class and parameter count).
+        model: the DiT size (e.g. ``"DiT-S/2"``) or the config it was built from.
+        steps, seconds, final_loss: optimizer steps, training time and the last logged loss (``nan`` when none).
+        global_batch: what one optimizer step sees, in words.
+        num_inference_steps, guidance_scale, shift: the sampling settings of the card's grid and usage example.
+        base_id: the VAE's Hub repo id (``None`` for a local or the embedded one): the card's ``base_model``.
+        license_fields: from :func:`card_license`.
+    """
+    from . import __version__
+
+    return {
+        "card_metadata": metadata_yaml(base_id, license_fields),
+        "license_sentence": license_sentence(license_fields, base_id),
+        "vae": meta["ae"],
+        "vae_class": meta["ae_class"],
+        "latents_ae_fingerprint": meta["ae_weights_fingerprint"],
+        "vae_fingerprint": meta["vae_weights_fingerprint"],
+        "model": model,
+        "transformer_class": type(transformer).__name__,
+        "num_parameters": f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M",
+        "steps": steps,
+        "global_batch": global_batch,
+        "minutes": f"{seconds / 60:.1f}",
+        "final_loss": f"{final_loss:.4f}",
+        "num_classes": meta["num_classes"],
+        "dataset": meta["dataset"],
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "shift": shift,
+        "first_label": meta["id2label"]["0"],
+        "hyperparameters_table": hyperparameters_table(hyperparameters),
+        "version": __version__,
     }

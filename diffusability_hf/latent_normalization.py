@@ -12,12 +12,15 @@ allows a shift (scale only: standard deviation 1).
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from diffusability_hf.autoencoders import _class_name, normalize_latents
+from diffusability_hf.autoencoders import _class_name, encode, normalize_latents
+
+logger = logging.getLogger(__name__)
 
 SCALE_ONLY = ("AutoencoderDC", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLAllegro")
 CONFIG_LISTS = ("AutoencoderKLWan", "AutoencoderKLQwenImage")
@@ -115,3 +118,55 @@ def apply_latent_normalization(vae: nn.Module, estimate: Dict) -> None:
 def normalized_std(vae: nn.Module, z: torch.Tensor) -> float:
     """The standard deviation of ``normalize_latents(vae, z)``: 1 when the stored statistics fit these latents."""
     return float(normalize_latents(vae, z.float()).double().std(correction=0))
+
+
+@torch.no_grad()
+def training_latents(
+    vae: nn.Module, dataset, num_samples: int, seed: int, device, batch_size: int = 8
+) -> torch.Tensor:
+    """Posterior samples (seeded by ``seed``) of the first ``num_samples`` items of a training ``dataset`` (items
+    with ``"pixel_values"``); ``(N, C, h, w)`` or ``(N, C, t, h, w)`` float32 on the CPU."""
+    n = min(len(dataset), num_samples)
+    gen = torch.Generator(device).manual_seed(seed)
+    was_training = vae.training
+    vae.eval()
+    out = []
+    for start in range(0, n, batch_size):
+        x = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(n, start + batch_size))]).to(device)
+        out.append(encode(vae, x).sample(gen).float().cpu())
+    vae.train(was_training)
+    return torch.cat(out)
+
+
+def reestimate_latent_normalization(vae: nn.Module, z: torch.Tensor, kind: str, keep_base: bool = False) -> Dict:
+    """Re-estimate ``vae``'s latent normalisation on its training latents ``z`` and apply it (or, with ``keep_base``,
+    only record what it would be); returns the record for ``metrics.json`` and the model card.
+
+    The record: ``num_samples`` and ``kind`` ("images" or "clips") of ``z``, their raw mean and std, the normalised
+    std with the base's and with the saved values (:func:`normalized_std`), ``reestimated`` with its ``form`` or the
+    ``reason`` it was not (and ``would_be``), and the ``saved`` fields (:func:`current_latent_normalization`).
+    """
+    record = {
+        "num_samples": int(z.shape[0]),
+        "kind": kind,
+        "latent_mean": float(z.double().mean()),
+        "latent_std": float(z.double().std(correction=0)),
+        "normalized_std_with_base_values": normalized_std(vae, z),
+    }
+    estimate = estimate_latent_normalization(vae, z)
+    if estimate is None:
+        record.update(reestimated=False, reason=f"{type(vae).__name__}'s statistics are not re-estimated")
+        logger.warning(f"{type(vae).__name__}: latent normalisation kept as the base's (not re-estimated here).")
+    elif keep_base:
+        record.update(reestimated=False, reason="--keep_base_latent_scaling", would_be=estimate["config"])
+    else:
+        apply_latent_normalization(vae, estimate)
+        record.update(reestimated=True, form=estimate["form"])
+    record["normalized_std_with_saved_values"] = normalized_std(vae, z)
+    record["saved"] = current_latent_normalization(vae)
+    logger.info(
+        f"Latent normalisation ({'re-estimated' if record['reestimated'] else 'kept'}): normalised latent std "
+        f"{record['normalized_std_with_base_values']:.3f} with the base's values, "
+        f"{record['normalized_std_with_saved_values']:.3f} with the saved ones"
+    )
+    return record

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+import json
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -41,6 +43,28 @@ def lora_state_dict(model: nn.Module) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model)
+
+
+def lora_adapter(model: nn.Module, rank: int, alpha: Optional[float] = None) -> Tuple[Dict, Dict]:
+    """The adapter of a model that :func:`add_lora` adapted, taken before :func:`merge_lora`: its weights
+    (contiguous, peft naming) and its ``adapter_config.json`` (``r``, ``lora_alpha``, ``target_modules``)."""
+    weights = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    config = {
+        "r": rank,
+        "lora_alpha": alpha or rank,
+        "target_modules": sorted(model.peft_config["default"].target_modules),
+    }
+    return weights, config
+
+
+def save_lora_adapter(save_directory: str, weights: Dict, config: Dict) -> None:
+    """Write a :func:`lora_adapter` into a new folder: ``adapter_model.safetensors`` and ``adapter_config.json``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(save_directory)
+    save_file(weights, os.path.join(save_directory, "adapter_model.safetensors"))
+    with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

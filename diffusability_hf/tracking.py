@@ -71,6 +71,17 @@ def log_clips(
     return gif
 
 
+def log_image_grid(trackers: Iterable, tag: str, grid: Image.Image, step: int) -> None:
+    """One RGB image (e.g. a grid of samples, ``pipelines.training.class_sample_grid``) as a single image."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Image(grid)}, step=step)
+
+
 def _tensorboards(trackers: Iterable) -> list:
     return [tracker for tracker in trackers if tracker.name == "tensorboard"]
 

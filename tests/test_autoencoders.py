@@ -349,3 +349,47 @@ def test_weights_fingerprint_tells_weights_apart_where_the_config_cannot(tmp_pat
         h.update(t.detach().contiguous().numpy().tobytes())
     assert ae.weights_fingerprint(vae) == h.hexdigest()[:20]
     assert ae.weights_fingerprint(vae.to(torch.float16)) != h.hexdigest()[:20]  # another dtype: other weights
+
+
+# SE fine-tuning's model facts: loading, what trains (App. B), and the checks before any weights load
+
+
+def test_load_autoencoder_random_init_and_freeze_for_fine_tuning():
+    cfg = tiny_config("cogvideox")
+    vae = ae.load_autoencoder(cfg)  # no path: a random init of the config (App. C.5)
+    assert type(vae).__name__ == cfg["_class_name"]
+    frozen = ae.freeze_for_fine_tuning(vae, 1, True, freeze_encoder=True)
+    paper = ae.frozen_module_names(vae, 1, True)  # output layers + the up-block nearest the output
+    assert frozen[: len(paper)] == paper and "encoder" in frozen[len(paper) :]
+    for name, p in vae.named_parameters():
+        assert p.requires_grad != any(name.startswith(f"{n}.") for n in frozen), name
+    assert ae.freeze_for_fine_tuning(vae, 0, False) == []  # everything trains again
+    assert all(p.requires_grad for p in vae.parameters())
+
+
+def test_check_se_geometry_returns_the_compression_and_says_what_to_change():
+    cfg = tiny_config("cogvideox")  # 8x spatial compression
+    assert ae.check_se_geometry(cfg, 64, [2, 4], 2) == 8
+    with pytest.raises(ValueError, match="--resolution 60 is not divisible .* compression 8; use 56 or 64"):
+        ae.check_se_geometry(cfg, 60, [2], 1)
+    with pytest.raises(ValueError, match="SE scale factor 4 does not divide the latent size 6x6"):
+        ae.check_se_geometry(cfg, 48, [2, 4], 1)
+    with pytest.raises(ValueError, match="The latent size 12 is not divisible by --dct_block_size 8"):
+        ae.check_se_geometry(cfg, 96, [2], 8)
+
+
+def test_check_se_video_batches_and_refusals():
+    video, image = tiny_config("cogvideox"), tiny_config("cogvideox") | {"_class_name": "AutoencoderKL"}
+    assert ae.check_se_video(video, 8, None, 17) == 4  # half the image batch (Table 5's ratio)
+    assert ae.check_se_video(video, 8, 3, 17) == 3
+    assert ae.check_se_video(image, 8, None, 17) == 0
+    with pytest.raises(
+        ValueError, match="AutoencoderKL is an image autoencoder, but --video_data_dir need a video AE"
+    ):
+        ae.check_se_video(image, 8, None, 17, video_flags=["--video_data_dir"])
+    with pytest.raises(ValueError, match="both 0: nothing to train on"):
+        ae.check_se_video(video, 0, 0, 17)
+    with pytest.raises(ValueError, match="--num_frames 16 does not fit"):
+        ae.check_se_video(video, 8, None, 16)
+    with pytest.raises(ValueError, match="Temporal SE factor 3 does not fit 17 frames"):
+        ae.check_se_video(video, 8, None, 17, [3])

@@ -500,13 +500,3 @@ def test_hold_out_takes_readable_items_never_repeats_and_reports_what_it_examine
     assert not torch.equal(pixels, other)
     everything, held_all, bad_all = hold_out(10, 20, read)  # asks for more than there is: no repeats
     assert len(everything) == 8 and held_all == list(range(10)) and bad_all == [3, 7]
-
-
-def test_the_video_readers_stay_importable_from_data():
-    """eval_dit.py (and older code) import read_clip and list_videos from data.py."""
-    from diffusability_hf import data, video_data
-    from diffusability_hf.data import list_videos as from_data
-
-    assert from_data is video_data.list_videos and data.read_clip is video_data.read_clip
-    with pytest.raises(AttributeError):
-        data.no_such_name  # noqa: B018

@@ -13,6 +13,8 @@ from diffusability_hf.latent_normalization import (
     current_latent_normalization,
     estimate_latent_normalization,
     normalized_std,
+    reestimate_latent_normalization,
+    training_latents,
 )
 
 TINY_CONFIGS = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
@@ -105,3 +107,33 @@ def test_the_form_of_the_base_is_kept():
     assert got["scaling_factor"] == pytest.approx(1 / z.double().std(correction=0).item(), rel=1e-5)
     cosmos = from_tiny_config("cosmos")
     assert estimate_latent_normalization(cosmos, latents(cosmos, True)) is None  # not re-estimated: said so
+
+
+def test_training_latents_are_seeded_posterior_samples_of_the_first_items():
+    torch.manual_seed(0)
+    vae = kl(scaling_factor=0.5, shift_factor=0.1)
+    data = [{"pixel_values": torch.rand(3, 16, 16) * 2 - 1} for _ in range(5)]
+    z = training_latents(vae, data, 3, seed=1, device="cpu", batch_size=2)
+    assert z.shape == (3, 4, 8, 8) and z.dtype == torch.float32
+    assert torch.equal(z, training_latents(vae, data, 3, seed=1, device="cpu", batch_size=2))
+    gen = torch.Generator().manual_seed(1)
+    first = ae.encode(vae.eval(), torch.stack([d["pixel_values"] for d in data[:2]])).sample(gen)
+    assert torch.equal(z[:2], first)
+    assert training_latents(vae, data, 99, seed=1, device="cpu").shape[0] == 5
+
+
+@pytest.mark.parametrize("keep_base", [False, True])
+def test_reestimate_latent_normalization_record(keep_base):
+    vae = kl(scaling_factor=0.5, shift_factor=0.1)
+    z = torch.randn(6, 4, 8, 8) * 3 + 1
+    record = reestimate_latent_normalization(vae, z, "images", keep_base)
+    assert record["num_samples"] == 6 and record["kind"] == "images"
+    assert record["latent_mean"] == pytest.approx(float(z.double().mean()))
+    assert record["reestimated"] is not keep_base
+    assert record["saved"] == current_latent_normalization(vae)
+    if keep_base:
+        assert record["reason"] == "--keep_base_latent_scaling" and vae.config.scaling_factor == 0.5
+        assert record["would_be"] == estimate_latent_normalization(vae, z)["config"]
+    else:
+        assert record["form"] == "global shift and scale"
+        assert record["normalized_std_with_saved_values"] == pytest.approx(1.0, abs=1e-4)

@@ -653,3 +653,54 @@ def test_feature_statistics_merge_equals_one_pass_and_leaves_parts_alone():
     np.testing.assert_allclose(merged.mu, feats.mean(0), rtol=1e-12)
     np.testing.assert_allclose(merged.sigma, np.cov(feats, rowvar=False), rtol=1e-10)
     assert merged.n == 23 and np.array_equal(parts[0].total, before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An AE's reconstruction and latent spectrum on validation pixels (what train_ae_se.py measures before and after)
+
+
+def _tiny_kl():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1)  # fmt: skip
+
+
+def test_reconstruction_metrics_match_their_definitions_and_leave_the_rng_alone():
+    from diffusability_hf import autoencoders as ae
+    from diffusability_hf.metrics.reconstruction import reconstruction_metrics
+    from diffusability_hf.spectral import energy_profile, frequency_profile, high_frequency_share
+
+    vae, x = _tiny_kl().train(), torch.rand(3, 3, 16, 16) * 2 - 1
+    state = torch.random.get_rng_state()
+    out = reconstruction_metrics(vae, x, dct_block_size=4, batch_size=2)
+    assert torch.equal(torch.random.get_rng_state(), state) and vae.training  # both as they were
+    with torch.no_grad():
+        z = ae.encode(vae, x).mode()
+        recon = vae.decode(z).sample.clamp(-1, 1)
+    assert out["psnr"] == pytest.approx(psnr(recon, x).mean().item(), rel=1e-5)
+    assert out["hf_share"] == pytest.approx(high_frequency_share(z, 4).item(), rel=1e-5)
+    assert out["profile"] == pytest.approx(frequency_profile(z, 4).tolist(), rel=1e-5)
+    assert out["energy"] == pytest.approx(energy_profile(z, 4).tolist(), rel=1e-5)
+    assert out["recon"].shape == x.shape and "frame_profiles" not in out
+
+
+def test_rgb_spectrum_and_cross_decoding():
+    from diffusability_hf.losses import downsample
+    from diffusability_hf.metrics.reconstruction import cross_decoding, reconstruction_metrics, rgb_spectrum
+    from diffusability_hf.spectral import frequency_profile
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert rgb_spectrum(x, 2, 4)["profile"] == frequency_profile(downsample(x, 2, "area"), 4).tolist()
+    vae, other = _tiny_kl(), _tiny_kl()
+    with torch.no_grad():
+        other.decoder.conv_out.weight.mul_(0.5)  # another decoder, the same encoder
+    before = {"image": reconstruction_metrics(vae, x, dct_block_size=4)}
+    after = {"image": reconstruction_metrics(other, x, dct_block_size=4)}
+    cross = cross_decoding(vae, other, {"image": x}, before, after, dct_block_size=4)["image"]
+    assert cross["base_encoder_base_decoder"] == before["image"]["psnr"]
+    assert cross["new_encoder_new_decoder"] == after["image"]["psnr"]
+    assert cross["base_encoder_new_decoder"] == pytest.approx(after["image"]["psnr"])  # same encoders
+    assert cross["new_encoder_base_decoder"] == pytest.approx(before["image"]["psnr"])

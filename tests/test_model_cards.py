@@ -13,6 +13,7 @@ from diffusability_hf.hub import (
     card_license,
     compatibility_text,
     dataset_description,
+    dit_pipeline_card_fields,
     hub_repo_id,
     license_sentence,
     metadata_yaml,
@@ -152,3 +153,21 @@ def test_front_matter_parsing_and_yaml_quoting():
     text = "---\n" + metadata_yaml("a/b", {"license": "other", "license_name": "name: with colon"}) + "---\nbody"
     assert parse_front_matter(text) == {"base_model": "a/b", "license": "other", "license_name": "name: with colon"}
     assert metadata_yaml("/local/path", {}) == ""
+
+
+def test_the_dit_card_fills_every_placeholder_of_its_template():
+    import torch
+
+    meta = {"ae": "owner/vae", "ae_class": "AutoencoderKL", "ae_weights_fingerprint": "a" * 16, "num_classes": 2,
+            "vae_weights_fingerprint": "b" * 16, "dataset": "d", "id2label": {"0": "cat", "1": "dog"}}  # fmt: skip
+    fields = dit_pipeline_card_fields(
+        meta, {"learning_rate": 3e-4, "hub_model_id": None}, transformer=torch.nn.Linear(1000, 1000), model="DiT-S/2",
+        steps=10, seconds=90.0, final_loss=0.5, global_batch="8 latents", num_inference_steps=4, guidance_scale=1.5,
+        shift=1.0, base_id="owner/vae", license_fields={"license": "mit"},
+    )  # fmt: skip
+    assert set(fields) == placeholders("dit_pipeline")
+    card = render_model_card("dit_pipeline", fields)
+    assert ModelCard(card).data.to_dict()["base_model"] == "owner/vae" and "{{" not in card
+    assert "Linear, DiT-S/2, 1.0M parameters" in card and "Steps: 10 (1.5 min)" in card
+    assert "final training loss 0.5000" in card and '["cat"]' in card
+    assert "| `learning_rate` | `0.0003` |" in card and "hub_model_id" not in card

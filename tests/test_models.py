@@ -16,12 +16,15 @@ from diffusability_hf.models import (
     SelfConditionedDiT,
     build_dit,
     build_selfcond_dit,
+    build_transformer,
     count_parameters,
     disable_label_dropout,
     dit_config,
     dit_meta_parameter_count,
     parse_dit_name,
     rope_2d,
+    transformer_class,
+    transformer_config,
 )
 
 NUM_CLASSES = 10
@@ -337,3 +340,25 @@ def test_model_file_is_self_contained_and_loads_standalone(tmp_path, monkeypatch
 def test_count_parameters_on_tiny():
     model = tiny_selfcond()
     assert count_parameters(model) == count_parameters(model, trainable_only=True) > 0
+
+
+def test_the_training_scripts_transformer_from_a_size_or_a_config_file(tmp_path):
+    """transformer_config (a size, or a config file checked against the latents) and build_transformer."""
+    config = transformer_config([4, 8, 8], 3, "DiT-tiny/2")
+    assert config == dit_config("DiT-tiny/2", 4, 8, 3)
+    paper = build_transformer(config, pos_embed="sincos", self_conditioning=False)
+    assert type(paper) is SelfConditionedDiT and paper.config.pos_embed == "sincos"
+    assert not paper.config.self_conditioning
+    stock = build_transformer(config, stock_dit=True)
+    assert type(stock) is DiTTransformer2DModel
+    assert {m.dropout_prob for m in stock.modules() if hasattr(m, "dropout_prob")} == {0.0}
+    for model in (stock, paper):
+        model.save_config(tmp_path / type(model).__name__)
+        read = transformer_config([4, 8, 8], 3, config_path=str(tmp_path / type(model).__name__))
+        assert transformer_class(read) is type(model)
+        again = build_transformer(read, from_config=True)
+        public = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (again, model)]
+        assert type(again) is type(model) and public[0] == public[1]
+    assert {m.dropout_prob for m in again.modules() if hasattr(m, "dropout_prob")} <= {0.0}
+    with pytest.raises(ValueError, match=r"takes 4x8\^2 latents, but lat holds 16x8\^2 ones"):
+        transformer_config([16, 8, 8], 3, config_path=str(tmp_path / "DiTTransformer2DModel"), latents="lat")

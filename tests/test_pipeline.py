@@ -598,3 +598,37 @@ def test_guidance_interval_self_conditioning_keeps_each_branch(standin_module):
 def test_bad_guidance_interval_raises(interval):
     with pytest.raises(ValueError, match="guidance_interval"):
         sample(make_pipe(), guidance_scale=2.0, guidance_interval=interval)
+
+
+def test_the_training_runs_pipeline_holds_the_ema_weights_and_its_provenance(tmp_path):
+    """pipelines/training.py: an EMA copy (the training weights untouched), the provenance, an atomic snapshot."""
+    from diffusability_hf.ema import EMA
+    from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
+
+    transformer = tiny_dit()
+    ema = EMA(list(transformer.parameters()), 2.0, None)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(1.0)  # the training weights move on; the EMA keeps the old ones
+    meta = {"id2label": ID2LABEL, "latents_mean": MEAN, "latents_std": STD, "ae": "ae", "dataset": "d",
+            "ae_weights_fingerprint": "a" * 16, "vae_weights_fingerprint": "b" * 16}  # fmt: skip
+    pipe = make_pipeline(transformer, tiny_vae(), meta, ema=ema, shift=2.0, step=3)
+    ref = tiny_dit()
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), ref.parameters()))
+    assert not torch.equal(next(transformer.parameters()), next(ref.parameters()))  # a copy was changed
+    assert pipe.scheduler.config.shift == 2.0 and not pipe.transformer.training
+    assert pipe.config.provenance == {
+        "latents_ae_weights_fingerprint": "a" * 16, "vae_weights_fingerprint": "b" * 16, "latents_ae": "ae",
+        "latents": "encoded on the fly: d", "step": 3,
+        "fingerprint_function": "diffusability_hf.autoencoders.weights_fingerprint",
+    }  # fmt: skip
+    folder = make_pipeline(transformer, tiny_vae(), meta, latents_dir=str(tmp_path)).config.provenance["latents"]
+    assert folder == str(tmp_path) and "step" not in make_pipeline(transformer, tiny_vae(), meta).config.provenance
+    path = save_snapshot(pipe, str(tmp_path / "snapshots"), 3)
+    assert path == str(tmp_path / "snapshots" / "step-3") and os.listdir(tmp_path / "snapshots") == ["step-3"]
+    with open(os.path.join(path, "model_index.json")) as f:
+        assert json.load(f)["provenance"]["step"] == 3
+    pipe.set_progress_bar_config(disable=True)
+    grid = class_sample_grid(pipe, 3, num_inference_steps=2, per_class=2, max_classes=2)
+    again = class_sample_grid(pipe, 3, num_inference_steps=2, per_class=2, max_classes=2)
+    assert grid.mode == "RGB" and np.array_equal(np.asarray(grid), np.asarray(again))  # seeded

@@ -11,6 +11,7 @@ from diffusability_hf.tracking import (
     clips_to_gif,
     log_clips,
     log_frame_profiles,
+    log_image_grid,
     log_images,
     log_spectra,
     to_uint8_frames,
@@ -58,10 +59,14 @@ def test_images_clips_and_spectra_reach_tensorboard(tmp_path):
     profile = np.linspace(1, 0.1, 16).tolist()
     log_spectra(trackers, "validation/spectrum_image", {"RGB": profile}, {"RGB": profile}, step=1)
     log_frame_profiles(trackers, "validation/spectrum_per_frame", [profile, profile], step=1)
+    grid = Image.fromarray(np.arange(6 * 4 * 3, dtype=np.uint8).reshape(6, 4, 3))
+    log_image_grid(trackers, "validation/samples", grid, step=1)
     writer.close()
     events = EventAccumulator(str(tmp_path)).Reload()
     images = set(events.Tags()["images"])
     assert {"validation/spectrum_image", "validation/spectrum_per_frame", "validation/reconstruction_clips"} <= images
     assert "validation/reconstruction" in images
+    logged_grid = Image.open(io.BytesIO(events.Images("validation/samples")[-1].encoded_image_string))
+    assert np.array_equal(np.asarray(logged_grid.convert("RGB")), np.asarray(grid))
     logged = events.Images("validation/reconstruction_clips")[-1].encoded_image_string
     assert logged == gif and Image.open(io.BytesIO(gif)).n_frames == 3

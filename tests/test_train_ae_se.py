@@ -353,9 +353,11 @@ def test_checks_return_values_and_leave_the_arguments_alone(script, tiny_vae_dir
     video = script.parse_args(["--model_config_name_or_path", config, "--train_data_dir", "d", "--resolution", "32"])
     image = script.parse_args(["--pretrained_model_name_or_path", tiny_vae_dir, "--resolution", "32"])
     before = {name: dict(vars(a)) for name, a in (("video", video), ("image", image))}
-    assert script.check_video(video, video.vae_config) == 4  # half of --train_batch_size 8 (Table 5's ratio)
-    assert script.check_video(image, image.vae_config) == 0
-    assert script.check_geometry(image, image.vae_config) == 4  # the spatial compression
+    for a in (video, image):
+        clips = ae.check_se_video(a.vae_config, a.train_batch_size, a.video_batch_size, a.num_frames,
+                                  a.se_temporal_scale_factors, script.video_flags(a))  # fmt: skip
+        assert clips == (4 if a is video else 0)  # half of --train_batch_size 8 (Table 5's ratio); none for images
+    assert ae.check_se_geometry(image.vae_config, 32, image.se_scale_factors, image.dct_block_size) == 4
     assert script.split_global_batch(image, 2) == {}
     assert {"video": vars(video), "image": vars(image)} == before
 

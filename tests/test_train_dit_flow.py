@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from diffusability_hf.autoencoders import EMBEDDED_AE, weights_fingerprint
 from diffusability_hf.latents import read_latents_metadata
+from diffusability_hf.models.dit import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 from diffusability_hf.training_utils import UsageError
 
@@ -239,12 +240,10 @@ def test_checks_without_training(tmp_path, latents, capsys):
     assert (args.pos_embed, args.self_conditioning_prob, args.stock_dit) == ("rope", 0.9, False)
     stock = script.parse_args(["--latents_dir", latents, "--stock_dit"])
     assert (stock.pos_embed, stock.self_conditioning_prob) == ("sincos", 0.0)
-    meta = {"latent_shape": [16, 8, 8], "num_classes": 7}
-    model = script.build_transformer(args, script.transformer_config(args, meta))
+    config = transformer_config([16, 8, 8], 7, args.model)
+    model = build_transformer(config, pos_embed=args.pos_embed, self_conditioning=args.self_conditioning_prob > 0)
     assert type(model).__name__ == "SelfConditionedDiT" and model.config.self_conditioning
-    assert type(script.build_transformer(stock, script.transformer_config(stock, meta))).__name__ == (
-        "DiTTransformer2DModel"
-    )
+    assert type(build_transformer(config, stock_dit=True)).__name__ == "DiTTransformer2DModel"
     # Explicit flag > the embedded demo's preset > the argparse default (App. B's), all three shown by --help
     assert (args.max_train_steps, args.lr_warmup_steps, args.validation_steps, args.checkpointing_steps) == (
         500, 50, 250, 500
@@ -462,7 +461,8 @@ def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, late
     order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(3))  # the sampler's epoch 0
     batch = torch.utils.data.default_collate([shards[i] for i in order[: args.train_batch_size].tolist()])
     set_seed(3)
-    transformer = script.build_transformer(args, script.transformer_config(args, meta))
+    config = transformer_config(meta["latent_shape"], meta["num_classes"], config_path=str(tmp_path / "config"))
+    transformer = build_transformer(config, from_config=True)
     mean, std = (torch.tensor(meta[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
 
     def step_1_loss(**settings):

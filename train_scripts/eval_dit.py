@@ -57,7 +57,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.data import EvalSamples, evaluation_samples, read_clip
+from diffusability_hf.data import EvalSamples, evaluation_samples
 from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.flow import flow_matching_loss, interpolate, timesteps_from_sigmas
 from diffusability_hf.hub import markdown_table
@@ -78,6 +78,7 @@ from diffusability_hf.training_utils import (
     run_script,
     use_all_cpu_cores,
 )
+from diffusability_hf.video_data import read_clip
 
 logger = get_logger(__name__)
 
@@ -743,7 +744,8 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
 
 def sample_files(folder, num_samples, video):
     """The first ``num_samples`` images (sorted) or videos/frame folders of a folder."""
-    from diffusability_hf.data import IMAGE_EXTENSIONS, list_videos
+    from diffusability_hf.data import IMAGE_EXTENSIONS
+    from diffusability_hf.video_data import list_videos
 
     if video:
         files = list_videos(folder)

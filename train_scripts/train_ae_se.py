@@ -17,7 +17,6 @@ plus ``README.md`` (model card), ``spectrum.png`` and ``metrics.json``.
 """
 
 import argparse
-import json
 import math
 import os
 import random
@@ -51,19 +50,14 @@ from diffusability_hf.hub import (
     se_autoencoder_card_fields,
 )
 from diffusability_hf.latent_normalization import (
-    apply_latent_normalization,
     current_latent_normalization,
-    estimate_latent_normalization,
-    normalized_std,
+    reestimate_latent_normalization,
+    training_latents,
 )
-from diffusability_hf.losses import DOWNSAMPLE_MODES, ReconstructionDistance, SEAutoencoderLoss, downsample
-from diffusability_hf.metrics.quality import psnr
-from diffusability_hf.spectral import (
-    SOFT_PENALTY_NORMALIZATIONS,
-    energy_profile,
-    frequency_profile,
-    high_frequency_share,
-)
+from diffusability_hf.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
+from diffusability_hf.losses import DOWNSAMPLE_MODES, ReconstructionDistance, SEAutoencoderLoss
+from diffusability_hf.metrics.reconstruction import cross_decoding, reconstruction_metrics, rgb_spectrum
+from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
 from diffusability_hf.tracking import log_clips, log_frame_profiles, log_images, log_spectra
 from diffusability_hf.training_utils import (
     UsageError,
@@ -544,96 +538,20 @@ def read_vae_config(args) -> dict:
 
 def load_vae(args, config):
     """The pretrained weights, or a random init of ``--model_config_name_or_path``."""
-    cls = ae.model_class(config)
-    if args.model_config_name_or_path is not None:
-        return cls.from_config(config)
-    return cls.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder=args.subfolder, revision=args.revision, variant=args.variant,
-        cache_dir=args.cache_dir,
-    )  # fmt: skip
+    path = None if args.model_config_name_or_path is not None else args.pretrained_model_name_or_path
+    return ae.load_autoencoder(config, path, args.subfolder, args.revision, args.variant, args.cache_dir)
 
 
-def check_geometry(args, config) -> int:
-    """Fail before any heavy work when the resolution, scale factors or DCT block do not fit the AE; returns its
-    spatial compression."""
-    f = ae.spatial_compression(config)
-    if args.resolution % f:
-        lo = args.resolution // f * f
-        raise ValueError(
-            f"--resolution {args.resolution} is not divisible by the autoencoder's spatial compression {f}; "
-            f"use {lo or f} or {lo + f}."
-        )
-    latent = args.resolution // f
-    for s in args.se_scale_factors:
-        if latent % s:
-            ok = [r for r in range(f, 4 * args.resolution, f) if (r // f) % math.lcm(*args.se_scale_factors) == 0]
-            near = sorted(ok, key=lambda r: abs(r - args.resolution))[:2]
-            raise ValueError(
-                f"SE scale factor {s} does not divide the latent size {latent}x{latent} (resolution "
-                f"{args.resolution} / compression {f}). Use --resolution {' or '.join(map(str, sorted(near)))}, "
-                f"or change --se_scale_factors."
-            )
-    row = ae.get_row(config)
-    if latent // max(args.se_scale_factors) < row.min_latent_size:
-        raise ValueError(
-            f"{row.class_name}'s decoder needs latents of at least {row.min_latent_size}x{row.min_latent_size}, but SE "
-            f"x{max(args.se_scale_factors)} makes {latent}x{latent} smaller: raise --resolution or lower "
-            "--se_scale_factors."
-        )
-    if latent % args.dct_block_size:
-        raise ValueError(
-            f"The latent size {latent} is not divisible by --dct_block_size {args.dct_block_size} (spectra, CHF and "
-            "the soft penalty use block DCTs): pick a block size that divides it."
-        )
-    return f
-
-
-def check_video(args, config) -> int:
-    """Video settings against the AE class, before any weights load. Returns the clips per process and
-    micro-batch: 0 for an image AE, ``--video_batch_size`` or half the image batch (Table 5's ratio) for a video AE."""
-    row = ae.get_row(config)
-    name = row.class_name
-    if not row.video:
-        given = [
-            flag
-            for flag, value in (
-                ("--video_data_dir", args.video_data_dir),
-                ("--video_dataset_name", args.video_dataset_name),
-                (
-                    "--video_batch_size" + (f" (from --preset {args.preset})" if args.preset else ""),
-                    args.video_batch_size,
-                ),
-                ("--se_temporal_scale_factors", args.se_temporal_scale_factors),
-            )
-            if value
-        ]
-        if given:
-            videos = ", ".join(n for n in ae.supported_classes() if ae.get_row(n).video)
-            raise ValueError(f"{name} is an image autoencoder, but {', '.join(given)} need a video AE ({videos}).")
-        if args.train_batch_size == 0:
-            raise ValueError("--train_batch_size must be positive.")
-        return 0
-    clips = max(1, args.train_batch_size // 2) if args.video_batch_size is None else args.video_batch_size
-    if clips == 0 and args.train_batch_size == 0:
-        raise ValueError("--image_batch_size and --video_batch_size are both 0: nothing to train on.")
-    ae.check_num_frames(config, args.num_frames)
-    if not row.causal and args.train_batch_size > 0:
-        raise ValueError(
-            f"{name} is not causal (it takes {ae.frame_rule(config)} frames): it cannot encode images as 1-frame "
-            "videos. Pass --image_batch_size 0 to train on clips only."
-        )
-    if clips == 0 and args.se_temporal_scale_factors:
-        raise ValueError("--se_temporal_scale_factors needs clips: set --video_batch_size.")
-    latent_frames = ae.latent_num_frames(config, args.num_frames)
-    for f in args.se_temporal_scale_factors or []:
-        pixels = 1 + (args.num_frames - 1) // f
-        if not row.causal or (latent_frames - 1) % f or not ae.valid_num_frames(config, pixels):
-            raise ValueError(
-                f"Temporal SE factor {f} does not fit {args.num_frames} frames ({latent_frames} latent frames) of "
-                f"{name}: the downsampled clip must itself take {ae.frame_rule(config)} frames. Try --num_frames "
-                f"{1 + ae.frame_multiple(config) * f} or {1 + 2 * ae.frame_multiple(config) * f}, or drop {f}."
-            )
-    return clips
+def video_flags(args) -> list:
+    """The video-only settings given, which an image AE refuses (``--video_batch_size`` may come from --preset)."""
+    preset = f" (from --preset {args.preset})" if args.preset else ""
+    values = (
+        ("--video_data_dir", args.video_data_dir),
+        ("--video_dataset_name", args.video_dataset_name),
+        ("--video_batch_size" + preset, args.video_batch_size),
+        ("--se_temporal_scale_factors", args.se_temporal_scale_factors),
+    )
+    return [flag for flag, value in values if value]
 
 
 def split_global_batch(args, num_processes: int) -> dict:
@@ -762,61 +680,13 @@ def video_datasets(args):
     return train, val, info
 
 
-def trainable_split(vae, args):
-    """Freeze what the paper freezes (App. B); return the frozen module names."""
-    frozen = ae.frozen_module_names(vae, args.num_frozen_up_blocks, not args.train_output_layers)
-    if args.freeze_encoder:
-        frozen += [n for n in ("encoder", "quant_conv") if getattr(vae, n, None) is not None]
-    vae.requires_grad_(True)
-    for name in frozen:
-        vae.get_submodule(name).requires_grad_(False)
-    return frozen
-
-
-@torch.no_grad()
-def evaluate(vae, pixels, args, batch_size=8, decoder=None):
-    """Reconstruction PSNR (posterior mean), latent profile and high-frequency share on a fixed batch of images or
-    clips; clips also get one latent profile per latent frame. Decoder noise (LTX) is seeded: the same every call.
-    ``decoder``: decode with another AE's decoder (cross-decoding: base latents through the fine-tuned decoder)."""
-    decoder = vae if decoder is None else decoder
-    was_training = vae.training, decoder.training
-    vae.eval()
-    decoder.eval()
-    recons, latents = [], []
-    gen = torch.Generator(pixels.device).manual_seed(0)
-    # Some decoders (LTX's noise injection) draw from torch's global RNG: seed it for this call only, so that
-    # validation neither varies between calls nor shifts the training run's random stream (resume equivalence)
-    with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        for chunk in pixels.split(batch_size if pixels.ndim == 4 else max(1, batch_size // 4)):
-            z = ae.encode(vae, chunk).mode()
-            latents.append(z.float())
-            recon = ae.decode(decoder, z, gen, args.decode_timestep, args.decode_noise_scale)
-            recons.append(recon.float().clamp(-1, 1))
-    vae.train(was_training[0])
-    decoder.train(was_training[1])
-    recon, z = torch.cat(recons), torch.cat(latents)
-    b = args.dct_block_size
-    result = {
-        "psnr": psnr(recon, pixels).mean().item(),
-        "hf_share": high_frequency_share(z, b).item(),
-        "profile": frequency_profile(z, b).tolist(),
-        "energy": energy_profile(z, b).tolist(),
-        "recon": recon,
-    }
-    if z.ndim == 5:
-        result["frame_profiles"] = [frequency_profile(z[:, :, k], b).tolist() for k in range(z.shape[2])]
-    return result
-
-
-def rgb_spectrum(pixels, compression, block_size):
-    """RGB eq. 1 profile and energy profile at the latent's spatial size, as the paper's Fig. 2 ("RGB of the same
-    spatial dimension")."""
-    small = downsample(pixels, compression, "area")
-    return {
-        "profile": frequency_profile(small, block_size).tolist(),
-        "energy": energy_profile(small, block_size).tolist(),
-    }
+def measure_settings(args) -> dict:
+    """The settings of every reconstruction measurement (before, during, after training and cross-decoding)."""
+    return dict(
+        dct_block_size=args.dct_block_size,
+        decode_timestep=args.decode_timestep,
+        decode_noise_scale=args.decode_noise_scale,
+    )
 
 
 def run_validation(accelerator, vae, ema, val, rgb, args, step):
@@ -825,7 +695,7 @@ def run_validation(accelerator, vae, ema, val, rgb, args, step):
     backup = [p.detach().clone() for p in params]
     if ema is not None:
         ema.copy_to(params)
-    results = {kind: evaluate(vae, pixels, args) for kind, pixels in val.items()}
+    results = {kind: reconstruction_metrics(vae, pixels, **measure_settings(args)) for kind, pixels in val.items()}
     with torch.no_grad():
         for p, b in zip(params, backup):
             p.copy_(b)
@@ -843,65 +713,6 @@ def run_validation(accelerator, vae, ema, val, rgb, args, step):
         if "frame_profiles" in result:  # one curve per latent frame
             log_frame_profiles(accelerator.trackers, "validation/spectrum_per_frame", result["frame_profiles"], step)
         logger.info(f"step {step}: val {kind} PSNR {result['psnr']:.2f} dB, latent HF share {result['hf_share']:.4f}")
-
-
-@torch.no_grad()
-def training_latents(vae, dataset, args, device, batch_size=8):
-    """Posterior samples (seeded) of the first ``--latent_stats_num_samples`` items of a training dataset."""
-    n = min(len(dataset), args.latent_stats_num_samples)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    was_training = vae.training
-    vae.eval()
-    out = []
-    for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(n, start + batch_size))]).to(device)
-        out.append(ae.encode(vae, x).sample(gen).float().cpu())
-    vae.train(was_training)
-    return torch.cat(out)
-
-
-def latent_normalization(vae, train_images, train_videos, args, device):
-    """Re-estimate (or keep, with --keep_base_latent_scaling) the saved AE's latent normalisation; the record."""
-    dataset = train_videos if train_videos is not None else train_images  # what a video DiT would train on
-    z = training_latents(vae, dataset, args, device)
-    record = {
-        "num_samples": int(z.shape[0]),
-        "kind": "clips" if train_videos is not None else "images",
-        "latent_mean": float(z.double().mean()),
-        "latent_std": float(z.double().std(correction=0)),
-        "normalized_std_with_base_values": normalized_std(vae, z),
-    }
-    estimate = estimate_latent_normalization(vae, z)
-    if estimate is None:
-        record.update(reestimated=False, reason=f"{type(vae).__name__}'s statistics are not re-estimated")
-        logger.warning(f"{type(vae).__name__}: latent normalisation kept as the base's (not re-estimated here).")
-    elif args.keep_base_latent_scaling:
-        record.update(reestimated=False, reason="--keep_base_latent_scaling", would_be=estimate["config"])
-    else:
-        apply_latent_normalization(vae, estimate)
-        record.update(reestimated=True, form=estimate["form"])
-    record["normalized_std_with_saved_values"] = normalized_std(vae, z)
-    record["saved"] = current_latent_normalization(vae)
-    logger.info(
-        f"Latent normalisation ({'re-estimated' if record['reestimated'] else 'kept'}): normalised latent std "
-        f"{record['normalized_std_with_base_values']:.3f} with the base's values, "
-        f"{record['normalized_std_with_saved_values']:.3f} with the saved ones"
-    )
-    return record
-
-
-def cross_decoding(base, final, val, before, after, args):
-    """PSNR of the base encoder's latents through the fine-tuned decoder and of the fine-tuned encoder's latents
-    through the base decoder, beside base -> base and new -> new, on the validation items."""
-    return {
-        kind: {
-            "base_encoder_base_decoder": before[kind]["psnr"],
-            "base_encoder_new_decoder": evaluate(base, pixels, args, decoder=final)["psnr"],
-            "new_encoder_base_decoder": evaluate(final, pixels, args, decoder=base)["psnr"],
-            "new_encoder_new_decoder": after[kind]["psnr"],
-        }
-        for kind, pixels in val.items()
-    }
 
 
 def write_outputs(args, before, after, rgb, val, run):
@@ -982,8 +793,11 @@ def main(args):
     if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, pretrained = args.vae_config, args.model_config_name_or_path is None
-    compression = check_geometry(args, config)
-    args.video_batch_size = check_video(args, config)
+    compression = ae.check_se_geometry(config, args.resolution, args.se_scale_factors, args.dct_block_size)
+    args.video_batch_size = ae.check_se_video(
+        config, args.train_batch_size, args.video_batch_size, args.num_frames, args.se_temporal_scale_factors,
+        video_flags(args),
+    )  # fmt: skip
     is_video = ae.get_row(config).video
     if args.gradient_checkpointing and not ae.model_class(config)._supports_gradient_checkpointing:
         raise ValueError(
@@ -1040,12 +854,12 @@ def main(args):
     vae = ae.prepare_for_training(load_vae(args, config))  # no slicing, tiling or frame-wise passes while training
     base_fingerprint = ae.weights_fingerprint(vae)
     base_normalization = current_latent_normalization(vae)
-    frozen = trainable_split(vae, args)
+    frozen = ae.freeze_for_fine_tuning(
+        vae, args.num_frozen_up_blocks, not args.train_output_layers, args.freeze_encoder
+    )
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if args.use_lora:
-        from diffusability_hf.lora import add_lora, lora_target_names
-
         frozen_prefixes = [n for n, m in vae.named_modules() if n and not any(p.requires_grad for p in m.parameters())]
         add_lora(
             vae, lora_target_names(vae, args.lora_target_modules, frozen_prefixes), args.lora_rank, args.lora_alpha
@@ -1058,7 +872,7 @@ def main(args):
     vae.to(accelerator.device, dtype=torch.float32)  # trainable weights stay fp32; autocast does the rest
 
     # "Before" metrics on the base model (the EMA starts from the same weights, App. B)
-    before = {kind: evaluate(vae, pixels, args) for kind, pixels in val.items()}
+    before = {kind: reconstruction_metrics(vae, pixels, **measure_settings(args)) for kind, pixels in val.items()}
     rgb = {kind: rgb_spectrum(pixels, compression, args.dct_block_size) for kind, pixels in val.items()}
     ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
 
@@ -1198,36 +1012,24 @@ def main(args):
         final = unwrapped
         if ema is not None:
             ema.copy_to([p for p in final.parameters() if p.requires_grad])
-        lora_files = None
-        if args.use_lora:
-            from diffusability_hf.lora import lora_state_dict, merge_lora
-
-            lora_files = (
-                {k: v.contiguous() for k, v in lora_state_dict(final).items()},
-                {
-                    "r": args.lora_rank,
-                    "lora_alpha": args.lora_alpha or args.lora_rank,
-                    "target_modules": sorted(final.peft_config["default"].target_modules),
-                },
-            )
+        adapter = lora_adapter(final, args.lora_rank, args.lora_alpha) if args.use_lora else None
+        if adapter is not None:
             merge_lora(final)
-        # Latent normalisation re-estimated on training latents, in the class's own convention
-        normalization = latent_normalization(final, train_images, train_videos, args, accelerator.device)
+        # Latent normalisation re-estimated on training latents (clips for a video AE), in the class's convention
+        stats_data = train_videos if train_videos is not None else train_images  # what a video DiT would train on
+        z = training_latents(final, stats_data, args.latent_stats_num_samples, args.seed, accelerator.device)
+        stats_kind = "clips" if train_videos is not None else "images"
+        normalization = reestimate_latent_normalization(final, z, stats_kind, args.keep_base_latent_scaling)
         with atomic_save(args.output_dir) as tmp:
             final.save_pretrained(tmp, safe_serialization=True)
-            if lora_files is not None:
-                from safetensors.torch import save_file
-
-                os.makedirs(os.path.join(tmp, "lora"))
-                save_file(lora_files[0], os.path.join(tmp, "lora", "adapter_model.safetensors"))
-                with open(os.path.join(tmp, "lora", "adapter_config.json"), "w") as f:
-                    json.dump(lora_files[1], f, indent=2)
-        after = {kind: evaluate(final, pixels, args) for kind, pixels in val.items()}
+            if adapter is not None:
+                save_lora_adapter(os.path.join(tmp, "lora"), *adapter)
+        after = {kind: reconstruction_metrics(final, pixels, **measure_settings(args)) for kind, pixels in val.items()}
         # Cross-decoding: how far the fine-tuned latent space moved from the base's
         cross = None
         if pretrained:
             base = ae.prepare_for_training(load_vae(args, config)).to(accelerator.device)
-            cross = cross_decoding(base, final, val, before, after, args)
+            cross = cross_decoding(base, final, val, before, after, **measure_settings(args))
             del base
 
         # metrics.json, spectrum.png, the model card; the reconstructions to the trackers

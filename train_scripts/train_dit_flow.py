@@ -34,11 +34,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from diffusability_hf import __version__
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.ema import EMA
 from diffusability_hf.flow import FlowMatchingLoss
+from diffusability_hf.hub import card_license, dit_pipeline_card_fields, render_model_card
 from diffusability_hf.latents import LatentShards, read_latents_metadata
+from diffusability_hf.models.dit import build_transformer, transformer_config
+from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
+from diffusability_hf.tracking import log_image_grid
 from diffusability_hf.training_utils import (
     MissingPathError,
     UsageError,
@@ -87,8 +90,7 @@ def parse_args(input_args=None):
         "--train_data_dir",
         type=str,
         default=None,
-        help="Instead of --latents_dir: an image folder whose subfolders are the classes, encoded on the fly by the "
-        "frozen --pretrained_vae_model_name_or_path.",
+        help="Or an image folder with one subfolder per class, encoded on the fly by the frozen VAE.",
     )
     parser.add_argument("--dataset_name", type=str, default=None, help="Or an HF dataset (image + label columns).")
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
@@ -100,9 +102,8 @@ def parse_args(input_args=None):
         "--pretrained_vae_model_name_or_path",
         type=str,
         default=None,
-        help="The autoencoder the latents come from (decodes samples; its weights must be those that encoded "
-        "--latents_dir, checked by fingerprint). Default: the toolkit's embedded AutoencoderKL, with the shorter "
-        "embedded-demo defaults of --max_train_steps, --lr_warmup_steps, --validation_steps, --checkpointing_steps.",
+        help="The autoencoder that encoded the latents (checked by weights fingerprint; it decodes the samples). "
+        "Default: the toolkit's embedded AutoencoderKL, with the embedded demo's defaults below.",
     )
     parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE repo, e.g. 'vae'.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where models are cached.")
@@ -116,25 +117,22 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--stock_dit",
         action="store_true",
-        help="Train diffusers' stock DiTTransformer2DModel (sin-cos positions, no self-conditioning) instead of the "
-        "paper's App. B DiT (the toolkit's SelfConditionedDiT with RoPE and self-conditioning). Both save as a "
-        "pipeline that loads with DiffusionPipeline.from_pretrained(path, trust_remote_code=True).",
+        help="Train diffusers' DiTTransformer2DModel (sin-cos positions, no self-conditioning) instead of the paper's "
+        "App. B DiT (the toolkit's SelfConditionedDiT).",
     )
     parser.add_argument(
         "--pos_embed",
         type=str,
         default="rope",
         choices=["sincos", "rope"],
-        help="Positions of the paper's DiT: 'rope' (App. B, 2D RoPE in attention; default) or 'sincos' (DiT's fixed "
-        "2D sin-cos table). With --stock_dit: sincos.",
+        help="Positions of the paper's DiT: 2D RoPE in attention (App. B; default) or DiT's sin-cos table.",
     )
     parser.add_argument(
         "--self_conditioning_prob",
         type=float,
         default=0.9,
-        help="Probability of the no-grad auxiliary pass whose last-block activations condition the main pass "
-        "(App. B: 0.9, the default; 0 trains the paper's DiT without it). With --stock_dit, or a "
-        "--model_config_name_or_path without self_conditioning: true, 0.",
+        help="Probability of the no-grad pass whose last-block activations condition the main one (App. B: 0.9, the "
+        "default; 0: none). --stock_dit, or a config without self_conditioning: 0.",
     )
     # Flow matching
     parser.add_argument(
@@ -142,8 +140,7 @@ def parse_args(input_args=None):
         type=str,
         default="logit_normal",
         choices=["logit_normal", "uniform"],
-        help="How the noise level sigma of each training sample is drawn: logit-normal (the paper, following SD3) "
-        "or uniform in [0, 1].",
+        help="How each sample's noise level sigma is drawn: logit-normal (the paper, after SD3; default) or uniform.",
     )
     parser.add_argument("--logit_mean", type=float, default=0.0, help="Logit-normal location (paper: 0).")
     parser.add_argument("--logit_std", type=float, default=1.0, help="Logit-normal scale (paper: 1).")
@@ -155,8 +152,8 @@ def parse_args(input_args=None):
         "--train_batch_size",
         type=int,
         default=32,
-        help="Latents per process and micro-batch, as in diffusers' examples (global batch = this x processes x "
-        "accumulation steps; default: %(default)s). App. B gives no DiT batch size.",
+        help="Latents per process and micro-batch, as in diffusers' examples (default: %(default)s; App. B gives "
+        "none).",
     )
     parser.add_argument(
         "--max_train_steps", type=int, default=400_000, help="Optimizer steps, App. B's 400k" + demo("max_train_steps")
@@ -194,10 +191,8 @@ def parse_args(input_args=None):
         "--pipeline_snapshot_steps",
         type=int,
         default=None,
-        help="Also save the EMA weights every N steps (not at the last, the main save) as a complete, loadable "
-        "pipeline in --output_dir/snapshots/step-N (no samples or card; model_index.json provenance records the "
-        "step), to measure FD versus training steps (run eval_dit.py on each snapshot). Each costs a save of the "
-        "pipeline (transformer and VAE weights). Default: none.",
+        help="Also save the EMA pipeline every N steps (but the last) as --output_dir/snapshots/step-N, to measure "
+        "FD versus training steps with eval_dit.py (each costs a pipeline save). Default: none.",
     )
     parser.add_argument(
         "--checkpoints_total_limit",
@@ -212,8 +207,7 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Reuse an --output_dir that holds a finished pipeline or another run's checkpoints: the checkpoints "
-        "are deleted at the start, the pipeline is replaced when the new one is saved.",
+        help="Reuse an --output_dir that holds a finished pipeline or another run's checkpoints (deleted at the start).",
     )
     parser.add_argument("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb' or 'none'.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
@@ -223,15 +217,11 @@ def parse_args(input_args=None):
         "--hub_token",
         type=str,
         default=None,
-        help="Refused: a token on the command line shows in process lists, shell history and the launcher's error "
-        "messages. Log in with `hf auth login` or set HF_TOKEN instead.",
+        help="Refused (it would show in process lists and logs): log in with `hf auth login` or set HF_TOKEN.",
     )
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument(
-        "--license",
-        type=str,
-        default=None,
-        help="License of the model card (a Hub license id). Default: the autoencoder's, read from its model card.",
+        "--license", type=str, default=None, help="The card's license (Hub id). Default: the autoencoder's card's."
     )
     args = parser.parse_args(input_args)
     refuse_hub_token(parser, args)
@@ -355,171 +345,28 @@ def check_dataset_size(count: int, args, num_processes: int) -> None:
         )
 
 
-def transformer_config(args, meta) -> dict:
-    """The transformer's config, read once and checked against the latents before anything heavy loads: App. B's
-    ``--model`` size (:func:`~diffusability_hf.models.dit.dit_config` checks the name and the patch size), or the
-    ``--model_config_name_or_path`` file (its ``in_channels`` and ``sample_size``)."""
-    import inspect
-
-    from diffusability_hf.models.dit import dit_config
-
-    channels, size, _ = meta["latent_shape"]
-    if args.model_config_name_or_path is None:
-        return dit_config(args.model, channels, size, meta["num_classes"])
-    config = ae.read_config(args.model_config_name_or_path)
-    defaults = inspect.signature(transformer_class(config).__init__).parameters
-    takes = [config.get(k, defaults[k].default) for k in ("in_channels", "sample_size")]
-    if takes != [channels, size]:
-        raise ValueError(
-            f"The transformer config takes {takes[0]}x{takes[1]}^2 latents, but {args.latents_dir} holds "
-            f"{channels}x{size}^2 ones."
-        )
-    return config
-
-
-def transformer_class(config: dict):
-    """``SelfConditionedDiT`` for a config that names it, else diffusers' ``DiTTransformer2DModel``."""
-    import diffusers
-
-    from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
-
-    return SelfConditionedDiT if config.get("_class_name") == "SelfConditionedDiT" else diffusers.DiTTransformer2DModel
-
-
-def build_transformer(args, config: dict):
-    """The paper's DiT (App. B: ``SelfConditionedDiT``) of :func:`transformer_config`, with ``--stock_dit`` diffusers'
-    ``DiTTransformer2DModel`` (DiT init), or the class of a ``--model_config_name_or_path``."""
-    import diffusers
-
-    from diffusability_hf.models.dit import build_dit, disable_label_dropout
-    from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
-
-    if args.model_config_name_or_path is not None:
-        model = transformer_class(config).from_config(config)
-    elif args.stock_dit:
-        model = build_dit(config)
-    else:
-        model = SelfConditionedDiT(
-            **config, pos_embed=args.pos_embed, self_conditioning=args.self_conditioning_prob > 0
-        )
-    if isinstance(model, diffusers.DiTTransformer2DModel):
-        disable_label_dropout(model)  # the CFG label drop happens once, in FlowMatchingLoss, with the null class
-    return model
-
-
-def make_pipeline(transformer, ema, vae, meta, args, copy=True, step=None):
-    """A ``DiTFlowMatchPipeline`` around the EMA weights (a copy for validation and snapshots, in place at the end);
-    ``step`` is recorded in its provenance."""
-    import copy as copy_module
-
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from diffusability_hf.pipelines import DiTFlowMatchPipeline
-
-    model = copy_module.deepcopy(transformer) if copy else transformer
-    if ema is not None:
-        ema.copy_to(list(model.parameters()))
-    model.eval()
-    return DiTFlowMatchPipeline(
-        transformer=model,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift),
-        id2label=meta["id2label"],
-        latents_mean=meta["latents_mean"],
-        latents_std=meta["latents_std"],
-        provenance=pipeline_provenance(meta, args, step),
-    )
-
-
-def pipeline_provenance(meta, args, step=None) -> dict:
-    """What the pipeline records (``model_index.json`` -> ``provenance``) about the latents it was trained on, and
-    after how many optimizer steps (``step``; the snapshots' and the final save's)."""
-    provenance = {
-        "latents_ae_weights_fingerprint": meta["ae_weights_fingerprint"],
-        "vae_weights_fingerprint": meta["vae_weights_fingerprint"],
-        "latents_ae": meta["ae"],
-        "latents": os.path.abspath(args.latents_dir) if args.latents_dir else f"encoded on the fly: {meta['dataset']}",
-        "fingerprint_function": "diffusability_hf.autoencoders.weights_fingerprint",
-    }
-    if step is not None:
-        provenance["step"] = int(step)
-    return provenance
-
-
-def save_snapshot(pipeline, output_dir: str, step: int) -> str:
-    """``pipeline`` saved (remote-code layout, as the final save) as ``output_dir/snapshots/step-{step}``: written into
-    a temporary folder inside ``snapshots/`` and renamed into place (a snapshot of that step, a resumed run's, is
-    renamed aside first), so that a killed save never leaves a half pipeline there. Main process only."""
-    snapshots = os.path.join(output_dir, SNAPSHOTS)
-    name = f"step-{step}"
-    with atomic_save(snapshots) as tmp:  # moves tmp/step-N into snapshots/ when the save completed
-        pipeline.save_pretrained(os.path.join(tmp, name))
-    logger.info(f"Saved the EMA pipeline at step {step} to {os.path.join(snapshots, name)}")
-    return os.path.join(snapshots, name)
-
-
-def log_samples(accelerator, pipeline, args, step, num_classes, per_class=2):
-    """A seeded grid, one row of ``per_class`` samples per class (at most 16 classes) labelled with the class, to
-    the trackers; returns it as a PIL image."""
-    import numpy as np
-
-    from diffusability_hf.figures import labelled_image_grid
-
-    classes = list(range(min(num_classes, 16)))
-    images = pipeline(
-        [c for c in classes for _ in range(per_class)], num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale, shift=args.shift,
-        generator=torch.Generator(pipeline.device).manual_seed(args.seed), output_type="pt",
-    ).images  # fmt: skip
-    images = images.cpu() * 2 - 1  # (K * per_class, 3, H, W) in [-1, 1]
-    id2label = pipeline.config.id2label or {}
-    row_labels = [f"{c}: {id2label.get(str(c), c)}"[:28] for c in classes]
-    grid = labelled_image_grid(list(images.split(per_class)), row_labels)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation/samples": wandb.Image(grid)}, step=step)
+def log_samples(accelerator, pipeline, args, step: int, num_classes: int):
+    """The seeded class grid of ``pipeline`` (the validation settings) to the trackers; returns it (a PIL image)."""
+    grid = class_sample_grid(
+        pipeline, num_classes, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        shift=args.shift, seed=args.seed,
+    )  # fmt: skip
+    log_image_grid(accelerator.trackers, "validation/samples", grid, step)
     return grid
 
 
-def write_card(folder, args, meta, transformer, steps, seconds, loss, global_batch):
-    from diffusability_hf.hub import card_license, license_sentence, markdown_table, metadata_yaml, render_model_card
-
+def write_card(folder: str, args, meta: dict, transformer, steps: int, seconds: float, loss: dict, global_batch: str):
+    """The pipeline's README.md (model_cards/dit_pipeline.md), its license from the VAE's card unless --license."""
     vae_source = args.pretrained_vae_model_name_or_path
-    base_id = None if os.path.abspath(vae_source) == os.path.abspath(ae.EMBEDDED_AE) else vae_source
-    license_fields = card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub)
-    settings = {**vars(args), "global_batch": global_batch}
-    hp = [(f"`{k}`", f"`{v}`") for k, v in sorted(settings.items()) if k != "hub_token" and v is not None]
-    card = render_model_card(
-        "dit_pipeline",
-        {
-            "card_metadata": metadata_yaml(base_id, license_fields),
-            "license_sentence": license_sentence(license_fields, base_id),
-            "vae": meta["ae"],
-            "vae_class": meta["ae_class"],
-            "latents_ae_fingerprint": meta["ae_weights_fingerprint"],
-            "vae_fingerprint": meta["vae_weights_fingerprint"],
-            "model": args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
-            "transformer_class": type(transformer).__name__,
-            "num_parameters": f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M",
-            "steps": steps,
-            "global_batch": global_batch,
-            "minutes": f"{seconds / 60:.1f}",
-            "final_loss": f"{loss.get('train/loss', float('nan')):.4f}",
-            "num_classes": meta["num_classes"],
-            "dataset": meta["dataset"],
-            "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale,
-            "shift": args.shift,
-            "first_label": meta["id2label"]["0"],
-            "hyperparameters_table": markdown_table(hp, ["flag", "value"]),
-            "version": __version__,
-        },
-        template_dir=MODEL_CARDS,
-    )
+    base_id = None if os.path.abspath(vae_source) == os.path.abspath(EMBEDDED_AE) else vae_source
+    fields = dit_pipeline_card_fields(
+        meta, {**vars(args), "global_batch": global_batch}, transformer=transformer, steps=steps, seconds=seconds,
+        model=args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
+        final_loss=loss.get("train/loss", float("nan")), global_batch=global_batch,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, shift=args.shift,
+        base_id=base_id, license_fields=card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
+    )  # fmt: skip
+    card = render_model_card("dit_pipeline", fields, template_dir=MODEL_CARDS)
     atomic_write_text(os.path.join(folder, "README.md"), card)
 
 
@@ -538,7 +385,9 @@ def main(args):
         check_latents_autoencoder(meta, args, vae_config=vae_config)
     else:
         meta, images = on_the_fly_data(args, vae_config)
-    model_config = transformer_config(args, meta)
+    model_config = transformer_config(
+        meta["latent_shape"], meta["num_classes"], args.model, args.model_config_name_or_path, args.latents_dir
+    )
 
     accelerator = make_accelerator(args)
     check_dataset_size(meta["num_samples"] if images is None else len(images), args, accelerator.num_processes)
@@ -589,7 +438,10 @@ def main(args):
 
     # Model: the initial weights are --seed's (torch's own start seed differs from run to run)
     set_seed(args.seed)
-    transformer = build_transformer(args, model_config)
+    transformer = build_transformer(
+        model_config, from_config=args.model_config_name_or_path is not None, stock_dit=args.stock_dit,
+        pos_embed=args.pos_embed, self_conditioning=args.self_conditioning_prob > 0,
+    )  # fmt: skip
     if args.self_conditioning_prob > 0 and not getattr(transformer.config, "self_conditioning", False):
         logger.info(f"{args.model_config_name_or_path} has no self-conditioning: training without it")
         args.self_conditioning_prob = 0.0  # the config decides the architecture; recorded as trained
@@ -689,9 +541,12 @@ def main(args):
             )
             validate = global_step % args.validation_steps == 0
             if (snapshot or validate) and accelerator.is_main_process:
-                pipeline = make_pipeline(unwrapped, ema, vae, meta, args, step=global_step)  # an EMA copy
+                pipeline = make_pipeline(  # an EMA copy
+                    unwrapped, vae, meta, ema=ema, shift=args.shift, latents_dir=args.latents_dir, step=global_step
+                )
                 if snapshot:
-                    save_snapshot(pipeline, args.output_dir, global_step)
+                    path = save_snapshot(pipeline, os.path.join(args.output_dir, SNAPSHOTS), global_step)
+                    logger.info(f"Saved the EMA pipeline at step {global_step} to {path}")
                 if validate:
                     log_samples(accelerator, pipeline, args, global_step, num_classes)
                 del pipeline
@@ -711,7 +566,9 @@ def main(args):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
     if accelerator.is_main_process:
         seconds = time.time() - t_start
-        pipeline = make_pipeline(unwrapped, ema, vae, meta, args, copy=False, step=global_step)
+        pipeline = make_pipeline(
+            unwrapped, vae, meta, ema=ema, shift=args.shift, latents_dir=args.latents_dir, step=global_step, copy=False
+        )
         grid = log_samples(accelerator, pipeline, args, global_step, num_classes)
         with atomic_save(args.output_dir) as tmp:
             pipeline.save_pretrained(tmp)

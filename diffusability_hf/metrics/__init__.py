@@ -1,5 +1,6 @@
-"""Reconstruction and generation metrics: PSNR, SSIM (``quality``), Frechet distances (``frechet``) and the
-feature extractors behind FID, FDD and FVD (``features``). LPIPS is :func:`diffusability_hf.losses.load_lpips`."""
+"""Reconstruction and generation metrics: PSNR, SSIM (``quality``), Frechet distances (``frechet``), the
+feature extractors behind FID, FDD and FVD (``features``), and an AE's reconstruction and latent spectrum on
+validation pixels (``reconstruction``). LPIPS is :func:`diffusability_hf.losses.load_lpips`."""
 
 from .features import (
     FeatureExtractor,

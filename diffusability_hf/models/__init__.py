@@ -5,12 +5,15 @@ from .dit import (
     PATCH_SIZES,
     build_dit,
     build_selfcond_dit,
+    build_transformer,
     count_parameters,
     disable_label_dropout,
     dit_config,
     dit_meta_parameter_count,
     init_dit_weights,
     parse_dit_name,
+    transformer_class,
+    transformer_config,
 )
 from .selfcond_dit import SelfConditionedDiT, SelfConditionedDiTOutput, rope_2d
 
@@ -21,6 +24,7 @@ __all__ = [
     "SelfConditionedDiTOutput",
     "build_dit",
     "build_selfcond_dit",
+    "build_transformer",
     "count_parameters",
     "disable_label_dropout",
     "dit_config",
@@ -28,4 +32,6 @@ __all__ = [
     "init_dit_weights",
     "parse_dit_name",
     "rope_2d",
+    "transformer_class",
+    "transformer_config",
 ]

@@ -15,8 +15,9 @@ Conventions for the latent flow-matching DiT:
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -184,3 +185,71 @@ def dit_meta_parameter_count(config: Dict[str, Any], model_cls: Optional[type] =
     with torch.device("meta"):
         model = (model_cls or DiTTransformer2DModel)(**config)
     return count_parameters(model)
+
+
+def transformer_class(config: Dict[str, Any]) -> type:
+    """``SelfConditionedDiT`` for a config that names it, else diffusers' ``DiTTransformer2DModel``."""
+    return SelfConditionedDiT if config.get("_class_name") == "SelfConditionedDiT" else DiTTransformer2DModel
+
+
+def transformer_config(
+    latent_shape: Sequence[int],
+    num_classes: int,
+    model: str = "DiT-S/2",
+    config_path: Optional[str] = None,
+    latents: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The latent DiT's config, read once and checked against the latents before anything heavy loads.
+
+    Args:
+        latent_shape: ``(C, h, w)`` of the training latents (square: ``h = w``).
+        num_classes: number of real classes (see :func:`dit_config`).
+        model: App. B's size by name (:func:`dit_config` checks the name and the patch size), used without
+            ``config_path``.
+        config_path: a transformer ``config.json`` (or its folder) instead; its ``in_channels`` and ``sample_size``
+            (or the class defaults) must match ``latent_shape``.
+        latents: the latents' source, named in the error.
+    """
+    from ..autoencoders import read_config
+
+    channels, size, _ = latent_shape
+    if config_path is None:
+        return dit_config(model, channels, size, num_classes)
+    config = read_config(config_path)
+    defaults = inspect.signature(transformer_class(config).__init__).parameters
+    takes = [config.get(k, defaults[k].default) for k in ("in_channels", "sample_size")]
+    if takes != [channels, size]:
+        raise ValueError(
+            f"The transformer config takes {takes[0]}x{takes[1]}^2 latents, but {latents} holds {channels}x{size}^2 "
+            "ones."
+        )
+    return config
+
+
+def build_transformer(
+    config: Dict[str, Any],
+    from_config: bool = False,
+    stock_dit: bool = False,
+    pos_embed: str = "rope",
+    self_conditioning: bool = True,
+) -> nn.Module:
+    """The latent DiT of a :func:`transformer_config`, its per-block label dropout disabled (classifier-free
+    guidance drops labels once per sample, in ``flow.FlowMatchingLoss``, with the null class).
+
+    Args:
+        config: from :func:`transformer_config`.
+        from_config: build the class the config names (:func:`transformer_class`) with the config's own settings
+            (a config file); else one of the next two.
+        stock_dit: diffusers' ``DiTTransformer2DModel`` with DiT's init (:func:`build_dit`); else the paper's
+            App. B DiT, ``SelfConditionedDiT`` with ``pos_embed`` (``"rope"`` or ``"sincos"``) and
+            ``self_conditioning``.
+    """
+    if from_config:
+        model = transformer_class(config).from_config(config)
+    elif stock_dit:
+        model = build_dit(config)
+    else:
+        model = SelfConditionedDiT(**config, pos_embed=pos_embed, self_conditioning=self_conditioning)
+    if isinstance(model, DiTTransformer2DModel):
+        disable_label_dropout(model)
+    return model

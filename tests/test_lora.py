@@ -1,0 +1,48 @@
+"""LoRA adapters on an autoencoder: targets, the adapter saved apart, and the merge into plain weights."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from diffusability_hf.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
+
+pytest.importorskip("peft")
+
+
+def tiny():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1)  # fmt: skip
+
+
+def test_adapter_is_saved_apart_and_merges_into_the_plain_model(tmp_path):
+    vae = tiny()
+    plain_keys = set(vae.state_dict())
+    targets = lora_target_names(vae, ["conv1", "conv2"], ["encoder"])
+    assert targets and all(n.startswith("decoder.") and n.endswith(("conv1", "conv2")) for n in targets)
+    add_lora(vae, targets, rank=2)
+    with torch.no_grad():  # non-zero B, so that the adapter changes the output
+        for name, p in vae.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        adapted = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    weights, config = lora_adapter(vae, 2)
+    assert config == {"r": 2, "lora_alpha": 2, "target_modules": sorted(targets)}
+    assert weights and all("lora" in k and v.is_contiguous() for k, v in weights.items())
+    merge_lora(vae)
+    assert set(vae.state_dict()) == plain_keys
+    with torch.no_grad():
+        merged = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+
+    save_lora_adapter(str(tmp_path / "lora"), weights, config)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text()) == config
+    assert load_file(tmp_path / "lora" / "adapter_model.safetensors").keys() == weights.keys()
+    with pytest.raises(FileExistsError):  # a new folder only
+        save_lora_adapter(str(tmp_path / "lora"), weights, config)
