@@ -22,6 +22,7 @@ import torch
 
 from diffusability_hf.autoencoders import EMBEDDED_AE
 from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
+from diffusability_hf.training_utils import peak_memory_gb
 
 FLUX_VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512),
@@ -47,11 +48,9 @@ def build(name):
 
 
 def peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak (kept across fork and exec)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    """Peak memory in MiB: CUDA allocated, or the process's peak RSS (VmHWM: a child's ru_maxrss would start from
+    its parent's peak)."""
+    return peak_memory_gb(device) * 1024
 
 
 def train_step(module, x, opt, scale_factor, device, bf16):
