@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .training_utils import UsageError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # image files (also the frames of a frame folder)
@@ -311,6 +313,30 @@ def hold_out(num_items: int, num_held_out: int, read, seed: int = 0):
     return (torch.stack(items) if items else None), sorted(examined), sorted(unreadable)
 
 
+def held_out_split(num_items: int, num_held_out: int, read, what: str, flag: str, seed: int):
+    """:func:`hold_out` for a training script: ``(pixels, training indices, info)``, the training indices being the
+    others. Raises a :class:`UsageError` naming ``flag`` when too few items can be read to hold out and still train;
+    ``what`` names the items ("images", "videos") in messages, ``info`` records the split for ``metrics.json``."""
+    pixels, held, unreadable = hold_out(num_items, num_held_out, read, seed)
+    train = [i for i in range(num_items) if i not in set(held)]
+    if pixels is None or not train:
+        raise UsageError(
+            f"The training data has {num_items} {what} ({len(unreadable)} unreadable among those examined): too few "
+            f"to hold out {num_held_out} for validation and train on the rest. Lower {flag} or add data."
+        )
+    info = {
+        "source": f"held out of the training data at random (seed {seed}), never trained on",
+        "num_held_out": int(pixels.shape[0]),
+        "held_out_indices": held,
+        "unreadable_held_out_indices": unreadable,
+    }
+    if pixels.shape[0] < num_held_out:
+        logger.warning(
+            f"Only {pixels.shape[0]} readable {what} could be held out for validation ({flag} {num_held_out})."
+        )
+    return pixels, train, info
+
+
 def embedded_validation_batch(resolution: int, num_images: int = 8) -> torch.Tensor:
     """Fixed ``(N, 3, R, R)`` validation crops from the held-out photographs (a regular grid, no randomness)."""
     crops = []
@@ -324,6 +350,41 @@ def embedded_validation_batch(resolution: int, num_images: int = 8) -> torch.Ten
             )
     crops = crops[:num_images]
     return torch.stack(crops)
+
+
+def training_images(
+    resolution: int,
+    num_validation: int,
+    seed: int,
+    dataset_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    image_column: Optional[str] = None,
+    dataset_config_name: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    center_crop: bool = False,
+    random_flip: bool = False,
+):
+    """Autoencoder fine-tuning images: ``(train dataset, validation pixels (N, 3, R, R), info)``.
+
+    With a dataset or folder, ``num_validation`` readable images are held out at random (seeded) and never trained
+    on (:func:`held_out_split`); with neither, the training set is :class:`EmbeddedPhotoCrops` (random flips on) and
+    the validation set :func:`embedded_validation_batch`, crops of other photographs.
+    """
+    if dataset_name is None and train_data_dir is None:
+        logger.info("No image dataset given: training on crops of the photographs that ship inside scikit-image.")
+        info = {
+            "source": f"crops of the photographs {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
+            "num_held_out": num_validation,
+        }
+        train = EmbeddedPhotoCrops(resolution, seed=seed, random_flip=True)
+        return train, embedded_validation_batch(resolution, num_validation), info
+    ds, column = load_image_dataset(dataset_name, train_data_dir, image_column, dataset_config_name, cache_dir)
+    val, train_indices, info = held_out_split(
+        len(ds), num_validation, lambda i: open_and_crop(ds[i][column], resolution), "images",
+        "--num_validation_images", seed,
+    )  # fmt: skip
+    train = HFImageDataset(ds.select(train_indices), column, resolution, center_crop, random_flip, seed)
+    return train, val, info
 
 
 class LabelledImages(torch.utils.data.Dataset):
@@ -386,6 +447,13 @@ class LabelledImages(torch.utils.data.Dataset):
         if self.random_flip and random.Random(hash((self.seed, self.epoch, index))).random() < 0.5:
             pixels = pixels.flip(-1)
         return pixels, label, index, ok
+
+
+def collate_labelled(items: List) -> Dict:
+    """:class:`LabelledImages` items -> ``{"pixels": (B, 3, R, R), "label": (B,)}``, unreadable images dropped (the
+    dataset counted them when it read them)."""
+    kept = [it for it in items if it[3]]
+    return {"pixels": torch.stack([it[0] for it in kept]), "label": torch.tensor([it[1] for it in kept])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

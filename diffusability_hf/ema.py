@@ -8,6 +8,7 @@ initial weights; we expose that as ``ramp_ratio`` (0.05 in their code, ``None`` 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -59,6 +60,20 @@ class EMA:
         """Write the EMA weights into ``parameters`` (in their dtype)."""
         for s, p in zip(self.shadow, list(parameters)):
             p.copy_(s.to(p.device, p.dtype))
+
+    @contextlib.contextmanager
+    def swapped_in(self, parameters: Iterable[nn.Parameter]):
+        """``with ema.swapped_in(params):`` the EMA weights in ``params`` inside the block (e.g. to validate the model
+        that will be saved), the training weights back after it, exactly (also on an exception)."""
+        params = list(parameters)
+        backup = [p.detach().clone() for p in params]
+        self.copy_to(params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
 
     def to(self, device) -> "EMA":
         self.shadow = [s.to(device) for s in self.shadow]

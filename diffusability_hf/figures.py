@@ -211,6 +211,19 @@ def plot_spectra(
 # Writing
 
 
+def plot_fine_tuning_spectra(rgb: Mapping[str, Mapping], before: Mapping[str, Mapping], after: Mapping[str, Mapping]):
+    """:func:`plot_spectra` of a fine-tuning run (``spectrum.png``, as the paper's Fig. 2/4): RGB at the latent size
+    and the latents before and after, per kind of validation pixels ("image", "video": "(clips)" in the labels).
+    Each argument maps a kind to a ``{"profile", "energy"}`` measurement."""
+    profiles, energies = {}, {}
+    for kind in rgb:
+        label = "" if kind == "image" else " (clips)"
+        for name, source in ((f"RGB at the latent size{label}", rgb[kind]), (f"latents before{label}", before[kind]),
+                             (f"latents after{label}", after[kind])):  # fmt: skip
+            profiles[name], energies[name] = source["profile"], source["energy"]
+    return plot_spectra(profiles, energies, title="Latent spectrum before and after fine-tuning (paper Fig. 2/4)")
+
+
 def save_png(figure_or_image, path: str) -> str:
     """Write a matplotlib ``Figure`` or a ``PIL.Image`` to ``path`` as PNG, atomically (temporary file + rename).
 

@@ -10,7 +10,10 @@ DiT normalises with (:func:`latent_statistics`).
 
 Writer: :func:`write_shard`, :func:`write_metadata`, with :func:`check_existing_latents` and :func:`remove_latents`
 for a folder that already holds latents. Readers: :func:`read_latents_metadata` (checked against every shard),
-:class:`LatentShards` (the DiT's training rows) and :func:`read_latent_rows` (the first rows at once).
+:class:`LatentShards` (the DiT's training rows) and :func:`read_latent_rows` (the first rows at once). Provenance:
+:func:`check_latents_autoencoder` refuses latents that other autoencoder weights encoded. Without shards (images
+encoded during training), :func:`on_the_fly_metadata` and :func:`estimate_latent_statistics` give what extraction
+would have written.
 """
 
 import json
@@ -21,6 +24,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from . import autoencoders as ae
 from .training_utils import MissingPathError, UsageError, atomic_write_json
 
 SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
@@ -299,3 +303,73 @@ def read_latent_rows(
     if count == 0:
         raise UsageError(f"{flag} {latents_dir} holds no latents: extract some first.")
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def check_latents_autoencoder(
+    meta: dict,
+    latents_dir: str,
+    vae_name: str,
+    vae_config: Optional[dict] = None,
+    vae_fingerprint: Optional[str] = None,
+) -> None:
+    """Refuse latents that another autoencoder encoded than ``vae_name`` (--pretrained_vae_model_name_or_path): by
+    class and channels from ``vae_config`` (cheap, before any weights load), by *weights* from ``vae_fingerprint``
+    (:func:`diffusability_hf.autoencoders.weights_fingerprint`)."""
+    fix = "pass the autoencoder the latents were extracted with, or"
+    if vae_config is not None and (meta["ae_class"], meta["latent_shape"][0]) != (
+        vae_config["_class_name"],
+        ae.latent_channels(vae_config),
+    ):
+        raise UsageError(
+            f"{latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}, "
+            f"{meta['latent_shape'][0]} channels) than --pretrained_vae_model_name_or_path {vae_name} "
+            f"({vae_config['_class_name']}, {ae.latent_channels(vae_config)} channels): {fix} extract them again with "
+            "this one."
+        )
+    if vae_fingerprint is not None and meta["ae_weights_fingerprint"] != vae_fingerprint:
+        raise UsageError(
+            f"{latents_dir} holds latents of other autoencoder weights ({meta['ae']}, fingerprint "
+            f"{meta['ae_weights_fingerprint']}) than --pretrained_vae_model_name_or_path {vae_name} (fingerprint "
+            f"{vae_fingerprint}): {fix} extract them again with this one (the pipeline would otherwise decode with "
+            "a decoder that the DiT's latents were not made by)."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latents encoded during training (no shards): what extraction would have written
+
+
+def on_the_fly_metadata(vae_name: str, vae_config: dict, resolution: int, class_names: Sequence[str], dataset) -> dict:
+    """The metadata of images encoded while the DiT trains (``dataset`` names them), as :func:`write_metadata`
+    would record it for extracted latents; the statistics come from :func:`estimate_latent_statistics`."""
+    f = ae.spatial_compression(vae_config)
+    if resolution % f:
+        raise UsageError(f"--resolution {resolution} is not divisible by the AE's compression {f}.")
+    return {
+        "ae": vae_name,
+        "ae_class": vae_config["_class_name"],
+        "latent_shape": [ae.latent_channels(vae_config), resolution // f, resolution // f],
+        "num_classes": len(class_names),
+        "id2label": {str(i): n for i, n in enumerate(class_names)},
+        "dataset": dataset,
+    }
+
+
+@torch.no_grad()
+def estimate_latent_statistics(vae, dataset, num_images: int, batch_size: int, seed: int, device, collate_fn=None):
+    """Per-channel mean/std of the posterior samples (what the DiT sees, as :func:`latent_statistics` computes them
+    for shards) of ``num_images`` images of ``dataset`` in a seeded order: ``E[z] = E[mean]``,
+    ``E[z^2] = E[mean^2] + E[std^2]`` (float64). Batches are ``{"pixels": (B, 3, R, R)}``. Returns two lists."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    take = order[:num_images].tolist()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, take), batch_size=batch_size, collate_fn=collate_fn
+    )
+    s1 = s2 = n = 0
+    for batch in loader:
+        post = ae.encode(vae, batch["pixels"].to(device))
+        z = post.mean.double()  # (B, C, h, w)
+        var = post.std.double().square() if post.std is not None else torch.zeros_like(z)
+        s1, s2, n = s1 + z.sum((0, 2, 3)), s2 + (z.square() + var).sum((0, 2, 3)), n + z.numel() // z.shape[1]
+    mean = s1 / n
+    return mean.tolist(), (s2 / n - mean.square()).clamp_min(1e-12).sqrt().tolist()

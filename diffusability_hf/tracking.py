@@ -2,7 +2,8 @@
 
 Every ``log_*`` function takes ``accelerator.trackers`` and writes to the ones it knows (others are skipped).
 Pixels are in ``[-1, 1]``: images ``(N, 3, H, W)``, clips ``(N, 3, T, H, W)``. The spectrum figures
-(:func:`log_spectra`, :func:`log_frame_profiles`) go to TensorBoard only.
+(:func:`log_spectra`, :func:`log_frame_profiles`) go to TensorBoard only. :func:`log_reconstruction_metrics` logs a
+fine-tuning run's validation (scalars, reconstructions, spectra) in one call.
 """
 
 from __future__ import annotations
@@ -108,3 +109,23 @@ def log_frame_profiles(trackers: Iterable, tag: str, frame_profiles: Sequence[Se
         frames = {f"latent frame {k}": profile for k, profile in enumerate(frame_profiles)}
         fig = plot_frequency_profiles(frames, title=f"Per-frame latent profiles (step {step})")
         tracker.writer.add_figure(tag, fig, step)
+
+
+def log_reconstruction_metrics(accelerator, val: Mapping, results: Mapping, rgb: Mapping, step: int) -> None:
+    """A fine-tuning run's validation to ``accelerator``'s trackers: per kind of ``val`` pixels ("image", "video"),
+    the PSNR and latent HF share of ``results`` (``metrics.reconstruction.reconstruction_metrics``), the
+    reconstructions, the spectrum beside RGB's (``rgb``: ``metrics.reconstruction.rgb_spectrum``) and, for clips,
+    one profile per latent frame."""
+    for kind, result in results.items():
+        prefix = "" if kind == "image" else "video_"
+        accelerator.log({f"val/{prefix}psnr": result["psnr"], f"val/{prefix}hf_share": result["hf_share"]}, step=step)
+        if kind == "image":
+            log_images(accelerator.trackers, val[kind], result["recon"], step)
+        else:
+            log_clips(accelerator.trackers, val[kind], result["recon"], step)
+        labels = ("RGB at the latent size", f"latents (step {step})")
+        profiles = dict(zip(labels, (rgb[kind]["profile"], result["profile"])))
+        energies = dict(zip(labels, (rgb[kind]["energy"], result["energy"])))
+        log_spectra(accelerator.trackers, f"validation/spectrum_{kind}", profiles, energies, step)
+        if "frame_profiles" in result:  # one curve per latent frame
+            log_frame_profiles(accelerator.trackers, "validation/spectrum_per_frame", result["frame_profiles"], step)

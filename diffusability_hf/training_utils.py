@@ -8,7 +8,8 @@
 - CPU threads: ``accelerate launch`` runs a plain single CPU process on one thread (``use_all_cpu_cores``).
 - Training loops: launcher checks (``check_launcher``, ``refuse_hub_token``), the accelerator set-up
   (``make_accelerator``), per-step seeding (``step_generator``), resuming (``resume_position``), the App. B
-  schedule (``warmup_cosine``), peak memory (``peak_memory_gb``) and tracker settings (``tracker_config``).
+  schedule (``warmup_cosine``), peak memory (``peak_memory_gb``), tracker settings (``tracker_config``) and the
+  global batch a preset gives (``split_global_batch``, ``describe_global_batch``).
 """
 
 import contextlib
@@ -21,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +172,17 @@ def check_output_dir(
     return found
 
 
-def remove_checkpoints(output_dir: str) -> List[str]:
-    """Delete every ``checkpoint-*`` folder (and leftover temporary checkpoints) of ``output_dir``; returns them."""
+def remove_checkpoints(output_dir: str, also: Sequence[str] = ()) -> List[str]:
+    """Delete every ``checkpoint-*`` folder (and leftover temporary checkpoints) of ``output_dir``, and the folders
+    named in ``also`` (other parts of a run that ``latest`` could mistake for this one's, e.g. pipeline snapshots);
+    returns the names removed."""
     if not os.path.isdir(output_dir):
         return []
-    gone = [n for n in os.listdir(output_dir) if CHECKPOINT_RE.match(n) or n.startswith(".tmp-checkpoint-")]
+    gone = [
+        n
+        for n in sorted(os.listdir(output_dir))
+        if CHECKPOINT_RE.match(n) or n.startswith(".tmp-checkpoint-") or n in also
+    ]
     for name in gone:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return gone
@@ -225,13 +232,14 @@ def atomic_save(output_dir: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a text file through a temporary file in the same folder and a rename."""
+def atomic_write_text(path: str, text) -> None:
+    """Write a text file (``str``), or a binary one (``bytes``), through a temporary file in the same folder and a
+    rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -290,17 +298,28 @@ def latest_checkpoint(output_dir: str, warn: Callable[[str], None] = logger.warn
     return None
 
 
-def resolve_resume(output_dir: str, resume_from_checkpoint: Optional[str], warn=logger.warning) -> Optional[str]:
+def resolve_resume(
+    output_dir: str, resume_from_checkpoint: Optional[str], warn=logger.warning, found: Sequence[str] = ()
+) -> Optional[str]:
     """The checkpoint to resume from: ``None`` (new run), the latest complete one, or a checked explicit folder.
 
-    An explicit folder that does not exist raises :class:`UsageError` before any heavy work; one without the marker
-    (an older version's checkpoint, or a save that was killed) is tried with a warning, and :func:`load_checkpoint`
-    says so clearly if it is damaged.
+    ``latest`` with no complete checkpoint starts a new run, unless ``found`` (what :func:`check_output_dir` found in
+    ``output_dir``) names results that a new run would replace: that is refused with a :class:`UsageError`. An
+    explicit folder that does not exist raises :class:`UsageError` before any heavy work; one without the marker (an
+    older version's checkpoint, or a save that was killed) is tried with a warning, and :func:`load_checkpoint` says
+    so clearly if it is damaged.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
         path = latest_checkpoint(output_dir, warn)
+        results = [name for name in found if not CHECKPOINT_RE.match(name)]
+        if path is None and results:
+            raise UsageError(
+                f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint to resume, and a new run "
+                f"would replace the earlier run's {', '.join(results[:4])} there: choose a new --output_dir, or pass "
+                "--overwrite_output_dir (without --resume_from_checkpoint) to replace it."
+            )
         if path is None:
             warn(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}: starting a new run.")
         return path
@@ -472,6 +491,80 @@ def tracker_config(args) -> dict:
         if key != "hub_token" and isinstance(value, (int, float, str, bool)):
             config[key] = value
     return config
+
+
+def given_flags(parser, input_args, args) -> set:
+    """The settings named on the command line (by ``dest``): ``input_args`` parsed again into a namespace that already
+    holds a marker for every setting of ``args``, which argparse's defaults then leave alone."""
+    import argparse
+
+    unset = object()
+    probe = parser.parse_args(input_args, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+# What a batch flag counts, for messages
+BATCH_UNITS = {"train_batch_size": "images", "video_batch_size": "clips"}
+
+
+def split_global_batch(
+    global_sizes: Mapping[str, int], num_processes: int, accumulation: int, preset: str
+) -> Dict[str, int]:
+    """Per-process batch sizes that give a preset's global batch with this launch (the paper's Table 5 sizes are
+    global: "a batch size of 32 (320,000 total seen images)", Sec. 4).
+
+    ``global = per_process x num_processes x accumulation``. ``global_sizes`` maps a batch flag's ``dest`` (e.g.
+    ``train_batch_size``) to the preset's global size. Returns ``{dest: per-process size}``; raises a
+    :class:`UsageError` naming the process counts that divide it and the nearest per-process flags when this launch
+    does not.
+    """
+    split = {}
+    for key, total in global_sizes.items():
+        if total == 0:
+            split[key] = 0
+            continue
+        share = num_processes * accumulation
+        if total % share:
+            flag, what = "--" + key, BATCH_UNITS.get(key, "samples")
+            near = sorted({max(1, total // share), total // share + 1})
+            options = " or ".join(f"{flag} {n} ({n * share} {what} per step)" for n in near)
+            counts = [n for n in range(1, total + 1) if total % (n * accumulation) == 0]
+            raise UsageError(
+                f"--preset {preset} trains with the paper's global batch of {total} {what} per step (Table 5), "
+                f"which {num_processes} processes x {accumulation} accumulation steps do not divide: launch with "
+                f"{', '.join(map(str, counts))} processes, or give the per-process batch yourself: {options}."
+            )
+        split[key] = total // share
+    return split
+
+
+def describe_global_batch(
+    per_process: Mapping[str, int],
+    num_processes: int,
+    accumulation: int,
+    preset: Optional[str] = None,
+    num_frames: Optional[int] = None,
+) -> dict:
+    """What one optimizer step sees in total, for the log, ``metrics.json`` and the model card.
+
+    ``per_process`` maps a unit ("images", "clips", "latents") to its per-process micro-batch; ``preset`` names the
+    preset whose global batch it is (None: per-process flags); ``num_frames`` is said of clips. Returns the totals per
+    unit, ``per_process``, ``num_processes``, ``gradient_accumulation_steps``, ``source`` and ``description``.
+    """
+    share = num_processes * accumulation
+    totals = {unit: n * share for unit, n in per_process.items()}
+    frames = f" of {num_frames} frames" if num_frames else ""
+    text = " + ".join(f"{n} {unit}" + (frames if unit == "clips" else "") for unit, n in totals.items())
+    text += f" ({' + '.join(map(str, per_process.values()))} per process x {num_processes} processes x "
+    text += f"{accumulation} accumulation steps" + (f"; --preset {preset}'s Table 5 global batch)" if preset else ")")
+    return {
+        **totals,
+        "per_process": dict(per_process),
+        "num_processes": num_processes,
+        "gradient_accumulation_steps": accumulation,
+        "source": f"--preset {preset} (Table 5, global)" if preset else "per-process flags",
+        "description": text,
+    }
 
 
 def remove_interrupted_saves(output_dir: str, subfolders: Sequence[str] = ()) -> List[str]:

@@ -24,6 +24,7 @@ from .data import (
     EMBEDDED_TRAIN_IMAGES,
     EMBEDDED_VALIDATION_IMAGES,
     IMAGE_EXTENSIONS,
+    held_out_split,
     load_embedded_image,
     load_photograph,
     resize_and_crop,
@@ -282,6 +283,49 @@ def embedded_validation_clips(resolution: int, num_frames: int, num_clips: int =
         rng = random.Random(i)
         clips.append(pan_clip(image, resolution, num_frames, rng, side=min(image.size) / 2, angle=i * math.pi / 2))
     return torch.stack(clips)
+
+
+def training_clips(
+    resolution: int,
+    num_frames: int,
+    num_validation: int,
+    seed: int,
+    video_data_dir: Optional[str] = None,
+    video_dataset_name: Optional[str] = None,
+    video_column: Optional[str] = None,
+    video_dataset_config_name: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    frame_stride: int = 1,
+    center_crop: bool = False,
+    random_flip: bool = False,
+):
+    """Video autoencoder fine-tuning clips: ``(train dataset, validation clips (N, 3, T, R, R), info)``.
+
+    With a folder or HF dataset, ``num_validation`` readable videos are held out at random (seeded) and never trained
+    on, read as first frames and centre crops; with neither, :class:`EmbeddedPanClips` trains and
+    :func:`embedded_validation_clips` (pans over other photographs) validates.
+    """
+    if video_data_dir is None and video_dataset_name is None:
+        logger.info("No video dataset given: training on camera pans over the embedded photographs and the GIF.")
+        info = {
+            "source": f"camera pans over {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
+            "num_held_out": num_validation,
+        }
+        train = EmbeddedPanClips(resolution, num_frames, seed=seed)
+        return train, embedded_validation_clips(resolution, num_frames, num_validation), info
+    if video_data_dir is not None:
+        sources = list_videos(video_data_dir)
+    else:
+        sources = load_video_dataset(video_dataset_name, video_column, video_dataset_config_name, cache_dir)
+    clip = dict(resolution=resolution, num_frames=num_frames, frame_stride=frame_stride)
+    val_set = VideoClips(sources, **clip, center_crop=True, random_start=False)
+    val, train_indices, info = held_out_split(
+        len(sources), num_validation, val_set.read, "videos", "--num_validation_videos", seed
+    )
+    train = VideoClips(
+        [sources[i] for i in train_indices], **clip, center_crop=center_crop, random_flip=random_flip, seed=seed
+    )
+    return train, val, info
 
 
 class JointBatches(torch.utils.data.Dataset):

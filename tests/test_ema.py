@@ -188,3 +188,21 @@ def test_ema_load_state_dict_mismatch_raises():
     other = EMA([make_param(0.0), make_param(0.0)], half_life=1.0)
     with pytest.raises(ValueError):
         ema.load_state_dict(other.state_dict())
+
+
+def test_swapped_in_holds_the_ema_weights_inside_and_restores_the_training_weights_exactly():
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net.parameters(), half_life=1.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net.parameters(), step=1)
+    training = [p.detach().clone() for p in net.parameters()]
+    with ema.swapped_in(net.parameters()):
+        for p, s in zip(net.parameters(), ema.shadow):
+            assert torch.equal(p, s) and not torch.equal(s, training[0] if p.ndim == 2 else training[1])
+    assert all(torch.equal(p, t) for p, t in zip(net.parameters(), training))
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.swapped_in(net.parameters()):
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, t) for p, t in zip(net.parameters(), training))  # restored on an exception too

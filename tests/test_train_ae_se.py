@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf import training_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
@@ -141,7 +142,7 @@ def test_saved_model_has_reestimated_latent_scaling_and_cross_decoding_is_measur
     assert weights_fingerprint(base) == metrics["base_weights_fingerprint"]
 
 
-def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny_vae_dir, run_script):
+def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny_vae_dir, run_script, script):
     out = tmp_path / "out"
     train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -154,6 +155,12 @@ def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny
     assert not (out / "checkpoint-2").exists()  # the old run's checkpoints cannot be resumed by mistake
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # `latest` with no checkpoint to resume would start a new run over the finished one: refused (as train_dit_flow)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", str(out), *fast(tiny_vae_dir)]
+    with pytest.raises(tu.UsageError, match="no complete checkpoint to resume, and a new run would replace"):
+        script.main(script.parse_args([*map(str, args), "--resume_from_checkpoint", "latest"]))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_dir, run_script):
@@ -358,31 +365,37 @@ def test_checks_return_values_and_leave_the_arguments_alone(script, tiny_vae_dir
                                   a.se_temporal_scale_factors, script.video_flags(a))  # fmt: skip
         assert clips == (4 if a is video else 0)  # half of --train_batch_size 8 (Table 5's ratio); none for images
     assert ae.check_se_geometry(image.vae_config, 32, image.se_scale_factors, image.dct_block_size) == 4
-    assert script.split_global_batch(image, 2) == {}
+    assert tu.split_global_batch(image.preset_global_batch, 2, 1, image.preset) == {}
     assert {"video": vars(video), "image": vars(image)} == before
 
 
 def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, tiny_vae_dir):
     """Table 5's batch is the global one: split over processes x accumulation steps; refused when they do not
     divide it, with the flags that give it; an explicit --train_batch_size keeps diffusers' per-process meaning."""
+
+    def split(args, num_processes):  # as main() calls it
+        return tu.split_global_batch(
+            args.preset_global_batch, num_processes, args.gradient_accumulation_steps, args.preset
+        )
+
     base = ["--pretrained_model_name_or_path", tiny_vae_dir, "--train_data_dir", "d"]
     flux = script.parse_args([*base, "--preset", "flux"])
     assert flux.preset_global_batch == {"train_batch_size": 32}
-    assert [script.split_global_batch(flux, n)["train_batch_size"] for n in (1, 2, 8, 32)] == [32, 16, 4, 1]
+    assert [split(flux, n)["train_batch_size"] for n in (1, 2, 8, 32)] == [32, 16, 4, 1]
     accum = script.parse_args([*base, "--preset", "flux", "--gradient_accumulation_steps", "4"])
-    assert script.split_global_batch(accum, 2) == {"train_batch_size": 4}  # 4 x 2 processes x 4 steps = 32
-    with pytest.raises(script.UsageError) as err:
-        script.split_global_batch(flux, 3)
+    assert split(accum, 2) == {"train_batch_size": 4}  # 4 x 2 processes x 4 steps = 32
+    with pytest.raises(tu.UsageError) as err:
+        split(flux, 3)
     message = str(err.value)
     assert (
         "global batch of 32 images per step (Table 5)" in message
         and "launch with 1, 2, 4, 8, 16, 32 processes" in message
     )
     assert "--train_batch_size 10 (30 images per step) or --train_batch_size 11 (33 images per step)" in message
-    with pytest.raises(script.UsageError, match="launch with 1, 2, 4, 8 processes"):
-        script.split_global_batch(accum, 3)
-    with pytest.raises(script.UsageError, match="64 processes x 1"):
-        script.split_global_batch(flux, 64)
+    with pytest.raises(tu.UsageError, match="launch with 1, 2, 4, 8 processes"):
+        split(accum, 3)
+    with pytest.raises(tu.UsageError, match="64 processes x 1"):
+        split(flux, 64)
     # Explicit sizes are per process; the embedded CPU sizing is not Table 5's and is not split either
     assert script.parse_args([*base, "--preset", "flux", "--train_batch_size", "32"]).preset_global_batch == {}
     assert script.parse_args(["--preset", "flux"]).preset_global_batch == {}
@@ -390,7 +403,7 @@ def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, ti
     video = script.parse_args(
         ["--preset", "cogvideox", "--model_config_name_or_path", config, "--train_data_dir", "d"]
     )
-    assert script.split_global_batch(video, 8) == {"train_batch_size": 8, "video_batch_size": 4}  # 64 + 32 in all
+    assert split(video, 8) == {"train_batch_size": 8, "video_batch_size": 4}  # 64 + 32 in all
     mixed = script.parse_args(
         [
             "--preset",
@@ -403,10 +416,11 @@ def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, ti
             "2",
         ]
     )
-    assert script.split_global_batch(mixed, 8) == {"train_batch_size": 8}  # the explicit clip batch stays per process
-    for key, value in script.split_global_batch(video, 8).items():
+    assert split(mixed, 8) == {"train_batch_size": 8}  # the explicit clip batch stays per process
+    for key, value in split(video, 8).items():
         setattr(video, key, value)
-    described = script.describe_global_batch(video, 8, True)
+    per_process = {"images": video.train_batch_size, "clips": video.video_batch_size}
+    described = tu.describe_global_batch(per_process, 8, 1, video.preset, video.num_frames)
     assert (described["images"], described["clips"]) == (64, 32) and "cogvideox's Table 5 global batch" in described[
         "description"
     ]

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusability_hf.autoencoders import EMBEDDED_AE, weights_fingerprint
+from diffusability_hf.data import collate_labelled
 from diffusability_hf.latents import read_latents_metadata
 from diffusability_hf.models.dit import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
@@ -316,17 +317,16 @@ def test_bf16_autocast_keeps_fp32_weights_and_finite_loss(tmp_path, latents, run
 
 
 def test_on_the_fly_statistics_are_those_of_posterior_samples(tiny_vae_dir):
-    """estimate_latent_stats: per-channel mean/std of z = mean + std * eps (what the DiT sees), against numpy draws."""
+    """latents.estimate_latent_statistics (the script's on-the-fly statistics): per-channel mean/std of
+    z = mean + std * eps (what the DiT sees), against numpy draws."""
     import numpy as np
-    from accelerate import PartialState
 
-    PartialState()  # the script logs through accelerate's logger
-    script = load_script()
+    from diffusability_hf.latents import estimate_latent_statistics
+
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
     gen = torch.Generator().manual_seed(3)
     items = [(torch.rand(3, 16, 16, generator=gen) * 2 - 1, i % 2, None, True) for i in range(6)]
-    args = type("Args", (), {"seed": 0, "stats_batches": 2, "train_batch_size": 3})()
-    mean, std = script.estimate_latent_stats(vae, items, args, "cpu")
+    mean, std = estimate_latent_statistics(vae, items, 6, 3, 0, "cpu", collate_labelled)
     with torch.no_grad():
         post = vae.encode(torch.stack([it[0] for it in items])).latent_dist
     mu, sd = post.mean.double().numpy(), post.std.double().numpy()  # (6, C, h, w)
@@ -380,7 +380,7 @@ def test_pipeline_snapshots_hold_the_ema_weights_of_their_step(tmp_path, latents
     (short / "snapshots" / "step-9").mkdir(parents=True)
     (short / "model_index.json").write_text("{}")
     proc = train(run_script, latents, short, *common, "--max_train_steps", 2, "--overwrite_output_dir")
-    assert "Removed snapshots/ of the earlier run (--overwrite_output_dir)" in proc.stderr
+    assert "Removed snapshots of the earlier run (--overwrite_output_dir)" in proc.stderr
     assert not (short / "snapshots").exists()  # none asked for this time
     assert json.loads((short / "model_index.json").read_text())["provenance"]["step"] == 2
     ref = transformer_weights(short)
@@ -425,7 +425,7 @@ def test_pipeline_snapshot_flag_checks(tmp_path, latents, capsys):
     args = script.parse_args(
         ["--latents_dir", latents, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
     )
-    with pytest.raises(UsageError, match="would replace the snapshots of the earlier run there"):
+    with pytest.raises(UsageError, match="would replace the earlier run's snapshots there"):
         script.main(args)
     assert os.listdir(out) == ["snapshots"]
 

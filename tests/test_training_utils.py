@@ -74,6 +74,16 @@ def test_latest_skips_incomplete_checkpoints_and_damaged_ones_fail_clearly(tmp_p
         tu.resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-99"))
     assert tu.resolve_resume(str(tmp_path / "new"), "latest", warnings.append) is None
     assert tu.resolve_resume(str(tmp_path), None) is None
+    # `latest` with nothing to resume starts a new run, but never over a finished run's results (both scripts)
+    finished = tmp_path / "finished"
+    (finished / ".tmp-checkpoint-9").mkdir(parents=True)
+    found = tu.check_output_dir(str(finished), ["config.json"], False, "latest")
+    assert tu.resolve_resume(str(finished), "latest", warnings.append, found) is None and "new run" in warnings[-1]
+    (finished / "config.json").write_text("{}")
+    found = tu.check_output_dir(str(finished), ["config.json"], False, "latest")
+    with pytest.raises(tu.UsageError, match="no complete checkpoint to resume.*replace the earlier run's config.json"):
+        tu.resolve_resume(str(finished), "latest", warnings.append, found)
+    assert os.path.exists(finished / "config.json")
     # Complete but damaged afterwards (a truncated file): a clear message instead of a bare EOFError
     (tmp_path / "checkpoint-4" / "custom_checkpoint_0.pkl").write_bytes(b"x")
     with pytest.raises(tu.UsageError, match="checkpoint-4 is damaged.*EOFError"):

@@ -17,10 +17,10 @@ plus ``README.md`` (model card), ``spectrum.png`` and ``metrics.json``.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import random
-import textwrap
 import time
 
 import torch
@@ -29,19 +29,9 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.data import (
-    EMBEDDED_VALIDATION_IMAGES,
-    EmbeddedPhotoCrops,
-    HFImageDataset,
-    SkipLog,
-    collate,
-    embedded_validation_batch,
-    hold_out,
-    load_image_dataset,
-    open_and_crop,
-)
+from diffusability_hf.data import SkipLog, collate, training_images
 from diffusability_hf.ema import EMA
-from diffusability_hf.figures import plot_spectra, save_png
+from diffusability_hf.figures import plot_fine_tuning_spectra, save_png
 from diffusability_hf.hub import (
     card_license,
     dataset_description,
@@ -56,16 +46,23 @@ from diffusability_hf.latent_normalization import (
 )
 from diffusability_hf.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
 from diffusability_hf.losses import DOWNSAMPLE_MODES, ReconstructionDistance, SEAutoencoderLoss
-from diffusability_hf.metrics.reconstruction import cross_decoding, reconstruction_metrics, rgb_spectrum
+from diffusability_hf.metrics.reconstruction import (
+    before_after_record,
+    cross_decoding,
+    reconstruction_metrics,
+    rgb_spectrum,
+)
+from diffusability_hf.presets import SE_PRESETS, se_preset_settings, settings_epilog
 from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
-from diffusability_hf.tracking import log_clips, log_frame_profiles, log_images, log_spectra
+from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
 from diffusability_hf.training_utils import (
-    UsageError,
     atomic_save,
     atomic_write_json,
     atomic_write_text,
     check_launcher,
     check_output_dir,
+    describe_global_batch,
+    given_flags,
     hub_repo,
     list_checkpoints,
     make_accelerator,
@@ -77,74 +74,23 @@ from diffusability_hf.training_utils import (
     resume_position,
     run_script,
     save_checkpoint,
+    split_global_batch,
     step_generator,
     tracker_config,
     use_all_cpu_cores,
 )
-from diffusability_hf.video_data import (
-    EmbeddedPanClips,
-    JointBatches,
-    VideoClips,
-    embedded_validation_clips,
-    list_videos,
-    load_video_dataset,
-    unwrap_batch,
-)
+from diffusability_hf.video_data import JointBatches, training_clips, unwrap_batch
 
 logger = get_logger(__name__)
 
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 RESULT_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "metrics.json", "lora")
-BATCH_FLAGS = ("train_batch_size", "video_batch_size")
-
-# Paper Table 5 (Appendix B). `kl_weight` is the "+FT" baseline's KL beta: SE runs turn KL off (Section 3.3). The
-# batch sizes are global ("a batch size of 32 (320,000 total seen images)", Sec. 4): split_global_batch() divides
-# them over the processes and accumulation steps of the launch.
-PRESETS = {
-    "flux": dict(learning_rate=1e-5, train_batch_size=32, max_train_steps=10_000, kl_weight=1e-3, mse_weight=1.0,
-                 lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=1, resolution=256),
-    "cosmos": dict(learning_rate=1e-4, train_batch_size=32, max_train_steps=10_000, kl_weight=0.0, mse_weight=1.0,
-                   lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=3, resolution=256),
-    "cogvideox": dict(learning_rate=3e-4, train_batch_size=64, video_batch_size=32, max_train_steps=20_000,
-                      kl_weight=1e-3, mse_weight=1.0, lpips_weight=1.0, max_grad_norm=1.0, num_frozen_up_blocks=0,
-                      resolution=256, num_frames=17),
-    "ltx": dict(learning_rate=5e-5, train_batch_size=64, video_batch_size=32, max_train_steps=20_000, kl_weight=1e-4,
-                mse_weight=5.0, lpips_weight=1.0, max_grad_norm=50.0, num_frozen_up_blocks=0, resolution=256,
-                num_frames=17),
-}  # fmt: skip
-
-# Without a dataset the run is sized for a few CPU minutes, whatever the preset. LPIPS is off: its trunk is a download.
-EMBEDDED_SIZING = {
-    # the embedded AE on the embedded photographs (the no-argument run)
-    "embedded AE": dict(learning_rate=2e-4, train_batch_size=16, max_train_steps=300, lpips_weight=0.0, resolution=64,
-                        validation_steps=100, checkpointing_steps=300, num_frozen_up_blocks=0),
-    # a video AE (e.g. diffusability_hf/assets/tiny_configs/cogvideox.json) on embedded crops and camera pans
-    "video AE": dict(train_batch_size=4, video_batch_size=2, max_train_steps=100, lpips_weight=0.0, resolution=64,
-                     validation_steps=50, checkpointing_steps=100),
-    "other AEs": dict(resolution=64),  # the embedded photographs' crops
-}  # fmt: skip
-
-
-def settings_help() -> str:
-    """The --help epilog: the rule, the presets and the no-dataset sizing, from the tables above."""
-    rows = [(f"--preset {name}", values) for name, values in PRESETS.items()]
-    rows += [(f"no dataset, {kind}", values) for kind, values in EMBEDDED_SIZING.items()]
-    lines = textwrap.wrap(
-        "Settings: a flag given on the command line wins; else, with no --dataset_name / --train_data_dir, the CPU "
-        "sizing below (for a video AE: with no video data either); else --preset; else the defaults above. With SE "
-        "on (--se_weight > 0), a preset's kl_weight is not used (Section 3.3).",
-        width=100,
-    )
-    for label, values in rows:
-        text = f"{label}: " + " ".join(f"{k}={v}" for k, v in values.items())
-        lines += textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent="      ")
-    return "\n".join(lines)
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=settings_help(),
+        epilog=settings_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # Model
@@ -169,7 +115,7 @@ def parse_args(input_args=None):
         "--preset",
         type=str,
         default=None,
-        choices=sorted(PRESETS),
+        choices=sorted(SE_PRESETS),
         help="Table 5's per-AE settings (listed below); flags given explicitly win. Its batch sizes are the paper's "
         "global ones (e.g. 32 images per step in total), split over the processes and accumulation steps; a launch "
         "that does not divide them is refused.",
@@ -463,37 +409,16 @@ def parse_args(input_args=None):
     if args.embedded_model:
         args.pretrained_model_name_or_path = ae.EMBEDDED_AE
     args.vae_config = read_vae_config(args)  # the one read of the model's config: main() uses it too
-    vars(args).update(preset_settings(args, given, ae.get_row(args.vae_config).video))
+    video_ae = ae.get_row(args.vae_config).video
+    vars(args).update(
+        se_preset_settings(
+            args.preset, args.se_weight, given, args.embedded_model, args.embedded_data, args.embedded_video, video_ae
+        )
+    )
     check_settings(parser, args)
     if args.report_to == "none":
         args.report_to = None
     return args
-
-
-def given_flags(parser, input_args, args) -> set:
-    """The settings named on the command line (by ``dest``): parsed again into a namespace that already holds a
-    marker for every setting of ``args``, which argparse's defaults then leave alone."""
-    unset = object()
-    probe = parser.parse_args(input_args, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    return {dest for dest, value in vars(probe).items() if value is not unset}
-
-
-def preset_settings(args, given: set, video_ae: bool) -> dict:
-    """The one rule for settings: a flag on the command line > the no-dataset CPU sizing > --preset > argparse's
-    default. Returns the values for the flags that were not given, and ``preset_global_batch``: the batch sizes that
-    are the preset's Table 5 global ones (split over the processes in main())."""
-    table5 = dict(PRESETS.get(args.preset, {}))
-    if args.se_weight > 0:
-        table5.pop("kl_weight", None)  # SE runs turn KL off (Section 3.3)
-    sizing = {}
-    if args.embedded_data:
-        kind = (
-            "embedded AE" if args.embedded_model else "video AE" if video_ae and args.embedded_video else "other AEs"
-        )
-        sizing = EMBEDDED_SIZING[kind]
-    values = {k: v for k, v in {**table5, **sizing}.items() if k not in given}
-    values["preset_global_batch"] = {k: table5[k] for k in BATCH_FLAGS if k in values and k not in sizing}
-    return values
 
 
 def check_settings(parser, args) -> None:
@@ -554,132 +479,6 @@ def video_flags(args) -> list:
     return [flag for flag, value in values if value]
 
 
-def split_global_batch(args, num_processes: int) -> dict:
-    """Per-process batch sizes that give a preset's global batch (Table 5) with this launch.
-
-    ``global = per_process x num_processes x gradient_accumulation_steps``. Returns ``{flag: per-process size}`` for
-    the sizes the preset filled (none when the user gave them); raises a :class:`UsageError` naming the flags that
-    reach the paper's batch, or the nearest ones, when the processes and accumulation steps do not divide it.
-    """
-    split, accum = {}, args.gradient_accumulation_steps
-    for key, total in args.preset_global_batch.items():
-        if total == 0:
-            split[key] = 0
-            continue
-        share = num_processes * accum
-        if total % share:
-            flag = "--train_batch_size" if key == "train_batch_size" else "--video_batch_size"
-            what = "images" if key == "train_batch_size" else "clips"
-            near = sorted({max(1, total // share), total // share + 1})
-            options = " or ".join(f"{flag} {n} ({n * share} {what} per step)" for n in near)
-            counts = [n for n in range(1, total + 1) if total % (n * accum) == 0]
-            raise UsageError(
-                f"--preset {args.preset} trains with the paper's global batch of {total} {what} per step (Table 5), "
-                f"which {num_processes} processes x {accum} accumulation steps do not divide: launch with "
-                f"{', '.join(map(str, counts))} processes, or give the per-process batch yourself: {options}."
-            )
-        split[key] = total // share
-    return split
-
-
-def describe_global_batch(args, num_processes: int, is_video: bool) -> dict:
-    """What one optimizer step sees in total, for the log, ``metrics.json`` and the model card."""
-    per_step = num_processes * args.gradient_accumulation_steps
-    images, clips = args.train_batch_size * per_step, (args.video_batch_size * per_step if is_video else 0)
-    text = f"{images} images" + (f" + {clips} clips of {args.num_frames} frames" if is_video else "")
-    text += f" ({args.train_batch_size}" + (f" + {args.video_batch_size}" if is_video else "")
-    text += f" per process x {num_processes} processes x {args.gradient_accumulation_steps} accumulation steps"
-    text += f"; --preset {args.preset}'s Table 5 global batch)" if args.preset_global_batch else ")"
-    return {
-        "images": images,
-        "clips": clips,
-        "per_process": {"images": args.train_batch_size, "clips": args.video_batch_size if is_video else 0},
-        "num_processes": num_processes,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "source": f"--preset {args.preset} (Table 5, global)" if args.preset_global_batch else "per-process flags",
-        "description": text,
-    }
-
-
-def held_out_split(num_items, num_held_out, read, what, flag, seed):
-    """Hold ``num_held_out`` readable items out of training (seeded); returns (pixels, training indices, info)."""
-    pixels, held, unreadable = hold_out(num_items, num_held_out, read, seed)
-    train = [i for i in range(num_items) if i not in set(held)]
-    if pixels is None or not train:
-        raise UsageError(
-            f"The training data has {num_items} {what} ({len(unreadable)} unreadable among those examined): too few "
-            f"to hold out {num_held_out} for validation and train on the rest. Lower {flag} or add data."
-        )
-    info = {
-        "source": f"held out of the training data at random (seed {seed}), never trained on",
-        "num_held_out": int(pixels.shape[0]),
-        "held_out_indices": held,
-        "unreadable_held_out_indices": unreadable,
-    }
-    if pixels.shape[0] < num_held_out:
-        logger.warning(
-            f"Only {pixels.shape[0]} readable {what} could be held out for validation ({flag} {num_held_out})."
-        )
-    return pixels, train, info
-
-
-def image_datasets(args):
-    """Training images and the fixed validation images, which are never trained on."""
-    if args.embedded_data:
-        logger.info("No image dataset given: training on crops of the photographs that ship inside scikit-image.")
-        info = {
-            "source": f"crops of the photographs {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
-            "num_held_out": args.num_validation_images,
-        }
-        return (
-            EmbeddedPhotoCrops(args.resolution, seed=args.seed, random_flip=True),
-            embedded_validation_batch(args.resolution, args.num_validation_images),
-            info,
-        )
-    ds, column = load_image_dataset(
-        args.dataset_name, args.train_data_dir, args.image_column, args.dataset_config_name, args.cache_dir
-    )
-    val, train_indices, info = held_out_split(
-        len(ds), args.num_validation_images, lambda i: open_and_crop(ds[i][column], args.resolution), "images",
-        "--num_validation_images", args.seed,
-    )  # fmt: skip
-    train = HFImageDataset(
-        ds.select(train_indices), column, args.resolution, args.center_crop, args.random_flip, args.seed
-    )
-    return train, val, info
-
-
-def video_datasets(args):
-    """Training clips and the fixed validation clips (first frames, centre crops), which are never trained on."""
-    if args.embedded_video:
-        logger.info("No video dataset given: training on camera pans over the embedded photographs and the GIF.")
-        info = {
-            "source": f"camera pans over {' and '.join(EMBEDDED_VALIDATION_IMAGES)}, never trained on",
-            "num_held_out": args.num_validation_videos,
-        }
-        return (
-            EmbeddedPanClips(args.resolution, args.num_frames, seed=args.seed),
-            embedded_validation_clips(args.resolution, args.num_frames, args.num_validation_videos),
-            info,
-        )
-    if args.video_data_dir is not None:
-        sources = list_videos(args.video_data_dir)
-    else:
-        sources = load_video_dataset(
-            args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir
-        )
-    clip = dict(resolution=args.resolution, num_frames=args.num_frames, frame_stride=args.frame_stride)
-    val_set = VideoClips(sources, **clip, center_crop=True, random_start=False)
-    val, train_indices, info = held_out_split(
-        len(sources), args.num_validation_videos, val_set.read, "videos", "--num_validation_videos", args.seed
-    )
-    train = VideoClips(
-        [sources[i] for i in train_indices], **clip, center_crop=args.center_crop, random_flip=args.random_flip,
-        seed=args.seed,
-    )  # fmt: skip
-    return train, val, info
-
-
 def measure_settings(args) -> dict:
     """The settings of every reconstruction measurement (before, during, after training and cross-decoding)."""
     return dict(
@@ -692,26 +491,10 @@ def measure_settings(args) -> dict:
 def run_validation(accelerator, vae, ema, val, rgb, args, step):
     """Validate the EMA weights (the model that will be saved), then put the training weights back."""
     params = [p for p in vae.parameters() if p.requires_grad]
-    backup = [p.detach().clone() for p in params]
-    if ema is not None:
-        ema.copy_to(params)
-    results = {kind: reconstruction_metrics(vae, pixels, **measure_settings(args)) for kind, pixels in val.items()}
-    with torch.no_grad():
-        for p, b in zip(params, backup):
-            p.copy_(b)
+    with ema.swapped_in(params) if ema is not None else contextlib.nullcontext():
+        results = {kind: reconstruction_metrics(vae, x, **measure_settings(args)) for kind, x in val.items()}
+    log_reconstruction_metrics(accelerator, val, results, rgb, step)
     for kind, result in results.items():
-        prefix = "" if kind == "image" else "video_"
-        accelerator.log({f"val/{prefix}psnr": result["psnr"], f"val/{prefix}hf_share": result["hf_share"]}, step=step)
-        if kind == "image":
-            log_images(accelerator.trackers, val[kind], result["recon"], step)
-        else:
-            log_clips(accelerator.trackers, val[kind], result["recon"], step)
-        labels = ("RGB at the latent size", f"latents (step {step})")
-        profiles = dict(zip(labels, (rgb[kind]["profile"], result["profile"])))
-        log_spectra(accelerator.trackers, f"validation/spectrum_{kind}", profiles,
-                    dict(zip(labels, (rgb[kind]["energy"], result["energy"]))), step)  # fmt: skip
-        if "frame_profiles" in result:  # one curve per latent frame
-            log_frame_profiles(accelerator.trackers, "validation/spectrum_per_frame", result["frame_profiles"], step)
         logger.info(f"step {step}: val {kind} PSNR {result['psnr']:.2f} dB, latent HF share {result['hf_share']:.4f}")
 
 
@@ -723,24 +506,9 @@ def write_outputs(args, before, after, rgb, val, run):
         else (args.pretrained_model_name_or_path or f"random init from {args.model_config_name_or_path}")
     )
     base = base + (f" (subfolder {args.subfolder})" if args.subfolder else "")
-    keep = ("psnr", "hf_share", "profile", "energy", "frame_profiles")
     metrics = {"base_model": base, "base_weights_fingerprint": run["base_fingerprint"]}
     metrics["weights_fingerprint"] = run["fingerprint"]
-    for kind in val:  # images at the top level, clips under "video"
-        entry = {
-            "before": {k: before[kind][k] for k in keep if k in before[kind]},
-            "after": {k: after[kind][k] for k in keep if k in after[kind]},
-            "rgb_profile": rgb[kind]["profile"],
-            "rgb_energy": rgb[kind]["energy"],
-            f"num_validation_{kind}s": int(val[kind].shape[0]),
-            "validation": run["validation"].get(kind, {}),
-        }
-        if run["cross_decoding"] is not None:
-            entry["cross_decoding_psnr"] = run["cross_decoding"][kind]
-        if kind == "image":
-            metrics.update(entry)
-        else:
-            metrics["video"] = entry
+    metrics.update(before_after_record(before, after, rgb, val, run["validation"], run["cross_decoding"]))
     metrics.update(
         {
             "latent_normalization": {"base": run["base_normalization"], **run["normalization"]},
@@ -754,16 +522,7 @@ def write_outputs(args, before, after, rgb, val, run):
         }
     )
     atomic_write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
-    profiles, energies = {}, {}
-    for kind in val:
-        label = "" if kind == "image" else " (clips)"
-        for name, source in ((f"RGB at the latent size{label}", rgb[kind]), (f"latents before{label}", before[kind]),
-                             (f"latents after{label}", after[kind])):  # fmt: skip
-            profiles[name], energies[name] = source["profile"], source["energy"]
-    save_png(
-        plot_spectra(profiles, energies, title="Latent spectrum before and after fine-tuning (paper Fig. 2/4)"),
-        os.path.join(args.output_dir, "spectrum.png"),
-    )
+    save_png(plot_fine_tuning_spectra(rgb, before, after), os.path.join(args.output_dir, "spectrum.png"))
     # The model card: metrics.json's numbers, the run's settings
     hidden = ("hub_token", "embedded_model", "embedded_data", "preset_global_batch", "vae_config")
     hp = {k: v for k, v in vars(args).items() if k not in hidden}
@@ -788,7 +547,7 @@ def write_outputs(args, before, after, rgb, val, run):
 def main(args):
     use_all_cpu_cores()  # a plain `accelerate launch` runs one CPU process on one thread
     # Validate everything cheap before touching weights or data
-    check_output_dir(args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint)
+    found = check_output_dir(args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint)
     check_launcher()
     if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
@@ -804,14 +563,18 @@ def main(args):
             f"{config['_class_name']} does not support gradient checkpointing in diffusers: drop "
             "--gradient_checkpointing and save memory with a smaller --video_batch_size, --num_frames or --resolution."
         )
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)  # explicit paths checked here
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, found=found)
     if not pretrained and not args.train_output_layers:
         args.train_output_layers = True  # random init: nothing pretrained to protect
 
     # Accelerator; a preset's Table 5 batch is global: split over this launch's processes before any data loads
     accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
-    vars(args).update(split_global_batch(args, accelerator.num_processes))
+    vars(args).update(
+        split_global_batch(
+            args.preset_global_batch, accelerator.num_processes, args.gradient_accumulation_steps, args.preset
+        )
+    )
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -821,13 +584,19 @@ def main(args):
         repo_id = hub_repo(args)
 
     # Data: image batches, or joint image + clip batches for video AEs (Table 5); validation items held out
-    train_images, val_images, val_info = image_datasets(args) if args.train_batch_size else (None, None, {})
-    val_info = {"image": val_info} if val_images is not None else {}
-    train_videos, val_videos = None, None
+    train_images, val_images, train_videos, val_videos, val_info = None, None, None, None, {}
+    if args.train_batch_size:
+        train_images, val_images, val_info["image"] = training_images(
+            args.resolution, args.num_validation_images, args.seed, args.dataset_name, args.train_data_dir,
+            args.image_column, args.dataset_config_name, args.cache_dir, args.center_crop, args.random_flip,
+        )  # fmt: skip
+    if is_video and args.video_batch_size:
+        train_videos, val_videos, val_info["video"] = training_clips(
+            args.resolution, args.num_frames, args.num_validation_videos, args.seed, args.video_data_dir,
+            args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir,
+            args.frame_stride, args.center_crop, args.random_flip,
+        )  # fmt: skip
     if is_video:
-        train_videos, val_videos, video_info = video_datasets(args) if args.video_batch_size else (None, None, {})
-        if val_videos is not None:
-            val_info["video"] = video_info
         train_dataset = JointBatches(
             train_images, train_videos, args.train_batch_size, args.video_batch_size, args.seed
         )
@@ -914,7 +683,11 @@ def main(args):
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_ae_se", config=tracker_config(args))
-    global_batch = describe_global_batch(args, accelerator.num_processes, is_video)
+    per_process = {"images": args.train_batch_size, **({"clips": args.video_batch_size} if is_video else {})}
+    global_batch = describe_global_batch(
+        per_process, accelerator.num_processes, args.gradient_accumulation_steps,
+        args.preset if args.preset_global_batch else None, args.num_frames,
+    )  # fmt: skip
     logger.info(
         f"***** SE fine-tuning: {args.max_train_steps} steps, global batch {global_batch['description']}, "
         f"alpha={args.se_weight}, scales={args.se_scale_factors}, KL={args.kl_weight} *****"
@@ -1046,10 +819,7 @@ def main(args):
             log_images(accelerator.trackers, val["image"], after["image"]["recon"], global_step)
         if "video" in val:
             gif = log_clips(accelerator.trackers, val["video"], after["video"]["recon"], global_step)
-            tmp_gif = os.path.join(args.output_dir, ".reconstruction.gif.tmp")
-            with open(tmp_gif, "wb") as f:
-                f.write(gif)
-            os.replace(tmp_gif, os.path.join(args.output_dir, "reconstruction.gif"))
+            atomic_write_text(os.path.join(args.output_dir, "reconstruction.gif"), gif)
         if args.push_to_hub:
             logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'SE fine-tuned autoencoder')}")
         names = ["config.json", "diffusion_pytorch_model.safetensors", "lora", "README.md", "metrics.json"]

@@ -26,7 +26,6 @@ embedded autoencoder's latents of the scikit-image photographs (class = source p
 import argparse
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -35,10 +34,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.data import LabelledImages, collate_labelled
 from diffusability_hf.ema import EMA
 from diffusability_hf.flow import FlowMatchingLoss
 from diffusability_hf.hub import card_license, dit_pipeline_card_fields, render_model_card
-from diffusability_hf.latents import LatentShards, read_latents_metadata
+from diffusability_hf.latents import (
+    LatentShards,
+    check_latents_autoencoder,
+    estimate_latent_statistics,
+    on_the_fly_metadata,
+    read_latents_metadata,
+)
 from diffusability_hf.models.dit import build_transformer, transformer_config
 from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
 from diffusability_hf.tracking import log_image_grid
@@ -49,6 +55,7 @@ from diffusability_hf.training_utils import (
     atomic_write_text,
     check_launcher,
     check_output_dir,
+    describe_global_batch,
     hub_repo,
     list_checkpoints,
     make_accelerator,
@@ -260,78 +267,6 @@ def parse_args(input_args=None):
     return args
 
 
-def on_the_fly_data(args, vae_config):
-    """``(metadata, images)`` for images encoded during training: what extract_latents.py would have written (the
-    statistics come later, :func:`estimate_latent_stats`) and the ``LabelledImages`` dataset."""
-    from diffusability_hf.data import LabelledImages
-
-    f = ae.spatial_compression(vae_config)
-    if args.resolution % f:
-        raise ValueError(f"--resolution {args.resolution} is not divisible by the AE's compression {f}.")
-    images = LabelledImages(
-        args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
-        cache_dir=args.cache_dir, random_flip=args.random_flip, seed=args.seed,
-    )  # fmt: skip
-    meta = {
-        "ae": args.pretrained_vae_model_name_or_path,
-        "ae_class": vae_config["_class_name"],
-        "latent_shape": [ae.latent_channels(vae_config), args.resolution // f, args.resolution // f],
-        "num_classes": len(images.names),
-        "id2label": {str(i): n for i, n in enumerate(images.names)},
-        "dataset": args.dataset_name or args.train_data_dir,
-    }
-    return meta, images
-
-
-def collate_images(items):
-    """LabelledImages items -> a batch dict, unreadable images dropped (they were counted when read)."""
-    kept = [it for it in items if it[3]]
-    return {"pixels": torch.stack([it[0] for it in kept]), "label": torch.tensor([it[1] for it in kept])}
-
-
-@torch.no_grad()
-def estimate_latent_stats(vae, dataset, args, device):
-    """Per-channel mean/std of the posterior samples (what the DiT sees, as extract_latents.py computes them) of the
-    first ``--stats_batches`` batches (seeded order): ``E[z] = E[mean]``, ``E[z^2] = E[mean^2] + E[std^2]``."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-    take = order[: args.stats_batches * args.train_batch_size].tolist()
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, take), batch_size=args.train_batch_size, collate_fn=collate_images
-    )
-    s1 = s2 = n = 0
-    for batch in loader:
-        post = ae.encode(vae, batch["pixels"].to(device))
-        z = post.mean.double()  # (B, C, h, w)
-        var = post.std.double().square() if post.std is not None else torch.zeros_like(z)
-        s1, s2, n = s1 + z.sum((0, 2, 3)), s2 + (z.square() + var).sum((0, 2, 3)), n + z.numel() // z.shape[1]
-    mean = s1 / n
-    logger.info(f"Latent statistics (of posterior samples) estimated on {len(take)} images")
-    return mean.tolist(), (s2 / n - mean.square()).clamp_min(1e-12).sqrt().tolist()
-
-
-def check_latents_autoencoder(meta: dict, args, vae_config=None, vae_fingerprint=None) -> None:
-    """Refuse latents that another autoencoder encoded than --pretrained_vae_model_name_or_path: by class and
-    channels from ``vae_config`` (cheap, before any weights load), by *weights* from ``vae_fingerprint``."""
-    given, fix = args.pretrained_vae_model_name_or_path, "pass the autoencoder the latents were extracted with, or"
-    if vae_config is not None and (meta["ae_class"], meta["latent_shape"][0]) != (
-        vae_config["_class_name"],
-        ae.latent_channels(vae_config),
-    ):
-        raise UsageError(
-            f"{args.latents_dir} holds latents of another autoencoder ({meta['ae']}, {meta['ae_class']}, "
-            f"{meta['latent_shape'][0]} channels) than --pretrained_vae_model_name_or_path {given} "
-            f"({vae_config['_class_name']}, {ae.latent_channels(vae_config)} channels): {fix} extract them again with "
-            "this one."
-        )
-    if vae_fingerprint is not None and meta["ae_weights_fingerprint"] != vae_fingerprint:
-        raise UsageError(
-            f"{args.latents_dir} holds latents of other autoencoder weights ({meta['ae']}, fingerprint "
-            f"{meta['ae_weights_fingerprint']}) than --pretrained_vae_model_name_or_path {given} (fingerprint "
-            f"{vae_fingerprint}): {fix} extract them again with this one (the pipeline would otherwise decode with "
-            "a decoder that the DiT's latents were not made by)."
-        )
-
-
 def check_dataset_size(count: int, args, num_processes: int) -> None:
     """Every process needs at least one full batch per epoch (batches are full: the last partial one is dropped)."""
     need = args.train_batch_size * num_processes
@@ -379,26 +314,26 @@ def main(args):
     )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
-    vae_config = ae.pretrained_config(args.pretrained_vae_model_name_or_path, args.vae_subfolder, None, args.cache_dir)
+    vae_name = args.pretrained_vae_model_name_or_path
+    vae_config = ae.pretrained_config(vae_name, args.vae_subfolder, None, args.cache_dir)
     if args.latents_dir:
         meta, images = read_latents_metadata(args.latents_dir), None
-        check_latents_autoencoder(meta, args, vae_config=vae_config)
-    else:
-        meta, images = on_the_fly_data(args, vae_config)
+        check_latents_autoencoder(meta, args.latents_dir, vae_name, vae_config=vae_config)
+    else:  # images encoded during training
+        images = LabelledImages(
+            args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
+            cache_dir=args.cache_dir, random_flip=args.random_flip, seed=args.seed,
+        )  # fmt: skip
+        meta = on_the_fly_metadata(
+            vae_name, vae_config, args.resolution, images.names, args.dataset_name or args.train_data_dir
+        )
     model_config = transformer_config(
         meta["latent_shape"], meta["num_classes"], args.model, args.model_config_name_or_path, args.latents_dir
     )
 
     accelerator = make_accelerator(args)
     check_dataset_size(meta["num_samples"] if images is None else len(images), args, accelerator.num_processes)
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, warn=logger.warning)
-    if args.resume_from_checkpoint and resume_path is None and set(found) & set(RESULTS + (SNAPSHOTS,)):
-        what = "the finished pipeline" if set(found) & set(RESULTS) else f"the {SNAPSHOTS} of the earlier run"
-        raise UsageError(
-            f"--resume_from_checkpoint latest: {args.output_dir} has no complete checkpoint to resume, and a new run "
-            f"would replace {what} there: choose a new --output_dir, or pass --overwrite_output_dir "
-            "(without --resume_from_checkpoint) to replace it."
-        )
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, logger.warning, found)
 
     # The autoencoder, named by its weights: it must be the one that encoded the latents (it decodes the samples)
     vae = ae.model_class(vae_config).from_pretrained(
@@ -406,7 +341,7 @@ def main(args):
     )
     meta["vae_weights_fingerprint"] = ae.weights_fingerprint(vae)
     if args.latents_dir:
-        check_latents_autoencoder(meta, args, vae_fingerprint=meta["vae_weights_fingerprint"])
+        check_latents_autoencoder(meta, args.latents_dir, vae_name, vae_fingerprint=meta["vae_weights_fingerprint"])
     else:  # encoded on the fly by this very autoencoder
         meta["ae_weights_fingerprint"] = meta["vae_weights_fingerprint"]
     vae = ae.prepare_for_training(vae).to(accelerator.device).eval().requires_grad_(False)
@@ -414,11 +349,8 @@ def main(args):
     repo_id = None
     if accelerator.is_main_process:
         if args.overwrite_output_dir:  # so that `latest` can never resume the old run
-            for name in remove_checkpoints(args.output_dir):
+            for name in remove_checkpoints(args.output_dir, also=[SNAPSHOTS]):
                 logger.info(f"Removed {name} of the earlier run (--overwrite_output_dir)")
-            if os.path.lexists(os.path.join(args.output_dir, SNAPSHOTS)):  # the pipeline snapshots of that run
-                shutil.rmtree(os.path.join(args.output_dir, SNAPSHOTS))
-                logger.info(f"Removed {SNAPSHOTS}/ of the earlier run (--overwrite_output_dir)")
         os.makedirs(args.output_dir, exist_ok=True)
         for name in remove_interrupted_saves(args.output_dir, subfolders=[SNAPSHOTS]):
             logger.info(f"Removed {name}, left by a save that was interrupted")
@@ -428,8 +360,12 @@ def main(args):
     if images is None:
         dataset, collate = LatentShards(args.latents_dir, meta, args.seed), None
     else:
-        dataset, collate = images, collate_images
-        meta["latents_mean"], meta["latents_std"] = estimate_latent_stats(vae, dataset, args, accelerator.device)
+        dataset, collate = images, collate_labelled
+        num_images = min(len(dataset), args.stats_batches * args.train_batch_size)
+        meta["latents_mean"], meta["latents_std"] = estimate_latent_statistics(
+            vae, dataset, num_images, args.train_batch_size, args.seed, accelerator.device, collate
+        )
+        logger.info(f"Latent statistics (of posterior samples) estimated on {num_images} images")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate
     )
@@ -480,11 +416,9 @@ def main(args):
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_dit_flow", config=tracker_config(args))
-    total_batch = args.train_batch_size * n * args.gradient_accumulation_steps
-    global_batch = (
-        f"{total_batch} latents ({args.train_batch_size} per process x {n} processes x "
-        f"{args.gradient_accumulation_steps} accumulation steps)"
-    )
+    global_batch = describe_global_batch({"latents": args.train_batch_size}, n, args.gradient_accumulation_steps)[
+        "description"
+    ]
     logger.info(f"***** Flow matching: {args.max_train_steps} steps, global batch {global_batch} *****")
     global_step, first_epoch, skip = resume_position(
         accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps

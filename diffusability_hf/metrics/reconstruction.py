@@ -2,8 +2,8 @@
 
 What ``train_ae_se.py`` measures before and after SE fine-tuning: PSNR (:func:`~diffusability_hf.metrics.quality.psnr`)
 of the posterior mean's reconstruction, the latents' frequency profile (paper eq. 1), energy profile and high-frequency
-share, beside RGB's at the latent's spatial size (the paper's Fig. 2); and cross-decoding, how far a fine-tuned latent
-space moved from its base's.
+share, beside RGB's at the latent's spatial size (the paper's Fig. 2); cross-decoding, how far a fine-tuned latent
+space moved from its base's; and :func:`before_after_record`, these numbers as ``metrics.json`` records them.
 """
 
 from __future__ import annotations
@@ -99,3 +99,32 @@ def cross_decoding(
         }
         for kind, pixels in val.items()
     }
+
+
+RECORDED = ("psnr", "hf_share", "profile", "energy", "frame_profiles")  # what metrics.json keeps of a measurement
+
+
+def before_after_record(
+    before: Dict, after: Dict, rgb: Dict, val: Dict[str, torch.Tensor], validation: Dict, cross: Optional[Dict] = None
+) -> Dict:
+    """The reconstruction part of a fine-tuning run's ``metrics.json``: per kind of validation pixels ("image",
+    "video"), the :func:`reconstruction_metrics` ``before`` and ``after`` (without the reconstructions), the
+    :func:`rgb_spectrum`, the number of items, how they were held out (``validation[kind]``) and, with ``cross``
+    (:func:`cross_decoding`), the cross-decoding PSNRs. Images at the top level, clips under ``"video"``."""
+    record = {}
+    for kind in val:
+        entry = {
+            "before": {k: before[kind][k] for k in RECORDED if k in before[kind]},
+            "after": {k: after[kind][k] for k in RECORDED if k in after[kind]},
+            "rgb_profile": rgb[kind]["profile"],
+            "rgb_energy": rgb[kind]["energy"],
+            f"num_validation_{kind}s": int(val[kind].shape[0]),
+            "validation": validation.get(kind, {}),
+        }
+        if cross is not None:
+            entry["cross_decoding_psnr"] = cross[kind]
+        if kind == "image":
+            record.update(entry)
+        else:
+            record["video"] = entry
+    return record
