@@ -729,7 +729,8 @@ def main(args):
             with accelerator.accumulate(model):
                 loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
                 loss = loss.mean()  # (B_images + B_videos,) -> the batch mean: every image and clip counts once
-                # Copied from train_scripts/train_dit_flow.py (backward, clipping on sync steps, optimizer, schedule)
+                # Copied from train_scripts/train_dit_flow.py (backward, clipping on sync steps, optimizer, schedule,
+                # then the step count and the EMA update below)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
