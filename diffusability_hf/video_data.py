@@ -185,10 +185,8 @@ def list_videos(video_data_dir: str) -> List[str]:
     return sorted(found)
 
 
-def load_video_dataset(
-    dataset_name: str, video_column: Optional[str], dataset_config_name=None, cache_dir=None, split="train"
-):
-    """An HF dataset with a video column, as a list of undecoded cells (``{"bytes", "path"}`` or paths)."""
+def _video_dataset(dataset_name: str, video_column: Optional[str], dataset_config_name, cache_dir, split):
+    """``(dataset, video column)`` of an HF dataset, its videos left undecoded (``{"bytes", "path"}`` cells)."""
     import datasets
 
     ds = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
@@ -201,6 +199,14 @@ def load_video_dataset(
         raise ValueError(f"--video_column '{video_column}' is not in the dataset; its columns are {columns}.")
     if isinstance(ds.features[video_column], datasets.Video):
         ds = ds.cast_column(video_column, datasets.Video(decode=False))
+    return ds, video_column
+
+
+def load_video_dataset(
+    dataset_name: str, video_column: Optional[str], dataset_config_name=None, cache_dir=None, split="train"
+):
+    """An HF dataset with a video column, as a list of undecoded cells (``{"bytes", "path"}`` or paths)."""
+    ds, video_column = _video_dataset(dataset_name, video_column, dataset_config_name, cache_dir, split)
     return list(ds[video_column])
 
 
@@ -380,3 +386,86 @@ class JointBatches(torch.utils.data.Dataset):
 def unwrap_batch(items: List[Dict]) -> Dict:
     """``collate_fn`` for :class:`JointBatches`: the loader's batch of one is the batch."""
     return items[0]
+
+
+class LabelledClips(torch.utils.data.Dataset):
+    """``(clip (3, T, R, R), label, index, ok)`` for class-conditional video DiT latents, as
+    :class:`~diffusability_hf.data.LabelledImages` is for images.
+
+    Sources: a folder whose subfolders are the classes (each holding video files or frame folders, see
+    :func:`list_videos`), an HF dataset with a Video column and a label column, or, with neither, camera pans over
+    the embedded photographs (:class:`EmbeddedPanClips`, labelled by source photograph; the GIF is a class of its
+    own). Clip ``index`` is ``num_frames`` frames, ``frame_stride`` apart, from a start drawn from ``(seed, index)``
+    (random clips, as the paper pre-extracts random 17-frame clips for CogVideoX-AE, App. B: the same ones every
+    run), centre-cropped to ``resolution``. ``ok`` is False for an unreadable or too short video (zeros are
+    returned; the caller skips and counts it). ``names`` lists the class names in label order.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        num_frames: int,
+        video_data_dir: Optional[str] = None,
+        dataset_name: Optional[str] = None,
+        video_column: Optional[str] = None,
+        label_column: str = "label",
+        dataset_config_name: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        split: str = "train",
+        frame_stride: int = 1,
+        embedded_samples: Optional[int] = 1024,
+        seed: int = 0,
+    ):
+        self.resolution, self.num_frames, self.frame_stride, self.seed = resolution, num_frames, frame_stride, seed
+        self.embedded = None
+        if video_data_dir is None and dataset_name is None:
+            self.embedded = EmbeddedPanClips(resolution, num_frames, num_samples=embedded_samples or 1024, seed=seed)
+            self.names = list(EMBEDDED_TRAIN_IMAGES) + ["animated GIF"]
+            return
+        if video_data_dir is not None:
+            if not os.path.isdir(video_data_dir):
+                raise FileNotFoundError(f"--video_data_dir {video_data_dir} is not a folder.")
+            self.names = sorted(
+                d for d in os.listdir(video_data_dir) if os.path.isdir(os.path.join(video_data_dir, d))
+            )
+            if not self.names:
+                raise ValueError(
+                    f"--video_data_dir {video_data_dir} has no subfolders: put the videos of each class in a subfolder "
+                    "named after the class."
+                )
+            self.sources, self.labels = [], []
+            for label, name in enumerate(self.names):
+                videos = list_videos(os.path.join(video_data_dir, name))
+                self.sources += videos
+                self.labels += [label] * len(videos)
+        else:
+            ds, column = _video_dataset(dataset_name, video_column, dataset_config_name, cache_dir, split)
+            if label_column not in ds.column_names:
+                raise ValueError(
+                    f"--label_column '{label_column}' is not in the dataset; its columns are {ds.column_names}."
+                )
+            feature = ds.features[label_column]
+            values = list(ds[label_column])
+            self.names = list(feature.names) if hasattr(feature, "names") else [str(v) for v in sorted(set(values))]
+            self.sources = list(ds[column])
+            self.labels = [v if hasattr(feature, "names") else self.names.index(str(v)) for v in values]
+        if not all(isinstance(src, str) and os.path.isdir(src) for src in self.sources):
+            _require_pyav()  # before any clip is read: an ImportError would otherwise count as unreadable videos
+
+    def __len__(self) -> int:
+        return len(self.embedded) if self.embedded is not None else len(self.sources)
+
+    def __getitem__(self, index: int):
+        if self.embedded is not None:
+            return self.embedded[index]["pixel_values"], index % len(self.names), index, True
+        source, rng = self.sources[index], random.Random(hash((self.seed, index)))
+        try:
+            data = source.get("bytes") or source.get("path") if isinstance(source, dict) else source
+            frames = read_clip(data, self.num_frames, self.frame_stride, rng, random_start=True)
+            clip = clip_to_tensor(frames, self.resolution, True, False, rng)
+            return clip, self.labels[index], index, True
+        except Exception as err:  # unreadable, corrupt or too short: counted by the caller
+            where = source.get("path") if isinstance(source, dict) else source
+            logger.warning("Skipping video %s: %s", where, err)
+            zeros = torch.zeros(3, self.num_frames, self.resolution, self.resolution)
+            return zeros, self.labels[index], index, False

@@ -25,6 +25,7 @@ from diffusability_hf.data import (
 from diffusability_hf.video_data import (
     EmbeddedPanClips,
     JointBatches,
+    LabelledClips,
     VideoClips,
     clip_to_tensor,
     embedded_gif_path,
@@ -500,3 +501,40 @@ def test_hold_out_takes_readable_items_never_repeats_and_reports_what_it_examine
     assert not torch.equal(pixels, other)
     everything, held_all, bad_all = hold_out(10, 20, read)  # asks for more than there is: no repeats
     assert len(everything) == 8 and held_all == list(range(10)) and bad_all == [3, 7]
+
+
+def test_labelled_clips_classes_from_subfolders_random_starts_and_unreadable_videos(tmp_path, monkeypatch):
+    """Class = subfolder; the clip start is drawn from (seed, index): fixed for a seed, different across seeds and
+    within the video's range; an unreadable or too short video is ok=False (zeros), not a crash."""
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    write_gif(tmp_path / "data" / "cats" / "a.gif", index_frames(12))
+    write_png_folder(tmp_path / "data" / "cats" / "frames", index_frames(12, offset=2))
+    (tmp_path / "data" / "dogs").mkdir()
+    write_gif(tmp_path / "data" / "dogs" / "short.gif", index_frames(3))
+    (tmp_path / "data" / "dogs" / "corrupt.mp4").write_bytes(b"garbage" * 40)
+    ds = LabelledClips(16, 4, video_data_dir=str(tmp_path / "data"), frame_stride=2, seed=0)
+    assert ds.names == ["cats", "dogs"] and len(ds) == 4
+    starts = {}
+    for seed in range(6):
+        ds = LabelledClips(16, 4, video_data_dir=str(tmp_path / "data"), frame_stride=2, seed=seed)
+        clip, label, index, ok = ds[0]
+        assert clip.shape == (3, 4, 16, 16) and (label, index, ok) == (0, 0, True)
+        first = frame_indices(clip)
+        assert first == [first[0] + 2 * t for t in range(4)] and 0 <= first[0] <= 12 - 7
+        assert torch.equal(ds[0][0], clip)  # the same clip every time for a seed
+        starts[seed] = first[0]
+    assert len(set(starts.values())) > 1  # random starts across seeds
+    for k in (2, 3):  # short.gif, corrupt.mp4 (sorted: corrupt.mp4 first)
+        clip, label, _, ok = ds[k]
+        assert (label, ok) == (1, False) and not clip.any()
+    with pytest.raises(ValueError, match="has no subfolders"):
+        LabelledClips(16, 4, video_data_dir=str(tmp_path / "data" / "cats" / "frames"))
+
+
+def test_labelled_clips_embedded_pans_are_labelled_by_photograph():
+    ds = LabelledClips(16, 3, embedded_samples=16, seed=1)
+    assert ds.names[-1] == "animated GIF" and len(ds) == 16
+    pans = EmbeddedPanClips(16, 3, num_samples=16, seed=1)
+    for i in (0, 5, len(ds.names) - 1):
+        clip, label, index, ok = ds[i]
+        assert torch.equal(clip, pans[i]["pixel_values"]) and label == i % len(ds.names) and ok
