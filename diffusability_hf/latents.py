@@ -125,14 +125,17 @@ def remove_latents(output_dir: str) -> None:
             os.remove(os.path.join(output_dir, name))
 
 
-def latent_statistics(shard_paths: Iterable[str]):
-    """Per-channel mean and std of the latents the DiT trains on, and of the posterior means, over every shard.
+def latent_statistics(shard_paths: Iterable[str], per_position: bool = False):
+    """Mean and std of the latents the DiT trains on, and of the posterior means, over every shard: per channel
+    (``(C,)``), or with ``per_position`` per latent element (``(C, [T',] h, w)``, the authors' code's option of
+    statistics per ``(t, c, h, w)``).
 
     The DiT sees posterior samples ``z = mean + std * eps`` (App. B: "posterior sampling from the encoder
     distribution"), of the flipped images half of the time when flips are stored; the authors' code likewise
     computes its latent statistics on the latents the DiT sees. Their moments are exact without drawing ``eps``:
-    ``E[z] = E[mean]`` and ``E[z^2] = E[mean^2] + E[std^2]`` (float64 sums over images, positions and, when stored,
-    both flips). Returns ``(samples: (mean, std), means: (mean, std), has_std, stored rows, skipped images)``.
+    ``E[z] = E[mean]`` and ``E[z^2] = E[mean^2] + E[std^2]`` (float64 sums over images, positions unless
+    ``per_position``, and, when stored, both flips). Returns ``(samples: (mean, std), means: (mean, std), has_std,
+    stored rows, skipped images)``. Image latents are ``(N, C, h, w)``, video latents ``(N, C, T', h, w)``.
     """
     from safetensors import safe_open
 
@@ -145,12 +148,12 @@ def latent_statistics(shard_paths: Iterable[str]):
             has_std = "std" in fh.keys()
             suffixes = ["", "_flip"] if "mean_flip" in fh.keys() else [""]
             for suffix in suffixes:
-                mean = fh.get_tensor("mean" + suffix).double()  # (N, C, h, w)
+                mean = fh.get_tensor("mean" + suffix).double()  # (N, C, [T',] h, w)
                 var = fh.get_tensor("std" + suffix).double().square() if has_std else torch.zeros_like(mean)
-                dims = [0] + list(range(2, mean.ndim))
-                part = torch.stack([mean.sum(dims), mean.square().sum(dims), var.sum(dims)])  # (3, C)
+                dims = [0] if per_position else [0] + list(range(2, mean.ndim))
+                part = torch.stack([mean.sum(dims), mean.square().sum(dims), var.sum(dims)])  # (3, C[, T', h, w])
                 sums = part if sums is None else sums + part
-                count += mean.numel() // mean.shape[1]
+                count += mean.shape[0] if per_position else mean.numel() // mean.shape[1]
             stored += mean.shape[0]
     if sums is None:
         raise ValueError("Every image was unreadable: there are no latents to compute statistics of.")
@@ -158,6 +161,16 @@ def latent_statistics(shard_paths: Iterable[str]):
     means_std = (mean_sq - channel_mean.square()).clamp_min(1e-12).sqrt()
     samples_std = (mean_sq + posterior_var - channel_mean.square()).clamp_min(1e-12).sqrt()
     return (channel_mean, samples_std), (channel_mean, means_std), has_std, stored, skipped
+
+
+def normalization_tensors(meta: dict, device=None):
+    """``(mean, std)`` of ``metadata.json``, shaped to broadcast over a batch of latents ``(B, C, [T',] h, w)``:
+    ``(1, C, 1, ...)`` for per-channel statistics, ``(1, C, [T',] h, w)`` for per-position ones."""
+    mean = torch.tensor(meta["latents_mean"], dtype=torch.float32, device=device)
+    std = torch.tensor(meta["latents_std"], dtype=torch.float32, device=device)
+    ndim = len(meta["latent_shape"])  # C, [T',] h, w
+    shape = (1, *mean.shape) if mean.ndim == ndim else (1, -1, *[1] * (ndim - 1))
+    return mean.view(shape), std.view(shape)
 
 
 def write_metadata(
@@ -171,15 +184,19 @@ def write_metadata(
     class_names: Sequence[str],
     dataset: str,
     requested_samples: int,
+    per_position: bool = False,
+    num_frames: Optional[int] = None,
 ) -> dict:
     """Write ``metadata.json`` of ``output_dir`` (atomically) once every shard is there, and return it: the
     statistics of :func:`latent_statistics` over the shards, the class names and the dataset description.
 
     ``settings`` are the extraction settings every shard's header records (with ``resolution``, ``flip`` and
     ``ae_weights_fingerprint``); ``ae`` names the autoencoder for people, ``ae_class`` is its diffusers class.
+    ``latent_shape`` is ``[C, h, w]`` for images, ``[C, T', h, w]`` for clips of ``num_frames`` frames (``video``
+    is then true); ``per_position`` records statistics per latent element instead of per channel.
     """
     paths = [os.path.join(output_dir, n) for n in shard_names]
-    (channel_mean, channel_std), (_, means_std), has_std, stored, skipped = latent_statistics(paths)
+    (channel_mean, channel_std), (_, means_std), has_std, stored, skipped = latent_statistics(paths, per_position)
     flip = bool(settings["flip"])
     meta = {
         "ae": ae,
@@ -187,6 +204,9 @@ def write_metadata(
         "ae_weights_fingerprint": settings["ae_weights_fingerprint"],
         "resolution": settings["resolution"],
         "latent_shape": list(latent_shape),
+        "video": len(latent_shape) == 4,
+        "num_frames": num_frames,
+        "statistics_per": "position" if per_position else "channel",
         "num_samples": stored,
         "skipped_images": skipped,
         "num_classes": len(class_names),

@@ -101,3 +101,30 @@ def test_read_latent_rows(folder):
     assert len(read_latent_rows(str(path), meta, 100)["labels"]) == 5
     with pytest.raises(UsageError, match="--loss_latents_dir .* holds no latents: extract some first"):
         read_latent_rows(str(path), {**meta, "shards": [shard_name(1)]}, 4, "--loss_latents_dir")
+
+
+def test_per_position_statistics_and_their_broadcast_shapes(tmp_path):
+    """Per-position statistics (the authors' per (t, c, h, w) option) of video latents (N, C, T', h, w) against
+    numpy; normalization_tensors broadcasts both kinds over a batch."""
+    import numpy as np
+
+    from diffusability_hf.latents import latent_statistics, normalization_tensors, write_shard
+
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(6, 2, 3, 4, 4, generator=gen), torch.rand(6, 2, 3, 4, 4, generator=gen) + 0.1
+    path = str(tmp_path / "shard-00000.safetensors")
+    write_shard(path, {"mean": mean, "std": std, "labels": torch.zeros(6, dtype=torch.int64)}, {"x": 1}, skipped=0)
+    (m, s), (_, ms), has_std, stored, skipped = latent_statistics([path], per_position=True)
+    assert m.shape == s.shape == (2, 3, 4, 4) and has_std and (stored, skipped) == (6, 0)
+    mu, sd = mean.double().numpy(), std.double().numpy()
+    np.testing.assert_allclose(m.numpy(), mu.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(s.numpy() ** 2, (mu**2 + sd**2).mean(0) - mu.mean(0) ** 2, rtol=1e-9)
+    np.testing.assert_allclose(ms.numpy(), mu.std(0), rtol=1e-9)
+    (c, _), _, _, _, _ = latent_statistics([path])
+    assert c.shape == (2,) and np.allclose(c.numpy(), mu.mean((0, 2, 3, 4)))
+    per_channel = {"latent_shape": [2, 3, 4, 4], "latents_mean": c.tolist(), "latents_std": [1.0, 2.0]}
+    assert [t.shape for t in normalization_tensors(per_channel)] == [(1, 2, 1, 1, 1)] * 2
+    per_position = {"latent_shape": [2, 3, 4, 4], "latents_mean": m.tolist(), "latents_std": s.tolist()}
+    assert [t.shape for t in normalization_tensors(per_position)] == [(1, 2, 3, 4, 4)] * 2
+    image = {"latent_shape": [2, 4, 4], "latents_mean": [0.0, 1.0], "latents_std": [1.0, 2.0]}
+    assert normalization_tensors(image)[1].shape == (1, 2, 1, 1)

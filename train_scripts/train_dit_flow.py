@@ -42,6 +42,7 @@ from diffusability_hf.latents import (
     LatentShards,
     check_latents_autoencoder,
     estimate_latent_statistics,
+    normalization_tensors,
     on_the_fly_metadata,
     read_latents_metadata,
 )
@@ -369,8 +370,7 @@ def main(args):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate
     )
-    lat_mean = torch.tensor(meta["latents_mean"], device=accelerator.device).view(1, -1, 1, 1)
-    lat_std = torch.tensor(meta["latents_std"], device=accelerator.device).view(1, -1, 1, 1)
+    lat_mean, lat_std = normalization_tensors(meta, accelerator.device)  # (1, C, 1, 1): broadcast over the batch
 
     # Model: the initial weights are --seed's (torch's own start seed differs from run to run)
     set_seed(args.seed)
