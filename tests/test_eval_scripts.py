@@ -84,7 +84,7 @@ def run_refused(monkeypatch, capsys, name, args, forbid_loading=True):
         for module, attr in [
             (accelerate, "Accelerator"), (autoencoders, "load_pretrained"), (autoencoders, "check_model_specs"),
             (data, "evaluation_samples"), (metrics, "load_feature_extractor"), (losses, "load_lpips"),
-            (DiTFlowMatchPipeline, "from_pretrained"),
+            (metrics.features, "load_feature_extractor"), (DiTFlowMatchPipeline, "from_pretrained"),
         ]:  # fmt: skip
             monkeypatch.setattr(module, attr, forbidden)
     path = os.path.join(ROOT, "train_scripts", name)

@@ -34,21 +34,19 @@ quarter of the zigzag order. Also ``spectrum_channels.png`` / ``spectrum_frames.
 """
 
 import argparse
-import logging
 import math
 import os
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.data import evaluation_samples
 from diffusability_hf.figures import plot_spectra, save_png
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.losses import downsample
+from diffusability_hf.metrics.features import process_share, start_evaluation
 from diffusability_hf.spectral import (
     ac_energy_shares,
     energy_profile,
@@ -56,14 +54,7 @@ from diffusability_hf.spectral import (
     plot_frequency_profiles,
     share_of_high_frequencies,
 )
-from diffusability_hf.training_utils import (
-    atomic_write_json,
-    atomic_write_text,
-    check_output_dir,
-    report_written,
-    run_script,
-    use_all_cpu_cores,
-)
+from diffusability_hf.training_utils import atomic_write_json, atomic_write_text, report_written, run_script
 
 logger = get_logger(__name__)
 
@@ -75,20 +66,25 @@ SEED_STRIDE = 1_000_003  # sample i of --seed s draws its posterior noise from a
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Copied from train_scripts/eval_ae.py (the --models flag and the data source flags)
     parser.add_argument(
         "--models",
         type=str,
         nargs="+",
         default=None,
-        help="Autoencoders as [LABEL=]PATH[:SUBFOLDER] (local folder or Hub id). Default: the embedded AutoencoderKL.",
+        help="Autoencoders as [LABEL=]PATH[:SUBFOLDER] (local folder or Hub id), e.g. "
+        "'flux=black-forest-labs/FLUX.1-dev:vae flux-se=./flux-se'. Default: the toolkit's embedded AutoencoderKL.",
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of Hub models.")
     parser.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. 'fp16'.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models are cached.")
-    parser.add_argument("--dataset_name", type=str, default=None, help="HF image dataset.")
+    # Data
+    parser.add_argument("--dataset_name", type=str, default=None, help="HF image dataset (e.g. ILSVRC/imagenet-1k).")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="HF dataset config.")
-    parser.add_argument("--split", type=str, default=None, help="Split (default: validation; train for folders).")
-    parser.add_argument("--data_dir", type=str, default=None, help="A local image folder.")
+    parser.add_argument(
+        "--split", type=str, default=None, help="Dataset split (default: validation; train for local folders)."
+    )
+    parser.add_argument("--data_dir", type=str, default=None, help="A local image folder (HF imagefolder layout).")
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
     parser.add_argument("--video_data_dir", type=str, default=None, help="A folder of videos or frame folders.")
     parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
@@ -357,21 +353,9 @@ def plot_groups(path, groups, per):
 
 
 def main(args):
-    use_all_cpu_cores()
-    # Validate everything cheap before any weights or data load
-    check_output_dir(args.output_dir, RESULTS, args.overwrite_output_dir)
-    models = check_models(args)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    samples = evaluation_samples(
-        args.resolution, args.num_samples, args.dataset_name, args.data_dir, args.image_column,
-        args.dataset_config_name, args.split, args.cache_dir, args.video_data_dir, args.video_dataset_name,
-        args.video_column, args.num_frames, args.frame_stride,
-    )  # fmt: skip
-    indices = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(samples, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
-    )
+    # The output folder and every AE's config are checked before any weights or data load
+    models, accelerator, samples = start_evaluation(args, RESULTS, check_models)
+    indices, loader = process_share(samples, accelerator, args.batch_size, args.dataloader_num_workers)
 
     sums, moments, info, skipped, done = ProfileSums(), ChannelMoments(), {}, 0, set()
     for label, path, sub, config in models:

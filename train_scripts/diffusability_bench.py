@@ -111,6 +111,7 @@ DEFAULT_AES = {
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Copied from train_scripts/eval_ae.py (the --models flag), with this script's help text
     parser.add_argument(
         "--models",
         type=str,

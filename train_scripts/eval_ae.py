@@ -22,39 +22,22 @@ between processes and the results gathered.
 """
 
 import argparse
-import logging
 import os
 import time
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.data import evaluation_samples
 from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.losses import LPIPS_MIN_SIZE, load_lpips
-from diffusability_hf.metrics import (
-    FeatureStatistics,
-    frechet_distance,
-    load_feature_extractor,
-    mean_and_ci,
-    psnr,
-    ssim,
-    to_uint8,
-)
+from diffusability_hf.metrics import FeatureStatistics, frechet_distance, mean_and_ci, psnr, ssim, to_uint8
+from diffusability_hf.metrics.features import load_feature_extractors, process_share, start_evaluation
 from diffusability_hf.spectral import chop_high_frequencies
-from diffusability_hf.training_utils import (
-    atomic_write_json,
-    atomic_write_text,
-    check_output_dir,
-    report_written,
-    run_script,
-    use_all_cpu_cores,
-)
+from diffusability_hf.training_utils import atomic_write_json, atomic_write_text, report_written, run_script
 
 logger = get_logger(__name__)
 
@@ -111,6 +94,8 @@ def parse_args(input_args=None):
         choices=METRICS,
         help="What to compute: psnr, ssim, lpips and fd (Frechet distances of --feature_extractor: rFID, rFVD, ...).",
     )
+    # Copied from train_scripts/eval_dit.py (the feature extractor flags), with this script's help text for
+    # --feature_extractor
     parser.add_argument(
         "--feature_extractor",
         type=str,
@@ -332,17 +317,8 @@ def plot_dct_cut(path, curves, metrics):
 
 
 def main(args):
-    use_all_cpu_cores()
-    # Validate everything cheap before any weights load
-    check_output_dir(args.output_dir, RESULTS, args.overwrite_output_dir)
-    models = check_models(args)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    samples = evaluation_samples(
-        args.resolution, args.num_samples, args.dataset_name, args.data_dir, args.image_column,
-        args.dataset_config_name, args.split, args.cache_dir, args.video_data_dir, args.video_dataset_name,
-        args.video_column, args.num_frames, args.frame_stride,
-    )  # fmt: skip
+    # The output folder and every AE's config are checked before any weights load
+    models, accelerator, samples = start_evaluation(args, RESULTS, check_models)
     if len(samples) == 0:
         raise ValueError("The data source holds no samples.")
 
@@ -352,26 +328,15 @@ def main(args):
         lpips_model = load_lpips(args.lpips_net, args.lpips_trunk_path).to(accelerator.device)
     extractors = {}
     if "fd" in args.metrics:
-        for spec in args.feature_extractor:
-            ext = load_feature_extractor(
-                spec,
-                args.inception_weights,
-                args.dinov2_model,
-                args.i3d_model,
-                args.cache_dir,
-            ).to(accelerator.device)
-            if ext.video and not args.num_frames:
-                raise ValueError(
-                    f"--feature_extractor {spec} scores clips ({ext.metric}): evaluate video data with it."
-                )
-            extractors["r" + ext.metric] = ext
+        loaded = load_feature_extractors(
+            args.feature_extractor, args.inception_weights, args.dinov2_model, args.i3d_model, args.cache_dir,
+            accelerator.device, clips=bool(args.num_frames), advice="evaluate video data with it",
+        )  # fmt: skip
+        extractors = {"r" + metric: ext for metric, ext in loaded.items()}  # rFID, rFDD, rFVD, ...
     real_stats = {name: FeatureStatistics() for name in extractors}
 
     # This process's share of the samples (every process sees the same models)
-    indices = list(range(accelerator.process_index, len(samples), accelerator.num_processes))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(samples, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
-    )
+    _, loader = process_share(samples, accelerator, args.batch_size, args.dataloader_num_workers)
     os.makedirs(args.output_dir, exist_ok=True)
     results, curves, firsts = {}, {}, {}
     for label, path, sub, config in models:

@@ -62,13 +62,8 @@ from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.flow import flow_matching_loss, interpolate, timesteps_from_sigmas
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.latents import read_latent_rows, read_latents_metadata
-from diffusability_hf.metrics import (
-    FeatureStatistics,
-    frechet_distance,
-    load_feature_extractor,
-    load_statistics,
-    to_uint8,
-)
+from diffusability_hf.metrics import FeatureStatistics, frechet_distance, load_statistics, to_uint8
+from diffusability_hf.metrics.features import load_feature_extractors, process_share
 from diffusability_hf.training_utils import (
     UsageError,
     atomic_write_json,
@@ -292,28 +287,17 @@ def parse_args(input_args=None):
 
 
 def load_extractors(args, device):
-    extractors = {}
-    for spec in args.feature_extractor:
-        ext = load_feature_extractor(
-            spec,
-            args.inception_weights,
-            args.dinov2_model,
-            args.i3d_model,
-            args.cache_dir,
-        ).to(device)
-        if ext.video and not args.num_frames:
-            raise ValueError(f"--feature_extractor {spec} scores clips ({ext.metric}): give clips and --num_frames.")
-        extractors[ext.metric] = ext
-    return extractors
+    """The ``--feature_extractor`` networks by metric (FID, FDD, FVD, ...), on ``device``."""
+    return load_feature_extractors(
+        args.feature_extractor, args.inception_weights, args.dinov2_model, args.i3d_model, args.cache_dir, device,
+        clips=bool(args.num_frames), advice="give clips and --num_frames",
+    )  # fmt: skip
 
 
 @torch.no_grad()
 def feature_statistics(dataset, extractors, args, accelerator, desc):
     """Statistics of every extractor over a dataset of ``(pixels, ok)``, split between processes and merged."""
-    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
-    )
+    _, loader = process_share(dataset, accelerator, args.batch_size, args.dataloader_num_workers)
     stats = {name: FeatureStatistics() for name in extractors}
     skipped = 0
     for pixels, ok in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):

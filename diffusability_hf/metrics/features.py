@@ -17,13 +17,18 @@ a path       FD      a small local model: a transformers folder (CLS/pooled outp
 
 Image extractors score clips frame by frame (all frames as images). Weights that are not found locally are
 downloaded when online; offline, the error names the file, where it goes and the flag that takes a path.
+
+Also what the evaluation scripts share around them: the set-up of the scripts that evaluate several autoencoders on
+the same samples (eval_ae.py, analyze_spectrum.py), each process's share of an evaluation set, and the extractors of
+a ``--feature_extractor`` list (eval_ae.py, eval_dit.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from typing import Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -248,3 +253,65 @@ def load_feature_extractor(
 def extract_features(extractor: FeatureExtractor, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Features of ``[-1, 1]`` images or clips, in batches (clips for image extractors: every frame)."""
     return torch.cat([extractor(to_uint8(chunk)).cpu() for chunk in pixels.split(batch_size)])
+
+
+def load_feature_extractors(
+    specs: Sequence[str],
+    inception_weights: Optional[str] = None,
+    dinov2_model: str = DINOV2_MODEL,
+    i3d_model: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    device=None,
+    clips: bool = False,
+    advice: str = "give clips and --num_frames",
+) -> Dict[str, FeatureExtractor]:
+    """The extractors of a ``--feature_extractor`` list (:func:`load_feature_extractor`), by metric (``"FID"``, ...),
+    on ``device``. Unless the data are ``clips``, a clip extractor (I3D) is refused with a ``ValueError`` that ends
+    with ``advice``."""
+    extractors = {}
+    for spec in specs:
+        ext = load_feature_extractor(spec, inception_weights, dinov2_model, i3d_model, cache_dir).to(device)
+        if ext.video and not clips:
+            raise ValueError(f"--feature_extractor {spec} scores clips ({ext.metric}): {advice}.")
+        extractors[ext.metric] = ext
+    return extractors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation scripts' set-up
+
+
+def start_evaluation(args, results: Sequence[str], check_models: Callable):
+    """The start of ``main`` in the scripts that evaluate several autoencoders on the same samples (eval_ae.py,
+    analyze_spectrum.py), in this order: every CPU core for a single CPU process; ``--output_dir`` (against the
+    names a finished run leaves, ``results``) and the models (``check_models(args)``, configs only) checked before any
+    weights or data load; accelerate (``--mixed_precision``) and logging; then the samples of the scripts' data flags
+    (:func:`diffusability_hf.data.evaluation_samples`). Returns ``(check_models(args), accelerator, samples)``."""
+    from accelerate import Accelerator
+
+    from ..data import evaluation_samples
+    from ..training_utils import check_output_dir, use_all_cpu_cores
+
+    use_all_cpu_cores()
+    # Validate everything cheap before any weights or data load
+    check_output_dir(args.output_dir, results, args.overwrite_output_dir)
+    models = check_models(args)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    samples = evaluation_samples(
+        args.resolution, args.num_samples, args.dataset_name, args.data_dir, args.image_column,
+        args.dataset_config_name, args.split, args.cache_dir, args.video_data_dir, args.video_dataset_name,
+        args.video_column, args.num_frames, args.frame_stride,
+    )  # fmt: skip
+    return models, accelerator, samples
+
+
+def process_share(dataset, accelerator, batch_size: int, num_workers: int = 0):
+    """This process's share of an evaluation set: the indices ``process_index, process_index + num_processes, ...``
+    (each item on exactly one process) and a DataLoader over those items in that order (no shuffling). Returns
+    ``(indices, loader)``."""
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers
+    )
+    return indices, loader
