@@ -16,12 +16,22 @@ from .dit import (
     transformer_config,
 )
 from .selfcond_dit import SelfConditionedDiT, SelfConditionedDiTOutput, rope_2d
+from .video_dit import (
+    SelfConditionedVideoDiT,
+    SelfConditionedVideoDiTOutput,
+    rope_3d,
+    rope_3d_axes_dims,
+    sincos_3d,
+    video_transformer_config,
+)
 
 __all__ = [
     "DIT_PRESETS",
     "PATCH_SIZES",
     "SelfConditionedDiT",
     "SelfConditionedDiTOutput",
+    "SelfConditionedVideoDiT",
+    "SelfConditionedVideoDiTOutput",
     "build_dit",
     "build_selfcond_dit",
     "build_transformer",
@@ -32,6 +42,10 @@ __all__ = [
     "init_dit_weights",
     "parse_dit_name",
     "rope_2d",
+    "rope_3d",
+    "rope_3d_axes_dims",
+    "sincos_3d",
     "transformer_class",
     "transformer_config",
+    "video_transformer_config",
 ]
