@@ -236,3 +236,82 @@ def test_extract_settings_are_flag_then_embedded_preset_then_default():
     assert script.parse_args(["--resolution", "32"]).resolution == 32
     folder = script.parse_args(["--train_data_dir", "d"])
     assert (folder.resolution, folder.max_samples, folder.embedded_data) == (256, None, False)
+
+
+@pytest.fixture(scope="module")
+def tiny_video_ae_dirs(tmp_path_factory):
+    """Random-init tiny CogVideoX and LTX autoencoders (the shipped tiny configs), saved as diffusers folders."""
+    from diffusability_hf import autoencoders as ae
+
+    root = tmp_path_factory.mktemp("video_aes")
+    dirs = {}
+    for name in ("cogvideox", "ltx"):
+        torch.manual_seed(0)
+        config = ae.read_config(os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs", f"{name}.json"))
+        ae.load_autoencoder(config, None).save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def video_shards(out):
+    meta = json.loads((out / "metadata.json").read_text())
+    return meta, {s: load_file(out / s) for s in meta["shards"]}
+
+
+def test_extract_video_latents_embedded_pans_two_processes_and_resume(tmp_path, tiny_video_ae_dirs, run_script):
+    """A video AE with no data encodes random clips of the camera pans: (N, C, T', h, w) posteriors labelled by
+    photograph; two processes write what one does; a rerun after a lost shard writes it again, bit-equal."""
+    args = ["--pretrained_model_name_or_path", tiny_video_ae_dirs["cogvideox"], "--resolution", 32, "--max_samples",
+            8, "--shard_size", 3, "--batch_size", 2, "--per_position_statistics"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("extract_latents.py", [*args, "--output_dir", one])
+    meta, shards = video_shards(one)
+    assert meta["video"] and meta["num_frames"] == 9 and meta["latent_shape"] == [4, 3, 4, 4]  # 1 + (9 - 1) / 4
+    assert meta["num_samples"] == 8 and meta["num_classes"] == 8 and meta["statistics_per"] == "position"
+    assert np.array(meta["latents_mean"]).shape == (4, 3, 4, 4)
+    assert shards["shard-00000.safetensors"]["mean"].shape == (3, 4, 3, 4, 4)
+    labels = torch.cat([s["labels"] for s in shards.values()])
+    assert labels.tolist() == [i % 8 for i in range(8)]  # class = source photograph (the GIF last)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29524"]
+    run_script(
+        "extract_latents.py", [*args, "--output_dir", two], launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"}
+    )
+    meta2, shards2 = video_shards(two)
+    assert meta2["latents_mean"] == meta["latents_mean"] and shards2.keys() == shards.keys()
+    for name in shards:
+        for key in shards[name]:
+            torch.testing.assert_close(shards2[name][key], shards[name][key], rtol=0, atol=1e-6, msg=f"{name}/{key}")
+    before = (one / "shard-00001.safetensors").read_bytes()
+    (one / "shard-00001.safetensors").unlink()
+    proc = run_script("extract_latents.py", [*args, "--output_dir", one])
+    assert "2 already written, 1 for this process" in proc.stderr
+    assert (one / "shard-00001.safetensors").read_bytes() == before
+
+
+def test_extract_video_latents_from_class_folders_and_refusals(tmp_path, tiny_video_ae_dirs, tiny_vae_dir, run_script):
+    """LTX-class AE on a video folder whose subfolders are the classes; a corrupt video is skipped and counted; a bad
+    frame count and video data for an image AE are refused in one line before anything is encoded."""
+    frames = (np.random.default_rng(0).random((12, 40, 48, 3)) * 255).astype(np.uint8)
+    for name in ("cats", "dogs"):
+        (tmp_path / "videos" / name).mkdir(parents=True)
+        for i in range(2):
+            images = [Image.fromarray(np.roll(f, 3 * i, axis=1)) for f in frames]
+            images[0].save(tmp_path / "videos" / name / f"{i}.gif", save_all=True, append_images=images[1:])
+    (tmp_path / "videos" / "dogs" / "broken.mp4").write_bytes(b"not a video" * 20)
+    base = ["--pretrained_model_name_or_path", tiny_video_ae_dirs["ltx"], "--video_data_dir", tmp_path / "videos",
+            "--resolution", 32, "--batch_size", 2]  # fmt: skip
+    out = tmp_path / "latents"
+    run_script("extract_latents.py", [*base, "--num_frames", 9, "--frame_stride", 1, "--output_dir", out])
+    meta, shards = video_shards(out)
+    assert meta["id2label"] == {"0": "cats", "1": "dogs"} and meta["num_samples"] == 4 and meta["skipped_images"] == 1
+    assert meta["latent_shape"] == [8, 2, 4, 4] and meta["statistics_per"] == "channel"  # LTX: 1 + (9 - 1) / 8
+    assert sorted(torch.cat([s["labels"] for s in shards.values()]).tolist()) == [0, 0, 1, 1]
+    for bad, message in (
+        ([*base, "--num_frames", 8], "--num_frames 8 does not fit AutoencoderKLLTXVideo: it takes 1 + 8k frames"),
+        (["--pretrained_model_name_or_path", tiny_vae_dir, "--video_data_dir", tmp_path / "videos"],
+         "AutoencoderKL is an image autoencoder, but --video_data_dir"),
+    ):  # fmt: skip
+        proc = run_script("extract_latents.py", [*bad, "--output_dir", tmp_path / "x"], check=False, launcher=PYTHON)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert not (tmp_path / "x").exists()

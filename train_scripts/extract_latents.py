@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Encode an image dataset into autoencoder latents for latent-DiT training (fast-DiT style pre-extraction).
+"""Encode an image or video dataset into autoencoder latents for latent-DiT training (fast-DiT style pre-extraction).
 
 For every image we store the posterior mean and std (so the DiT draws a fresh latent sample every step, as the paper
 trains on posterior samples, App. B), optionally those of the horizontally flipped image too, and the class label,
@@ -11,6 +11,12 @@ recorded too); every shard's header records the fingerprint and the extraction s
 with the toolkit's embedded autoencoder (class = source photograph), offline:
 
     accelerate launch train_scripts/extract_latents.py --output_dir latents
+
+A video autoencoder encodes random ``--num_frames`` clips (App. B: random 17-frame clips for CogVideoX-AE; the frame
+rule of the AE is checked first) of ``--video_data_dir`` (one subfolder of videos per class) or of an HF video dataset
+(``--video_dataset_name``, ``--label_column``); with no data at all, camera pans over the embedded photographs
+(class = photograph). Its shards hold ``(N, C, T', h, w)`` posteriors; ``--per_position_statistics`` records the
+statistics per latent element (the authors' per (t, c, h, w) option) instead of per channel.
 
 Resumable: each shard covers a fixed slice of the dataset and is written atomically, so a rerun (with any number of
 processes) encodes only the missing shards. A folder holding latents of other autoencoder weights or other settings
@@ -32,13 +38,23 @@ from tqdm.auto import tqdm
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import LabelledImages
 from diffusability_hf.latents import check_existing_latents, remove_latents, shard_name, write_metadata, write_shard
-from diffusability_hf.training_utils import MissingPathError, UsageError, report_written, run_script, use_all_cpu_cores
+from diffusability_hf.training_utils import (
+    MissingPathError,
+    UsageError,
+    given_flags,
+    report_written,
+    run_script,
+    use_all_cpu_cores,
+)
+from diffusability_hf.video_data import LabelledClips
 
 logger = get_logger(__name__)
 
 EMBEDDED_AE = ae.EMBEDDED_AE
-# Without --dataset_name or --train_data_dir: crops of the embedded photographs, under any flag given explicitly
+# Without any data: crops of the embedded photographs, under any flag given explicitly; for a video AE, camera pans
+# over them, sized for a few CPU minutes (9 frames fit 1 + 4k and 1 + 8k AEs; the paper's clips have 17)
 EMBEDDED_DATA = dict(resolution=64, max_samples=1024)
+EMBEDDED_VIDEO = dict(max_samples=256, num_frames=9)
 EMBEDDED_DATASET = "embedded scikit-image photographs"
 
 
@@ -61,6 +77,28 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
     parser.add_argument("--label_column", type=str, default="label", help="Class label column.")
+    # Video data (video autoencoders)
+    parser.add_argument(
+        "--video_data_dir",
+        type=str,
+        default=None,
+        help="A folder of videos (or frame folders), one subfolder per class.",
+    )
+    parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
+    parser.add_argument("--video_column", type=str, default=None, help="Video column (default: the first Video one).")
+    parser.add_argument(
+        "--num_frames",
+        type=int,
+        default=17,
+        help="Frames per clip (paper: %(default)s; must fit the AE, e.g. 1 + 8k).",
+    )
+    parser.add_argument("--frame_stride", type=int, default=1, help="Take every N-th frame of a video.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the clips' random start frames.")
+    parser.add_argument(
+        "--per_position_statistics",
+        action="store_true",
+        help="Record the latent statistics per element (c, [t,] h, w), the authors' code's option, not per channel.",
+    )
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models are cached.")
     parser.add_argument(
         "--resolution",
@@ -91,13 +129,19 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
 
     # Settings: an explicit flag, else the embedded photographs' preset (without a dataset), else the argparse default
-    args.embedded_data = args.dataset_name is None and args.train_data_dir is None
+    sources = [
+        f for f in ("dataset_name", "train_data_dir", "video_data_dir", "video_dataset_name") if getattr(args, f)
+    ]
+    args.given = given_flags(parser, input_args, args)  # a video AE's embedded sizing applies under these (main)
+    args.embedded_data = not sources
     if args.embedded_data:
         parser.set_defaults(**EMBEDDED_DATA)
         args = parser.parse_args(input_args)
-        args.embedded_data = True
-    if args.dataset_name is not None and args.train_data_dir is not None:
-        parser.error("Give either --dataset_name or --train_data_dir, not both.")
+        args.embedded_data, args.given = True, given_flags(parser, input_args, args)
+    if len(sources) > 1:
+        parser.error(f"Give one data source, not {' and '.join('--' + f for f in sources)}.")
+    if args.num_frames < 1 or args.frame_stride < 1:
+        parser.error("--num_frames and --frame_stride must be positive.")
     if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = EMBEDDED_AE
     for flag in ("resolution", "batch_size", "shard_size"):
@@ -106,26 +150,34 @@ def parse_args(input_args=None):
     return args
 
 
-def extraction_settings(args, fingerprint: str, dataset_size: int, total: int, mixed_precision: str) -> dict:
+def data_description(args) -> str:
+    """The data for people (metadata.json's ``dataset``)."""
+    if args.embedded_data:
+        return EMBEDDED_DATASET
+    return args.dataset_name or args.train_data_dir or args.video_data_dir or args.video_dataset_name
+
+
+def extraction_settings(
+    args, fingerprint: str, dataset_size: int, total: int, mixed_precision: str, is_video: bool = False
+) -> dict:
     """Everything that decides the content of a shard: shards (and metadata.json) of one folder must agree on it.
 
     ``ae_weights_fingerprint`` names the autoencoder by its *weights* (a vanilla AE and its SE fine-tune share a
     config); the dataset is named by its absolute path or Hub id, its size and the columns read.
     """
-    if args.embedded_data:
-        dataset = EMBEDDED_DATASET
-    elif args.train_data_dir is not None:
-        dataset = os.path.abspath(args.train_data_dir)
-    else:
-        dataset = args.dataset_name
+    dataset = data_description(args)
+    if args.train_data_dir or args.video_data_dir:
+        dataset = os.path.abspath(args.train_data_dir or args.video_data_dir)
+    video = {"num_frames": args.num_frames, "frame_stride": args.frame_stride, "seed": args.seed}
     return {
+        **(video if is_video else {}),
         "ae_weights_fingerprint": fingerprint,
         "resolution": args.resolution,
         "flip": bool(args.flip),
         "dataset": dataset,
         "dataset_config_name": args.dataset_config_name,
         "split": args.split,
-        "image_column": args.image_column,
+        "image_column": args.video_column if is_video else args.image_column,
         "label_column": args.label_column,
         "dataset_size": dataset_size,
         "requested_samples": total,
@@ -138,8 +190,9 @@ def extraction_settings(args, fingerprint: str, dataset_size: int, total: int, m
 def main(args):
     use_all_cpu_cores()
     # Validate cheap things before any weights or data
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise MissingPathError(f"--train_data_dir {args.train_data_dir} is not a folder.")
+    for flag in ("train_data_dir", "video_data_dir"):
+        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
+            raise MissingPathError(f"--{flag} {getattr(args, flag)} is not a folder.")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} is a file, not a folder.")
     config = ae.pretrained_config(args.pretrained_model_name_or_path, args.subfolder, args.revision, args.cache_dir)
@@ -149,13 +202,32 @@ def main(args):
         raise ValueError(
             f"--resolution {args.resolution} is not divisible by the AE's compression {f}: use {lo or f}."
         )
+    # Clips for a video AE given video data or no data (camera pans); images (1-frame videos) for image data
+    video_data = args.video_data_dir is not None or args.video_dataset_name is not None
+    is_video = ae.get_row(config).video and (video_data or args.embedded_data)
+    if video_data and not ae.get_row(config).video:
+        raise UsageError(
+            f"{config['_class_name']} is an image autoencoder, but --video_data_dir / --video_dataset_name give "
+            "clips: pass a video autoencoder, or images with --train_data_dir / --dataset_name."
+        )
+    if is_video and args.embedded_data:  # the embedded camera pans, sized for a CPU
+        vars(args).update({k: v for k, v in EMBEDDED_VIDEO.items() if k not in args.given})
+    if is_video:
+        ae.check_num_frames(config, args.num_frames)  # before any weights: diffusers would drop or pad frames
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    dataset = LabelledImages(
-        args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
-        args.dataset_config_name, args.cache_dir, args.split, embedded_samples=args.max_samples,
-    )  # fmt: skip
+    if is_video:
+        dataset = LabelledClips(
+            args.resolution, args.num_frames, args.video_data_dir, args.video_dataset_name, args.video_column,
+            args.label_column, args.dataset_config_name, args.cache_dir, args.split, args.frame_stride,
+            embedded_samples=args.max_samples, seed=args.seed,
+        )  # fmt: skip
+    else:
+        dataset = LabelledImages(
+            args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
+            args.dataset_config_name, args.cache_dir, args.split, embedded_samples=args.max_samples,
+        )  # fmt: skip
     total = min(len(dataset), args.max_samples or len(dataset))
     num_shards = math.ceil(total / args.shard_size)
     shard_path = [os.path.join(args.output_dir, shard_name(j)) for j in range(num_shards)]
@@ -168,7 +240,7 @@ def main(args):
         )
     ).eval().requires_grad_(False)  # fmt: skip
     fingerprint = ae.weights_fingerprint(vae)
-    settings = extraction_settings(args, fingerprint, len(dataset), total, accelerator.mixed_precision)
+    settings = extraction_settings(args, fingerprint, len(dataset), total, accelerator.mixed_precision, is_video)
     ae_name = args.pretrained_model_name_or_path + (f" (subfolder {args.subfolder})" if args.subfolder else "")
     if args.overwrite_output_dir:
         if accelerator.is_main_process and os.path.isdir(args.output_dir):
@@ -183,7 +255,7 @@ def main(args):
     accelerator.wait_for_everyone()  # every process lists the missing shards before any writes one
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     logger.info(
-        f"{total} images in {num_shards} shards; {num_shards - len(todo)} already written, "
+        f"{total} {'clips' if is_video else 'images'} in {num_shards} shards; {num_shards - len(todo)} already written, "
         f"{len(mine)} for this process"
     )
 
@@ -227,11 +299,12 @@ def main(args):
     if accelerator.is_main_process:
         names = [os.path.basename(p) for p in shard_path]
         latent = args.resolution // f
+        frames = [ae.latent_num_frames(config, args.num_frames)] if is_video else []  # T' of a clip
         meta = write_metadata(
             args.output_dir, names, settings, ae=ae_name, ae_class=config["_class_name"],
-            latent_shape=[ae.latent_channels(config), latent, latent], class_names=dataset.names,
-            dataset=EMBEDDED_DATASET if args.embedded_data else args.dataset_name or args.train_data_dir,
-            requested_samples=total,
+            latent_shape=[ae.latent_channels(config), *frames, latent, latent], class_names=dataset.names,
+            dataset=data_description(args), requested_samples=total, per_position=args.per_position_statistics,
+            num_frames=args.num_frames if is_video else None,
         )  # fmt: skip
         logger.info(
             f"Wrote {meta['num_samples']} latents ({meta['skipped_images']} unreadable images skipped) to "
