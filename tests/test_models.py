@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -362,3 +363,19 @@ def test_the_training_scripts_transformer_from_a_size_or_a_config_file(tmp_path)
     assert {m.dropout_prob for m in again.modules() if hasattr(m, "dropout_prob")} <= {0.0}
     with pytest.raises(ValueError, match=r"takes 4x8\^2 latents, but lat holds 16x8\^2 ones"):
         transformer_config([16, 8, 8], 3, config_path=str(tmp_path / "DiTTransformer2DModel"), latents="lat")
+
+
+def test_video_latents_get_the_video_dit_through_the_image_entry_points():
+    """transformer_config / build_transformer / transformer_class (what train_dit_flow.py calls) dispatch
+    (C, T', h, w) latents and SelfConditionedVideoDiT configs to the video DiT."""
+    from diffusability_hf.models.dit import build_transformer, transformer_class, transformer_config
+    from diffusability_hf.models.video_dit import SelfConditionedVideoDiT
+
+    config = transformer_config([4, 3, 8, 8], 5, "DiT-tiny/2")
+    assert (config["num_frames"], config["sample_size"], config["in_channels"]) == (3, 8, 4)
+    model = build_transformer(config, pos_embed="rope", self_conditioning=False)
+    assert isinstance(model, SelfConditionedVideoDiT) and not model.config.self_conditioning
+    out = model(torch.randn(2, 4, 3, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([0, 5])).sample
+    assert out.shape == (2, 4, 3, 8, 8)
+    assert transformer_class(json.loads(model.to_json_string())) is SelfConditionedVideoDiT  # a saved config.json
+    assert "num_frames" not in transformer_config([4, 8, 8], 5, "DiT-tiny/2")  # images stay on the image DiT

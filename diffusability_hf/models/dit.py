@@ -188,8 +188,12 @@ def dit_meta_parameter_count(config: Dict[str, Any], model_cls: Optional[type] =
 
 
 def transformer_class(config: Dict[str, Any]) -> type:
-    """``SelfConditionedDiT`` for a config that names it, else diffusers' ``DiTTransformer2DModel``."""
-    return SelfConditionedDiT if config.get("_class_name") == "SelfConditionedDiT" else DiTTransformer2DModel
+    """The class a config names: ``SelfConditionedDiT``, ``SelfConditionedVideoDiT``, else diffusers'
+    ``DiTTransformer2DModel``."""
+    from .video_dit import SelfConditionedVideoDiT
+
+    classes = {"SelfConditionedDiT": SelfConditionedDiT, "SelfConditionedVideoDiT": SelfConditionedVideoDiT}
+    return classes.get(config.get("_class_name"), DiTTransformer2DModel)
 
 
 def transformer_config(
@@ -202,7 +206,8 @@ def transformer_config(
     """The latent DiT's config, read once and checked against the latents before anything heavy loads.
 
     Args:
-        latent_shape: ``(C, h, w)`` of the training latents (square: ``h = w``).
+        latent_shape: ``(C, h, w)`` of the training latents (square: ``h = w``); ``(C, T', h, w)`` for video latents,
+            whose config :func:`~diffusability_hf.models.video_dit.video_transformer_config` gives.
         num_classes: number of real classes (see :func:`dit_config`).
         model: App. B's size by name (:func:`dit_config` checks the name and the patch size), used without
             ``config_path``.
@@ -212,6 +217,10 @@ def transformer_config(
     """
     from ..autoencoders import read_config
 
+    if len(latent_shape) == 4:  # (C, T', h, w): the video DiT (App. B, Sec. 4)
+        from .video_dit import video_transformer_config
+
+        return video_transformer_config(latent_shape, num_classes, model, config_path, latents)
     channels, size, _ = latent_shape
     if config_path is None:
         return dit_config(model, channels, size, num_classes)
@@ -248,6 +257,11 @@ def build_transformer(
         model = transformer_class(config).from_config(config)
     elif stock_dit:
         model = build_dit(config)
+    elif "num_frames" in config:  # video latents: the video DiT (App. B, Sec. 4)
+        from .video_dit import SelfConditionedVideoDiT
+
+        settings = {"pos_embed": pos_embed, "self_conditioning": self_conditioning}
+        model = SelfConditionedVideoDiT(**{**config, **settings})
     else:
         model = SelfConditionedDiT(**config, pos_embed=pos_embed, self_conditioning=self_conditioning)
     if isinstance(model, DiTTransformer2DModel):
