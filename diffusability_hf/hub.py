@@ -413,7 +413,7 @@ def dit_pipeline_card_fields(
 
     Args:
         meta: the latents' metadata (``ae``, ``ae_class``, ``ae_weights_fingerprint``, ``num_classes``,
-            ``dataset``, ``id2label``) with ``vae_weights_fingerprint``, the pipeline's VAE's.
+            ``dataset``, ``id2label``, ``video``) with ``vae_weights_fingerprint``, the pipeline's VAE's.
         hyperparameters: the run's settings for the table (see :func:`hyperparameters_table`).
         transformer: the trained transformer (its class and parameter count).
         model: the DiT size (e.g. ``"DiT-S/2"``) or the config it was built from.
@@ -445,6 +445,11 @@ def dit_pipeline_card_fields(
         "guidance_scale": guidance_scale,
         "shift": shift,
         "first_label": meta["id2label"]["0"],
+        # A video pipeline returns .frames (diffusers' video pipelines' convention), written out as a GIF
+        "output_name": "frames" if meta.get("video") else "images",
+        "output_type": ' output_type="pil",' if meta.get("video") else "",
+        "export_import": "\nfrom diffusers.utils import export_to_gif" if meta.get("video") else "",
+        "export_line": '\nexport_to_gif(frames[0], "sample.gif")' if meta.get("video") else "",
         "hyperparameters_table": hyperparameters_table(hyperparameters),
         "version": __version__,
     }

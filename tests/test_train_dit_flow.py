@@ -478,3 +478,53 @@ def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, late
     # The comparison sees the label dropout and the noise levels
     assert logged[0].value != pytest.approx(step_1_loss(class_dropout_prob=0.1, logit_mean=0.5), rel=1e-4)
     assert logged[0].value != pytest.approx(step_1_loss(class_dropout_prob=0.5), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def video_latents(tmp_path_factory):
+    """A random-init tiny CogVideoX-class AE and its latents of 16 embedded camera pans (9 frames, 32 px: latents
+    (4, 3, 4, 4), 8 classes), extracted once for this module."""
+    from diffusability_hf import autoencoders as ae
+
+    root = tmp_path_factory.mktemp("video_dit")
+    torch.manual_seed(0)
+    config = ae.read_config(os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs", "cogvideox.json"))
+    ae.load_autoencoder(config, None).save_pretrained(root / "vae")
+    script = os.path.join(ROOT, "train_scripts", "extract_latents.py")
+    args = ["--pretrained_model_name_or_path", root / "vae", "--output_dir", root / "latents", "--resolution", 32,
+            "--max_samples", 16, "--batch_size", 4]  # fmt: skip
+    subprocess.run([sys.executable, script, *map(str, args)], check=True, capture_output=True, cwd=ROOT)
+    return str(root / "vae"), str(root / "latents")
+
+
+def test_video_latents_train_the_video_dit_save_a_video_pipeline_and_resume(tmp_path, video_latents, run_script):
+    """Video latents train SelfConditionedVideoDiT and save a DiTFlowMatchVideoPipeline that a fresh interpreter
+    loads with trust_remote_code (frames out); 2 + 2 resumed steps equal 4 straight ones; --stock_dit and another
+    autoencoder are refused in one line before training."""
+    from diffusers import DiffusionPipeline
+
+    vae, latents = video_latents
+    video = ["--pretrained_vae_model_name_or_path", vae, "--train_batch_size", 4, "--checkpointing_steps", 2]
+    out, straight = tmp_path / "dit", tmp_path / "straight"
+    train(run_script, latents, straight, *video, "--max_train_steps", 4)
+    index = json.loads((straight / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "DiTFlowMatchVideoPipeline"]  # the remote-code layout
+    assert index["transformer"][1] == "SelfConditionedVideoDiT" and (straight / "samples.png").is_file()
+    card = (straight / "README.md").read_text()
+    assert "SelfConditionedVideoDiT" in card and ').frames\nexport_to_gif(frames[0], "sample.gif")' in card
+    pipe = DiffusionPipeline.from_pretrained(str(straight), trust_remote_code=True)
+    assert type(pipe.transformer).__name__ == "SelfConditionedVideoDiT" and pipe.transformer.config.num_frames == 3
+    frames = pipe([0, 7], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").frames
+    assert frames.shape == (2, 9, 32, 32, 3) and 0 <= frames.min() and frames.max() <= 1
+    train(run_script, latents, out, *video, "--max_train_steps", 2)
+    train(run_script, latents, out, *video, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    a, b = transformer_weights(out), transformer_weights(straight)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    refused = tmp_path / "refused"
+    assert_one_error_line(train(run_script, latents, refused, *video, "--stock_dit", check=False, launcher=PYTHON),
+                          "holds video latents", "--stock_dit")  # fmt: skip
+    other = ["--pretrained_vae_model_name_or_path", EMBEDDED_AE]
+    assert_one_error_line(train(run_script, latents, refused, *other, check=False, launcher=PYTHON),
+                          "holds latents of another autoencoder", "AutoencoderKLCogVideoX")  # fmt: skip
+    assert not refused.exists()

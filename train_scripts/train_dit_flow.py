@@ -21,6 +21,11 @@ embedded autoencoder's latents of the scikit-image photographs (class = source p
 
     accelerate launch train_scripts/extract_latents.py --output_dir latents
     accelerate launch train_scripts/train_dit_flow.py --latents_dir latents --output_dir dit
+
+Video latents (extract_latents.py with a video autoencoder, ``(C, T', h, w)``) train the paper's video DiT, "a direct
+adaptation of the image one where we additionally unroll the temporal axis" (``SelfConditionedVideoDiT``: 3-axis
+RoPE, no temporal patches), with the same flags, schedule, EMA and checkpoints; it is saved as a
+``DiTFlowMatchVideoPipeline``.
 """
 
 import argparse
@@ -327,6 +332,11 @@ def main(args):
         )  # fmt: skip
         meta = on_the_fly_metadata(
             vae_name, vae_config, args.resolution, images.names, args.dataset_name or args.train_data_dir
+        )
+    if meta.get("video") and args.stock_dit:  # (C, T', h, w) latents train the video DiT (App. B, Sec. 4)
+        raise UsageError(
+            f"{args.latents_dir} holds video latents, and --stock_dit trains diffusers' image DiT: drop --stock_dit "
+            "to train the paper's video DiT (SelfConditionedVideoDiT) on them."
         )
     model_config = transformer_config(
         meta["latent_shape"], meta["num_classes"], args.model, args.model_config_name_or_path, args.latents_dir

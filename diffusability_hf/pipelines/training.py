@@ -49,7 +49,8 @@ def make_pipeline(
     step: Optional[int] = None,
     copy: bool = True,
 ) -> DiTFlowMatchPipeline:
-    """A ``DiTFlowMatchPipeline`` around the EMA weights of ``transformer``.
+    """A ``DiTFlowMatchPipeline`` (``DiTFlowMatchVideoPipeline`` for video latents, ``meta["video"]``) around the EMA
+    weights of ``transformer``.
 
     Args:
         transformer, vae: the trained transformer and the autoencoder that decodes its latents.
@@ -64,7 +65,10 @@ def make_pipeline(
     if ema is not None:
         ema.copy_to(list(model.parameters()))
     model.eval()
-    return DiTFlowMatchPipeline(
+    pipeline_class = DiTFlowMatchPipeline
+    if meta.get("video"):  # (C, T', h, w) latents: frames out, decoded by the video AE
+        from .pipeline_dit_flow import DiTFlowMatchVideoPipeline as pipeline_class
+    return pipeline_class(
         transformer=model,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
@@ -99,15 +103,23 @@ def class_sample_grid(
     max_classes: int = 16,
 ) -> Image.Image:
     """A seeded grid of samples: one row of ``per_class`` samples for each of the first ``max_classes`` classes,
-    labelled ``"<class>: <label>"`` (28 characters at most)."""
+    labelled ``"<class>: <label>"`` (28 characters at most); of a video pipeline, the first, middle and last frame of
+    each sample."""
     from ..figures import labelled_image_grid
 
     classes = list(range(min(num_classes, max_classes)))
-    images = pipeline(
+    out = pipeline(
         [c for c in classes for _ in range(per_class)], num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, shift=shift,
         generator=torch.Generator(pipeline.device).manual_seed(seed), output_type="pt",
-    ).images  # fmt: skip
+    )  # fmt: skip
+    if hasattr(out, "frames"):  # clips (K * per_class, T, 3, H, W): first, middle and last frame of each, in a row
+        frames = out.frames.cpu()
+        t = frames.shape[1]
+        images = frames[:, sorted({0, t // 2, t - 1})].flatten(0, 1)  # (K * per_class * 3, 3, H, W)
+        per_class *= len({0, t // 2, t - 1})
+    else:
+        images = out.images
     images = images.cpu() * 2 - 1  # (K * per_class, 3, H, W) in [-1, 1]
     id2label = pipeline.config.id2label or {}
     row_labels = [f"{c}: {id2label.get(str(c), c)}"[:28] for c in classes]
