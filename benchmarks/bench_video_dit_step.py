@@ -164,6 +164,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
 
     counter = [0]
 
+    # Copied from benchmarks/bench_dit_step.py (the loop step as train_dit_flow.py's main() runs it), 5D latents
     def loop():  # train_dit_flow.py main(), one optimizer step (no gradient accumulation, one process)
         global_step = counter[0]
         gen = step_generator(accelerator.device, 0, global_step, accelerator.process_index, 0)
@@ -192,6 +193,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     variants = {"a": bare, "b": loop}
     if sc > 0:
         variants = {"a": bare, "a+aux": lambda: bare(aux=True), "b": loop}
+    # Copied from benchmarks/bench_dit_step.py (warm-up and interleaved timing), with a longer warm-up bound
     # Warm-up (allocator, kernels, AdamW state): one step of (b), which runs every kernel of the others, then one of
     # each other variant unless a step is expensive (the first step's one-time costs are a few seconds on CPU)
     t0 = time.perf_counter()

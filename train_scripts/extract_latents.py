@@ -84,6 +84,7 @@ def parse_args(input_args=None):
         default=None,
         help="A folder of videos (or frame folders), one subfolder per class.",
     )
+    # Copied from train_scripts/train_ae_se.py (the video dataset, column and frame flags; without its dataset config)
     parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
     parser.add_argument("--video_column", type=str, default=None, help="Video column (default: the first Video one).")
     parser.add_argument(
