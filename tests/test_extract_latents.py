@@ -213,7 +213,14 @@ def test_extract_embedded_default_and_bad_resolution(tmp_path, run_script):
     "bad, message",
     [
         (["--resolution", "0"], "must be positive"),
-        (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
+        (
+            ["--dataset_name", "a", "--train_data_dir", "b"],
+            "Give one data source, not --dataset_name and --train_data_dir",
+        ),
+        (
+            ["--train_data_dir", "a", "--video_data_dir", "b"],
+            "Give one data source, not --train_data_dir and --video_data_dir",
+        ),
         (["--train_data_dir", "no/such/folder"], "error: --train_data_dir no/such/folder is not a folder."),
     ],
 )
