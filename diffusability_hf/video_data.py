@@ -449,8 +449,8 @@ class LabelledClips(torch.utils.data.Dataset):
             self.names = list(feature.names) if hasattr(feature, "names") else [str(v) for v in sorted(set(values))]
             self.sources = list(ds[column])
             self.labels = [v if hasattr(feature, "names") else self.names.index(str(v)) for v in values]
-        if not all(isinstance(src, str) and os.path.isdir(src) for src in self.sources):
-            _require_pyav()  # before any clip is read: an ImportError would otherwise count as unreadable videos
+        # Reads and centre-crops the clips (pyav checked before any clip is read)
+        self.clips = VideoClips(self.sources, resolution, num_frames, frame_stride, center_crop=True, seed=seed)
 
     def __len__(self) -> int:
         return len(self.embedded) if self.embedded is not None else len(self.sources)
@@ -460,10 +460,7 @@ class LabelledClips(torch.utils.data.Dataset):
             return self.embedded[index]["pixel_values"], index % len(self.names), index, True
         source, rng = self.sources[index], random.Random(hash((self.seed, index)))
         try:
-            data = source.get("bytes") or source.get("path") if isinstance(source, dict) else source
-            frames = read_clip(data, self.num_frames, self.frame_stride, rng, random_start=True)
-            clip = clip_to_tensor(frames, self.resolution, True, False, rng)
-            return clip, self.labels[index], index, True
+            return self.clips._load(source, rng), self.labels[index], index, True
         except Exception as err:  # unreadable, corrupt or too short: counted by the caller
             where = source.get("path") if isinstance(source, dict) else source
             logger.warning("Skipping video %s: %s", where, err)

@@ -133,12 +133,11 @@ def parse_args(input_args=None):
     sources = [
         f for f in ("dataset_name", "train_data_dir", "video_data_dir", "video_dataset_name") if getattr(args, f)
     ]
-    args.given = given_flags(parser, input_args, args)  # a video AE's embedded sizing applies under these (main)
-    args.embedded_data = not sources
-    if args.embedded_data:
+    if not sources:
         parser.set_defaults(**EMBEDDED_DATA)
         args = parser.parse_args(input_args)
-        args.embedded_data, args.given = True, given_flags(parser, input_args, args)
+    args.embedded_data = not sources
+    args.given = given_flags(parser, input_args, args)  # a video AE's embedded sizing applies under these (main)
     if len(sources) > 1:
         parser.error(f"Give one data source, not {' and '.join('--' + f for f in sources)}.")
     if args.num_frames < 1 or args.frame_stride < 1:

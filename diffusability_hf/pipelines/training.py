@@ -116,8 +116,9 @@ def class_sample_grid(
     if hasattr(out, "frames"):  # clips (K * per_class, T, 3, H, W): first, middle and last frame of each, in a row
         frames = out.frames.cpu()
         t = frames.shape[1]
-        images = frames[:, sorted({0, t // 2, t - 1})].flatten(0, 1)  # (K * per_class * 3, 3, H, W)
-        per_class *= len({0, t // 2, t - 1})
+        shown = sorted({0, t // 2, t - 1})
+        images = frames[:, shown].flatten(0, 1)  # (K * per_class * 3, 3, H, W)
+        per_class *= len(shown)
     else:
         images = out.images
     images = images.cpu() * 2 - 1  # (K * per_class, 3, H, W) in [-1, 1]
