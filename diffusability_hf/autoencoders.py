@@ -265,6 +265,15 @@ def latent_num_frames(vae, num_frames: int) -> int:
     return 1 + (num_frames - 1) // m if get_row(_class_name(vae)).causal else num_frames // m
 
 
+def decoded_num_frames(vae, latent_frames: int) -> int:
+    """Frames the decoder makes of ``latent_frames`` latent frames (the inverse of :func:`latent_num_frames` on
+    valid frame counts): ``1 + t (T' - 1)`` for a causal autoencoder, ``t T'`` otherwise."""
+    m = temporal_compression(vae)
+    if m is None:
+        raise ValueError(f"{_class_name(vae)} is an image autoencoder: it decodes no frames.")
+    return 1 + m * (latent_frames - 1) if get_row(_class_name(vae)).causal else m * latent_frames
+
+
 def latent_channels(vae) -> int:
     cfg = _cfg(vae)
     return int(cfg["z_dim"] if "z_dim" in cfg else cfg["latent_channels"])

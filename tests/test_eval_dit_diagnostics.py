@@ -400,6 +400,14 @@ def test_loss_latents_of_another_shape_are_refused():
         script.check_loss_latent_shape({"latent_shape": [16, 4, 4], "resolution": 32}, config, args)
     with pytest.raises(script.UsageError, match=r"4x8x8 latents.*with the autoencoder the DiT was trained on"):
         script.check_loss_latent_shape({"latent_shape": [4, 8, 8], "resolution": 32}, config, args)
+    video = {"in_channels": 8, "num_frames": 3, "sample_size": 4}  # a video DiT: (C, T', h, w) latents
+    script.check_loss_latent_shape({"latent_shape": [8, 3, 4, 4], "resolution": 32}, video, args)
+    with pytest.raises(script.UsageError, match=r"8x2x4x4 latents.*8x3x4x4 ones.*training --num_frames"):
+        script.check_loss_latent_shape({"latent_shape": [8, 2, 4, 4], "resolution": 32}, video, args)
+    with pytest.raises(script.UsageError, match=r"8x4x4 latents.*8x3x4x4 ones.*held-out video latents"):
+        script.check_loss_latent_shape({"latent_shape": [8, 4, 4], "resolution": 32}, video, args)
+    with pytest.raises(script.UsageError, match=r"8x3x8x8 latents.*--resolution 32"):
+        script.check_loss_latent_shape({"latent_shape": [8, 3, 8, 8], "resolution": 64}, video, args)
 
 
 @pytest.mark.parametrize(

@@ -387,6 +387,42 @@ def test_decoder_noise_injection_is_seeded_and_leaves_the_global_rng_alone():
     assert np.abs(unseeded[0] - unseeded[1]).max() > 1e-4  # no generator: the global RNG as in diffusers
 
 
+def test_with_a_generator_per_sample_a_noise_injecting_decoder_gives_each_sample_its_own_frames():
+    """With one generator per sample, sample i's frames (initial noise, decode noise mixed in, noise injected inside
+    the decoder) come from its generator alone: the same in any batch."""
+    vae = tiny_vae("ltx_timestep")
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if "per_channel_scale" in name:
+                p.fill_(0.5)  # zero at init: make the injected noise visible
+    pipe = make_pipe(vae=vae)
+
+    def frames(labels, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipe(labels, num_inference_steps=2, generator=generators, output_type="np").frames
+
+    batch = frames([1, 2, 3], [7, 8, 9])
+    for i, (label, seed) in enumerate([(1, 7), (2, 8), (3, 9)]):
+        np.testing.assert_allclose(frames([label], [seed])[0], batch[i], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(frames([3, 2], [9, 8])[1], batch[1], rtol=0, atol=1e-5)
+    with torch.no_grad():  # the injected noise is visible: without it the frames differ
+        for name, p in vae.named_parameters():
+            if "per_channel_scale" in name:
+                p.zero_()
+    assert np.abs(frames([2], [8])[0] - batch[1]).max() > 1e-3
+
+
+def test_unknown_classes_are_refused_before_sampling():
+    pipe = make_pipe(id2label={str(k): f"class {k}" for k in range(NUM_CLASSES)})
+    calls, handle = record_calls(pipe.transformer)
+    with pytest.raises(ValueError, match=f"{NUM_CLASSES} is the null class"):
+        pipe([0, NUM_CLASSES])
+    with pytest.raises(ValueError, match="Unknown class name 'zebra'"):
+        pipe(["class 1", "zebra"])
+    handle.remove()
+    assert calls == []
+
+
 def test_decode_arguments_are_checked_before_sampling():
     pipe = make_pipe("ltx_timestep")
     calls, handle = record_calls(pipe.transformer)

@@ -9,9 +9,13 @@ clips, FVD (I3D), as in the paper's Tables 1-3.
 
 1. Samples: ``--num_samples`` images from a saved :class:`DiTFlowMatchPipeline` (classes drawn at random, the
    paper's "no class balancing", or ``--class_sampling balanced``: ``i % K``), written as PNGs to
-   ``<output_dir>/samples``. Sample ``i`` has its own noise generator (seed ``--seed`` and ``i``), so it starts from
+   ``<output_dir>/samples``; or clips from a saved :class:`DiTFlowMatchVideoPipeline` (detected from its
+   ``model_index.json``), each written losslessly as a folder of PNG frames ``samples/{i:06d}/{t:03d}.png`` and
+   scored with FVD (I3D) and, frame by frame, FID and FDD: the columns of the paper's Table 2 (``--num_frames``
+   scores the first frames of each clip; default: all the frames the pipeline makes). Sample ``i`` has its own noise generator (seed ``--seed`` and ``i``), so it starts from
    the same noise whatever the batch size, the number of processes or an interruption (other batch compositions
-   change only float round-off: a rare pixel one level off), and a rerun only makes the missing files.
+   change only float round-off: a rare pixel one level off; an LTX decoder that injects noise draws it from the
+   batch's first generator), and a rerun only makes the missing files.
    ``samples/provenance.json`` records the pipeline's weights fingerprints (transformer and vae) and every sampling
    setting; samples made by another pipeline or with other settings are refused before any sampling
    (``--overwrite_output_dir`` deletes them and samples again).
@@ -61,9 +65,9 @@ from diffusability_hf.data import EvalSamples, evaluation_samples
 from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.flow import flow_matching_loss, interpolate, timesteps_from_sigmas
 from diffusability_hf.hub import markdown_table
-from diffusability_hf.latents import read_latent_rows, read_latents_metadata
+from diffusability_hf.latents import normalization_tensors, read_latent_rows, read_latents_metadata
 from diffusability_hf.metrics import FeatureStatistics, frechet_distance, load_statistics, to_uint8
-from diffusability_hf.metrics.features import load_feature_extractors, process_share
+from diffusability_hf.metrics.features import I3D_MIN_FRAMES, load_feature_extractors, process_share
 from diffusability_hf.training_utils import (
     UsageError,
     atomic_write_json,
@@ -140,6 +144,19 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Autocast for sampling."
     )
+    parser.add_argument(
+        "--decode_timestep",
+        type=float,
+        default=0.05,
+        help="A video pipeline with a timestep-conditioned LTX decoder: its decode timestep (default %(default)s, as "
+        "the pipeline's; ignored otherwise).",
+    )
+    parser.add_argument(
+        "--decode_noise_scale",
+        type=float,
+        default=0.025,
+        help="The noise such a decode mixes into the latents (default %(default)s, as the pipeline's).",
+    )
     # Reference data
     parser.add_argument("--reference_dataset_name", type=str, default=None, help="HF image dataset of real images.")
     parser.add_argument("--reference_dataset_config_name", type=str, default=None, help="Its config.")
@@ -160,7 +177,13 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--resolution", type=int, default=None, help="Crop side of the reference (default: the samples')."
     )
-    parser.add_argument("--num_frames", type=int, default=None, help="Frames per clip (clips are scored when given).")
+    parser.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="Frames per clip: clips are scored when given (with --samples_dir), or the first frames of each clip a "
+        "video --pipeline makes (default: all of them).",
+    )
     parser.add_argument("--frame_stride", type=int, default=1, help="Take every n-th frame of reference videos.")
     parser.add_argument(
         "--stats_cache_dir", type=str, default=DEFAULT_STATS_CACHE, help="Where reference statistics are cached."
@@ -231,8 +254,21 @@ def parse_args(input_args=None):
         parser.error(f"--samples_dir {args.samples_dir} is not a folder.")
     if args.pipeline is not None and not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
         parser.error(f"--pipeline {args.pipeline} has no model_index.json: give the folder of a saved pipeline.")
+    args.pipeline_frames = pipeline_num_frames(args.pipeline) if args.pipeline is not None else None
     if args.pipeline is not None and args.num_frames is not None:
-        parser.error("The DiT pipeline makes images: score clips with --samples_dir and --num_frames.")
+        if args.pipeline_frames is None:
+            parser.error(
+                f"--pipeline {args.pipeline} makes images (its transformer has no num_frames): --num_frames is for a "
+                "video pipeline, or for clips in --samples_dir."
+            )
+        if not 1 <= args.num_frames <= args.pipeline_frames:
+            parser.error(
+                f"--num_frames {args.num_frames} does not fit the {args.pipeline_frames} frames per clip that "
+                f"--pipeline {args.pipeline} makes: score 1 to {args.pipeline_frames} (the first frames of each clip), "
+                "or leave --num_frames out to score them all."
+            )
+    if args.num_frames is None:
+        args.num_frames = args.pipeline_frames  # a video pipeline: score every frame it makes
     sources = [
         args.reference_dataset_name,
         args.reference_data_dir,
@@ -252,7 +288,15 @@ def parse_args(input_args=None):
     if args.feature_extractor is None:
         args.feature_extractor = (["i3d"] if args.num_frames else []) + ["inception", "dinov2"]
     if "i3d" in args.feature_extractor and not args.num_frames:
-        parser.error("--feature_extractor i3d (FVD) needs clips: score a folder of clips with --num_frames.")
+        parser.error(
+            "--feature_extractor i3d (FVD) needs clips: sample a video pipeline, or score a folder of clips with "
+            "--num_frames."
+        )
+    if "i3d" in args.feature_extractor and args.num_frames < I3D_MIN_FRAMES:
+        parser.error(
+            f"--feature_extractor i3d (FVD) needs clips of at least {I3D_MIN_FRAMES} frames, not {args.num_frames}: "
+            "score more frames (16 is the FVD convention), or leave i3d out of --feature_extractor."
+        )
     if args.reference_stats is not None and len(args.reference_stats) != len(args.feature_extractor):
         parser.error("Give one --reference_stats file per --feature_extractor, in the same order.")
     if args.guidance_interval is not None:
@@ -284,6 +328,19 @@ def parse_args(input_args=None):
     if min(args.num_samples, args.num_reference) < 2:
         parser.error("A covariance needs at least 2 samples and 2 reference items.")
     return args
+
+
+def pipeline_num_frames(path):
+    """Frames per clip of a saved video pipeline, from its JSON files (the transformer's latent frames through its
+    autoencoder's frame rule; no weights load); ``None`` for an image pipeline."""
+    config = os.path.join(path, "transformer", "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as fh:
+        latent_frames = json.load(fh).get("num_frames")
+    if latent_frames is None:
+        return None
+    return ae.decoded_num_frames(ae.read_config(path, "vae"), int(latent_frames))
 
 
 def load_extractors(args, device):
@@ -394,11 +451,22 @@ def pipeline_provenance(pipe) -> dict:
     return out
 
 
+def sample_name(index, video):
+    """The file (image) or frame folder (clip) of sample ``index``."""
+    return f"{index:06d}" if video else f"{index:06d}.png"
+
+
 def sample_names(folder):
-    """The sample PNGs already in ``folder`` (not the temporary files of an interrupted write)."""
+    """The finished samples in ``folder``: PNGs, or frame folders of clips (not the temporary files or folders of
+    an interrupted write, ``*.tmp.png`` and ``*.tmp``)."""
     if not os.path.isdir(folder):
         return []
-    return sorted(n for n in os.listdir(folder) if n.endswith(".png") and not n.endswith(".tmp.png"))
+    return sorted(
+        n
+        for n in os.listdir(folder)
+        if (n.endswith(".png") and not n.endswith(".tmp.png"))
+        or (n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+    )
 
 
 def check_samples(folder, provenance, labels, overwrite):
@@ -432,7 +500,9 @@ def check_samples(folder, provenance, labels, overwrite):
     relabelled = [
         n
         for n in existing
-        if n[:-4].isdigit() and int(n[:-4]) < len(labels) and old_labels.get(n) != labels[int(n[:-4])]
+        if n.split(".")[0].isdigit()
+        and int(n.split(".")[0]) < len(labels)
+        and old_labels.get(n) != labels[int(n.split(".")[0])]
     ]
     if relabelled:
         differ.append(f"the classes of {len(relabelled)} samples (e.g. {relabelled[0]})")
@@ -444,10 +514,11 @@ def check_samples(folder, provenance, labels, overwrite):
 
 
 def load_pipeline(args, accelerator):
-    """The ``--pipeline`` on this process's device, its progress bar off."""
-    from diffusability_hf.pipelines import DiTFlowMatchPipeline
+    """The ``--pipeline`` (an image or a video one) on this process's device, its progress bar off."""
+    from diffusability_hf.pipelines import DiTFlowMatchPipeline, DiTFlowMatchVideoPipeline
 
-    pipe = DiTFlowMatchPipeline.from_pretrained(args.pipeline).to(accelerator.device)
+    cls = DiTFlowMatchVideoPipeline if args.pipeline_frames else DiTFlowMatchPipeline
+    pipe = cls.from_pretrained(args.pipeline).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -458,26 +529,61 @@ def sample_generators(args, indices, device):
     return [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i in indices]
 
 
+def sampling_kwargs(args, pipe) -> dict:
+    """The pipeline call's settings besides the classes and generators (a video pipeline's decode settings too)."""
+    kwargs = dict(
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval, shift=args.shift,
+    )  # fmt: skip
+    if args.pipeline_frames:
+        kwargs.update(decode_timestep=args.decode_timestep, decode_noise_scale=args.decode_noise_scale)
+    return kwargs
+
+
+def write_sample(path, pixels):
+    """One sample, atomically (an interrupted run leaves no half-written sample): an ``(H, W, 3)`` uint8 image as a
+    PNG, or a ``(T, H, W, 3)`` clip as a folder of PNG frames ``000.png, 001.png, ...`` (lossless, unlike a GIF or
+    MP4, and read back as a clip by the scoring)."""
+    if pixels.ndim == 3:
+        tmp = path + ".tmp.png"
+        Image.fromarray(pixels).save(tmp)
+        os.replace(tmp, path)
+        return
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for t, frame in enumerate(pixels):
+        Image.fromarray(frame).save(os.path.join(tmp, f"{t:03d}.png"))
+    os.replace(tmp, path)
+
+
 def make_samples(args, accelerator, pipe):
-    """Write the missing ``samples/{i:06d}.png``; returns ``(samples folder, provenance, image size)``."""
+    """Write the missing ``samples/{i:06d}.png`` (images) or ``samples/{i:06d}/`` (clips); returns
+    ``(samples folder, provenance, image size)``."""
     folder = os.path.join(args.output_dir, "samples")
     labels = sample_labels(args, pipe.num_classes)
     size = pipe.transformer.config.sample_size * ae.spatial_compression(pipe.vae)
+    video = bool(args.pipeline_frames)
     # Everything the pixels of sample i depend on (not the batch size or the process count: float round-off only)
+    settings = {
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": float(args.guidance_scale),
+        "guidance_interval": args.guidance_interval,
+        "shift": float(pipe.scheduler.config.shift if args.shift is None else args.shift),
+        "class_sampling": args.class_sampling,
+        "seed": args.seed,
+        "num_classes": pipe.num_classes,
+        "resolution": size,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+    if video:
+        settings["num_frames"] = args.pipeline_frames
+        if getattr(pipe.vae.config, "timestep_conditioning", False):
+            settings.update(decode_timestep=args.decode_timestep, decode_noise_scale=args.decode_noise_scale)
     provenance = {
         "pipeline_path": args.pipeline,
         "pipeline": pipeline_provenance(pipe),
-        "settings": {
-            "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": float(args.guidance_scale),
-            "guidance_interval": args.guidance_interval,
-            "shift": float(pipe.scheduler.config.shift if args.shift is None else args.shift),
-            "class_sampling": args.class_sampling,
-            "seed": args.seed,
-            "num_classes": pipe.num_classes,
-            "resolution": size,
-            "mixed_precision": accelerator.mixed_precision,
-        },
+        "settings": settings,
         "id2label": pipe.config.get("id2label"),
     }
     check_samples(folder, provenance, labels, args.overwrite_output_dir)  # every process: the same files, read only
@@ -492,6 +598,8 @@ def make_samples(args, accelerator, pipe):
         for name in os.listdir(folder):
             if name.endswith(".tmp.png"):  # a write interrupted by a kill
                 os.remove(os.path.join(folder, name))
+            elif name.endswith(".tmp") and os.path.isdir(os.path.join(folder, name)):
+                shutil.rmtree(os.path.join(folder, name))
         # Before any sample is written: an interrupted run's samples are attributable on the next run
         old_labels = {}
         if os.path.isfile(os.path.join(folder, "labels.json")):
@@ -500,12 +608,12 @@ def make_samples(args, accelerator, pipe):
         atomic_write_json(os.path.join(folder, PROVENANCE), provenance)
         atomic_write_json(
             os.path.join(folder, "labels.json"),
-            {**old_labels, **{f"{i:06d}.png": labels[i] for i in range(args.num_samples)}},
+            {**old_labels, **{sample_name(i, video): labels[i] for i in range(args.num_samples)}},
             indent=None,
         )
     accelerator.wait_for_everyone()
-    paths = [os.path.join(folder, f"{i:06d}.png") for i in range(args.num_samples)]
-    missing = [i for i in range(args.num_samples) if not os.path.isfile(paths[i])]
+    paths = [os.path.join(folder, sample_name(i, video)) for i in range(args.num_samples)]
+    missing = [i for i in range(args.num_samples) if not os.path.exists(paths[i])]
     accelerator.wait_for_everyone()  # every process lists the missing files before any writes one
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     logger.info(f"{args.num_samples - len(missing)} samples already in {folder}; {len(mine)} to make on this process")
@@ -515,16 +623,16 @@ def make_samples(args, accelerator, pipe):
         batch = mine[start : start + args.batch_size]
         gens = sample_generators(args, batch, accelerator.device)
         with accelerator.autocast():
-            images = pipe(
-                [labels[i] for i in batch], num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval, shift=args.shift,
-                generator=gens, output_type="pt",
-            ).images  # fmt: skip
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for i, image in zip(batch, images):
-            tmp = paths[i] + ".tmp.png"
-            Image.fromarray(image).save(tmp)
-            os.replace(tmp, paths[i])  # atomic: an interrupted run leaves no half-written sample
+            out = pipe([labels[i] for i in batch], generator=gens, output_type="pt", **sampling_kwargs(args, pipe))
+        pixels = out.frames if video else out.images  # (B, T, 3, H, W) or (B, 3, H, W) in [0, 1]
+        if video and pixels.shape[1] != args.pipeline_frames:
+            raise RuntimeError(
+                f"The pipeline decoded {pixels.shape[1]} frames per clip, not the {args.pipeline_frames} that its "
+                "transformer's num_frames and its autoencoder's frame rule give: check the saved pipeline's configs."
+            )
+        pixels = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+        for i, sample in zip(batch, pixels):
+            write_sample(paths[i], sample)
     accelerator.wait_for_everyone()
     return folder, provenance, size
 
@@ -552,6 +660,8 @@ def make_trajectory(args, accelerator, pipe):
     Each sample starts from the noise of its sample file (its own generator) with its class; the pipeline's
     ``callback_on_step_end`` hands over ``x0_pred = x_t - sigma * v`` (guided velocity, before the step) at the kept
     steps, which the pipeline's own ``decode_latents`` decodes (denormalised with its ``latents_mean``/``latents_std``).
+    A clip shows its middle frame; a decoder that mixes in or injects noise (LTX) draws it at every step from the
+    sample's generator in the state that sampling leaves it in, so the last column is the sample's frame.
     Returns ``(grid image, description)``.
     """
     steps = trajectory_step_indices(args.num_inference_steps, args.trajectory_steps)
@@ -570,20 +680,31 @@ def make_trajectory(args, accelerator, pipe):
                 timesteps[step_index] = float(timestep)
             return {}
 
+        generators = sample_generators(args, batch, accelerator.device)
         with accelerator.autocast():
             pipe(
-                [labels[i] for i in batch], num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval, shift=args.shift,
-                generator=sample_generators(args, batch, accelerator.device), output_type="latent",
-                callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["x0_pred"],
+                [labels[i] for i in batch], generator=generators, output_type="latent", callback_on_step_end=keep,
+                callback_on_step_end_tensor_inputs=["x0_pred"], **sampling_kwargs(args, pipe),
             )  # fmt: skip
+        after_sampling = [g.get_state() for g in generators]  # where sampling's decode draws its noise from
         was_training = pipe.vae.training
         pipe.vae.eval()
+        decode_kwargs = {}
+        if args.pipeline_frames:  # (b, 3, T, H, W) clips, decoded with the sampling's decode settings and noise
+            decode_kwargs = dict(
+                generator=generators, decode_timestep=args.decode_timestep, decode_noise_scale=args.decode_noise_scale
+            )
         try:
             decoded = []
             for step in steps:
+                for g, state in zip(generators, after_sampling):
+                    g.set_state(state)
                 with accelerator.autocast():
-                    decoded.append(pipe.decode_latents(kept[step]).float().clamp(-1, 1).cpu())  # (b, 3, H, W)
+                    pixels = pipe.decode_latents(kept[step], **decode_kwargs).float().clamp(-1, 1).cpu()
+                if pixels.ndim == 5:  # a clip: its middle frame
+                    frame = pixels.shape[2] // 2
+                    pixels = pixels[:, :, frame]
+                decoded.append(pixels)
         finally:
             pipe.vae.train(was_training)
         for j, i in enumerate(batch):
@@ -595,7 +716,8 @@ def make_trajectory(args, accelerator, pipe):
     grid = labelled_image_grid(rows, row_labels, column_labels, padding=1)
     description = {
         "image": "trajectory.png",
-        "prediction": "x0 = x_t - sigma * v (guided velocity, before the step), decoded",
+        "prediction": "x0 = x_t - sigma * v (guided velocity, before the step), decoded"
+        + (f"; frame {frame} of each clip's {args.pipeline_frames}" if args.pipeline_frames else ""),
         "sample_indices": indices,
         "class_labels": labels,
         "row_labels": row_labels,
@@ -624,19 +746,25 @@ def check_loss_autoencoder(meta: dict, expected: str, source: str, args) -> None
 
 
 def check_loss_latent_shape(meta: dict, transformer_config: dict, args) -> None:
-    """Refuse held-out latents of another shape than the transformer takes (channels x size x size)."""
-    channels, height, width = meta["latent_shape"]
-    want_channels, size = transformer_config["in_channels"], transformer_config["sample_size"]
-    if (channels, height, width) == (want_channels, size, size):
+    """Refuse held-out latents of another shape than the transformer takes: channels x [latent frames x] size x size."""
+    shape = tuple(meta["latent_shape"])
+    size, frames = transformer_config["sample_size"], transformer_config.get("num_frames")
+    want = (transformer_config["in_channels"], *([frames] if frames is not None else []), size, size)
+    if shape == want:
         return
-    if channels != want_channels:
+    if len(shape) != len(want):
+        kind = "video" if frames is not None else "image"
+        fix = f"use held-out {kind} latents, of the kind the DiT was trained on"
+    elif shape[0] != want[0]:
         fix = "extract them with the autoencoder the DiT was trained on"
+    elif frames is not None and shape[1] != frames:
+        fix = "extract them with the DiT's training --num_frames (its latents have the frames of the transformer)"
     else:
-        factor = meta["resolution"] // height if height else 0
+        factor = meta["resolution"] // shape[-1] if shape[-1] else 0
         fix = f"extract them at the DiT's training resolution (extract_latents.py --resolution {size * factor})"
     raise UsageError(
-        f"--loss_latents_dir {args.loss_latents_dir} holds {channels}x{height}x{width} latents, but the pipeline's "
-        f"transformer takes {want_channels}x{size}x{size} ones: {fix}."
+        f"--loss_latents_dir {args.loss_latents_dir} holds {'x'.join(map(str, shape))} latents, but the pipeline's "
+        f"transformer takes {'x'.join(map(str, want))} ones: {fix}."
     )
 
 
@@ -691,11 +819,16 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
     transformer, device = pipe.transformer, accelerator.device
     mean, std, labels = rows["mean"], rows["std"], rows["labels"]
     n, channels = mean.shape[:2]
-    stat_mean = torch.tensor(pipe.config.latents_mean or [0.0] * channels).view(1, -1, 1, 1)
-    stat_std = torch.tensor(pipe.config.latents_std or [1.0] * channels).view(1, -1, 1, 1)
+    stat_mean, stat_std = normalization_tensors(
+        {
+            "latents_mean": pipe.config.latents_mean or [0.0] * channels,
+            "latents_std": pipe.config.latents_std or [1.0] * channels,
+            "latent_shape": list(mean.shape[1:]),
+        }
+    )  # per channel (1, C, 1, ...) or per position (1, C, [T',] h, w)
     generator = torch.Generator().manual_seed(args.seed)
     eps = torch.randn(mean.shape, generator=generator)
-    x0_all = (mean + std * eps - stat_mean) / stat_std  # (n, C, h, w)
+    x0_all = (mean + std * eps - stat_mean) / stat_std  # (n, C, [T',] h, w)
     self_conditioning = bool(getattr(transformer.config, "self_conditioning", False))
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     levels = [(k + 0.5) / args.loss_noise_levels for k in range(args.loss_noise_levels)]
@@ -768,10 +901,29 @@ def samples_grid(files, resolution, labels=None, id2label=None, rows=8, cols=8):
                 by_class.setdefault(label, [])
                 if len(by_class[label]) < cols:
                     by_class[label].append(path)
-        names = {int(k): v.split(",")[0] for k, v in (id2label or {}).items()}  # "tench, Tinca tinca" -> "tench"
+        names = class_names(id2label)
         groups = [(f"{names.get(int(k), 'class')} ({k})", paths) for k, paths in by_class.items()]
     tiles = [torch.stack([EvalSamples(paths, resolution)[i][0] for i in range(len(paths))]) for _, paths in groups]
     return labelled_image_grid(tiles, [name for name, _ in groups], padding=1)
+
+
+def clips_grid(files, resolution, num_frames, labels=None, id2label=None, rows=8, cols=8):
+    """One clip per row (the first clip of each of the first ``rows`` classes to appear, labelled with the class
+    name; without labels, the first ``rows`` clips), ``cols`` evenly spaced frames (the first and the last
+    included) as columns, labelled with the frame index."""
+    if labels is None:
+        picked = [("", path) for path in files[:rows]]
+    else:
+        first = {}
+        for path, label in zip(files, labels):
+            if label not in first and len(first) < rows:
+                first[label] = path
+        names = class_names(id2label)
+        picked = [(f"{names.get(int(k), 'class')} ({k})", path) for k, path in first.items()]
+    frames = trajectory_step_indices(num_frames, min(cols, num_frames))
+    clips = EvalSamples([path for _, path in picked], resolution, num_frames, 1)
+    tiles = [clips[i][0][:, frames].transpose(0, 1) for i in range(len(picked))]  # (K, 3, R, R)
+    return labelled_image_grid(tiles, [name for name, _ in picked], [f"frame {t}" for t in frames], padding=1)
 
 
 def main(args):
@@ -871,17 +1023,20 @@ def write_outputs(args, results, provenance, folder, files, skipped, diagnostics
         lines += ["Sampling: " + ", ".join(f"{k} {v}" for k, v in settings.items()), ""]
     if pipeline:
         lines += [f"Pipeline weights: transformer `{pipeline['transformer']}`, vae `{pipeline['vae']}`.", ""]
-    if not args.num_frames:
-        labels = None
-        if os.path.isfile(os.path.join(folder, "labels.json")):
-            with open(os.path.join(folder, "labels.json")) as fh:
-                by_name = json.load(fh)
-            if all(os.path.basename(f) in by_name for f in files):
-                labels = [by_name[os.path.basename(f)] for f in files]
-        grid = samples_grid(files, args.resolution, labels, (provenance or {}).get("id2label"))
-        save_png(grid, os.path.join(args.output_dir, "samples_grid.png"))
-        written.append("samples_grid.png")
-        lines += ["![samples](samples_grid.png)", ""]
+    labels = None
+    if os.path.isfile(os.path.join(folder, "labels.json")):
+        with open(os.path.join(folder, "labels.json")) as fh:
+            by_name = json.load(fh)
+        if all(os.path.basename(f) in by_name for f in files):
+            labels = [by_name[os.path.basename(f)] for f in files]
+    id2label = (provenance or {}).get("id2label")
+    if args.num_frames:
+        grid = clips_grid(files, args.resolution, args.num_frames, labels, id2label)
+    else:
+        grid = samples_grid(files, args.resolution, labels, id2label)
+    save_png(grid, os.path.join(args.output_dir, "samples_grid.png"))
+    written.append("samples_grid.png")
+    lines += ["![samples](samples_grid.png)", ""]
     if "loss_per_noise_level" in diagnostics:
         loss = diagnostics["loss_per_noise_level"]
         lines += [

@@ -170,8 +170,13 @@ class TransformersFeatures(FeatureExtractor):
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
 
 
+# I3D halves time three times and then averages over 2 steps: shorter clips do not fit its last pooling
+I3D_MIN_FRAMES = 9
+
+
 class I3DFeatures(FeatureExtractor):
-    """FVD's I3D (StyleGAN-V TorchScript): 400-d features of ``(B, 3, T, H, W)`` clips (>= 9 frames; 16 by convention)."""
+    """FVD's I3D (StyleGAN-V TorchScript): 400-d features of ``(B, 3, T, H, W)`` clips (>= ``I3D_MIN_FRAMES`` = 9
+    frames; 16 by convention)."""
 
     name, metric, video = "i3d", "FVD", True
 

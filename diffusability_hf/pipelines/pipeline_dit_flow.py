@@ -741,13 +741,18 @@ class DiTFlowMatchVideoPipeline(DiTFlowMatchPipeline):
             z = (1 - s) * z + s * noise
         return z, torch.tensor(timestep, device=z.device, dtype=z.dtype)
 
+    def _injects_decoder_noise(self, device: torch.device) -> bool:
+        """Whether the decoder draws noise from torch's global RNG (LTX's `decoder_inject_noise`) on a device whose
+        RNG the pipeline can seed (CPU, CUDA)."""
+        inject = getattr(self.vae.config, "decoder_inject_noise", None)
+        return bool(inject) and any(inject) and device.type in ("cpu", "cuda")
+
     @contextlib.contextmanager
     def _decoder_noise_rng(self, generator: torch.Generator | list[torch.Generator] | None, device: torch.device):
         """LTX decoders with `decoder_inject_noise` draw noise inside diffusers from torch's global RNG; with a
         `generator` (its first one for a list), run the decode with the global RNG seeded from one draw of it and
         restored afterwards, so that the same generator gives the same frames. Otherwise nothing changes."""
-        inject = getattr(self.vae.config, "decoder_inject_noise", None)
-        if generator is None or not inject or not any(inject) or device.type not in ("cpu", "cuda"):
+        if generator is None or not self._injects_decoder_noise(device):
             yield
             return
         first = generator[0] if isinstance(generator, list) else generator
@@ -773,7 +778,9 @@ class DiTFlowMatchVideoPipeline(DiTFlowMatchPipeline):
     ) -> torch.Tensor:
         """Normalised latents (B, C, T', h, w) -> frames (B, 3, T, H, W) in [-1, 1]: `z = x * std + mean`, then the
         video autoencoder's decode (for a timestep-conditioned LTX decoder `decode(z', temb=decode_timestep)` with
-        `z'` mixed with noise from `generator`, see `_mix_decode_noise`), clamped to [-1, 1]."""
+        `z'` mixed with noise from `generator`, see `_mix_decode_noise`), clamped to [-1, 1]. A decoder that injects
+        noise with a list of generators decodes each sample on its own, its noise drawn from its own generator: a
+        sample's frames do not depend on the other samples of the batch."""
         if latents.ndim != 5:
             raise ValueError(
                 f"Expected video latents (B, C, T', h, w), got shape {tuple(latents.shape)}: decode image latents "
@@ -784,12 +791,22 @@ class DiTFlowMatchVideoPipeline(DiTFlowMatchPipeline):
         if getattr(self.vae.config, "timestep_conditioning", False):
             z, timestep = self._mix_decode_noise(z, generator, decode_timestep, decode_noise_scale)
         z = z.to(self.vae.dtype)
-        with self._decoder_noise_rng(generator, z.device):
-            if timestep is None:
-                video = self.vae.decode(z, return_dict=False)[0]
-            else:
-                video = self.vae.decode(z, temb=timestep.to(self.vae.dtype), return_dict=False)[0]
+        temb = None if timestep is None else timestep.to(self.vae.dtype)
+        if isinstance(generator, list) and len(generator) > 1 and self._injects_decoder_noise(z.device):
+            parts = []
+            for i, sample_generator in enumerate(generator):
+                with self._decoder_noise_rng(sample_generator, z.device):
+                    parts.append(self._vae_decode(z[i : i + 1], None if temb is None else temb[i : i + 1]))
+            video = torch.cat(parts)
+        else:
+            with self._decoder_noise_rng(generator, z.device):
+                video = self._vae_decode(z, temb)
         return video.clamp(-1.0, 1.0)  # (B, 3, T, H, W)
+
+    def _vae_decode(self, z: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        if temb is None:
+            return self.vae.decode(z, return_dict=False)[0]
+        return self.vae.decode(z, temb=temb, return_dict=False)[0]
 
     def decode_and_postprocess(
         self,
