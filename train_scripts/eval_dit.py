@@ -923,7 +923,7 @@ def clips_grid(files, resolution, num_frames, labels=None, id2label=None, rows=8
     frames = trajectory_step_indices(num_frames, min(cols, num_frames))
     clips = EvalSamples([path for _, path in picked], resolution, num_frames, 1)
     tiles = [clips[i][0][:, frames].transpose(0, 1) for i in range(len(picked))]  # (K, 3, R, R)
-    return labelled_image_grid(tiles, [name for name, _ in picked], [f"frame {t}" for t in frames], padding=1)
+    return labelled_image_grid(tiles, [name for name, _ in picked], [f"t={t}" for t in frames], padding=1)
 
 
 def main(args):
