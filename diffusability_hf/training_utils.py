@@ -8,8 +8,9 @@
 - CPU threads: ``accelerate launch`` runs a plain single CPU process on one thread (``use_all_cpu_cores``).
 - Training loops: launcher checks (``check_launcher``, ``refuse_hub_token``), the accelerator set-up
   (``make_accelerator``), per-step seeding (``step_generator``), resuming (``resume_position``), the App. B
-  schedule (``warmup_cosine``), peak memory (``peak_memory_gb``), tracker settings (``tracker_config``) and the
-  global batch a preset gives (``split_global_batch``, ``describe_global_batch``).
+  schedule (``warmup_cosine``), peak memory (``peak_memory_gb``), throughput (``StepMeter``), non-finite losses
+  (``NonFiniteGuard``), tracker settings (``tracker_config``) and the global batch a preset gives
+  (``split_global_batch``, ``describe_global_batch``).
 """
 
 import contextlib
@@ -479,6 +480,124 @@ def peak_memory_gb(device) -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class StepMeter:
+    """Throughput of a training loop, per optimizer step and over the run: global samples/s, step time, the time
+    spent waiting on the data loader, and peak memory (``peak_memory_gb``), so that a run can be compared with
+    published per-GPU figures.
+
+    Wrap the loader (``for batch in meter.batches(loader)``: the time spent in its ``next`` is the data wait), call
+    :meth:`step` right after each optimizer step (its scalars go to the progress bar and the trackers) and
+    :meth:`restart` once the step's logging, checkpointing and validation are done, so that their time is not
+    counted as training. A step's time runs from the previous :meth:`restart` (or construction) to :meth:`step`:
+    data wait, forward, backward and optimizer, over every micro-batch of gradient accumulation. On CUDA, :meth:`step`
+    synchronises the device first (kernels are asynchronous).
+    """
+
+    def __init__(self, samples_per_step: int, device, warmup_steps: int = 1):
+        import time
+
+        self._clock = time.perf_counter
+        self.samples_per_step, self.device, self.warmup_steps = int(samples_per_step), device, warmup_steps
+        self.times: List[Tuple[float, float]] = []  # (step time, data wait) per step, in seconds
+        self.restart()
+
+    def restart(self) -> None:
+        """Start timing the next step (after logging, checkpoints and validation)."""
+        self._start, self._wait = self._clock(), 0.0
+
+    def batches(self, iterable):
+        """The items of ``iterable``, with the time spent waiting for each added to the current step's data wait."""
+        iterator = iter(iterable)
+        while True:
+            start = self._clock()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self._wait += self._clock() - start
+            yield item
+
+    def step(self) -> Dict[str, float]:
+        """Close the current optimizer step; its figures as tracker scalars (``train/...``)."""
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        seconds = max(self._clock() - self._start, 1e-9)
+        self.times.append((seconds, self._wait))
+        return {
+            "train/samples_per_second": self.samples_per_step / seconds,
+            "train/step_time_s": seconds,
+            "train/data_wait_s": self._wait,
+            "train/peak_memory_gb": peak_memory_gb(self.device),
+        }
+
+    def summary(self) -> Dict[str, object]:
+        """Over the steps after the first ``warmup_steps`` (graph compilation, allocator and cache warm-up; all the
+        steps when there are no more): global samples/s (samples over the summed step times), the median step time,
+        the share of step time spent waiting on data, the first step's time, and the peak memory."""
+        kept = self.times[self.warmup_steps :] or self.times
+        total = sum(t for t, _ in kept)
+        import statistics
+
+        return {
+            "samples_per_step": self.samples_per_step,
+            "steps_measured": len(kept),
+            "samples_per_second": self.samples_per_step * len(kept) / total if total else None,
+            "median_step_time_s": statistics.median(t for t, _ in kept) if kept else None,
+            "data_wait_fraction": sum(w for _, w in kept) / total if total else None,
+            "first_step_time_s": self.times[0][0] if self.times else None,
+            "peak_memory_gb": peak_memory_gb(self.device),
+        }
+
+
+class NonFiniteLossError(UsageError):
+    """Too many optimizer steps in a row had a non-finite loss; the run stopped with a checkpoint."""
+
+
+class NonFiniteGuard:
+    """Skip the updates of a non-finite loss, count them, and stop a run that keeps diverging.
+
+    ``finite(loss)`` is asked once per micro-batch: it is ``True`` only when the loss is finite on *every* process
+    (the flag is reduced, so all processes skip together and no collective is left waiting). A step with a
+    non-finite micro-batch skips the backward of that micro-batch and the optimizer and EMA updates of the whole
+    step (the gradients are dropped), but still counts as a step: the data, the per-step seeds and the learning-rate
+    schedule move on. After ``max_in_a_row`` such steps in a row, :meth:`step_done` raises
+    :class:`NonFiniteLossError` (the caller saves a checkpoint first).
+    """
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.skipped, self.in_a_row, self._bad = max_in_a_row, 0, 0, False
+
+    def finite(self, loss, accelerator) -> bool:
+        import torch
+
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        bad = bool(accelerator.reduce(bad, "sum").item() > 0) if accelerator.num_processes > 1 else bool(bad.item())
+        self._bad = self._bad or bad
+        return not bad
+
+    @property
+    def step_is_bad(self) -> bool:
+        """Whether a micro-batch of the current step had a non-finite loss (its updates are skipped)."""
+        return self._bad
+
+    def step_done(self, step: int) -> bool:
+        """Close optimizer step ``step``; returns whether it was skipped, and raises after too many in a row."""
+        skipped, self._bad = self._bad, False
+        self.skipped += skipped
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if skipped and self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteLossError(
+                f"The loss was not finite for {self.in_a_row} optimizer steps in a row (up to step {step}; "
+                f"{self.skipped} skipped in all), so training stopped with a checkpoint of the last finite weights: "
+                "lower --learning_rate or --max_grad_norm, train in bf16 or fp32 instead of fp16, check the data for "
+                "NaN or inf values, then resume with --resume_from_checkpoint latest (or raise "
+                "--max_nonfinite_steps)."
+            )
+        return skipped
 
 
 def tracker_config(args) -> dict:

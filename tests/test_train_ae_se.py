@@ -582,7 +582,10 @@ def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, s
         assert 0 < metrics[key]["psnr"] < 100  # the images, through the video AE as 1-frame videos
     assert video["before"]["psnr"] != video["after"]["psnr"]  # it trained
     assert len(video["after"]["frame_profiles"]) == 1 + (frames - 1) // (4 if stem in ("cogvideox", "wan") else 8)
-    assert metrics["peak_memory_gb"] > 0
+    assert metrics["peak_memory_gb"] > 0 and metrics["nonfinite_steps"] == 0
+    throughput = metrics["throughput"]  # global samples per step: images + clips over processes and accumulation
+    assert throughput["samples_per_step"] == (1 if stem == "wan" else 2) + 1 and throughput["steps_measured"] >= 1
+    assert throughput["samples_per_second"] > 0 and 0 <= throughput["data_wait_fraction"] < 1
     if stem == "cogvideox":
         assert metrics["skipped_images"] >= 1  # the corrupt and too-short videos were skipped and counted
         # TensorBoard got the validation clips as an animated GIF and the per-latent-frame spectra
@@ -594,6 +597,7 @@ def test_video_autoencoders_fine_tune_on_joint_batches(tmp_path, tiny_vae_dir, s
         clip = events.Images("validation/reconstruction_clips")[-1]
         assert Image.open(io.BytesIO(clip.encoded_image_string)).n_frames == frames
         assert {"val/video_psnr", "train/peak_memory_gb", "train/temporal_scale_factor"} <= set(tags["scalars"])
+        assert {"train/samples_per_second", "train/step_time_s", "train/data_wait_s"} <= set(tags["scalars"])
 
     gif = Image.open(out / "reconstruction.gif")
     assert gif.n_frames == frames and gif.size == (2 * 32, 2 * 32)  # 2 clips side by side, originals over recons
@@ -677,3 +681,19 @@ def test_embedded_video_run_is_sized_for_a_cpu_and_explicit_flags_win(script):
     # With a real dataset the preset's Table 5 batch sizes apply: 64 images + 32 clips
     args = script.parse_args(["--preset", "cogvideox", "--model_config_name_or_path", config, "--train_data_dir", "d"])
     assert (args.train_batch_size, args.video_batch_size, args.resolution) == (64, 32, 256)
+
+
+def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_checkpoint(tmp_path, tiny_vae_dir, run_script):
+    """A learning rate of 1e37 makes the first AdamW update blow the weights up: every later loss is not finite, so
+    those steps make no optimizer or EMA update, and after --max_nonfinite_steps in a row the run stops in one error
+    line with a checkpoint whose optimizer made exactly the one finite step."""
+    out = tmp_path / "out"
+    proc = train_tiny(run_script, tiny_vae_dir, out, "--learning_rate", 1e37, "--max_grad_norm", 0, "--max_train_steps",
+                      10, "--max_nonfinite_steps", 2, "--lr_warmup_steps", 0, launcher=[sys.executable], check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "not finite for 2 optimizer steps in a row (up to step 3; 2 skipped in all)" in lines[0]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    state = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=False)["state"]
+    assert state and {int(s["step"]) for s in state.values()} == {1}  # steps 2 and 3 were skipped
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()

@@ -82,6 +82,11 @@ def test_train_save_and_sample_through_both_loaders(tmp_path, latents, run_scrip
     assert meta["license"] == "apache-2.0" and "base_model" not in meta  # the toolkit's embedded AE
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())  # the atomic save left nothing behind
     assert f"Wrote to {out}: model_index.json, pipeline.py, transformer, vae, scheduler, README.md" in proc.stderr
+    run = json.loads((out / "metrics.json").read_text())  # throughput, to compare with published figures
+    assert run["train_steps"] == 6 and run["nonfinite_steps"] == 0 and run["global_batch"].startswith("8 latents")
+    throughput = run["throughput"]
+    assert throughput["samples_per_step"] == 8 and throughput["steps_measured"] == 5  # the first step is warm-up
+    assert throughput["samples_per_second"] > 0 and 0 <= throughput["data_wait_fraction"] < 1
 
     # Provenance: the fingerprint of the weights that encoded the latents, and of the pipeline's own vae
     fingerprint = json.loads(open(os.path.join(latents, "metadata.json")).read())["ae_weights_fingerprint"]
@@ -451,8 +456,11 @@ def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, late
     extra += ["--seed", 3, "--class_dropout_prob", 0.5, "--logit_mean", 0.5]
     proc = train(run_script, latents, out, *extra)
     assert "has no self-conditioning: training without it" in proc.stderr
-    logged = EventAccumulator(str(out / "logs" / "train_dit_flow")).Reload().Scalars("train/loss")
+    events = EventAccumulator(str(out / "logs" / "train_dit_flow")).Reload()
+    logged = events.Scalars("train/loss")
     assert [e.step for e in logged] == [1]
+    for tag in ("train/samples_per_second", "train/step_time_s", "train/data_wait_s", "train/peak_memory_gb"):
+        assert events.Scalars(tag)[0].value > 0 or tag == "train/data_wait_s", tag
 
     script = load_script()
     args = script.parse_args(["--latents_dir", latents, *map(str, FAST), *map(str, extra)])
@@ -528,3 +536,31 @@ def test_video_latents_train_the_video_dit_save_a_video_pipeline_and_resume(tmp_
     assert_one_error_line(train(run_script, latents, refused, *other, check=False, launcher=PYTHON),
                           "holds latents of another autoencoder", "AutoencoderKLCogVideoX")  # fmt: skip
     assert not refused.exists()
+
+
+def test_non_finite_losses_are_skipped_and_a_diverged_run_stops_with_a_checkpoint(tmp_path, latents, run_script):
+    """Latents that are all NaN: every step's loss is NaN, so no optimizer or EMA update happens; after
+    --max_nonfinite_steps in a row the run stops in one error line that says what to try, leaving a checkpoint of
+    the last finite weights (its optimizer never stepped) to resume from."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "nan_latents"
+    shutil.copytree(latents, broken)
+    for shard in sorted(broken.glob("shard-*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        tensors["mean"] = torch.full_like(tensors["mean"], float("nan"))
+        save_file(tensors, str(shard), metadata=header)
+    out = tmp_path / "dit"
+    proc = train(run_script, broken, out, "--max_train_steps", 8, "--max_nonfinite_steps", 3, check=False,
+                 launcher=PYTHON)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "not finite for 3 optimizer steps in a row (up to step 3; 3 skipped in all)" in lines[0]
+    assert "lower --learning_rate" in lines[0] and "--resume_from_checkpoint latest" in lines[0]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert (out / "checkpoint-3" / "training_state.json").is_file()  # complete
+    state = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=False)
+    assert state["state"] == {}  # AdamW never stepped: the weights are the initial ones
+    assert not (out / "model_index.json").exists()

@@ -262,3 +262,71 @@ def test_launcher_checks(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "snapshots"] and os.listdir(tmp_path / "snapshots") == [
         "step-2"
     ]
+
+
+class FakeClock:
+    """A clock the test moves by hand (``StepMeter``'s timings are then exact)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_step_meter_times_steps_and_data_waits_and_leaves_logging_out():
+    meter = tu.StepMeter(samples_per_step=32, device=torch.device("cpu"), warmup_steps=1)
+    clock = meter._clock = FakeClock()
+    meter.restart()
+
+    def slow_loader(waits):
+        for wait in waits:
+            clock.now += wait  # time spent producing the batch
+            yield wait
+
+    figures = []
+    batches = meter.batches(slow_loader([0.5, 0.25, 0.0, 1.0]))  # two micro-batches per optimizer step
+    for _ in range(2):
+        for _ in range(2):
+            next(batches)
+            clock.now += 1.0  # forward + backward of a micro-batch
+        figures.append(meter.step())
+        clock.now += 10.0  # logging, checkpoint, validation: not training time
+        meter.restart()
+    assert figures[0]["train/step_time_s"] == pytest.approx(2.75) and figures[0]["train/data_wait_s"] == 0.75
+    assert figures[1]["train/step_time_s"] == pytest.approx(3.0) and figures[1]["train/data_wait_s"] == 1.0
+    assert figures[0]["train/samples_per_second"] == pytest.approx(32 / 2.75)
+    assert figures[0]["train/peak_memory_gb"] > 0
+    summary = meter.summary()  # the first step is warm-up: left out
+    assert summary["steps_measured"] == 1 and summary["samples_per_second"] == pytest.approx(32 / 3.0)
+    assert summary["median_step_time_s"] == 3.0 and summary["data_wait_fraction"] == pytest.approx(1 / 3)
+    assert summary["first_step_time_s"] == pytest.approx(2.75)
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+class OneProcess:
+    num_processes = 1
+
+
+def test_non_finite_guard_skips_counts_and_stops_after_n_in_a_row():
+    guard, acc = tu.NonFiniteGuard(max_in_a_row=3), OneProcess()
+    nan, ok = torch.tensor(float("nan")), torch.tensor(1.0)
+    assert guard.finite(ok, acc) and not guard.step_is_bad and guard.step_done(1) is False
+    # A step with one non-finite micro-batch (of two) is skipped as a whole
+    assert guard.finite(ok, acc) and not guard.finite(torch.tensor([1.0, float("inf")]), acc)
+    assert guard.step_is_bad and guard.step_done(2) is True and (guard.skipped, guard.in_a_row) == (1, 1)
+    assert not guard.step_is_bad  # the next step starts clean
+    assert guard.finite(ok, acc) and guard.step_done(3) is False and guard.in_a_row == 0  # a finite step resets
+    guard.finite(nan, acc)
+    guard.step_done(4)
+    guard.finite(nan, acc)
+    guard.step_done(5)
+    guard.finite(nan, acc)
+    with pytest.raises(tu.NonFiniteLossError, match=r"3 optimizer steps in a row \(up to step 6; 4 skipped in all\)"):
+        guard.step_done(6)
+    never = tu.NonFiniteGuard(max_in_a_row=0)  # 0: skip and count, never stop
+    for step in range(20):
+        never.finite(nan, acc)
+        assert never.step_done(step)
+    assert never.skipped == 20

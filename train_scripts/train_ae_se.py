@@ -56,6 +56,9 @@ from diffusability_hf.presets import SE_PRESETS, se_preset_settings, settings_ep
 from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
 from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
 from diffusability_hf.training_utils import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    StepMeter,
     atomic_save,
     atomic_write_json,
     atomic_write_text,
@@ -302,6 +305,14 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     parser.add_argument("--max_grad_norm", type=float, default=50.0, help="Gradient clipping norm (%(default)s).")
     parser.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="A step whose loss is not finite is skipped (no optimizer or EMA update) and counted; after this many "
+        "in a row the run stops with a checkpoint and says what to try (0: never stop). Default %(default)s, our "
+        "choice: a transient spike passes, a diverged run stops early.",
+    )
+    parser.add_argument(
         "--ema_halflife_steps",
         type=float,
         default=5000.0,
@@ -518,6 +529,8 @@ def write_outputs(args, before, after, rgb, val, run):
             "unreadable_files": run["skips"],
             "train_seconds": round(run["seconds"], 1),
             "peak_memory_gb": round(run["peak_memory_gb"], 3),
+            "throughput": run["throughput"],
+            "nonfinite_steps": run["nonfinite_steps"],
             "rank_weight_checksums": run["checksums"],
         }
     )
@@ -708,6 +721,8 @@ def main(args):
     )
     skips, t_start, last, micro = SkipLog(), time.time(), {}, 0
     unwrapped = accelerator.unwrap_model(model).vae
+    per_step = sum(per_process.values()) * accelerator.num_processes * args.gradient_accumulation_steps
+    meter, guard = StepMeter(per_step, accelerator.device), NonFiniteGuard(args.max_nonfinite_steps)
     for epoch in range(first_epoch, num_epochs):
         for dataset in (train_dataset, getattr(train_dataset, "images", None), getattr(train_dataset, "videos", None)):
             if hasattr(dataset, "epoch"):
@@ -716,7 +731,7 @@ def main(args):
         loader = train_dataloader
         if epoch == first_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        for batch in loader:
+        for batch in meter.batches(loader):
             skips.update(batch["skipped"])  # warns once per unreadable file
             # One scale factor (and CHF ratio, temporal factor) per optimizer step, reproducible across resumes
             step_rng = random.Random(args.seed * 100_003 + global_step)
@@ -729,21 +744,30 @@ def main(args):
             with accelerator.accumulate(model):
                 loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
                 loss = loss.mean()  # (B_images + B_videos,) -> the batch mean: every image and clip counts once
-                # Copied from train_scripts/train_dit_flow.py (backward, clipping on sync steps, optimizer, schedule,
-                # then the step count and the EMA update below)
-                accelerator.backward(loss)
+                # Copied from train_scripts/train_dit_flow.py (backward of a finite loss, clipping on sync steps,
+                # optimizer unless the step had a non-finite loss, schedule, then the step count, the non-finite
+                # check with its checkpoint and the EMA update below)
+                if guard.finite(loss, accelerator):
+                    accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                if not guard.step_is_bad:
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
 
             if not accelerator.sync_gradients:
                 continue
             global_step, micro = global_step + 1, 0
             progress_bar.update(1)
-            if ema is not None:
+            perf = meter.step()
+            try:
+                skipped = guard.step_done(global_step)
+            except NonFiniteLossError:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+                raise
+            if ema is not None and not skipped:
                 ema.update([p for p in unwrapped.parameters() if p.requires_grad], global_step)
             last = {f"train/{k}": accelerator.reduce(v, "mean").item() for k, v in terms.items()}
             last.update(
@@ -751,7 +775,8 @@ def main(args):
                     "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
                     "train/lr": lr_scheduler.get_last_lr()[0],
                     "train/scale_factor": scale,
-                    "train/peak_memory_gb": peak_memory_gb(accelerator.device),
+                    "train/nonfinite_steps": guard.skipped,
+                    **perf,
                 }
             )
             if args.se_temporal_scale_factors:
@@ -760,8 +785,9 @@ def main(args):
                 last["train/grad_norm"] = float(grad_norm)
             accelerator.log(last, step=global_step)
             progress_bar.set_postfix(
-                loss=f"{last['train/loss']:.4f}", se=f"{last.get('train/se', 0):.4f}", lr=f"{last['train/lr']:.2e}"
-            )
+                loss=f"{last['train/loss']:.4f}", se=f"{last.get('train/se', 0):.4f}", lr=f"{last['train/lr']:.2e}",
+                samples_s=f"{perf['train/samples_per_second']:.1f}", data=f"{perf['train/data_wait_s']:.2f}s",
+            )  # fmt: skip
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
@@ -769,6 +795,7 @@ def main(args):
                 run_validation(accelerator, unwrapped, ema, val, rgb, args, global_step)
             if global_step >= args.max_train_steps:
                 break
+            meter.restart()  # logging, checkpoints and validation are not training time
         if global_step >= args.max_train_steps:
             break
 
@@ -813,7 +840,7 @@ def main(args):
             timestep_conditioning=bool(getattr(final.config, "timestep_conditioning", False)),
             base_fingerprint=base_fingerprint, fingerprint=ae.weights_fingerprint(final),
             base_normalization=base_normalization, normalization=normalization, cross_decoding=cross,
-            validation=val_info, global_batch=global_batch,
+            validation=val_info, global_batch=global_batch, throughput=meter.summary(), nonfinite_steps=guard.skipped,
         )  # fmt: skip
         write_outputs(args, before, after, rgb, val, run)
         if "image" in val:

@@ -56,8 +56,12 @@ from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline
 from diffusability_hf.tracking import log_image_grid
 from diffusability_hf.training_utils import (
     MissingPathError,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    StepMeter,
     UsageError,
     atomic_save,
+    atomic_write_json,
     atomic_write_text,
     check_launcher,
     check_output_dir,
@@ -85,7 +89,9 @@ logger = get_logger(__name__)
 EMBEDDED_AE = ae.EMBEDDED_AE
 MODEL_CARDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 # What a finished run leaves in --output_dir (a second run into it is refused without --overwrite_output_dir)
-RESULTS = ("model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png")
+RESULTS = (
+    "model_index.json", "pipeline.py", "transformer", "vae", "scheduler", "README.md", "samples.png", "metrics.json"
+)  # fmt: skip
 SNAPSHOTS = "snapshots"  # --pipeline_snapshot_steps: <output_dir>/snapshots/step-<N>, part of the run like checkpoints
 # The argparse defaults are App. B's; the embedded CPU demo (no --pretrained_vae_model_name_or_path) runs this much
 # shorter, under any flag given explicitly
@@ -181,6 +187,14 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2 (App. B: 0.99).")
     parser.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (App. B: 0.01).")
     parser.add_argument("--max_grad_norm", type=float, default=16.0, help="Gradient clipping (App. B: 16).")
+    parser.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="A step whose loss is not finite is skipped (no optimizer or EMA update) and counted; after this many "
+        "in a row the run stops with a checkpoint and says what to try (0: never stop). Default %(default)s, our "
+        "choice: a transient spike passes, a diverged run stops early.",
+    )
     parser.add_argument(
         "--ema_halflife_steps", type=float, default=6931.0, help="EMA half-life (6931 = DiT's 0.9999/step)."
     )
@@ -439,11 +453,13 @@ def main(args):
         range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process
     )
     t_start, micro, last = time.time(), 0, {}
+    meter = StepMeter(args.train_batch_size * n * args.gradient_accumulation_steps, accelerator.device)
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
     for epoch in range(first_epoch, num_epochs):
         dataset.epoch = epoch
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
-        for batch in batches:
+        for batch in meter.batches(batches):
             gen = step_generator(accelerator.device, args.seed, global_step, accelerator.process_index, micro)
             micro += 1
             if "pixels" in batch:  # on-the-fly: the frozen AE's posterior of this batch
@@ -455,27 +471,40 @@ def main(args):
             x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # (B, C, h, w) posterior sample, normalised
             with accelerator.accumulate(model):
                 loss = model(x0, batch["label"], gen).mean()
-                accelerator.backward(loss)
+                if guard.finite(loss, accelerator):
+                    accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                if not guard.step_is_bad:
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
             if not accelerator.sync_gradients:
                 continue
             global_step, micro = global_step + 1, 0
             progress_bar.update(1)
-            if ema is not None:
+            perf = meter.step()
+            try:
+                skipped = guard.step_done(global_step)
+            except NonFiniteLossError:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+                raise
+            if ema is not None and not skipped:
                 ema.update(list(unwrapped.parameters()), global_step)
             last = {
                 "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
                 "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/nonfinite_steps": guard.skipped,
+                **perf,
             }
             if grad_norm is not None:
                 last["train/grad_norm"] = float(grad_norm)
             accelerator.log(last, step=global_step)
-            progress_bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+            progress_bar.set_postfix(
+                loss=f"{last['train/loss']:.4f}", samples_s=f"{perf['train/samples_per_second']:.1f}",
+                data=f"{perf['train/data_wait_s']:.2f}s",
+            )  # fmt: skip
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
             snapshot = (
@@ -496,6 +525,7 @@ def main(args):
                 del pipeline
             if global_step >= args.max_train_steps:
                 break
+            meter.restart()  # logging, checkpoints, snapshots and validation are not training time
         if global_step >= args.max_train_steps:
             break
 
@@ -518,6 +548,16 @@ def main(args):
             pipeline.save_pretrained(tmp)
             grid.save(os.path.join(tmp, "samples.png"))
             write_card(tmp, args, meta, unwrapped, global_step, seconds, last, global_batch)
+            run = {
+                "train_steps": global_step,
+                "train_seconds": round(seconds, 1),
+                "final_loss": last.get("train/loss"),
+                "global_batch": global_batch,
+                "peak_memory_gb": round(peak, 3),
+                "throughput": meter.summary(),  # this launch's steps (a resumed run: the steps after the resume)
+                "nonfinite_steps": guard.skipped,
+            }
+            atomic_write_json(os.path.join(tmp, "metrics.json"), run)
         if repo_id is not None:
             from diffusability_hf.hub import push_folder
 
