@@ -24,6 +24,23 @@ SIGMA_SAMPLING_MODES = ("logit_normal", "uniform")
 _SIGMA_EPS = 1e-6
 
 
+def _draw(
+    sampler: Callable,
+    shape,
+    generator: Optional[torch.Generator],
+    device: Optional[Union[str, torch.device]],
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``sampler(shape)`` (``torch.randn`` / ``torch.rand``) on ``device`` from ``generator`` wherever the generator
+    lives, as diffusers' ``randn_tensor`` does: a generator on another device (a CPU one for CUDA latents) draws there
+    and the draw is moved, instead of torch refusing the mismatch. The numbers are the generator's either way."""
+    if generator is not None and device is not None:
+        device, home = torch.device(device), generator.device
+        if home.type != device.type or (device.index is not None and home.index != device.index):
+            return sampler(shape, generator=generator, device=home, dtype=dtype).to(device)
+    return sampler(shape, generator=generator, device=device, dtype=dtype)
+
+
 def sample_sigmas(
     n: int,
     mode: str = "logit_normal",
@@ -36,7 +53,8 @@ def sample_sigmas(
 
     ``"logit_normal"``: ``sigma = sigmoid(logit_mean + logit_std * N(0, 1))``, the paper's choice (Appendix B,
     "logit-normal t"; Esser et al., 2024, Section 3.1); the paper's default is location 0 and scale 1 (Section 4.2).
-    ``"uniform"``: ``sigma ~ U(0, 1)`` (plain rectified flow). Both are clamped to ``[1e-6, 1 - 1e-6]``.
+    ``"uniform"``: ``sigma ~ U(0, 1)`` (plain rectified flow). Both are clamped to ``[1e-6, 1 - 1e-6]``. A
+    ``generator`` on another device than ``device`` draws on its own device (the result is moved to ``device``).
     """
     if mode not in SIGMA_SAMPLING_MODES:
         raise ValueError(f"Unknown sigma sampling mode {mode!r}; choose one of {SIGMA_SAMPLING_MODES}.")
@@ -45,10 +63,10 @@ def sample_sigmas(
     if mode == "logit_normal":
         if logit_std <= 0:
             raise ValueError(f"logit_std must be positive, got {logit_std}.")
-        z = torch.randn(n, generator=generator, device=device)
+        z = _draw(torch.randn, (n,), generator, device)
         sigma = torch.sigmoid(logit_mean + logit_std * z)
     else:
-        sigma = torch.rand(n, generator=generator, device=device)
+        sigma = _draw(torch.rand, (n,), generator, device)
     return sigma.clamp(_SIGMA_EPS, 1.0 - _SIGMA_EPS)
 
 
@@ -213,19 +231,20 @@ class FlowMatchingLoss(nn.Module):
     def forward(
         self, x0: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None
     ) -> torch.Tensor:
-        """Per-sample loss ``(B,)`` (float32) of clean latents ``x0`` ``(B, C, h, w)`` with labels ``(B,)``."""
+        """Per-sample loss ``(B,)`` (float32) of clean latents ``x0`` ``(B, C, h, w)`` with labels ``(B,)``; the draws
+        come from ``generator`` on its own device (a CPU generator also serves CUDA latents)."""
         b, device = x0.shape[0], x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        noise = _draw(torch.randn, x0.shape, generator, device, x0.dtype)
         sigma = sample_sigmas(b, self.weighting_scheme, self.logit_mean, self.logit_std, generator, device)  # (B,)
         x_t = interpolate(x0, noise, sigma)  # (B, C, h, w)
-        drop = torch.rand(b, generator=generator, device=device) < self.class_dropout_prob
+        drop = _draw(torch.rand, (b,), generator, device) < self.class_dropout_prob
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # CFG: the null class id
         timestep = timesteps_from_sigmas(sigma, self.num_train_timesteps)
         kwargs = {}
         if self.self_conditioning_prob > 0:  # Appendix B: a no-grad auxiliary pass at the same noise level
             with torch.no_grad():
                 aux = self.transformer(x_t, timestep, labels).last_hidden_state  # (B, N, D)
-            keep = torch.rand(b, generator=generator, device=device) < self.self_conditioning_prob
+            keep = _draw(torch.rand, (b,), generator, device) < self.self_conditioning_prob
             kwargs["self_cond"] = aux * keep.view(-1, 1, 1).to(aux.dtype)
         pred = self.transformer(x_t, timestep, labels, **kwargs).sample[:, : x0.shape[1]]  # learned sigma dropped
         return flow_matching_loss(pred, x0, noise)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import autoencoders as ae
-from .spectral import SOFT_PENALTY_NORMALIZATIONS, chop_high_frequencies, soft_frequency_penalty
+from .spectral import SOFT_PENALTY_NORMALIZATIONS, autocast_disabled, chop_high_frequencies, soft_frequency_penalty
 
 DOWNSAMPLE_MODES = ("bilinear", "bilinear_align_corners", "bilinear_antialias", "area")
 
@@ -279,7 +279,8 @@ class ReconstructionDistance(nn.Module):
             self.lpips = None
 
     def lpips_distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample LPIPS ``(B,)``; per frame for videos."""
+        """Per-sample LPIPS ``(B,)`` in float32 (autocast off: a bf16 trunk moves the distance by about 1%); per frame
+        for videos."""
         pred_f, _ = _frames_to_batch(pred)
         target_f, _ = _frames_to_batch(target)
         if pred_f.shape[1] != 3:
@@ -292,7 +293,8 @@ class ReconstructionDistance(nn.Module):
             size = (round(pred_f.shape[-2] * s), round(pred_f.shape[-1] * s))
             pred_f = F.interpolate(pred_f, size=size, mode="bilinear", align_corners=False)
             target_f = F.interpolate(target_f, size=size, mode="bilinear", align_corners=False)
-        d = self.lpips(pred_f, target_f).flatten()  # (B*T,)
+        with autocast_disabled(pred_f.device):  # the frozen trunk in float32, also in a bf16 autocast training step
+            d = self.lpips(pred_f, target_f).flatten()  # (B*T,)
         return d.reshape(pred.shape[0], -1).mean(dim=1)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ Conventions shared by the whole toolkit:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Mapping, Optional, Sequence
@@ -56,6 +57,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def autocast_disabled(device: torch.device):
+    """A context in which autocast is off on ``device`` (a no-op where it is not on, or for devices without autocast,
+    such as ``meta``): float32 code stays float32 under a training loop's bf16 autocast, which would otherwise run its
+    matmuls and convolutions in bf16 whatever the dtype of their inputs."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # no autocast for this device type
+        pass
+    return contextlib.nullcontext()
+
+
 def _check_blocks(x: torch.Tensor, block_size: int) -> None:
     if x.ndim < 2:
         raise ValueError(f"Expected a tensor with at least 2 dimensions (..., H, W), got shape {tuple(x.shape)}.")
@@ -80,24 +93,29 @@ def blockwise_dct2d(x: torch.Tensor, block_size: int = 8) -> torch.Tensor:
     Returns:
         ``(..., H // B, W // B, B, B)`` coefficients, ``[..., u, v]`` with ``u`` vertical and ``v`` horizontal.
         Computed in float32 (float64 for float64 inputs) as ``C @ block @ C.T``, evaluated for all blocks at once as
-        one matrix product with ``kron(C, C)`` (no Python loop over blocks).
+        one matrix product with ``kron(C, C)`` (no Python loop over blocks), also under autocast (which would run
+        the product in bf16).
     """
     _check_blocks(x, block_size)
     *lead, h, w = x.shape
     b = block_size
     blocks = x.to(_compute_dtype(x)).reshape(*lead, h // b, b, w // b, b).transpose(-3, -2)  # (..., H/B, W/B, B, B)
     # D = C A C^T as one (B^2 x B^2) product on flattened blocks: vec(D) = kron(C, C) vec(A) (row-major vec)
-    flat = blocks.reshape(*lead, h // b, w // b, b * b) @ _kron_dct(b, blocks.dtype, x.device).T
+    with autocast_disabled(x.device):
+        flat = blocks.reshape(*lead, h // b, w // b, b * b) @ _kron_dct(b, blocks.dtype, x.device).T
     return flat.reshape(*lead, h // b, w // b, b, b)
 
 
 def blockwise_idct2d(coeffs: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of :func:`blockwise_dct2d`: ``(..., H//B, W//B, B, B) -> (..., H, W)``."""
+    """Exact inverse of :func:`blockwise_dct2d`: ``(..., H//B, W//B, B, B) -> (..., H, W)``, in the dtype of
+    ``coeffs``, computed as :func:`blockwise_dct2d` is (float32, float64 for float64; autocast off)."""
     if coeffs.ndim < 4 or coeffs.shape[-1] != coeffs.shape[-2]:
         raise ValueError(f"Expected (..., H//B, W//B, B, B) coefficients, got shape {tuple(coeffs.shape)}.")
     *lead, nh, nw, b, _ = coeffs.shape
-    flat = coeffs.reshape(*lead, nh, nw, b * b) @ _kron_dct(b, coeffs.dtype, coeffs.device)  # A = C^T D C
-    return flat.reshape(*lead, nh, nw, b, b).transpose(-3, -2).reshape(*lead, nh * b, nw * b)
+    dtype = _compute_dtype(coeffs)
+    with autocast_disabled(coeffs.device):
+        flat = coeffs.to(dtype).reshape(*lead, nh, nw, b * b) @ _kron_dct(b, dtype, coeffs.device)  # A = C^T D C
+    return flat.reshape(*lead, nh, nw, b, b).transpose(-3, -2).reshape(*lead, nh * b, nw * b).to(coeffs.dtype)
 
 
 @functools.lru_cache(maxsize=32)

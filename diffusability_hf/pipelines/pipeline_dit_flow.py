@@ -329,7 +329,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
                 Makes the initial noise, hence the images, deterministic.
             output_type (`str`, defaults to `"pil"`):
                 `"pil"` (list of PIL images), `"np"` (B, H, W, 3) float in [0, 1], `"pt"` (B, 3, H, W) in [0, 1], or
-                `"latent"` (B, C, h, w) latents in the transformer's normalised space.
+                `"latent"` (B, C, h, w) float32 latents in the transformer's normalised space.
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
@@ -391,9 +391,11 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0
         self_conditioning = bool(getattr(transformer.config, "self_conditioning", False))
 
-        # 2. Initial noise x_1 ~ N(0, I) and class labels (the null class `num_classes` for the unconditional half)
+        # 2. Initial noise x_1 ~ N(0, I) and class labels (the null class `num_classes` for the unconditional half).
+        # The latents stay float32 through the loop (the transformer sees them in its own dtype): bf16 Euler updates
+        # of sigma-step size are rounded away against |x| ~ 1, and the same generator gives the same noise in any dtype
         batch_size = len(class_ids)
-        latents = self.prepare_latents(batch_size, transformer.dtype, device, generator, latents)
+        latents = self.prepare_latents(batch_size, torch.float32, device, generator, latents)
         labels = torch.tensor(class_ids, device=device, dtype=torch.long)
         null_labels = torch.full_like(labels, self.num_classes)  # the unconditional branch of guidance
 
@@ -421,7 +423,7 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
                     guidance_interval is None or guidance_interval[0] - 1e-6 <= sigma <= guidance_interval[1] + 1e-6
                 )
                 branches = ("cond", "uncond") if guided else ("cond",)
-                model_input = torch.cat([latents] * len(branches))  # (B or 2B, C, [T',] h, w)
+                model_input = torch.cat([latents] * len(branches)).to(transformer.dtype)  # (B or 2B, C, [T',] h, w)
                 step_labels = torch.cat([labels, null_labels]) if guided else labels
                 timestep = t.expand(model_input.shape[0]).to(device)
                 kwargs = {"self_cond": None} if self_conditioning else {}
@@ -442,12 +444,12 @@ class DiTFlowMatchPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None and "x0_pred" in callback_on_step_end_tensor_inputs:
                     # x_t = (1 - sigma) x0 + sigma noise and v = noise - x0 give x0 = x_t - sigma v
                     step_inputs["x0_pred"] = (latents.float() - sigma * velocity.float()).to(latents.dtype)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]  # float32
                 if callback_on_step_end is not None:
                     step_inputs["latents"] = latents
                     callback_kwargs = {k: step_inputs[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
+                    latents = callback_outputs.pop("latents", latents).to(device=device, dtype=torch.float32)
         finally:
             transformer.train(was_training)
 
@@ -859,7 +861,7 @@ class DiTFlowMatchVideoPipeline(DiTFlowMatchPipeline):
                 The initial noise (B, C, T', h, w) instead of drawing it from `generator`.
             output_type (`str`, defaults to `"np"`):
                 `"np"` (B, T, H, W, 3) float in [0, 1], `"pt"` (B, T, 3, H, W) in [0, 1], `"pil"` (B lists of T PIL
-                images), or `"latent"` (B, C, T', h, w) latents in the transformer's normalised space.
+                images), or `"latent"` (B, C, T', h, w) float32 latents in the transformer's normalised space.
             return_dict (`bool`, defaults to `True`):
                 Return a [`DiTFlowMatchVideoPipelineOutput`] instead of a tuple.
             decode_timestep (`float` or a list of them, defaults to 0.05):
