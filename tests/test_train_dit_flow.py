@@ -357,7 +357,7 @@ def test_pipeline_snapshots_hold_the_ema_weights_of_their_step(tmp_path, latents
     snapshots = full / "snapshots"
     assert sorted(os.listdir(snapshots)) == ["step-1", "step-2", "step-3"]  # not the last step: the main save
     assert f"Saved the EMA pipeline at step 2 to {snapshots / 'step-2'}" in proc.stderr
-    assert "README.md, samples.png, checkpoint-4, snapshots" in proc.stderr
+    assert "README.md, samples.png, metrics.json, checkpoint-4, snapshots" in proc.stderr
     final = json.loads((full / "model_index.json").read_text())
     index = json.loads((snapshots / "step-2" / "model_index.json").read_text())
     assert final["provenance"]["step"] == 4 and index["provenance"] == {**final["provenance"], "step": 2}
