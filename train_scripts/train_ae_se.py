@@ -304,6 +304,7 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01).")
     parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     parser.add_argument("--max_grad_norm", type=float, default=50.0, help="Gradient clipping norm (%(default)s).")
+    # Copied from train_scripts/train_dit_flow.py (--max_nonfinite_steps)
     parser.add_argument(
         "--max_nonfinite_steps",
         type=int,
