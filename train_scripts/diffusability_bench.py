@@ -239,6 +239,10 @@ PRELOAD = [
 ]  # fmt: skip
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
 _context = None
+# Reading a forkserver child's exit code is not thread-safe: ``Process.start`` polls every other live child, and
+# when that poll races the child's own ``join``, one of the two reads end-of-file and records exit code 255 for a
+# run that succeeded. Every start and every reading of an exit code happens under this lock.
+_process_lock = threading.Lock()
 
 
 def _script_process(script, argv, log, threads):
@@ -260,6 +264,7 @@ def run(script, *args, log, threads):
     (which starts with the equivalent command line). Returns the seconds it took; a failure raises with the end
     of its log."""
     import multiprocessing
+    import multiprocessing.connection
 
     global _context
     if _context is None:
@@ -272,8 +277,11 @@ def run(script, *args, log, threads):
         fh.write(" ".join(["python", os.path.relpath(path, ROOT), *argv]) + "\n\n")
     start = time.time()
     proc = _context.Process(target=_script_process, args=(path, argv, log, threads))
-    proc.start()
-    proc.join()
+    with _process_lock:
+        proc.start()
+    multiprocessing.connection.wait([proc.sentinel])
+    with _process_lock:
+        proc.join()
     if proc.exitcode:
         with open(log) as fh:
             tail = fh.read()[-4000:]
