@@ -32,6 +32,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .flow import _draw
+
 # The toolkit's own small pretrained AutoencoderKL (trained on the scikit-image photographs), the scripts' default
 EMBEDDED_AE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "embedded_ae")
 COSMOS_SIGMA_DATA = 0.5  # EDMEulerScheduler's sigma_data in the Cosmos pipelines
@@ -291,13 +293,25 @@ class Posterior:
         return None if self.logvar is None else torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``mean + std * eps``, ``eps`` drawn from ``generator`` wherever it lives (a CPU generator for CUDA latents
+        draws on the CPU, as diffusers' ``randn_tensor`` does), in float32 (float64 means stay float64).
+
+        A bf16 mean (the encoder's output under bf16 autocast) gives a float32 sample: in bf16 the noise would be
+        rounded to 8 bits and the sum to the mean's spacing, which erases ``std * eps`` wherever ``|mean| >> std``
+        (autocast casts the sample back for the decoder's matmuls)."""
         if self.logvar is None:
             return self.mean
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+        dtype = _noise_dtype(self.mean)
+        noise = _draw(torch.randn, self.mean.shape, generator, self.mean.device, dtype)
+        return self.mean.to(dtype) + torch.exp(0.5 * self.logvar.to(dtype)) * noise
 
     def mode(self) -> torch.Tensor:
         return self.mean
+
+
+def _noise_dtype(like: torch.Tensor) -> torch.dtype:
+    """float32, or ``like``'s dtype where it is wider: Gaussian noise is never drawn in bf16 / fp16."""
+    return torch.promote_types(like.dtype, torch.float32)
 
 
 def _to_layout(x: torch.Tensor, row: AERow) -> torch.Tensor:
@@ -358,7 +372,8 @@ def decode(
     LTX decoders with ``timestep_conditioning`` (0.9.1+) get what their pipelines give them: the latent mixed with
     ``decode_noise_scale`` of Gaussian noise (drawn from ``generator``; in raw latent space for LTX-Video, in
     normalised space for LTX-2) and ``temb = decode_timestep`` per sample. The defaults are diffusers' recommended
-    0.05 / 0.025 for these models.
+    0.05 / 0.025 for these models. The noise is drawn on the generator's device and mixed in float32 (bf16 noise
+    of scale 0.025 would be rounded to 8 bits), then the mixture is cast back to ``z``'s dtype for the decoder.
     """
     row = get_row(vae)
     v = _to_layout(z, row)
@@ -366,12 +381,14 @@ def decode(
     if name == "AutoencoderKLAllegro":
         out = vae.decoder(_frames_apply(vae.post_quant_conv, v))
     elif name in ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video") and vae.config.timestep_conditioning:
-        noise = torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)
-        s = decode_noise_scale
+        dtype = _noise_dtype(v)
+        noise = _draw(torch.randn, v.shape, generator, v.device, dtype)
+        s, w = decode_noise_scale, v.to(dtype)
         if name == "AutoencoderKLLTX2Video":
-            v = denormalize_latents(vae, (1 - s) * normalize_latents(vae, v) + s * noise)
+            w = denormalize_latents(vae, (1 - s) * normalize_latents(vae, w) + s * noise)
         else:
-            v = (1 - s) * v + s * noise
+            w = (1 - s) * w + s * noise
+        v = w.to(v.dtype)
         temb = torch.full((v.shape[0],), float(decode_timestep), device=v.device, dtype=v.dtype)
         out = vae.decode(v, temb).sample
     else:

@@ -1,6 +1,8 @@
 """Device and dtype contracts under CUDA-style training (bf16 autocast, bf16 weights, generators on another device),
 checked on the CPU: CPU autocast stands in for CUDA's, the meta device for "a device that is not the generator's"."""
 
+import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -10,11 +12,14 @@ from diffusers import AutoencoderKL, ConfigMixin, FlowMatchEulerDiscreteSchedule
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from diffusability_hf import autoencoders as ae
 from diffusability_hf import spectral
 from diffusability_hf.flow import FlowMatchingLoss, sample_sigmas
 from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss, chf_loss, load_lpips
 from diffusability_hf.models.dit import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
+TINY_CONFIGS = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
 
 
 def bf16_autocast():
@@ -179,3 +184,102 @@ def test_pipeline_integrates_in_float32_and_feeds_the_transformer_its_dtype(dtyp
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # the same noise in any dtype
     assert latents.dtype == torch.float32 and set(transformer.seen) == {dtype}
     torch.testing.assert_close(latents, noise - 1e-3, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- posterior and decoder noise (autoencoders)
+
+
+def bf16_posterior(mean_scale=8.0, std=0.01):
+    """A posterior as the encoder gives it under bf16 autocast: bf16 mean and logvar, with ``|mean| >> std`` (bf16
+    spacing at 8 is 2^-4, six times the std)."""
+    g = torch.Generator().manual_seed(11)
+    mean = (mean_scale + torch.rand(2, 4, 16, 16, generator=g)).bfloat16()
+    return ae.Posterior(mean, torch.full_like(mean, 2 * math.log(std)))
+
+
+def test_a_bf16_posterior_draws_float32_noise_and_sums_in_float32():
+    """bf16 noise added in bf16 rounds ``std * eps`` to the mean's spacing: most samples came back as the mean."""
+    post = bf16_posterior()
+    z = post.sample(torch.Generator().manual_seed(0))
+    eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(0))  # the float32 draw
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, post.mean.float() + post.logvar.float().mul(0.5).exp() * eps, rtol=0, atol=0)
+    assert abs(float((z - post.mean.float()).std()) / 0.01 - 1) < 0.05  # the posterior's std, not rounding's
+
+
+def test_posterior_samples_under_bf16_autocast_are_float32_and_decodable():
+    vae = tiny_vae().eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad(), bf16_autocast():
+        post = ae.encode(vae, x)
+        z = post.sample(torch.Generator().manual_seed(1))
+        recon = ae.decode(vae, z)
+    eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(1))
+    assert post.mean.dtype == torch.bfloat16 and z.dtype == torch.float32 and recon.shape == x.shape
+    torch.testing.assert_close(z, post.mean.float() + post.logvar.float().mul(0.5).exp() * eps, rtol=0, atol=0)
+
+
+def test_float32_posterior_samples_are_unchanged():
+    """Same device, float32: the draw and the sum are today's, bit for bit (seeded runs and resumes rely on it)."""
+    g = torch.Generator().manual_seed(4)
+    mean, logvar = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g) - 3
+    z = ae.Posterior(mean, logvar).sample(torch.Generator().manual_seed(5))
+    expect = mean + torch.exp(0.5 * logvar) * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert z.dtype == torch.float32 and torch.equal(z, expect)
+    double = ae.Posterior(mean.double(), logvar.double()).sample(torch.Generator().manual_seed(5))
+    assert double.dtype == torch.float64  # wider than float32: kept
+
+
+def test_a_cpu_generator_draws_posterior_noise_for_latents_on_another_device():
+    """A CUDA mean with a CPU generator made torch refuse the draw; a meta mean (its stand-in here) left the
+    generator untouched. Now the noise is drawn on the generator's device and moved."""
+    mean = torch.empty(2, 4, 8, 8, device="meta")
+    g, reference = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    z = ae.Posterior(mean, torch.empty_like(mean)).sample(g)
+    torch.randn(mean.shape, generator=reference)
+    assert z.device.type == "meta" and z.shape == mean.shape
+    assert torch.equal(g.get_state(), reference.get_state())
+
+
+def ltx_recording_decoder(stem, **overrides):
+    """A tiny LTX / LTX-2 with ``timestep_conditioning`` whose ``decode`` records its input (and runs on any
+    device: it returns that input)."""
+    torch.manual_seed(0)
+    config = {**ae.read_config(os.path.join(TINY_CONFIGS, f"{stem}.json")), **overrides}
+    vae = ae.load_autoencoder(config, None).eval()
+    seen = []
+
+    def decode(v, temb):
+        seen.append((v, temb))
+        return ConstantOutput(sample=v)
+
+    vae.decode = decode
+    return vae, seen
+
+
+@pytest.mark.parametrize("stem", ["ltx_timestep", "ltx2"])
+def test_ltx_decode_noise_of_bf16_latents_is_drawn_and_mixed_in_float32(stem):
+    vae, seen = ltx_recording_decoder(stem, timestep_conditioning=True)
+    if stem == "ltx2":  # non-trivial statistics, so that the normalised-space mix is exercised
+        vae.latents_mean.copy_(torch.linspace(-1, 1, 8))
+        vae.latents_std.copy_(torch.linspace(0.5, 2, 8))
+    z = (4 * torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(2))).bfloat16()
+    ae.decode(vae, z, torch.Generator().manual_seed(3), decode_timestep=0.05, decode_noise_scale=0.025)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))  # the float32 draw
+    if stem == "ltx2":
+        expect = ae.denormalize_latents(vae, 0.975 * ae.normalize_latents(vae, z.float()) + 0.025 * noise)
+    else:
+        expect = 0.975 * z.float() + 0.025 * noise
+    v, temb = seen[0]
+    assert v.dtype == temb.dtype == torch.bfloat16  # the decoder gets z's dtype
+    torch.testing.assert_close(v, expect.bfloat16(), rtol=0, atol=0)  # one rounding, of the float32 mixture
+
+
+def test_ltx_decode_noise_comes_from_a_cpu_generator_for_latents_on_another_device():
+    vae, seen = ltx_recording_decoder("ltx_timestep")
+    z = torch.empty(1, 8, 2, 4, 4, device="meta")
+    g, reference = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    ae.decode(vae, z, g)
+    torch.randn(z.shape, generator=reference)
+    assert seen[0][0].device.type == seen[0][1].device.type == "meta"
+    assert torch.equal(g.get_state(), reference.get_state())
