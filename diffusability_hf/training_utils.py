@@ -403,14 +403,13 @@ def hub_repo(args) -> Optional[str]:
 
 
 def check_launcher() -> None:
-    """Refuse an FSDP launch (``accelerate launch`` sets ``ACCELERATE_USE_FSDP`` for FSDP configs), before any
-    weights load: the scripts' EMA, validation and final save need every parameter on one process."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UsageError(
-            "FSDP is not supported by this script yet: its EMA, validation and final save need every parameter on one "
-            "process. The models trained here fit on one GPU, and data parallelism gives the same result: launch with "
-            "accelerate_configs/multi_gpu.yaml (DDP) or accelerate_configs/deepspeed_zero2.yaml instead."
-        )
+    """Refuse a launch the scripts cannot run (FSDP1: :func:`~.fsdp.check_fsdp_launch`), before any weights load."""
+    from .fsdp import FSDPVersionError, check_fsdp_launch
+
+    try:
+        check_fsdp_launch()
+    except FSDPVersionError as err:
+        raise UsageError(str(err)) from None
 
 
 def make_accelerator(args):

@@ -39,8 +39,8 @@ def test_config_loads_with_accelerate_and_means_its_name(path):
     assert config.num_machines == 1 and config.num_processes >= 1
     if distributed == DistributedType.FSDP:
         fsdp = config.fsdp_config
-        assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-        assert fsdp["fsdp_use_orig_params"] is True  # frozen layers and per-parameter weight decay need it
+        assert fsdp["fsdp_version"] == 2  # the scripts run FSDP2 (fully_shard) only
+        assert fsdp["fsdp_reshard_after_forward"] is True and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     if distributed == DistributedType.DEEPSPEED:
         assert config.deepspeed_config["zero_stage"] == 2
 
@@ -56,8 +56,8 @@ def test_launcher_turns_the_config_into_its_environment(name):
     env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     if name == "fsdp":
-        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
-        assert env["FSDP_USE_ORIG_PARAMS"] == "true" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+        assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
     else:
         assert "ACCELERATE_USE_FSDP" not in env
 
@@ -92,7 +92,7 @@ def test_two_process_ddp_equals_one_process_with_twice_the_batch(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("script", ["train_ae_se", "train_dit_flow"])
-def test_training_scripts_refuse_fsdp_up_front_and_point_to_ddp(script, monkeypatch, tmp_path):
+def test_training_scripts_refuse_fsdp1_up_front(script, monkeypatch, tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(script, os.path.join(ROOT, "train_scripts", f"{script}.py"))
@@ -100,7 +100,8 @@ def test_training_scripts_refuse_fsdp_up_front_and_point_to_ddp(script, monkeypa
     spec.loader.exec_module(module)
     data = ["--latents_dir", str(tmp_path)] if script == "train_dit_flow" else []
     args = module.parse_args([*data, "--output_dir", str(tmp_path / "out")])
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
-    with pytest.raises(ValueError, match="multi_gpu.yaml"):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config ...
+    monkeypatch.setenv("FSDP_VERSION", "1")  # ... with `fsdp_version: 1`
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
         module.main(args)
     assert not (tmp_path / "out").exists()

@@ -241,9 +241,17 @@ def test_resume_position_and_tracker_config(tmp_path):
 
 def test_launcher_checks(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(tu.UsageError, match="FSDP is not supported"):
-        tu.check_launcher()
+    for version in (None, "1"):  # accelerate's default is FSDP1
+        if version is None:
+            monkeypatch.delenv("FSDP_VERSION", raising=False)
+        else:
+            monkeypatch.setenv("FSDP_VERSION", version)
+        with pytest.raises(tu.UsageError, match="fsdp_version: 2"):
+            tu.check_launcher()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    tu.check_launcher()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("FSDP_VERSION", "1")
     tu.check_launcher()
     import argparse
 

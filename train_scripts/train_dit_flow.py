@@ -42,6 +42,15 @@ from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import LabelledImages, collate_labelled
 from diffusability_hf.ema import EMA
 from diffusability_hf.flow import FlowMatchingLoss
+from diffusability_hf.fsdp import (
+    fsdp_active,
+    gather_into,
+    load_ema_shard,
+    plain_copy,
+    register_ema,
+    save_ema_shard,
+    shard_blocks,
+)
 from diffusability_hf.hub import card_license, dit_pipeline_card_fields, render_model_card
 from diffusability_hf.latents import (
     LatentShards,
@@ -357,6 +366,7 @@ def main(args):
     )
 
     accelerator = make_accelerator(args)
+    logger.info(accelerator.state, main_process_only=False)
     check_dataset_size(meta["num_samples"] if images is None else len(images), args, accelerator.num_processes)
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, logger.warning, found)
 
@@ -420,7 +430,8 @@ def main(args):
 
     # Optimizer (App. B): AdamW, warmup then cosine decay to --lr_end, an EMA of the weights
     params = list(transformer.parameters())
-    ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
+    fsdp = fsdp_active(accelerator)  # FSDP2: the main process keeps an unsharded copy to validate and save
+    plain = plain_copy(transformer, accelerator)
     optimizer = torch.optim.AdamW(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
     )
@@ -431,10 +442,22 @@ def main(args):
             step, args.lr_warmup_steps * n, args.max_train_steps * n, args.learning_rate, args.lr_end
         ),
     )
+    blocks = shard_blocks(accelerator, objective)  # FSDP: each DiT block its own shard group
+    if blocks:
+        logger.info(f"FSDP2: {accelerator.num_processes} processes; each {', '.join(blocks)} sharded on its own")
     model, optimizer, loader, lr_scheduler = accelerator.prepare(objective, optimizer, loader, lr_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     unwrapped = accelerator.unwrap_model(model).transformer
+    # The EMA of the prepared parameters: whole tensors, or under FSDP this process's shards (saved per process)
+    ema = None
+    if args.ema_halflife_steps > 0:
+        ema = EMA(unwrapped.parameters(), args.ema_halflife_steps, args.ema_rampup_ratio or None)
+    register_ema(accelerator, ema)
+
+    def checkpoint(step):
+        save_checkpoint(
+            accelerator, args.output_dir, step, args.checkpoints_total_limit or None,
+            extra=lambda folder: save_ema_shard(ema, folder, accelerator),
+        )  # fmt: skip
 
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -447,6 +470,8 @@ def main(args):
     global_step, first_epoch, skip = resume_position(
         accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
     )
+    if resume_path is not None:
+        load_ema_shard(ema, resume_path, accelerator)
 
     # Training loop
     progress_bar = tqdm(
@@ -488,7 +513,7 @@ def main(args):
             try:
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+                checkpoint(global_step)
                 raise
             if ema is not None and not skipped:
                 ema.update(list(unwrapped.parameters()), global_step)
@@ -506,17 +531,20 @@ def main(args):
                 data=f"{perf['train/data_wait_s']:.2f}s",
             )  # fmt: skip
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+                checkpoint(global_step)
             snapshot = (
                 args.pipeline_snapshot_steps is not None
                 and global_step % args.pipeline_snapshot_steps == 0
                 and global_step < args.max_train_steps  # the last step's weights are the main save
             )
             validate = global_step % args.validation_steps == 0
+            if (snapshot or validate) and fsdp:  # every process gathers the full EMA weights into `plain`
+                gather_into(plain, unwrapped, ema)
             if (snapshot or validate) and accelerator.is_main_process:
-                pipeline = make_pipeline(  # an EMA copy
-                    unwrapped, vae, meta, ema=ema, shift=args.shift, latents_dir=args.latents_dir, step=global_step
-                )
+                pipeline = make_pipeline(  # an EMA copy (under FSDP: the gathered one)
+                    plain if fsdp else unwrapped, vae, meta, ema=None if fsdp else ema, shift=args.shift,
+                    latents_dir=args.latents_dir, step=global_step, copy=not fsdp,
+                )  # fmt: skip
                 if snapshot:
                     path = save_snapshot(pipeline, os.path.join(args.output_dir, SNAPSHOTS), global_step)
                     logger.info(f"Saved the EMA pipeline at step {global_step} to {path}")
@@ -537,7 +565,9 @@ def main(args):
     peak = peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+        checkpoint(global_step)
+    if fsdp:  # the final weights, gathered by every process into the main process's unsharded copy
+        unwrapped, ema = gather_into(plain, unwrapped, ema), None
     if accelerator.is_main_process:
         seconds = time.time() - t_start
         pipeline = make_pipeline(

@@ -1,0 +1,198 @@
+"""FSDP2 in the training scripts: what changes when every parameter is a shard.
+
+The paper trains with FSDP full sharding on 8 GPUs. ``accelerate launch --config_file accelerate_configs/fsdp.yaml``
+(``fsdp_version: 2``) applies ``torch.distributed.fsdp.fully_shard`` to the prepared module: each process then holds
+1/N of every parameter, gradient and AdamW moment (a ``DTensor`` sharded on dim 0), and a forward pass gathers the
+full weights of one wrapped block at a time. What the scripts do with whole weights changes as follows:
+
+- The EMA (:class:`~.ema.EMA`) is built from the prepared module's parameters, so its shadow tensors are shards
+  like them (1/N of the memory, updated locally, no communication). accelerate saves registered objects from the
+  main process only, so the EMA shards are saved by each process into the checkpoint (:func:`save_ema_shard`) and
+  loaded back by each process on resume (:func:`load_ema_shard`).
+- Validation, snapshots and the final save run on the main process on a plain, unsharded copy of the model:
+  :func:`plain_copy` makes it before ``accelerator.prepare`` (on the CPU, main process only: one copy of the weights,
+  without gradients or optimizer state), and :func:`gather_into` fills it with the gathered training or EMA weights
+  (a collective: every process calls it, at the same point of the loop). The saved model is the same plain diffusers
+  module as under DDP, so stock diffusers loads it.
+- ``accelerator.save_state`` / ``load_state`` save the model and optimizer through accelerate's FSDP path
+  (``fsdp_state_dict_type`` of the config).
+
+Under DDP or one process (:func:`fsdp_active` is False) these functions do nothing or the obvious thing, so the
+scripts run one code path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .ema import EMA
+
+EMA_SHARD = "ema_shard_rank{rank}.pt"
+
+
+class FSDPVersionError(ValueError):
+    """An FSDP launch the scripts cannot run (FSDP1)."""
+
+
+def check_fsdp_launch() -> None:
+    """Refuse FSDP1 before any weights load: the scripts' EMA and gathers are written for FSDP2's ``DTensor``
+    shards (``accelerate launch`` exports the config's ``fsdp_version`` as ``FSDP_VERSION``)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise FSDPVersionError(
+            f"FSDP version {version} is not supported: set `fsdp_version: 2` in the accelerate config "
+            "(accelerate_configs/fsdp.yaml has it), or launch with accelerate_configs/multi_gpu.yaml (DDP)."
+        )
+
+
+def fsdp_active(accelerator) -> bool:
+    """True when ``accelerator.prepare`` shards the model (FSDP2)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def block_classes(module: nn.Module) -> List[str]:
+    """The class names of ``module``'s outermost repeated blocks: the modules held in an ``nn.ModuleList`` that have
+    submodules and parameters of their own (DiT blocks; an AE's down and up stages), not looking inside one found
+    (its resnets and layers gather with it), nor counting single layers or containers without a ``forward``."""
+    names = set()
+
+    def visit(m: nn.Module, in_list: bool) -> None:
+        composite = next(m.children(), None) is not None and next(m.parameters(), None) is not None
+        if in_list and composite and not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            names.add(type(m).__name__)
+            return
+        for child in m.children():
+            if child is not None:  # some diffusers AEs hold None placeholders in their lists
+                visit(child, isinstance(m, nn.ModuleList))
+
+    visit(module, False)
+    return sorted(names)
+
+
+def shard_blocks(accelerator, module: nn.Module) -> Optional[List[str]]:
+    """Before ``accelerator.prepare(module)`` under FSDP with ``fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP`` and
+    no ``fsdp_transformer_layer_cls_to_wrap`` in the config: shard each of :func:`block_classes` on its own (only the
+    blocks of one stage are then gathered at a time). The configs stay model-agnostic; accelerate's own default,
+    the root's ``_no_split_modules``, is absent on the scripts' loss modules and on most diffusers AEs, and its
+    ``SIZE_BASED_WRAP`` shards ``nn.ModuleList`` containers, which ``fully_shard`` refuses. Returns the names set."""
+    if not fsdp_active(accelerator):
+        return None
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    if policy is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap is not None:
+        return None
+    plugin.transformer_cls_names_to_wrap = block_classes(module)
+    return plugin.transformer_cls_names_to_wrap
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def plain_copy(module: nn.Module, accelerator) -> Optional[nn.Module]:
+    """Under FSDP, on the main process: a deep copy of ``module`` on the CPU, made before ``accelerator.prepare``
+    shards it (``requires_grad`` flags, LoRA layers and frozen layers included); :func:`gather_into` fills it later.
+    ``None`` on the other processes and without FSDP."""
+    if not (fsdp_active(accelerator) and accelerator.is_main_process):
+        return None
+    return copy.deepcopy(module).to("cpu")
+
+
+@torch.no_grad()
+def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every ``DTensor`` gathered into a full tensor, on the CPU. Collective under
+    FSDP: every process calls it (one tensor is gathered at a time, so the peak is one full tensor, not the model).
+    """
+    out = {}
+    for name, t in module.state_dict().items():
+        if _is_dtensor(t):
+            t = t.full_tensor()
+        out[name] = t.detach().cpu()
+    return out
+
+
+@torch.no_grad()
+def gather_into(
+    target: Optional[nn.Module], module: nn.Module, ema: Optional[EMA] = None, trainable_only: bool = False
+) -> Optional[nn.Module]:
+    """Fill ``target`` (a :func:`plain_copy`, or ``None`` on processes without one) with ``module``'s full weights and,
+    with ``ema``, its full EMA weights in the parameters it tracks (all of them, or those with ``requires_grad`` when
+    ``trainable_only``, in ``parameters()`` order as the scripts build the EMA). Collective: every process calls it.
+    Returns ``target``."""
+    state = full_state_dict(module)
+    shadow = None
+    if ema is not None:
+        shadow = [s.full_tensor().cpu() if _is_dtensor(s) else s.detach().cpu() for s in ema.shadow]
+    if target is None:
+        return None
+    target.load_state_dict(state)
+    if shadow is not None:
+        params = [p for p in target.parameters() if p.requires_grad or not trainable_only]
+        if len(params) != len(shadow):
+            raise ValueError(f"The EMA tracks {len(shadow)} tensors, the copy has {len(params)}.")
+        for p, s in zip(params, shadow):
+            p.copy_(s.to(p.dtype))
+    return target
+
+
+def save_ema_shard(ema: Optional[EMA], folder: str, accelerator) -> None:
+    """Each process writes its EMA shards into the checkpoint ``folder`` (FSDP only; under DDP the EMA is registered
+    with ``accelerator.register_for_checkpointing`` and saved whole by the main process)."""
+    if ema is None or not fsdp_active(accelerator):
+        return
+    state = ema.state_dict()
+    state["shadow"] = [s.to_local().cpu() if _is_dtensor(s) else s.cpu() for s in state["shadow"]]
+    state["num_processes"] = accelerator.num_processes
+    torch.save(state, os.path.join(folder, EMA_SHARD.format(rank=accelerator.process_index)))
+
+
+@torch.no_grad()
+def load_ema_shard(ema: Optional[EMA], folder: str, accelerator) -> None:
+    """Each process loads its EMA shards from a checkpoint written by :func:`save_ema_shard`; the process count must
+    be the one that saved it (the shards are 1/N of each tensor)."""
+    if ema is None or not fsdp_active(accelerator):
+        return
+    path = os.path.join(folder, EMA_SHARD.format(rank=accelerator.process_index))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{folder} has no {os.path.basename(path)}: it was not saved by an FSDP run with "
+            f"{accelerator.num_processes} processes. Resume it with the launch that wrote it."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(
+            f"{folder} holds EMA shards of {state['num_processes']} processes and this launch has "
+            f"{accelerator.num_processes}: resume with --num_processes {state['num_processes']}."
+        )
+    local = [s.to_local() if _is_dtensor(s) else s for s in ema.shadow]
+    if [tuple(t.shape) for t in state["shadow"]] != [tuple(t.shape) for t in local]:
+        raise ValueError(f"The EMA shards in {folder} do not match this model's shards.")
+    for s, t in zip(local, state["shadow"]):
+        s.copy_(t)
+    ema.half_life, ema.ramp_ratio, ema.num_updates = state["half_life"], state["ramp_ratio"], state["num_updates"]
+
+
+def register_ema(accelerator, ema: Optional[EMA]) -> None:
+    """``accelerator.register_for_checkpointing(ema)`` where accelerate can save it whole (not under FSDP, where
+    :func:`save_ema_shard` / :func:`load_ema_shard` do)."""
+    if ema is not None and not fsdp_active(accelerator):
+        accelerator.register_for_checkpointing(ema)
+
+
+def local_checksum(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of the parameters this process holds, in float64 (the local shards under FSDP), shape ``(1,)``."""
+    parts = [(p.to_local() if _is_dtensor(p) else p).detach().double().sum() for p in parameters]
+    return torch.stack(parts).sum().reshape(1)

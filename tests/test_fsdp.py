@@ -1,0 +1,160 @@
+"""FSDP2 in the training scripts, on 2 CPU processes (gloo): accelerate's real FSDP path entered through
+``tests/fsdp_on_cpu.py`` (accelerate only picks FSDP for accelerator devices), launched by ``accelerate launch`` with
+a CPU copy of ``accelerate_configs/fsdp.yaml``. The model trained under FSDP equals the one DDP trains from the same
+seed (to float noise), saves as a stock diffusers model, and resumes exactly; the library's gather and EMA shards are
+checked against whole tensors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIM = os.path.join(ROOT, "tests", "fsdp_on_cpu.py")
+DIT = ["--model", "DiT-tiny/2", "--train_batch_size", 4, "--report_to", "none", "--num_inference_steps", 2,
+       "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--ema_halflife_steps", 2, "--seed", 5]  # fmt: skip
+
+
+def fsdp_config(tmp_path):
+    """accelerate_configs/fsdp.yaml for 2 CPU processes in float32."""
+    with open(os.path.join(ROOT, "accelerate_configs", "fsdp.yaml")) as fh:
+        config = yaml.safe_load(fh)
+    config.update(num_processes=2, mixed_precision="no", use_cpu=False)
+    path = tmp_path / "fsdp_cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def fsdp_launcher(config, port):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port",
+            str(port), SHIM]  # fmt: skip
+
+
+def ddp_launcher(port):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+CPU = {"ACCELERATE_USE_CPU": "1"}
+
+
+@pytest.fixture
+def latents(tmp_path_factory, run_script):
+    """16 crops of the embedded photographs encoded by the embedded AE (shared with nothing else)."""
+    out = tmp_path_factory.getbasetemp() / "fsdp_latents"
+    if not (out / "metadata.json").is_file():
+        run_script("extract_latents.py", ["--output_dir", out, "--max_samples", 16, "--shard_size", 16])
+    return str(out)
+
+
+def transformer_weights(folder):
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def test_the_library_gathers_full_weights_and_keeps_the_ema_over_shards(tmp_path):
+    """``fully_shard`` on 2 processes: ``gather_into`` gives the main process the full weights and the full EMA, equal
+    to an EMA of the whole tensors; the EMA shards saved per process load back exactly."""
+    program = tmp_path / "prog.py"
+    program.write_text(
+        textwrap.dedent(
+            f"""
+            import os, torch, torch.distributed as dist, torch.nn as nn
+            from torch.distributed.fsdp import fully_shard
+            from diffusability_hf.ema import EMA
+            from diffusability_hf import fsdp as F
+
+            class Acc:  # the few Accelerator attributes the library reads
+                from accelerate.utils import DistributedType
+                distributed_type = DistributedType.FSDP
+                num_processes, process_index = 2, int(os.environ["RANK"])
+                is_main_process, device = process_index == 0, torch.device("cpu")
+
+            dist.init_process_group("gloo")
+            acc = Acc()
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))  # 10 rows: 5 per process
+            model[2].weight.requires_grad_(False)
+            plain = F.plain_copy(model, acc)
+            whole = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+            fully_shard(model[0]); fully_shard(model)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            ema, ema_whole = EMA(trainable, 2.0), EMA(whole, 2.0)
+            opt = torch.optim.SGD(trainable, lr=0.1)
+            for step in range(1, 4):
+                torch.manual_seed(step)  # the same batch on both processes
+                model(torch.randn(4, 6)).square().mean().backward()
+                opt.step(); opt.zero_grad()
+                ema.update(trainable, step)
+                ema_whole.update([p.full_tensor() for p in trainable], step)
+            F.save_ema_shard(ema, "{tmp_path}", acc)
+            dist.barrier()
+            copy = F.gather_into(plain, model, ema, trainable_only=True)
+            full = F.full_state_dict(model)
+            reloaded = EMA(trainable, 2.0)
+            F.load_ema_shard(reloaded, "{tmp_path}", acc)
+            assert reloaded.num_updates == 3
+            for a, b in zip(reloaded.shadow, ema.shadow):
+                assert torch.equal(a.to_local(), b.to_local())
+            assert ema.shadow[0].to_local().shape == (5, 6)  # a shard, not the whole tensor
+            if acc.is_main_process:
+                assert F.local_checksum(model.parameters()).shape == (1,)
+                tracked = [p for p in copy.parameters() if p.requires_grad]
+                for p, s in zip(tracked, ema_whole.shadow):
+                    torch.testing.assert_close(p.detach(), s, rtol=0, atol=1e-6)
+                torch.testing.assert_close(copy[2].weight, full["2.weight"], rtol=0, atol=0)  # frozen: the weights
+                assert not any(torch.equal(p.detach(), s) for p, s in zip(tracked, whole))  # training moved them
+                print("GATHER-OK")
+            else:
+                assert copy is None
+            dist.destroy_process_group()
+            """
+        )
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*ddp_launcher(29561), str(program)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "GATHER-OK" in proc.stdout
+
+
+def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(tmp_path, latents, run_script):
+    config = fsdp_config(tmp_path)
+    common = ["--latents_dir", latents, *DIT, "--max_train_steps", 4, "--checkpointing_steps", 2,
+              "--validation_steps", 2, "--pipeline_snapshot_steps", 2]  # fmt: skip
+    run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29562),
+               extra_env=CPU)  # fmt: skip
+    proc = run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "fsdp"],
+                      launcher=fsdp_launcher(config, 29563), extra_env=CPU)  # fmt: skip
+    assert "Distributed environment: DistributedType.FSDP" in proc.stderr  # accelerate's own FSDP path, not DDP
+    assert "FSDP2: 2 processes; each SelfConditionedDiTBlock sharded on its own" in proc.stderr
+    ddp, fsdp = transformer_weights(tmp_path / "ddp"), transformer_weights(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-6, msg=key)
+    # The EMA shards are per process; the snapshot at step 2 (gathered EMA weights) equals DDP's too
+    assert sorted(os.listdir(tmp_path / "fsdp" / "checkpoint-2")).count("ema_shard_rank1.pt") == 1
+    snap = os.path.join("snapshots", "step-2")
+    for key, value in transformer_weights(tmp_path / "ddp" / snap).items():
+        torch.testing.assert_close(transformer_weights(tmp_path / "fsdp" / snap)[key], value, rtol=1e-4, atol=2e-6)
+
+    # Saved as a plain diffusers model: the toolkit's pipeline class loads it, no DTensor anywhere
+    from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
+    pipe = DiTFlowMatchPipeline.from_pretrained(str(tmp_path / "fsdp"))
+    assert all(type(p) is torch.nn.Parameter for p in pipe.transformer.parameters())
+    torch.testing.assert_close(pipe.transformer.state_dict()[next(iter(fsdp))], next(iter(fsdp.values())))
+
+    # Resume from checkpoint-2 under FSDP: the same final weights as the straight FSDP run (EMA shards included)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    subprocess.run(["cp", "-r", str(tmp_path / "fsdp" / "checkpoint-2"), str(resumed)], check=True)
+    proc = run_script("train_dit_flow.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+                      launcher=fsdp_launcher(config, 29564), extra_env=CPU)  # fmt: skip
+    assert f"Resuming from {resumed / 'checkpoint-2'}" in proc.stderr
+    for key, value in transformer_weights(resumed).items():
+        torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
