@@ -346,12 +346,20 @@ def load_checkpoint(accelerator, path: str) -> int:
     return checkpoint_step(path)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None) -> str:
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    step: int,
+    total_limit: Optional[int] = None,
+    extra: Optional[Callable[[str], None]] = None,
+) -> str:
     """Save the training state atomically as ``output_dir/checkpoint-{step}``; keep the ``total_limit`` newest.
 
     Every process writes into ``.tmp-checkpoint-{step}``; once all are done the main process writes the marker
     file and renames the folder. Older checkpoints are deleted only after the new one is complete, so a kill at
-    any moment leaves at least the previous complete checkpoint. Collective: call it on every process.
+    any moment leaves at least the previous complete checkpoint. ``extra(folder)``, when given, runs on every
+    process after ``save_state`` and before the marker, to add files of its own (e.g. each process's data-stream
+    position, :func:`~.streaming.save_stream_state`). Collective: call it on every process.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
@@ -359,6 +367,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
         shutil.rmtree(tmp)  # a leftover of a killed save
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, CHECKPOINT_MARKER), "w") as fh:

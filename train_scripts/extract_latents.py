@@ -18,14 +18,21 @@ rule of the AE is checked first) of ``--video_data_dir`` (one subfolder of video
 (class = photograph). Its shards hold ``(N, C, T', h, w)`` posteriors; ``--per_position_statistics`` records the
 statistics per latent element (the authors' per (t, c, h, w) option) instead of per channel.
 
-Resumable: each shard covers a fixed slice of the dataset and is written atomically, so a rerun (with any number of
-processes) encodes only the missing shards. A folder holding latents of other autoencoder weights or other settings
+Web-scale data streams (``diffusability_hf.streaming``): webdataset tar shards (``--train_data_files
+'shards/{000000..000127}.tar'``, ``--video_data_files`` or a ``--train_data_dir`` / ``--video_data_dir`` of ``*.tar``;
+labels from ``.cls``, ``.txt`` or ``.json`` members) and, with ``--streaming``, HF datasets read with
+``load_dataset(..., streaming=True)``. Input shard ``j`` becomes latent shard ``j``, encoded whole by one process;
+its rows' ``indices`` are stable sample ids (``shard * 10**9 + position``).
+
+Resumable: each shard covers a fixed slice of the dataset (or one input shard) and is written atomically, so a rerun
+(with any number of processes) encodes only the missing shards. A folder holding latents of other autoencoder weights or other settings
 (resolution, flip, dataset, sample count, shard size, dtype) is refused before anything is encoded;
 ``--overwrite_output_dir`` deletes them and extracts again. Under ``accelerate launch`` every process writes its own
 shards.
 """
 
 import argparse
+import hashlib
 import logging
 import math
 import os
@@ -38,6 +45,7 @@ from tqdm.auto import tqdm
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import LabelledImages
 from diffusability_hf.latents import check_existing_latents, remove_latents, shard_name, write_metadata, write_shard
+from diffusability_hf.streaming import SHARD_SUFFIXES, TarShards, labelled_items, open_streaming_source
 from diffusability_hf.training_utils import (
     MissingPathError,
     UsageError,
@@ -73,7 +81,41 @@ def parse_args(input_args=None):
     parser.add_argument("--dataset_config_name", type=str, default=None, help="HF dataset config.")
     parser.add_argument("--split", type=str, default="train", help="Dataset split.")
     parser.add_argument(
-        "--train_data_dir", type=str, default=None, help="An image folder whose subfolders are the classes."
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="An image folder whose subfolders are the classes, or a folder (or URL) of webdataset tar shards.",
+    )
+    # Streaming (web-scale data: diffusability_hf.streaming)
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Read --dataset_name / --video_dataset_name (Hub, or a packaged builder such as 'parquet' with "
+        "--train_data_files) or an image folder --train_data_dir with load_dataset(..., streaming=True): one latent "
+        "shard per HF shard (usually a data file). Tar shards always stream.",
+    )
+    parser.add_argument(
+        "--train_data_files",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Webdataset tar shards of images (paths or URLs with brace expansion and globs, e.g. "
+        "'shards/{000000..000127}.tar'; quoted), one latent shard each. With --streaming and --dataset_name, that "
+        "builder's data files.",
+    )
+    parser.add_argument(
+        "--video_data_files", type=str, nargs="+", default=None, help="Webdataset tar shards of videos, as above."
+    )
+    parser.add_argument(
+        "--class_names",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Tar shards: the class names in label order (needed for '.txt' labels that are names; default: the "
+        "integer labels found, as '0', '1', ...).",
+    )
+    parser.add_argument(
+        "--decode_threads", type=int, default=0, help="Streams: threads decoding samples ahead (default: none)."
     )
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
     parser.add_argument("--label_column", type=str, default="label", help="Class label column.")
@@ -131,8 +173,12 @@ def parse_args(input_args=None):
 
     # Settings: an explicit flag, else the embedded photographs' preset (without a dataset), else the argparse default
     sources = [
-        f for f in ("dataset_name", "train_data_dir", "video_data_dir", "video_dataset_name") if getattr(args, f)
+        f
+        for f in ("dataset_name", "train_data_dir", "video_data_dir", "video_dataset_name", "video_data_files")
+        if getattr(args, f)
     ]
+    if args.train_data_files and not args.dataset_name:  # tar shards; with --dataset_name, that builder's files
+        sources.append("train_data_files")
     if not sources:
         parser.set_defaults(**EMBEDDED_DATA)
         args = parser.parse_args(input_args)
@@ -142,6 +188,25 @@ def parse_args(input_args=None):
         parser.error(f"Give one data source, not {' and '.join('--' + f for f in sources)}.")
     if args.num_frames < 1 or args.frame_stride < 1:
         parser.error("--num_frames and --frame_stride must be positive.")
+    if args.train_data_files and args.dataset_name and not args.streaming:
+        parser.error(
+            "--train_data_files with --dataset_name names that builder's data files, which are streamed: add "
+            "--streaming (or drop --dataset_name to read --train_data_files as webdataset tar shards)."
+        )
+    if args.streaming and not sources:
+        parser.error(
+            "--streaming needs data to stream: --dataset_name, --train_data_dir, --train_data_files, "
+            "--video_dataset_name, --video_data_dir or --video_data_files."
+        )
+    if args.decode_threads < 0:
+        parser.error("--decode_threads must be >= 0.")
+    if is_stream(args):
+        for flag in ("max_samples", "shard_size"):
+            if flag in args.given:
+                parser.error(
+                    f"--{flag} does not apply to a stream, which is encoded whole, one latent shard per input shard: "
+                    "name fewer shards with --train_data_files / --video_data_files instead."
+                )
     if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = EMBEDDED_AE
     for flag in ("resolution", "batch_size", "shard_size"):
@@ -150,11 +215,62 @@ def parse_args(input_args=None):
     return args
 
 
+# Copied from train_scripts/train_ae_se.py (is_shard_folder)
+def is_shard_folder(path) -> bool:
+    """Whether a data folder is read as webdataset tar shards: a URL, or a local folder holding ``*.tar`` files
+    (as :func:`~diffusability_hf.streaming.open_streaming_source` decides)."""
+    if path is None:
+        return False
+    if "://" in path:
+        return True
+    return os.path.isdir(path) and any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
+
+
+def is_stream(args) -> bool:
+    """Whether the data is read as a stream: tar shards, or an HF dataset / folder with --streaming."""
+    return bool(
+        args.streaming
+        or args.train_data_files
+        or args.video_data_files
+        or is_shard_folder(args.train_data_dir)
+        or is_shard_folder(args.video_data_dir)
+    )
+
+
 def data_description(args) -> str:
     """The data for people (metadata.json's ``dataset``)."""
     if args.embedded_data:
         return EMBEDDED_DATASET
-    return args.dataset_name or args.train_data_dir or args.video_data_dir or args.video_dataset_name
+    files = " ".join(args.train_data_files or args.video_data_files or [])
+    name = args.dataset_name or args.video_dataset_name
+    if name and files:
+        return f"{name} ({files})"
+    return name or args.train_data_dir or args.video_data_dir or files
+
+
+def stream_identity(source) -> dict:
+    """What names a stream's data in the extraction settings: its shard count and a digest of its shard list
+    (local paths made absolute, so that a rerun from another folder resumes)."""
+    names = [d if "://" in d or not os.path.exists(d) else os.path.abspath(d) for d in source.describe()]
+    return {
+        "input_shards": source.num_shards,
+        "input_shards_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest(),
+    }
+
+
+def stream_class_names(source, shard_paths) -> list:
+    """The class names of a stream: the source's (HF ClassLabel, --class_names), else ``"0"`` ... up to the largest
+    integer label stored in the latent shards."""
+    if source.class_names:
+        return list(source.class_names)
+    from safetensors import safe_open
+
+    top = -1
+    for path in shard_paths:
+        with safe_open(path, "pt") as fh:
+            labels = fh.get_tensor("labels")
+        top = max(top, int(labels.max()) if len(labels) else -1)
+    return [str(i) for i in range(top + 1)]
 
 
 def extraction_settings(
@@ -166,7 +282,7 @@ def extraction_settings(
     config); the dataset is named by its absolute path or Hub id, its size and the columns read.
     """
     dataset = data_description(args)
-    if args.train_data_dir or args.video_data_dir:
+    if (args.train_data_dir or args.video_data_dir) and "://" not in (args.train_data_dir or args.video_data_dir):
         dataset = os.path.abspath(args.train_data_dir or args.video_data_dir)
     video = {"num_frames": args.num_frames, "frame_stride": args.frame_stride, "seed": args.seed}
     return {
@@ -191,7 +307,8 @@ def main(args):
     use_all_cpu_cores()
     # Validate cheap things before any weights or data
     for flag in ("train_data_dir", "video_data_dir"):
-        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
+        path = getattr(args, flag)
+        if path is not None and "://" not in path and not os.path.isdir(path):
             raise MissingPathError(f"--{flag} {getattr(args, flag)} is not a folder.")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} is a file, not a folder.")
@@ -203,7 +320,7 @@ def main(args):
             f"--resolution {args.resolution} is not divisible by the AE's compression {f}: use {lo or f}."
         )
     # Clips for a video AE given video data or no data (camera pans); images (1-frame videos) for image data
-    video_data = args.video_data_dir is not None or args.video_dataset_name is not None
+    video_data = any(x is not None for x in (args.video_data_dir, args.video_dataset_name, args.video_data_files))
     is_video = ae.get_row(config).video and (video_data or args.embedded_data)
     if video_data and not ae.get_row(config).video:
         raise UsageError(
@@ -217,7 +334,18 @@ def main(args):
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if is_video:
+    streaming, source, dataset = is_stream(args), None, None
+    if streaming:  # one latent shard per input shard, each encoded whole by one process
+        source = open_streaming_source(
+            args.video_dataset_name if is_video else args.dataset_name,
+            args.video_data_dir if is_video else args.train_data_dir,
+            args.video_data_files if is_video else args.train_data_files,
+            args.video_column if is_video else args.image_column, args.label_column, args.dataset_config_name,
+            args.cache_dir, args.split, video=is_video, class_names=args.class_names,
+        )  # fmt: skip
+        total = None  # unknown until read
+        num_shards = source.num_shards
+    elif is_video:
         dataset = LabelledClips(
             args.resolution, args.num_frames, args.video_data_dir, args.video_dataset_name, args.video_column,
             args.label_column, args.dataset_config_name, args.cache_dir, args.split, args.frame_stride,
@@ -228,8 +356,9 @@ def main(args):
             args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
             args.dataset_config_name, args.cache_dir, args.split, embedded_samples=args.max_samples,
         )  # fmt: skip
-    total = min(len(dataset), args.max_samples or len(dataset))
-    num_shards = math.ceil(total / args.shard_size)
+    if not streaming:
+        total = min(len(dataset), args.max_samples or len(dataset))
+        num_shards = math.ceil(total / args.shard_size)
     shard_path = [os.path.join(args.output_dir, shard_name(j)) for j in range(num_shards)]
 
     # The autoencoder, named by its weights; an existing folder must hold latents of these weights and settings
@@ -240,7 +369,13 @@ def main(args):
         )
     ).eval().requires_grad_(False)  # fmt: skip
     fingerprint = ae.weights_fingerprint(vae)
-    settings = extraction_settings(args, fingerprint, len(dataset), total, accelerator.mixed_precision, is_video)
+    if streaming:
+        settings = extraction_settings(args, fingerprint, None, None, accelerator.mixed_precision, is_video)
+        settings.update(shard_size=None, **stream_identity(source))
+        if isinstance(source, TarShards):  # named by their digest, however they were spelled (folder, braces, globs)
+            settings["dataset"] = "webdataset tar shards"
+    else:
+        settings = extraction_settings(args, fingerprint, len(dataset), total, accelerator.mixed_precision, is_video)
     ae_name = args.pretrained_model_name_or_path + (f" (subfolder {args.subfolder})" if args.subfolder else "")
     if args.overwrite_output_dir:
         if accelerator.is_main_process and os.path.isdir(args.output_dir):
@@ -254,9 +389,10 @@ def main(args):
     todo = [j for j in range(num_shards) if not os.path.isfile(shard_path[j])]
     accelerator.wait_for_everyone()  # every process lists the missing shards before any writes one
     mine = todo[accelerator.process_index :: accelerator.num_processes]
+    what = "clips" if is_video else "images"
     logger.info(
-        f"{total} {'clips' if is_video else 'images'} in {num_shards} shards; {num_shards - len(todo)} already written, "
-        f"{len(mine)} for this process"
+        f"{f'{total} {what}' if total is not None else f'A stream of {what}'} in {num_shards} shards; "
+        f"{num_shards - len(todo)} already written, {len(mine)} for this process"
     )
 
     # Encode
@@ -267,14 +403,22 @@ def main(args):
         vae = vae.to(memory_format=torch.channels_last)
     dtype = getattr(torch, args.dtype)
     for j in tqdm(mine, desc="Shards", disable=not accelerator.is_local_main_process):
-        indices = list(range(j * args.shard_size, min((j + 1) * args.shard_size, total)))
+        if streaming:  # input shard j, in order: (pixels, label, sample id, ok)
+            items = labelled_items(
+                source, [j], args.resolution, args.num_frames if is_video else None, args.frame_stride, args.seed,
+                args.decode_threads,
+            )  # fmt: skip
+        else:
+            items = torch.utils.data.Subset(
+                dataset, list(range(j * args.shard_size, min((j + 1) * args.shard_size, total)))
+            )
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, indices),
-            batch_size=args.batch_size,
-            num_workers=args.dataloader_num_workers,
+            items, batch_size=args.batch_size, num_workers=args.dataloader_num_workers
         )
         out = {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "labels", "indices")}
+        seen = 0
         for pixels, labels, idx, ok in loader:
+            seen += len(ok)
             pixels = pixels[ok].to(accelerator.device)
             if channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -292,7 +436,7 @@ def main(args):
         tensors = {k: torch.cat(v).contiguous() for k, v in out.items() if v}
         if "labels" not in tensors:  # every image of this shard was unreadable
             tensors = {"labels": torch.zeros(0, dtype=torch.int64), "indices": torch.zeros(0, dtype=torch.int64)}
-        write_shard(shard_path[j], tensors, settings, skipped=len(indices) - len(tensors["labels"]))
+        write_shard(shard_path[j], tensors, settings, skipped=seen - len(tensors["labels"]))
     accelerator.wait_for_everyone()
 
     # Statistics over every shard (also those of earlier runs), then metadata.json
@@ -300,9 +444,10 @@ def main(args):
         names = [os.path.basename(p) for p in shard_path]
         latent = args.resolution // f
         frames = [ae.latent_num_frames(config, args.num_frames)] if is_video else []  # T' of a clip
+        class_names = stream_class_names(source, shard_path) if streaming else dataset.names
         meta = write_metadata(
             args.output_dir, names, settings, ae=ae_name, ae_class=config["_class_name"],
-            latent_shape=[ae.latent_channels(config), *frames, latent, latent], class_names=dataset.names,
+            latent_shape=[ae.latent_channels(config), *frames, latent, latent], class_names=class_names,
             dataset=data_description(args), requested_samples=total, per_position=args.per_position_statistics,
             num_frames=args.num_frames if is_video else None,
         )  # fmt: skip

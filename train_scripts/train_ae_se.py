@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 
 import torch
 from accelerate.logging import get_logger
@@ -54,11 +55,23 @@ from diffusability_hf.metrics.reconstruction import (
 )
 from diffusability_hf.presets import SE_PRESETS, se_preset_settings, settings_epilog
 from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
+from diffusability_hf.streaming import (
+    SHARD_SUFFIXES,
+    clip_reader,
+    clip_stream,
+    hold_out_first,
+    image_reader,
+    image_stream,
+    load_stream_state,
+    open_streaming_source,
+    save_stream_state,
+)
 from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
 from diffusability_hf.training_utils import (
     NonFiniteGuard,
     NonFiniteLossError,
     StepMeter,
+    UsageError,
     atomic_save,
     atomic_write_json,
     atomic_write_text,
@@ -68,6 +81,7 @@ from diffusability_hf.training_utils import (
     given_flags,
     hub_repo,
     list_checkpoints,
+    load_checkpoint,
     make_accelerator,
     peak_memory_gb,
     refuse_hub_token,
@@ -127,7 +141,44 @@ def parse_args(input_args=None):
     parser.add_argument("--dataset_name", type=str, default=None, help="HF datasets name (or local dataset script).")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="HF dataset config.")
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of images (HF 'imagefolder').")
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="A folder of images (HF 'imagefolder'), or of webdataset tar shards (*.tar, sorted by name; also a URL "
+        "such as hf://datasets/org/name/train), which are streamed.",
+    )
+    # Streaming (web-scale data: diffusability_hf.streaming)
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream --dataset_name / --video_dataset_name (Hub or a packaged builder such as 'parquet' with "
+        "--train_data_files) or an image folder --train_data_dir with load_dataset(..., streaming=True) instead of "
+        "loading them whole. Tar shards always stream. A stream has no length: training runs --max_train_steps.",
+    )
+    parser.add_argument(
+        "--train_data_files",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Webdataset tar shards of images, streamed: one or more paths or URLs with brace expansion and globs, "
+        "e.g. 'shards/{000000..000127}.tar' (quote it). With --streaming and --dataset_name, that builder's data "
+        "files (e.g. --dataset_name parquet --train_data_files 'data/*.parquet').",
+    )
+    parser.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="Streams: samples in each process's shuffle buffer (webdataset's shuffle; 0 reads in shard order). "
+        "Shard order is shuffled per epoch too. Default %(default)s.",
+    )
+    parser.add_argument(
+        "--decode_threads",
+        type=int,
+        default=0,
+        help="Streams: threads decoding images and videos ahead of the training step (a stream is read in the "
+        "training process, not in DataLoader workers, so that its position can be checkpointed). Default: none.",
+    )
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models are cached.")
     parser.add_argument("--resolution", type=int, default=256, help="Square training crop side (%(default)s).")
     parser.add_argument("--center_crop", action="store_true", help="Center crops instead of random crops.")
@@ -139,7 +190,15 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         help="A folder of videos (mp4/webm/mkv/mov/avi/gif) and/or of frame folders (one subfolder of images per "
-        "clip). Default for video AEs: camera-pan clips over the embedded photographs and scikit-image's GIF.",
+        "clip), or of webdataset tar shards of videos (streamed). Default for video AEs: camera-pan clips over the "
+        "embedded photographs and scikit-image's GIF.",
+    )
+    parser.add_argument(
+        "--video_data_files",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Webdataset tar shards of videos, streamed, as --train_data_files (e.g. 'clips/{0000..0063}.tar').",
     )
     parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
     parser.add_argument("--video_dataset_config_name", type=str, default=None, help="Its config.")
@@ -416,8 +475,10 @@ def parse_args(input_args=None):
     if args.video_data_dir is not None and args.video_dataset_name is not None:
         parser.error("Give either --video_data_dir or --video_dataset_name, not both.")
     args.embedded_model = args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None
-    args.embedded_data = args.dataset_name is None and args.train_data_dir is None
-    args.embedded_video = args.video_data_dir is None and args.video_dataset_name is None
+    args.embedded_data = args.dataset_name is None and args.train_data_dir is None and args.train_data_files is None
+    args.embedded_video = (
+        args.video_data_dir is None and args.video_dataset_name is None and args.video_data_files is None
+    )
     if args.embedded_model:
         args.pretrained_model_name_or_path = ae.EMBEDDED_AE
     args.vae_config = read_vae_config(args)  # the one read of the model's config: main() uses it too
@@ -457,6 +518,51 @@ def check_settings(parser, args) -> None:
         parser.error("--checkpoints_total_limit must be >= 0 (0 keeps every checkpoint).")
     if args.latent_stats_num_samples < 1 or args.num_validation_images < 1 or args.num_validation_videos < 1:
         parser.error("--latent_stats_num_samples, --num_validation_images and --num_validation_videos must be >= 1.")
+    # Streams
+    if args.train_data_files is not None and args.train_data_dir is not None:
+        parser.error("Give either --train_data_dir or --train_data_files, not both.")
+    if args.train_data_files is not None and args.dataset_name is not None and not args.streaming:
+        parser.error(
+            "--train_data_files with --dataset_name names that builder's data files, which are streamed: add "
+            "--streaming (or drop --dataset_name to read --train_data_files as webdataset tar shards)."
+        )
+    if args.video_data_files is not None and (args.video_data_dir is not None or args.video_dataset_name is not None):
+        parser.error("Give one of --video_data_dir, --video_dataset_name and --video_data_files, not several.")
+    if args.streaming and args.embedded_data and args.embedded_video:
+        parser.error(
+            "--streaming needs data to stream: --dataset_name, --train_data_dir or --train_data_files (video AEs: "
+            "--video_dataset_name, --video_data_dir or --video_data_files); the embedded photographs are not a stream."
+        )
+    if args.shuffle_buffer_size < 0 or args.decode_threads < 0:
+        parser.error("--shuffle_buffer_size and --decode_threads must be >= 0.")
+    if args.dataloader_num_workers and any(streamed(args).values()):
+        parser.error(
+            f"A stream is read in the training process, where its position is checkpointed: drop "
+            f"--dataloader_num_workers {args.dataloader_num_workers} and decode in parallel with --decode_threads."
+        )
+
+
+def is_shard_folder(path) -> bool:
+    """Whether a data folder is read as webdataset tar shards: a URL, or a local folder holding ``*.tar`` files
+    (as :func:`~diffusability_hf.streaming.open_streaming_source` decides)."""
+    if path is None:
+        return False
+    if "://" in path:
+        return True
+    return os.path.isdir(path) and any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
+
+
+def streamed(args) -> dict:
+    """Which training data is read as a stream: ``{"image": bool, "video": bool}`` (tar shards always; HF datasets
+    and image or video folders with --streaming)."""
+    return {
+        "image": args.train_data_files is not None
+        or is_shard_folder(args.train_data_dir)
+        or (args.streaming and not args.embedded_data),
+        "video": args.video_data_files is not None
+        or is_shard_folder(args.video_data_dir)
+        or (args.streaming and not args.embedded_video),
+    }
 
 
 def read_vae_config(args) -> dict:
@@ -485,6 +591,7 @@ def video_flags(args) -> list:
     values = (
         ("--video_data_dir", args.video_data_dir),
         ("--video_dataset_name", args.video_dataset_name),
+        ("--video_data_files", args.video_data_files),
         ("--video_batch_size" + preset, args.video_batch_size),
         ("--se_temporal_scale_factors", args.se_temporal_scale_factors),
     )
@@ -500,6 +607,75 @@ def measure_settings(args) -> dict:
     )
 
 
+def training_stream(args, video: bool, rank: int, world_size: int):
+    """Streamed training images (clips for ``video``): ``(stream, validation pixels, info, head)``.
+
+    The validation items are the first readable samples in shard order (the same on every process), excluded from
+    the stream: never trained on. ``stream`` is this process's share (``rank`` of ``world_size``), shuffled through
+    the buffer; ``head(n)`` gives the first ``n`` training items of one unshuffled pass (the latent statistics).
+    """
+    if video:
+        source = open_streaming_source(
+            args.video_dataset_name, args.video_data_dir, args.video_data_files, args.video_column,
+            dataset_config_name=args.video_dataset_config_name, cache_dir=args.cache_dir, video=True,
+        )  # fmt: skip
+        read = clip_reader(args.resolution, args.num_frames, args.frame_stride)
+        make = partial(clip_stream, source, args.resolution, args.num_frames, args.frame_stride)
+        num_val, what, flag = args.num_validation_videos, "videos", "--num_validation_videos"
+    else:
+        source = open_streaming_source(
+            args.dataset_name, args.train_data_dir, args.train_data_files, args.image_column,
+            dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+        )  # fmt: skip
+        read, make = image_reader(args.resolution), partial(image_stream, source, args.resolution)
+        num_val, what, flag = args.num_validation_images, "images", "--num_validation_images"
+    val, held_out, info = hold_out_first(source, num_val, read)
+    if val is None:
+        raise UsageError(f"The stream has no readable {what} to hold out for validation: check the data ({flag}).")
+    if val.shape[0] < num_val:
+        logger.warning(f"Only {val.shape[0]} readable {what} could be held out for validation ({flag} {num_val}).")
+    augment = dict(center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed, exclude=held_out)
+    stream = make(
+        **augment, buffer_size=args.shuffle_buffer_size, rank=rank, world_size=world_size,
+        decode_threads=args.decode_threads,
+    )  # fmt: skip
+
+    def head(n: int) -> list:
+        items, first = [], make(**augment, shuffle=False, decode_threads=args.decode_threads)
+        for item in first:
+            if first.epoch > 0 or len(items) == n:  # one pass at most: a small dataset is not repeated
+                break
+            items.append(item)
+        return items
+
+    return stream, val, info, head
+
+
+def stream_batches(images, videos, image_batch_size: int, video_batch_size: int, device):
+    """Endless per-process batches of streams, as :class:`JointBatches` gives them: ``{"pixel_values": (B, 3, R, R)
+    or None, "video_values": (B', 3, T, R, R) or None, "skipped"}``, on ``device``. Read here, in the training
+    process, one batch at a time (``num_workers=0``, no prefetch), so that a checkpoint's stream positions are
+    those of the last batch trained on; not passed to ``accelerator.prepare``: each process reads its own share."""
+    parts = (("pixel_values", images, image_batch_size), ("video_values", videos, video_batch_size))
+    loaders = {
+        key: iter(torch.utils.data.DataLoader(stream, batch_size=size, collate_fn=collate, num_workers=0))
+        for key, stream, size in parts
+        if size
+    }
+    while True:
+        batch = {"pixel_values": None, "video_values": None, "skipped": []}
+        for key, loader in loaders.items():
+            part = next(loader)
+            batch[key] = part["pixel_values"].to(device)
+            batch["skipped"] += part["skipped"]
+        yield batch
+
+
+def stream_folders(folder: str, streams: dict) -> dict:
+    """Where each stream's per-process positions live in a checkpoint folder: ``{folder}/{kind}_stream``."""
+    return {kind: os.path.join(folder, f"{kind}_stream") for kind, stream in streams.items() if stream is not None}
+
+
 def run_validation(accelerator, vae, ema, val, rgb, args, step):
     """Validate the EMA weights (the model that will be saved), then put the training weights back."""
     params = [p for p in vae.parameters() if p.requires_grad]
@@ -508,6 +684,11 @@ def run_validation(accelerator, vae, ema, val, rgb, args, step):
     log_reconstruction_metrics(accelerator, val, results, rgb, step)
     for kind, result in results.items():
         logger.info(f"step {step}: val {kind} PSNR {result['psnr']:.2f} dB, latent HF share {result['hf_share']:.4f}")
+
+
+def shards_text(specs):
+    """The model card's training-data line for --train_data_files / --video_data_files."""
+    return f"webdataset tar shards ({len(specs)} spec{'s' * (len(specs) > 1)})" if specs else None
 
 
 def write_outputs(args, before, after, rgb, val, run):
@@ -550,7 +731,8 @@ def write_outputs(args, before, after, rgb, val, run):
         num_frames=args.num_frames, decode_timestep=args.decode_timestep,
         timestep_conditioning=run["timestep_conditioning"], global_batch=run["global_batch"]["description"],
         trainable=run["trainable"], total=run["total"], base_id=base_id,
-        dataset=dataset_description(args.dataset_name, args.train_data_dir, args.video_dataset_name,
+        dataset=dataset_description(args.dataset_name or shards_text(args.train_data_files), args.train_data_dir,
+                                    args.video_dataset_name or shards_text(args.video_data_files),
                                     args.video_data_dir, "video" in val, bool(args.train_batch_size)),
         license_fields=card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
     )  # fmt: skip
@@ -572,6 +754,17 @@ def main(args):
         video_flags(args),
     )  # fmt: skip
     is_video = ae.get_row(config).video
+    streams = streamed(args)
+    used = {kind for kind, size in (("image", args.train_batch_size), ("video", is_video and args.video_batch_size))
+            if size}  # fmt: skip
+    streaming = any(streams[kind] for kind in used)
+    if streaming and not all(streams[kind] for kind in used):
+        raise UsageError(
+            f"The {'images' if streams['image'] else 'clips'} are streamed but the "
+            f"{'clips' if streams['image'] else 'images'} are not: joint batches are read one way. Stream both (tar "
+            "shards: --train_data_files / --video_data_files or a folder of *.tar; HF datasets and folders: "
+            "--streaming), or train on one kind (--video_batch_size 0 or --image_batch_size 0)."
+        )
     if args.gradient_checkpointing and not ae.model_class(config)._supports_gradient_checkpointing:
         raise ValueError(
             f"{config['_class_name']} does not support gradient checkpointing in diffusers: drop "
@@ -599,18 +792,28 @@ def main(args):
 
     # Data: image batches, or joint image + clip batches for video AEs (Table 5); validation items held out
     train_images, val_images, train_videos, val_videos, val_info = None, None, None, None, {}
-    if args.train_batch_size:
+    heads, rank, world_size = {}, accelerator.process_index, accelerator.num_processes
+    if args.train_batch_size and streaming:  # validation images held out of the stream
+        train_images, val_images, val_info["image"], heads["image"] = training_stream(args, False, rank, world_size)
+    elif args.train_batch_size:
         train_images, val_images, val_info["image"] = training_images(
             args.resolution, args.num_validation_images, args.seed, args.dataset_name, args.train_data_dir,
             args.image_column, args.dataset_config_name, args.cache_dir, args.center_crop, args.random_flip,
         )  # fmt: skip
-    if is_video and args.video_batch_size:
+    if is_video and args.video_batch_size and streaming:
+        train_videos, val_videos, val_info["video"], heads["video"] = training_stream(args, True, rank, world_size)
+    elif is_video and args.video_batch_size:
         train_videos, val_videos, val_info["video"] = training_clips(
             args.resolution, args.num_frames, args.num_validation_videos, args.seed, args.video_data_dir,
             args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir,
             args.frame_stride, args.center_crop, args.random_flip,
         )  # fmt: skip
-    if is_video:
+    if streaming:  # endless; not prepared by accelerate (each process reads its own share of the shards)
+        train_dataset = None
+        train_dataloader = stream_batches(
+            train_images, train_videos, args.train_batch_size, is_video and args.video_batch_size, accelerator.device
+        )
+    elif is_video:
         train_dataset = JointBatches(
             train_images, train_videos, args.train_batch_size, args.video_batch_size, args.seed
         )
@@ -687,14 +890,28 @@ def main(args):
         latent_sampling=args.latent_sampling, decode_timestep=args.decode_timestep,
         decode_noise_scale=args.decode_noise_scale,
     )  # fmt: skip
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
+    if streaming:  # a stream is already split across the processes: accelerate must not dispatch or re-shard it
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    else:
+        model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            model, optimizer, train_dataloader, lr_scheduler
+        )
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # Each process's stream positions go into every checkpoint, next to accelerate's state
+    train_streams = {"image": train_images, "video": train_videos} if streaming else {}
+
+    def save_streams(folder):
+        for kind, path in stream_folders(folder, train_streams).items():
+            os.makedirs(path, exist_ok=True)
+            save_stream_state(train_streams[kind], path)
+
+    if streaming:  # a stream has no length: one endless "epoch", ended by --max_train_steps
+        steps_per_epoch, num_epochs = args.max_train_steps, 1
+    else:
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_ae_se", config=tracker_config(args))
     per_process = {"images": args.train_batch_size, **({"clips": args.video_batch_size} if is_video else {})}
@@ -712,9 +929,22 @@ def main(args):
         for name in remove_checkpoints(args.output_dir):
             logger.info(f"--overwrite_output_dir: removed the earlier run's {name}")
     accelerator.wait_for_everyone()
-    global_step, first_epoch, skip_batches = resume_position(
-        accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
-    )
+    if streaming:  # the streams continue from their saved positions: nothing to skip
+        global_step, first_epoch, skip_batches = 0, 0, 0
+        if resume_path is not None:
+            logger.info(f"Resuming from {resume_path}")
+            global_step = load_checkpoint(accelerator, resume_path)
+            for kind, path in stream_folders(resume_path, train_streams).items():
+                if not load_stream_state(train_streams[kind], path):
+                    logger.warning(
+                        f"{resume_path} holds no {kind} stream position for process {rank} (saved by a run that did "
+                        "not stream, or with fewer processes): that stream starts from its beginning.",
+                        main_process_only=False,
+                    )
+    else:
+        global_step, first_epoch, skip_batches = resume_position(
+            accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
+        )
 
     # Training loop
     progress_bar = tqdm(
@@ -725,13 +955,16 @@ def main(args):
     per_step = sum(per_process.values()) * accelerator.num_processes * args.gradient_accumulation_steps
     meter, guard = StepMeter(per_step, accelerator.device), NonFiniteGuard(args.max_nonfinite_steps)
     for epoch in range(first_epoch, num_epochs):
-        for dataset in (train_dataset, getattr(train_dataset, "images", None), getattr(train_dataset, "videos", None)):
-            if hasattr(dataset, "epoch"):
-                dataset.epoch = epoch
-        train_dataloader.set_epoch(epoch)
         loader = train_dataloader
-        if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        if not streaming:  # a stream counts its own epochs
+            for dataset in (
+                train_dataset, getattr(train_dataset, "images", None), getattr(train_dataset, "videos", None)
+            ):  # fmt: skip
+                if hasattr(dataset, "epoch"):
+                    dataset.epoch = epoch
+            train_dataloader.set_epoch(epoch)
+            if epoch == first_epoch and skip_batches:
+                loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in meter.batches(loader):
             skips.update(batch["skipped"])  # warns once per unreadable file
             # One scale factor (and CHF ratio, temporal factor) per optimizer step, reproducible across resumes
@@ -766,7 +999,9 @@ def main(args):
             try:
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+                save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_streams
+                )
                 raise
             if ema is not None and not skipped:
                 ema.update([p for p in unwrapped.parameters() if p.requires_grad], global_step)
@@ -791,7 +1026,9 @@ def main(args):
             )  # fmt: skip
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+                save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_streams
+                )
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(accelerator, unwrapped, ema, val, rgb, args, global_step)
             if global_step >= args.max_train_steps:
@@ -805,7 +1042,7 @@ def main(args):
     peak = peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None)
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_streams)
     skips = SkipLog().merge(gather_object([skips]))  # unique unreadable files over all processes
     # Every rank must hold the same weights after DDP training: record one checksum per rank
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters() if p.requires_grad]).sum()
@@ -819,6 +1056,8 @@ def main(args):
             merge_lora(final)
         # Latent normalisation re-estimated on training latents (clips for a video AE), in the class's convention
         stats_data = train_videos if train_videos is not None else train_images  # what a video DiT would train on
+        if streaming:  # a stream has no length: its first training items, unshuffled
+            stats_data = heads["video" if train_videos is not None else "image"](args.latent_stats_num_samples)
         z = training_latents(final, stats_data, args.latent_stats_num_samples, args.seed, accelerator.device)
         stats_kind = "clips" if train_videos is not None else "images"
         normalization = reestimate_latent_normalization(final, z, stats_kind, args.keep_base_latent_scaling)
