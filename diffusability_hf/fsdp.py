@@ -35,18 +35,21 @@ from .ema import EMA
 EMA_SHARD = "ema_shard_rank{rank}.pt"
 
 
-class FSDPVersionError(ValueError):
-    """An FSDP launch the scripts cannot run (FSDP1)."""
+class FSDPLaunchError(ValueError):
+    """An FSDP launch the scripts cannot run (FSDP1, or --compile under FSDP)."""
 
 
-def check_fsdp_launch() -> None:
+def check_fsdp_launch(compile: bool = False) -> None:
     """Refuse FSDP1 before any weights load: the scripts' EMA and gathers are written for FSDP2's ``DTensor``
-    shards (``accelerate launch`` exports the config's ``fsdp_version`` as ``FSDP_VERSION``)."""
+    shards (``accelerate launch`` exports the config's ``fsdp_version`` as ``FSDP_VERSION``). ``compile``: the
+    script's ``--compile``, not run under FSDP (compiling through FSDP2's hooks is not tested here)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
+    if compile:
+        raise FSDPLaunchError("--compile is not supported under FSDP: drop --compile, or launch without FSDP.")
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
-        raise FSDPVersionError(
+        raise FSDPLaunchError(
             f"FSDP version {version} is not supported: set `fsdp_version: 2` in the accelerate config "
             "(accelerate_configs/fsdp.yaml has it), or launch with accelerate_configs/multi_gpu.yaml (DDP)."
         )

@@ -412,13 +412,14 @@ def hub_repo(args) -> Optional[str]:
     )
 
 
-def check_launcher() -> None:
-    """Refuse a launch the scripts cannot run (FSDP1: :func:`~.fsdp.check_fsdp_launch`), before any weights load."""
-    from .fsdp import FSDPVersionError, check_fsdp_launch
+def check_launcher(compile: bool = False) -> None:
+    """Refuse a launch the scripts cannot run (FSDP1, ``--compile`` under FSDP: :func:`~.fsdp.check_fsdp_launch`),
+    before any weights load."""
+    from .fsdp import FSDPLaunchError, check_fsdp_launch
 
     try:
-        check_fsdp_launch()
-    except FSDPVersionError as err:
+        check_fsdp_launch(compile)
+    except FSDPLaunchError as err:
         raise UsageError(str(err)) from None
 
 

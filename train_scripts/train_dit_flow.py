@@ -209,6 +209,21 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--ema_rampup_ratio", type=float, default=0.05, help="Half-life min(h, ratio * step).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    # Copied from train_scripts/train_ae_se.py (--compile and --compile_backend)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the trained network in place (nn.Module.compile: checkpoints and saved weights keep "
+        "their names); the objective around it stays eager. benchmarks/bench_compile.py measures the compile time "
+        "and the step time against eager. Not with FSDP.",
+    )
+    parser.add_argument(
+        "--compile_backend",
+        type=str,
+        default="inductor",
+        help="torch.compile backend for --compile: inductor (builds C++ / Triton kernels: needs a C++ compiler on "
+        "CPU), or e.g. aot_eager (no code generation) to check a run quickly.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed for init, data order and noise.")
     # Sampling, checkpoints, logging, Hub
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Euler steps for validation samples.")
@@ -335,7 +350,7 @@ def write_card(folder: str, args, meta: dict, transformer, steps: int, seconds: 
 
 
 def main(args):
-    check_launcher()
+    check_launcher(args.compile)
     use_all_cpu_cores()
     # Validate cheap things: the output folder, the latents, the AE they came from, the model geometry
     found = check_output_dir(
@@ -447,6 +462,8 @@ def main(args):
         logger.info(f"FSDP2: {accelerator.num_processes} processes; each {', '.join(blocks)} sharded on its own")
     model, optimizer, loader, lr_scheduler = accelerator.prepare(objective, optimizer, loader, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model).transformer
+    if args.compile:  # in place: copies for validation and snapshots (deepcopy) are eager
+        unwrapped.compile(backend=args.compile_backend)
     # The EMA of the prepared parameters: whole tensors, or under FSDP this process's shards (saved per process)
     ema = None
     if args.ema_halflife_steps > 0:
