@@ -158,3 +158,43 @@ def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(tmp_p
     assert f"Resuming from {resumed / 'checkpoint-2'}" in proc.stderr
     for key, value in transformer_weights(resumed).items():
         torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny_vae_dir, run_script):
+    """train_ae_se.py: the paper's setting (FSDP) on the tiny AutoencoderKL with its output layers frozen, LPIPS on
+    (a frozen module inside the sharded objective), the posterior mean decoded (posterior noise is drawn per process
+    in both launches alike, but the mean keeps the comparison tight), validation at step 2."""
+    from diffusers import AutoencoderKL
+
+    config = fsdp_config(tmp_path)
+    common = ["--pretrained_model_name_or_path", tiny_vae_dir, "--resolution", 32, "--train_batch_size", 2,
+              "--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 2, "--num_validation_images",
+              2, "--learning_rate", 1e-3, "--report_to", "none", "--latent_sampling", "mode",
+              "--latent_stats_num_samples", 4, "--ema_halflife_steps", 2, "--seed", 3,
+              "--lpips_trunk_path", os.path.join(tiny_vae_dir, "alexnet_trunk.pth")]  # fmt: skip
+    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29565),
+               extra_env=CPU)  # fmt: skip
+    proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "fsdp"],
+                      launcher=fsdp_launcher(config, 29566), extra_env=CPU)  # fmt: skip
+    assert "Distributed environment: DistributedType.FSDP" in proc.stderr
+    assert "FSDP2: 2 processes; each DownEncoderBlock2D, ResnetBlock2D, UpDecoderBlock2D sharded" in proc.stderr
+    assert "step 2: val image PSNR" in proc.stderr  # validation ran on the gathered EMA weights
+
+    def weights(folder):
+        return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+    ddp, fsdp, base = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), weights(tiny_vae_dir)
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-6, msg=key)
+    assert torch.equal(fsdp["decoder.conv_out.weight"], base["decoder.conv_out.weight"])  # frozen (Sec. 3.3)
+    assert not torch.equal(fsdp["encoder.conv_in.weight"], base["encoder.conv_in.weight"])  # trained
+    assert isinstance(AutoencoderKL.from_pretrained(str(tmp_path / "fsdp")), AutoencoderKL)  # stock diffusers
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    subprocess.run(["cp", "-r", str(tmp_path / "fsdp" / "checkpoint-2"), str(resumed)], check=True)
+    run_script("train_ae_se.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
+               launcher=fsdp_launcher(config, 29567), extra_env=CPU)  # fmt: skip
+    for key, value in weights(resumed).items():
+        torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)

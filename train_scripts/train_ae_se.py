@@ -33,6 +33,16 @@ from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import SkipLog, collate, training_images
 from diffusability_hf.ema import EMA
 from diffusability_hf.figures import plot_fine_tuning_spectra, save_png
+from diffusability_hf.fsdp import (
+    fsdp_active,
+    gather_into,
+    load_ema_shard,
+    local_checksum,
+    plain_copy,
+    register_ema,
+    save_ema_shard,
+    shard_blocks,
+)
 from diffusability_hf.hub import (
     card_license,
     dataset_description,
@@ -394,6 +404,20 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the trained network in place (nn.Module.compile: checkpoints and saved weights keep "
+        "their names); the objective around it stays eager. benchmarks/bench_compile.py measures the compile time "
+        "and the step time against eager. Not with FSDP.",
+    )
+    parser.add_argument(
+        "--compile_backend",
+        type=str,
+        default="inductor",
+        help="torch.compile backend for --compile: inductor (builds C++ / Triton kernels: needs a C++ compiler on "
+        "CPU), or e.g. aot_eager (no code generation) to check a run quickly.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed for init, data order, noise and scale draws.")
     # Checkpoints, validation, logging, Hub
     parser.add_argument("--output_dir", type=str, default="ae-se-output", help="Where everything is written.")
@@ -744,7 +768,7 @@ def main(args):
     use_all_cpu_cores()  # a plain `accelerate launch` runs one CPU process on one thread
     # Validate everything cheap before touching weights or data
     found = check_output_dir(args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint)
-    check_launcher()
+    check_launcher(args.compile)
     if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, pretrained = args.vae_config, args.model_config_name_or_path is None
@@ -860,7 +884,8 @@ def main(args):
     # "Before" metrics on the base model (the EMA starts from the same weights, App. B)
     before = {kind: reconstruction_metrics(vae, pixels, **measure_settings(args)) for kind, pixels in val.items()}
     rgb = {kind: rgb_spectrum(pixels, compression, args.dct_block_size) for kind, pixels in val.items()}
-    ema = EMA(params, args.ema_halflife_steps, args.ema_rampup_ratio or None) if args.ema_halflife_steps > 0 else None
+    fsdp = fsdp_active(accelerator)  # FSDP2: the main process keeps an unsharded copy to validate and save
+    plain = plain_copy(vae, accelerator)
 
     # Optimizer, schedule and the SE objective (paper eq. 2 and App. C), prepared together
     if args.scale_lr:
@@ -890,22 +915,35 @@ def main(args):
         latent_sampling=args.latent_sampling, decode_timestep=args.decode_timestep,
         decode_noise_scale=args.decode_noise_scale,
     )  # fmt: skip
+    blocks = shard_blocks(accelerator, model)  # FSDP: each AE stage (and LPIPS layer) its own shard group
+    if blocks:
+        logger.info(f"FSDP2: {accelerator.num_processes} processes; each {', '.join(blocks)} sharded on its own")
     if streaming:  # a stream is already split across the processes: accelerate must not dispatch or re-shard it
         model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     else:
         model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
             model, optimizer, train_dataloader, lr_scheduler
         )
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    unwrapped = accelerator.unwrap_model(model).vae
+    if args.compile:  # encoder and decoder in place: the objective calls vae.encode / vae.decode, not forward
+        unwrapped.encoder.compile(backend=args.compile_backend)
+        unwrapped.decoder.compile(backend=args.compile_backend)
+    # The EMA of the prepared trainable parameters (App. B: it starts from the base weights): whole tensors, or under
+    # FSDP this process's shards (saved per process)
+    ema = None
+    if args.ema_halflife_steps > 0:
+        trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+        ema = EMA(trainable, args.ema_halflife_steps, args.ema_rampup_ratio or None)
+    register_ema(accelerator, ema)
 
     # Each process's stream positions go into every checkpoint, next to accelerate's state
     train_streams = {"image": train_images, "video": train_videos} if streaming else {}
 
-    def save_streams(folder):
+    def save_extras(folder):  # and under FSDP each process's EMA shards
         for kind, path in stream_folders(folder, train_streams).items():
             os.makedirs(path, exist_ok=True)
             save_stream_state(train_streams[kind], path)
+        save_ema_shard(ema, folder, accelerator)
 
     if streaming:  # a stream has no length: one endless "epoch", ended by --max_train_steps
         steps_per_epoch, num_epochs = args.max_train_steps, 1
@@ -945,13 +983,14 @@ def main(args):
         global_step, first_epoch, skip_batches = resume_position(
             accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
         )
+    if resume_path is not None:
+        load_ema_shard(ema, resume_path, accelerator)
 
     # Training loop
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     skips, t_start, last, micro = SkipLog(), time.time(), {}, 0
-    unwrapped = accelerator.unwrap_model(model).vae
     per_step = sum(per_process.values()) * accelerator.num_processes * args.gradient_accumulation_steps
     meter, guard = StepMeter(per_step, accelerator.device), NonFiniteGuard(args.max_nonfinite_steps)
     for epoch in range(first_epoch, num_epochs):
@@ -1000,7 +1039,7 @@ def main(args):
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:
                 save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_streams
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras
                 )
                 raise
             if ema is not None and not skipped:
@@ -1027,10 +1066,14 @@ def main(args):
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_streams
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras
                 )
+            if global_step % args.validation_steps == 0 and fsdp:  # every process gathers the full EMA weights
+                gather_into(plain, unwrapped, ema, trainable_only=True)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(accelerator, unwrapped, ema, val, rgb, args, global_step)
+                run_validation(
+                    accelerator, plain if fsdp else unwrapped, None if fsdp else ema, val, rgb, args, global_step
+                )
             if global_step >= args.max_train_steps:
                 break
             meter.restart()  # logging, checkpoints and validation are not training time
@@ -1042,11 +1085,12 @@ def main(args):
     peak = peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_streams)
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras)
     skips = SkipLog().merge(gather_object([skips]))  # unique unreadable files over all processes
-    # Every rank must hold the same weights after DDP training: record one checksum per rank
-    checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters() if p.requires_grad]).sum()
-    rank_checksums = accelerator.gather(checksum.reshape(1)).tolist()
+    # Every rank must hold the same weights after DDP training (under FSDP: its own shards): a checksum per rank
+    rank_checksums = accelerator.gather(local_checksum(p for p in unwrapped.parameters() if p.requires_grad)).tolist()
+    if fsdp:  # the final weights, gathered by every process into the main process's unsharded copy
+        unwrapped, ema = gather_into(plain, unwrapped, ema, trainable_only=True), None
     if accelerator.is_main_process:
         final = unwrapped
         if ema is not None:
