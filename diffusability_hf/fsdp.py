@@ -89,6 +89,12 @@ def shard_blocks(accelerator, module: nn.Module) -> Optional[List[str]]:
     ``SIZE_BASED_WRAP`` shards ``nn.ModuleList`` containers, which ``fully_shard`` refuses. Returns the names set."""
     if not fsdp_active(accelerator):
         return None
+    scalars = [name for name, p in module.named_parameters() if p.ndim == 0]
+    if scalars:  # fully_shard splits dim 0 and refuses 0-d parameters
+        raise FSDPLaunchError(
+            f"FSDP2 cannot shard the scalar parameter {scalars[0]} (e.g. LTX-Video 0.9.1's timestep_scale_multiplier, "
+            "with timestep_conditioning): launch with accelerate_configs/multi_gpu.yaml (DDP) instead."
+        )
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     plugin = accelerator.state.fsdp_plugin

@@ -198,3 +198,27 @@ def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny
                launcher=fsdp_launcher(config, 29567), extra_env=CPU)  # fmt: skip
     for key, value in weights(resumed).items():
         torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_blocks_to_shard_and_scalar_parameters_refused():
+    from accelerate.utils import DistributedType
+    from diffusers import AutoencoderKL
+
+    from diffusability_hf.autoencoders import EMBEDDED_AE
+    from diffusability_hf.fsdp import FSDPLaunchError, block_classes, shard_blocks
+    from diffusability_hf.models.dit import build_transformer, transformer_config
+
+    dit = build_transformer(transformer_config([4, 8, 8], 3, "DiT-tiny/2", None, None), pos_embed="rope")
+    assert block_classes(dit) == ["SelfConditionedDiTBlock"]  # not the layers inside a block's lists
+    stock = build_transformer(transformer_config([4, 8, 8], 3, "DiT-tiny/2", None, None), stock_dit=True)
+    assert block_classes(stock) == ["BasicTransformerBlock"]
+    vae = AutoencoderKL.from_pretrained(EMBEDDED_AE)
+    assert block_classes(vae) == ["DownEncoderBlock2D", "ResnetBlock2D", "UpDecoderBlock2D"]  # + the mid resnets
+
+    class Accelerator:
+        distributed_type = DistributedType.FSDP
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    module.register_parameter("multiplier", torch.nn.Parameter(torch.tensor(1000.0)))
+    with pytest.raises(FSDPLaunchError, match="scalar parameter multiplier .*multi_gpu.yaml"):
+        shard_blocks(Accelerator(), module)
