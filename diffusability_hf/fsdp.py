@@ -10,7 +10,7 @@ full weights of one wrapped block at a time. What the scripts do with whole weig
   main process only, so the EMA shards are saved by each process into the checkpoint (:func:`save_ema_shard`) and
   loaded back by each process on resume (:func:`load_ema_shard`).
 - Validation, snapshots and the final save run on the main process on a plain, unsharded copy of the model:
-  :func:`plain_copy` makes it before ``accelerator.prepare`` (on the CPU, main process only: one copy of the weights,
+  :func:`plain_copy` makes it before ``accelerator.prepare`` (on the main process's device: one copy of the weights,
   without gradients or optimizer state), and :func:`gather_into` fills it with the gathered training or EMA weights
   (a collective: every process calls it, at the same point of the loop). The saved model is the same plain diffusers
   module as under DDP, so stock diffusers loads it.
@@ -112,12 +112,12 @@ def _is_dtensor(t) -> bool:
 
 
 def plain_copy(module: nn.Module, accelerator) -> Optional[nn.Module]:
-    """Under FSDP, on the main process: a deep copy of ``module`` on the CPU, made before ``accelerator.prepare``
-    shards it (``requires_grad`` flags, LoRA layers and frozen layers included); :func:`gather_into` fills it later.
-    ``None`` on the other processes and without FSDP."""
+    """Under FSDP, on the main process: a deep copy of ``module`` on its device (validation data and the frozen AE
+    live there), made before ``accelerator.prepare`` shards it (``requires_grad`` flags, LoRA layers and frozen layers
+    included); :func:`gather_into` fills it later. ``None`` on the other processes and without FSDP."""
     if not (fsdp_active(accelerator) and accelerator.is_main_process):
         return None
-    return copy.deepcopy(module).to("cpu")
+    return copy.deepcopy(module).to(accelerator.device)
 
 
 @torch.no_grad()
