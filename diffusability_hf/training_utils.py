@@ -412,20 +412,63 @@ def hub_repo(args) -> Optional[str]:
     )
 
 
-def check_launcher(compile: bool = False) -> None:
-    """Refuse a launch the scripts cannot run (FSDP1, ``--compile`` under FSDP: :func:`~.fsdp.check_fsdp_launch`),
-    before any weights load."""
+def check_launcher(compile: bool = False, mixed_precision: Optional[str] = None) -> None:
+    """Refuse a launch the scripts cannot run (FSDP1, ``--compile`` under FSDP: :func:`~.fsdp.check_fsdp_launch`;
+    DeepSpeed with bf16 or fp16), before any weights load. ``mixed_precision``: the script's ``--mixed_precision``
+    (it overrides the config's ``mixed_precision``, which ``accelerate launch`` exports as
+    ``ACCELERATE_MIXED_PRECISION``)."""
     from .fsdp import FSDPLaunchError, check_fsdp_launch
 
     try:
         check_fsdp_launch(compile)
     except FSDPLaunchError as err:
         raise UsageError(str(err)) from None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    # DeepSpeed's bf16/fp16 casts the whole prepared module (the frozen AE, LPIPS) to that dtype and autocasts
+    # nothing, while the scripts keep fp32 weights and inputs under autocast: the first matmul fails on dtypes
+    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if precision == "no" and config_file != "none" and os.path.isfile(config_file):
+        with open(config_file) as fh:
+            ds_config = json.load(fh)
+        precision = next((k for k in ("bf16", "fp16") if ds_config.get(k, {}).get("enabled") is True), "no")
+    if precision != "no":
+        raise UsageError(
+            f"DeepSpeed with {precision} is not supported (DeepSpeed casts the whole model, frozen parts included, to "
+            f"{precision}, unlike the scripts' fp32 weights under autocast): for {precision}, launch with "
+            "accelerate_configs/fsdp.yaml (FSDP2) or multi_gpu.yaml (DDP); or set `mixed_precision: no` in the "
+            "DeepSpeed config (and leave out --mixed_precision)."
+        )
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Under DeepSpeed, give the engine the script's flags before ``accelerator.prepare``: ``--max_grad_norm``
+    (accelerate would fill the config's ``gradient_clipping: auto`` with 1.0, and the engine clips inside
+    ``accelerator.backward``, so ``clip_grad_norm_`` only reads the norm) and the per-process batch (``prepare``
+    without a dataloader, as for streamed data, cannot infer it). A config that sets another ``gradient_clipping``
+    is refused."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping == "auto":
+        config["gradient_clipping"] = float(max_grad_norm)
+    elif float(clipping) != float(max_grad_norm):
+        raise UsageError(
+            f"The DeepSpeed config clips gradients at {clipping} and --max_grad_norm is {max_grad_norm}: remove "
+            "`gradient_clipping` from the config (the script's --max_grad_norm is used), or pass the same value."
+        )
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
 
 
 def make_accelerator(args):
     """The ``Accelerator`` of a training script (accumulation, precision, trackers under ``output_dir/logging_dir``,
-    a seedable sampler so that a resumed run sees the batches a straight one does), with logging configured."""
+    a seedable sampler so that a resumed run sees the batches a straight one does, under DeepSpeed the clipping and
+    batch of the flags: :func:`configure_deepspeed`), with logging configured."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
@@ -438,6 +481,7 @@ def make_accelerator(args):
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    configure_deepspeed(accelerator, args.train_batch_size, args.max_grad_norm)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     return accelerator
 
@@ -563,6 +607,13 @@ class StepMeter:
         }
 
 
+def deepspeed_active(accelerator) -> bool:
+    """True when ``accelerator.prepare`` hands the model to a DeepSpeed engine."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 class NonFiniteLossError(UsageError):
     """Too many optimizer steps in a row had a non-finite loss; the run stopped with a checkpoint."""
 
@@ -574,7 +625,8 @@ class NonFiniteGuard:
     (the flag is reduced, so all processes skip together and no collective is left waiting). A step with a
     non-finite micro-batch skips the backward of that micro-batch and the optimizer and EMA updates of the whole
     step (the gradients are dropped), but still counts as a step: the data, the per-step seeds and the learning-rate
-    schedule move on. After ``max_in_a_row`` such steps in a row, :meth:`step_done` raises
+    schedule move on. Under DeepSpeed the engine steps inside the backward, which a skipped backward skips; with
+    gradient accumulation a non-finite micro-batch stops the run (the engine keeps the step's earlier gradients). After ``max_in_a_row`` such steps in a row, :meth:`step_done` raises
     :class:`NonFiniteLossError` (the caller saves a checkpoint first).
     """
 
@@ -586,6 +638,14 @@ class NonFiniteGuard:
 
         bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
         bad = bool(accelerator.reduce(bad, "sum").item() > 0) if accelerator.num_processes > 1 else bool(bad.item())
+        if bad and accelerator.gradient_accumulation_steps > 1 and deepspeed_active(accelerator):
+            # The ZeRO optimizer keeps the step's earlier micro-batch gradients, and its zero_grad leaves them
+            raise NonFiniteLossError(
+                "The loss was not finite, and under DeepSpeed with gradient accumulation the step cannot be skipped "
+                "(DeepSpeed keeps its earlier micro-batches' gradients): resume with --resume_from_checkpoint "
+                "latest after lowering --learning_rate or checking the data, or train with "
+                "--gradient_accumulation_steps 1, or launch with accelerate_configs/multi_gpu.yaml or fsdp.yaml."
+            )
         self._bad = self._bad or bad
         return not bad
 

@@ -19,7 +19,7 @@ EXPECTED = {  # name: (distributed type, mixed precision, use_cpu)
     "single_gpu": (DistributedType.NO, "bf16", False),
     "multi_gpu": (DistributedType.MULTI_GPU, "bf16", False),
     "fsdp": (DistributedType.FSDP, "bf16", False),
-    "deepspeed_zero2": (DistributedType.DEEPSPEED, "bf16", False),
+    "deepspeed_zero2": (DistributedType.DEEPSPEED, "no", False),  # the scripts refuse DeepSpeed with bf16/fp16
 }
 
 
@@ -60,6 +60,23 @@ def test_launcher_turns_the_config_into_its_environment(name):
         assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
     else:
         assert "ACCELERATE_USE_FSDP" not in env
+
+
+def test_launcher_turns_the_deepspeed_config_into_its_environment():
+    """What the training processes of the DeepSpeed config see: the flags ``check_launcher`` reads, fp32, and no
+    clipping or accumulation of the config's own (the scripts' flags give them)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    path = os.path.join(ROOT, "accelerate_configs", "deepspeed_zero2.yaml")
+    args = launch_command_parser().parse_args(["--config_file", path, "train_scripts/train_ae_se.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.use_deepspeed and not args.cpu  # launch_command's test for its DeepSpeed launcher
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command sets it
+    env = prepare_deepspeed_cmd_env(args)[1]
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2" and "ACCELERATE_USE_FSDP" not in env
+    assert "ACCELERATE_GRADIENT_CLIPPING" not in env and "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env
 
 
 def test_readme_gives_a_command_line_for_every_config():

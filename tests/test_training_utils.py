@@ -314,7 +314,9 @@ def test_step_meter_times_steps_and_data_waits_and_leaves_logging_out():
 
 
 class OneProcess:
-    num_processes = 1
+    from accelerate.utils import DistributedType
+
+    num_processes, gradient_accumulation_steps, distributed_type = 1, 2, DistributedType.NO
 
 
 def test_non_finite_guard_skips_counts_and_stops_after_n_in_a_row():

@@ -768,7 +768,7 @@ def main(args):
     use_all_cpu_cores()  # a plain `accelerate launch` runs one CPU process on one thread
     # Validate everything cheap before touching weights or data
     found = check_output_dir(args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint)
-    check_launcher(args.compile)
+    check_launcher(args.compile, args.mixed_precision)
     if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, pretrained = args.vae_config, args.model_config_name_or_path is None

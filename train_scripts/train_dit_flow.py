@@ -350,7 +350,7 @@ def write_card(folder: str, args, meta: dict, transformer, steps: int, seconds: 
 
 
 def main(args):
-    check_launcher(args.compile)
+    check_launcher(args.compile, args.mixed_precision)
     use_all_cpu_cores()
     # Validate cheap things: the output folder, the latents, the AE they came from, the model geometry
     found = check_output_dir(

@@ -1,0 +1,26 @@
+"""Run a training script under accelerate's real DeepSpeed path on CPU processes (gloo), for the tests.
+
+    accelerate launch --config_file <deepspeed config, num_processes 2, mixed_precision no> tests/deepspeed_on_cpu.py \
+        train_scripts/train_dit_flow.py --flags ...
+
+On a machine without an accelerator, ``accelerate launch`` with a DeepSpeed config starts the processes with
+``ACCELERATE_USE_DEEPSPEED=true``, but accelerate then picks no ``torch.distributed`` backend for them (its backend
+choice knows NCCL, XLA, ... and gloo only for ``MULTI_CPU``), and DeepSpeed's batch-size check fails. This shim creates
+the process state with gloo first and runs the script as ``__main__``: everything else is accelerate's own DeepSpeed
+path (``deepspeed.initialize``, the ZeRO-2 optimizer, ``backward`` stepping the engine, ``save_state`` and
+``load_state`` in DeepSpeed's checkpoint format). Not ``ACCELERATE_USE_CPU=1``: with it accelerate drops DeepSpeed and
+runs DDP. DeepSpeed's CPU communication op (``deepspeed_shm_comm``) is compiled with the machine's C++ compiler on
+first use (cached in ``TORCH_EXTENSIONS_DIR``). What stays GPU-only: NCCL and DeepSpeed's CUDA kernels; the
+partitioning of gradients and optimizer states and the checkpoints are the same code.
+"""
+
+import runpy
+import sys
+
+from accelerate.state import PartialState
+
+if __name__ == "__main__":
+    PartialState(backend="gloo")
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    runpy.run_path(script, run_name="__main__")
