@@ -442,12 +442,13 @@ def check_launcher(compile: bool = False, mixed_precision: Optional[str] = None)
         )
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+def configure_deepspeed(accelerator, micro_batch_size: Optional[int], max_grad_norm: float) -> None:
     """Under DeepSpeed, give the engine the script's flags before ``accelerator.prepare``: ``--max_grad_norm``
     (accelerate would fill the config's ``gradient_clipping: auto`` with 1.0, and the engine clips inside
-    ``accelerator.backward``, so ``clip_grad_norm_`` only reads the norm) and the per-process batch (``prepare``
-    without a dataloader, as for streamed data, cannot infer it). A config that sets another ``gradient_clipping``
-    is refused."""
+    ``accelerator.backward``, so ``clip_grad_norm_`` only reads the norm) and, when given, the per-process batch
+    (``prepare`` without a dataloader, as for streamed data, cannot infer it; a preset's per-process batch is known
+    only after the split over the processes, so the script passes it then). A config that sets another
+    ``gradient_clipping`` is refused."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -461,7 +462,7 @@ def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float
             f"The DeepSpeed config clips gradients at {clipping} and --max_grad_norm is {max_grad_norm}: remove "
             "`gradient_clipping` from the config (the script's --max_grad_norm is used), or pass the same value."
         )
-    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+    if micro_batch_size is not None and config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = micro_batch_size
 
 
@@ -481,7 +482,7 @@ def make_accelerator(args):
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    configure_deepspeed(accelerator, args.train_batch_size, args.max_grad_norm)
+    configure_deepspeed(accelerator, None, args.max_grad_norm)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     return accelerator
 

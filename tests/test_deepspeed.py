@@ -209,6 +209,9 @@ def test_deepspeed_takes_the_scripts_clipping_and_batch_and_refuses_another_clip
     tu.configure_deepspeed(DeepSpeedAccelerator(config), 4, 16.0)
     assert config == {"gradient_clipping": 16.0, "train_micro_batch_size_per_gpu": 4}
     tu.configure_deepspeed(DeepSpeedAccelerator({"gradient_clipping": 16.0}), 4, 16.0)  # the same value: fine
+    later = {"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    tu.configure_deepspeed(DeepSpeedAccelerator(later), None, 16.0)  # make_accelerator: the batch is not known yet
+    assert later == {"gradient_clipping": 16.0, "train_micro_batch_size_per_gpu": "auto"}
     with pytest.raises(tu.UsageError, match="clips gradients at 1.0 and --max_grad_norm is 16.0"):
         tu.configure_deepspeed(DeepSpeedAccelerator({"gradient_clipping": 1.0}), 4, 16.0)
 

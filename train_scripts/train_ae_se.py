@@ -87,6 +87,7 @@ from diffusability_hf.training_utils import (
     atomic_write_text,
     check_launcher,
     check_output_dir,
+    configure_deepspeed,
     describe_global_batch,
     given_flags,
     hub_repo,
@@ -919,6 +920,7 @@ def main(args):
     if blocks:
         logger.info(f"FSDP2: {accelerator.num_processes} processes; each {', '.join(blocks)} sharded on its own")
     if streaming:  # a stream is already split across the processes: accelerate must not dispatch or re-shard it
+        configure_deepspeed(accelerator, args.train_batch_size or args.video_batch_size, args.max_grad_norm)
         model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     else:
         model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
