@@ -14,6 +14,7 @@
 """
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -66,6 +67,10 @@ def run_script(main: Callable, parse_args: Callable) -> None:
     """
     try:
         main(parse_args())
+        # Free what the run leaves in reference cycles (the accelerator, a DDP or FSDP module and the process group
+        # they hold) while the interpreter is fully alive: gloo's worker threads releasing them during interpreter
+        # finalization can abort a process (SIGABRT) after all its work is done.
+        gc.collect()
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         if os.environ.get("DIFFUSABILITY_TRACEBACK") or not (isinstance(err, UsageError) or _raised_by_toolkit(err)):
             raise

@@ -172,6 +172,29 @@ def test_run_script_turns_input_errors_into_one_line(tmp_path, kind):
         assert "Traceback" in traced.stderr and "UsageError" in traced.stderr
 
 
+def test_run_script_frees_the_runs_reference_cycles_before_returning():
+    """What a run leaves in reference cycles (an accelerator with its DDP module and process group) is freed while
+    the interpreter is alive, not at interpreter finalization (where gloo's threads can abort the process)."""
+    import gc
+
+    freed = []
+
+    class Held:
+        def __del__(self):
+            freed.append(True)
+
+    def main(_):
+        cycle = {"held": Held()}
+        cycle["self"] = cycle
+
+    gc.disable()  # no automatic collection can free the cycle; only run_script's own
+    try:
+        tu.run_script(main, lambda: None)
+        assert freed == [True]
+    finally:
+        gc.enable()
+
+
 THREADS = "import torch; from diffusability_hf.training_utils import use_all_cpu_cores; use_all_cpu_cores(); "
 THREADS += "print('threads', torch.get_num_threads())"
 
