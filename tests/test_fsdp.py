@@ -200,6 +200,31 @@ def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny
         torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_lora_under_fsdp_equals_ddp(tmp_path, tiny_vae_dir, run_script):
+    """train_ae_se.py --use_lora under FSDP: the LoRA factors train inside the sharded blocks beside their frozen base
+    weights and the frozen output layers; the merged model and the adapter equal DDP's."""
+    config = fsdp_config(tmp_path)
+    common = ["--pretrained_model_name_or_path", tiny_vae_dir, "--resolution", 32, "--train_batch_size", 2,
+              "--max_train_steps", 2, "--learning_rate", 1e-2, "--report_to", "none", "--latent_sampling", "mode",
+              "--latent_stats_num_samples", 4, "--ema_halflife_steps", 2, "--seed", 3, "--lpips_weight", 0,
+              "--use_lora", "--lora_rank", 2]  # fmt: skip
+    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29568),
+               extra_env=CPU)  # fmt: skip
+    proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "fsdp"],
+                      launcher=fsdp_launcher(config, 29569), extra_env=CPU)  # fmt: skip
+    assert "Distributed environment: DistributedType.FSDP" in proc.stderr
+    base = load_file(os.path.join(tiny_vae_dir, "diffusion_pytorch_model.safetensors"))
+    for name in ["diffusion_pytorch_model.safetensors", os.path.join("lora", "adapter_model.safetensors")]:
+        ddp, fsdp = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "fsdp" / name)
+        assert ddp.keys() == fsdp.keys() and ddp
+        for key in ddp:
+            torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-6, msg=key)
+    merged = load_file(tmp_path / "fsdp" / "diffusion_pytorch_model.safetensors")
+    assert merged.keys() == base.keys()  # plain diffusers keys: the adapter merged
+    assert torch.equal(merged["decoder.conv_out.weight"], base["decoder.conv_out.weight"])  # frozen, no LoRA
+    assert not torch.equal(merged["encoder.conv_in.weight"], base["encoder.conv_in.weight"])  # LoRA merged in
+
+
 def test_blocks_to_shard_and_scalar_parameters_refused():
     from accelerate.utils import DistributedType
     from diffusers import AutoencoderKL
