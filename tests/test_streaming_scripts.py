@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 
@@ -21,7 +22,7 @@ from diffusability_hf.training_utils import UsageError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 PYTHON = [sys.executable]  # the scripts themselves, without `accelerate launch` (one CPU process)
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"]
 
 
 def load_script(name):
@@ -140,6 +141,34 @@ def test_train_on_tar_shards_resumes_exactly_and_counts_corrupt_samples(tmp_path
     assert len(warned) == 2
     assert metrics["latent_normalization"]["num_samples"] == 5  # one unshuffled pass over the training samples
     assert (straight / "checkpoint-4" / "image_stream" / "stream_state_rank0.json").is_file()
+
+
+def test_two_processes_train_on_their_own_shards_and_resume_exactly(tmp_path, tiny_vae_dir, image_shards, run_script):
+    """2 processes (DDP) on 3 tar shards: each reads its own shards and saves its own stream position; a run resumed
+    from step 2 with 2 processes ends with the straight run's weights, and the ranks stay in sync."""
+    torchrun = [*TORCHRUN[:-1], "29536"]
+    cpu = {"ACCELERATE_USE_CPU": "1"}
+    common = ["--train_data_dir", image_shards, "--checkpointing_steps", 2, "--ema_halflife_steps", 3,
+              "--max_train_steps", 4]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, straight, *common), launcher=torchrun, extra_env=cpu)
+    states = [json.loads((straight / "checkpoint-2" / "image_stream" / f"stream_state_rank{r}.json").read_text())
+              for r in range(2)]  # fmt: skip
+    assert [(s["rank"], s["world_size"], s["num_shards"]) for s in states] == [(0, 2, 3), (1, 2, 3)]
+    read = [{shard for shard, _ in s["shard_sizes"]} for s in states]
+    assert read[0] and read[1] and not read[0] & read[1]  # each shard read by one process
+    metrics = json.loads((straight / "metrics.json").read_text())
+    checksums = metrics["rank_weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # DDP kept the ranks in sync
+
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    proc = run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, resumed, *common, "--resume_from_checkpoint",
+                                                        "latest"), launcher=torchrun, extra_env=cpu)  # fmt: skip
+    assert "Resuming from" in proc.stderr and "stream position" not in proc.stderr
+    a, b = weights(straight), weights(resumed)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_train_streams_a_local_parquet_dataset(tmp_path, tiny_vae_dir, run_script):
