@@ -312,14 +312,17 @@ def test_eval_dit_trajectory_decodes_the_x0_predictions(tmp_path, pipelines, tin
 # -------------------------------------------------------------------------------- eval_dit: loss per noise level
 
 
-def expected_losses(pipeline, latents_dir, seed, levels, max_samples, self_conditioning=True):
-    """The flow-matching loss per noise level recomputed from the shards with the transformer directly."""
+def expected_losses(pipeline, latents_dir, seed, levels, max_samples, self_conditioning=True, null_class=False):
+    """The flow-matching loss per noise level recomputed from the shards with the transformer directly (with every
+    label replaced by the null class when ``null_class``)."""
     meta = json.loads(open(os.path.join(latents_dir, "metadata.json")).read())
     shards = [load_file(os.path.join(latents_dir, name)) for name in meta["shards"]]
     mean = torch.cat([s["mean"] for s in shards])[:max_samples].float()
     std = torch.cat([s["std"] for s in shards])[:max_samples].float()
     labels = torch.cat([s["labels"] for s in shards])[:max_samples]
     pipe = DiTFlowMatchPipeline.from_pretrained(pipeline)
+    if null_class:
+        labels = torch.full_like(labels, pipe.num_classes)
     model = pipe.transformer.eval()
     lat_mean = torch.tensor(pipe.config.latents_mean).view(1, -1, 1, 1)
     lat_std = torch.tensor(pipe.config.latents_std).view(1, -1, 1, 1)
@@ -351,17 +354,21 @@ def test_eval_dit_loss_per_noise_level_equals_a_recomputation(
             patched, capsys, eval_args(pipelines[kind], tmp_path, tiny_feature_models["torchscript"], *extra)
         )
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())["loss_per_noise_level"]
-    assert set(result) == {"sigma", "loss", "num_samples", "latents_dir"}
+    assert set(result) == {"sigma", "loss", "loss_null_class", "class_gain", "num_samples", "latents_dir"}
     assert result["sigma"] == pytest.approx([0.125, 0.375, 0.625, 0.875]) and len(result["loss"]) == levels
     assert (result["num_samples"], result["latents_dir"]) == (max_samples, latents)
     expected = expected_losses(pipelines[kind], latents, seed, levels, max_samples)
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    null = expected_losses(pipelines[kind], latents, seed, levels, max_samples, null_class=True)
+    assert result["loss_null_class"] == pytest.approx(null, rel=1e-5) and null != pytest.approx(expected, rel=1e-6)
+    assert result["class_gain"] == pytest.approx([b - a for a, b in zip(expected, null)], rel=1e-4, abs=1e-7)
     if kind == "selfcond":  # the auxiliary pass matters: without it the numbers differ
         plain = expected_losses(pipelines[kind], latents, seed, levels, max_samples, self_conditioning=False)
         assert result["loss"] != pytest.approx(plain, rel=1e-3)
     assert expected_losses(pipelines[kind], latents, seed + 1, levels, max_samples) != pytest.approx(expected)
     table = (tmp_path / "eval" / "metrics.md").read_text()
-    assert "Flow-matching loss per noise level" in table and f"| 0.125 | {result['loss'][0]:.5f} |" in table
+    assert "Flow-matching loss per noise level" in table
+    assert f"| 0.125 | {result['loss'][0]:.5f} | {result['class_gain'][0]:+.5f} |" in table
 
 
 def test_eval_dit_refuses_latents_of_another_autoencoder_before_loading(

@@ -379,3 +379,73 @@ def test_video_latents_get_the_video_dit_through_the_image_entry_points():
     assert out.shape == (2, 4, 3, 8, 8)
     assert transformer_class(json.loads(model.to_json_string())) is SelfConditionedVideoDiT  # a saved config.json
     assert "num_frames" not in transformer_config([4, 8, 8], 5, "DiT-tiny/2")  # images stay on the image DiT
+
+
+def test_class_embed_init_std_sets_only_the_label_table_and_rope_plus_sincos_has_both_positions():
+    """The init option of the DiTs (DiT's 0.02 by default, e.g. 1.0 for short runs): it scales the label table and
+    nothing else; ``pos_embed="rope+sincos"`` adds DiT's absolute table to RoPE (RoPE alone is translation
+    invariant: a shifted input gives a shifted output)."""
+    from diffusability_hf.models.video_dit import SelfConditionedVideoDiT
+
+    config = dit_config("DiT-tiny/2", 4, 8, 3)
+    video = {k: v for k, v in config.items() if k != "norm_type"}
+    for cls, kwargs in ((SelfConditionedDiT, config), (SelfConditionedVideoDiT, {**video, "num_frames": 2})):
+        torch.manual_seed(0)
+        dit = cls(**kwargs).state_dict()
+        torch.manual_seed(0)
+        wide = cls(**kwargs, class_embed_init_std=1.0).state_dict()
+        table = "emb.class_embedder.embedding_table.weight"
+        assert 0.5 < wide[table].std() < 1.5 and dit[table].std() < 0.04
+        assert torch.allclose(wide[table] / 1.0, dit[table] / 0.02)  # the same draw, scaled
+        assert all(torch.equal(dit[k], wide[k]) for k in dit if k != table)
+        with pytest.raises(ValueError, match="class_embed_init_std must be positive"):
+            cls(**kwargs, class_embed_init_std=0.0)
+
+    # rope+sincos: the patch tokens carry DiT's absolute table (RoPE alone adds nothing to them) and attention still
+    # rotates q and k (the same weights without RoPE give another output)
+    zeros = torch.zeros(1, 4, 8, 8)
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.tensor([1])
+    models = {}
+    for pos_embed in ("rope", "rope+sincos", "sincos"):
+        torch.manual_seed(0)
+        models[pos_embed] = SelfConditionedDiT(**config, pos_embed=pos_embed, self_conditioning=False)
+        for p in models[pos_embed].parameters():  # adaLN-Zero starts at 0: give every layer weights
+            p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    with torch.no_grad():
+        tokens = {k: m.patch_embed(zeros) - m.patch_embed.proj.bias for k, m in models.items()}
+        out = {k: m(x, t, y).sample for k, m in models.items()}
+    assert tokens["rope"].abs().max() < 1e-6 and tokens["rope+sincos"].abs().max() > 0.1
+    assert torch.allclose(tokens["rope+sincos"], tokens["sincos"])
+    assert not torch.allclose(out["rope+sincos"], out["sincos"], atol=1e-4)
+    assert not torch.allclose(out["rope+sincos"], out["rope"], atol=1e-4)
+
+
+def test_stock_dit_gets_dits_init_from_a_preset_and_from_a_config_file(tmp_path):
+    """--stock_dit builds diffusers' DiT with DiT's init on both paths (from_config alone skips it: PyTorch's default
+    init, a label table at std ~1 and a non-zero output layer), with the label table's std as asked."""
+    config = transformer_config([4, 8, 8], 3, "DiT-tiny/2")
+    DiTTransformer2DModel(**config).save_config(tmp_path / "stock")
+    from_file = transformer_config([4, 8, 8], 3, config_path=str(tmp_path / "stock"))
+    for built in (
+        build_transformer(config, stock_dit=True),
+        build_transformer(from_file, from_config=True, stock_dit=True),
+        build_transformer(from_file, from_config=True),
+    ):
+        assert type(built) is DiTTransformer2DModel
+        assert built.proj_out_2.weight.abs().sum() == 0 and built.proj_out_1.weight.abs().sum() == 0
+        tables = [b.norm1.emb.class_embedder.embedding_table.weight for b in built.transformer_blocks]
+        assert all(t.std() < 0.04 for t in tables)
+    for cfg, kw in ((config, {}), (from_file, {"from_config": True})):
+        wide = build_transformer(cfg, stock_dit=True, class_embed_init_std=1.0, **kw)
+        assert all(
+            0.5 < b.norm1.emb.class_embedder.embedding_table.weight.std() < 1.5 for b in wide.transformer_blocks
+        )
+        assert wide.proj_out_2.weight.abs().sum() == 0
+    paper = build_transformer(config, class_embed_init_std=1.0)
+    assert paper.config.class_embed_init_std == 1.0
+    paper.save_config(tmp_path / "paper")
+    read = transformer_config([4, 8, 8], 3, config_path=str(tmp_path / "paper"))
+    assert build_transformer(read, from_config=True).config.class_embed_init_std == 1.0
+    assert build_transformer(read, from_config=True, class_embed_init_std=0.5).config.class_embed_init_std == 0.5
+    with pytest.raises(ValueError, match="--stock_dit trains diffusers' DiTTransformer2DModel, but the config names"):
+        build_transformer(read, from_config=True, stock_dit=True)

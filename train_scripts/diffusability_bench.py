@@ -84,19 +84,32 @@ FULL = dict(
     resolution=128, train_crops=2048, reference_crops=256, heldout_crops=128, ae_batch=8, ae_lr=2e-4,
     scratch_lr=5e-4, vanilla_steps=600, ft_steps=300, scratch_steps=300, classifier_steps=400,
     dit_width=128, dit_heads=2, dit_depth=4, dit_patch=2, dit_steps=600, dit_batch=32, dit_lr=3e-4,
-    curve_points=2, fd_samples=256, sampling_steps=32, trajectory_steps=6, loss_noise_levels=10,
-    seeds=(0, 1, 2),
+    dit_recipe="rope_std0.02", curve_points=3, fd_samples=256, sampling_steps=32, trajectory_steps=6,
+    loss_noise_levels=10, seeds=(0, 1, 2),
 )  # fmt: skip
 SMOKE = dict(
     resolution=64, train_crops=64, reference_crops=16, heldout_crops=8, ae_batch=4, ae_lr=2e-4, scratch_lr=5e-4,
     vanilla_steps=2, ft_steps=2, scratch_steps=2, classifier_steps=3, dit_width=32, dit_heads=2, dit_depth=2,
-    dit_patch=2, dit_steps=4, dit_batch=8, dit_lr=1e-3, curve_points=2, fd_samples=16, sampling_steps=2,
-    trajectory_steps=2, loss_noise_levels=4, seeds=(0, 1),
+    dit_patch=2, dit_steps=4, dit_batch=8, dit_lr=1e-3, dit_recipe="rope_std0.02", curve_points=2, fd_samples=16,
+    sampling_steps=2, trajectory_steps=2, loss_noise_levels=4, seeds=(0, 1),
 )  # fmt: skip
 # --ablation: +FT / +FT-SE from the embedded AE for this many steps per cell AE; the long DiT cell trains this many
 # times the default DiT steps; two seeds per cell (the issue's budget rule: 2 hours on 2 cores)
 ABLATION = dict(ablation_ae_steps=300, ablation_long_factor=2, ablation_seeds=[0, 1])
 ABLATION_SMOKE = dict(ablation_ae_steps=2, ablation_long_factor=2, ablation_seeds=[0, 1])
+# The DiT recipes the bench can train: App. B's DiT (RoPE, self-conditioning) with a position scheme and a label-table
+# init (DiT's 0.02, or 1.0: see SelfConditionedDiT), or diffusers' stock DiT ("stock": sin-cos table, no
+# self-conditioning) with the label-table init of the run's recipe, so that only the architecture differs.
+RECIPES = {
+    "rope_std0.02": dict(pos_embed="rope", class_embed_init_std=0.02),  # App. B as printed, with DiT's init
+    "rope_std1": dict(pos_embed="rope", class_embed_init_std=1.0),
+    "rope+sincos_std0.02": dict(pos_embed="rope+sincos", class_embed_init_std=0.02),
+    "rope+sincos_std1": dict(pos_embed="rope+sincos", class_embed_init_std=1.0),
+}
+# --select_recipe: every App. B candidate on the vanilla AE's latents only, seeds never used by a comparison of AEs;
+# the rule that picks the bench's recipe from them is select_recipe() (experiments/dit_recipe/PROTOCOL.md)
+SELECTION = dict(selection_recipes=list(RECIPES), selection_seeds=[10, 11])
+SELECTION_SMOKE = dict(selection_recipes=list(RECIPES), selection_seeds=[10, 11])
 CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 FEATURES = ("domain", "random")
 # The default run's autoencoders: label -> (protocol, how it is made)
@@ -168,10 +181,25 @@ def parse_args(input_args=None):
         "with two seeds.",
     )
     parser.add_argument(
+        "--select_recipe",
+        action="store_true",
+        help="Choose the DiT recipe before any comparison of autoencoders: every App. B candidate (RoPE or RoPE + "
+        "sin-cos table; label table at DiT's 0.02 or 1.0) on the vanilla AE's latents only, seeds 10 and 11, and the "
+        "fixed rule of experiments/dit_recipe/PROTOCOL.md (the best FD among generators that are not class-blind).",
+    )
+    parser.add_argument(
+        "--dit_recipe",
+        type=str,
+        default=None,
+        choices=list(RECIPES),
+        help="The DiT recipe of the comparisons (default: the one --select_recipe chose, see the README).",
+    )
+    parser.add_argument(
         "--output_dir",
         type=str,
         default=None,
-        help="Where everything goes (default: diffusability_bench, or diffusability_bench_ablation).",
+        help="Where everything goes (default: diffusability_bench, diffusability_bench_ablation or "
+        "diffusability_bench_recipe).",
     )
     parser.add_argument(
         "--results_dir",
@@ -205,8 +233,12 @@ def parse_args(input_args=None):
     if args.ablation and args.resolution is not None and args.resolution < 128:
         parser.error("--ablation compares latents of --resolution and half of it: give at least 128 (8x8 latents "
                      "in the small cell, one 8x8 DCT block per channel).")  # fmt: skip
+    if args.select_recipe and (args.ablation or args.user_data or args.models or args.base_model or args.dit_recipe):
+        parser.error("--select_recipe runs on the default data with the embedded autoencoder's vanilla fine-tune and "
+                     "tries every recipe: drop --ablation, --models, --base_model, --dit_recipe and the data flags.")  # fmt: skip
     if args.output_dir is None:
-        args.output_dir = "diffusability_bench_ablation" if args.ablation else "diffusability_bench"
+        args.output_dir = ("diffusability_bench_ablation" if args.ablation else
+                           "diffusability_bench_recipe" if args.select_recipe else "diffusability_bench")  # fmt: skip
     models = []
     for spec in args.models or []:
         label, sep, path = spec.partition("=")
@@ -401,10 +433,12 @@ def load_items(items, resolution):
 
 def make_feature_spaces(out, train_dir, test_dir, resolution, steps, batch=32):
     """Train the domain classifier on ``train_dir`` (random flips), measure its accuracy on ``test_dir`` (other
-    crops), export both feature networks as TorchScript. Returns ``({name: path}, accuracy)``."""
+    crops), export both feature networks as TorchScript, and the classifier itself (``classifier_domain.pt``: the
+    class accuracy of a generator's samples). Returns ``({name: path}, accuracy)``."""
     paths = {name: os.path.join(out, f"features_{name}.pt") for name in FEATURES}
     info_path = os.path.join(out, "features.json")
-    if all(os.path.isfile(p) for p in paths.values()) and os.path.isfile(info_path):
+    classifier_path = os.path.join(out, "classifier_domain.pt")
+    if all(os.path.isfile(p) for p in [*paths.values(), classifier_path, info_path]):
         with open(info_path) as fh:
             return paths, json.load(fh)["domain_accuracy"]
     torch.manual_seed(0)
@@ -427,6 +461,7 @@ def make_feature_spaces(out, train_dir, test_dir, resolution, steps, batch=32):
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
     torch.jit.script(DomainFeatures(model)).save(paths["domain"])
+    torch.jit.script(model).save(classifier_path)
     torch.jit.script(RandomFeatures(seed=0).eval()).save(paths["random"])
     atomic_write_json(info_path, {"domain_accuracy": accuracy, "classes": classes, "steps": steps})
     return paths, accuracy
@@ -485,6 +520,12 @@ def settings_for(args):
     cfg["dataset_name"] = args.dataset_name
     cfg["validation_split"] = args.validation_split
     cfg["smoke"] = args.smoke
+    if args.dit_recipe is not None:
+        cfg["dit_recipe"] = args.dit_recipe
+    if args.select_recipe:
+        cfg.update(select_recipe=True, **(SELECTION_SMOKE if args.smoke else SELECTION))
+        if args.seeds is not None:
+            cfg["selection_seeds"] = list(cfg["seeds"])
     if args.ablation:
         if args.smoke and args.resolution is None:  # its small cell needs 8x8 latents (one DCT block)
             cfg["resolution"] = 128
@@ -673,21 +714,31 @@ class Bench:
                            "extract_latents.py", *ae_args(self.models[label]), *source, "--resolution", res, *extra,
                            "--output_dir", folder, threads=threads)  # fmt: skip
 
-    def dit_config(self, label, recipe):
-        """The paper's DiT (App. B: RoPE, self-conditioning; ``recipe="appb"``) or diffusers' stock DiT
+    def recipe(self, recipe=None):
+        """``(stock, pos_embed, class_embed_init_std)`` of a recipe name (default: the run's); ``"stock"`` is
+        diffusers' DiT with the run's recipe's label-table init."""
+        name = recipe or self.cfg["dit_recipe"]
+        if name == "stock":
+            return True, "sincos", RECIPES[self.cfg["dit_recipe"]]["class_embed_init_std"]
+        return False, RECIPES[name]["pos_embed"], RECIPES[name]["class_embed_init_std"]
+
+    def dit_config(self, label, recipe=None):
+        """The paper's DiT (App. B: RoPE, self-conditioning; a recipe of :data:`RECIPES`) or diffusers' stock DiT
         (``"stock"``: sin-cos positions, no self-conditioning) at the bench's size, for this AE's latents."""
         meta = read_json(self.out, "latents_train", slug(label), "metadata.json")
-        cfg = self.cfg
-        folder = os.path.join(self.out, "dit_configs", slug(label) + ("" if recipe == "appb" else f"-{recipe}"))
+        cfg, recipe = self.cfg, recipe or self.cfg["dit_recipe"]
+        stock, pos_embed, std = self.recipe(recipe)
+        folder = os.path.join(self.out, "dit_configs", f"{slug(label)}-{slug(recipe)}")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             channels, size = meta["latent_shape"][0], meta["latent_shape"][1]
             shape = dict(num_attention_heads=cfg["dit_heads"], attention_head_dim=cfg["dit_width"] // cfg["dit_heads"],
                          in_channels=channels, num_layers=cfg["dit_depth"], sample_size=size,
                          patch_size=cfg["dit_patch"], num_embeds_ada_norm=meta["num_classes"])  # fmt: skip
-            if recipe == "appb":
+            if not stock:
                 from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
 
-                model = SelfConditionedDiT(**shape, pos_embed="rope", self_conditioning=True)
+                model = SelfConditionedDiT(**shape, pos_embed=pos_embed, self_conditioning=True,
+                                           class_embed_init_std=std)  # fmt: skip
             else:
                 from diffusers import DiTTransformer2DModel
 
@@ -695,16 +746,18 @@ class Bench:
             model.save_config(folder)
         return folder
 
-    def dit_tag(self, label, seed, recipe="appb", steps=None):
-        steps = steps or self.cfg["dit_steps"]
-        variant = "" if (recipe, steps) == ("appb", self.cfg["dit_steps"]) else f"-{recipe}-{steps}"
+    def dit_tag(self, label, seed, recipe=None, steps=None):
+        recipe, steps = recipe or self.cfg["dit_recipe"], steps or self.cfg["dit_steps"]
+        variant = (
+            "" if (recipe, steps) == (self.cfg["dit_recipe"], self.cfg["dit_steps"]) else f"-{slug(recipe)}-{steps}"
+        )
         return f"{slug(label)}{variant}-seed{seed}"
 
     def curve_steps(self, steps):
         every = max(1, steps // self.cfg["curve_points"])
         return sorted({*range(every, steps, every), steps})
 
-    def generate(self, label, seed, threads, recipe="appb", steps=None, curve=True):
+    def generate(self, label, seed, threads, recipe=None, steps=None, curve=True):
         """train_dit_flow.py with pipeline snapshots, then eval_dit.py on every snapshot and the final pipeline
         (which also gets the held-out loss per noise level and the Fig. 6 trajectory)."""
         cfg, steps = self.cfg, steps or self.cfg["dit_steps"]
@@ -718,8 +771,8 @@ class Bench:
             f"dit_{tag}", os.path.join(dit, "model_index.json"), "train_dit_flow.py", "--latents_dir",
             os.path.join(self.out, "latents_train", slug(label)),
             *ae_args(self.models[label], "--pretrained_vae_model_name_or_path", "--vae_subfolder"),
-            "--model_config_name_or_path", self.dit_config(label, recipe), *(["--stock_dit"] if recipe == "stock"
-            else []), "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"], "--learning_rate",
+            "--model_config_name_or_path", self.dit_config(label, recipe), *(["--stock_dit"] if self.recipe(recipe)[0]
+            else []), "--class_embed_init_std", self.recipe(recipe)[2], "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"], "--learning_rate",
             cfg["dit_lr"], "--lr_warmup_steps", max(1, steps // 10), "--validation_steps", steps,
             "--checkpointing_steps", steps, *snapshots, "--num_inference_steps",
             cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir", dit, threads=threads,
@@ -744,7 +797,7 @@ class Bench:
                 "--output_dir", folder, threads=threads,
             )  # fmt: skip
 
-    def results(self, label, seeds, recipe="appb", steps=None, curve=True):
+    def results(self, label, seeds, recipe=None, steps=None, curve=True):
         """``(final FD {space: {seed: value}}, curve {space: {step: {seed: value}}}, loss {seed: ...})``; the
         curve has the final step only when the run was made with ``curve=False``."""
         steps = steps or self.cfg["dit_steps"]
@@ -773,6 +826,8 @@ def main(args):
     bench = Bench(args, cfg, out)
     if args.ablation:
         return run_ablation(bench)
+    if args.select_recipe:
+        return run_selection(bench)
     res = cfg["resolution"]
 
     # 1. Stage I
@@ -813,11 +868,39 @@ def main(args):
     # machine at the same time are spread over the AEs
     bench.parallel([partial(bench.extract, label, which) for label in labels for which in ("train", "reference")])
     for label in labels:
-        bench.dit_config(label, "appb")
+        bench.dit_config(label)
     bench.parallel([partial(bench.generate, label, seed) for seed in cfg["seeds"] for label in labels])
     write_report(bench, labels, evals)
     if args.results_dir:
         publish(out, args.results_dir, REPORT_FILES)
+
+
+def run_selection(bench):
+    """``--select_recipe``: the vanilla AE (as the default run makes it), its latents, then every recipe of
+    ``selection_recipes`` for every ``selection_seeds`` seed on them; the report applies :func:`select_recipe`."""
+    cfg, res = bench.cfg, bench.cfg["resolution"]
+    bench.train_ae("vanilla", ["--pretrained_model_name_or_path", ae.EMBEDDED_AE], 0.0, cfg["vanilla_steps"],
+                   cfg["ae_lr"], res, "finetune", threads=bench.cores)  # fmt: skip
+    bench.feature_spaces(res)
+    bench.parallel([partial(bench.extract, "vanilla", which) for which in ("train", "reference")])
+    recipes, seeds = cfg["selection_recipes"], cfg["selection_seeds"]
+    for recipe in recipes:
+        bench.dit_config("vanilla", recipe)
+    bench.parallel([partial(bench.generate, "vanilla", seed, recipe=recipe, steps=cfg["dit_steps"])
+                    for seed in seeds for recipe in recipes])  # fmt: skip
+    write_selection_report(bench, recipes, seeds)
+    if bench.args.results_dir:
+        publish(bench.out, bench.args.results_dir, SELECTION_REPORT_FILES)
+
+
+SELECTION_REPORT_FILES = ("report.md", "report.json")
+
+
+def write_selection_report(bench, recipes, seeds):
+    out, cfg = bench.out, bench.cfg
+    fd = {recipe: bench.results("vanilla", seeds, recipe, cfg["dit_steps"])[0] for recipe in recipes}
+    atomic_write_json(os.path.join(out, "report.json"), portable({"settings": cfg, "generation_fd": fd}, out))
+    atomic_write_text(os.path.join(out, "report.md"), json.dumps(fd, indent=1))
 
 
 def ablation_design(cfg):
@@ -835,16 +918,18 @@ def ablation_design(cfg):
     }
     steps, long = cfg["dit_steps"], cfg["dit_steps"] * cfg["ablation_long_factor"]
     ft, se = f"+FT {side[big]}", f"+FT-SE {side[big]}"
+    app_b = f"App. B DiT ({cfg['dit_recipe']}: RoPE{' + sin-cos' if 'sincos' in cfg['dit_recipe'] else ''}, "
+    app_b += "self-conditioning)"
     cells = [
-        ("latent size", f"{side[small]} latents ({small} px)", f"+FT {side[small]}", f"+FT-SE {side[small]}", "appb",
+        ("latent size", f"{side[small]} latents ({small} px)", f"+FT {side[small]}", f"+FT-SE {side[small]}", None,
          steps),
-        ("latent size", f"{side[big]} latents ({big} px)", ft, se, "appb", steps),
-        ("DiT training length", f"{steps} steps", ft, se, "appb", steps),
-        ("DiT training length", f"{long} steps", ft, se, "appb", long),
-        ("DiT recipe", "App. B DiT (RoPE, self-conditioning)", ft, se, "appb", steps),
-        ("DiT recipe", "stock DiT (sin-cos positions, no self-conditioning)", ft, se, "stock", steps),
-        ("SE scales", "{2, 4} (the paper's)", ft, se, "appb", steps),
-        ("SE scales", "{2}", ft, f"+FT-SE {{2}} {side[big]}", "appb", steps),
+        ("latent size", f"{side[big]} latents ({big} px)", ft, se, None, steps),
+        ("DiT training length", f"{steps} steps", ft, se, None, steps),
+        ("DiT training length", f"{long} steps", ft, se, None, long),
+        ("DiT recipe", app_b, ft, se, None, steps),
+        ("DiT recipe", "stock DiT (sin-cos positions, no self-conditioning, the same init)", ft, se, "stock", steps),
+        ("SE scales", "{2, 4} (the paper's)", ft, se, None, steps),
+        ("SE scales", "{2}", ft, f"+FT-SE {{2}} {side[big]}", None, steps),
     ]  # fmt: skip
     return aes, cells
 
@@ -897,7 +982,8 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
         comparisons = {space: paired_comparison({base: fd_base[space], se: fd_se[space]}, base)
                        for space in FEATURES}  # fmt: skip
         verdict = generation_verdict({space: c[se] for space, c in comparisons.items()}, se, base)
-        result_cells.append({"factor": factor, "level": level, "no_se": base, "se": se, "recipe": recipe,
+        result_cells.append({"factor": factor, "level": level, "no_se": base, "se": se,
+                             "recipe": recipe or cfg["dit_recipe"],
                              "dit_steps": steps, "comparisons": comparisons, **verdict,
                              **({"fd_curve": {base: curve_base, se: curve_se}} if long else {})})  # fmt: skip
         cells_md = [factor, level, f"{se} vs {base}"]

@@ -815,6 +815,9 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
     an auxiliary pass whose ``last_hidden_state`` feeds the main pass (self-conditioning with probability 1, as at
     inference). ``eps`` (all rows), then one ``noise`` per level (all rows), come from one CPU generator seeded with
     ``--seed``: the numbers do not depend on the batch size or the device's random number generator.
+
+    The same inputs with the null class give ``loss_null_class``; ``class_gain = loss_null_class - loss`` per level
+    is what the label is worth to the model (about 0 for a class-blind generator).
     """
     transformer, device = pipe.transformer, accelerator.device
     mean, std, labels = rows["mean"], rows["std"], rows["labels"]
@@ -832,13 +835,23 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
     self_conditioning = bool(getattr(transformer.config, "self_conditioning", False))
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     levels = [(k + 0.5) / args.loss_noise_levels for k in range(args.loss_noise_levels)]
-    losses = []
+    losses, null_losses = [], []
     was_training = transformer.training
     transformer.eval()
+
+    def loss_sum(x_t, timestep, y, x0, noise):
+        with accelerator.autocast():
+            kwargs = {}
+            if self_conditioning:  # the auxiliary pass at the same noise level (App. B)
+                aux = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True)
+                kwargs["self_cond"] = aux.last_hidden_state
+            out = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True, **kwargs)
+        return float(flow_matching_loss(out.sample[:, :channels], x0, noise).double().sum())
+
     try:
         for sigma in tqdm(levels, desc="Loss per noise level", disable=not accelerator.is_local_main_process):
             noise_all = torch.randn(mean.shape, generator=generator)
-            total = 0.0
+            total, total_null = 0.0, 0.0
             for start in range(0, n, args.batch_size):
                 x0 = x0_all[start : start + args.batch_size].to(device)
                 noise = noise_all[start : start + args.batch_size].to(device)
@@ -846,17 +859,17 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
                 s = torch.full((x0.shape[0],), sigma, device=device)
                 x_t = interpolate(x0, noise, s).to(transformer.dtype)
                 timestep = timesteps_from_sigmas(s, num_train_timesteps)
-                with accelerator.autocast():
-                    kwargs = {}
-                    if self_conditioning:  # the auxiliary pass at the same noise level (App. B)
-                        aux = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True)
-                        kwargs["self_cond"] = aux.last_hidden_state
-                    out = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True, **kwargs)
-                total += float(flow_matching_loss(out.sample[:, :channels], x0, noise).double().sum())
+                total += loss_sum(x_t, timestep, y, x0, noise)
+                total_null += loss_sum(x_t, timestep, torch.full_like(y, pipe.num_classes), x0, noise)
             losses.append(total / n)
+            null_losses.append(total_null / n)
     finally:
         transformer.train(was_training)
-    return {"sigma": levels, "loss": losses, "num_samples": int(n), "latents_dir": args.loss_latents_dir}
+    return {
+        "sigma": levels, "loss": losses, "loss_null_class": null_losses,
+        "class_gain": [b - a for a, b in zip(losses, null_losses)], "num_samples": int(n),
+        "latents_dir": args.loss_latents_dir,
+    }  # fmt: skip
 
 
 def sample_files(folder, num_samples, video):
@@ -1043,7 +1056,13 @@ def write_outputs(args, results, provenance, folder, files, skipped, diagnostics
             f"## Flow-matching loss per noise level ({loss['num_samples']} held-out latents of "
             f"`{loss['latents_dir']}`, seed {args.seed})",
             "",
-            markdown_table([[f"{s:.3f}", f"{v:.5f}"] for s, v in zip(loss["sigma"], loss["loss"])], ["sigma", "loss"]),
+            markdown_table(
+                [
+                    [f"{s:.3f}", f"{v:.5f}", f"{g:+.5f}"]
+                    for s, v, g in zip(loss["sigma"], loss["loss"], loss["class_gain"])
+                ],
+                ["sigma", "loss", "class gain (null-class loss - loss)"],
+            ),
             "",
         ]
     if "trajectory" in diagnostics:

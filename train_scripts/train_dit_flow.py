@@ -152,8 +152,17 @@ def parse_args(input_args=None):
         "--pos_embed",
         type=str,
         default="rope",
-        choices=["sincos", "rope"],
-        help="Positions of the paper's DiT: 2D RoPE in attention (App. B; default) or DiT's sin-cos table.",
+        choices=["sincos", "rope", "rope+sincos"],
+        help="Positions of the paper's DiT: 2D RoPE in attention (App. B; default), DiT's sin-cos table, or both "
+        "(RoPE alone carries no absolute position: the public alphaflow DiT adds the table).",
+    )
+    parser.add_argument(
+        "--class_embed_init_std",
+        type=float,
+        default=None,
+        help="Std of the label table's normal init, for the paper's DiT and --stock_dit alike. Default: DiT's 0.02 "
+        "(Peebles & Xie; App. B's 400k-step runs), or a config file's own value. In runs of a few hundred steps 0.02 "
+        "leaves the model class-blind; 1.0 learns the class (the README's DiT recipe section).",
     )
     parser.add_argument(
         "--self_conditioning_prob",
@@ -293,6 +302,8 @@ def parse_args(input_args=None):
                 "--self_conditioning_prob, or drop --stock_dit to train the paper's DiT with it."
             )
         args.pos_embed, args.self_conditioning_prob = "sincos", 0.0
+    if args.class_embed_init_std is not None and not args.class_embed_init_std > 0:
+        parser.error(f"--class_embed_init_std must be positive, got {args.class_embed_init_std}.")
     if not 0 <= args.class_dropout_prob < 1 or not 0 <= args.self_conditioning_prob <= 1:
         parser.error("--class_dropout_prob must be in [0, 1) and --self_conditioning_prob in [0, 1].")
     if args.train_batch_size <= 0 or args.max_train_steps <= 0 or args.lr_warmup_steps < 0:
@@ -426,6 +437,7 @@ def main(args):
     transformer = build_transformer(
         model_config, from_config=args.model_config_name_or_path is not None, stock_dit=args.stock_dit,
         pos_embed=args.pos_embed, self_conditioning=args.self_conditioning_prob > 0,
+        class_embed_init_std=args.class_embed_init_std,
     )  # fmt: skip
     if args.self_conditioning_prob > 0 and not getattr(transformer.config, "self_conditioning", False):
         logger.info(f"{args.model_config_name_or_path} has no self-conditioning: training without it")

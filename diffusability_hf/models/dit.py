@@ -107,13 +107,17 @@ def disable_label_dropout(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def init_dit_weights(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+def init_dit_weights(model: DiTTransformer2DModel, class_embed_init_std: float = 0.02) -> DiTTransformer2DModel:
     """DiT initialisation (Peebles & Xie, 2023, Section 3.2; their ``initialize_weights``) for training from scratch.
 
-    Xavier-uniform linear layers and patch projection, N(0, 0.02) label tables and timestep MLPs, and zeros for every
-    adaLN modulation and the final projection ("adaLN-Zero": each block starts as the identity and the model outputs
-    0). diffusers' constructor leaves PyTorch defaults because it is meant for loading converted checkpoints.
+    Xavier-uniform linear layers and patch projection, N(0, 0.02) timestep MLPs, N(0, ``class_embed_init_std``^2)
+    label tables (DiT: 0.02; 1.0 learns class conditioning in short runs, see ``SelfConditionedDiT``), and zeros for
+    every adaLN modulation and the final projection ("adaLN-Zero": each block starts as the identity and the model
+    outputs 0). diffusers' constructor (and ``from_config``) leaves PyTorch defaults because it is meant for loading
+    converted checkpoints.
     """
+    if not class_embed_init_std > 0:
+        raise ValueError(f"class_embed_init_std must be positive, got {class_embed_init_std}.")
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -124,7 +128,7 @@ def init_dit_weights(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
     nn.init.zeros_(proj.bias)
     for block in model.transformer_blocks:
         emb = block.norm1.emb
-        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=class_embed_init_std)
         nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
         nn.init.zeros_(block.norm1.linear.weight)
@@ -141,23 +145,28 @@ def build_dit(
     sample_size: int = 32,
     num_classes: int = 1000,
     init_weights: bool = True,
+    class_embed_init_std: float = 0.02,
 ) -> DiTTransformer2DModel:
     """A stock ``DiTTransformer2DModel`` with per-block label dropout disabled.
 
     Args:
         name_or_config: a preset name (``"DiT-B/2"``, see :func:`dit_config`) or a ready config dict (then the other
-            size arguments are ignored).
+            size arguments are ignored; a saved config's ``_class_name`` and other private keys are dropped).
         in_channels, sample_size, num_classes: see :func:`dit_config`.
         init_weights: apply :func:`init_dit_weights` (adaLN-Zero); ``False`` keeps PyTorch's default init.
+        class_embed_init_std: the label tables' init std (:func:`init_dit_weights`).
     """
     config = (
         name_or_config
         if isinstance(name_or_config, dict)
         else dit_config(name_or_config, in_channels, sample_size, num_classes)
     )
-    model = DiTTransformer2DModel(**config)
+    if isinstance(name_or_config, dict):
+        model = DiTTransformer2DModel.from_config(config)
+    else:
+        model = DiTTransformer2DModel(**config)
     if init_weights:
-        init_dit_weights(model)
+        init_dit_weights(model, class_embed_init_std)
     disable_label_dropout(model)
     return model
 
@@ -241,29 +250,40 @@ def build_transformer(
     stock_dit: bool = False,
     pos_embed: str = "rope",
     self_conditioning: bool = True,
+    class_embed_init_std: Optional[float] = None,
 ) -> nn.Module:
-    """The latent DiT of a :func:`transformer_config`, its per-block label dropout disabled (classifier-free
-    guidance drops labels once per sample, in ``flow.FlowMatchingLoss``, with the null class).
+    """The latent DiT of a :func:`transformer_config`, initialised for training from scratch (DiT's init, every
+    path), its per-block label dropout disabled (classifier-free guidance drops labels once per sample, in
+    ``flow.FlowMatchingLoss``, with the null class).
 
     Args:
         config: from :func:`transformer_config`.
         from_config: build the class the config names (:func:`transformer_class`) with the config's own settings
             (a config file); else one of the next two.
-        stock_dit: diffusers' ``DiTTransformer2DModel`` with DiT's init (:func:`build_dit`); else the paper's
-            App. B DiT, ``SelfConditionedDiT`` with ``pos_embed`` (``"rope"`` or ``"sincos"``) and
-            ``self_conditioning``.
+        stock_dit: diffusers' ``DiTTransformer2DModel`` with DiT's init (:func:`build_dit`), from a preset or from a
+            config file (which must then name that class); else the paper's App. B DiT, ``SelfConditionedDiT`` with
+            ``pos_embed`` (``"rope"``, ``"sincos"`` or ``"rope+sincos"``) and ``self_conditioning``.
+        class_embed_init_std: the label table's init std; None keeps the config's (DiT's 0.02 for presets and for
+            diffusers' DiT).
     """
-    if from_config:
-        model = transformer_class(config).from_config(config)
-    elif stock_dit:
-        model = build_dit(config)
+    cls = transformer_class(config) if from_config else None
+    if stock_dit and cls not in (None, DiTTransformer2DModel):
+        raise ValueError(
+            f"--stock_dit trains diffusers' DiTTransformer2DModel, but the config names {cls.__name__}: give a "
+            "DiTTransformer2DModel config, or drop --stock_dit to train the config's class."
+        )
+    std = {} if class_embed_init_std is None else {"class_embed_init_std": class_embed_init_std}
+    if cls is DiTTransformer2DModel or stock_dit:  # from_config would skip DiT's init: build_dit applies it
+        model = build_dit(config, class_embed_init_std=std.get("class_embed_init_std", 0.02))
+    elif from_config:
+        model = cls.from_config({**config, **std})
     elif "num_frames" in config:  # video latents: the video DiT (App. B, Sec. 4)
         from .video_dit import SelfConditionedVideoDiT
 
-        settings = {"pos_embed": pos_embed, "self_conditioning": self_conditioning}
+        settings = {"pos_embed": pos_embed, "self_conditioning": self_conditioning, **std}
         model = SelfConditionedVideoDiT(**{**config, **settings})
     else:
-        model = SelfConditionedDiT(**config, pos_embed=pos_embed, self_conditioning=self_conditioning)
+        model = SelfConditionedDiT(**config, pos_embed=pos_embed, self_conditioning=self_conditioning, **std)
     if isinstance(model, DiTTransformer2DModel):
         disable_label_dropout(model)
     return model

@@ -7,16 +7,27 @@ diffusers' ``PatchEmbed``, ``CombinedTimestepLabelEmbeddings``, ``AdaLayerNormZe
 * **RoPE** (Su et al., 2024) on queries and keys, in 2D: for a head of size ``d`` the first ``d / 2`` channels rotate
   with the token's **row** index and the last ``d / 2`` with its **column** index (pairs ``(2i, 2i + 1)`` rotate
   together, diffusers' ``apply_rotary_emb(use_real_unbind_dim=-1)`` layout). ``pos_embed="sincos"`` keeps DiT's
-  fixed additive embedding instead.
+  fixed additive embedding instead; ``"rope+sincos"`` uses both. RoPE alone gives attention relative offsets only,
+  so a token cannot tell where in the image it is (the per-class layout of the data is lost in short runs); the
+  public alphaflow DiT adds an absolute sin-cos table.
 * **Self-conditioning** (Jabri et al., 2023): the last block's activations of an auxiliary pass (``last_hidden_state``,
-  taken right before the final norm / unpatchify) go through ``self_cond_proj``, a zero-initialised bias-free linear
-  layer, and are added to the patch tokens of the main pass. The auxiliary pass at the same sigma, under
+  the residual stream the last block outputs, before the final adaLN) go through ``self_cond_proj``, a
+  zero-initialised bias-free linear layer, and are added to the patch tokens of the main pass. The paper places them
+  "right before the unpatchify projection", which read literally is after the final adaLN (LayerNorm, then a
+  timestep- and class-dependent scale and shift); we feed back the block's output itself, which carries the same
+  tokens without that per-sample modulation (our choice; the two were not compared). The auxiliary pass at the same sigma, under
   ``torch.no_grad()`` and with 90% probability during training, is the training script's job. As the projection
   has no bias, a ``self_cond`` of zeros is exactly "no self-conditioning": a training script may zero it per sample.
 
 Label convention as diffusers' ``DiTTransformer2DModel``: ``num_embeds_ada_norm`` real classes and the null class
 ``num_embeds_ada_norm`` for classifier-free guidance; there is no label dropout inside the model (drop labels once
 per sample in the training script). Timesteps are on the 0..1000 scale (``sigma * 1000``).
+
+Initialisation: DiT's (Peebles & Xie: xavier linears, adaLN-Zero, zero output layer), with the label table drawn
+from N(0, ``class_embed_init_std``^2). DiT's 0.02 (also the public alphaflow code's) suits the paper's 400k-step
+runs; in a few hundred steps it leaves the model class-blind (samples at chance class accuracy in the bench's
+600-step runs), while 1.0 (PyTorch's ``nn.Embedding`` default, what diffusers' ``DiTTransformer2DModel`` gets from
+``from_config``) learns the class within them: see the README's DiT recipe section.
 
 This file imports only torch and diffusers (plus the standard library) so that it can be copied into a saved
 pipeline's ``transformer/`` folder and loaded with ``trust_remote_code=True``.
@@ -41,7 +52,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormZero
 from diffusers.utils import BaseOutput
 
-POS_EMBED_TYPES = ("rope", "sincos")
+POS_EMBED_TYPES = ("rope", "sincos", "rope+sincos")
 
 
 def rope_2d(
@@ -135,10 +146,12 @@ class SelfConditionedDiT(ModelMixin, ConfigMixin):
         patch_size (`int`): patch size ``p``; ``N = (H / p) * (W / p)`` tokens.
         num_embeds_ada_norm (`int`): number of classes; label ``num_embeds_ada_norm`` is the null class.
         mlp_ratio (`float`): feed-forward width over ``D``.
-        pos_embed (`str`): ``"rope"`` (paper) or ``"sincos"`` (original DiT).
+        pos_embed (`str`): ``"rope"`` (paper), ``"sincos"`` (original DiT) or ``"rope+sincos"`` (both).
         rope_theta (`float`): RoPE base frequency.
         self_conditioning (`bool`): create ``self_cond_proj`` and accept ``self_cond`` in ``forward``.
         norm_type (`str`): only ``"ada_norm_zero"``; accepted so that ``dit_config`` dicts fit both DiT classes.
+        class_embed_init_std (`float`): std of the label table's normal init; 0.02 is DiT's (for long runs), 1.0
+            learns class conditioning in short ones (see the module docstring).
     """
 
     _supports_gradient_checkpointing = True
@@ -160,13 +173,16 @@ class SelfConditionedDiT(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         self_conditioning: bool = True,
         norm_type: str = "ada_norm_zero",
+        class_embed_init_std: float = 0.02,
     ):
         super().__init__()
         if pos_embed not in POS_EMBED_TYPES:
             raise ValueError(f"Unknown pos_embed {pos_embed!r}; choose one of {POS_EMBED_TYPES}.")
         if norm_type != "ada_norm_zero":
             raise ValueError(f"SelfConditionedDiT uses adaLN-Zero blocks only, got norm_type={norm_type!r}.")
-        if pos_embed == "rope" and attention_head_dim % 4:
+        if not class_embed_init_std > 0:
+            raise ValueError(f"class_embed_init_std must be positive, got {class_embed_init_std}.")
+        if "rope" in pos_embed and attention_head_dim % 4:
             raise ValueError(f"RoPE needs attention_head_dim divisible by 4, got {attention_head_dim}.")
         if sample_size % patch_size:
             raise ValueError(f"patch_size {patch_size} must divide sample_size {sample_size}.")
@@ -181,7 +197,7 @@ class SelfConditionedDiT(ModelMixin, ConfigMixin):
             patch_size=patch_size,
             in_channels=in_channels,
             embed_dim=dim,
-            pos_embed_type="sincos" if pos_embed == "sincos" else None,
+            pos_embed_type="sincos" if "sincos" in pos_embed else None,
         )
         # A positive dropout at construction makes diffusers add the null-class row (index num_classes); the label
         # drop itself belongs to the training script, so switch it off.
@@ -202,7 +218,8 @@ class SelfConditionedDiT(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def _init_dit_weights(self) -> None:
-        """Peebles & Xie's init: xavier linears, N(0, 0.02) embedders, zero adaLN / output; zero ``self_cond_proj``."""
+        """Peebles & Xie's init: xavier linears, N(0, 0.02) timestep MLP, zero adaLN / output, zero
+        ``self_cond_proj``; the label table N(0, ``class_embed_init_std``^2) (DiT: 0.02)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -211,7 +228,7 @@ class SelfConditionedDiT(ModelMixin, ConfigMixin):
         proj = self.patch_embed.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.emb.class_embedder.embedding_table.weight, std=self.config.class_embed_init_std)
         nn.init.normal_(self.emb.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.emb.timestep_embedder.linear_2.weight, std=0.02)
         for layer in [block.norm1.linear for block in self.transformer_blocks] + [self.proj_out_1, self.proj_out_2]:
@@ -264,7 +281,7 @@ class SelfConditionedDiT(ModelMixin, ConfigMixin):
         emb = self.emb(timestep, class_labels, hidden_dtype=x.dtype)  # (B, D)
 
         rope = None
-        if self.config.pos_embed == "rope":
+        if "rope" in self.config.pos_embed:
             rope = rope_2d(self.config.attention_head_dim, gh, gw, self.config.rope_theta, device=x.device)
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

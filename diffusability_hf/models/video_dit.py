@@ -224,6 +224,8 @@ class SelfConditionedVideoDiT(ModelMixin, ConfigMixin):
         rope_axes_dims (`list[int]`, *optional*): channels per (time, rows, cols) axis, three positive even sizes
             summing to ``attention_head_dim`` (rope) or ``D`` (sincos); None for :func:`rope_3d_axes_dims`.
         self_conditioning (`bool`): create ``self_cond_proj`` and accept ``self_cond`` in ``forward``.
+        class_embed_init_std (`float`): std of the label table's normal init (DiT: 0.02; 1.0 for short runs, as
+            ``SelfConditionedDiT``'s).
     """
 
     _supports_gradient_checkpointing = True
@@ -246,10 +248,13 @@ class SelfConditionedVideoDiT(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         rope_axes_dims: Optional[List[int]] = None,
         self_conditioning: bool = True,
+        class_embed_init_std: float = 0.02,
     ):
         super().__init__()
         if pos_embed not in POS_EMBED_TYPES:
             raise ValueError(f"Unknown pos_embed {pos_embed!r}; choose one of {POS_EMBED_TYPES}.")
+        if not class_embed_init_std > 0:
+            raise ValueError(f"class_embed_init_std must be positive, got {class_embed_init_std}.")
         if sample_size % patch_size:
             raise ValueError(
                 f"patch_size {patch_size} must divide sample_size {sample_size}: change one of them (the paper uses "
@@ -293,7 +298,8 @@ class SelfConditionedVideoDiT(ModelMixin, ConfigMixin):
     # Copied from diffusability_hf.models.selfcond_dit.SelfConditionedDiT._init_dit_weights
     @torch.no_grad()
     def _init_dit_weights(self) -> None:
-        """Peebles & Xie's init: xavier linears, N(0, 0.02) embedders, zero adaLN / output; zero ``self_cond_proj``."""
+        """Peebles & Xie's init: xavier linears, N(0, 0.02) timestep MLP, zero adaLN / output, zero
+        ``self_cond_proj``; the label table N(0, ``class_embed_init_std``^2) (DiT: 0.02)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -302,7 +308,7 @@ class SelfConditionedVideoDiT(ModelMixin, ConfigMixin):
         proj = self.patch_embed.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.emb.class_embedder.embedding_table.weight, std=self.config.class_embed_init_std)
         nn.init.normal_(self.emb.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.emb.timestep_embedder.linear_2.weight, std=0.02)
         for layer in [block.norm1.linear for block in self.transformer_blocks] + [self.proj_out_1, self.proj_out_2]:
