@@ -87,6 +87,20 @@ def check_the_report(out, report):
         assert result["generation_comparisons"]["scratch"][space]["scratch+SE"]["baseline"] == "scratch"
     assert len(result["loss_per_noise_level"]["+FT-SE"]["0"]["loss"]) == 4
     assert {v["pair"][0] for v in result["verdicts"]["generation"]} == {"+FT-SE", "scratch+SE"}
+    # every generator is checked as an instrument; class accuracy is the saved classifier's on the written samples
+    classifier = torch.jit.load(str(out / "classifier_domain.pt")).eval()
+    samples = out / "eval_dit" / "plus-FT-seed0" / "step-4" / "samples"
+    labels = json.loads((samples / "labels.json").read_text())
+    from PIL import Image
+
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(samples / n).convert("RGB")).copy())
+                          for n in sorted(labels)]).permute(0, 3, 1, 2).float() / 127.5 - 1  # fmt: skip
+    with torch.no_grad():
+        hits = (classifier(pixels).argmax(1) == torch.tensor([labels[n] for n in sorted(labels)])).float().mean()
+    assert result["instrument"]["+FT"]["per_seed"]["0"]["class_accuracy"] == pytest.approx(float(hits))
+    for verdict in result["verdicts"]["generation"]:
+        usable = all(result["instrument"][label]["flags"]["usable"] for label in verdict["pair"])
+        assert verdict["verdict"].startswith("no verdict") == (not usable)
     assert result["seconds"]["total"] > 0
     # the published copy links only files it holds and names no absolute path of this run or checkout
     text = (report / "report.md").read_text()
@@ -95,6 +109,7 @@ def check_the_report(out, report):
     raw = (report / "report.json").read_text()
     assert str(out) not in raw and ROOT not in raw
     assert "Table 1" in text and "Fig. 8" in text and "Fig. 6" in text and "## Verdicts" in text
+    assert "Is each generator an instrument?" in text
 
 
 def check_a_rerun_continues_and_other_settings_are_refused(out):
@@ -181,11 +196,18 @@ def test_ablation_smoke_varies_one_factor_per_cell(tmp_path):
     )
     assert result["models"]["+FT 8x8"]["resolution"] == 64 and result["models"]["+FT 16x16"]["resolution"] == 128
     short, long = (c for (f, _), c in cells.items() if f == "DiT training length")
-    assert (short["dit_steps"], long["dit_steps"]) == (4, 8) and "fd_curve" in long and "fd_curve" not in short
+    assert (short["dit_steps"], long["dit_steps"]) == (4, 8) and "fd_curve" in long and "fd_curve" in short
     recipes = {c["recipe"] for (f, _), c in cells.items() if f == "DiT recipe"}
-    assert recipes == {"appb", "stock"}
+    assert recipes == {result["settings"]["dit_recipe"], "stock"}
     stock = json.loads((out / "dit_configs" / "plus-FT_16x16-stock" / "config.json").read_text())
     assert stock["_class_name"] == "DiTTransformer2DModel"
+    # the recipe cell holds the init equal: the stock DiT is trained with the App. B cell's label-table init
+    app_b = json.loads((out / "dit" / "plus-FT_16x16-seed0" / "transformer" / "config.json").read_text())
+    stock_log = (out / "logs" / "dit_plus-FT_16x16-stock-4-seed0.log").read_text().splitlines()[0]
+    assert "--stock_dit" in stock_log and f"--class_embed_init_std {app_b['class_embed_init_std']}" in stock_log
+    for cell in result["cells"]:  # every generator's instrument check, and no verdict on an unusable one
+        flags = [cell["instrument"][n]["flags"] for n in (cell["no_se"], cell["se"])]
+        assert cell["verdict"].startswith("no verdict") == (not all(f["usable"] for f in flags))
     scales = [c for (f, _), c in cells.items() if f == "SE scales"]
     assert scales[1]["se"] == "+FT-SE {2} 16x16"
     log = (out / "logs" / "train_plus-FT-SE_2_16x16.log").read_text().splitlines()[0]
@@ -223,3 +245,112 @@ def test_parallel_runs_read_every_exit_code_correctly(tmp_path):
     code = RACE.format(tmp=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "all succeeded" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_select_recipe_smoke_tries_every_recipe_on_vanilla_only_and_applies_the_rule(tmp_path):
+    out = tmp_path / "recipe"
+    proc = bench(["--select_recipe", "--smoke", "--output_dir", out])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out / "ae")) == ["vanilla"]  # no SE autoencoder is made or looked at
+    script = load_bench()
+    result = json.loads((out / "report.json").read_text())
+    assert list(result["candidates"]) == list(script.RECIPES) and result["seeds"] == [10, 11]
+    for recipe, cand in result["candidates"].items():
+        tag = "vanilla" if recipe == result["settings"]["dit_recipe"] else f"vanilla-{script.slug(recipe)}-4"
+        config = json.loads((out / "dit" / f"{tag}-seed10" / "transformer" / "config.json").read_text())
+        assert (config["pos_embed"], config["class_embed_init_std"]) == (
+            script.RECIPES[recipe]["pos_embed"], script.RECIPES[recipe]["class_embed_init_std"])  # fmt: skip
+        metrics = json.loads((out / "eval_dit" / f"{tag}-seed11" / "step-4" / "metrics.json").read_text())
+        gain = metrics["loss_per_noise_level"]["class_gain"]
+        assert cand["diagnostics"]["per_seed"]["11"]["class_gain"] == pytest.approx(np.mean(gain))
+    chosen, _ = script.select_recipe({r: {k: c[k] for k in ("well_above", "fd_mean", "fd_std")}
+                                      for r, c in result["candidates"].items()})  # fmt: skip
+    assert result["chosen"] == chosen and f"**Chosen: `{chosen}`**" in (out / "report.md").read_text()
+
+
+def load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("diffusability_bench_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_recipe_rule_is_the_protocols():
+    """experiments/dit_recipe/PROTOCOL.md: the lowest FD among candidates well above chance; an earlier-listed
+    runner-up within the larger seed std wins; none well above chance keeps App. B as printed."""
+    rule = load_bench().select_recipe
+
+    def cand(ok, fd, std=1.0):
+        return {"well_above": ok, "fd_mean": fd, "fd_std": std}
+
+    assert rule({"a": cand(False, 10), "b": cand(True, 30), "c": cand(True, 20)})[0] == "c"
+    assert rule({"a": cand(True, 20.5), "b": cand(True, 20), "c": cand(True, 25)})[0] == "a"  # tie-break
+    assert rule({"a": cand(True, 21.5), "b": cand(True, 20), "c": cand(True, 25)})[0] == "b"  # beyond the std
+    assert rule({"a": cand(True, 20.5), "b": cand(True, 20, std=0.1), "c": cand(True, 25)})[0] == "a"  # larger std
+    assert rule({"a": cand(True, 25), "b": cand(True, 20), "c": cand(True, 20.5)})[0] == "b"  # runner-up later
+    chosen, reason = rule({"a": cand(False, 10), "b": cand(False, 5)})
+    assert chosen == "a" and "no generation verdict" in reason
+
+
+def test_no_verdict_on_a_generator_that_cannot_rank():
+    verdict = load_bench().generation_verdict
+    row = {"diff": -3.0, "diff_ci95": [-5.0, -1.0], "ci95_excludes_zero": True}
+    both = {"domain": row, "random": row}
+    assert verdict(both, "se", "base")["verdict"].startswith("supported")
+    assert verdict(both, "se", "base", {"se": [], "base": []})["verdict"].startswith("supported")
+    blind = verdict(both, "se", "base", {"se": [], "base": ["class-blind"], "other": ["layout-blind"]})
+    assert blind["verdict"] == "no verdict: the generators cannot rank latent spaces (base's is class-blind)"
+    assert "better" in blind["detail"]
+
+
+def test_instrument_diagnostics_against_independent_computations():
+    from scipy import stats
+
+    from diffusability_hf.metrics.bench import (
+        class_accuracy,
+        class_position_means,
+        instrument_flags,
+        layout_correlation,
+        thumbnail_features,
+        well_above_chance,
+    )
+
+    class Colour(torch.nn.Module):  # classifies an image by its dominant channel
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(30) % 3
+    images = -torch.ones(30, 3, 16, 16)
+    images[torch.arange(30), labels] = 1.0
+    assert class_accuracy(Colour(), images, labels, batch_size=7) == 1.0
+    assert class_accuracy(Colour(), images, (labels + 1) % 3) == 0.0
+    check = well_above_chance(40, 100, 5)
+    assert check["p_value"] == pytest.approx(stats.binomtest(40, 100, 0.2, alternative="greater").pvalue)
+    assert check["well_above"] and not well_above_chance(30, 100, 5)["well_above"]  # significant, under 2x chance
+    assert not well_above_chance(3, 5, 5)["well_above"]  # 3x chance, but 5 samples prove nothing
+
+    # layout: a class whose top half is bright; the same layout correlates 1, a flipped one -1, noise about 0
+    top = torch.zeros(20, 3, 16, 16)
+    top[:, :, :8] = 1.0
+    lab = torch.zeros(20, dtype=torch.long)
+    ref = class_position_means(top, lab, 2)
+    assert torch.isnan(ref[1]).all() and ref[0].shape == (3, 8, 8)
+    assert ref[0].mean(dim=(-1, -2)).abs().max() < 1e-6  # colour removed: layout only
+    assert layout_correlation(class_position_means(top + 5, lab, 2), ref) == pytest.approx(1.0)
+    assert layout_correlation(class_position_means(top.flip(2), lab, 2), ref) == pytest.approx(-1.0)
+    noise = torch.randn(2000, 3, 16, 16, generator=gen)
+    assert abs(layout_correlation(class_position_means(noise, torch.zeros(2000, dtype=torch.long), 2), ref)) < 0.2
+    thumbs = thumbnail_features(top, size=4)
+    assert thumbs.shape == (20, 48) and thumbs[0, 0] == 1.0 and thumbs[0, 15] == 0.0
+
+    ok = {"well_above": True}
+    assert instrument_flags(ok, 0.6, 0.8, 0.1, 0.5)["usable"]
+    assert instrument_flags({"well_above": False}, 0.6, 0.8, 0.1, 0.5)["class_blind"]
+    assert instrument_flags(ok, 0.3, 0.8, 0.1, 0.5)["layout_blind"]
+    assert instrument_flags(ok, 0.3, -0.1, 0.1, 0.5)["layout_blind"] is None  # no layout in the data to miss
+    flags = instrument_flags(ok, 0.6, 0.8, 2.0, 0.5)
+    assert flags["still_improving"] and not flags["usable"]
+    assert instrument_flags(ok, 0.6, 0.8, float("nan"), float("nan"))["still_improving"] is None

@@ -71,7 +71,13 @@ from diffusability_hf.metrics.bench import (
     DomainClassifier,
     DomainFeatures,
     RandomFeatures,
+    class_accuracy,
+    class_position_means,
+    instrument_flags,
+    layout_correlation,
     paired_comparison,
+    thumbnail_features,
+    well_above_chance,
 )
 from diffusability_hf.training_utils import UsageError, atomic_write_json, atomic_write_text, run_script
 
@@ -471,8 +477,16 @@ def make_feature_spaces(out, train_dir, test_dir, resolution, steps, batch=32):
 # Statistics
 
 
-def generation_verdict(comparisons, better, worse):
-    """One sentence on a seed-paired comparison over both feature spaces (lower FD is better)."""
+def unusable(diagnostics):
+    """The flags that stop a generator from ranking latent spaces (class-blind, layout-blind, still improving), as
+    words; empty for a usable one."""
+    return [k.replace("_", "-") for k, v in diagnostics["flags"].items() if k != "usable" and v]
+
+
+def generation_verdict(comparisons, better, worse, flags=None):
+    """One sentence on a seed-paired comparison over both feature spaces (lower FD is better). ``flags``: ``{label:
+    [why its generator cannot rank latent spaces]}``; any flag on either generator gives "no verdict" (the numbers
+    stay in ``detail``)."""
     outcome = {}
     for space, row in comparisons.items():
         if not row["ci95_excludes_zero"]:
@@ -494,6 +508,10 @@ def generation_verdict(comparisons, better, worse):
         verdict = f"not shown: {better} and {worse} give generators that do not differ beyond the seed noise"
     else:
         verdict = "inconclusive: the two feature spaces disagree"
+    bad = {label: why for label, why in (flags or {}).items() if why and label in (better, worse)}
+    if bad:
+        verdict = "no verdict: the generators cannot rank latent spaces (" + "; ".join(
+            f"{label}'s is {', '.join(why)}" for label, why in bad.items()) + ")"  # fmt: skip
     return {"verdict": verdict, "detail": text, "feature_spaces_agree": agree, "per_space": outcome}
 
 
@@ -592,6 +610,7 @@ class Bench:
         # parallel stage-I tasks ask for the same data and feature spaces: the first writes them, the others wait
         self.prepare = threading.RLock()
         self.models, self.info = {}, {}  # label -> path spec; label -> protocol, resolution, made by the bench
+        self.instruments = {}  # resolution -> Instrument
 
     def parallel(self, tasks):
         return in_parallel(tasks, self.jobs, self.cores)
@@ -797,6 +816,49 @@ class Bench:
                 "--output_dir", folder, threads=threads,
             )  # fmt: skip
 
+    def instrument(self, label):
+        res = self.info[label]["resolution"]
+        meta = read_json(self.out, "latents_train", slug(label), "metadata.json")
+        if res not in self.instruments:
+            self.instruments[res] = Instrument(self, res, meta["id2label"])
+        return self.instruments[res]
+
+    def diagnose(self, label, seeds, recipe=None, steps=None, curve=True):
+        """Is this AE's generator (``recipe``, ``steps``) an instrument? Per seed: class accuracy, layout
+        correlation and thumbnail FD of the final samples, the held-out loss's class gain (mean over noise levels);
+        over seeds: the pooled class-accuracy test, and :func:`instrument_flags` (the FD curve's last interval
+        in the ``domain`` space against the final FD's seed std)."""
+        steps = steps or self.cfg["dit_steps"]
+        instrument = self.instrument(label)
+        per_seed = {}
+        for seed in seeds:
+            folder = os.path.join(self.out, "eval_dit", self.dit_tag(label, seed, recipe, steps), f"step-{steps}")
+            row = instrument.measure(os.path.join(folder, "samples"))
+            gain = read_json(folder, "metrics.json")["loss_per_noise_level"]["class_gain"]
+            per_seed[seed] = {**row, "class_gain": float(np.mean(gain))}
+        check = well_above_chance(sum(r["correct"] for r in per_seed.values()),
+                                  sum(r["num_samples"] for r in per_seed.values()), instrument.num_classes)  # fmt: skip
+        fd, fd_curve, _ = self.results(label, seeds, recipe, steps, curve)
+        points = sorted(fd_curve["domain"])
+        last_gain, noise = float("nan"), float("nan")
+        if len(points) >= 2 and len(seeds) >= 2:
+            a = np.array([fd_curve["domain"][points[-2]][s] for s in seeds])
+            b = np.array([fd_curve["domain"][points[-1]][s] for s in seeds])
+            last_gain, noise = float((a - b).mean()), float(b.std(ddof=1))
+        layout = float(np.mean([r["layout_correlation"] for r in per_seed.values()]))
+        flags = instrument_flags(check, layout, instrument.layout_ceiling, last_gain, noise)
+        return {
+            "per_seed": {str(s): r for s, r in per_seed.items()},
+            "class_accuracy": check,
+            "layout_correlation": layout,
+            "layout_ceiling": instrument.layout_ceiling,
+            "fd_thumbnail": float(np.mean([r["fd_thumbnail"] for r in per_seed.values()])),
+            "class_gain": float(np.mean([r["class_gain"] for r in per_seed.values()])),
+            "fd_last_interval_gain": last_gain,
+            "fd_seed_std": noise,
+            "flags": flags,
+        }
+
     def results(self, label, seeds, recipe=None, steps=None, curve=True):
         """``(final FD {space: {seed: value}}, curve {space: {step: {seed: value}}}, loss {seed: ...})``; the
         curve has the final step only when the run was made with ``curve=False``."""
@@ -817,6 +879,64 @@ class Bench:
                 if step == steps:
                     loss[seed] = m["loss_per_noise_level"]
         return fd, curve, loss
+
+
+def load_samples(folder):
+    """An eval_dit ``samples/`` folder as ``(images (N, 3, H, W) in [-1, 1], the classes they were asked for)``."""
+    from PIL import Image
+
+    with open(os.path.join(folder, "labels.json")) as fh:
+        labels = json.load(fh)
+    names = sorted(labels)
+    images = [torch.from_numpy(np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")).copy()) for n in names]
+    pixels = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, torch.tensor([int(labels[n]) for n in names])
+
+
+class Instrument:
+    """What a generator's samples say about the generator itself, against the reference crops: class accuracy (the
+    domain classifier), per-class layout (:func:`layout_correlation`, against the data's own consistency between
+    the reference crops and as many training crops), and the FD of 8x8 thumbnails (a space not pooled over
+    space). Built once per resolution."""
+
+    def __init__(self, bench, res, id2label):
+        src, (features, _) = bench.data(res), bench.feature_spaces(res)
+        folder = os.path.dirname(features["domain"])
+        self.classifier = torch.jit.load(os.path.join(folder, "classifier_domain.pt")).eval()
+        self.num_classes = len(id2label)
+        index = {name: int(k) for k, name in id2label.items()}
+
+        def labelled(directory, limit=None):
+            items, classes = image_folder_items(directory)
+            items = [(path, index[classes[k]]) for path, k in items if classes[k] in index]
+            if limit is not None and len(items) > limit:
+                keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:limit].tolist()
+                items = [items[i] for i in sorted(keep)]
+            return load_items(items, res)
+
+        ref, ref_labels = labelled(src["test_dir"])
+        self.reference_means = class_position_means(ref, ref_labels, self.num_classes)
+        train, train_labels = labelled(src["train_dir"], limit=len(ref))
+        self.layout_ceiling = layout_correlation(class_position_means(train, train_labels, self.num_classes),
+                                                 self.reference_means)  # fmt: skip
+        thumbs = thumbnail_features(ref)
+        self.reference_thumbs = (thumbs.mean(0), np.cov(thumbs, rowvar=False))
+
+    def measure(self, samples_dir):
+        from diffusability_hf.metrics import frechet_distance
+
+        pixels, labels = load_samples(samples_dir)
+        accuracy = class_accuracy(self.classifier, pixels, labels)
+        thumbs = thumbnail_features(pixels)
+        return {
+            "class_accuracy": accuracy,
+            "correct": int(round(accuracy * len(labels))),
+            "num_samples": len(labels),
+            "layout_correlation": layout_correlation(
+                class_position_means(pixels, labels, self.num_classes), self.reference_means
+            ),  # fmt: skip
+            "fd_thumbnail": frechet_distance(thumbs.mean(0), np.cov(thumbs, rowvar=False), *self.reference_thumbs),
+        }
 
 
 def main(args):
@@ -896,11 +1016,107 @@ def run_selection(bench):
 SELECTION_REPORT_FILES = ("report.md", "report.json")
 
 
+def select_recipe(candidates):
+    """The rule of experiments/dit_recipe/PROTOCOL.md, fixed before its run. ``candidates``: ``{recipe: {"well_above":
+    bool, "fd_mean": float, "fd_std": float}}`` in the protocol's order (closest to App. B as printed first). Returns
+    ``(recipe, reason)``: the lowest mean ``domain`` FD among the candidates whose samples are well above chance; if
+    the runner-up is listed earlier and within the larger seed std of the two, the runner-up; with none well above
+    chance, App. B as printed (whose comparisons then give no verdict)."""
+    order = list(candidates)
+    ok = sorted((n for n in order if candidates[n]["well_above"]), key=lambda n: candidates[n]["fd_mean"])
+    if not ok:
+        return order[0], "no candidate's samples are well above chance: App. B as printed, and no generation verdict"
+    best, reason = ok[0], "the lowest mean domain FD among the candidates well above chance"
+    if len(ok) > 1:
+        runner = ok[1]
+        margin = max(candidates[best]["fd_std"], candidates[runner]["fd_std"])
+        if (
+            order.index(runner) < order.index(best)
+            and candidates[runner]["fd_mean"] - candidates[best]["fd_mean"] <= margin
+        ):
+            best = runner
+            reason = (f"the runner-up, listed earlier, within the larger seed std ({margin:.3g}) of {ok[0]}'s mean "
+                      "domain FD (tie-break)")  # fmt: skip
+    return best, reason
+
+
 def write_selection_report(bench, recipes, seeds):
+    """report.json and report.md of ``--select_recipe``: every candidate's FDs, curve and instrument diagnostics,
+    and the recipe the rule picks."""
     out, cfg = bench.out, bench.cfg
-    fd = {recipe: bench.results("vanilla", seeds, recipe, cfg["dit_steps"])[0] for recipe in recipes}
-    atomic_write_json(os.path.join(out, "report.json"), portable({"settings": cfg, "generation_fd": fd}, out))
-    atomic_write_text(os.path.join(out, "report.md"), json.dumps(fd, indent=1))
+    rows, result = [], {}
+    for recipe in recipes:
+        fd, curve, _ = bench.results("vanilla", seeds, recipe, cfg["dit_steps"])
+        diag = bench.diagnose("vanilla", seeds, recipe, cfg["dit_steps"])
+        dom = np.array([fd["domain"][s] for s in seeds])
+        result[recipe] = {**RECIPES[recipe], "fd": fd, "fd_curve": {sp: {str(k): v for k, v in c.items()}
+                          for sp, c in curve.items()}, "fd_mean": float(dom.mean()), "fd_std": float(dom.std(ddof=1)),
+                          "well_above": diag["class_accuracy"]["well_above"], "diagnostics": diag}  # fmt: skip
+        ca = diag["class_accuracy"]
+        steps = sorted(curve["domain"])
+        rows.append([
+            recipe, f"{dom.mean():.4g} ± {dom.std(ddof=1):.2g}", " / ".join(f"{fd['domain'][s]:.4g}" for s in seeds),
+            " → ".join(f"{np.mean(list(curve['domain'][k].values())):.4g}" for k in steps),
+            f"{np.mean([fd['random'][s] for s in seeds]):.4g}", f"{diag['fd_thumbnail']:.4g}",
+            f"{ca['accuracy']:.3f} (p = {ca['p_value']:.1e})", f"{diag['class_gain']:+.4f}",
+            f"{diag['layout_correlation']:.2f} / {diag['layout_ceiling']:.2f}",
+            ", ".join(k.replace("_", "-") for k, v in diag["flags"].items() if v and k != "usable") or "none",
+        ])  # fmt: skip
+    chosen, reason = select_recipe(
+        {r: {k: result[r][k] for k in ("well_above", "fd_mean", "fd_std")} for r in recipes}
+    )
+    times = {"total": bench.stages.total(), **bench.stages.times["steps"]}
+    report = {"smoke": cfg["smoke"], "settings": cfg, "seeds": seeds, "candidates": result, "chosen": chosen,
+              "reason": reason, "seconds": times}  # fmt: skip
+    atomic_write_json(os.path.join(out, "report.json"), portable(report, out))
+    chance = 1 / bench.instrument("vanilla").num_classes
+    steps = sorted(bench.results("vanilla", seeds, recipes[0], cfg["dit_steps"])[1]["domain"])
+    lines = [
+        "# Choosing the bench's DiT recipe" + (" (smoke run: the numbers are meaningless)" if cfg["smoke"] else ""),
+        "",
+        "The rule of [PROTOCOL.md](PROTOCOL.md), fixed before this run, on the vanilla AE's latents only: the lowest "
+        "mean `domain` FD at the last step among the recipes whose samples are well above chance (class accuracy at "
+        "least twice chance and a one-sided binomial p < 0.001, pooled over seeds).",
+        "",
+        f"App. B's DiT at width {cfg['dit_width']}, depth {cfg['dit_depth']}, patch {cfg['dit_patch']}, "
+        f"{cfg['dit_steps']} steps at batch {cfg['dit_batch']}, seeds {seeds}; {cfg['fd_samples']} samples per FD "
+        f"({cfg['sampling_steps']} Euler steps, no guidance, classes balanced: chance {chance:.3f}). "
+        f"{time.strftime('%H:%M:%S', time.gmtime(times['total']))} in total.",
+        "",
+        "    python train_scripts/diffusability_bench.py --select_recipe" + (" --smoke" if cfg["smoke"] else ""),
+        "",
+        markdown_table(
+            rows,
+            [
+                "recipe",
+                "FD domain (mean ± std)",
+                "per seed",
+                "FD domain at steps " + "/".join(map(str, steps)),
+                "FD random",
+                "FD 8x8 thumbnails",
+                "class accuracy (pooled)",
+                "class gain of the loss",
+                "layout corr. / data's",
+                "flags",
+            ],
+        ),  # fmt: skip
+        "",
+        f"**Chosen: `{chosen}`** ({reason}).",
+        "",
+        "Class gain: held-out flow-matching loss with the null class minus with the true class, mean over "
+        f"{cfg['loss_noise_levels']} noise levels (about 0 for a class-blind model). Layout: mean over classes of the correlation of the samples' "
+        "per-class, per-position means (8x8, colour removed) with the reference crops'; the data's own value "
+        "(as many training crops against the reference crops) is its ceiling. Flags: class-blind (not well above "
+        "chance), layout-blind (layout below half the data's), still-improving (domain FD fell over the last "
+        "interval by more than its seed std).",
+        "",
+        "Every number above comes from `report.json`.",
+        "",
+    ]
+    text = "\n".join(lines)
+    atomic_write_text(os.path.join(out, "report.md"), text)
+    print(text)
+    return report
 
 
 def ablation_design(cfg):
@@ -964,8 +1180,8 @@ def run_ablation(bench):
     for label, recipe, _ in runs:
         bench.dit_config(label, recipe)
     runs.sort(key=lambda r: -r[2])  # the longest first, so that the last ones to start are short
-    # FD curves only along the long DiT runs (how the generators change with training length)
-    bench.parallel([partial(bench.generate, label, seed, recipe=recipe, steps=steps, curve=steps > cfg["dit_steps"])
+    # FD curves along every run: a generator still improving gives no verdict
+    bench.parallel([partial(bench.generate, label, seed, recipe=recipe, steps=steps)
                     for label, recipe, steps in runs for seed in seeds])  # fmt: skip
     write_ablation_report(bench, list(aes), cells, evals, seeds)
     if bench.args.results_dir:
@@ -976,22 +1192,25 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
     out, cfg = bench.out, bench.cfg
     rows, result_cells = [], []
     for factor, level, base, se, recipe, steps in cells:
-        long = steps > cfg["dit_steps"]
-        fd_base, curve_base, _ = bench.results(base, seeds, recipe, steps, curve=long)
-        fd_se, curve_se, _ = bench.results(se, seeds, recipe, steps, curve=long)
+        fd_base, curve_base, _ = bench.results(base, seeds, recipe, steps)
+        fd_se, curve_se, _ = bench.results(se, seeds, recipe, steps)
         comparisons = {space: paired_comparison({base: fd_base[space], se: fd_se[space]}, base)
                        for space in FEATURES}  # fmt: skip
-        verdict = generation_verdict({space: c[se] for space, c in comparisons.items()}, se, base)
+        diagnostics = {label: bench.diagnose(label, seeds, recipe, steps) for label in (base, se)}
+        verdict = generation_verdict({space: c[se] for space, c in comparisons.items()}, se, base,
+                                     {label: unusable(d) for label, d in diagnostics.items()})  # fmt: skip
         result_cells.append({"factor": factor, "level": level, "no_se": base, "se": se,
-                             "recipe": recipe or cfg["dit_recipe"],
-                             "dit_steps": steps, "comparisons": comparisons, **verdict,
-                             **({"fd_curve": {base: curve_base, se: curve_se}} if long else {})})  # fmt: skip
+                             "recipe": recipe or cfg["dit_recipe"], "dit_steps": steps, "comparisons": comparisons,
+                             **verdict, "fd_curve": {base: curve_base, se: curve_se},
+                             "instrument": diagnostics})  # fmt: skip
         cells_md = [factor, level, f"{se} vs {base}"]
         for space in FEATURES:
             c = comparisons[space]
             cells_md += [f"{c[base]['mean']:.4g} / {c[se]['mean']:.4g}",
                          f"{c[se]['diff']:+.4g} [{c[se]['diff_ci95'][0]:+.4g}, {c[se]['diff_ci95'][1]:+.4g}]"
                          + (" *" if c[se]["ci95_excludes_zero"] else "")]  # fmt: skip
+        cells_md.append(" / ".join(f"{diagnostics[n]['class_accuracy']['accuracy']:.2f}" for n in (base, se)))
+        cells_md.append(" / ".join(", ".join(unusable(diagnostics[n])) or "usable" for n in (base, se)))
         cells_md.append(verdict["verdict"].split(":")[0])
         rows.append(cells_md)
     rec, spec = evals["eval_ae"], evals["spectrum"]
@@ -1015,7 +1234,8 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
     atomic_write_json(os.path.join(out, "report.json"), portable(result, out))
     fmt_time = time.strftime("%H:%M:%S", time.gmtime(times["total"]))
     header = ["factor", "level", "compared"] + [h for space in FEATURES for h in (
-        f"FD ({space}) no SE / SE", f"SE - no SE ({space}, 95% CI)")] + ["generation"]  # fmt: skip
+        f"FD ({space}) no SE / SE", f"SE - no SE ({space}, 95% CI)")] + [
+        "class accuracy no SE / SE", "instrument no SE / SE", "generation"]  # fmt: skip
     lines = [
         "# Diffusability bench: ablation" + (" (smoke run: the numbers are meaningless)" if cfg["smoke"] else ""),
         "",
@@ -1101,6 +1321,8 @@ def write_report(bench, labels, evals):
     pairs = [(b, a) for a, b in (("+FT", "+FT-SE"), ("scratch", "scratch+SE")) if a in labels and b in labels]
     if not pairs and len(labels) >= 2:
         pairs = [(m, labels[0]) for m in labels[1:]]
+    instrument = {label: bench.diagnose(label, seeds) for label in labels}
+    flags = {label: unusable(d) for label, d in instrument.items()}
     verdicts = {"spectrum": [], "dct_cut": [], "generation": []}
     for se, base in pairs:
         hs, hb = spec["models"][se]["hf_share"], spec["models"][base]["hf_share"]
@@ -1126,7 +1348,7 @@ def write_report(bench, labels, evals):
         })  # fmt: skip
         comparisons = {space: paired_comparison({base: fd[space][base], se: fd[space][se]}, base)[se]
                        for space in FEATURES}  # fmt: skip
-        verdicts["generation"].append({"pair": [se, base], **generation_verdict(comparisons, se, base)})
+        verdicts["generation"].append({"pair": [se, base], **generation_verdict(comparisons, se, base, flags)})
 
     # Plateau of the FD curve: the last interval's improvement against the seed noise
     plateau = {}
@@ -1171,6 +1393,7 @@ def write_report(bench, labels, evals):
             for space in FEATURES
         },  # fmt: skip
         "fd_curve_plateau": plateau,
+        "instrument": instrument,
         "loss_per_noise_level": loss,
         "verdicts": verdicts,
         "seconds": times,
@@ -1297,8 +1520,38 @@ def report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means
             markdown_table(rows, ["AE"] + [f"step {k}" for k in curve_steps] + ["last gain <= seed std"]),
             "",
         ]
+    rows = []
+    for label in labels:
+        d = result["instrument"][label]
+        ca = d["class_accuracy"]
+        rows.append([label, f"{ca['accuracy']:.3f} (p = {ca['p_value']:.1e})", f"{d['class_gain']:+.4f}",
+                     f"{d['layout_correlation']:.2f} / {d['layout_ceiling']:.2f}", f"{d['fd_thumbnail']:.4g}",
+                     f"{d['fd_last_interval_gain']:+.3g} / {d['fd_seed_std']:.3g}",
+                     ", ".join(unusable(d)) or "usable"])  # fmt: skip
     lines += [
         "![FD curve](fd_curve.png)",
+        "",
+        "## Is each generator an instrument? (final DiTs, samples pooled over seeds)",
+        "",
+        markdown_table(
+            rows,
+            [
+                "AE",
+                f"class accuracy (chance {ca['chance']:.3f})",
+                "class gain of the loss",
+                "layout corr. / data's",
+                "FD 8x8 thumbnails",
+                "last FD gain (domain) / seed std",
+                "flags",
+            ],
+        ),  # fmt: skip
+        "",
+        "A generator that ignores its class (class-blind: accuracy not at least twice chance with a one-sided "
+        "binomial p < 0.001), ignores where things are (layout-blind: per-class layout correlation below half the "
+        "data's own) or is still improving (its domain FD fell over the last curve interval by more than the final "
+        "FD's seed std) cannot rank latent spaces: comparisons that involve it get no verdict. Class gain: held-out "
+        "loss with the null class minus with the true class (about 0 when the label is ignored). The thumbnail FD "
+        "is a feature space that keeps where colour is (both CNN spaces average over space).",
         "",
         "## Flow-matching loss per noise level on held-out latents (final DiTs, mean over seeds)",
         "",
