@@ -152,6 +152,12 @@ def parse_args(input_args=None):
         "weight 0 and 0.25).",
     )
     parser.add_argument(
+        "--skip_base_model",
+        action="store_true",
+        help="With --finetune: compare +FT and +FT-SE only (Table 1's SE comparison); the base model is neither "
+        "evaluated nor given DiTs (a confirmatory run spends its budget on seeds).",
+    )
+    parser.add_argument(
         "--train_data_dir", type=str, default=None, help="An image folder whose subfolders are the classes."
     )
     parser.add_argument("--dataset_name", type=str, default=None, help="Or an HF dataset with image + label columns.")
@@ -224,6 +230,8 @@ def parse_args(input_args=None):
         parser.error("--seeds needs at least 2 different seeds to show a spread (the default run uses 0 1 2).")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1.")
+    if args.skip_base_model and not args.finetune:
+        parser.error("--skip_base_model goes with --base_model PATH --finetune (it drops the base model's DiTs).")
     if args.finetune != (args.base_model is not None):
         parser.error("--finetune and --base_model go together: --base_model PATH --finetune.")
     if args.train_data_dir is not None and args.dataset_name is not None:
@@ -533,6 +541,8 @@ def settings_for(args):
     cfg["models"] = [list(m) for m in args.model_list]
     cfg["base_model"] = args.base_model
     cfg["finetune"] = args.finetune
+    if args.skip_base_model:
+        cfg["skip_base_model"] = True
     cfg["train_data_dir"] = os.path.abspath(args.train_data_dir) if args.train_data_dir else None
     cfg["validation_data_dir"] = os.path.abspath(args.validation_data_dir) if args.validation_data_dir else None
     cfg["dataset_name"] = args.dataset_name
@@ -970,7 +980,8 @@ def main(args):
         for label, spec in args.model_list:
             bench.add(label, spec, "given", res)
         if args.base_model:
-            bench.add("vanilla", args.base_model, "finetune", res)
+            if not args.skip_base_model:
+                bench.add("vanilla", args.base_model, "finetune", res)
             base = ae_args(args.base_model)
             bench.parallel([
                 partial(bench.train_ae, "+FT", base, 0.0, cfg["ft_steps"], cfg["ae_lr"], res, "finetune"),
