@@ -263,7 +263,8 @@ def test_select_recipe_smoke_tries_every_recipe_on_vanilla_only_and_applies_the_
         metrics = json.loads((out / "eval_dit" / f"{tag}-seed11" / "step-4" / "metrics.json").read_text())
         gain = metrics["loss_per_noise_level"]["class_gain"]
         assert cand["diagnostics"]["per_seed"]["11"]["class_gain"] == pytest.approx(np.mean(gain))
-    chosen, _ = script.select_recipe({r: {k: c[k] for k in ("well_above", "fd_mean", "fd_std")}
+    chosen, _ = script.select_recipe({r: {**{k: c[k] for k in ("well_above", "fd_mean", "fd_std")},
+                                          "layout_blind": c["diagnostics"]["flags"]["layout_blind"]}
                                       for r, c in result["candidates"].items()})  # fmt: skip
     assert result["chosen"] == chosen and f"**Chosen: `{chosen}`**" in (out / "report.md").read_text()
 
@@ -282,8 +283,8 @@ def test_the_recipe_rule_is_the_protocols():
     runner-up within the larger seed std wins; none well above chance keeps App. B as printed."""
     rule = load_bench().select_recipe
 
-    def cand(ok, fd, std=1.0):
-        return {"well_above": ok, "fd_mean": fd, "fd_std": std}
+    def cand(ok, fd, std=1.0, layout_blind=False):
+        return {"well_above": ok, "fd_mean": fd, "fd_std": std, "layout_blind": layout_blind}
 
     assert rule({"a": cand(False, 10), "b": cand(True, 30), "c": cand(True, 20)})[0] == "c"
     assert rule({"a": cand(True, 20.5), "b": cand(True, 20), "c": cand(True, 25)})[0] == "a"  # tie-break
@@ -292,6 +293,10 @@ def test_the_recipe_rule_is_the_protocols():
     assert rule({"a": cand(True, 25), "b": cand(True, 20), "c": cand(True, 20.5)})[0] == "b"  # runner-up later
     chosen, reason = rule({"a": cand(False, 10), "b": cand(False, 5)})
     assert chosen == "a" and "no generation verdict" in reason
+    # the amendment: a layout-blind candidate is not eligible (the registered rule did not look at layout)
+    blind = {"a": cand(False, 60), "b": cand(True, 23.4, layout_blind=True), "c": cand(True, 22.7)}
+    assert rule(blind)[0] == "c" and rule(blind, require_layout=False)[0] == "b"
+    assert rule({"a": cand(True, 20, layout_blind=None)})[0] == "a"  # no layout in the data: not held against it
 
 
 def test_no_verdict_on_a_generator_that_cannot_rank():
