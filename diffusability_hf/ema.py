@@ -9,6 +9,7 @@ initial weights; we expose that as ``ramp_ratio`` (0.05 in their code, ``None`` 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -32,7 +33,8 @@ def ema_beta(step: int, half_life: float, ramp_ratio: Optional[float] = None) ->
 class EMA:
     """Float32 shadow copy of a module's trainable parameters, updated with :func:`ema_beta`.
 
-    Registered with ``accelerator.register_for_checkpointing`` it is saved and restored with the training state.
+    The training scripts save it into every checkpoint with :func:`save_ema_files` (safetensors + JSON, no pickle)
+    and restore it on resume (``fsdp.save_ema_state`` / ``fsdp.load_ema_state``).
     """
 
     def __init__(
@@ -94,3 +96,37 @@ class EMA:
         self.ramp_ratio = state["ramp_ratio"]
         self.num_updates = int(state["num_updates"])
         self.shadow = [t.to(s.device, torch.float32).clone() for s, t in zip(self.shadow, state["shadow"])]
+
+
+EMA_WEIGHTS = "ema{suffix}.safetensors"
+EMA_COUNTERS = "ema{suffix}.json"
+
+
+def save_ema_files(state: Dict, folder: str, suffix: str = "", **extra) -> None:
+    """Write an :meth:`EMA.state_dict` into a checkpoint ``folder`` without pickle: the shadow tensors as
+    ``ema{suffix}.safetensors``, the counters (and ``extra``) as ``ema{suffix}.json``. Loading a checkpoint must not
+    run code, and a pickle can (a checkpoint folder may come from anywhere)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(state["shadow"])}
+    save_file(tensors, os.path.join(folder, EMA_WEIGHTS.format(suffix=suffix)))
+    counters = {k: state[k] for k in ("half_life", "ramp_ratio", "num_updates")}
+    with open(os.path.join(folder, EMA_COUNTERS.format(suffix=suffix)), "w") as fh:
+        json.dump({**counters, "num_tensors": len(tensors), **extra}, fh)
+
+
+def load_ema_files(folder: str, suffix: str = "") -> Dict:
+    """The state written by :func:`save_ema_files` (``shadow`` as a list of tensors, the counters, the extras)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, EMA_COUNTERS.format(suffix=suffix))) as fh:
+        state = json.load(fh)
+    tensors = load_file(os.path.join(folder, EMA_WEIGHTS.format(suffix=suffix)))
+    if sorted(tensors) != sorted(f"shadow.{i}" for i in range(state["num_tensors"])):
+        raise ValueError(f"{folder}'s EMA weights do not match its {EMA_COUNTERS.format(suffix=suffix)}.")
+    state["shadow"] = [tensors[f"shadow.{i}"] for i in range(state.pop("num_tensors"))]
+    return state

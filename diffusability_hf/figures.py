@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import as_plain_write
 from .spectral import ac_energy_shares, plot_frequency_profiles
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
@@ -240,6 +241,7 @@ def save_png(figure_or_image, path: str) -> str:
             figure_or_image.savefig(tmp, format="png")
             if "matplotlib.pyplot" in sys.modules:
                 sys.modules["matplotlib.pyplot"].close(figure_or_image)
+        as_plain_write(tmp)  # not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

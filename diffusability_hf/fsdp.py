@@ -6,9 +6,9 @@ The paper trains with FSDP full sharding on 8 GPUs. ``accelerate launch --config
 full weights of one wrapped block at a time. What the scripts do with whole weights changes as follows:
 
 - The EMA (:class:`~.ema.EMA`) is built from the prepared module's parameters, so its shadow tensors are shards
-  like them (1/N of the memory, updated locally, no communication). accelerate saves registered objects from the
-  main process only, so the EMA shards are saved by each process into the checkpoint (:func:`save_ema_shard`) and
-  loaded back by each process on resume (:func:`load_ema_shard`).
+  like them (1/N of the memory, updated locally, no communication). Each process saves its EMA shards into the
+  checkpoint and loads them back on resume (:func:`save_ema_state`, :func:`load_ema_state`; under DDP the main
+  process saves the whole EMA). Either way as safetensors + JSON, never a pickle: loading a checkpoint runs no code.
 - Validation, snapshots and the final save run on the main process on a plain, unsharded copy of the model:
   :func:`plain_copy` makes it before ``accelerator.prepare`` (on the main process's device: one copy of the weights,
   without gradients or optimizer state), and :func:`gather_into` fills it with the gathered training or EMA weights
@@ -30,9 +30,9 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from .ema import EMA
+from .ema import EMA, EMA_WEIGHTS, load_ema_files, save_ema_files
 
-EMA_SHARD = "ema_shard_rank{rank}.pt"
+LEGACY_EMA = "custom_checkpoint_0.pkl"  # the EMA as accelerate's register_for_checkpointing saved it (older versions)
 
 
 class FSDPLaunchError(ValueError):
@@ -157,48 +157,60 @@ def gather_into(
     return target
 
 
-def save_ema_shard(ema: Optional[EMA], folder: str, accelerator) -> None:
-    """Each process writes its EMA shards into the checkpoint ``folder`` (FSDP only; under DDP the EMA is registered
-    with ``accelerator.register_for_checkpointing`` and saved whole by the main process)."""
-    if ema is None or not fsdp_active(accelerator):
+def save_ema_state(ema: Optional[EMA], folder: str, accelerator) -> None:
+    """Save the EMA into the checkpoint ``folder`` (safetensors + JSON: :func:`~.ema.save_ema_files`): under FSDP each
+    process its own shards (``ema_rank{r}.*``, with the process count), else the main process the whole EMA
+    (``ema.*``). Call it on every process."""
+    if ema is None:
         return
-    state = ema.state_dict()
-    state["shadow"] = [s.to_local().cpu() if _is_dtensor(s) else s.cpu() for s in state["shadow"]]
-    state["num_processes"] = accelerator.num_processes
-    torch.save(state, os.path.join(folder, EMA_SHARD.format(rank=accelerator.process_index)))
+    if fsdp_active(accelerator):
+        state = ema.state_dict()
+        state["shadow"] = [s.to_local().cpu() if _is_dtensor(s) else s.cpu() for s in state["shadow"]]
+        save_ema_files(state, folder, f"_rank{accelerator.process_index}", num_processes=accelerator.num_processes)
+    elif accelerator.is_main_process:
+        save_ema_files(ema.state_dict(), folder)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 @torch.no_grad()
-def load_ema_shard(ema: Optional[EMA], folder: str, accelerator) -> None:
-    """Each process loads its EMA shards from a checkpoint written by :func:`save_ema_shard`; the process count must
-    be the one that saved it (the shards are 1/N of each tensor)."""
-    if ema is None or not fsdp_active(accelerator):
+def load_ema_state(ema: Optional[EMA], folder: str, accelerator) -> None:
+    """Load the EMA written by :func:`save_ema_state` on every process. An older checkpoint's
+    ``custom_checkpoint_0.pkl`` is read with ``torch.load(weights_only=True)``: tensors and plain values only, so a
+    crafted file cannot run code. A damaged, foreign or mismatched EMA raises a ``ValueError`` of one line; under
+    FSDP the process count must be the one that saved the shards."""
+    if ema is None:
         return
-    path = os.path.join(folder, EMA_SHARD.format(rank=accelerator.process_index))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{folder} has no {os.path.basename(path)}: it was not saved by an FSDP run with "
-            f"{accelerator.num_processes} processes. Resume it with the launch that wrote it."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["num_processes"] != accelerator.num_processes:
+    fsdp = fsdp_active(accelerator)
+    suffix = f"_rank{accelerator.process_index}" if fsdp else ""
+    weights = os.path.join(folder, EMA_WEIGHTS.format(suffix=suffix))
+    try:
+        if os.path.isfile(weights):
+            state = load_ema_files(folder, suffix)
+        elif not fsdp and os.path.isfile(os.path.join(folder, LEGACY_EMA)):
+            state = torch.load(os.path.join(folder, LEGACY_EMA), map_location="cpu", weights_only=True)
+        else:
+            launch = f"an FSDP run with {accelerator.num_processes} processes" if fsdp else "a run with an EMA"
+            raise FileNotFoundError(f"no {os.path.basename(weights)}: it was not saved by {launch}")
+    except Exception as err:
         raise ValueError(
-            f"{folder} holds EMA shards of {state['num_processes']} processes and this launch has "
-            f"{accelerator.num_processes}: resume with --num_processes {state['num_processes']}."
+            f"Checkpoint {folder} is damaged: its EMA cannot be loaded ({_first_line(err)}). Resume from another checkpoint "
+            "(--resume_from_checkpoint latest takes the newest complete one), with the launch that wrote it."
+        ) from None
+    if fsdp and state.get("num_processes") != accelerator.num_processes:
+        raise ValueError(
+            f"{folder} holds EMA shards of {state.get('num_processes')} processes and this launch has "
+            f"{accelerator.num_processes}: resume with --num_processes {state.get('num_processes')}."
         )
     local = [s.to_local() if _is_dtensor(s) else s for s in ema.shadow]
     if [tuple(t.shape) for t in state["shadow"]] != [tuple(t.shape) for t in local]:
-        raise ValueError(f"The EMA shards in {folder} do not match this model's shards.")
+        raise ValueError(f"The EMA in {folder} does not match this model's {'shards' if fsdp else 'weights'}.")
     for s, t in zip(local, state["shadow"]):
         s.copy_(t)
     ema.half_life, ema.ramp_ratio, ema.num_updates = state["half_life"], state["ramp_ratio"], state["num_updates"]
-
-
-def register_ema(accelerator, ema: Optional[EMA]) -> None:
-    """``accelerator.register_for_checkpointing(ema)`` where accelerate can save it whole (not under FSDP, where
-    :func:`save_ema_shard` / :func:`load_ema_shard` do)."""
-    if ema is not None and not fsdp_active(accelerator):
-        accelerator.register_for_checkpointing(ema)
 
 
 def local_checksum(parameters: Iterable[torch.Tensor]) -> torch.Tensor:

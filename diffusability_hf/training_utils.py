@@ -26,6 +26,8 @@ import tempfile
 import traceback
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .files import as_plain_write
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -247,6 +249,7 @@ def atomic_write_text(path: str, text) -> None:
     try:
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
+        as_plain_write(tmp)  # mkstemp's 0600 would hide the file from the other users of a shared folder
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -342,12 +345,21 @@ def resolve_resume(
 def load_checkpoint(accelerator, path: str) -> int:
     """``accelerator.load_state(path)`` with a clear message for a damaged checkpoint; returns its step."""
     try:
+        # accelerate reads its pickles with weights_only=True (they cannot run code) but skips random states it cannot
+        # read with a log line: read them first, so that a damaged one stops the resume instead of changing it
+        from accelerate.utils import load
+
+        for name in sorted(os.listdir(path)):
+            if name.startswith("random_states_") and name.endswith(".pkl"):
+                load(os.path.join(path, name))
         accelerator.load_state(path)
-    except Exception as err:  # truncated pickle / safetensors, missing file, ...
+    except Exception as err:  # truncated pickle / safetensors, missing file, a pickle that is not plain data, ...
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
         raise UsageError(
-            f"Checkpoint {path} is damaged and cannot be loaded ({type(err).__name__}: {err}). Delete it and resume "
-            "from an earlier one (--resume_from_checkpoint latest takes the newest complete one)."
-        ) from err
+            f"Checkpoint {path} is damaged and cannot be loaded ({reason}). Delete it and resume from an earlier one "
+            "(--resume_from_checkpoint latest takes the newest complete one)."
+        ) from None
     return checkpoint_step(path)
 
 

@@ -90,12 +90,12 @@ def test_the_library_gathers_full_weights_and_keeps_the_ema_over_shards(tmp_path
                 opt.step(); opt.zero_grad()
                 ema.update(trainable, step)
                 ema_whole.update([p.full_tensor() for p in trainable], step)
-            F.save_ema_shard(ema, "{tmp_path}", acc)
+            F.save_ema_state(ema, "{tmp_path}", acc)
             dist.barrier()
             copy = F.gather_into(plain, model, ema, trainable_only=True)
             full = F.full_state_dict(model)
             reloaded = EMA(trainable, 2.0)
-            F.load_ema_shard(reloaded, "{tmp_path}", acc)
+            F.load_ema_state(reloaded, "{tmp_path}", acc)
             assert reloaded.num_updates == 3
             for a, b in zip(reloaded.shadow, ema.shadow):
                 assert torch.equal(a.to_local(), b.to_local())
@@ -137,7 +137,7 @@ def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(tmp_p
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-6, msg=key)
     # The EMA shards are per process; the snapshot at step 2 (gathered EMA weights) equals DDP's too
-    assert sorted(os.listdir(tmp_path / "fsdp" / "checkpoint-2")).count("ema_shard_rank1.pt") == 1
+    assert sorted(os.listdir(tmp_path / "fsdp" / "checkpoint-2")).count("ema_rank1.safetensors") == 1
     snap = os.path.join("snapshots", "step-2")
     for key, value in transformer_weights(tmp_path / "ddp" / snap).items():
         torch.testing.assert_close(transformer_weights(tmp_path / "fsdp" / snap)[key], value, rtol=1e-4, atol=2e-6)

@@ -704,3 +704,25 @@ def test_rgb_spectrum_and_cross_decoding():
     assert cross["new_encoder_new_decoder"] == after["image"]["psnr"]
     assert cross["base_encoder_new_decoder"] == pytest.approx(after["image"]["psnr"])  # same encoders
     assert cross["new_encoder_base_decoder"] == pytest.approx(before["image"]["psnr"])
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_inception_weights_are_read_as_data_a_payload_never_runs(tmp_path, random_inception_weights, inception):
+    """torch-fidelity unpickles --inception_weights with weights_only=False; the toolkit reads them as tensors first."""
+    import pickle
+
+    marker, bad = tmp_path / "pwned", tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    bad.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match="is not a plain state dict of tensors") as err:
+        load_feature_extractor("inception", inception_weights=str(bad))
+    assert not marker.exists() and "\n" not in str(err.value)
+    again = load_feature_extractor("inception", inception_weights=random_inception_weights)  # the real format loads
+    x = random_uint8(1, 3, 32, 32, seed=3)
+    assert torch.equal(again(x), inception(x))

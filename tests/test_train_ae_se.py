@@ -169,12 +169,12 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
     train_tiny(run_script, tiny_vae_dir, straight, *common, "--max_train_steps", 4)
     train_tiny(run_script, tiny_vae_dir, resumed, *common, "--max_train_steps", 2)
     assert (resumed / "checkpoint-2").is_dir()
-    # A save killed half-way (no marker, a 0-byte pickle): 'latest' skips it, an explicit path is refused
+    # A save killed half-way (no marker, a 0-byte EMA file): 'latest' skips it, an explicit path is refused
     import shutil
 
     shutil.copytree(resumed / "checkpoint-2", resumed / "checkpoint-3")
     (resumed / "checkpoint-3" / "training_state.json").unlink()
-    (resumed / "checkpoint-3" / "custom_checkpoint_0.pkl").write_bytes(b"")
+    (resumed / "checkpoint-3" / "ema.safetensors").write_bytes(b"")
     proc = train_tiny(
         run_script, tiny_vae_dir, resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", resumed / "checkpoint-3",
         check=False,

@@ -363,3 +363,109 @@ def test_non_finite_guard_skips_counts_and_stops_after_n_in_a_row():
         never.finite(nan, acc)
         assert never.step_done(step)
     assert never.skipped == 20
+
+
+class Payload:
+    """A pickle that runs code when loaded (what a crafted checkpoint file would hold)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_cannot_run_code_and_a_planted_payload_is_one_line(tmp_path):
+    """Every file of a real checkpoint (accelerate's model, optimizer, scheduler, sampler and RNG states, the
+    toolkit's EMA), replaced in turn by a pickle that would run a command: resuming refuses it in one line and the
+    command never runs. The EMA is saved without pickle; an older checkpoint's pickled EMA still loads, as data."""
+    import pickle
+    import shutil
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from diffusability_hf.ema import EMA
+    from diffusability_hf.fsdp import load_ema_state, save_ema_state
+
+    def setup():
+        acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        loader = torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=2, shuffle=True)
+        model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+        return acc, model, opt, EMA(model.parameters(), 3.0)
+
+    acc, model, opt, ema = setup()
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    ema.update(model.parameters(), 1)
+    good = tu.save_checkpoint(acc, str(tmp_path / "run"), 1, extra=lambda f: save_ema_state(ema, f, acc))
+    files = sorted(os.listdir(good))
+    assert "ema.safetensors" in files and not any(f.startswith("custom_checkpoint") for f in files)
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= set(files)
+
+    acc, model, opt, fresh = setup()
+    tu.load_checkpoint(acc, good)
+    load_ema_state(fresh, good, acc)
+    assert fresh.num_updates == 1 and all(torch.equal(a, b) for a, b in zip(fresh.shadow, ema.shadow))
+
+    marker = tmp_path / "pwned"
+    for name in [f for f in files if f != tu.CHECKPOINT_MARKER]:
+        bad = tmp_path / f"bad-{name}" / "checkpoint-1"
+        shutil.copytree(good, bad)
+        (bad / name).write_bytes(pickle.dumps(Payload(marker)))
+        with pytest.raises(ValueError) as err:
+            tu.load_checkpoint(acc, str(bad))
+            load_ema_state(fresh, str(bad), acc)
+        assert not marker.exists(), name
+        message = str(err.value)
+        assert "\n" not in message and f"Checkpoint {bad} is damaged" in message and len(message) < 600, name
+
+    # An older version's checkpoint: the EMA pickled by accelerate. Plain data loads; a payload is refused
+    legacy = tmp_path / "legacy" / "checkpoint-1"
+    shutil.copytree(good, legacy)
+    for name in ("ema.safetensors", "ema.json"):
+        (legacy / name).unlink()
+    torch.save(ema.state_dict(), legacy / "custom_checkpoint_0.pkl")
+    again = EMA(model.parameters(), 3.0)
+    load_ema_state(again, str(legacy), acc)
+    assert all(torch.equal(a, b) for a, b in zip(again.shadow, ema.shadow))
+    (legacy / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ValueError, match="is damaged: its EMA cannot be loaded"):
+        load_ema_state(again, str(legacy), acc)
+    assert not marker.exists()
+
+
+def test_atomic_writes_leave_the_mode_a_plain_write_would(tmp_path):
+    """Files written through a temporary file (cards, metadata.json, metrics, plots, reference statistics) get
+    0o666 less the umask, as open() would give them, not mkstemp's 0600."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusability_hf.figures import save_png
+    from diffusability_hf.metrics import FeatureStatistics
+
+    old = os.umask(0o022)
+    try:
+        for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(mask)
+            folder = tmp_path / f"m{mask:o}"
+            tu.atomic_write_text(str(folder / "README.md"), "card")
+            tu.atomic_write_json(str(folder / "metadata.json"), {"a": 1})
+            save_png(Image.new("RGB", (4, 4)), str(folder / "grid.png"))
+            stats = FeatureStatistics()
+            stats.update(torch.randn(4, 3))
+            stats.save(str(folder / "ref.npz"))
+            with tu.atomic_save(str(folder / "model")) as tmp:
+                with open(os.path.join(tmp, "config.json"), "w") as fh:
+                    fh.write("{}")
+            with open(folder / "plain.txt", "w") as fh:
+                fh.write("the reference: a plain write")
+            for name in ("README.md", "metadata.json", "grid.png", "ref.npz", "model/config.json", "plain.txt"):
+                assert (os.stat(folder / name).st_mode & 0o777) == mode, (name, oct(mask))
+            assert np.isfinite(np.load(folder / "ref.npz")["mu"]).all()
+    finally:
+        os.umask(old)

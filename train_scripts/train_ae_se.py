@@ -36,11 +36,10 @@ from diffusability_hf.figures import plot_fine_tuning_spectra, save_png
 from diffusability_hf.fsdp import (
     fsdp_active,
     gather_into,
-    load_ema_shard,
+    load_ema_state,
     local_checksum,
     plain_copy,
-    register_ema,
-    save_ema_shard,
+    save_ema_state,
     shard_blocks,
 )
 from diffusability_hf.hub import (
@@ -936,16 +935,15 @@ def main(args):
     if args.ema_halflife_steps > 0:
         trainable = [p for p in unwrapped.parameters() if p.requires_grad]
         ema = EMA(trainable, args.ema_halflife_steps, args.ema_rampup_ratio or None)
-    register_ema(accelerator, ema)
 
     # Each process's stream positions go into every checkpoint, next to accelerate's state
     train_streams = {"image": train_images, "video": train_videos} if streaming else {}
 
-    def save_extras(folder):  # and under FSDP each process's EMA shards
+    def save_extras(folder):  # and the EMA (under FSDP each process its shards)
         for kind, path in stream_folders(folder, train_streams).items():
             os.makedirs(path, exist_ok=True)
             save_stream_state(train_streams[kind], path)
-        save_ema_shard(ema, folder, accelerator)
+        save_ema_state(ema, folder, accelerator)
 
     if streaming:  # a stream has no length: one endless "epoch", ended by --max_train_steps
         steps_per_epoch, num_epochs = args.max_train_steps, 1
@@ -986,7 +984,7 @@ def main(args):
             accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
         )
     if resume_path is not None:
-        load_ema_shard(ema, resume_path, accelerator)
+        load_ema_state(ema, resume_path, accelerator)
 
     # Training loop
     progress_bar = tqdm(

@@ -45,10 +45,9 @@ from diffusability_hf.flow import FlowMatchingLoss
 from diffusability_hf.fsdp import (
     fsdp_active,
     gather_into,
-    load_ema_shard,
+    load_ema_state,
     plain_copy,
-    register_ema,
-    save_ema_shard,
+    save_ema_state,
     shard_blocks,
 )
 from diffusability_hf.hub import card_license, dit_pipeline_card_fields, render_model_card
@@ -480,12 +479,11 @@ def main(args):
     ema = None
     if args.ema_halflife_steps > 0:
         ema = EMA(unwrapped.parameters(), args.ema_halflife_steps, args.ema_rampup_ratio or None)
-    register_ema(accelerator, ema)
 
     def checkpoint(step):
         save_checkpoint(
             accelerator, args.output_dir, step, args.checkpoints_total_limit or None,
-            extra=lambda folder: save_ema_shard(ema, folder, accelerator),
+            extra=lambda folder: save_ema_state(ema, folder, accelerator),
         )  # fmt: skip
 
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
@@ -500,7 +498,7 @@ def main(args):
         accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
     )
     if resume_path is not None:
-        load_ema_shard(ema, resume_path, accelerator)
+        load_ema_state(ema, resume_path, accelerator)
 
     # Training loop
     progress_bar = tqdm(

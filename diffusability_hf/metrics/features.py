@@ -139,11 +139,24 @@ class InceptionFeatures(FeatureExtractor):
 
     def __init__(self, weights_path: str):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from unittest import mock
 
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path
-        )
+        import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+        # torch-fidelity unpickles the weights file with weights_only=False (a crafted file runs code): read it here
+        # as plain tensors, and hand torch-fidelity's constructor that state dict instead of its own torch.load
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"--inception_weights {weights_path} is not a plain state dict of tensors ({type(err).__name__}: "
+                f"{first}): use torch-fidelity's {INCEPTION_FILE} from {INCEPTION_URL}."
+            ) from None
+        with mock.patch.object(fidelity.torch, "load", lambda *args, **kwargs: state):
+            self.net = fidelity.FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path
+            )
         self.fingerprint = file_fingerprint(weights_path)
 
     def features(self, x):

@@ -19,6 +19,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..files import as_plain_write
+
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues clipped to 0)."""
@@ -107,6 +109,7 @@ class FeatureStatistics:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, mu=self.mu, sigma=self.sigma, n=self.n, meta=json.dumps(meta or {}))
+            as_plain_write(tmp)  # not mkstemp's 0600
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
