@@ -190,6 +190,19 @@ def test_resume_matches_straight_run_and_frozen_layers_stay(tmp_path, tiny_vae_d
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
+    # Resumed from the last step's checkpoint (killed during the final save, or finished): nothing is trained, and
+    # the saved model is the straight run's, bit for bit
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    shutil.copytree(straight / "checkpoint-4", finished / "checkpoint-4")
+    proc = train_tiny(
+        run_script, tiny_vae_dir, finished, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"
+    )
+    assert "is at step 4 of 4: nothing left to train" in proc.stderr
+    c = weights(finished)
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((finished / "metrics.json").read_text())["train_steps"] == 4
+
     # Frozen: last norm, output conv and the up-block nearest the output (AutoencoderKL runs up_blocks in order)
     frozen = [k for k in a if k.startswith(("decoder.conv_norm_out", "decoder.conv_out", "decoder.up_blocks.2."))]
     assert frozen

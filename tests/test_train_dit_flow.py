@@ -160,6 +160,17 @@ def test_resume_skips_an_incomplete_checkpoint_and_matches_the_straight_run(tmp_
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
+    # Resumed from the last step's checkpoint (a run killed during its final save, or a finished one): nothing is
+    # trained, and the final pipeline is the straight run's, bit for bit
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    shutil.copytree(straight / "checkpoint-4", finished / "checkpoint-4")
+    proc = train(run_script, latents, finished, *common, "--resume_from_checkpoint", "latest")
+    assert "is at step 4 of 4: nothing left to train" in proc.stderr
+    assert json.loads((finished / "metrics.json").read_text())["train_steps"] == 4
+    c = load_file(finished / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
     # A damaged checkpoint named explicitly (a truncated weights file): one clear line, no training
     damaged = tmp_path / "damaged" / "checkpoint-2"
     shutil.copytree(straight / "checkpoint-2", damaged)

@@ -993,7 +993,11 @@ def main(args):
     skips, t_start, last, micro = SkipLog(), time.time(), {}, 0
     per_step = sum(per_process.values()) * accelerator.num_processes * args.gradient_accumulation_steps
     meter, guard = StepMeter(per_step, accelerator.device), NonFiniteGuard(args.max_nonfinite_steps)
+    if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
+        logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break
         loader = train_dataloader
         if not streaming:  # a stream counts its own epochs
             for dataset in (

@@ -507,7 +507,11 @@ def main(args):
     t_start, micro, last = time.time(), 0, {}
     meter = StepMeter(args.train_batch_size * n * args.gradient_accumulation_steps, accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite_steps)
+    if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
+        logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break
         dataset.epoch = epoch
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
