@@ -180,6 +180,29 @@ def check_output_dir(
     return found
 
 
+_held_locks = []  # the open, locked output folders of this process: released when it exits, however it exits
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Create ``output_dir`` and take an exclusive lock on it for the rest of the process (call it on the main
+    process, before anything is written or removed there). A second run into the same folder while the first one
+    runs is refused in one line; the lock goes with the process that holds it (also on a kill), so a crashed run
+    leaves nothing to clean up. An advisory ``fcntl.flock`` on the folder itself: no lock file is left behind."""
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UsageError(
+            f"--output_dir {output_dir} is in use by another run that is still going: wait for it to finish, or "
+            "choose another --output_dir."
+        ) from None
+    _held_locks.append(fd)
+
+
 def remove_checkpoints(output_dir: str, also: Sequence[str] = ()) -> List[str]:
     """Delete every ``checkpoint-*`` folder (and leftover temporary checkpoints) of ``output_dir``, and the folders
     named in ``also`` (other parts of a run that ``latest`` could mistake for this one's, e.g. pipeline snapshots);
@@ -343,7 +366,25 @@ def resolve_resume(
 
 
 def load_checkpoint(accelerator, path: str) -> int:
-    """``accelerator.load_state(path)`` with a clear message for a damaged checkpoint; returns its step."""
+    """``accelerator.load_state(path)`` with a clear message for a damaged checkpoint; returns its step. A checkpoint
+    written with another process count is refused: the global batch, the data order and the sharded states would
+    silently change."""
+    marker = os.path.join(path, CHECKPOINT_MARKER)
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as fh:
+                saved = json.load(fh).get("num_processes")
+        except (OSError, ValueError, AttributeError) as err:
+            raise UsageError(
+                f"Checkpoint {path} is damaged: its {CHECKPOINT_MARKER} cannot be read ({type(err).__name__}). "
+                "Resume from another checkpoint."
+            ) from None
+        if saved is not None and saved != accelerator.num_processes:
+            raise UsageError(
+                f"Checkpoint {path} was written by {saved} process(es) and this launch has "
+                f"{accelerator.num_processes}: the global batch and the data order would change. Resume with "
+                f"`accelerate launch --num_processes {saved}`, or start a new run in another --output_dir."
+            )
     try:
         # accelerate reads its pickles with weights_only=True (they cannot run code) but skips random states it cannot
         # read with a log line: read them first, so that a damaged one stops the resume instead of changing it

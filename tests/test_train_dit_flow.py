@@ -576,3 +576,15 @@ def test_non_finite_losses_are_skipped_and_a_diverged_run_stops_with_a_checkpoin
     state = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=False)
     assert state["state"] == {}  # AdamW never stepped: the weights are the initial ones
     assert not (out / "model_index.json").exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, latents, run_script):
+    """Two runs started at once into one --output_dir: the second is refused in one line (here the test holds the
+    folder as a running first run would) and writes nothing there."""
+    from diffusability_hf.training_utils import lock_output_dir
+
+    out = tmp_path / "busy"
+    lock_output_dir(str(out))
+    proc = train(run_script, latents, out, "--max_train_steps", 2, check=False, launcher=PYTHON)
+    assert_one_error_line(proc, f"--output_dir {out} is in use by another run", "choose another --output_dir")
+    assert os.listdir(out) == []

@@ -469,3 +469,34 @@ def test_atomic_writes_leave_the_mode_a_plain_write_would(tmp_path):
             assert np.isfinite(np.load(folder / "ref.npz")["mu"]).all()
     finally:
         os.umask(old)
+
+
+def test_one_run_at_a_time_in_an_output_dir(tmp_path):
+    """A second run into a folder that a running one holds is refused in one line; the lock goes with its holder."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from diffusability_hf import training_utils as tu; "
+         f"tu.lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(tu.UsageError, match=r"is in use by another run that is still going: wait for it"):
+            tu.lock_output_dir(str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    tu.lock_output_dir(str(out))  # the holder is gone (killed): the lock went with it
+    assert os.listdir(out) == []  # nothing left behind
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
+    acc = FakeAccelerator()
+    path = tu.save_checkpoint(acc, str(tmp_path), 2)
+    assert json.loads(open(os.path.join(path, tu.CHECKPOINT_MARKER)).read())["num_processes"] == 1
+    acc.num_processes = 2
+    with pytest.raises(tu.UsageError, match=r"written by 1 process\(es\) and this launch has 2.*--num_processes 1"):
+        tu.load_checkpoint(acc, path)
+    assert acc.loaded is None
+    acc.num_processes = 1
+    assert tu.load_checkpoint(acc, path) == 2

@@ -92,6 +92,7 @@ from diffusability_hf.training_utils import (
     hub_repo,
     list_checkpoints,
     load_checkpoint,
+    lock_output_dir,
     make_accelerator,
     peak_memory_gb,
     refuse_hub_token,
@@ -811,7 +812,7 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     repo_id = None
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        lock_output_dir(args.output_dir)  # one run at a time in a folder: a second one is refused here
         repo_id = hub_repo(args)
 
     # Data: image batches, or joint image + clip batches for video AEs (Table 5); validation items held out

@@ -76,6 +76,7 @@ from diffusability_hf.training_utils import (
     describe_global_batch,
     hub_repo,
     list_checkpoints,
+    lock_output_dir,
     make_accelerator,
     peak_memory_gb,
     refuse_hub_token,
@@ -408,10 +409,10 @@ def main(args):
 
     repo_id = None
     if accelerator.is_main_process:
+        lock_output_dir(args.output_dir)  # one run at a time in a folder: a second one is refused here
         if args.overwrite_output_dir:  # so that `latest` can never resume the old run
             for name in remove_checkpoints(args.output_dir, also=[SNAPSHOTS]):
                 logger.info(f"Removed {name} of the earlier run (--overwrite_output_dir)")
-        os.makedirs(args.output_dir, exist_ok=True)
         for name in remove_interrupted_saves(args.output_dir, subfolders=[SNAPSHOTS]):
             logger.info(f"Removed {name}, left by a save that was interrupted")
         repo_id = hub_repo(args)
