@@ -519,6 +519,11 @@ def pretrained_config(path: str, subfolder: Optional[str] = None, revision=None,
         config = AutoencoderKL.load_config(path, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
         where = f"{path}" + (f" (subfolder '{subfolder}')" if subfolder else "")
+        if os.path.isfile(path):
+            raise FileNotFoundError(
+                f"The autoencoder {path} is a file: give the diffusers model folder that holds its config.json and "
+                "weights (for a single checkpoint file, convert it with diffusers' from_single_file first)."
+            ) from err
         if looks_local(path) and not os.path.isdir(path):
             raise FileNotFoundError(
                 f"The autoencoder folder {path} does not exist: check the path (a diffusers model folder holds a "
@@ -684,9 +689,9 @@ def check_se_geometry(config: dict, resolution: int, scale_factors, dct_block_si
     f = spatial_compression(config)
     if resolution % f:
         lo = resolution // f * f
+        near = f"{lo} or {lo + f}" if lo else f"{f} or {2 * f}"
         raise ValueError(
-            f"--resolution {resolution} is not divisible by the autoencoder's spatial compression {f}; "
-            f"use {lo or f} or {lo + f}."
+            f"--resolution {resolution} is not divisible by the autoencoder's spatial compression {f}; use {near}."
         )
     latent = resolution // f
     for s in scale_factors:

@@ -165,6 +165,8 @@ def check_output_dir(
 
     Returns the names found (empty for a new folder). Raises :class:`UsageError` naming them and the flags.
     """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a file, not a folder: choose a folder (new or empty).")
     found = existing_outputs(output_dir, results)
     if found and not overwrite and not resume:
         shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")

@@ -710,3 +710,35 @@ def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_checkpoint(tmp_
     state = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=False)["state"]
     assert state and {int(s["step"]) for s in state.values()} == {1}  # steps 2 and 3 were skipped
     assert not (out / "diffusion_pytorch_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning_rate", "-1"], "--learning_rate must be a positive number, got -1.0"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
+        (["--checkpointing_steps", "-1"], "--checkpointing_steps must be positive, got -1"),
+        (["--se_weight", "nan"], "finite and non-negative, got --se_weight nan"),
+        (["--kl_weight", "inf"], "finite and non-negative, got --kl_weight inf"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(script, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(extra)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_files_where_folders_belong_and_impossible_resolutions_get_the_right_message(tmp_path):
+    from diffusability_hf import autoencoders as ae
+
+    a_file = tmp_path / "vae.safetensors"
+    a_file.write_bytes(b"weights")
+    with pytest.raises(FileNotFoundError, match=r"vae.safetensors is a file: give the diffusers model folder"):
+        ae.pretrained_config(str(a_file))
+    with pytest.raises(tu.UsageError, match=r"--output_dir .*vae.safetensors is a file, not a folder"):
+        tu.check_output_dir(str(a_file), ["config.json"], overwrite=False)
+    config = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8]}
+    with pytest.raises(ValueError, match=r"--resolution 7 is not divisible .* compression 8; use 8 or 16\."):
+        ae.check_se_geometry(config, 7, [2], 8)
+    with pytest.raises(ValueError, match=r"--resolution 34 is not divisible .* compression 8; use 32 or 40\."):
+        ae.check_se_geometry(config, 34, [2], 8)

@@ -588,3 +588,10 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, latents, run_scr
     proc = train(run_script, latents, out, "--max_train_steps", 2, check=False, launcher=PYTHON)
     assert_one_error_line(proc, f"--output_dir {out} is in use by another run", "choose another --output_dir")
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+def test_a_learning_rate_that_cannot_train_is_refused_by_the_parser(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_script().parse_args(["--latents_dir", str(tmp_path), "--learning_rate", value])
+    assert exit_.value.code == 2 and "--learning_rate must be a positive number" in capsys.readouterr().err

@@ -529,8 +529,16 @@ def check_settings(parser, args) -> None:
         parser.error(f"--se_temporal_scale_factors must be integers >= 1, got {args.se_temporal_scale_factors}.")
     if not 0 <= args.decode_noise_scale <= 1:
         parser.error("--decode_noise_scale must be in [0, 1].")
-    if args.se_weight < 0 or args.kl_weight < 0 or args.chf_weight < 0 or args.soft_penalty_weight < 0:
-        parser.error("Loss weights must be non-negative.")
+    weights = {"se_weight": args.se_weight, "kl_weight": args.kl_weight, "chf_weight": args.chf_weight,
+               "soft_penalty_weight": args.soft_penalty_weight, "mse_weight": args.mse_weight,
+               "lpips_weight": args.lpips_weight}  # fmt: skip
+    bad = [f"--{k} {v}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        parser.error(f"Loss weights must be finite and non-negative, got {', '.join(bad)}.")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}.")
+    if args.checkpointing_steps <= 0:
+        parser.error(f"--checkpointing_steps must be positive, got {args.checkpointing_steps}.")
     if args.mse_weight <= 0 and args.lpips_weight <= 0:
         parser.error("--mse_weight and --lpips_weight are both 0: the reconstruction distance d is empty.")
     if any(f < 2 for f in args.se_scale_factors):

@@ -306,6 +306,8 @@ def parse_args(input_args=None):
         parser.error(f"--class_embed_init_std must be positive, got {args.class_embed_init_std}.")
     if not 0 <= args.class_dropout_prob < 1 or not 0 <= args.self_conditioning_prob <= 1:
         parser.error("--class_dropout_prob must be in [0, 1) and --self_conditioning_prob in [0, 1].")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}.")
     if args.train_batch_size <= 0 or args.max_train_steps <= 0 or args.lr_warmup_steps < 0:
         parser.error("--train_batch_size and --max_train_steps must be positive, --lr_warmup_steps >= 0.")
     if args.checkpointing_steps <= 0 or args.validation_steps <= 0 or args.checkpoints_total_limit < 0:
