@@ -60,7 +60,9 @@ def _raised_by_toolkit(err: BaseException) -> bool:
 
 
 def run_script(main: Callable, parse_args: Callable) -> None:
-    """``main(parse_args())`` as a command: input errors become one ``error: ...`` line on stderr and exit code 2.
+    """``main(parse_args())`` as a command: input errors become one ``error: ...`` line on stderr and exit code 2;
+    a run stopped by a signal after its checkpoint (:class:`GracefulStop`) one ``stopped: ...`` line and ``128 +
+    signal``.
 
     An input error is a :class:`UsageError`, or a ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` /
     ``NotADirectoryError`` that the toolkit's own code raised (its messages say what to change). Anything else
@@ -73,12 +75,90 @@ def run_script(main: Callable, parse_args: Callable) -> None:
         # they hold) while the interpreter is fully alive: gloo's worker threads releasing them during interpreter
         # finalization can abort a process (SIGABRT) after all its work is done.
         gc.collect()
+    except TrainingStopped as stop:  # a checkpoint is saved: one line, and the exit code of that signal
+        gc.collect()
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         if os.environ.get("DIFFUSABILITY_TRACEBACK") or not (isinstance(err, UsageError) or _raised_by_toolkit(err)):
             raise
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+class TrainingStopped(Exception):
+    """A run stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint: :func:`run_script` prints its message
+    as one line and exits with ``128 + signal number``, as a process killed by that signal would."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class GracefulStop:
+    """SIGTERM (what a cluster scheduler sends before preemption) and the first Ctrl-C (SIGINT) ask the training loop
+    to stop after the current step, with a checkpoint; a second Ctrl-C stops at once (``KeyboardInterrupt``), a second
+    SIGTERM kills. The handlers only set a flag: the step, a checkpoint being written or a validation in progress
+    finish first. Installed on construction (main thread only), restored by :meth:`close`."""
+
+    def __init__(self):
+        import signal
+
+        self.signum = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, the default behaviour stays
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signum is None:
+            self.signum = signum
+            logger.warning(
+                f"Received {signal.Signals(signum).name}: stopping after this step with a checkpoint"
+                + (" (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+            )
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next SIGTERM kills
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was asked to stop (a collective under several processes: call it on every one, at the
+        same point of the loop)."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        import torch
+
+        flag = torch.tensor([0.0 if self.signum is None else float(self.signum)], device=accelerator.device)
+        value = int(accelerator.reduce(flag, "sum").item())
+        if value and self.signum is None:
+            self.signum = value  # another process's signal (the same one on every process, as a launcher sends it)
+        return value != 0
+
+    def stopped(self, step: int, checkpoint: str) -> TrainingStopped:
+        """The exception to raise once the checkpoint of ``step`` is saved."""
+        import signal
+
+        names = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+        name = names.get(self.signum, f"signal {self.signum}")
+        signum = self.signum if self.signum in names else signal.SIGTERM
+        return TrainingStopped(
+            f"Stopped by {name} after step {step}, with {checkpoint}: continue with --resume_from_checkpoint latest "
+            "and the same arguments.",
+            signum,
+        )
+
+    def close(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _launcher_forced_one_thread() -> bool:

@@ -500,3 +500,67 @@ def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
     assert acc.loaded is None
     acc.num_processes = 1
     assert tu.load_checkpoint(acc, path) == 2
+
+
+def test_graceful_stop_first_signal_asks_a_second_ctrl_c_interrupts():
+    import signal
+
+    class One:
+        num_processes = 1
+
+    stop = tu.GracefulStop()
+    try:
+        assert not stop.requested(One())
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a request, no exception
+        assert stop.requested(One()) and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+        err = stop.stopped(7, "out/checkpoint-7")
+        assert err.exit_code == 130 and "Stopped by Ctrl-C (SIGINT) after step 7, with out/checkpoint-7" in str(err)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own handler is back
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_the_straight_run(tmp_path):
+    """The real script, killed politely: SIGTERM mid-run gives a complete checkpoint of the step it was in, one line
+    and exit code 143; resuming from it ends with the uninterrupted run's weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    def command(out, *extra):
+        return [sys.executable, os.path.join(ROOT, "train_scripts", "train_dit_flow.py"), "--output_dir", str(out),
+                "--model", "DiT-tiny/2", "--train_batch_size", "8", "--report_to", "none", "--num_inference_steps",
+                "2", "--validation_steps", "100000", "--checkpointing_steps", "100000", "--lr_warmup_steps", "2",
+                "--max_train_steps", "150", "--learning_rate", "1e-3", "--latents_dir", str(latents), *extra]  # fmt: skip
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    latents = tmp_path / "latents"
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_scripts", "extract_latents.py"), "--output_dir", str(latents),
+         "--resolution", "64", "--max_samples", "32"], check=True, env=env, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(command(tmp_path / "straight"), check=True, env=env, cwd=ROOT, capture_output=True)
+    log = open(tmp_path / "stopped.log", "w+")
+    proc = subprocess.Popen(command(tmp_path / "stopped"), env=env, cwd=ROOT, stderr=log, stdout=log)
+    deadline = time.time() + 300
+    while "loss=" not in (tmp_path / "stopped.log").read_text():  # in the training loop
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143
+    text = (tmp_path / "stopped.log").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("stopped: ")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    step = int(lines[0].split("after step ")[1].split(",")[0])
+    assert 0 < step < 150 and "--resume_from_checkpoint latest" in lines[0]
+    assert tu.is_complete_checkpoint(str(tmp_path / "stopped" / f"checkpoint-{step}"))
+    assert not (tmp_path / "stopped" / "model_index.json").exists()
+    subprocess.run(command(tmp_path / "stopped", "--resume_from_checkpoint", "latest"), check=True, env=env,
+                   cwd=ROOT, capture_output=True)  # fmt: skip
+    name = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+    a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "stopped" / name)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

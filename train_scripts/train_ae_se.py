@@ -77,6 +77,7 @@ from diffusability_hf.streaming import (
 )
 from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
 from diffusability_hf.training_utils import (
+    GracefulStop,
     NonFiniteGuard,
     NonFiniteLossError,
     StepMeter,
@@ -1004,6 +1005,7 @@ def main(args):
     meter, guard = StepMeter(per_step, accelerator.device), NonFiniteGuard(args.max_nonfinite_steps)
     if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
         logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
+    stop = GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
             break
@@ -1089,9 +1091,18 @@ def main(args):
                 )
             if global_step >= args.max_train_steps:
                 break
+            if stop.requested(
+                accelerator
+            ):  # SIGTERM or Ctrl-C: a checkpoint of this step (unless just saved), one line
+                if global_step % args.checkpointing_steps:
+                    save_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras
+                    )
+                raise stop.stopped(global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             meter.restart()  # logging, checkpoints and validation are not training time
         if global_step >= args.max_train_steps:
             break
+    stop.close()
 
     # Save the EMA weights as the final model, in diffusers format
     accelerator.wait_for_everyone()

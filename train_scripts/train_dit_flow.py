@@ -63,6 +63,7 @@ from diffusability_hf.models.dit import build_transformer, transformer_config
 from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
 from diffusability_hf.tracking import log_image_grid
 from diffusability_hf.training_utils import (
+    GracefulStop,
     MissingPathError,
     NonFiniteGuard,
     NonFiniteLossError,
@@ -512,6 +513,7 @@ def main(args):
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
         logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
+    stop = GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
             break
@@ -587,9 +589,16 @@ def main(args):
                 del pipeline
             if global_step >= args.max_train_steps:
                 break
+            if stop.requested(
+                accelerator
+            ):  # SIGTERM or Ctrl-C: a checkpoint of this step (unless just saved), one line
+                if global_step % args.checkpointing_steps:
+                    checkpoint(global_step)
+                raise stop.stopped(global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             meter.restart()  # logging, checkpoints, snapshots and validation are not training time
         if global_step >= args.max_train_steps:
             break
+    stop.close()
 
     # Save the EMA transformer as a DiTFlowMatchPipeline: pipeline, remote-code files, samples and card are written
     # into a temporary folder and moved in together (model_index.json last), so a killed save never leaves a half
