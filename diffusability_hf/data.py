@@ -98,10 +98,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
+_warned_upscale = []
+
+
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: random.Random):
-    """Resize the shorter side to ``resolution`` (bicubic), then a center or random square crop, then a flip."""
+    """Resize the shorter side to ``resolution`` (bicubic), then a center or random square crop, then a flip. An
+    image smaller than ``resolution`` is upscaled, with a warning (once per process): blurry training data."""
     w, h = image.size
     scale = resolution / min(w, h)
+    if scale > 1 and not _warned_upscale:
+        _warned_upscale.append(True)
+        logger.warning(
+            "An image of %dx%d is smaller than --resolution %d and is upscaled (blurry training data; warned once): "
+            "lower --resolution or leave such images out.", w, h, resolution,
+        )  # fmt: skip
     if scale != 1.0:
         image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
     w, h = image.size
@@ -158,8 +168,15 @@ class EmbeddedPhotoCrops(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "skipped": []}
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _open_image(item) -> Image.Image:
-    """Decode an HF ``datasets`` image cell (``PIL.Image``, ``{"bytes", "path"}``, or a path) and force a full load."""
+    """Decode an HF ``datasets`` image cell (``PIL.Image``, ``{"bytes", "path"}``, or a path) and force a full load;
+    the image as it should be seen: its EXIF orientation applied (photos from phones are stored sideways), 16-bit
+    grey scaled to 8 bits (PIL's RGB conversion clips it: a 16-bit PNG would train as a white image)."""
+    from PIL import ImageOps
+
     if isinstance(item, Image.Image):
         image = item
     elif isinstance(item, dict):
@@ -167,6 +184,10 @@ def _open_image(item) -> Image.Image:
     else:
         image = Image.open(item)
     image.load()  # truncated/corrupt files fail here, not later in a worker's collate
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        scaled = np.asarray(image, dtype=np.float32) / 257.0  # 0..65535 -> 0..255
+        image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8), "L")
     return image
 
 

@@ -538,3 +538,40 @@ def test_labelled_clips_embedded_pans_are_labelled_by_photograph():
     for i in (0, 5, len(ds.names) - 1):
         clip, label, index, ok = ds[i]
         assert torch.equal(clip, pans[i]["pixel_values"]) and label == i % len(ds.names) and ok
+
+
+def test_images_are_seen_as_they_should_be_16_bit_exif_and_upscaling(tmp_path, caplog):
+    """A 16-bit PNG is scaled to 8 bits (PIL's RGB conversion clipped it to white), the EXIF orientation is applied
+    (a phone photo stored sideways), and upscaling a small image is warned about once."""
+    import logging
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from diffusability_hf import data
+
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    pixels = data.open_and_crop(str(tmp_path / "g16.png"), 16)
+    expected = torch.from_numpy((ramp / 257.0).round() / 127.5 - 1).float()
+    assert torch.allclose(pixels[0], expected, atol=1e-6) and torch.equal(pixels[0], pixels[2])
+    assert abs(float(pixels.mean())) < 0.02  # a grey ramp, not white
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: "rotate 90 CW to view"
+    Image.fromarray(wide).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    seen = data._open_image(str(tmp_path / "phone.jpg"))
+    assert seen.size == (20, 40)  # upright: portrait
+    top, bottom = np.asarray(seen.convert("L"))[:20].mean(), np.asarray(seen.convert("L"))[20:].mean()
+    assert top > 200 and bottom < 50  # the white half is on top once rotated clockwise
+
+    data._warned_upscale.clear()
+    with caplog.at_level(logging.WARNING, logger="diffusability_hf.data"):
+        for _ in range(3):
+            data.resize_and_crop(Image.new("RGB", (8, 12)), 16, True, False, random.Random(0))
+        data.resize_and_crop(Image.new("RGB", (32, 32)), 16, True, False, random.Random(0))
+    warned = [r for r in caplog.records if "smaller than --resolution 16" in r.getMessage()]
+    assert len(warned) == 1 and "8x12" in warned[0].getMessage()
