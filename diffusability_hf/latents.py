@@ -36,6 +36,24 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+def _shard_rows(path: str) -> int:
+    """Rows of a shard, from its header (0 for a shard whose every image was unreadable)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as fh:
+        return fh.get_slice("labels").get_shape()[0] if "labels" in fh.keys() else 0
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _shard_header(path: str) -> dict:
     """The extraction record of a shard's header (``{}`` for a shard of an older version, which has none)."""
     from safetensors import safe_open
@@ -197,6 +215,8 @@ def write_metadata(
     """
     paths = [os.path.join(output_dir, n) for n in shard_names]
     (channel_mean, channel_std), (_, means_std), has_std, stored, skipped = latent_statistics(paths, per_position)
+    files = {n: {"rows": _shard_rows(p), "bytes": os.path.getsize(p), "sha256": _sha256(p)}
+             for n, p in zip(shard_names, paths)}  # fmt: skip
     flip = bool(settings["flip"])
     meta = {
         "ae": ae,
@@ -218,6 +238,7 @@ def write_metadata(
         "has_std": has_std,
         "flip": flip,
         "shards": list(shard_names),
+        "shard_files": files,  # rows, size and digest of each shard: checked before training (rows, size)
         "dataset": dataset,
         "requested_samples": requested_samples,
         "extraction": settings,  # what every shard's header records too (see check_existing_latents)
@@ -244,25 +265,93 @@ def read_latents_metadata(folder: str, flag: str = "--latents_dir") -> dict:
         raise MissingPathError(
             f"{flag} {folder} has no metadata.json: give a folder written by train_scripts/extract_latents.py."
         )
-    with open(path) as fh:
-        meta = json.load(fh)
+    again = f"extract {folder} again (extract_latents.py --overwrite_output_dir)"
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+        meta["shards"], meta["num_samples"], meta["latent_shape"]  # noqa: B018 (the keys every reader needs)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path} is damaged ({type(err).__name__}: {err}): {again}.") from None
     if "ae_weights_fingerprint" not in meta:
         raise UsageError(
             f"{folder} was written by an older version of extract_latents.py that records no weights fingerprint, "
             "so the autoencoder these latents came from cannot be checked: extract them again "
             "(extract_latents.py --overwrite_output_dir)."
         )
+    unlisted = sorted(n for n in os.listdir(folder) if SHARD_RE.match(n) and n not in meta["shards"])
+    if unlisted:
+        raise UsageError(
+            f"{path} lists {len(meta['shards'])} shards but {folder} holds {len(unlisted)} more ({unlisted[0]}, ...): "
+            f"the metadata was edited or belongs to another extraction; {again}."
+        )
+    rows, files = 0, meta.get("shard_files", {})
     for name in meta["shards"]:
         shard = os.path.join(folder, name)
         if not os.path.isfile(shard):
             raise MissingPathError(f"{shard} is missing: run extract_latents.py again to finish {folder}.")
-        found = _shard_header(shard).get("settings", {}).get("ae_weights_fingerprint")
+        try:
+            found = _shard_header(shard).get("settings", {}).get("ae_weights_fingerprint")
+            shard_rows = _shard_rows(shard)
+        except Exception as err:  # a truncated file, a flipped header byte, ...
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"{shard} is damaged ({type(err).__name__}: {first}): {again}.") from None
         if found != meta["ae_weights_fingerprint"]:
             raise UsageError(
                 f"{shard} was encoded by other autoencoder weights ({found}) than metadata.json says "
                 f"({meta['ae_weights_fingerprint']}): extract {folder} again (--overwrite_output_dir)."
             )
+        record = files.get(name, {})
+        if record and (record.get("rows"), record.get("bytes")) != (shard_rows, os.path.getsize(shard)):
+            raise UsageError(
+                f"{shard} has {shard_rows} rows and {os.path.getsize(shard)} bytes, metadata.json recorded "
+                f"{record.get('rows')} and {record.get('bytes')}: it was changed after extraction; {again}."
+            )
+        rows += shard_rows
+    if rows != meta["num_samples"]:
+        raise UsageError(
+            f"{folder}'s shards hold {rows} latents and metadata.json says {meta['num_samples']}: the shard list or "
+            f"the count was edited; {again}."
+        )
+    check_latent_statistics(meta, path)
     return meta
+
+
+def check_latent_statistics(meta: dict, where: str) -> None:
+    """Refuse normalisation statistics a DiT cannot train with: a non-finite mean, a std that is not finite and
+    positive, or shapes that do not match the latents (per channel or per position)."""
+    try:
+        mean = torch.tensor(meta["latents_mean"], dtype=torch.float64)
+        std = torch.tensor(meta["latents_std"], dtype=torch.float64)
+        normalization_tensors(meta)
+    except Exception as err:
+        raise UsageError(f"{where}: latents_mean / latents_std are damaged ({type(err).__name__}: {err}).") from None
+    if mean.shape != std.shape or not torch.isfinite(mean).all() or not (torch.isfinite(std) & (std > 0)).all():
+        raise UsageError(
+            f"{where}: latents_std must be finite and positive and latents_mean finite, of one shape (the latents "
+            "are divided by the std): extract the latents again (extract_latents.py --overwrite_output_dir)."
+        )
+
+
+def check_rows(mean: torch.Tensor, std: Optional[torch.Tensor], labels: torch.Tensor, num_classes: int, shard: str,
+               first_row: int = 0) -> None:  # fmt: skip
+    """Refuse rows with a non-finite posterior mean or std, or a label outside ``[0, num_classes)``, naming the
+    shard and the row (a NaN row would otherwise be skipped as a non-finite training step, silently)."""
+    finite = torch.isfinite(mean).flatten(1).all(1)
+    if std is not None:
+        finite &= torch.isfinite(std).flatten(1).all(1)
+    if not finite.all():
+        row = first_row + int((~finite).nonzero()[0])
+        raise UsageError(
+            f"{shard}, row {row}, holds non-finite latents (NaN or inf): the encoder overflowed or the file was "
+            "damaged; extract the latents again (extract_latents.py --overwrite_output_dir, in fp32)."
+        )
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = first_row + int(bad.nonzero()[0])
+        raise UsageError(
+            f"{shard}, row {row}, has class {int(labels[row - first_row])}, outside the {num_classes} classes that "
+            "metadata.json names: the metadata was edited, or belongs to other latents; extract them again."
+        )
 
 
 class LatentShards(torch.utils.data.Dataset):
@@ -279,9 +368,15 @@ class LatentShards(torch.utils.data.Dataset):
     def __init__(self, latents_dir: str, meta: dict, seed: int = 0):
         from safetensors import safe_open
 
-        self.files = [safe_open(os.path.join(latents_dir, s), "pt") for s in meta["shards"]]
+        self.paths = [os.path.join(latents_dir, s) for s in meta["shards"]]
+        self.files = [safe_open(p, "pt") for p in self.paths]
         self.rows = [(k, r) for k, fh in enumerate(self.files) for r in range(fh.get_slice("labels").get_shape()[0])]
         self.has_std, self.flip, self.seed, self.epoch = meta["has_std"], meta["flip"], seed, 0
+        self.num_classes = meta["num_classes"]
+        for path, fh in zip(self.paths, self.files):  # every label, before training (cheap: one integer per row)
+            if "labels" in fh.keys():
+                labels = fh.get_tensor("labels")
+                check_rows(torch.zeros(len(labels), 1), None, labels, self.num_classes, path)
 
     def __len__(self):
         return len(self.rows)
@@ -290,9 +385,11 @@ class LatentShards(torch.utils.data.Dataset):
         k, r = self.rows[index]
         fh = self.files[k]
         suffix = "_flip" if self.flip and random.Random(hash((self.seed, self.epoch, index))).random() < 0.5 else ""
-        mean = fh.get_slice("mean" + suffix)[r : r + 1][0].float()
-        std = fh.get_slice("std" + suffix)[r : r + 1][0].float() if self.has_std else torch.zeros_like(mean)
-        return {"mean": mean, "std": std, "label": int(fh.get_slice("labels")[r : r + 1][0])}
+        mean = fh.get_slice("mean" + suffix)[r : r + 1].float()  # (1, C, [T',] h, w)
+        std = fh.get_slice("std" + suffix)[r : r + 1].float() if self.has_std else torch.zeros_like(mean)
+        labels = fh.get_slice("labels")[r : r + 1]
+        check_rows(mean, std, labels, self.num_classes, self.paths[k], first_row=r)
+        return {"mean": mean[0], "std": std[0], "label": int(labels[0])}
 
     def __getstate__(self):  # safe_open handles do not pickle
         raise TypeError("LatentShards keeps its shards open and cannot be pickled: read it with num_workers=0.")
@@ -316,9 +413,12 @@ def read_latent_rows(
                 continue
             take = min(max_rows - count, fh.get_slice("labels").get_shape()[0])
             mean = fh.get_slice("mean")[:take].float()
+            std = fh.get_slice("std")[:take].float() if "std" in fh.keys() else torch.zeros_like(mean)
+            labels = fh.get_slice("labels")[:take].long()
+            check_rows(mean, std, labels, meta["num_classes"], os.path.join(latents_dir, name))
             parts["mean"].append(mean)
-            parts["std"].append(fh.get_slice("std")[:take].float() if "std" in fh.keys() else torch.zeros_like(mean))
-            parts["labels"].append(fh.get_slice("labels")[:take].long())
+            parts["std"].append(std)
+            parts["labels"].append(labels)
             count += take
     if count == 0:
         raise UsageError(f"{flag} {latents_dir} holds no latents: extract some first.")
