@@ -316,6 +316,23 @@ def _move_into_place(src: str, dst: str) -> None:
         os.replace(src, dst)
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether an exception means the device is full (``ENOSPC``; safetensors reports it as "os error 28")."""
+    import errno
+
+    text = str(err)
+    return getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text
+
+
+def disk_full_error(what: str, where: str) -> "UsageError":
+    """The one line for a write that ran out of space (the caller removed its temporary files)."""
+    return UsageError(
+        f"No space left on the device while writing {what} to {where}: nothing that was there before was changed. "
+        "Free some space (or choose another --output_dir), then run again (training: --resume_from_checkpoint "
+        "latest)."
+    )
+
+
 @contextlib.contextmanager
 def atomic_save(output_dir: str):
     """Yield a temporary folder inside ``output_dir``; when the block ends without error, move its contents in.
@@ -341,6 +358,10 @@ def atomic_save(output_dir: str):
                 os.remove(os.path.join(output_dir, name))
         for name in names:
             _move_into_place(os.path.join(tmp, name), os.path.join(output_dir, name))
+    except Exception as err:
+        if is_disk_full(err):  # the old model stays; the half-written one goes (finally)
+            raise disk_full_error("the results", output_dir) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -506,9 +527,15 @@ def save_checkpoint(
     if accelerator.is_main_process and os.path.lexists(tmp):
         shutil.rmtree(tmp)  # a leftover of a killed save
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if extra is not None:
-        extra(tmp)
+    try:
+        accelerator.save_state(tmp)
+        if extra is not None:
+            extra(tmp)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
+        raise disk_full_error(f"checkpoint-{step}", output_dir) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, CHECKPOINT_MARKER), "w") as fh:

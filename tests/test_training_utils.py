@@ -564,3 +564,38 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_th
     a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "stopped" / name)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_full_disk_gives_one_line_and_leaves_no_temporary_folder(tmp_path):
+    """No space left while saving a checkpoint or a model: one line, the temporary folder removed, what was there
+    before intact (a SafetensorError 'os error 28' or an OSError ENOSPC, as the writers raise them)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    acc = FakeAccelerator()
+    tu.save_checkpoint(acc, str(tmp_path), 1)
+
+    class Full(FakeAccelerator):
+        def save_state(self, path):
+            os.makedirs(path, exist_ok=True)
+            (open(os.path.join(path, "model.safetensors"), "wb")).write(b"x")
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                  '"No space left on device" }) os error 28')  # fmt: skip
+
+    with pytest.raises(tu.UsageError, match=r"No space left on the device while writing checkpoint-2") as err:
+        tu.save_checkpoint(Full(), str(tmp_path), 2)
+    assert "\n" not in str(err.value) and sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+    assert tu.latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+
+    model = tmp_path / "model"
+    with tu.atomic_save(str(model)) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("old")
+    with pytest.raises(tu.UsageError, match="No space left on the device while writing the results"):
+        with tu.atomic_save(str(model)) as tmp:
+            open(os.path.join(tmp, "weights.bin"), "w").write("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(os.listdir(model)) == ["config.json"] and (model / "config.json").read_text() == "old"
+    with pytest.raises(KeyError):  # other errors pass through as they were
+        with tu.atomic_save(str(model)):
+            raise KeyError("a bug")
