@@ -102,14 +102,15 @@ def test_dit_under_deepspeed_equals_ddp_saves_a_stock_model_and_resumes_exactly(
 
 
 def test_a_non_finite_step_under_deepspeed_is_skipped_as_under_ddp(tmp_path, latents, run_script):
-    """One latent of 16 is NaN: the steps that draw it skip their backward on both processes (the engine,
-    which steps inside the backward, does not step) and move the schedule on; the finite steps train as under DDP."""
+    """One latent of 16 is 1e38 (finite on disk, so the readers take it; the loss overflows to inf): the steps that
+    draw it skip their backward on both processes (the engine, which steps inside the backward, does not step) and
+    move the schedule on; the finite steps train as under DDP."""
     broken = tmp_path / "some_nan"
     shutil.copytree(latents, broken)
     for shard in sorted(broken.glob("shard-*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-        tensors["mean"][:1] = float("nan")  # in one step of each epoch
+        tensors["mean"][:1] = 1e38  # in one step of each epoch
         save_file(tensors, str(shard), metadata=header)
     common = ["--latents_dir", broken, *DIT, "--max_train_steps", 4, "--validation_steps", 100,
               "--max_nonfinite_steps", 0]  # fmt: skip
