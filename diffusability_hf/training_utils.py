@@ -679,6 +679,21 @@ def resume_position(accelerator, path: Optional[str], steps_per_epoch: int, accu
     return step, step // steps_per_epoch, (step % steps_per_epoch) * accumulation
 
 
+def use_learning_rate(lr_scheduler, learning_rate: float, log: Callable[[str], None]) -> None:
+    """After a resume, the learning rate of the command line, not the checkpoint's: the saved ``LambdaLR`` state
+    restores its ``base_lrs``, so a run resumed with a lower ``--learning_rate`` (what a diverged run is told to
+    do) would otherwise go on with the old one. Logs the change; nothing when they agree."""
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
+    old = list(sched.base_lrs)
+    if all(math.isclose(b, learning_rate, rel_tol=1e-9) for b in old):
+        return
+    sched.base_lrs = [learning_rate for _ in old]
+    for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(sched.last_epoch)
+    log(f"--learning_rate {learning_rate:g} replaces the checkpoint's {old[0]:g} from here on")
+
+
 def warmup_cosine(step: int, warmup: int, total: int, peak: float, end: float) -> float:
     """App. B's schedule as a factor of ``peak``: linear warmup from 0 to ``peak`` over ``warmup`` steps, then cosine
     decay to ``end`` at ``total`` steps. For ``LambdaLR``; under accelerate the scheduler steps once per process per
@@ -800,6 +815,72 @@ class NonFiniteGuard:
 
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row, self.skipped, self.in_a_row, self._bad = max_in_a_row, 0, 0, False
+        self._saved = None
+
+    def remember(self, parameters, optimizer, ema=None, accelerator=None) -> None:
+        """Keep a copy of what the coming optimizer step changes (the trainable weights, the optimizer's state, the
+        EMA), so that a run that diverges stops with the weights of its last finite loss (:meth:`restore`): the
+        step before a run of non-finite losses is usually the one that blew the weights up. Costs one more copy of
+        those on their device (under FSDP of this process's shards); nothing with ``max_in_a_row = 0`` or under
+        DeepSpeed, whose engine keeps its own partitioned optimizer state. Call it right before ``optimizer.step()``
+        of a step that is not skipped."""
+        import torch
+
+        if not self.max_in_a_row or (accelerator is not None and deepspeed_active(accelerator)):
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)
+        with torch.no_grad():
+            if self._saved is None:
+                weights = [(p, p.detach().clone()) for p in parameters]
+                self._saved = {"weights": weights, "state": {}, "ema": None}
+            for p, buffer in self._saved["weights"]:
+                buffer.copy_(p.detach())
+            old, state = self._saved["state"], {}
+            for p, entries in inner.state.items():  # AdamW: step, exp_avg, exp_avg_sq (created at the first step)
+                state[p] = {}
+                for key, value in entries.items():
+                    if torch.is_tensor(value):
+                        buffer = old.get(p, {}).get(key)
+                        if buffer is None or buffer.shape != value.shape:
+                            buffer = value.detach().clone()
+                        else:
+                            buffer.copy_(value)
+                        state[p][key] = buffer
+                    else:
+                        state[p][key] = value
+            self._saved.update(state=state, inner=inner)
+            if ema is not None:
+                shadow = self._saved["ema"][0] if self._saved["ema"] else [s.clone() for s in ema.shadow]
+                for buffer, s in zip(shadow, ema.shadow):
+                    buffer.copy_(s)
+                self._saved["ema"] = (shadow, ema.num_updates, ema)
+
+    def restore(self) -> bool:
+        """Put back what :meth:`remember` kept (weights, optimizer state, EMA); ``False`` when nothing was kept."""
+        import torch
+
+        if self._saved is None:
+            return False
+        with torch.no_grad():
+            for p, buffer in self._saved["weights"]:
+                p.copy_(buffer)
+            inner, state = self._saved.get("inner"), self._saved["state"]
+            if inner is not None:
+                for p in list(inner.state):
+                    if p not in state:
+                        del inner.state[p]  # had no state before that step: AdamW starts it afresh
+                        continue
+                    for key, value in state[p].items():
+                        if torch.is_tensor(value):
+                            inner.state[p][key].copy_(value)
+                        else:
+                            inner.state[p][key] = value
+            if self._saved["ema"] is not None:
+                shadow, updates, ema = self._saved["ema"]
+                for s, buffer in zip(ema.shadow, shadow):
+                    s.copy_(buffer)
+                ema.num_updates = updates
+        return True
 
     def finite(self, loss, accelerator) -> bool:
         import torch
@@ -830,10 +911,10 @@ class NonFiniteGuard:
         if skipped and self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
             raise NonFiniteLossError(
                 f"The loss was not finite for {self.in_a_row} optimizer steps in a row (up to step {step}; "
-                f"{self.skipped} skipped in all), so training stopped with a checkpoint of the last finite weights: "
-                "lower --learning_rate or --max_grad_norm, train in bf16 or fp32 instead of fp16, check the data for "
-                "NaN or inf values, then resume with --resume_from_checkpoint latest (or raise "
-                "--max_nonfinite_steps)."
+                f"{self.skipped} skipped in all), so training stopped with a checkpoint of the weights of the last "
+                "finite loss (before the step that diverged): lower --learning_rate or --max_grad_norm, train in bf16 "
+                "or fp32 instead of fp16, check the data for NaN or inf values, then resume with "
+                "--resume_from_checkpoint latest and the new flags (or raise --max_nonfinite_steps)."
             )
         return skipped
 

@@ -571,6 +571,18 @@ def test_non_finite_losses_are_skipped_and_a_diverged_run_stops_with_a_checkpoin
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     assert (out / "checkpoint-3" / "training_state.json").is_file()  # complete
     assert not (out / "model_index.json").exists()
+    # The checkpoint holds the weights of the last finite loss (the initial ones: step 1 blew them up), not the
+    # diverged ones, and an optimizer that never stepped
+    weights = load_file(out / "checkpoint-3" / "model.safetensors")
+    assert max(float(w.abs().max()) for w in weights.values()) < 10
+    assert torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=True)["state"] == {}
+    # Following the printed advice (a lower --learning_rate, then --resume_from_checkpoint latest) finishes finite
+    proc = train(run_script, latents, out, "--max_train_steps", 8, "--max_nonfinite_steps", 2, "--learning_rate",
+                 1e-3, "--max_grad_norm", 0, "--lr_warmup_steps", 0, "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert "--learning_rate 0.001 replaces the checkpoint's 1e+37" in proc.stderr
+    final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in final.values())
+    assert json.loads((out / "metrics.json").read_text())["nonfinite_steps"] == 0  # none after the resume
 
 
 def damaged_copy(latents, tmp_path, name):

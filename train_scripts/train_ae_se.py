@@ -107,6 +107,7 @@ from diffusability_hf.training_utils import (
     step_generator,
     tracker_config,
     use_all_cpu_cores,
+    use_learning_rate,
 )
 from diffusability_hf.video_data import JointBatches, training_clips, unwrap_batch
 
@@ -995,6 +996,7 @@ def main(args):
         )
     if resume_path is not None:
         load_ema_state(ema, resume_path, accelerator)
+        use_learning_rate(lr_scheduler, args.learning_rate, logger.info)  # the command line wins over the checkpoint
 
     # Training loop
     progress_bar = tqdm(
@@ -1003,6 +1005,7 @@ def main(args):
     skips, t_start, last, micro = SkipLog(), time.time(), {}, 0
     per_step = sum(per_process.values()) * accelerator.num_processes * args.gradient_accumulation_steps
     meter, guard = StepMeter(per_step, accelerator.device), NonFiniteGuard(args.max_nonfinite_steps)
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
     if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
         logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
     stop = GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
@@ -1041,6 +1044,8 @@ def main(args):
                 if not guard.step_is_bad:
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if accelerator.sync_gradients:  # what this step changes, for a run that diverges here
+                        guard.remember(trainable, optimizer, ema, accelerator)
                     optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
@@ -1053,6 +1058,7 @@ def main(args):
             try:
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:
+                guard.restore()  # the weights of the last finite loss, not the diverged ones
                 save_checkpoint(
                     accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras
                 )

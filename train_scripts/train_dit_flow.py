@@ -91,6 +91,7 @@ from diffusability_hf.training_utils import (
     step_generator,
     tracker_config,
     use_all_cpu_cores,
+    use_learning_rate,
     warmup_cosine,
 )
 
@@ -503,6 +504,7 @@ def main(args):
     )
     if resume_path is not None:
         load_ema_state(ema, resume_path, accelerator)
+        use_learning_rate(lr_scheduler, args.learning_rate, logger.info)  # the command line wins over the checkpoint
 
     # Training loop
     progress_bar = tqdm(
@@ -511,6 +513,7 @@ def main(args):
     t_start, micro, last = time.time(), 0, {}
     meter = StepMeter(args.train_batch_size * n * args.gradient_accumulation_steps, accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite_steps)
+    trainable = list(unwrapped.parameters())
     if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
         logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
     stop = GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
@@ -538,6 +541,8 @@ def main(args):
                 if not guard.step_is_bad:
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if accelerator.sync_gradients:  # what this step changes, for a run that diverges here
+                        guard.remember(trainable, optimizer, ema, accelerator)
                     optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
@@ -549,6 +554,7 @@ def main(args):
             try:
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:
+                guard.restore()  # the weights of the last finite loss, not the diverged ones
                 checkpoint(global_step)
                 raise
             if ema is not None and not skipped:
