@@ -251,6 +251,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir, run_scri
     good = (data / "img0.png").read_bytes()
     (data / "broken.png").write_bytes(good[: len(good) // 3])  # truncated PNG
     (data / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
+    (data / "empty.png").write_bytes(b"")  # a zero-byte file counts like any other unreadable one
     out = tmp_path / "out"
     proc = train_tiny(
         run_script, tiny_vae_dir, out, "--train_data_dir", data, "--max_train_steps", 8
@@ -261,7 +262,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir, run_scri
     # way are left out of training too
     assert validation["num_held_out"] == 2 and "held out" in validation["source"]
     assert len(set(validation["held_out_indices"])) == len(validation["held_out_indices"]) >= 2
-    corrupt_in_training = 2 - len(validation["unreadable_held_out_indices"])
+    corrupt_in_training = 3 - len(validation["unreadable_held_out_indices"])
     # Unique files, not skip events; one warning per file
     assert metrics["skipped_images"] == metrics["unreadable_files"]["unreadable_files"] == corrupt_in_training
     assert metrics["unreadable_files"]["skip_events"] >= corrupt_in_training
