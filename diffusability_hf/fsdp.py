@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .ema import EMA, EMA_WEIGHTS, load_ema_files, save_ema_files
+from .errors import error_summary
 
 LEGACY_EMA = "custom_checkpoint_0.pkl"  # the EMA as accelerate's register_for_checkpointing saved it (older versions)
 
@@ -171,11 +172,6 @@ def save_ema_state(ema: Optional[EMA], folder: str, accelerator) -> None:
         save_ema_files(ema.state_dict(), folder)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
 @torch.no_grad()
 def load_ema_state(ema: Optional[EMA], folder: str, accelerator) -> None:
     """Load the EMA written by :func:`save_ema_state` on every process. An older checkpoint's
@@ -197,7 +193,7 @@ def load_ema_state(ema: Optional[EMA], folder: str, accelerator) -> None:
             raise FileNotFoundError(f"no {os.path.basename(weights)}: it was not saved by {launch}")
     except Exception as err:
         raise ValueError(
-            f"Checkpoint {folder} is damaged: its EMA cannot be loaded ({_first_line(err)}). Resume from another checkpoint "
+            f"Checkpoint {folder} is damaged: its EMA cannot be loaded ({error_summary(err)}). Resume from another checkpoint "
             "(--resume_from_checkpoint latest takes the newest complete one), with the launch that wrote it."
         ) from None
     if fsdp and state.get("num_processes") != accelerator.num_processes:

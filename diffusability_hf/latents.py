@@ -25,6 +25,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import torch
 
 from . import autoencoders as ae
+from .errors import error_summary
 from .training_utils import MissingPathError, UsageError, atomic_write_json
 
 SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
@@ -293,8 +294,7 @@ def read_latents_metadata(folder: str, flag: str = "--latents_dir") -> dict:
             found = _shard_header(shard).get("settings", {}).get("ae_weights_fingerprint")
             shard_rows = _shard_rows(shard)
         except Exception as err:  # a truncated file, a flipped header byte, ...
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            raise UsageError(f"{shard} is damaged ({type(err).__name__}: {first}): {again}.") from None
+            raise UsageError(f"{shard} is damaged ({error_summary(err)}): {again}.") from None
         if found != meta["ae_weights_fingerprint"]:
             raise UsageError(
                 f"{shard} was encoded by other autoencoder weights ({found}) than metadata.json says "

@@ -26,6 +26,7 @@ import tempfile
 import traceback
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .errors import error_summary
 from .files import as_plain_write
 
 logger = logging.getLogger(__name__)
@@ -498,10 +499,8 @@ def load_checkpoint(accelerator, path: str) -> int:
                 load(os.path.join(path, name))
         accelerator.load_state(path)
     except Exception as err:  # truncated pickle / safetensors, missing file, a pickle that is not plain data, ...
-        lines = str(err).strip().splitlines()
-        reason = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
         raise UsageError(
-            f"Checkpoint {path} is damaged and cannot be loaded ({reason}). Delete it and resume from an earlier one "
+            f"Checkpoint {path} is damaged and cannot be loaded ({error_summary(err)}). Delete it and resume from an earlier one "
             "(--resume_from_checkpoint latest takes the newest complete one)."
         ) from None
     return checkpoint_step(path)

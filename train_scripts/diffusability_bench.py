@@ -115,8 +115,7 @@ RECIPES = {
 # --select_recipe: every App. B candidate on the vanilla AE's latents only, seeds never used by a comparison of AEs;
 # the rule that picks the bench's recipe from them is select_recipe() (experiments/dit_recipe/PROTOCOL.md). Its runs
 # are named against App. B as printed (the recipe the bench had before the selection).
-SELECTION = dict(dit_recipe="rope_std0.02", selection_recipes=list(RECIPES), selection_seeds=[10, 11])
-SELECTION_SMOKE = dict(dit_recipe="rope_std0.02", selection_recipes=list(RECIPES), selection_seeds=[10, 11])
+SELECTION = dict(dit_recipe="rope_std0.02", selection_recipes=list(RECIPES), selection_seeds=[10, 11])  # smoke too
 CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 FEATURES = ("domain", "random")
 # The default run's autoencoders: label -> (protocol, how it is made)
@@ -486,6 +485,17 @@ def make_feature_spaces(out, train_dir, test_dir, resolution, steps, batch=32):
 # Statistics
 
 
+def last_interval(curve, seeds):
+    """``(mean fall of the FD over the last interval of a curve, std over seeds of the final FD)`` of ``{step: {seed:
+    FD}}`` (NaN where there are too few points or seeds)."""
+    points = sorted(curve)
+    if len(points) < 2:
+        return float("nan"), float("nan")
+    a = np.array([curve[points[-2]][s] for s in seeds])
+    b = np.array([curve[points[-1]][s] for s in seeds])
+    return float((a - b).mean()), float(b.std(ddof=1)) if len(seeds) > 1 else float("nan")
+
+
 def unusable(diagnostics):
     """The flags that stop a generator from ranking latent spaces (class-blind, layout-blind, still improving), as
     words; empty for a usable one."""
@@ -552,7 +562,7 @@ def settings_for(args):
     if args.dit_recipe is not None:
         cfg["dit_recipe"] = args.dit_recipe
     if args.select_recipe:
-        cfg.update(select_recipe=True, **(SELECTION_SMOKE if args.smoke else SELECTION))
+        cfg.update(select_recipe=True, **SELECTION)
         if args.seeds is not None:
             cfg["selection_seeds"] = list(cfg["seeds"])
     if args.ablation:
@@ -794,6 +804,7 @@ class Bench:
         res = self.info[label]["resolution"]
         src, (features, _) = self.data(res), self.feature_spaces(res)
         tag = self.dit_tag(label, seed, recipe, steps)
+        stock, _, init_std = self.recipe(recipe)
         dit = os.path.join(self.out, "dit", tag)
         curve = self.curve_steps(steps) if curve else [steps]
         snapshots = ["--pipeline_snapshot_steps", curve[0]] if len(curve) > 1 else []
@@ -801,8 +812,8 @@ class Bench:
             f"dit_{tag}", os.path.join(dit, "model_index.json"), "train_dit_flow.py", "--latents_dir",
             os.path.join(self.out, "latents_train", slug(label)),
             *ae_args(self.models[label], "--pretrained_vae_model_name_or_path", "--vae_subfolder"),
-            "--model_config_name_or_path", self.dit_config(label, recipe), *(["--stock_dit"] if self.recipe(recipe)[0]
-            else []), "--class_embed_init_std", self.recipe(recipe)[2], "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"], "--learning_rate",
+            "--model_config_name_or_path", self.dit_config(label, recipe), *(["--stock_dit"] if stock else []),
+            "--class_embed_init_std", init_std, "--max_train_steps", steps, "--train_batch_size", cfg["dit_batch"], "--learning_rate",
             cfg["dit_lr"], "--lr_warmup_steps", max(1, steps // 10), "--validation_steps", steps,
             "--checkpointing_steps", steps, *snapshots, "--num_inference_steps",
             cfg["sampling_steps"], "--seed", seed, "--report_to", "none", "--output_dir", dit, threads=threads,
@@ -850,12 +861,8 @@ class Bench:
         check = well_above_chance(sum(r["correct"] for r in per_seed.values()),
                                   sum(r["num_samples"] for r in per_seed.values()), instrument.num_classes)  # fmt: skip
         fd, fd_curve, _ = self.results(label, seeds, recipe, steps, curve)
-        points = sorted(fd_curve["domain"])
-        last_gain, noise = float("nan"), float("nan")
-        if len(points) >= 2 and len(seeds) >= 2:
-            a = np.array([fd_curve["domain"][points[-2]][s] for s in seeds])
-            b = np.array([fd_curve["domain"][points[-1]][s] for s in seeds])
-            last_gain, noise = float((a - b).mean()), float(b.std(ddof=1))
+        nan = float("nan")
+        last_gain, noise = last_interval(fd_curve["domain"], seeds) if len(seeds) >= 2 else (nan, nan)
         layout = float(np.mean([r["layout_correlation"] for r in per_seed.values()]))
         flags = instrument_flags(check, layout, instrument.layout_ceiling, last_gain, noise)
         return {
@@ -1091,7 +1098,6 @@ def write_selection_report(bench, recipes, seeds):
               "seconds": times}  # fmt: skip
     atomic_write_json(os.path.join(out, "report.json"), portable(report, out))
     chance = 1 / bench.instrument("vanilla").num_classes
-    steps = sorted(bench.results("vanilla", seeds, recipes[0], cfg["dit_steps"])[1]["domain"])
     lines = [
         "# Choosing the bench's DiT recipe" + (" (smoke run: the numbers are meaningless)" if cfg["smoke"] else ""),
         "",
@@ -1387,9 +1393,7 @@ def write_report(bench, labels, evals):
         for label in labels:
             if len(curve_steps) < 2:
                 continue
-            a = np.array([curve[space][label][curve_steps[-2]][s] for s in seeds])
-            b = np.array([curve[space][label][final][s] for s in seeds])
-            gain, noise = float((a - b).mean()), float(b.std(ddof=1)) if len(seeds) > 1 else float("nan")
+            gain, noise = last_interval(curve[space][label], seeds)
             plateau.setdefault(space, {})[label] = {
                 "last_interval_gain": gain, "seed_std_final": noise, "plateaued": bool(gain <= noise),
             }  # fmt: skip

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import error_summary
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 I3D_FILE = "i3d_torchscript.pt"
@@ -148,10 +150,8 @@ class InceptionFeatures(FeatureExtractor):
         try:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as err:
-            first = (str(err).strip().splitlines() or [""])[0][:200]
             raise ValueError(
-                f"--inception_weights {weights_path} is not a plain state dict of tensors ({type(err).__name__}: "
-                f"{first}): use torch-fidelity's {INCEPTION_FILE} from {INCEPTION_URL}."
+                f"--inception_weights {weights_path} is not a plain state dict of tensors ({error_summary(err)}): use torch-fidelity's {INCEPTION_FILE} from {INCEPTION_URL}."
             ) from None
         with mock.patch.object(fidelity.torch, "load", lambda *args, **kwargs: state):
             self.net = fidelity.FeatureExtractorInceptionV3(
