@@ -387,6 +387,7 @@ def main(args):
             if os.path.isfile(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
         report_written(args.output_dir, written)
+    accelerator.wait_for_everyone()  # no process tears down the process group while another still works
     accelerator.end_training()
 
 

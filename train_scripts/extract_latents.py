@@ -457,6 +457,7 @@ def main(args):
         )
         more = f" and {len(names) - 3} more shards (to {names[-1]})" if len(names) > 3 else ""
         report_written(args.output_dir, ["metadata.json", *names[:3]], log=lambda text: logger.info(text + more))
+    accelerator.wait_for_everyone()  # no process tears down the process group while another still works
     accelerator.end_training()
 
 

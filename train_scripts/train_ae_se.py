@@ -1169,6 +1169,7 @@ def main(args):
             os.path.basename(c) for c in list_checkpoints(args.output_dir)
         ]
         report_written(args.output_dir, names + [args.logging_dir] * bool(args.report_to))
+    accelerator.wait_for_everyone()  # no process tears down the process group while another still works
     accelerator.end_training()
 
 

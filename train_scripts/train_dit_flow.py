@@ -643,6 +643,7 @@ def main(args):
             logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'DiT flow pipeline')}")
         checkpoints = [os.path.basename(p) for p in list_checkpoints(args.output_dir)]
         report_written(args.output_dir, [*RESULTS, *checkpoints[-1:], SNAPSHOTS, args.logging_dir], log=logger.info)
+    accelerator.wait_for_everyone()  # no process tears down the process group while another still works
     accelerator.end_training()
 
 
