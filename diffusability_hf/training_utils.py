@@ -88,6 +88,16 @@ def run_script(main: Callable, parse_args: Callable) -> None:
         sys.exit(2)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of a training DataLoader: its worker processes ignore SIGTERM and Ctrl-C, so that a signal
+    sent to the whole job (a scheduler's SIGTERM, Ctrl-C in a terminal) reaches the training process alone, which
+    stops after its step with a checkpoint (:class:`GracefulStop`) and then shuts its workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainingStopped(Exception):
     """A run stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint: :func:`run_script` prints its message
     as one line and exits with ``128 + signal number``, as a process killed by that signal would."""
@@ -99,9 +109,12 @@ class TrainingStopped(Exception):
 
 class GracefulStop:
     """SIGTERM (what a cluster scheduler sends before preemption) and the first Ctrl-C (SIGINT) ask the training loop
-    to stop after the current step, with a checkpoint; a second Ctrl-C stops at once (``KeyboardInterrupt``), a second
-    SIGTERM kills. The handlers only set a flag: the step, a checkpoint being written or a validation in progress
-    finish first. Installed on construction (main thread only), restored by :meth:`close`."""
+    to stop after the current step, with a checkpoint; a second Ctrl-C stops at once (``KeyboardInterrupt``). A
+    repeated SIGTERM changes nothing: a scheduler signals every process of a job and ``torchrun`` (under ``accelerate
+    launch`` too) forwards the same signal to its workers, so each worker may get it twice; SIGKILL, as schedulers and
+    ``torchrun`` send after their grace period, still ends the process. The handlers only set a flag: the step, a
+    checkpoint being written or a validation in progress finish first. Installed on construction (main thread only),
+    restored by :meth:`close`."""
 
     def __init__(self):
         import signal
@@ -124,9 +137,9 @@ class GracefulStop:
                 + (" (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
             )
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts at once
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next SIGTERM kills
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
+        # a repeated SIGTERM (the scheduler's and the launcher's copy of one request): already stopping
 
     def requested(self, accelerator) -> bool:
         """Whether any process was asked to stop (a collective under several processes: call it on every one, at the

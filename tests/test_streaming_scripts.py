@@ -171,6 +171,47 @@ def test_two_processes_train_on_their_own_shards_and_resume_exactly(tmp_path, ti
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_a_sigterm_to_the_whole_job_stops_both_processes_with_one_checkpoint(tmp_path, tiny_vae_dir, run_script):
+    """A scheduler's SIGTERM goes to every process of the job: the launcher (which forwards it, so each worker gets
+    it twice), the 2 training processes and their DataLoader workers. Both processes finish the step, save one
+    complete checkpoint and say so; the resume finishes the run."""
+    import signal
+    import subprocess
+    import time
+
+    from diffusability_hf.training_utils import is_complete_checkpoint
+
+    (tmp_path / "photos").mkdir()
+    for i, image in enumerate(crops(6)):
+        Image.fromarray(image).save(tmp_path / "photos" / f"{i}.png")
+    out = tmp_path / "out"
+    args = tiny_train_args(tiny_vae_dir, out, "--train_data_dir", tmp_path / "photos", "--max_train_steps", 400,
+                           "--checkpointing_steps", 1000, "--dataloader_num_workers", 1)  # fmt: skip
+    torchrun = [*TORCHRUN[:-1], "29537"]
+    log = open(tmp_path / "job.log", "w+")
+    cmd = torchrun + [os.path.join(ROOT, "train_scripts", "train_ae_se.py"), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    job = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log,
+                           start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while "loss=" not in (tmp_path / "job.log").read_text():  # both processes are in the training loop
+        assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)  # as `scancel` or a preemption does: the whole process group
+    job.wait(timeout=300)
+    text = (tmp_path / "job.log").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("stopped: ")]
+    assert len(lines) == 2 and "KeyboardInterrupt" not in text and "killed by signal" not in text, text[-4000:]
+    steps = {int(line.split("after step ")[1].split(",")[0]) for line in lines}
+    assert len(steps) == 1, lines  # the processes agreed on the step
+    step = steps.pop()
+    assert 0 < step < 400 and is_complete_checkpoint(str(out / f"checkpoint-{step}"))
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()
+    run_script("train_ae_se.py", [*args, "--resume_from_checkpoint", "latest", "--max_train_steps", step + 2],
+               launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == step + 2
+
+
 def test_train_streams_a_local_parquet_dataset(tmp_path, tiny_vae_dir, run_script):
     """--streaming --dataset_name parquet --train_data_files: HF's packaged builder with load_dataset(streaming=True),
     two data files = two shards."""

@@ -91,6 +91,7 @@ from diffusability_hf.training_utils import (
     describe_global_batch,
     given_flags,
     hub_repo,
+    ignore_stop_signals,
     list_checkpoints,
     load_checkpoint,
     lock_output_dir,
@@ -853,13 +854,15 @@ def main(args):
             train_images, train_videos, args.train_batch_size, args.video_batch_size, args.seed
         )
         train_dataloader = torch.utils.data.DataLoader(
-            train_dataset, batch_size=1, collate_fn=unwrap_batch, num_workers=args.dataloader_num_workers
-        )
+            train_dataset, batch_size=1, collate_fn=unwrap_batch, num_workers=args.dataloader_num_workers,
+            worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the loop, not the workers
+        )  # fmt: skip
     else:
         train_dataset = train_images
         train_dataloader = torch.utils.data.DataLoader(
             train_dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
             num_workers=args.dataloader_num_workers, drop_last=len(train_dataset) >= args.train_batch_size,
+            worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the loop, not the workers
         )  # fmt: skip
     val = {
         kind: v.to(accelerator.device) for kind, v in (("image", val_images), ("video", val_videos)) if v is not None
