@@ -102,6 +102,13 @@ def check_the_report(out, report):
         usable = all(result["instrument"][label]["flags"]["usable"] for label in verdict["pair"])
         assert verdict["verdict"].startswith("no verdict") == (not usable)
     assert result["seconds"]["total"] > 0
+    # the cheap proxies of every autoencoder, as diffusability_score.py wrote them for the same weights
+    from diffusability_hf.metrics.diffusability import PROXIES
+
+    scores = json.loads((out / "score" / "scores.json").read_text())["models"]
+    for label in result["models"]:
+        assert scores[label]["weights_fingerprint"] == eval_ae["models"][label]["weights_fingerprint"]
+        assert result["diffusability_score"][label] == {p: scores[label][p] for p in PROXIES}
     # the published copy links only files it holds and names no absolute path of this run or checkout
     text = (report / "report.md").read_text()
     for link in re.findall(r"\]\(([^)]+)\)", text):
@@ -109,7 +116,7 @@ def check_the_report(out, report):
     raw = (report / "report.json").read_text()
     assert str(out) not in raw and ROOT not in raw
     assert "Table 1" in text and "Fig. 8" in text and "Fig. 6" in text and "## Verdicts" in text
-    assert "Is each generator an instrument?" in text
+    assert "Is each generator an instrument?" in text and "## Diffusability score" in text
 
 
 def check_a_rerun_continues_and_other_settings_are_refused(out):

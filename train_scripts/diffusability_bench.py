@@ -79,6 +79,7 @@ from diffusability_hf.metrics.bench import (
     thumbnail_features,
     well_above_chance,
 )
+from diffusability_hf.models.dit import RECIPES
 from diffusability_hf.training_utils import UsageError, atomic_write_json, atomic_write_text, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,27 +92,21 @@ FULL = dict(
     scratch_lr=5e-4, vanilla_steps=600, ft_steps=300, scratch_steps=300, classifier_steps=400,
     dit_width=128, dit_heads=2, dit_depth=4, dit_patch=2, dit_steps=600, dit_batch=32, dit_lr=3e-4,
     dit_recipe="rope+sincos_std1", curve_points=3, fd_samples=256, sampling_steps=32, trajectory_steps=6,
-    loss_noise_levels=10, seeds=(0, 1, 2),
+    loss_noise_levels=10, seeds=(0, 1, 2), score_probe_steps=300,
 )  # fmt: skip
 SMOKE = dict(
     resolution=64, train_crops=64, reference_crops=16, heldout_crops=8, ae_batch=4, ae_lr=2e-4, scratch_lr=5e-4,
     vanilla_steps=2, ft_steps=2, scratch_steps=2, classifier_steps=3, dit_width=32, dit_heads=2, dit_depth=2,
     dit_patch=2, dit_steps=4, dit_batch=8, dit_lr=1e-3, dit_recipe="rope_std0.02", curve_points=2, fd_samples=16,
-    sampling_steps=2, trajectory_steps=2, loss_noise_levels=4, seeds=(0, 1),
+    sampling_steps=2, trajectory_steps=2, loss_noise_levels=4, seeds=(0, 1), score_probe_steps=2,
 )  # fmt: skip
 # --ablation: +FT / +FT-SE from the embedded AE for this many steps per cell AE; the long DiT cell trains this many
 # times the default DiT steps; two seeds per cell (the issue's budget rule: 2 hours on 2 cores)
 ABLATION = dict(ablation_ae_steps=300, ablation_long_factor=2, ablation_seeds=[0, 1])
 ABLATION_SMOKE = dict(ablation_ae_steps=2, ablation_long_factor=2, ablation_seeds=[0, 1])
-# The DiT recipes the bench can train: App. B's DiT (RoPE, self-conditioning) with a position scheme and a label-table
-# init (DiT's 0.02, or 1.0: see SelfConditionedDiT), or diffusers' stock DiT ("stock": sin-cos table, no
-# self-conditioning) with the label-table init of the run's recipe, so that only the architecture differs.
-RECIPES = {
-    "rope_std0.02": dict(pos_embed="rope", class_embed_init_std=0.02),  # App. B as printed, with DiT's init
-    "rope_std1": dict(pos_embed="rope", class_embed_init_std=1.0),
-    "rope+sincos_std0.02": dict(pos_embed="rope+sincos", class_embed_init_std=0.02),
-    "rope+sincos_std1": dict(pos_embed="rope+sincos", class_embed_init_std=1.0),
-}
+# The DiT recipes the bench can train: App. B's DiT with a position scheme and a label-table init (RECIPES), or
+# diffusers' stock DiT ("stock": sin-cos table, no self-conditioning) with the label-table init of the run's recipe,
+# so that only the architecture differs.
 # --select_recipe: every App. B candidate on the vanilla AE's latents only, seeds never used by a comparison of AEs;
 # the rule that picks the bench's recipe from them is select_recipe() (experiments/dit_recipe/PROTOCOL.md). Its runs
 # are named against App. B as printed (the recipe the bench had before the selection).
@@ -729,6 +724,15 @@ class Bench:
                          "--sample_posterior", "--normalize_latents", "per_channel"),  # what the DiT sees
             "spectrum_means": ("spectrum.json", "analyze_spectrum.py", *src["heldout"], "--num_samples", n_held),
         }  # fmt: skip
+        if src["train_dir"]:  # the cheap proxies (diffusability_score.py) need image folders with class subfolders
+            held = src["heldout"][1] if src["heldout"][0] == "--data_dir" else src["test_dir"]
+            runs["score"] = (
+                "scores.json", "diffusability_score.py", "--train_data_dir", src["train_dir"], "--reference_data_dir",
+                src["test_dir"], "--heldout_data_dir", held, "--probe_steps", self.cfg["score_probe_steps"],
+                "--probe_batch_size", self.cfg["dit_batch"], "--dit_recipe", self.cfg["dit_recipe"], "--dit_width",
+                self.cfg["dit_width"], "--dit_depth", self.cfg["dit_depth"], "--dit_heads", self.cfg["dit_heads"],
+                "--dit_patch", self.cfg["dit_patch"], "--noise_levels", self.cfg["loss_noise_levels"],
+            )  # fmt: skip
 
         def one(name, threads):
             marker, script, *rest = runs[name]
@@ -737,7 +741,8 @@ class Bench:
                                "--resolution", res, "--output_dir", folder, threads=threads)  # fmt: skip
 
         # the DCT cut (eval_ae) decodes every AE eleven times: it goes last, when it gets every core to itself
-        self.parallel([partial(one, name) for name in ("eval_ae_fd", "spectrum", "spectrum_means", "eval_ae")])
+        self.parallel([partial(one, name) for name in ("eval_ae_fd", "spectrum", "spectrum_means", "score", "eval_ae")
+                       if name in runs])  # fmt: skip
         return {name: read_json(self.out, name + sfx, runs[name][0]) for name in runs}
 
     # 4. Stage II
@@ -1251,6 +1256,7 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
         cells_md.append(verdict["verdict"].split(":")[0])
         rows.append(cells_md)
     rec, spec = evals["eval_ae"], evals["spectrum"]
+    scores = score_values(evals, labels)
     ae_rows = [[label, f"{rec['models'][label]['psnr']['mean']:.2f}", f"{rec['models'][label]['ssim']['mean']:.4f}",
                 f"{spec['models'][label]['hf_share']:.3f}",
                 f"{rec['dct_cut']['curves'][label]['0.5']['psnr']['mean']:.2f}"] for label in labels]  # fmt: skip
@@ -1266,7 +1272,7 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
         "dct_cut_psnr": {label: {r: v["psnr"]["mean"] for r, v in rec["dct_cut"]["curves"][label].items()}
                          for label in labels},
         "spectrum_normalised_samples": {label: spec["models"][label] for label in labels},
-        "cells": result_cells, "seconds": times,
+        "diffusability_score": scores, "cells": result_cells, "seconds": times,
     }  # fmt: skip
     atomic_write_json(os.path.join(out, "report.json"), portable(result, out))
     fmt_time = time.strftime("%H:%M:%S", time.gmtime(times["total"]))
@@ -1293,6 +1299,7 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
         "",
         markdown_table(ae_rows, ["AE", "PSNR (dB)", "SSIM", "HF share, normalised samples", "PSNR, 50% DCT cut"]),
         "",
+        *score_lines(scores),
         "## Where SE helps the generator",
         "",
     ]
@@ -1306,6 +1313,39 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The report
+
+
+def score_values(evals, labels):
+    """``{label: {proxy: value}}`` of the cheap proxies (diffusability_score.py); empty when the run had no image
+    folders to score on."""
+    if "score" not in evals:
+        return {}
+    from diffusability_hf.metrics.diffusability import PROXIES
+
+    models = evals["score"]["models"]
+    proxies = [p for p in PROXIES if all(p in models[label] for label in labels)]
+    return {label: {p: models[label][p] for p in proxies} for label in labels}
+
+
+def score_lines(values):
+    """The report's section of :func:`score_values`."""
+    if not values:
+        return []
+    from diffusability_hf.metrics.diffusability import PROXIES
+
+    proxies = list(next(iter(values.values())))
+    arrows = {p: "↑" if PROXIES[p][1] > 0 else "↓" for p in proxies}
+    rows = [[label] + [f"{v[p]:.4g}" for p in proxies] for label, v in values.items()]
+    return [
+        "## Diffusability score: cheap proxies (`diffusability_score.py`)",
+        "",
+        markdown_table(rows, ["AE"] + [f"{p} {arrows[p]}" for p in proxies]),
+        "",
+        "Each autoencoder in minutes, without a generator (arrows: the direction the paper's account predicts to be "
+        "better). Which proxy tracks the generators' FD is measured in `experiments/diffusability_score`; here they "
+        "describe the latents and give no verdict. `score/scores.md` says what each one is.",
+        "",
+    ]
 
 
 def read_json(*parts):
@@ -1420,6 +1460,7 @@ def write_report(bench, labels, evals):
         },  # fmt: skip
         "spectrum_normalised_samples": spec["models"],
         "spectrum_raw_means": spec_means["models"],
+        "diffusability_score": score_values(evals, labels),
         "generation_fd": fd,
         "generation_comparisons": generation,
         "generation_all_vs_first": all_comparison,
@@ -1494,6 +1535,7 @@ def report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means
         "",
         "![spectrum](spectrum/spectrum.png)",
         "",
+        *score_lines(result["diffusability_score"]),
         "## DCT cut (Fig. 8): PSNR when the top share of latent zigzag coefficients is zeroed",
         "",
     ]
@@ -1703,7 +1745,9 @@ def portable(value, out):
 
 
 REPORT_FILES = ("report.md", "report.json", "fd_curve.png", "loss_per_noise_level.png", "trajectories.png",
-                "samples.png", "spectrum/spectrum.png", "eval_ae/dct_cut.png", "eval_ae/dct_cut_grid.png")  # fmt: skip
+                "samples.png", "spectrum/spectrum.png", "eval_ae/dct_cut.png", "eval_ae/dct_cut_grid.png",
+                "score/scores.md", "score/scores.png")  # fmt: skip
+SCORE_FILES = ("score/scores.md", "score/scores.png")  # absent where the data was no image folder (nothing to score)
 
 
 ABLATION_REPORT_FILES = ("report.md", "report.json")
@@ -1712,6 +1756,8 @@ ABLATION_REPORT_FILES = ("report.md", "report.json")
 def publish(out, results_dir, files):
     """Copy the report and the plots it links to (paths relative to it, so the links keep working)."""
     for rel in files:
+        if rel in SCORE_FILES and not os.path.isfile(os.path.join(out, rel)):
+            continue
         os.makedirs(os.path.dirname(os.path.join(results_dir, rel)), exist_ok=True)
         shutil.copyfile(os.path.join(out, rel), os.path.join(results_dir, rel))
 

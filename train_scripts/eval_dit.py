@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.data import EvalSamples, evaluation_samples
 from diffusability_hf.figures import labelled_image_grid, save_png
-from diffusability_hf.flow import flow_matching_loss, interpolate, timesteps_from_sigmas
+from diffusability_hf.flow import held_out_flow_loss
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.latents import normalization_tensors, read_latent_rows, read_latents_metadata
 from diffusability_hf.metrics import FeatureStatistics, frechet_distance, load_statistics, to_uint8
@@ -819,9 +819,8 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
     The same inputs with the null class give ``loss_null_class``; ``class_gain = loss_null_class - loss`` per level
     is what the label is worth to the model (about 0 for a class-blind generator).
     """
-    transformer, device = pipe.transformer, accelerator.device
     mean, std, labels = rows["mean"], rows["std"], rows["labels"]
-    n, channels = mean.shape[:2]
+    channels = mean.shape[1]
     stat_mean, stat_std = normalization_tensors(
         {
             "latents_mean": pipe.config.latents_mean or [0.0] * channels,
@@ -831,44 +830,17 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
     )  # per channel (1, C, 1, ...) or per position (1, C, [T',] h, w)
     generator = torch.Generator().manual_seed(args.seed)
     eps = torch.randn(mean.shape, generator=generator)
-    x0_all = (mean + std * eps - stat_mean) / stat_std  # (n, C, [T',] h, w)
-    self_conditioning = bool(getattr(transformer.config, "self_conditioning", False))
-    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    x0 = (mean + std * eps - stat_mean) / stat_std  # (n, C, [T',] h, w)
     levels = [(k + 0.5) / args.loss_noise_levels for k in range(args.loss_noise_levels)]
-    losses, null_losses = [], []
-    was_training = transformer.training
-    transformer.eval()
-
-    def loss_sum(x_t, timestep, y, x0, noise):
-        with accelerator.autocast():
-            kwargs = {}
-            if self_conditioning:  # the auxiliary pass at the same noise level (App. B)
-                aux = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True)
-                kwargs["self_cond"] = aux.last_hidden_state
-            out = transformer(hidden_states=x_t, timestep=timestep, class_labels=y, return_dict=True, **kwargs)
-        return float(flow_matching_loss(out.sample[:, :channels], x0, noise).double().sum())
-
-    try:
-        for sigma in tqdm(levels, desc="Loss per noise level", disable=not accelerator.is_local_main_process):
-            noise_all = torch.randn(mean.shape, generator=generator)
-            total, total_null = 0.0, 0.0
-            for start in range(0, n, args.batch_size):
-                x0 = x0_all[start : start + args.batch_size].to(device)
-                noise = noise_all[start : start + args.batch_size].to(device)
-                y = labels[start : start + args.batch_size].to(device)
-                s = torch.full((x0.shape[0],), sigma, device=device)
-                x_t = interpolate(x0, noise, s).to(transformer.dtype)
-                timestep = timesteps_from_sigmas(s, num_train_timesteps)
-                total += loss_sum(x_t, timestep, y, x0, noise)
-                total_null += loss_sum(x_t, timestep, torch.full_like(y, pipe.num_classes), x0, noise)
-            losses.append(total / n)
-            null_losses.append(total_null / n)
-    finally:
-        transformer.train(was_training)
+    result = held_out_flow_loss(
+        pipe.transformer, x0, labels, pipe.num_classes, levels, generator, args.batch_size, accelerator.autocast,
+        pipe.scheduler.config.num_train_timesteps,
+        progress=lambda xs: tqdm(xs, desc="Loss per noise level", disable=not accelerator.is_local_main_process),
+    )  # fmt: skip
+    gain = [b - a for a, b in zip(result["loss"], result["loss_null_class"])]
     return {
-        "sigma": levels, "loss": losses, "loss_null_class": null_losses,
-        "class_gain": [b - a for a, b in zip(losses, null_losses)], "num_samples": int(n),
-        "latents_dir": args.loss_latents_dir,
+        "sigma": levels, "loss": result["loss"], "loss_null_class": result["loss_null_class"], "class_gain": gain,
+        "num_samples": result["num_samples"], "latents_dir": args.loss_latents_dir,
     }  # fmt: skip
 
 

@@ -59,6 +59,16 @@ def _check_patch_size(sample_size: int, patch_size: int) -> None:
         )
 
 
+# App. B's DiT for short runs (experiments/dit_recipe): a position scheme and the label table's init std (DiT's 0.02,
+# or 1.0: see SelfConditionedDiT). The bench trains one of these, and diffusability_score.py's probe its default.
+RECIPES = {
+    "rope_std0.02": dict(pos_embed="rope", class_embed_init_std=0.02),  # App. B as printed, with DiT's init
+    "rope_std1": dict(pos_embed="rope", class_embed_init_std=1.0),
+    "rope+sincos_std0.02": dict(pos_embed="rope+sincos", class_embed_init_std=0.02),
+    "rope+sincos_std1": dict(pos_embed="rope+sincos", class_embed_init_std=1.0),
+}
+
+
 def dit_config(name: str, in_channels: int = 4, sample_size: int = 32, num_classes: int = 1000) -> Dict[str, Any]:
     """``DiTTransformer2DModel`` keyword arguments for a named preset (paper Appendix B).
 
