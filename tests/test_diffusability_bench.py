@@ -366,3 +366,15 @@ def test_instrument_diagnostics_against_independent_computations():
     flags = instrument_flags(ok, 0.6, 0.8, 2.0, 0.5)
     assert flags["still_improving"] and not flags["usable"]
     assert instrument_flags(ok, 0.6, 0.8, float("nan"), float("nan"))["still_improving"] is None
+
+
+def test_the_default_run_trains_the_chosen_length_and_the_selection_its_registered_one():
+    """experiments/dit_length chose 1200 DiT steps for the default run; --select_recipe keeps its protocol's 600."""
+    module = load_bench()
+
+    def steps(*argv):
+        return module.settings_for(module.parse_args(list(argv)))["dit_steps"]
+
+    assert steps() == 1200 and steps("--ablation") == 1200
+    assert steps("--select_recipe") == 600 and steps("--select_recipe", "--dit_steps", "900") == 900
+    assert steps("--select_recipe", "--smoke") == steps("--smoke") == 4

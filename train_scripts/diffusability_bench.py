@@ -87,10 +87,12 @@ SCRIPTS = os.path.join(ROOT, "train_scripts")
 
 # The default run, sized for 2 CPU cores (see the README for its measured time). The AE sizing is the embedded
 # CPU one of train_ae_se.py (lr 2e-4, no LPIPS: its trunk is a download) at batch 8 and 128 px (16x16 latents).
+# The DiT: the recipe chosen in experiments/dit_recipe for 1200 steps, the shortest length at which it stopped
+# improving on the vanilla latents (experiments/dit_length).
 FULL = dict(
     resolution=128, train_crops=2048, reference_crops=256, heldout_crops=128, ae_batch=8, ae_lr=2e-4,
     scratch_lr=5e-4, vanilla_steps=600, ft_steps=300, scratch_steps=300, classifier_steps=400,
-    dit_width=128, dit_heads=2, dit_depth=4, dit_patch=2, dit_steps=600, dit_batch=32, dit_lr=3e-4,
+    dit_width=128, dit_heads=2, dit_depth=4, dit_patch=2, dit_steps=1200, dit_batch=32, dit_lr=3e-4,
     dit_recipe="rope+sincos_std1", curve_points=3, fd_samples=256, sampling_steps=32, trajectory_steps=6,
     loss_noise_levels=10, seeds=(0, 1, 2), score_probe_steps=300,
 )  # fmt: skip
@@ -111,6 +113,7 @@ ABLATION_SMOKE = dict(ablation_ae_steps=2, ablation_long_factor=2, ablation_seed
 # the rule that picks the bench's recipe from them is select_recipe() (experiments/dit_recipe/PROTOCOL.md). Its runs
 # are named against App. B as printed (the recipe the bench had before the selection).
 SELECTION = dict(dit_recipe="rope_std0.02", selection_recipes=list(RECIPES), selection_seeds=[10, 11])  # smoke too
+SELECTION_STEPS = 600  # the selection's registered DiT length (the default run's before experiments/dit_length)
 CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 FEATURES = ("domain", "random")
 # The default run's autoencoders: label -> (protocol, how it is made)
@@ -168,7 +171,7 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--resolution", type=int, default=None, help="Crop side (default 128: 16x16 latents at 8x).")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="DiT seeds (default 0 1 2).")
-    parser.add_argument("--dit_steps", type=int, default=None, help="DiT training steps (default 600).")
+    parser.add_argument("--dit_steps", type=int, default=None, help="DiT training steps (default 1200).")
     parser.add_argument("--ae_steps", type=int, default=None, help="Fine-tuning steps of +FT / +FT-SE (default 300).")
     parser.add_argument(
         "--jobs",
@@ -558,6 +561,8 @@ def settings_for(args):
         cfg["dit_recipe"] = args.dit_recipe
     if args.select_recipe:
         cfg.update(select_recipe=True, **SELECTION)
+        if not args.smoke and args.dit_steps is None:
+            cfg["dit_steps"] = SELECTION_STEPS
         if args.seeds is not None:
             cfg["selection_seeds"] = list(cfg["seeds"])
     if args.ablation:
