@@ -378,3 +378,37 @@ def test_the_default_run_trains_the_chosen_length_and_the_selection_its_register
     assert steps() == 1200 and steps("--ablation") == 1200
     assert steps("--select_recipe") == 600 and steps("--select_recipe", "--dit_steps", "900") == 900
     assert steps("--select_recipe", "--smoke") == steps("--smoke") == 4
+
+
+def test_score_study_smoke_scores_a_family_and_correlates_each_proxy_with_the_generators(tmp_path):
+    """--score_study --smoke: the family trained as registered (SE weights, KL), the proxies and the generators of
+    every member, and correlations that scipy recomputes from the report's own numbers."""
+    from scipy import stats
+
+    from diffusability_hf.metrics.diffusability import PROXIES
+
+    out, report = tmp_path / "study", tmp_path / "published"
+    proc = bench(["--score_study", "--smoke", "--output_dir", out, "--results_dir", report])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "report.json").read_text())
+    labels = ["+FT", "+FT-SE 0.25", "+FT-KL 1e-2", "scratch"]
+    assert list(result["models"]) == labels and result["seeds"] == [0, 1]
+    flags = {}
+    for label in labels:
+        log = (out / "logs" / f"train_{label.replace('+', 'plus-').replace(' ', '_')}.log").read_text()
+        flags[label] = re.search(r"alpha=([0-9.]+), scales=\[2, 4\], KL=([0-9.e-]+)", log).groups()
+    assert flags == {"+FT": ("0.0", "0.0"), "+FT-SE 0.25": ("0.25", "0.0"), "+FT-KL 1e-2": ("0.0", "0.01"),
+                     "scratch": ("0.0", "0.0")}  # fmt: skip
+    assert str(out / "ae" / "vanilla") in (out / "logs" / "train_plus-FT.log").read_text().splitlines()[0]
+    scores = json.loads((out / "score" / "scores.json").read_text())["models"]
+    for p in PROXIES:
+        x = [scores[label][p] for label in labels]
+        fd = [np.mean(list(result["generation_fd"]["domain"][label].values())) for label in labels]
+        expected = -PROXIES[p][1] * stats.spearmanr(x, fd).statistic
+        got = result["study"]["all"]["domain"][p]["spearman"]
+        assert (got is None and math.isnan(expected)) or got == pytest.approx(expected), p
+    usable = [label for label in labels if result["instrument"][label]["flags"]["usable"]]
+    assert result["usable"] == usable
+    assert result["verdict"].startswith("no verdict") == (len(usable) < 3)
+    text = (report / "report.md").read_text()
+    assert "## Rank correlation with FD" in text and (report / "study.png").is_file()

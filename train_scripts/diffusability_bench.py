@@ -114,6 +114,24 @@ ABLATION_SMOKE = dict(ablation_ae_steps=2, ablation_long_factor=2, ablation_seed
 # are named against App. B as printed (the recipe the bench had before the selection).
 SELECTION = dict(dit_recipe="rope_std0.02", selection_recipes=list(RECIPES), selection_seeds=[10, 11])  # smoke too
 SELECTION_STEPS = 600  # the selection's registered DiT length (the default run's before experiments/dit_length)
+# --score_study: the validation family of the diffusability score (experiments/diffusability_score/PROTOCOL.md),
+# label -> (start: "base" (the vanilla AE, or --base_model) or "scratch" (the embedded AE's config), SE weight,
+# extra train_ae_se.py flags); KL beta 1e-2 is the paper's Table 3 range, "+FT-KL" the paper's KL-amplifies-high-
+# frequencies case (Fig. 3). Seeds never used by another run.
+SCORE_STUDY = dict(
+    study_family={
+        "+FT": ["base", 0.0, []], "+FT-SE 0.1": ["base", 0.1, []], "+FT-SE 0.25": ["base", 0.25, []],
+        "+FT-SE 0.5": ["base", 0.5, []], "+FT-SE 1": ["base", 1.0, []],
+        "+FT-KL 1e-2": ["base", 0.0, ["--kl_weight", 0.01]],
+        "scratch": ["scratch", 0.0, []], "scratch+SE": ["scratch", 0.25, []],
+    },
+    study_seeds=[30, 31, 32], study_min_aes=5,
+)  # fmt: skip
+SCORE_STUDY_SMOKE = dict(
+    study_family={"+FT": ["base", 0.0, []], "+FT-SE 0.25": ["base", 0.25, []],
+                  "+FT-KL 1e-2": ["base", 0.0, ["--kl_weight", 0.01]], "scratch": ["scratch", 0.0, []]},
+    study_seeds=[0, 1], study_min_aes=3,
+)  # fmt: skip
 CUT_RATIOS = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 FEATURES = ("domain", "random")
 # The default run's autoencoders: label -> (protocol, how it is made)
@@ -198,6 +216,14 @@ def parse_args(input_args=None):
         "fixed rule of experiments/dit_recipe/PROTOCOL.md (the best FD among generators that are not class-blind).",
     )
     parser.add_argument(
+        "--score_study",
+        action="store_true",
+        help="Validate the diffusability score (experiments/diffusability_score/PROTOCOL.md): a family of autoencoders "
+        "from the vanilla one (or --base_model) that spans diffusability (SE weights 0 to 1, a KL-heavy fine-tune, "
+        "from scratch with and without SE), each scored by the cheap proxies and by the bench's generators over "
+        "seeds 30 to 32, and the rank correlation of every proxy with the generators' FD.",
+    )
+    parser.add_argument(
         "--dit_recipe",
         type=str,
         default=None,
@@ -248,9 +274,14 @@ def parse_args(input_args=None):
     if args.select_recipe and (args.ablation or args.user_data or args.models or args.base_model or args.dit_recipe):
         parser.error("--select_recipe runs on the default data with the embedded autoencoder's vanilla fine-tune and "
                      "tries every recipe: drop --ablation, --models, --base_model, --dit_recipe and the data flags.")  # fmt: skip
+    if args.score_study and (args.ablation or args.select_recipe or args.user_data or args.models or args.finetune):
+        parser.error("--score_study runs on the default data with its own family of autoencoders (from --base_model "
+                     "or the vanilla one it makes): drop --ablation, --select_recipe, --models, --finetune and the "
+                     "data flags.")  # fmt: skip
     if args.output_dir is None:
         args.output_dir = ("diffusability_bench_ablation" if args.ablation else
-                           "diffusability_bench_recipe" if args.select_recipe else "diffusability_bench")  # fmt: skip
+                           "diffusability_bench_recipe" if args.select_recipe else
+                           "diffusability_bench_score_study" if args.score_study else "diffusability_bench")  # fmt: skip
     models = []
     for spec in args.models or []:
         label, sep, path = spec.partition("=")
@@ -565,6 +596,10 @@ def settings_for(args):
             cfg["dit_steps"] = SELECTION_STEPS
         if args.seeds is not None:
             cfg["selection_seeds"] = list(cfg["seeds"])
+    if args.score_study:
+        cfg.update(score_study=True, **json.loads(json.dumps(SCORE_STUDY_SMOKE if args.smoke else SCORE_STUDY)))
+        if args.seeds is not None:
+            cfg["study_seeds"] = list(cfg["seeds"])
     if args.ablation:
         if args.smoke and args.resolution is None:  # its small cell needs 8x8 latents (one DCT block)
             cfg["resolution"] = 128
@@ -976,6 +1011,8 @@ def main(args):
         return run_ablation(bench)
     if args.select_recipe:
         return run_selection(bench)
+    if args.score_study:
+        return run_score_study(bench)
     res = cfg["resolution"]
 
     # 1. Stage I
@@ -1314,6 +1351,215 @@ def write_ablation_report(bench, labels, cells, evals, seeds):
     text = "\n".join(lines)
     atomic_write_text(os.path.join(out, "report.md"), text)
     print(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --score_study: do the cheap proxies rank autoencoders as the generators do?
+
+
+def run_score_study(bench):
+    """``--score_study``: the family of :data:`SCORE_STUDY` from the vanilla AE (or ``--base_model``), the bench's
+    evaluation of each (with the cheap proxies, diffusability_score.py), then a DiT per AE and seed; the report
+    correlates every proxy with the generators' FD (experiments/diffusability_score/PROTOCOL.md)."""
+    cfg, res = bench.cfg, bench.cfg["resolution"]
+    if bench.args.base_model:
+        base = ae_args(bench.args.base_model)
+    else:
+        bench.train_ae("vanilla", ["--pretrained_model_name_or_path", ae.EMBEDDED_AE], 0.0, cfg["vanilla_steps"],
+                       cfg["ae_lr"], res, "finetune", threads=bench.cores)  # fmt: skip
+        base = ["--pretrained_model_name_or_path", bench.models["vanilla"]]
+    config = ["--model_config_name_or_path", os.path.join(ae.EMBEDDED_AE, "config.json")]
+    tasks = []
+    for label, (start, se, extra) in cfg["study_family"].items():
+        if start == "base":
+            tasks.append(partial(bench.train_ae, label, base, se, cfg["ft_steps"], cfg["ae_lr"], res, "finetune",
+                                 extra=list(extra)))  # fmt: skip
+        else:
+            tasks.append(partial(bench.train_ae, label, config, se, cfg["scratch_steps"], cfg["scratch_lr"], res,
+                                 "scratch", extra=list(extra)))  # fmt: skip
+    bench.parallel(tasks)
+    labels = list(cfg["study_family"])
+    evals = bench.evaluate(labels)
+    bench.parallel([partial(bench.extract, label, which) for label in labels for which in ("train", "reference")])
+    for label in labels:
+        bench.dit_config(label)
+    seeds = cfg["study_seeds"]
+    bench.parallel([partial(bench.generate, label, seed) for seed in seeds for label in labels])
+    write_study_report(bench, labels, evals, seeds)
+    if bench.args.results_dir:
+        publish(bench.out, bench.args.results_dir, STUDY_REPORT_FILES)
+
+
+# what each proxy's cost includes besides encoding the crops (diffusability_score.py's seconds)
+PROXY_COST = {"hf_share": "spectrum", "spectral_slope": "spectrum", "rgb_profile_distance": "spectrum",
+              "dct_cut_slope": "dct_cut", "noise_psnr": "noise", "linear_probe": "linear_probe",
+              "flow_loss_auc": "flow_probe", "flow_class_gain": "flow_probe"}  # fmt: skip
+STUDY_TARGET = 0.8  # the issue's target: Spearman at least 0.8 (in the predicted direction) against generator FD
+
+
+def proxy_study(scores, fd, labels, seeds, min_aes=5):
+    """Every proxy against the generators' FD over ``labels`` (one feature space): Spearman and Kendall signed so
+    that +1 is a perfect prediction (:data:`PROXIES`' direction), a bootstrap interval of the signed Spearman over
+    autoencoders and seeds, and the pairs that FD separates beyond its noise that the proxy orders the same way.
+    ``fd``: ``{label: {seed: FD}}``. With fewer than ``min_aes`` labels: no correlations (NaN)."""
+    from diffusability_hf.metrics.diffusability import (
+        PROXIES,
+        bootstrap_spearman,
+        pair_agreement,
+        rank_correlations,
+    )
+
+    if len(labels) < min_aes:
+        return {proxy: {"spearman": float("nan"), "kendall": float("nan"), "interval": [float("nan")] * 2,
+                        "pairs": {"agreement": float("nan"), "agree": 0, "separated": 0}} for proxy in PROXIES}  # fmt: skip
+    per_seed = np.array([[fd[label][s] for s in seeds] for label in labels])
+    means = per_seed.mean(1)
+    noise = per_seed.std(1, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else np.zeros(len(labels))
+    out = {}
+    for proxy, (_, sign) in PROXIES.items():
+        if any(proxy not in scores[label] for label in labels):
+            out[proxy] = {"spearman": float("nan"), "kendall": float("nan"), "interval": [float("nan")] * 2,
+                          "pairs": {"agreement": float("nan"), "agree": 0, "separated": 0}}  # fmt: skip
+            continue
+        x = np.array([scores[label][proxy] for label in labels], dtype=np.float64)
+        r = rank_correlations(x, means)
+        ci = bootstrap_spearman(x, per_seed)
+        lo, hi = sorted((-sign * ci["low"], -sign * ci["high"]))
+        out[proxy] = {"spearman": -sign * r["spearman"], "kendall": -sign * r["kendall"], "interval": [lo, hi],
+                      "bootstrap_draws": ci["draws"], "pairs": pair_agreement(list(x), list(means), list(noise), sign)}  # fmt: skip
+    return out
+
+
+def write_study_report(bench, labels, evals, seeds):
+    from diffusability_hf.metrics.diffusability import PROXIES
+
+    out, cfg = bench.out, bench.cfg
+    scores = evals["score"]["models"]
+    fd, diagnostics = {space: {} for space in FEATURES}, {}
+    for label in labels:
+        final, _, _ = bench.results(label, seeds)
+        for space in FEATURES:
+            fd[space][label] = final[space]
+        diagnostics[label] = bench.diagnose(label, seeds)
+    usable = [label for label in labels if diagnostics[label]["flags"]["usable"]]
+    study = {
+        group: {space: proxy_study(scores, fd[space], members, seeds, cfg["study_min_aes"]) for space in FEATURES}
+        for group, members in (("usable", usable), ("all", labels))
+    }
+    encode = float(np.mean([scores[label]["seconds"]["encode"] for label in labels]))
+    cost = {p: encode + float(np.mean([scores[label]["seconds"][PROXY_COST[p]] for label in labels]))
+            for p in PROXIES if all(PROXY_COST[p] in scores[label]["seconds"] for label in labels)}  # fmt: skip
+    primary = study["usable"]["domain"]
+    if len(usable) < cfg["study_min_aes"]:
+        verdict = (f"no verdict: {len(usable)} of {len(labels)} generators pass the instrument checks (at least "
+                   f"{cfg['study_min_aes']} are needed to rank the family)")  # fmt: skip
+    else:
+        met = [p for p, r in primary.items() if r["spearman"] >= STUDY_TARGET]
+        best = max(primary, key=lambda p: primary[p]["spearman"])
+        verdict = (f"{', '.join(met)} reach Spearman >= {STUDY_TARGET} against the domain FD" if met else
+                   f"no proxy reaches Spearman {STUDY_TARGET}: the best is {best} at {primary[best]['spearman']:+.2f} "
+                   f"[{primary[best]['interval'][0]:+.2f}, {primary[best]['interval'][1]:+.2f}]")  # fmt: skip
+    times = {"total": bench.stages.total(), "invocations": list(bench.stages.times["invocations"]),
+             **bench.stages.times["steps"]}  # fmt: skip
+    result = {
+        "smoke": cfg["smoke"], "score_study": True, "settings": cfg, "seeds": seeds,
+        "models": {label: {"path": bench.models[label], **bench.info[label],
+                           "weights_fingerprint": scores[label]["weights_fingerprint"]} for label in labels},
+        "proxies": {label: {p: scores[label][p] for p in PROXIES if p in scores[label]} for label in labels},
+        "proxy_seconds": cost, "generation_fd": fd, "instrument": diagnostics, "usable": usable, "study": study,
+        "verdict": verdict, "seconds": times,
+    }  # fmt: skip
+    atomic_write_json(os.path.join(out, "report.json"), portable(result, out))
+    plot_study(out, labels, result)
+    fmt_time = time.strftime("%H:%M:%S", time.gmtime(times["total"]))
+    fd_rows = [[label, *[f"{np.mean(list(fd[space][label].values())):.4g} ± "
+                         f"{np.std(list(fd[space][label].values()), ddof=1) if len(seeds) > 1 else 0:.2g}"
+                         for space in FEATURES],
+                f"{diagnostics[label]['class_accuracy']['accuracy']:.2f}", ", ".join(unusable(diagnostics[label]))
+                or "usable"] for label in labels]  # fmt: skip
+    proxy_rows = [[label] + [f"{scores[label][p]:.4g}" for p in PROXIES if p in cost] for label in labels]
+    lines = [
+        "# Diffusability score: do the cheap proxies rank autoencoders as the generators do?"
+        + (" (smoke run: the numbers are meaningless)" if cfg["smoke"] else ""),
+        "",
+        f"Family: {', '.join(labels)} (Stage I as the bench's default run: fine-tunes {cfg['ft_steps']} steps from "
+        f"the vanilla AE, scratch {cfg['scratch_steps']} steps; batch {cfg['ae_batch']}, {cfg['resolution']} px). "
+        f"Ground truth: the bench's generator ({cfg['dit_recipe']}, {cfg['dit_steps']} steps at batch "
+        f"{cfg['dit_batch']}), seeds {seeds}, {cfg['fd_samples']} samples per FD. Proxies: diffusability_score.py "
+        f"(flow probe {cfg['score_probe_steps']} steps). {fmt_time} in total.",
+        "",
+        "    python train_scripts/diffusability_bench.py --score_study" + (" --smoke" if cfg["smoke"] else ""),
+        "",
+        f"**Verdict** (usable generators, `domain` FD, Spearman in the predicted direction): {verdict}.",
+        "",
+        "## Ground truth: the generators' FD (mean ± std over seeds) and their instrument checks",
+        "",
+        markdown_table(fd_rows, ["AE"] + [f"FD {space}" for space in FEATURES] + ["class accuracy", "instrument"]),
+        "",
+        "## The proxies",
+        "",
+        markdown_table(proxy_rows, ["AE"] + [f"{p} {'↑' if PROXIES[p][1] > 0 else '↓'}" for p in cost]),
+        "",
+        "## Rank correlation with FD (+1: the proxy orders the family exactly as the generators do)",
+        "",
+    ]
+    for group in ("usable", "all"):
+        members = usable if group == "usable" else labels
+        rows = []
+        for p in cost:
+            cells = [p]
+            for space in FEATURES:
+                r = study[group][space][p]
+                cells += [f"{r['spearman']:+.2f} [{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}]",
+                          f"{r['kendall']:+.2f}", f"{r['pairs']['agree']}/{r['pairs']['separated']}"]  # fmt: skip
+            cells.append(f"{cost[p]:.0f}")
+            rows.append(cells)
+        header = ["proxy"] + [h for space in FEATURES for h in (
+            f"Spearman ({space}, 95% bootstrap)", f"Kendall ({space})", f"pairs agreeing ({space})")] + ["seconds"]  # fmt: skip
+        lines += [f"### {'Usable generators' if group == 'usable' else 'All generators'} ({len(members)} AEs)", "",
+                  markdown_table(rows, header), ""]  # fmt: skip
+    lines += [
+        "Spearman and Kendall are signed so that +1 means the proxy's predicted direction (lower HF share, higher "
+        "noise PSNR, ...) orders the autoencoders as their generators' FD does; the interval resamples autoencoders "
+        "and seeds. A pair counts when its FD gap exceeds twice its standard error over seeds. Seconds: encoding the "
+        "crops plus the proxy, per autoencoder, on this machine.",
+        "",
+        "![proxies against FD](study.png)",
+        "",
+        "Every number above comes from `report.json`, which also keeps each stage's seconds.",
+        "",
+    ]
+    text = "\n".join(lines)
+    atomic_write_text(os.path.join(out, "report.md"), text)
+    print(text)
+
+
+def plot_study(out, labels, result):
+    """study.png: every proxy against the generators' mean domain FD, one point per autoencoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proxies = list(result["proxy_seconds"])
+    fd = {label: np.mean(list(result["generation_fd"]["domain"][label].values())) for label in labels}
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(proxies) / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(len(proxies) / cols)),
+                             squeeze=False)  # fmt: skip
+    for ax, p in zip(axes.flat, proxies):
+        for label in labels:
+            ax.scatter(result["proxies"][label][p], fd[label])
+            ax.annotate(label, (result["proxies"][label][p], fd[label]), fontsize=6)
+        rho = result["study"]["all"]["domain"][p]["spearman"]
+        ax.set(xlabel=p, ylabel="FD (domain)", title=f"{p}: signed Spearman {rho:+.2f}")
+    for ax in list(axes.flat)[len(proxies) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "study.png"), dpi=120)
+    plt.close(fig)
+
+
+STUDY_REPORT_FILES = ("report.md", "report.json", "study.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
