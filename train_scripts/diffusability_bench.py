@@ -94,7 +94,7 @@ FULL = dict(
     scratch_lr=5e-4, vanilla_steps=600, ft_steps=300, scratch_steps=300, classifier_steps=400,
     dit_width=128, dit_heads=2, dit_depth=4, dit_patch=2, dit_steps=1200, dit_batch=32, dit_lr=3e-4,
     dit_recipe="rope+sincos_std1", curve_points=3, fd_samples=256, sampling_steps=32, trajectory_steps=6,
-    loss_noise_levels=10, seeds=(0, 1, 2), score_probe_steps=300,
+    loss_noise_levels=10, seeds=(0, 1, 2), score_probe_steps=250,
 )  # fmt: skip
 SMOKE = dict(
     resolution=64, train_crops=64, reference_crops=16, heldout_crops=8, ae_batch=4, ae_lr=2e-4, scratch_lr=5e-4,

@@ -113,8 +113,15 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--noise_scales", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0], help="Noise robustness: s values."
     )
+    parser.add_argument(
+        "--decode_samples",
+        type=int,
+        default=64,
+        help="DCT cut and noise robustness: the first this many held-out images (each is decoded once per ratio "
+        "and per scale).",
+    )
     parser.add_argument("--probe_pool", type=int, default=8, help="Linear probe: latents pooled to this side.")
-    parser.add_argument("--probe_steps", type=int, default=300, help="Flow probe: DiT training steps.")
+    parser.add_argument("--probe_steps", type=int, default=250, help="Flow probe: DiT training steps.")
     parser.add_argument("--probe_batch_size", type=int, default=32, help="Flow probe: batch (the bench's 32).")
     parser.add_argument("--probe_learning_rate", type=float, default=3e-4, help="Flow probe: peak rate (App. B).")
     parser.add_argument(
@@ -133,8 +140,8 @@ def parse_args(input_args=None):
     )
     args = parser.parse_args(input_args)
 
-    for flag in ("resolution", "train_crops", "reference_crops", "heldout_crops", "block_size", "probe_pool",
-                 "probe_batch_size", "dit_width", "dit_depth", "dit_heads", "dit_patch", "noise_levels",
+    for flag in ("resolution", "train_crops", "reference_crops", "heldout_crops", "decode_samples", "block_size",
+                 "probe_pool", "probe_batch_size", "dit_width", "dit_depth", "dit_heads", "dit_patch", "noise_levels",
                  "batch_size"):  # fmt: skip
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive.")
@@ -281,7 +288,8 @@ def score_autoencoder(args, label, path, sub, data, num_classes, device):
     seconds["spectrum"] = time.perf_counter() - t
 
     decode = decoder(vae, mean, std, args.batch_size, device, torch.Generator().manual_seed(args.seed))
-    held_means = standardize(encoded["heldout"][0], mean, std)
+    held_pixels = held_pixels[: args.decode_samples]
+    held_means = standardize(encoded["heldout"][0][: args.decode_samples], mean, std)
     t = time.perf_counter()
     cut = dct_cut_curve(decode, held_means, held_pixels, sorted(set(args.cut_ratios)), args.block_size)
     result.update(dct_cut_slope=cut["dct_cut_slope"], dct_cut_psnr=cut["psnr"])
