@@ -1409,17 +1409,23 @@ def proxy_study(scores, fd, labels, seeds, min_aes=5):
         rank_correlations,
     )
 
+    def no_study():  # too few autoencoders, or a proxy some of them lack
+        return {
+            "spearman": float("nan"),
+            "kendall": float("nan"),
+            "interval": [float("nan")] * 2,
+            "pairs": {"agreement": float("nan"), "agree": 0, "separated": 0},
+        }
+
     if len(labels) < min_aes:
-        return {proxy: {"spearman": float("nan"), "kendall": float("nan"), "interval": [float("nan")] * 2,
-                        "pairs": {"agreement": float("nan"), "agree": 0, "separated": 0}} for proxy in PROXIES}  # fmt: skip
+        return {proxy: no_study() for proxy in PROXIES}
     per_seed = np.array([[fd[label][s] for s in seeds] for label in labels])
     means = per_seed.mean(1)
     noise = per_seed.std(1, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else np.zeros(len(labels))
     out = {}
     for proxy, (_, sign) in PROXIES.items():
         if any(proxy not in scores[label] for label in labels):
-            out[proxy] = {"spearman": float("nan"), "kendall": float("nan"), "interval": [float("nan")] * 2,
-                          "pairs": {"agreement": float("nan"), "agree": 0, "separated": 0}}  # fmt: skip
+            out[proxy] = no_study()
             continue
         x = np.array([scores[label][proxy] for label in labels], dtype=np.float64)
         r = rank_correlations(x, means)
@@ -1541,6 +1547,8 @@ def plot_study(out, labels, result):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffusability_hf.figures import save_png
+
     proxies = list(result["proxy_seconds"])
     fd = {label: np.mean(list(result["generation_fd"]["domain"][label].values())) for label in labels}
     cols = 4
@@ -1555,8 +1563,7 @@ def plot_study(out, labels, result):
     for ax in list(axes.flat)[len(proxies) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "study.png"), dpi=120)
-    plt.close(fig)
+    save_png(fig, os.path.join(out, "study.png"))
 
 
 STUDY_REPORT_FILES = ("report.md", "report.json", "study.png")
