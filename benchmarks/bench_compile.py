@@ -106,7 +106,7 @@ def ae_setup(args):
     """(per-variant state factory, step function, parameter count) of the SE fine-tuning step."""
     from diffusability_hf import autoencoders as ae
     from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
-    from diffusability_hf.training_utils import step_generator
+    from diffusability_hf.training.steps import step_generator
 
     vae = ae.prepare_for_training(build_ae(args.ae))
     ae.check_se_geometry(dict(vae.config, _class_name=type(vae).__name__), args.resolution, SE_SCALE_FACTORS, 8)
@@ -151,7 +151,7 @@ def ae_setup(args):
 def dit_setup(args):
     from diffusability_hf.flow import FlowMatchingLoss
     from diffusability_hf.models.dit import build_transformer, transformer_config
-    from diffusability_hf.training_utils import step_generator
+    from diffusability_hf.training.steps import step_generator
 
     c, s, _ = args.latents
     k = args.num_classes

@@ -22,7 +22,7 @@ import torch
 
 from diffusability_hf.autoencoders import EMBEDDED_AE
 from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
-from diffusability_hf.training_utils import peak_memory_gb
+from diffusability_hf.training.steps import peak_memory_gb
 
 FLUX_VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512),

@@ -106,11 +106,11 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     """Median ms/step of (a), (a+aux) when self-conditioning, and (b) on one model and latent shape."""
     from accelerate.utils import set_seed
 
-    from diffusability_hf.ema import EMA
-    from diffusability_hf.flow import FlowMatchingLoss
+    from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
     from diffusability_hf.latents import normalization_tensors
     from diffusability_hf.models.dit import build_transformer
-    from diffusability_hf.training_utils import step_generator, warmup_cosine
+    from diffusability_hf.training.ema import EMA
+    from diffusability_hf.training.steps import step_generator
 
     c, t, s, _ = shape_of(latents)
     b, k = args.batch_size, args.num_classes

@@ -279,9 +279,9 @@ def group_ae(ctx: Context, rows: Dict[str, Row]) -> None:
     from diffusers import AutoencoderKL
 
     from diffusability_hf import autoencoders as ae
-    from diffusability_hf.ema import EMA
     from diffusability_hf.losses import SEAutoencoderLoss
-    from diffusability_hf.presets import SE_PRESETS
+    from diffusability_hf.training.ema import EMA
+    from diffusability_hf.training.presets import SE_PRESETS
 
     preset = SE_PRESETS["flux"]
     res, b = (TINY_AE_RESOLUTION, ctx.ae_batch) if ctx.tiny else (256, ctx.ae_batch)
@@ -357,9 +357,9 @@ def cogvideox_config(tiny: bool) -> dict:
 
 def group_video(ctx: Context, rows: Dict[str, Row]) -> None:
     from diffusability_hf import autoencoders as ae
-    from diffusability_hf.ema import EMA
     from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
-    from diffusability_hf.presets import SE_PRESETS
+    from diffusability_hf.training.ema import EMA
+    from diffusability_hf.training.presets import SE_PRESETS
 
     (name,) = rows
     row = rows[name]
@@ -421,9 +421,9 @@ def group_video(ctx: Context, rows: Dict[str, Row]) -> None:
 def group_dit(ctx: Context, rows: Dict[str, Row], model_name: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffusability_hf.ema import EMA
     from diffusability_hf.flow import FlowMatchingLoss
     from diffusability_hf.models.dit import build_transformer, transformer_config
+    from diffusability_hf.training.ema import EMA
 
     (name,) = rows
     row = rows[name]

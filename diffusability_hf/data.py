@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .training_utils import UsageError
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,74 @@
-"""Small helpers for the toolkit's error messages (imports nothing of the toolkit: the bottom of the import graph)."""
+"""The toolkit's errors and how a script reports them: one line, ``error: ...``, exit code 2 (``run_script``).
+
+``UsageError`` is the base of every error the user can fix (arguments, files, environment). This module imports
+nothing of the toolkit: it is the bottom of the import graph.
+"""
+
+import gc
+import os
+import sys
+import traceback
+from typing import Callable
+
+
+class UsageError(ValueError):
+    """A problem with the user's arguments, files or environment that the user can fix (printed as one line)."""
+
+
+class MissingPathError(UsageError, FileNotFoundError):
+    """A path the user named (or a download the run needs) does not exist."""
+
+
+class TrainingStopped(Exception):
+    """A run stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint: :func:`run_script` prints its message
+    as one line and exits with ``128 + signal number``, as a process killed by that signal would."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _raised_by_toolkit(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err`` is the toolkit's own code (the library or a script of its)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    top = os.path.dirname(here)
+    filename = os.path.abspath(frames[-1].filename)
+    return filename.startswith(here + os.sep) or filename.startswith(os.path.join(top, "train_scripts") + os.sep)
+
+
+def run_script(main: Callable, parse_args: Callable) -> None:
+    """``main(parse_args())`` as a command: input errors become one ``error: ...`` line on stderr and exit code 2;
+    a run stopped by a signal after its checkpoint (:class:`GracefulStop`) one ``stopped: ...`` line and ``128 +
+    signal``.
+
+    An input error is a :class:`UsageError`, or a ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` /
+    ``NotADirectoryError`` that the toolkit's own code raised (its messages say what to change). Anything else
+    (a bug, an out-of-memory error, a failure inside torch or diffusers) keeps its full traceback. Set
+    ``DIFFUSABILITY_TRACEBACK=1`` to see the traceback of input errors too.
+    """
+    try:
+        main(parse_args())
+        # Free what the run leaves in reference cycles (the accelerator, a DDP or FSDP module and the process group
+        # they hold) while the interpreter is fully alive: gloo's worker threads releasing them during interpreter
+        # finalization can abort a process (SIGABRT) after all its work is done.
+        gc.collect()
+    except TrainingStopped as stop:  # a checkpoint is saved: one line, and the exit code of that signal
+        gc.collect()
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        if os.environ.get("DIFFUSABILITY_TRACEBACK") or not (isinstance(err, UsageError) or _raised_by_toolkit(err)):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def error_summary(err: BaseException, limit: int = 200) -> str:

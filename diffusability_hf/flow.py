@@ -13,6 +13,7 @@ from these functions, as ``train_scripts/train_dit_flow.py`` runs it.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -308,3 +309,13 @@ def held_out_flow_loss(
     finally:
         transformer.train(was_training)
     return {"sigma": list(levels), "loss": losses, "loss_null_class": null_losses, "num_samples": int(n)}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, peak: float, end: float) -> float:
+    """App. B's schedule as a factor of ``peak``: linear warmup from 0 to ``peak`` over ``warmup`` steps, then cosine
+    decay to ``end`` at ``total`` steps. For ``LambdaLR``; under accelerate the scheduler steps once per process per
+    optimizer step, so pass ``warmup`` and ``total`` times the process count (as diffusers' examples do)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))) / peak

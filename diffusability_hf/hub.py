@@ -15,7 +15,7 @@ import os
 import re
 from typing import Mapping, Optional
 
-from diffusability_hf.training_utils import UsageError
+from .errors import UsageError
 
 MODEL_CARDS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")

@@ -25,8 +25,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import torch
 
 from . import autoencoders as ae
-from .errors import error_summary
-from .training_utils import MissingPathError, UsageError, atomic_write_json
+from .errors import MissingPathError, UsageError, error_summary
+from .files import atomic_write_json
 
 SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
 METADATA = "metadata.json"

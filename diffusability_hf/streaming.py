@@ -78,7 +78,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .data import IMAGE_EXTENSIONS, _open_image, resize_and_crop, to_tensor
-from .training_utils import UsageError, atomic_write_json
+from .errors import UsageError
+from .files import atomic_write_json
 from .video_data import VIDEO_EXTENSIONS, clip_to_tensor, read_clip
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffusability_hf import training_utils as tu
+from diffusability_hf.errors import UsageError
+from diffusability_hf.training.launch import check_launcher, configure_deepspeed
+from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIM = os.path.join(ROOT, "tests", "deepspeed_on_cpu.py")
@@ -187,10 +189,10 @@ def test_a_deepspeed_config_file_with_bf16_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
-    with pytest.raises(tu.UsageError, match="DeepSpeed with bf16"):
-        tu.check_launcher()
+    with pytest.raises(UsageError, match="DeepSpeed with bf16"):
+        check_launcher()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
-    tu.check_launcher()  # not DeepSpeed: nothing to refuse
+    check_launcher()  # not DeepSpeed: nothing to refuse
 
 
 class DeepSpeedAccelerator:
@@ -207,20 +209,20 @@ class DeepSpeedAccelerator:
 
 def test_deepspeed_takes_the_scripts_clipping_and_batch_and_refuses_another_clipping():
     config = {"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
-    tu.configure_deepspeed(DeepSpeedAccelerator(config), 4, 16.0)
+    configure_deepspeed(DeepSpeedAccelerator(config), 4, 16.0)
     assert config == {"gradient_clipping": 16.0, "train_micro_batch_size_per_gpu": 4}
-    tu.configure_deepspeed(DeepSpeedAccelerator({"gradient_clipping": 16.0}), 4, 16.0)  # the same value: fine
+    configure_deepspeed(DeepSpeedAccelerator({"gradient_clipping": 16.0}), 4, 16.0)  # the same value: fine
     later = {"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
-    tu.configure_deepspeed(DeepSpeedAccelerator(later), None, 16.0)  # make_accelerator: the batch is not known yet
+    configure_deepspeed(DeepSpeedAccelerator(later), None, 16.0)  # make_accelerator: the batch is not known yet
     assert later == {"gradient_clipping": 16.0, "train_micro_batch_size_per_gpu": "auto"}
-    with pytest.raises(tu.UsageError, match="clips gradients at 1.0 and --max_grad_norm is 16.0"):
-        tu.configure_deepspeed(DeepSpeedAccelerator({"gradient_clipping": 1.0}), 4, 16.0)
+    with pytest.raises(UsageError, match="clips gradients at 1.0 and --max_grad_norm is 16.0"):
+        configure_deepspeed(DeepSpeedAccelerator({"gradient_clipping": 1.0}), 4, 16.0)
 
 
 def test_a_non_finite_micro_batch_under_deepspeed_with_accumulation_stops_the_run():
     nan, ok = torch.tensor(float("nan")), torch.tensor(1.0)
-    guard = tu.NonFiniteGuard(max_in_a_row=3)
+    guard = NonFiniteGuard(max_in_a_row=3)
     assert not guard.finite(nan, DeepSpeedAccelerator({}, accumulation=1))  # skipped, as under DDP
     assert guard.finite(ok, DeepSpeedAccelerator({}, accumulation=2))
-    with pytest.raises(tu.NonFiniteLossError, match="--gradient_accumulation_steps 1"):
+    with pytest.raises(NonFiniteLossError, match="--gradient_accumulation_steps 1"):
         guard.finite(nan, DeepSpeedAccelerator({}, accumulation=2))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diffusability_hf.ema import EMA, ema_beta
+from diffusability_hf.training.ema import EMA, ema_beta
 
 
 @pytest.mark.parametrize("half_life", [1.0, 10.0, 500.0, 5000.0])

@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from diffusability_hf import training_utils
 from diffusability_hf.autoencoders import weights_fingerprint
 from diffusability_hf.data import EvalSamples, evaluation_samples
+from diffusability_hf.errors import UsageError
 from diffusability_hf.figures import labelled_image_grid
 from diffusability_hf.losses import downsample
 from diffusability_hf.metrics import frechet_distance
@@ -581,7 +581,7 @@ def test_eval_dit_check_samples_refuses_other_settings_and_unknown_samples(tmp_p
     Image.new("RGB", (4, 4)).save(folder / "000000.png")
     Image.new("RGB", (4, 4)).save(folder / "000001.png")
     # Samples without provenance (made by hand, or by an earlier version of the script)
-    with pytest.raises(training_utils.UsageError, match="unknown origin.*--overwrite_output_dir"):
+    with pytest.raises(UsageError, match="unknown origin.*--overwrite_output_dir"):
         script.check_samples(str(folder), provenance, [0, 1, 2], overwrite=False)
     (folder / "provenance.json").write_text(json.dumps(provenance))
     (folder / "labels.json").write_text(json.dumps({"000000.png": 0, "000001.png": 1}))
@@ -598,11 +598,11 @@ def test_eval_dit_check_samples_refuses_other_settings_and_unknown_samples(tmp_p
         ),
     ]  # fmt: skip
     for change, message in changes:
-        with pytest.raises(training_utils.UsageError, match="--overwrite_output_dir") as err:
+        with pytest.raises(UsageError, match="--overwrite_output_dir") as err:
             script.check_samples(str(folder), {**provenance, **change}, [0, 1, 2], overwrite=False)
         assert message in str(err.value)
         script.check_samples(str(folder), {**provenance, **change}, [0, 1, 2], overwrite=True)
-    with pytest.raises(training_utils.UsageError, match="the classes of 1 samples"):
+    with pytest.raises(UsageError, match="the classes of 1 samples"):
         script.check_samples(str(folder), provenance, [0, 2, 2], overwrite=False)
 
 

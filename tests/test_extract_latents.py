@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from diffusability_hf.autoencoders import weights_fingerprint
 from diffusability_hf.data import open_and_crop
+from diffusability_hf.errors import UsageError
 from diffusability_hf.latents import check_existing_latents
-from diffusability_hf.training_utils import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)

@@ -64,8 +64,8 @@ def test_the_library_gathers_full_weights_and_keeps_the_ema_over_shards(tmp_path
             f"""
             import os, torch, torch.distributed as dist, torch.nn as nn
             from torch.distributed.fsdp import fully_shard
-            from diffusability_hf.ema import EMA
-            from diffusability_hf import fsdp as F
+            from diffusability_hf.training.ema import EMA
+            from diffusability_hf.training import fsdp as F
 
             class Acc:  # the few Accelerator attributes the library reads
                 from accelerate.utils import DistributedType
@@ -230,8 +230,8 @@ def test_blocks_to_shard_and_scalar_parameters_refused():
     from diffusers import AutoencoderKL
 
     from diffusability_hf.autoencoders import EMBEDDED_AE
-    from diffusability_hf.fsdp import FSDPLaunchError, block_classes, shard_blocks
     from diffusability_hf.models.dit import build_transformer, transformer_config
+    from diffusability_hf.training.fsdp import FSDPLaunchError, block_classes, shard_blocks
 
     dit = build_transformer(transformer_config([4, 8, 8], 3, "DiT-tiny/2", None, None), pos_embed="rope")
     assert block_classes(dit) == ["SelfConditionedDiTBlock"]  # not the layers inside a block's lists

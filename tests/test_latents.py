@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 
+from diffusability_hf.errors import UsageError
 from diffusability_hf.latents import (
     LatentShards,
     check_existing_latents,
@@ -16,7 +17,6 @@ from diffusability_hf.latents import (
     write_metadata,
     write_shard,
 )
-from diffusability_hf.training_utils import UsageError
 
 SETTINGS = {"ae_weights_fingerprint": "f" * 16, "resolution": 16, "flip": True}
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from diffusability_hf.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
+from diffusability_hf.training.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
 
 pytest.importorskip("peft")
 

@@ -602,8 +602,8 @@ def test_bad_guidance_interval_raises(interval):
 
 def test_the_training_runs_pipeline_holds_the_ema_weights_and_its_provenance(tmp_path):
     """pipelines/training.py: an EMA copy (the training weights untouched), the provenance, an atomic snapshot."""
-    from diffusability_hf.ema import EMA
     from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
+    from diffusability_hf.training.ema import EMA
 
     transformer = tiny_dit()
     ema = EMA(list(transformer.parameters()), 2.0, None)

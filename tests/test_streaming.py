@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffusability_hf import streaming as st
 from diffusability_hf.data import HFImageDataset, SkipLog, collate, open_and_crop
-from diffusability_hf.training_utils import UsageError
+from diffusability_hf.errors import UsageError
 from diffusability_hf.video_data import VideoClips, embedded_gif_path
 
 R = 16  # resolution of the items

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusability_hf import streaming as st
-from diffusability_hf.training_utils import UsageError
+from diffusability_hf.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
@@ -179,7 +179,7 @@ def test_a_sigterm_to_the_whole_job_stops_both_processes_with_one_checkpoint(tmp
     import subprocess
     import time
 
-    from diffusability_hf.training_utils import is_complete_checkpoint
+    from diffusability_hf.training.checkpoints import is_complete_checkpoint
 
     (tmp_path / "photos").mkdir()
     for i, image in enumerate(crops(6)):

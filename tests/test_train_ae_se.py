@@ -17,7 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf import training_utils as tu
+from diffusability_hf.errors import UsageError
+from diffusability_hf.files import check_output_dir
+from diffusability_hf.training.launch import describe_global_batch, split_global_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
@@ -158,7 +160,7 @@ def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny
     # `latest` with no checkpoint to resume would start a new run over the finished one: refused (as train_dit_flow)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", str(out), *fast(tiny_vae_dir)]
-    with pytest.raises(tu.UsageError, match="no complete checkpoint to resume, and a new run would replace"):
+    with pytest.raises(UsageError, match="no complete checkpoint to resume, and a new run would replace"):
         script.main(script.parse_args([*map(str, args), "--resume_from_checkpoint", "latest"]))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
@@ -379,7 +381,7 @@ def test_checks_return_values_and_leave_the_arguments_alone(script, tiny_vae_dir
                                   a.se_temporal_scale_factors, script.video_flags(a))  # fmt: skip
         assert clips == (4 if a is video else 0)  # half of --train_batch_size 8 (Table 5's ratio); none for images
     assert ae.check_se_geometry(image.vae_config, 32, image.se_scale_factors, image.dct_block_size) == 4
-    assert tu.split_global_batch(image.preset_global_batch, 2, 1, image.preset) == {}
+    assert split_global_batch(image.preset_global_batch, 2, 1, image.preset) == {}
     assert {"video": vars(video), "image": vars(image)} == before
 
 
@@ -388,7 +390,7 @@ def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, ti
     divide it, with the flags that give it; an explicit --train_batch_size keeps diffusers' per-process meaning."""
 
     def split(args, num_processes):  # as main() calls it
-        return tu.split_global_batch(
+        return split_global_batch(
             args.preset_global_batch, num_processes, args.gradient_accumulation_steps, args.preset
         )
 
@@ -398,7 +400,7 @@ def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, ti
     assert [split(flux, n)["train_batch_size"] for n in (1, 2, 8, 32)] == [32, 16, 4, 1]
     accum = script.parse_args([*base, "--preset", "flux", "--gradient_accumulation_steps", "4"])
     assert split(accum, 2) == {"train_batch_size": 4}  # 4 x 2 processes x 4 steps = 32
-    with pytest.raises(tu.UsageError) as err:
+    with pytest.raises(UsageError) as err:
         split(flux, 3)
     message = str(err.value)
     assert (
@@ -406,9 +408,9 @@ def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, ti
         and "launch with 1, 2, 4, 8, 16, 32 processes" in message
     )
     assert "--train_batch_size 10 (30 images per step) or --train_batch_size 11 (33 images per step)" in message
-    with pytest.raises(tu.UsageError, match="launch with 1, 2, 4, 8 processes"):
+    with pytest.raises(UsageError, match="launch with 1, 2, 4, 8 processes"):
         split(accum, 3)
-    with pytest.raises(tu.UsageError, match="64 processes x 1"):
+    with pytest.raises(UsageError, match="64 processes x 1"):
         split(flux, 64)
     # Explicit sizes are per process; the embedded CPU sizing is not Table 5's and is not split either
     assert script.parse_args([*base, "--preset", "flux", "--train_batch_size", "32"]).preset_global_batch == {}
@@ -434,7 +436,7 @@ def test_presets_batch_sizes_are_global_and_explicit_ones_per_process(script, ti
     for key, value in split(video, 8).items():
         setattr(video, key, value)
     per_process = {"images": video.train_batch_size, "clips": video.video_batch_size}
-    described = tu.describe_global_batch(per_process, 8, 1, video.preset, video.num_frames)
+    described = describe_global_batch(per_process, 8, 1, video.preset, video.num_frames)
     assert (described["images"], described["clips"]) == (64, 32) and "cogvideox's Table 5 global batch" in described[
         "description"
     ]
@@ -449,7 +451,7 @@ def test_the_scripts_training_step_is_the_library_objective(tmp_path, tiny_vae_d
 
     from diffusability_hf.data import to_tensor
     from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
-    from diffusability_hf.training_utils import step_generator
+    from diffusability_hf.training.steps import step_generator
 
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
@@ -741,8 +743,8 @@ def test_files_where_folders_belong_and_impossible_resolutions_get_the_right_mes
     a_file.write_bytes(b"weights")
     with pytest.raises(FileNotFoundError, match=r"vae.safetensors is a file: give the diffusers model folder"):
         ae.pretrained_config(str(a_file))
-    with pytest.raises(tu.UsageError, match=r"--output_dir .*vae.safetensors is a file, not a folder"):
-        tu.check_output_dir(str(a_file), ["config.json"], overwrite=False)
+    with pytest.raises(UsageError, match=r"--output_dir .*vae.safetensors is a file, not a folder"):
+        check_output_dir(str(a_file), ["config.json"], overwrite=False)
     config = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 8, 8]}
     with pytest.raises(ValueError, match=r"--resolution 7 is not divisible .* compression 8; use 8 or 16\."):
         ae.check_se_geometry(config, 7, [2], 8)

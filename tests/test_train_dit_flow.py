@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from diffusability_hf.autoencoders import EMBEDDED_AE, weights_fingerprint
 from diffusability_hf.data import collate_labelled
+from diffusability_hf.errors import UsageError
 from diffusability_hf.latents import read_latents_metadata
 from diffusability_hf.models.dit import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
-from diffusability_hf.training_utils import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
@@ -450,7 +450,7 @@ def test_pipeline_snapshot_flag_checks(tmp_path, latents, capsys):
 def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, latents, run_script):
     """Step 1's logged training loss equals diffusability_hf.flow.FlowMatchingLoss evaluated here on the same batch
     (the seedable sampler's first batch of --seed, with its flips), the same initial weights (--seed) and the same
-    step generator (training_utils.step_generator): the objective the script runs is the library's, which
+    step generator (training.steps.step_generator): the objective the script runs is the library's, which
     test_flow.py checks against the formula. A stock DiT config (no self-conditioning) gets DiT's init like a preset:
     adaLN-Zero outputs 0 at step 1, so step 1's loss is that of the targets alone (the label dropout and the noise
     levels it draws are checked in test_flow.py); it still depends on every noise the step generator draws."""
@@ -461,7 +461,7 @@ def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, late
     from diffusability_hf.flow import FlowMatchingLoss
     from diffusability_hf.latents import LatentShards
     from diffusability_hf.models.dit import dit_config
-    from diffusability_hf.training_utils import step_generator
+    from diffusability_hf.training.steps import step_generator
 
     DiTTransformer2DModel(**dit_config("DiT-tiny/2", 16, 8, 7)).save_config(tmp_path / "config")
     out = tmp_path / "dit"
@@ -597,8 +597,8 @@ def test_damaged_latents_are_refused_in_one_line_before_training(tmp_path, laten
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from diffusability_hf.errors import UsageError
     from diffusability_hf.latents import LatentShards, read_latent_rows, read_latents_metadata
-    from diffusability_hf.training_utils import UsageError
 
     meta = read_latents_metadata(latents)
     first = sorted(meta["shards"])[0]
@@ -660,7 +660,7 @@ def test_damaged_latents_are_refused_in_one_line_before_training(tmp_path, laten
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, latents, run_script):
     """Two runs started at once into one --output_dir: the second is refused in one line (here the test holds the
     folder as a running first run would) and writes nothing there."""
-    from diffusability_hf.training_utils import lock_output_dir
+    from diffusability_hf.files import lock_output_dir
 
     out = tmp_path / "busy"
     lock_output_dir(str(out))

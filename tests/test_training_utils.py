@@ -8,7 +8,31 @@ import sys
 import pytest
 import torch
 
-from diffusability_hf import training_utils as tu
+from diffusability_hf import files
+from diffusability_hf.errors import MissingPathError, UsageError, run_script
+from diffusability_hf.files import (
+    _move_into_place,
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    lock_output_dir,
+    report_written,
+)
+from diffusability_hf.flow import warmup_cosine
+from diffusability_hf.training.checkpoints import (
+    CHECKPOINT_MARKER,
+    is_complete_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+    remove_interrupted_saves,
+    resolve_resume,
+    resume_position,
+    save_checkpoint,
+)
+from diffusability_hf.training.launch import GracefulStop, check_launcher, refuse_hub_token, tracker_config
+from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError, StepMeter, step_generator, step_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,16 +66,16 @@ class FakeAccelerator:
 def test_checkpoints_are_atomic_and_rotated_only_after_completion(tmp_path, caplog):
     acc = FakeAccelerator()
     for step in (10, 20, 30, 40):
-        tu.save_checkpoint(acc, str(tmp_path), step, total_limit=3)
+        save_checkpoint(acc, str(tmp_path), step, total_limit=3)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
-    assert all(tu.is_complete_checkpoint(str(tmp_path / f"checkpoint-{s}")) for s in (20, 30, 40))
+    assert all(is_complete_checkpoint(str(tmp_path / f"checkpoint-{s}")) for s in (20, 30, 40))
     # A kill in the middle of the next save leaves no checkpoint-50 and keeps the previous three
     with pytest.raises(KeyboardInterrupt):
-        tu.save_checkpoint(FakeAccelerator(fail_after=2), str(tmp_path), 50, total_limit=3)
+        save_checkpoint(FakeAccelerator(fail_after=2), str(tmp_path), 50, total_limit=3)
     assert not (tmp_path / "checkpoint-50").exists() and (tmp_path / ".tmp-checkpoint-50").is_dir()
-    assert tu.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-40")
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-40")
     # The next save of the same step replaces the leftover
-    tu.save_checkpoint(acc, str(tmp_path), 50, total_limit=3)
+    save_checkpoint(acc, str(tmp_path), 50, total_limit=3)
     assert not (tmp_path / ".tmp-checkpoint-50").exists()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-30", "checkpoint-40", "checkpoint-50"]
 
@@ -59,71 +83,71 @@ def test_checkpoints_are_atomic_and_rotated_only_after_completion(tmp_path, capl
 def test_latest_skips_incomplete_checkpoints_and_damaged_ones_fail_clearly(tmp_path):
     acc = FakeAccelerator()
     for step in (2, 4):
-        tu.save_checkpoint(acc, str(tmp_path), step)
+        save_checkpoint(acc, str(tmp_path), step)
     os.makedirs(tmp_path / "checkpoint-6")  # e.g. written by an older, non-atomic version and killed
     (tmp_path / "checkpoint-6" / "custom_checkpoint_0.pkl").write_bytes(b"")
     warnings = []
-    assert tu.resolve_resume(str(tmp_path), "latest", warnings.append) == str(tmp_path / "checkpoint-4")
+    assert resolve_resume(str(tmp_path), "latest", warnings.append) == str(tmp_path / "checkpoint-4")
     assert len(warnings) == 1 and "checkpoint-6" in warnings[0] and "incomplete" in warnings[0]
     # Named explicitly, it is tried (an older version's checkpoint may be fine); this one is damaged: one clear line
-    assert tu.resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-6"), warnings.append).endswith("checkpoint-6")
+    assert resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-6"), warnings.append).endswith("checkpoint-6")
     assert "trying to load it anyway" in warnings[-1]
-    with pytest.raises(tu.UsageError, match="checkpoint-6 is damaged.*EOFError"):
-        tu.load_checkpoint(acc, str(tmp_path / "checkpoint-6"))
-    with pytest.raises(tu.MissingPathError, match="is not a folder"):
-        tu.resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-99"))
-    assert tu.resolve_resume(str(tmp_path / "new"), "latest", warnings.append) is None
-    assert tu.resolve_resume(str(tmp_path), None) is None
+    with pytest.raises(UsageError, match="checkpoint-6 is damaged.*EOFError"):
+        load_checkpoint(acc, str(tmp_path / "checkpoint-6"))
+    with pytest.raises(MissingPathError, match="is not a folder"):
+        resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-99"))
+    assert resolve_resume(str(tmp_path / "new"), "latest", warnings.append) is None
+    assert resolve_resume(str(tmp_path), None) is None
     # `latest` with nothing to resume starts a new run, but never over a finished run's results (both scripts)
     finished = tmp_path / "finished"
     (finished / ".tmp-checkpoint-9").mkdir(parents=True)
-    found = tu.check_output_dir(str(finished), ["config.json"], False, "latest")
-    assert tu.resolve_resume(str(finished), "latest", warnings.append, found) is None and "new run" in warnings[-1]
+    found = check_output_dir(str(finished), ["config.json"], False, "latest")
+    assert resolve_resume(str(finished), "latest", warnings.append, found) is None and "new run" in warnings[-1]
     (finished / "config.json").write_text("{}")
-    found = tu.check_output_dir(str(finished), ["config.json"], False, "latest")
-    with pytest.raises(tu.UsageError, match="no complete checkpoint to resume.*replace the earlier run's config.json"):
-        tu.resolve_resume(str(finished), "latest", warnings.append, found)
+    found = check_output_dir(str(finished), ["config.json"], False, "latest")
+    with pytest.raises(UsageError, match="no complete checkpoint to resume.*replace the earlier run's config.json"):
+        resolve_resume(str(finished), "latest", warnings.append, found)
     assert os.path.exists(finished / "config.json")
     # Complete but damaged afterwards (a truncated file): a clear message instead of a bare EOFError
     (tmp_path / "checkpoint-4" / "custom_checkpoint_0.pkl").write_bytes(b"x")
-    with pytest.raises(tu.UsageError, match="checkpoint-4 is damaged.*EOFError"):
-        tu.load_checkpoint(acc, str(tmp_path / "checkpoint-4"))
-    assert tu.load_checkpoint(acc, str(tmp_path / "checkpoint-2")) == 2 and acc.loaded.endswith("checkpoint-2")
+    with pytest.raises(UsageError, match="checkpoint-4 is damaged.*EOFError"):
+        load_checkpoint(acc, str(tmp_path / "checkpoint-4"))
+    assert load_checkpoint(acc, str(tmp_path / "checkpoint-2")) == 2 and acc.loaded.endswith("checkpoint-2")
 
 
 def test_output_dir_guard(tmp_path):
-    assert tu.check_output_dir(str(tmp_path / "new"), ["config.json"], overwrite=False) == []
+    assert check_output_dir(str(tmp_path / "new"), ["config.json"], overwrite=False) == []
     (tmp_path / "notes.txt").write_text("a user's file")
-    assert tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=False) == []  # nothing of a run
+    assert check_output_dir(str(tmp_path), ["config.json"], overwrite=False) == []  # nothing of a run
     (tmp_path / "config.json").write_text("{}")
     os.makedirs(tmp_path / "checkpoint-300")
-    with pytest.raises(tu.UsageError, match=r"config.json, checkpoint-300.*--overwrite_output_dir"):
-        tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=False)
-    assert tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=True) == ["config.json", "checkpoint-300"]
-    assert tu.check_output_dir(str(tmp_path), ["config.json"], overwrite=False, resume="latest")
-    assert tu.remove_checkpoints(str(tmp_path)) == ["checkpoint-300"] and (tmp_path / "notes.txt").exists()
+    with pytest.raises(UsageError, match=r"config.json, checkpoint-300.*--overwrite_output_dir"):
+        check_output_dir(str(tmp_path), ["config.json"], overwrite=False)
+    assert check_output_dir(str(tmp_path), ["config.json"], overwrite=True) == ["config.json", "checkpoint-300"]
+    assert check_output_dir(str(tmp_path), ["config.json"], overwrite=False, resume="latest")
+    assert remove_checkpoints(str(tmp_path)) == ["checkpoint-300"] and (tmp_path / "notes.txt").exists()
 
 
 def test_atomic_save_keeps_the_old_model_on_failure_and_moves_index_files_last(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text('{"old": 1}')
     (tmp_path / "weights.safetensors").write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with tu.atomic_save(str(tmp_path)) as tmp:
+        with atomic_save(str(tmp_path)) as tmp:
             (open(os.path.join(tmp, "weights.safetensors"), "wb")).write(b"half")
             raise RuntimeError("killed while writing the weights")
     assert (tmp_path / "weights.safetensors").read_bytes() == b"old" and (tmp_path / "config.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["config.json", "weights.safetensors"]  # no temporary folder left
     moves = []
-    real = tu._move_into_place
-    monkeypatch.setattr(tu, "_move_into_place", lambda a, b: (moves.append(os.path.basename(b)), real(a, b)))
-    with tu.atomic_save(str(tmp_path)) as tmp:
+    real = _move_into_place
+    monkeypatch.setattr(files, "_move_into_place", lambda a, b: (moves.append(os.path.basename(b)), real(a, b)))
+    with atomic_save(str(tmp_path)) as tmp:
         for name in ("config.json", "weights.safetensors", "zz.json"):
             open(os.path.join(tmp, name), "w").write("new")
         os.makedirs(os.path.join(tmp, "vae"))
         open(os.path.join(tmp, "vae", "config.json"), "w").write("new")
     assert moves[-1] == "config.json" and set(moves) == {"config.json", "weights.safetensors", "zz.json", "vae"}
     assert (tmp_path / "weights.safetensors").read_text() == "new" and (tmp_path / "vae" / "config.json").exists()
-    with tu.atomic_save(str(tmp_path)) as tmp:  # a folder replaces a folder
+    with atomic_save(str(tmp_path)) as tmp:  # a folder replaces a folder
         os.makedirs(os.path.join(tmp, "vae"))
         open(os.path.join(tmp, "vae", "other.json"), "w").write("newer")
     assert os.listdir(tmp_path / "vae") == ["other.json"]
@@ -132,7 +156,7 @@ def test_atomic_save_keeps_the_old_model_on_failure_and_moves_index_files_last(t
 
 SCRIPT = """
 import sys
-from diffusability_hf.training_utils import UsageError, run_script
+from diffusability_hf.errors import UsageError, run_script
 
 def main(kind):
     if kind == "usage":
@@ -189,13 +213,13 @@ def test_run_script_frees_the_runs_reference_cycles_before_returning():
 
     gc.disable()  # no automatic collection can free the cycle; only run_script's own
     try:
-        tu.run_script(main, lambda: None)
+        run_script(main, lambda: None)
         assert freed == [True]
     finally:
         gc.enable()
 
 
-THREADS = "import torch; from diffusability_hf.training_utils import use_all_cpu_cores; use_all_cpu_cores(); "
+THREADS = "import torch; from diffusability_hf.cpu import use_all_cpu_cores; use_all_cpu_cores(); "
 THREADS += "print('threads', torch.get_num_threads())"
 
 
@@ -219,29 +243,29 @@ def test_launcher_one_thread_default_is_undone_but_a_users_choice_is_kept(tmp_pa
 
 
 def test_atomic_json_and_report(tmp_path, capsys):
-    tu.atomic_write_json(str(tmp_path / "m.json"), {"a": torch.tensor(1.5).item()})
+    atomic_write_json(str(tmp_path / "m.json"), {"a": torch.tensor(1.5).item()})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5} and os.listdir(tmp_path) == ["m.json"]
-    text = tu.report_written(str(tmp_path), ["m.json", "missing.png"])
+    text = report_written(str(tmp_path), ["m.json", "missing.png"])
     assert text == f"Wrote to {tmp_path}: m.json" and text in capsys.readouterr().out
 
 
 def test_step_generator_depends_on_seed_step_rank_and_micro_batch_only():
-    draw = lambda *key: torch.randn(4, generator=tu.step_generator("cpu", *key))  # noqa: E731
+    draw = lambda *key: torch.randn(4, generator=step_generator("cpu", *key))  # noqa: E731
     assert torch.equal(draw(3, 10, 0, 0), draw(3, 10, 0, 0))  # a resumed run draws what a straight one does
     keys = [(3, 10, 0, 0), (4, 10, 0, 0), (3, 11, 0, 0), (3, 10, 1, 0), (3, 10, 0, 1)]
     draws = [draw(*k) for k in keys]
     assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])
-    seeds = {tu.step_seed(s, step, r, m) for s in range(3) for step in range(200) for r in range(64) for m in range(4)}
+    seeds = {step_seed(s, step, r, m) for s in range(3) for step in range(200) for r in range(64) for m in range(4)}
     assert len(seeds) == 3 * 200 * 64 * 4  # no two (seed, step, process, micro-batch) share noise
-    tu.step_generator("cpu", 3, 10, 0, 0)
+    step_generator("cpu", 3, 10, 0, 0)
     a = torch.rand(3)
-    tu.step_generator("cpu", 3, 10, 0, 0)
+    step_generator("cpu", 3, 10, 0, 0)
     assert torch.equal(a, torch.rand(3))  # torch's own RNG (dropout) is seeded from the same key
-    assert not torch.equal(a, torch.rand(3, generator=tu.step_generator("cpu", 3, 10, 0, 0)))
+    assert not torch.equal(a, torch.rand(3, generator=step_generator("cpu", 3, 10, 0, 0)))
 
 
 def test_warmup_cosine_is_app_b_schedule():
-    f = [tu.warmup_cosine(s, 10, 110, 1e-4, 1e-6) for s in range(0, 121)]
+    f = [warmup_cosine(s, 10, 110, 1e-4, 1e-6) for s in range(0, 121)]
     assert f[0] == 0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
     assert f[60] == pytest.approx((1e-6 + 0.5 * (1e-4 - 1e-6)) / 1e-4)  # half way through the cosine
     assert f[110] == pytest.approx(1e-2) and f[120] == pytest.approx(1e-2)  # ends at lr_end / peak, and stays
@@ -250,16 +274,16 @@ def test_warmup_cosine_is_app_b_schedule():
 
 def test_resume_position_and_tracker_config(tmp_path):
     acc = FakeAccelerator()
-    assert tu.resume_position(acc, None, 7, 2) == (0, 0, 0) and acc.loaded is None
-    path = tu.save_checkpoint(acc, str(tmp_path), 23)
-    assert tu.resume_position(acc, path, 7, 2) == (23, 3, 4) and acc.loaded == path  # 23 = 3 * 7 + 2 steps
+    assert resume_position(acc, None, 7, 2) == (0, 0, 0) and acc.loaded is None
+    path = save_checkpoint(acc, str(tmp_path), 23)
+    assert resume_position(acc, path, 7, 2) == (23, 3, 4) and acc.loaded == path  # 23 = 3 * 7 + 2 steps
 
     class Args:
         pass
 
     args = Args()
     args.lr, args.name, args.flag, args.scales, args.hub_token, args.obj = 1e-4, "x", True, [2, 4], "secret", {}
-    assert tu.tracker_config(args) == {"lr": 1e-4, "name": "x", "flag": True, "scales": "2 4"}
+    assert tracker_config(args) == {"lr": 1e-4, "name": "x", "flag": True, "scales": "2 4"}
 
 
 def test_launcher_checks(tmp_path, monkeypatch):
@@ -269,23 +293,23 @@ def test_launcher_checks(tmp_path, monkeypatch):
             monkeypatch.delenv("FSDP_VERSION", raising=False)
         else:
             monkeypatch.setenv("FSDP_VERSION", version)
-        with pytest.raises(tu.UsageError, match="fsdp_version: 2"):
-            tu.check_launcher()
+        with pytest.raises(UsageError, match="fsdp_version: 2"):
+            check_launcher()
     monkeypatch.setenv("FSDP_VERSION", "2")
-    tu.check_launcher()
+    check_launcher()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     monkeypatch.setenv("FSDP_VERSION", "1")
-    tu.check_launcher()
+    check_launcher()
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--hub_token")
     with pytest.raises(SystemExit):
-        tu.refuse_hub_token(parser, parser.parse_args(["--hub_token", "hf_x"]))
-    tu.refuse_hub_token(parser, parser.parse_args([]))
+        refuse_hub_token(parser, parser.parse_args(["--hub_token", "hf_x"]))
+    refuse_hub_token(parser, parser.parse_args([]))
     for name in (".tmp-checkpoint-5", ".tmp-save-1", "checkpoint-4", "snapshots/.old-2", "snapshots/step-2"):
         os.makedirs(tmp_path / name)
-    assert tu.remove_interrupted_saves(str(tmp_path), ["snapshots"]) == [
+    assert remove_interrupted_saves(str(tmp_path), ["snapshots"]) == [
         ".tmp-checkpoint-5",
         ".tmp-save-1",
         os.path.join("snapshots", ".old-2"),
@@ -306,7 +330,7 @@ class FakeClock:
 
 
 def test_step_meter_times_steps_and_data_waits_and_leaves_logging_out():
-    meter = tu.StepMeter(samples_per_step=32, device=torch.device("cpu"), warmup_steps=1)
+    meter = StepMeter(samples_per_step=32, device=torch.device("cpu"), warmup_steps=1)
     clock = meter._clock = FakeClock()
     meter.restart()
 
@@ -343,7 +367,7 @@ class OneProcess:
 
 
 def test_non_finite_guard_skips_counts_and_stops_after_n_in_a_row():
-    guard, acc = tu.NonFiniteGuard(max_in_a_row=3), OneProcess()
+    guard, acc = NonFiniteGuard(max_in_a_row=3), OneProcess()
     nan, ok = torch.tensor(float("nan")), torch.tensor(1.0)
     assert guard.finite(ok, acc) and not guard.step_is_bad and guard.step_done(1) is False
     # A step with one non-finite micro-batch (of two) is skipped as a whole
@@ -356,9 +380,9 @@ def test_non_finite_guard_skips_counts_and_stops_after_n_in_a_row():
     guard.finite(nan, acc)
     guard.step_done(5)
     guard.finite(nan, acc)
-    with pytest.raises(tu.NonFiniteLossError, match=r"3 optimizer steps in a row \(up to step 6; 4 skipped in all\)"):
+    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row \(up to step 6; 4 skipped in all\)"):
         guard.step_done(6)
-    never = tu.NonFiniteGuard(max_in_a_row=0)  # 0: skip and count, never stop
+    never = NonFiniteGuard(max_in_a_row=0)  # 0: skip and count, never stop
     for step in range(20):
         never.finite(nan, acc)
         assert never.step_done(step)
@@ -385,8 +409,8 @@ def test_a_checkpoint_cannot_run_code_and_a_planted_payload_is_one_line(tmp_path
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    from diffusability_hf.ema import EMA
-    from diffusability_hf.fsdp import load_ema_state, save_ema_state
+    from diffusability_hf.training.ema import EMA
+    from diffusability_hf.training.fsdp import load_ema_state, save_ema_state
 
     def setup():
         acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -402,23 +426,23 @@ def test_a_checkpoint_cannot_run_code_and_a_planted_payload_is_one_line(tmp_path
     model(torch.randn(2, 3)).sum().backward()
     opt.step()
     ema.update(model.parameters(), 1)
-    good = tu.save_checkpoint(acc, str(tmp_path / "run"), 1, extra=lambda f: save_ema_state(ema, f, acc))
+    good = save_checkpoint(acc, str(tmp_path / "run"), 1, extra=lambda f: save_ema_state(ema, f, acc))
     files = sorted(os.listdir(good))
     assert "ema.safetensors" in files and not any(f.startswith("custom_checkpoint") for f in files)
     assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= set(files)
 
     acc, model, opt, fresh = setup()
-    tu.load_checkpoint(acc, good)
+    load_checkpoint(acc, good)
     load_ema_state(fresh, good, acc)
     assert fresh.num_updates == 1 and all(torch.equal(a, b) for a, b in zip(fresh.shadow, ema.shadow))
 
     marker = tmp_path / "pwned"
-    for name in [f for f in files if f != tu.CHECKPOINT_MARKER]:
+    for name in [f for f in files if f != CHECKPOINT_MARKER]:
         bad = tmp_path / f"bad-{name}" / "checkpoint-1"
         shutil.copytree(good, bad)
         (bad / name).write_bytes(pickle.dumps(Payload(marker)))
         with pytest.raises(ValueError) as err:
-            tu.load_checkpoint(acc, str(bad))
+            load_checkpoint(acc, str(bad))
             load_ema_state(fresh, str(bad), acc)
         assert not marker.exists(), name
         message = str(err.value)
@@ -453,13 +477,13 @@ def test_atomic_writes_leave_the_mode_a_plain_write_would(tmp_path):
         for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
             os.umask(mask)
             folder = tmp_path / f"m{mask:o}"
-            tu.atomic_write_text(str(folder / "README.md"), "card")
-            tu.atomic_write_json(str(folder / "metadata.json"), {"a": 1})
+            atomic_write_text(str(folder / "README.md"), "card")
+            atomic_write_json(str(folder / "metadata.json"), {"a": 1})
             save_png(Image.new("RGB", (4, 4)), str(folder / "grid.png"))
             stats = FeatureStatistics()
             stats.update(torch.randn(4, 3))
             stats.save(str(folder / "ref.npz"))
-            with tu.atomic_save(str(folder / "model")) as tmp:
+            with atomic_save(str(folder / "model")) as tmp:
                 with open(os.path.join(tmp, "config.json"), "w") as fh:
                     fh.write("{}")
             with open(folder / "plain.txt", "w") as fh:
@@ -475,31 +499,31 @@ def test_one_run_at_a_time_in_an_output_dir(tmp_path):
     """A second run into a folder that a running one holds is refused in one line; the lock goes with its holder."""
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from diffusability_hf import training_utils as tu; "
-         f"tu.lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", "import sys, time; from diffusability_hf.files import lock_output_dir; "
+         f"lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(tu.UsageError, match=r"is in use by another run that is still going: wait for it"):
-            tu.lock_output_dir(str(out))
+        with pytest.raises(UsageError, match=r"is in use by another run that is still going: wait for it"):
+            lock_output_dir(str(out))
     finally:
         holder.kill()
         holder.wait()
-    tu.lock_output_dir(str(out))  # the holder is gone (killed): the lock went with it
+    lock_output_dir(str(out))  # the holder is gone (killed): the lock went with it
     assert os.listdir(out) == []  # nothing left behind
 
 
 def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
     acc = FakeAccelerator()
-    path = tu.save_checkpoint(acc, str(tmp_path), 2)
-    assert json.loads(open(os.path.join(path, tu.CHECKPOINT_MARKER)).read())["num_processes"] == 1
+    path = save_checkpoint(acc, str(tmp_path), 2)
+    assert json.loads(open(os.path.join(path, CHECKPOINT_MARKER)).read())["num_processes"] == 1
     acc.num_processes = 2
-    with pytest.raises(tu.UsageError, match=r"written by 1 process\(es\) and this launch has 2.*--num_processes 1"):
-        tu.load_checkpoint(acc, path)
+    with pytest.raises(UsageError, match=r"written by 1 process\(es\) and this launch has 2.*--num_processes 1"):
+        load_checkpoint(acc, path)
     assert acc.loaded is None
     acc.num_processes = 1
-    assert tu.load_checkpoint(acc, path) == 2
+    assert load_checkpoint(acc, path) == 2
 
 
 def test_graceful_stop_first_signal_asks_a_second_ctrl_c_interrupts():
@@ -508,7 +532,7 @@ def test_graceful_stop_first_signal_asks_a_second_ctrl_c_interrupts():
     class One:
         num_processes = 1
 
-    stop = tu.GracefulStop()
+    stop = GracefulStop()
     try:
         assert not stop.requested(One())
         os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a request, no exception
@@ -556,7 +580,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_th
     assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
     step = int(lines[0].split("after step ")[1].split(",")[0])
     assert 0 < step < 150 and "--resume_from_checkpoint latest" in lines[0]
-    assert tu.is_complete_checkpoint(str(tmp_path / "stopped" / f"checkpoint-{step}"))
+    assert is_complete_checkpoint(str(tmp_path / "stopped" / f"checkpoint-{step}"))
     assert not (tmp_path / "stopped" / "model_index.json").exists()
     subprocess.run(command(tmp_path / "stopped", "--resume_from_checkpoint", "latest"), check=True, env=env,
                    cwd=ROOT, capture_output=True)  # fmt: skip
@@ -574,7 +598,7 @@ def test_a_full_disk_gives_one_line_and_leaves_no_temporary_folder(tmp_path):
     from safetensors import SafetensorError
 
     acc = FakeAccelerator()
-    tu.save_checkpoint(acc, str(tmp_path), 1)
+    save_checkpoint(acc, str(tmp_path), 1)
 
     class Full(FakeAccelerator):
         def save_state(self, path):
@@ -583,19 +607,19 @@ def test_a_full_disk_gives_one_line_and_leaves_no_temporary_folder(tmp_path):
             raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
                                   '"No space left on device" }) os error 28')  # fmt: skip
 
-    with pytest.raises(tu.UsageError, match=r"No space left on the device while writing checkpoint-2") as err:
-        tu.save_checkpoint(Full(), str(tmp_path), 2)
+    with pytest.raises(UsageError, match=r"No space left on the device while writing checkpoint-2") as err:
+        save_checkpoint(Full(), str(tmp_path), 2)
     assert "\n" not in str(err.value) and sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
-    assert tu.latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
 
     model = tmp_path / "model"
-    with tu.atomic_save(str(model)) as tmp:
+    with atomic_save(str(model)) as tmp:
         open(os.path.join(tmp, "config.json"), "w").write("old")
-    with pytest.raises(tu.UsageError, match="No space left on the device while writing the results"):
-        with tu.atomic_save(str(model)) as tmp:
+    with pytest.raises(UsageError, match="No space left on the device while writing the results"):
+        with atomic_save(str(model)) as tmp:
             open(os.path.join(tmp, "weights.bin"), "w").write("half")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert sorted(os.listdir(model)) == ["config.json"] and (model / "config.json").read_text() == "old"
     with pytest.raises(KeyError):  # other errors pass through as they were
-        with tu.atomic_save(str(model)):
+        with atomic_save(str(model)):
             raise KeyError("a bug")

@@ -43,7 +43,9 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.errors import run_script
 from diffusability_hf.figures import plot_spectra, save_png
+from diffusability_hf.files import atomic_write_json, atomic_write_text, report_written
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.losses import downsample
 from diffusability_hf.metrics.features import process_share, start_evaluation
@@ -54,7 +56,6 @@ from diffusability_hf.spectral import (
     plot_frequency_profiles,
     share_of_high_frequencies,
 )
-from diffusability_hf.training_utils import atomic_write_json, atomic_write_text, report_written, run_script
 
 logger = get_logger(__name__)
 

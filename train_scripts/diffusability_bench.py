@@ -66,6 +66,8 @@ from diffusability_hf.data import (
     EmbeddedPhotoCrops,
     installed_photographs,
 )
+from diffusability_hf.errors import UsageError, run_script
+from diffusability_hf.files import atomic_write_json, atomic_write_text
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.metrics.bench import (
     DomainClassifier,
@@ -80,7 +82,6 @@ from diffusability_hf.metrics.bench import (
     well_above_chance,
 )
 from diffusability_hf.models.dit import RECIPES
-from diffusability_hf.training_utils import UsageError, atomic_write_json, atomic_write_text, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "train_scripts")
@@ -309,7 +310,8 @@ def parse_args(input_args=None):
 PRELOAD = [
     "torch", "diffusers", "diffusers.models.autoencoders.autoencoder_kl", "accelerate", "safetensors.torch",
     "diffusability_hf.autoencoders", "diffusability_hf.data", "diffusability_hf.losses", "diffusability_hf.metrics",
-    "diffusability_hf.models", "diffusability_hf.pipelines", "diffusability_hf.training_utils", "matplotlib.pyplot",
+    "diffusability_hf.models", "diffusability_hf.pipelines", "diffusability_hf.training.checkpoints",
+    "diffusability_hf.training.launch", "matplotlib.pyplot",
     "__main__",
 ]  # fmt: skip
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}

@@ -33,7 +33,10 @@ import time
 import torch
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data import EMBEDDED_VALIDATION_IMAGES, EmbeddedPhotoCrops, LabelledImages, installed_photographs
+from diffusability_hf.errors import UsageError, run_script
+from diffusability_hf.files import atomic_write_json, atomic_write_text, check_output_dir, report_written
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.losses import downsample
 from diffusability_hf.metrics.diffusability import (
@@ -49,15 +52,6 @@ from diffusability_hf.metrics.diffusability import (
     standardize,
 )
 from diffusability_hf.models.dit import RECIPES
-from diffusability_hf.training_utils import (
-    UsageError,
-    atomic_write_json,
-    atomic_write_text,
-    check_output_dir,
-    report_written,
-    run_script,
-    use_all_cpu_cores,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -31,13 +31,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.errors import run_script
 from diffusability_hf.figures import labelled_image_grid, save_png
+from diffusability_hf.files import atomic_write_json, atomic_write_text, report_written
 from diffusability_hf.hub import markdown_table
 from diffusability_hf.losses import LPIPS_MIN_SIZE, load_lpips
 from diffusability_hf.metrics import FeatureStatistics, frechet_distance, mean_and_ci, psnr, ssim, to_uint8
 from diffusability_hf.metrics.features import load_feature_extractors, process_share, start_evaluation
 from diffusability_hf.spectral import chop_high_frequencies
-from diffusability_hf.training_utils import atomic_write_json, atomic_write_text, report_written, run_script
 
 logger = get_logger(__name__)
 

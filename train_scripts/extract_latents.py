@@ -43,17 +43,13 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data import LabelledImages
+from diffusability_hf.errors import MissingPathError, UsageError, run_script
+from diffusability_hf.files import report_written
 from diffusability_hf.latents import check_existing_latents, remove_latents, shard_name, write_metadata, write_shard
 from diffusability_hf.streaming import SHARD_SUFFIXES, TarShards, labelled_items, open_streaming_source
-from diffusability_hf.training_utils import (
-    MissingPathError,
-    UsageError,
-    given_flags,
-    report_written,
-    run_script,
-    use_all_cpu_cores,
-)
+from diffusability_hf.training.launch import given_flags
 from diffusability_hf.video_data import LabelledClips
 
 logger = get_logger(__name__)

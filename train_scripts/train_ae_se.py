@@ -30,17 +30,17 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data import SkipLog, collate, training_images
-from diffusability_hf.ema import EMA
+from diffusability_hf.errors import UsageError, run_script
 from diffusability_hf.figures import plot_fine_tuning_spectra, save_png
-from diffusability_hf.fsdp import (
-    fsdp_active,
-    gather_into,
-    load_ema_state,
-    local_checksum,
-    plain_copy,
-    save_ema_state,
-    shard_blocks,
+from diffusability_hf.files import (
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    lock_output_dir,
+    report_written,
 )
 from diffusability_hf.hub import (
     card_license,
@@ -54,7 +54,6 @@ from diffusability_hf.latent_normalization import (
     reestimate_latent_normalization,
     training_latents,
 )
-from diffusability_hf.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
 from diffusability_hf.losses import DOWNSAMPLE_MODES, ReconstructionDistance, SEAutoencoderLoss
 from diffusability_hf.metrics.reconstruction import (
     before_after_record,
@@ -62,7 +61,6 @@ from diffusability_hf.metrics.reconstruction import (
     reconstruction_metrics,
     rgb_spectrum,
 )
-from diffusability_hf.presets import SE_PRESETS, se_preset_settings, settings_epilog
 from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
 from diffusability_hf.streaming import (
     SHARD_SUFFIXES,
@@ -76,38 +74,45 @@ from diffusability_hf.streaming import (
     save_stream_state,
 )
 from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
-from diffusability_hf.training_utils import (
+from diffusability_hf.training.checkpoints import (
+    list_checkpoints,
+    load_checkpoint,
+    remove_checkpoints,
+    resolve_resume,
+    resume_position,
+    save_checkpoint,
+)
+from diffusability_hf.training.ema import EMA
+from diffusability_hf.training.fsdp import (
+    fsdp_active,
+    gather_into,
+    load_ema_state,
+    local_checksum,
+    plain_copy,
+    save_ema_state,
+    shard_blocks,
+)
+from diffusability_hf.training.launch import (
     GracefulStop,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    StepMeter,
-    UsageError,
-    atomic_save,
-    atomic_write_json,
-    atomic_write_text,
     check_launcher,
-    check_output_dir,
     configure_deepspeed,
     describe_global_batch,
     given_flags,
     hub_repo,
     ignore_stop_signals,
-    list_checkpoints,
-    load_checkpoint,
-    lock_output_dir,
     make_accelerator,
-    peak_memory_gb,
     refuse_hub_token,
-    remove_checkpoints,
-    report_written,
-    resolve_resume,
-    resume_position,
-    run_script,
-    save_checkpoint,
     split_global_batch,
-    step_generator,
     tracker_config,
-    use_all_cpu_cores,
+)
+from diffusability_hf.training.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
+from diffusability_hf.training.presets import SE_PRESETS, se_preset_settings, settings_epilog
+from diffusability_hf.training.steps import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    StepMeter,
+    peak_memory_gb,
+    step_generator,
     use_learning_rate,
 )
 from diffusability_hf.video_data import JointBatches, training_clips, unwrap_batch

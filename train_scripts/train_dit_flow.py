@@ -39,17 +39,18 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data import LabelledImages, collate_labelled
-from diffusability_hf.ema import EMA
-from diffusability_hf.flow import FlowMatchingLoss
-from diffusability_hf.fsdp import (
-    fsdp_active,
-    gather_into,
-    load_ema_state,
-    plain_copy,
-    save_ema_state,
-    shard_blocks,
+from diffusability_hf.errors import MissingPathError, UsageError, run_script
+from diffusability_hf.files import (
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    lock_output_dir,
+    report_written,
 )
+from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
 from diffusability_hf.hub import card_license, dit_pipeline_card_fields, render_model_card
 from diffusability_hf.latents import (
     LatentShards,
@@ -62,37 +63,39 @@ from diffusability_hf.latents import (
 from diffusability_hf.models.dit import build_transformer, transformer_config
 from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
 from diffusability_hf.tracking import log_image_grid
-from diffusability_hf.training_utils import (
+from diffusability_hf.training.checkpoints import (
+    list_checkpoints,
+    remove_checkpoints,
+    remove_interrupted_saves,
+    resolve_resume,
+    resume_position,
+    save_checkpoint,
+)
+from diffusability_hf.training.ema import EMA
+from diffusability_hf.training.fsdp import (
+    fsdp_active,
+    gather_into,
+    load_ema_state,
+    plain_copy,
+    save_ema_state,
+    shard_blocks,
+)
+from diffusability_hf.training.launch import (
     GracefulStop,
-    MissingPathError,
+    check_launcher,
+    describe_global_batch,
+    hub_repo,
+    make_accelerator,
+    refuse_hub_token,
+    tracker_config,
+)
+from diffusability_hf.training.steps import (
     NonFiniteGuard,
     NonFiniteLossError,
     StepMeter,
-    UsageError,
-    atomic_save,
-    atomic_write_json,
-    atomic_write_text,
-    check_launcher,
-    check_output_dir,
-    describe_global_batch,
-    hub_repo,
-    list_checkpoints,
-    lock_output_dir,
-    make_accelerator,
     peak_memory_gb,
-    refuse_hub_token,
-    remove_checkpoints,
-    remove_interrupted_saves,
-    report_written,
-    resolve_resume,
-    resume_position,
-    run_script,
-    save_checkpoint,
     step_generator,
-    tracker_config,
-    use_all_cpu_cores,
     use_learning_rate,
-    warmup_cosine,
 )
 
 logger = get_logger(__name__)

@@ -153,7 +153,7 @@ def flow_probe(
     (:func:`~diffusability_hf.flow.held_out_flow_loss`). No EMA: over a few hundred steps App. B's half-life would
     average the initial weights. Returns the curves, ``flow_loss_auc`` (mean loss over the levels, which are evenly
     spaced) and ``flow_class_gain`` (mean of the null-class loss minus the loss)."""
-    from ..training_utils import warmup_cosine
+    from ..flow import warmup_cosine
 
     generator = torch.Generator().manual_seed(seed)
     device = next(transformer.parameters()).device

@@ -307,8 +307,9 @@ def start_evaluation(args, results: Sequence[str], check_models: Callable):
     (:func:`diffusability_hf.data.evaluation_samples`). Returns ``(check_models(args), accelerator, samples)``."""
     from accelerate import Accelerator
 
+    from ..cpu import use_all_cpu_cores
     from ..data import evaluation_samples
-    from ..training_utils import check_output_dir, use_all_cpu_cores
+    from ..files import check_output_dir
 
     use_all_cpu_cores()
     # Validate everything cheap before any weights or data load

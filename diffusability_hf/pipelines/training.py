@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from ..training_utils import atomic_save
+from ..files import atomic_save
 from .pipeline_dit_flow import DiTFlowMatchPipeline
 
 

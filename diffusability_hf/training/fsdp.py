@@ -30,8 +30,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from ..errors import error_summary
 from .ema import EMA, EMA_WEIGHTS, load_ema_files, save_ema_files
-from .errors import error_summary
 
 LEGACY_EMA = "custom_checkpoint_0.pkl"  # the EMA as accelerate's register_for_checkpointing saved it (older versions)
 

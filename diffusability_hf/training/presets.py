@@ -5,7 +5,7 @@ import textwrap
 from typing import Dict, Optional, Set
 
 # Paper Table 5 (Appendix B). `kl_weight` is the "+FT" baseline's KL beta: SE runs turn KL off (Section 3.3). The
-# batch sizes are global ("a batch size of 32 (320,000 total seen images)", Sec. 4): training_utils.split_global_batch() divides
+# batch sizes are global ("a batch size of 32 (320,000 total seen images)", Sec. 4): training.launch.split_global_batch() divides
 # them over the processes and accumulation steps of the launch.
 SE_PRESETS = {
     "flux": dict(learning_rate=1e-5, train_batch_size=32, max_train_steps=10_000, kl_weight=1e-3, mse_weight=1.0,
@@ -63,7 +63,7 @@ def se_preset_settings(
     """The one rule for settings: a flag on the command line (``given``, by ``dest``) > the no-dataset CPU sizing >
     ``preset`` > argparse's default. Returns the values for the flags that were not given, and
     ``preset_global_batch``: the batch sizes that are the preset's Table 5 global ones (split over the processes by
-    :func:`~diffusability_hf.training_utils.split_global_batch`)."""
+    :func:`~diffusability_hf.training.launch.split_global_batch`)."""
     table5 = dict(SE_PRESETS.get(preset, {}))
     if se_weight > 0:
         table5.pop("kl_weight", None)  # SE runs turn KL off (Section 3.3)
