@@ -150,7 +150,7 @@ def ae_setup(args):
 
 def dit_setup(args):
     from diffusability_hf.flow import FlowMatchingLoss
-    from diffusability_hf.models.dit import build_transformer, transformer_config
+    from diffusability_hf.models.factory import build_transformer, transformer_config
     from diffusability_hf.training.steps import step_generator
 
     c, s, _ = args.latents

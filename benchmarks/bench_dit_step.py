@@ -92,7 +92,7 @@ def log(msg):
 def bench_in_process(accelerator, model_name, latents, args, device):
     """Median ms/step of (a), (a+aux) when self-conditioning, and (b) on one model and latent shape."""
     from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
-    from diffusability_hf.models.dit import build_dit, build_selfcond_dit
+    from diffusability_hf.models.factory import build_dit, build_selfcond_dit
     from diffusability_hf.training.ema import EMA
     from diffusability_hf.training.steps import step_generator
 

@@ -150,7 +150,7 @@ def main():
     from diffusers import AutoencoderKL
 
     from diffusability_hf import autoencoders as ae
-    from diffusability_hf.data import EmbeddedPhotoCrops
+    from diffusability_hf.data.images import EmbeddedPhotoCrops
 
     device = torch.device(args.device)
     vae = AutoencoderKL.from_pretrained(EMBEDDED_AE)

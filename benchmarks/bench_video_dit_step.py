@@ -5,7 +5,7 @@ For each ``--models`` DiT and each ``--latents`` video shape ``CxT'xHxW`` (16x5x
 17x64x64 clips; 128x3x8x8 = LTX-AE latents of 17x256x256 clips), the paper's video DiT
 (``diffusability_hf.models.video_dit.SelfConditionedVideoDiT``: every latent frame patchified on its own, so
 ``T' * (H / p) * (W / p)`` tokens per sample in full spatio-temporal attention, 3D RoPE, self-conditioning) is built
-as train_dit_flow.py builds it for video latents (``dit.transformer_config`` then ``dit.build_transformer`` with
+as train_dit_flow.py builds it for video latents (``factory.transformer_config`` then ``factory.build_transformer`` with
 ``--pos_embed`` and ``self_conditioning = --self_conditioning_prob > 0``), and at batch ``--batch_size``:
 
 * (a) bare: ``model(x_t, t, labels).sample``, MSE to a fixed target, backward, AdamW step, on precomputed random
@@ -15,7 +15,7 @@ as train_dit_flow.py builds it for video latents (``dit.transformer_config`` the
 * (b) the loop's step, rebuilt from train_dit_flow.py's ``main()`` around the objective the script trains, the
   library's ``diffusability_hf.flow.FlowMatchingLoss`` (the script's default settings): per-step generator and
   seeding, posterior sample of a (mean, std) batch and its per-channel normalisation by
-  ``diffusability_hf.latents.normalization_tensors`` statistics (``(1, C, 1, 1, 1)``), the loss under
+  ``diffusability_hf.data.latents.normalization_tensors`` statistics (``(1, C, 1, 1, 1)``), the loss under
   ``accelerator.accumulate``, ``accelerator.backward``, gradient clipping at 16, AdamW + warmup-cosine LR step,
   EMA update, loss ``.item()`` and ``accelerator.log``. The batch is a precomputed tensor: no data loading (for the
   script end to end, with ``LatentShards``, tqdm and accelerate's DataLoader, see bench_dit_step.py's (c), which
@@ -97,7 +97,7 @@ def log(msg):
 
 def model_config(model_name, latents, args):
     """The video DiT's config as train_dit_flow.py reads it for ``(C, T', h, w)`` latents (checks the geometry)."""
-    from diffusability_hf.models.dit import transformer_config
+    from diffusability_hf.models.factory import transformer_config
 
     return transformer_config(list(shape_of(latents)), args.num_classes, model_name, None, f"latents {latents}")
 
@@ -106,9 +106,9 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     """Median ms/step of (a), (a+aux) when self-conditioning, and (b) on one model and latent shape."""
     from accelerate.utils import set_seed
 
+    from diffusability_hf.data.latents import normalization_tensors
     from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
-    from diffusability_hf.latents import normalization_tensors
-    from diffusability_hf.models.dit import build_transformer
+    from diffusability_hf.models.factory import build_transformer
     from diffusability_hf.training.ema import EMA
     from diffusability_hf.training.steps import step_generator
 
@@ -164,12 +164,13 @@ def bench_in_process(accelerator, model_name, latents, args, device):
 
     counter = [0]
 
-    # Copied from benchmarks/bench_dit_step.py (the loop step as train_dit_flow.py's main() runs it), 5D latents
+    # The loop step of benchmarks/bench_dit_step.py (as train_dit_flow.py's main() runs it), on 5D latents
     def loop():  # train_dit_flow.py main(), one optimizer step (no gradient accumulation, one process)
         global_step = counter[0]
         gen = step_generator(accelerator.device, 0, global_step, accelerator.process_index, 0)
         eps = torch.randn(batch["mean"].shape, generator=gen, device=accelerator.device)
         x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # (B, C, T', h, w)
+        # Copied from benchmarks/bench_dit_step.py
         with accelerator.accumulate(model):
             loss = model(x0, batch["label"], gen).mean()
             accelerator.backward(loss)
@@ -189,13 +190,15 @@ def bench_in_process(accelerator, model_name, latents, args, device):
             last["train/grad_norm"] = float(grad_norm)
         accelerator.log(last, step=global_step)
         sync(device)
+        # End copy
 
     variants = {"a": bare, "b": loop}
     if sc > 0:
         variants = {"a": bare, "a+aux": lambda: bare(aux=True), "b": loop}
-    # Copied from benchmarks/bench_dit_step.py (warm-up and interleaved timing), with a longer warm-up bound
+    # Warm-up and interleaved timing of benchmarks/bench_dit_step.py, with a longer warm-up bound.
     # Warm-up (allocator, kernels, AdamW state): one step of (b), which runs every kernel of the others, then one of
     # each other variant unless a step is expensive (the first step's one-time costs are a few seconds on CPU)
+    # Copied from benchmarks/bench_dit_step.py
     t0 = time.perf_counter()
     loop()
     if time.perf_counter() - t0 < args.warmup_all_below:
@@ -213,6 +216,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     log(f"{model_name} {latents}: " + ", ".join(f"({v}) {1e3 * median(t):.0f} ms" for v, t in times.items()))
     accelerator.free_memory()
     return {v: 1e3 * median(t) for v, t in times.items()}, n_params, rep
+    # End copy
 
 
 def describe_env(device, args):

@@ -15,7 +15,7 @@ Sized to run in at most 5 minutes on one NVIDIA H200 (``--budget_s``), downloadi
   its default config (CogVideoX-2b's VAE, random init), clips only (no joint image batch), clipping at 1 (Table 5).
   17 frames at 256^2; on OOM it retries at 128^2 and says so.
 * (c) ``DiT-B/2`` and ``DiT-XL/2``: one flow-matching step of the DiT ``train_dit_flow.py`` builds by default
-  (``models.dit.transformer_config`` + ``build_transformer``: App. B's DiT, RoPE, self-conditioning 0.9) on FLUX-AE
+  (``models.factory.transformer_config`` + ``build_transformer``: App. B's DiT, RoPE, self-conditioning 0.9) on FLUX-AE
   latents of 256 px images (16 x 32 x 32), 1000 classes, ``flow.FlowMatchingLoss``, clipping at 16, AdamW, EMA.
 * (d) ``FSDP train_ae_se.py`` / ``FSDP train_dit_flow.py``: each script run for 3 steps (a checkpoint at step 2,
   the final save) through ``accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1`` on
@@ -422,7 +422,7 @@ def group_dit(ctx: Context, rows: Dict[str, Row], model_name: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffusability_hf.flow import FlowMatchingLoss
-    from diffusability_hf.models.dit import build_transformer, transformer_config
+    from diffusability_hf.models.factory import build_transformer, transformer_config
     from diffusability_hf.training.ema import EMA
 
     (name,) = rows

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .flow import _draw
+from .flow import random_draw
 
 # The toolkit's own small pretrained AutoencoderKL (trained on the scikit-image photographs), the scripts' default
 EMBEDDED_AE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "embedded_ae")
@@ -134,7 +134,7 @@ def supported_classes() -> List[str]:
 
 def get_row(vae_or_class_name) -> AERow:
     """The :class:`AERow` of a model, a config dict or a class name; a ``ValueError`` listing the supported ones."""
-    name = vae_or_class_name if isinstance(vae_or_class_name, str) else _class_name(vae_or_class_name)
+    name = vae_or_class_name if isinstance(vae_or_class_name, str) else model_class_name(vae_or_class_name)
     if name not in AE_TABLE:
         raise ValueError(
             f"Unsupported autoencoder class {name!r}. Supported classes: {', '.join(supported_classes())}."
@@ -142,7 +142,7 @@ def get_row(vae_or_class_name) -> AERow:
     return AE_TABLE[name]
 
 
-def _class_name(vae) -> str:
+def model_class_name(vae) -> str:
     if isinstance(vae, dict):
         return vae.get("_class_name", "")
     return type(vae).__name__
@@ -189,7 +189,7 @@ def _cosmos_compression(cfg: dict) -> Tuple[int, int]:
 
 def compression(vae) -> Tuple[int, Optional[int]]:
     """``(spatial, temporal)`` compression from the config alone (``temporal`` is ``None`` for image AEs)."""
-    cfg, name = _cfg(vae), _class_name(vae)
+    cfg, name = _cfg(vae), model_class_name(vae)
     get_row(name)
     if name == "AutoencoderDC":
         return 2 ** (len(cfg["encoder_block_out_channels"]) - 1), None
@@ -224,7 +224,7 @@ def spatial_compression(vae) -> int:
 
 def temporal_compression(vae) -> Optional[int]:
     """Frames per latent frame, from the config; ``None`` for image autoencoders."""
-    return compression(vae)[1] if get_row(_class_name(vae)).video else None
+    return compression(vae)[1] if get_row(model_class_name(vae)).video else None
 
 
 def frame_multiple(vae) -> int:
@@ -232,18 +232,18 @@ def frame_multiple(vae) -> int:
     8 frames (2 latent frames), hence ``2 * temporal`` there."""
     t = temporal_compression(vae)
     if t is None:
-        raise ValueError(f"{_class_name(vae)} is an image autoencoder: it takes no frame count.")
-    return 2 * t if _class_name(vae) == "AutoencoderKLCogVideoX" else t
+        raise ValueError(f"{model_class_name(vae)} is an image autoencoder: it takes no frame count.")
+    return 2 * t if model_class_name(vae) == "AutoencoderKLCogVideoX" else t
 
 
 def frame_rule(vae) -> str:
     """The valid frame counts in words, e.g. ``"1 + 8k"``."""
-    m, causal = frame_multiple(vae), get_row(_class_name(vae)).causal
+    m, causal = frame_multiple(vae), get_row(model_class_name(vae)).causal
     return f"1 + {m}k" if causal else f"{m}k (k >= 1)"
 
 
 def valid_num_frames(vae, num_frames: int) -> bool:
-    m, causal = frame_multiple(vae), get_row(_class_name(vae)).causal
+    m, causal = frame_multiple(vae), get_row(model_class_name(vae)).causal
     return num_frames >= 1 and (num_frames - 1) % m == 0 if causal else num_frames >= m and num_frames % m == 0
 
 
@@ -252,19 +252,19 @@ def check_num_frames(vae, num_frames: int, flag: str = "--num_frames") -> None:
     add frames)."""
     if valid_num_frames(vae, num_frames):
         return
-    m, causal = frame_multiple(vae), get_row(_class_name(vae)).causal
+    m, causal = frame_multiple(vae), get_row(model_class_name(vae)).causal
     base = 1 if causal else 0
     lo = max(base + m * ((num_frames - base) // m), base + (0 if causal else m))
     near = sorted({lo, lo + m})
     raise ValueError(
-        f"{flag} {num_frames} does not fit {_class_name(vae)}: it takes {frame_rule(vae)} frames "
+        f"{flag} {num_frames} does not fit {model_class_name(vae)}: it takes {frame_rule(vae)} frames "
         f"(e.g. {' or '.join(map(str, near))})."
     )
 
 
 def latent_num_frames(vae, num_frames: int) -> int:
     m = temporal_compression(vae)
-    return 1 + (num_frames - 1) // m if get_row(_class_name(vae)).causal else num_frames // m
+    return 1 + (num_frames - 1) // m if get_row(model_class_name(vae)).causal else num_frames // m
 
 
 def decoded_num_frames(vae, latent_frames: int) -> int:
@@ -272,8 +272,8 @@ def decoded_num_frames(vae, latent_frames: int) -> int:
     valid frame counts): ``1 + t (T' - 1)`` for a causal autoencoder, ``t T'`` otherwise."""
     m = temporal_compression(vae)
     if m is None:
-        raise ValueError(f"{_class_name(vae)} is an image autoencoder: it decodes no frames.")
-    return 1 + m * (latent_frames - 1) if get_row(_class_name(vae)).causal else m * latent_frames
+        raise ValueError(f"{model_class_name(vae)} is an image autoencoder: it decodes no frames.")
+    return 1 + m * (latent_frames - 1) if get_row(model_class_name(vae)).causal else m * latent_frames
 
 
 def latent_channels(vae) -> int:
@@ -302,7 +302,7 @@ class Posterior:
         if self.logvar is None:
             return self.mean
         dtype = _noise_dtype(self.mean)
-        noise = _draw(torch.randn, self.mean.shape, generator, self.mean.device, dtype)
+        noise = random_draw(torch.randn, self.mean.shape, generator, self.mean.device, dtype)
         return self.mean.to(dtype) + torch.exp(0.5 * self.logvar.to(dtype)) * noise
 
     def mode(self) -> torch.Tensor:
@@ -382,7 +382,7 @@ def decode(
         out = vae.decoder(_frames_apply(vae.post_quant_conv, v))
     elif name in ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video") and vae.config.timestep_conditioning:
         dtype = _noise_dtype(v)
-        noise = _draw(torch.randn, v.shape, generator, v.device, dtype)
+        noise = random_draw(torch.randn, v.shape, generator, v.device, dtype)
         s, w = decode_noise_scale, v.to(dtype)
         if name == "AutoencoderKLLTX2Video":
             w = denormalize_latents(vae, (1 - s) * normalize_latents(vae, w) + s * noise)
@@ -403,7 +403,7 @@ def _per_channel(values, z: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (z.ndim - 2)))
 
 
-def _flux2_patchify(z: torch.Tensor) -> torch.Tensor:
+def flux2_patchify(z: torch.Tensor) -> torch.Tensor:
     b, c, h, w = z.shape
     z = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, 2, 2, H/2, W/2)
     return z.reshape(b, c * 4, h // 2, w // 2)
@@ -425,7 +425,7 @@ def _cosmos_stats(values, z: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _latent_affine(vae: nn.Module, z: torch.Tensor):
     """``(shift, scale)`` with ``normalized = (z - shift) * scale``, broadcastable to ``z`` (not for Flux2)."""
-    cfg, name = vae.config, _class_name(vae)
+    cfg, name = vae.config, model_class_name(vae)
     scaling = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
     if name in ("AutoencoderKLQwenImage", "AutoencoderKLWan"):
         return _per_channel(cfg.latents_mean, z), 1.0 / _per_channel(cfg.latents_std, z)
@@ -454,18 +454,18 @@ def _flux2_stats(vae: nn.Module, z: torch.Tensor):
 
 def normalize_latents(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Map raw AE latents to the normalised space a diffusion model is trained in (see the module docstring)."""
-    if _class_name(vae) == "AutoencoderKLFlux2":
+    if model_class_name(vae) == "AutoencoderKLFlux2":
         mean, std = _flux2_stats(vae, z)
-        return _flux2_unpatchify((_flux2_patchify(z) - mean) / std)
+        return _flux2_unpatchify((flux2_patchify(z) - mean) / std)
     shift, scale = _latent_affine(vae, z)
     return (z - shift) * scale
 
 
 def denormalize_latents(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize_latents`."""
-    if _class_name(vae) == "AutoencoderKLFlux2":
+    if model_class_name(vae) == "AutoencoderKLFlux2":
         mean, std = _flux2_stats(vae, z)
-        return _flux2_unpatchify(_flux2_patchify(z) * std + mean)
+        return _flux2_unpatchify(flux2_patchify(z) * std + mean)
     shift, scale = _latent_affine(vae, z)
     return z / scale + shift
 

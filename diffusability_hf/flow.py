@@ -26,7 +26,7 @@ SIGMA_SAMPLING_MODES = ("logit_normal", "uniform")
 _SIGMA_EPS = 1e-6
 
 
-def _draw(
+def random_draw(
     sampler: Callable,
     shape,
     generator: Optional[torch.Generator],
@@ -65,10 +65,10 @@ def sample_sigmas(
     if mode == "logit_normal":
         if logit_std <= 0:
             raise ValueError(f"logit_std must be positive, got {logit_std}.")
-        z = _draw(torch.randn, (n,), generator, device)
+        z = random_draw(torch.randn, (n,), generator, device)
         sigma = torch.sigmoid(logit_mean + logit_std * z)
     else:
-        sigma = _draw(torch.rand, (n,), generator, device)
+        sigma = random_draw(torch.rand, (n,), generator, device)
     return sigma.clamp(_SIGMA_EPS, 1.0 - _SIGMA_EPS)
 
 
@@ -236,17 +236,17 @@ class FlowMatchingLoss(nn.Module):
         """Per-sample loss ``(B,)`` (float32) of clean latents ``x0`` ``(B, C, h, w)`` with labels ``(B,)``; the draws
         come from ``generator`` on its own device (a CPU generator also serves CUDA latents)."""
         b, device = x0.shape[0], x0.device
-        noise = _draw(torch.randn, x0.shape, generator, device, x0.dtype)
+        noise = random_draw(torch.randn, x0.shape, generator, device, x0.dtype)
         sigma = sample_sigmas(b, self.weighting_scheme, self.logit_mean, self.logit_std, generator, device)  # (B,)
         x_t = interpolate(x0, noise, sigma)  # (B, C, h, w)
-        drop = _draw(torch.rand, (b,), generator, device) < self.class_dropout_prob
+        drop = random_draw(torch.rand, (b,), generator, device) < self.class_dropout_prob
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # CFG: the null class id
         timestep = timesteps_from_sigmas(sigma, self.num_train_timesteps)
         kwargs = {}
         if self.self_conditioning_prob > 0:  # Appendix B: a no-grad auxiliary pass at the same noise level
             with torch.no_grad():
                 aux = self.transformer(x_t, timestep, labels).last_hidden_state  # (B, N, D)
-            keep = _draw(torch.rand, (b,), generator, device) < self.self_conditioning_prob
+            keep = random_draw(torch.rand, (b,), generator, device) < self.self_conditioning_prob
             kwargs["self_cond"] = aux * keep.view(-1, 1, 1).to(aux.dtype)
         pred = self.transformer(x_t, timestep, labels, **kwargs).sample[:, : x0.shape[1]]  # learned sigma dropped
         return flow_matching_loss(pred, x0, noise)

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from diffusability_hf.autoencoders import _class_name, encode, normalize_latents
+from diffusability_hf.autoencoders import encode, model_class_name, normalize_latents
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _values(x) -> list:
 
 def current_latent_normalization(vae: nn.Module) -> Dict:
     """The normalisation fields the AE holds now, as plain numbers (for ``metrics.json`` and the model card)."""
-    cfg, name = vae.config, _class_name(vae)
+    cfg, name = vae.config, model_class_name(vae)
     out = {}
     for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "invert_scale_latents"):
         value = getattr(cfg, key, None)
@@ -65,7 +65,7 @@ def estimate_latent_normalization(vae: nn.Module, z: torch.Tensor) -> Optional[D
     per-channel config lists; LTX per-channel buffers (``latents_std`` absorbs ``scaling_factor``); Flux2 its
     batch-norm running statistics of the 2x2-patchified latent.
     """
-    cfg, name = vae.config, _class_name(vae)
+    cfg, name = vae.config, model_class_name(vae)
     z = z.double()
     std = float(z.std(correction=0))
     mean = float(z.mean())
@@ -73,9 +73,9 @@ def estimate_latent_normalization(vae: nn.Module, z: torch.Tensor) -> Optional[D
     if name == "AutoencoderKLCosmos":
         return None
     if name == "AutoencoderKLFlux2":
-        from diffusability_hf.autoencoders import _flux2_patchify
+        from diffusability_hf.autoencoders import flux2_patchify
 
-        m, s = _channel_stats(_flux2_patchify(z))
+        m, s = _channel_stats(flux2_patchify(z))
         var = (s.square() - cfg.batch_norm_eps).clamp_min(1e-12)
         return {"config": {}, "buffers": {"bn.running_mean": m, "bn.running_var": var}, "form": "batch-norm stats"}
     if name in BUFFERS:

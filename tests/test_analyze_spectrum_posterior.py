@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from diffusability_hf.data import evaluation_samples
+from diffusability_hf.data.evaluation import evaluation_samples
 from diffusability_hf.spectral import energy_profile, frequency_profile, share_of_high_frequencies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def run(out, *extra, models=None, data=None, batch_size=3):
 def image_dir(tmp_path_factory):
     """Seven crops of a photograph and, second in file order, one unreadable file (so the sample indices of the
     readable images are not their positions in a batch)."""
-    from diffusability_hf.data import load_embedded_image
+    from diffusability_hf.data.images import load_embedded_image
 
     folder = tmp_path_factory.mktemp("images")
     photo = load_embedded_image("astronaut")

@@ -1,5 +1,5 @@
-"""Datasets: the embedded photographs, image folders with corrupt files (data.py); videos, camera pans, joint
-batches (video_data.py)."""
+"""Datasets: the embedded photographs, image folders with corrupt files (data/images.py); videos, camera pans, joint
+batches (data/videos.py)."""
 
 import math
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusability_hf.data import (
+from diffusability_hf.data.images import (
     EMBEDDED_TRAIN_IMAGES,
     EMBEDDED_VALIDATION_IMAGES,
     EmbeddedPhotoCrops,
@@ -22,7 +22,7 @@ from diffusability_hf.data import (
     load_embedded_image,
     load_image_dataset,
 )
-from diffusability_hf.video_data import (
+from diffusability_hf.data.videos import (
     EmbeddedPanClips,
     JointBatches,
     LabelledClips,
@@ -549,7 +549,7 @@ def test_images_are_seen_as_they_should_be_16_bit_exif_and_upscaling(tmp_path, c
     import numpy as np
     from PIL import Image
 
-    from diffusability_hf import data
+    from diffusability_hf.data import images as data
 
     ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
@@ -563,7 +563,7 @@ def test_images_are_seen_as_they_should_be_16_bit_exif_and_upscaling(tmp_path, c
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: "rotate 90 CW to view"
     Image.fromarray(wide).save(tmp_path / "phone.jpg", exif=exif, quality=100)
-    seen = data._open_image(str(tmp_path / "phone.jpg"))
+    seen = data.open_image(str(tmp_path / "phone.jpg"))
     assert seen.size == (20, 40)  # upright: portrait
     top, bottom = np.asarray(seen.convert("L"))[:20].mean(), np.asarray(seen.convert("L"))[20:].mean()
     assert top > 200 and bottom < 50  # the white half is on top once rotated clockwise

@@ -16,7 +16,7 @@ from diffusability_hf import autoencoders as ae
 from diffusability_hf import spectral
 from diffusability_hf.flow import FlowMatchingLoss, sample_sigmas
 from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss, chf_loss, load_lpips
-from diffusability_hf.models.dit import build_transformer, transformer_config
+from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
 TINY_CONFIGS = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")

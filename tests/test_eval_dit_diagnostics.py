@@ -76,7 +76,7 @@ def perturbed(model, seed, scale):
 def save_pipeline(path, self_conditioning=False, provenance=None, seed=0):
     """A pipeline over the embedded AE with a tiny random DiT (diffusers' or the paper's self-conditioned one) and
     normalisation statistics of its own (not the extracted latents')."""
-    from diffusability_hf.models.dit import build_dit, build_selfcond_dit
+    from diffusability_hf.models.factory import build_dit, build_selfcond_dit
 
     vae = AutoencoderKL.from_pretrained(EMBEDDED_AE)
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from diffusability_hf.autoencoders import weights_fingerprint
-from diffusability_hf.data import EvalSamples, evaluation_samples
+from diffusability_hf.data.evaluation import EvalSamples, evaluation_samples
 from diffusability_hf.errors import UsageError
 from diffusability_hf.figures import labelled_image_grid
 from diffusability_hf.losses import downsample
@@ -74,7 +74,8 @@ def run_refused(monkeypatch, capsys, name, args, forbid_loading=True):
     """
     import accelerate
 
-    from diffusability_hf import autoencoders, data, losses, metrics
+    from diffusability_hf import autoencoders, losses, metrics
+    from diffusability_hf.data import evaluation
     from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
     def forbidden(*args, **kwargs):
@@ -83,7 +84,7 @@ def run_refused(monkeypatch, capsys, name, args, forbid_loading=True):
     if forbid_loading:
         for module, attr in [
             (accelerate, "Accelerator"), (autoencoders, "load_pretrained"), (autoencoders, "check_model_specs"),
-            (data, "evaluation_samples"), (metrics, "load_feature_extractor"), (losses, "load_lpips"),
+            (evaluation, "evaluation_samples"), (metrics, "load_feature_extractor"), (losses, "load_lpips"),
             (metrics.features, "load_feature_extractor"), (DiTFlowMatchPipeline, "from_pretrained"),
         ]:  # fmt: skip
             monkeypatch.setattr(module, attr, forbidden)
@@ -133,7 +134,7 @@ def frequency_distance_numpy(a, b):
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     """Seven 40x48 photographs' crops (non-square: centre-cropped to 32) and one corrupt file."""
-    from diffusability_hf.data import load_embedded_image
+    from diffusability_hf.data.images import load_embedded_image
 
     folder = tmp_path_factory.mktemp("images")
     photo = load_embedded_image("astronaut")
@@ -431,7 +432,7 @@ def save_tiny_pipeline(path, seed, perturb=0.0):
     """A class-conditional pipeline over the embedded AE with a tiny random DiT (``seed``: its weights; ``perturb``:
     noise added to all of them)."""
     from diffusability_hf import autoencoders as ae
-    from diffusability_hf.models.dit import build_dit
+    from diffusability_hf.models.factory import build_dit
     from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
     vae = AutoencoderKL.from_pretrained(ae.EMBEDDED_AE)

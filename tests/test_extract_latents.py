@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusability_hf.autoencoders import weights_fingerprint
-from diffusability_hf.data import open_and_crop
+from diffusability_hf.data.images import open_and_crop
+from diffusability_hf.data.latents import check_existing_latents
 from diffusability_hf.errors import UsageError
-from diffusability_hf.latents import check_existing_latents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)

@@ -230,7 +230,7 @@ def test_blocks_to_shard_and_scalar_parameters_refused():
     from diffusers import AutoencoderKL
 
     from diffusability_hf.autoencoders import EMBEDDED_AE
-    from diffusability_hf.models.dit import build_transformer, transformer_config
+    from diffusability_hf.models.factory import build_transformer, transformer_config
     from diffusability_hf.training.fsdp import FSDPLaunchError, block_classes, shard_blocks
 
     dit = build_transformer(transformer_config([4, 8, 8], 3, "DiT-tiny/2", None, None), pos_embed="rope")

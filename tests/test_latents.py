@@ -1,4 +1,4 @@
-"""The latent shard format (diffusability_hf.latents) on hand-made shards: writer, metadata, and both readers."""
+"""The latent shard format (diffusability_hf.data.latents) on hand-made shards: writer, metadata, and both readers."""
 
 import json
 import pickle
@@ -6,8 +6,7 @@ import pickle
 import pytest
 import torch
 
-from diffusability_hf.errors import UsageError
-from diffusability_hf.latents import (
+from diffusability_hf.data.latents import (
     LatentShards,
     check_existing_latents,
     read_latent_rows,
@@ -17,6 +16,7 @@ from diffusability_hf.latents import (
     write_metadata,
     write_shard,
 )
+from diffusability_hf.errors import UsageError
 
 SETTINGS = {"ae_weights_fingerprint": "f" * 16, "resolution": 16, "flip": True}
 
@@ -108,7 +108,7 @@ def test_per_position_statistics_and_their_broadcast_shapes(tmp_path):
     numpy; normalization_tensors broadcasts both kinds over a batch."""
     import numpy as np
 
-    from diffusability_hf.latents import latent_statistics, normalization_tensors, write_shard
+    from diffusability_hf.data.latents import latent_statistics, normalization_tensors, write_shard
 
     gen = torch.Generator().manual_seed(0)
     mean, std = torch.randn(6, 2, 3, 4, 4, generator=gen), torch.rand(6, 2, 3, 4, 4, generator=gen) + 0.1

@@ -368,7 +368,7 @@ def test_the_training_scripts_transformer_from_a_size_or_a_config_file(tmp_path)
 def test_video_latents_get_the_video_dit_through_the_image_entry_points():
     """transformer_config / build_transformer / transformer_class (what train_dit_flow.py calls) dispatch
     (C, T', h, w) latents and SelfConditionedVideoDiT configs to the video DiT."""
-    from diffusability_hf.models.dit import build_transformer, transformer_class, transformer_config
+    from diffusability_hf.models.factory import build_transformer, transformer_class, transformer_config
     from diffusability_hf.models.video_dit import SelfConditionedVideoDiT
 
     config = transformer_config([4, 3, 8, 8], 5, "DiT-tiny/2")

@@ -1,4 +1,4 @@
-"""Streaming data (diffusability_hf.streaming): webdataset tar shards and HF streaming datasets, split across
+"""Streaming data (diffusability_hf.data.streaming): webdataset tar shards and HF streaming datasets, split across
 processes, seeded shuffles, resume without repeats. Tiny shards of real photographs and videos built in tmp_path."""
 
 import functools
@@ -16,10 +16,10 @@ import skimage.data
 import torch
 from PIL import Image
 
-from diffusability_hf import streaming as st
-from diffusability_hf.data import HFImageDataset, SkipLog, collate, open_and_crop
+from diffusability_hf.data import streaming as st
+from diffusability_hf.data.images import HFImageDataset, SkipLog, collate, open_and_crop
+from diffusability_hf.data.videos import VideoClips, embedded_gif_path
 from diffusability_hf.errors import UsageError
-from diffusability_hf.video_data import VideoClips, embedded_gif_path
 
 R = 16  # resolution of the items
 

@@ -1,4 +1,4 @@
-"""The scripts on streams (diffusability_hf.streaming): train_ae_se.py and extract_latents.py on tiny webdataset tar
+"""The scripts on streams (diffusability_hf.data.streaming): train_ae_se.py and extract_latents.py on tiny webdataset tar
 shards written here and on local HF datasets read with ``streaming=True`` (CPU, offline, tiny models)."""
 
 import importlib.util
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusability_hf import streaming as st
+from diffusability_hf.data import streaming as st
 from diffusability_hf.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -108,7 +108,7 @@ def test_fine_tune_writes_a_stock_diffusers_model(tmp_path, tiny_vae_dir, run_sc
 
 
 def test_saved_model_has_reestimated_latent_scaling_and_cross_decoding_is_measured(tmp_path, tiny_vae_dir, run_script):
-    from diffusability_hf.data import EmbeddedPhotoCrops, embedded_validation_batch
+    from diffusability_hf.data.images import EmbeddedPhotoCrops, embedded_validation_batch
     from diffusability_hf.metrics.quality import psnr
 
     out = tmp_path / "out"
@@ -449,7 +449,7 @@ def test_the_scripts_training_step_is_the_library_objective(tmp_path, tiny_vae_d
     whichever order the sampler draws them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from diffusability_hf.data import to_tensor
+    from diffusability_hf.data.images import to_tensor
     from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
     from diffusability_hf.training.steps import step_generator
 
@@ -504,7 +504,7 @@ def test_bf16_autocast_step_is_finite_and_weights_stay_fp32(tmp_path, tiny_vae_d
 
 
 def test_embedded_autoencoder_is_a_trained_flux_like_vae():
-    from diffusability_hf.data import embedded_validation_batch
+    from diffusability_hf.data.images import embedded_validation_batch
     from diffusability_hf.metrics.quality import psnr
 
     vae = AutoencoderKL.from_pretrained(ae.EMBEDDED_AE).eval()

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusability_hf.autoencoders import EMBEDDED_AE, weights_fingerprint
-from diffusability_hf.data import collate_labelled
+from diffusability_hf.data.images import collate_labelled
+from diffusability_hf.data.latents import read_latents_metadata
 from diffusability_hf.errors import UsageError
-from diffusability_hf.latents import read_latents_metadata
-from diffusability_hf.models.dit import build_transformer, transformer_config
+from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,7 +337,7 @@ def test_on_the_fly_statistics_are_those_of_posterior_samples(tiny_vae_dir):
     z = mean + std * eps (what the DiT sees), against numpy draws."""
     import numpy as np
 
-    from diffusability_hf.latents import estimate_latent_statistics
+    from diffusability_hf.data.latents import estimate_latent_statistics
 
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
     gen = torch.Generator().manual_seed(3)
@@ -458,8 +458,8 @@ def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, late
     from diffusers import DiTTransformer2DModel
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from diffusability_hf.data.latents import LatentShards
     from diffusability_hf.flow import FlowMatchingLoss
-    from diffusability_hf.latents import LatentShards
     from diffusability_hf.models.dit import dit_config
     from diffusability_hf.training.steps import step_generator
 
@@ -597,8 +597,8 @@ def test_damaged_latents_are_refused_in_one_line_before_training(tmp_path, laten
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from diffusability_hf.data.latents import LatentShards, read_latent_rows, read_latents_metadata
     from diffusability_hf.errors import UsageError
-    from diffusability_hf.latents import LatentShards, read_latent_rows, read_latents_metadata
 
     meta = read_latents_metadata(latents)
     first = sorted(meta["shards"])[0]

@@ -20,6 +20,7 @@ from diffusability_hf.files import (
     report_written,
 )
 from diffusability_hf.flow import warmup_cosine
+from diffusability_hf.hub import refuse_hub_token
 from diffusability_hf.training.checkpoints import (
     CHECKPOINT_MARKER,
     is_complete_checkpoint,
@@ -31,7 +32,7 @@ from diffusability_hf.training.checkpoints import (
     resume_position,
     save_checkpoint,
 )
-from diffusability_hf.training.launch import GracefulStop, check_launcher, refuse_hub_token, tracker_config
+from diffusability_hf.training.launch import GracefulStop, check_launcher, tracker_config
 from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError, StepMeter, step_generator, step_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.data import evaluation_samples
-from diffusability_hf.latents import read_latents_metadata
+from diffusability_hf.data.evaluation import evaluation_samples
+from diffusability_hf.data.latents import read_latents_metadata
 from diffusability_hf.metrics import to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

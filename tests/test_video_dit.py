@@ -339,7 +339,7 @@ def test_model_file_is_self_contained():
     top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     roots = {a.name.split(".")[0] for node in top if isinstance(node, ast.Import) for a in node.names}
     roots |= {node.module.split(".")[0] for node in top if isinstance(node, ast.ImportFrom)}
-    assert roots <= {"torch", "diffusers", "importlib", "inspect", "typing", "dataclasses"}
+    assert roots <= {"torch", "diffusers", "inspect", "typing", "dataclasses"}
     nested = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert len(nested) == len(top)  # no import statement below the top level either
     # diffusers' remote-code loader (and DiTFlowMatchPipeline.save_pretrained's warning) scan every line for

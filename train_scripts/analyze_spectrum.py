@@ -67,7 +67,8 @@ SEED_STRIDE = 1_000_003  # sample i of --seed s draws its posterior noise from a
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # Copied from train_scripts/eval_ae.py (the --models flag and the data source flags)
+    # The --models flag and the data source flags of eval_ae.py
+    # Copied from train_scripts/eval_ae.py
     parser.add_argument(
         "--models",
         type=str,
@@ -89,6 +90,7 @@ def parse_args(input_args=None):
     parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image one).")
     parser.add_argument("--video_data_dir", type=str, default=None, help="A folder of videos or frame folders.")
     parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
+    # End copy
     parser.add_argument("--video_column", type=str, default=None, help="Video column (default: the first Video one).")
     parser.add_argument(
         "--num_frames",

@@ -61,11 +61,7 @@ import torch
 import torch.nn as nn
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.data import (
-    EMBEDDED_VALIDATION_IMAGES,
-    EmbeddedPhotoCrops,
-    installed_photographs,
-)
+from diffusability_hf.data.images import EMBEDDED_VALIDATION_IMAGES, EmbeddedPhotoCrops, installed_photographs
 from diffusability_hf.errors import UsageError, run_script
 from diffusability_hf.files import atomic_write_json, atomic_write_text
 from diffusability_hf.hub import markdown_table
@@ -147,7 +143,7 @@ DEFAULT_AES = {
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # Copied from train_scripts/eval_ae.py (the --models flag), with this script's help text
+    # The --models flag of eval_ae.py (LABEL=PATH[:SUBFOLDER]), with this script's help text
     parser.add_argument(
         "--models",
         type=str,
@@ -309,7 +305,7 @@ def parse_args(input_args=None):
 # exactly as ``python train_scripts/<script> ...`` would.
 PRELOAD = [
     "torch", "diffusers", "diffusers.models.autoencoders.autoencoder_kl", "accelerate", "safetensors.torch",
-    "diffusability_hf.autoencoders", "diffusability_hf.data", "diffusability_hf.losses", "diffusability_hf.metrics",
+    "diffusability_hf.autoencoders", "diffusability_hf.data.images", "diffusability_hf.losses", "diffusability_hf.metrics",
     "diffusability_hf.models", "diffusability_hf.pipelines", "diffusability_hf.training.checkpoints",
     "diffusability_hf.training.launch", "matplotlib.pyplot",
     "__main__",
@@ -465,7 +461,7 @@ def image_folder_items(folder):
 
 
 def load_items(items, resolution):
-    from diffusability_hf.data import open_and_crop
+    from diffusability_hf.data.images import open_and_crop
 
     pixels, labels = [], []
     for path, label in items:

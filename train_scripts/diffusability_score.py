@@ -34,7 +34,12 @@ import torch
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
-from diffusability_hf.data import EMBEDDED_VALIDATION_IMAGES, EmbeddedPhotoCrops, LabelledImages, installed_photographs
+from diffusability_hf.data.images import (
+    EMBEDDED_VALIDATION_IMAGES,
+    EmbeddedPhotoCrops,
+    LabelledImages,
+    installed_photographs,
+)
 from diffusability_hf.errors import UsageError, run_script
 from diffusability_hf.files import atomic_write_json, atomic_write_text, check_output_dir, report_written
 from diffusability_hf.hub import markdown_table

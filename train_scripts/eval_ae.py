@@ -95,8 +95,7 @@ def parse_args(input_args=None):
         choices=METRICS,
         help="What to compute: psnr, ssim, lpips and fd (Frechet distances of --feature_extractor: rFID, rFVD, ...).",
     )
-    # Copied from train_scripts/eval_dit.py (the feature extractor flags), with this script's help text for
-    # --feature_extractor
+    # The feature extractor flags of eval_dit.py, with this script's help text for --feature_extractor
     parser.add_argument(
         "--feature_extractor",
         type=str,
@@ -105,11 +104,13 @@ def parse_args(input_args=None):
         help="Feature models for the Frechet distances: 'inception' (rFID), 'dinov2' (rFDD), 'i3d' (rFVD, clips) or a "
         "local path (a transformers folder or a TorchScript file). Default: inception, plus i3d for clips.",
     )
+    # Copied from train_scripts/eval_dit.py
     parser.add_argument("--inception_weights", type=str, default=None, help="Local torch-fidelity Inception weights.")
     parser.add_argument(
         "--dinov2_model", type=str, default="facebook/dinov2-large", help="DINOv2 for FDD: Hub id or local folder."
     )
     parser.add_argument("--i3d_model", type=str, default=None, help="Local StyleGAN-V i3d_torchscript.pt for FVD.")
+    # End copy
     parser.add_argument(
         "--lpips_net", type=str, default="alex", choices=["alex", "vgg", "squeeze"], help="LPIPS trunk."
     )

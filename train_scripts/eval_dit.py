@@ -62,16 +62,16 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
-from diffusability_hf.data import EvalSamples, evaluation_samples
+from diffusability_hf.data.evaluation import EvalSamples, evaluation_samples
+from diffusability_hf.data.latents import normalization_tensors, read_latent_rows, read_latents_metadata
+from diffusability_hf.data.videos import read_clip
 from diffusability_hf.errors import UsageError, run_script
 from diffusability_hf.figures import labelled_image_grid, save_png
 from diffusability_hf.files import atomic_write_json, atomic_write_text, check_output_dir, report_written
 from diffusability_hf.flow import held_out_flow_loss
 from diffusability_hf.hub import markdown_table
-from diffusability_hf.latents import normalization_tensors, read_latent_rows, read_latents_metadata
 from diffusability_hf.metrics import FeatureStatistics, frechet_distance, load_statistics, to_uint8
 from diffusability_hf.metrics.features import I3D_MIN_FRAMES, load_feature_extractors, process_share
-from diffusability_hf.video_data import read_clip
 
 logger = get_logger(__name__)
 
@@ -840,8 +840,8 @@ def loss_per_noise_level(args, accelerator, pipe, rows: dict) -> dict:
 
 def sample_files(folder, num_samples, video):
     """The first ``num_samples`` images (sorted) or videos/frame folders of a folder."""
-    from diffusability_hf.data import IMAGE_EXTENSIONS
-    from diffusability_hf.video_data import list_videos
+    from diffusability_hf.data.images import IMAGE_EXTENSIONS
+    from diffusability_hf.data.videos import list_videos
 
     if video:
         files = list_videos(folder)

@@ -7,7 +7,7 @@ as safetensors shards. ``metadata.json`` records the autoencoder (by a fingerpri
 its SE fine-tune share a config), the class names and the per-channel mean and std of the posterior samples the DiT
 normalises with (the latents it sees, as the authors' code computes them; the std of the posterior means alone is
 recorded too); every shard's header records the fingerprint and the extraction settings too (the format:
-``diffusability_hf.latents``). With no arguments it encodes crops of the photographs that ship inside scikit-image
+``diffusability_hf.data.latents``). With no arguments it encodes crops of the photographs that ship inside scikit-image
 with the toolkit's embedded autoencoder (class = source photograph), offline:
 
     accelerate launch train_scripts/extract_latents.py --output_dir latents
@@ -18,7 +18,7 @@ rule of the AE is checked first) of ``--video_data_dir`` (one subfolder of video
 (class = photograph). Its shards hold ``(N, C, T', h, w)`` posteriors; ``--per_position_statistics`` records the
 statistics per latent element (the authors' per (t, c, h, w) option) instead of per channel.
 
-Web-scale data streams (``diffusability_hf.streaming``): webdataset tar shards (``--train_data_files
+Web-scale data streams (``diffusability_hf.data.streaming``): webdataset tar shards (``--train_data_files
 'shards/{000000..000127}.tar'``, ``--video_data_files`` or a ``--train_data_dir`` / ``--video_data_dir`` of ``*.tar``;
 labels from ``.cls``, ``.txt`` or ``.json`` members) and, with ``--streaming``, HF datasets read with
 ``load_dataset(..., streaming=True)``. Input shard ``j`` becomes latent shard ``j``, encoded whole by one process;
@@ -44,13 +44,24 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
-from diffusability_hf.data import LabelledImages
+from diffusability_hf.data.images import LabelledImages
+from diffusability_hf.data.latents import (
+    check_existing_latents,
+    remove_latents,
+    shard_name,
+    write_metadata,
+    write_shard,
+)
+from diffusability_hf.data.streaming import (
+    TarShards,
+    is_shard_folder,
+    labelled_items,
+    open_streaming_source,
+)
+from diffusability_hf.data.videos import LabelledClips
 from diffusability_hf.errors import MissingPathError, UsageError, run_script
 from diffusability_hf.files import report_written
-from diffusability_hf.latents import check_existing_latents, remove_latents, shard_name, write_metadata, write_shard
-from diffusability_hf.streaming import SHARD_SUFFIXES, TarShards, labelled_items, open_streaming_source
 from diffusability_hf.training.launch import given_flags
-from diffusability_hf.video_data import LabelledClips
 
 logger = get_logger(__name__)
 
@@ -82,7 +93,7 @@ def parse_args(input_args=None):
         default=None,
         help="An image folder whose subfolders are the classes, or a folder (or URL) of webdataset tar shards.",
     )
-    # Streaming (web-scale data: diffusability_hf.streaming)
+    # Streaming (web-scale data: diffusability_hf.data.streaming)
     parser.add_argument(
         "--streaming",
         action="store_true",
@@ -122,8 +133,9 @@ def parse_args(input_args=None):
         default=None,
         help="A folder of videos (or frame folders), one subfolder per class.",
     )
-    # Copied from train_scripts/train_ae_se.py (the video dataset, column and frame flags; without its dataset config)
     parser.add_argument("--video_dataset_name", type=str, default=None, help="HF dataset with a Video column.")
+    # The video column and frame flags of train_ae_se.py
+    # Copied from train_scripts/train_ae_se.py
     parser.add_argument("--video_column", type=str, default=None, help="Video column (default: the first Video one).")
     parser.add_argument(
         "--num_frames",
@@ -132,6 +144,7 @@ def parse_args(input_args=None):
         help="Frames per clip (paper: %(default)s; must fit the AE, e.g. 1 + 8k).",
     )
     parser.add_argument("--frame_stride", type=int, default=1, help="Take every N-th frame of a video.")
+    # End copy
     parser.add_argument("--seed", type=int, default=0, help="Seed of the clips' random start frames.")
     parser.add_argument(
         "--per_position_statistics",
@@ -209,17 +222,6 @@ def parse_args(input_args=None):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive.")
     return args
-
-
-# Copied from train_scripts/train_ae_se.py (is_shard_folder)
-def is_shard_folder(path) -> bool:
-    """Whether a data folder is read as webdataset tar shards: a URL, or a local folder holding ``*.tar`` files
-    (as :func:`~diffusability_hf.streaming.open_streaming_source` decides)."""
-    if path is None:
-        return False
-    if "://" in path:
-        return True
-    return os.path.isdir(path) and any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
 
 
 def is_stream(args) -> bool:

@@ -31,7 +31,19 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
-from diffusability_hf.data import SkipLog, collate, training_images
+from diffusability_hf.data.images import SkipLog, collate, training_images
+from diffusability_hf.data.streaming import (
+    clip_reader,
+    clip_stream,
+    hold_out_first,
+    image_reader,
+    image_stream,
+    is_shard_folder,
+    load_stream_state,
+    open_streaming_source,
+    save_stream_state,
+)
+from diffusability_hf.data.videos import JointBatches, training_clips, unwrap_batch
 from diffusability_hf.errors import UsageError, run_script
 from diffusability_hf.figures import plot_fine_tuning_spectra, save_png
 from diffusability_hf.files import (
@@ -45,7 +57,9 @@ from diffusability_hf.files import (
 from diffusability_hf.hub import (
     card_license,
     dataset_description,
+    hub_repo,
     push_folder,
+    refuse_hub_token,
     render_model_card,
     se_autoencoder_card_fields,
 )
@@ -62,17 +76,6 @@ from diffusability_hf.metrics.reconstruction import (
     rgb_spectrum,
 )
 from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
-from diffusability_hf.streaming import (
-    SHARD_SUFFIXES,
-    clip_reader,
-    clip_stream,
-    hold_out_first,
-    image_reader,
-    image_stream,
-    load_stream_state,
-    open_streaming_source,
-    save_stream_state,
-)
 from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
 from diffusability_hf.training.checkpoints import (
     list_checkpoints,
@@ -98,10 +101,8 @@ from diffusability_hf.training.launch import (
     configure_deepspeed,
     describe_global_batch,
     given_flags,
-    hub_repo,
     ignore_stop_signals,
     make_accelerator,
-    refuse_hub_token,
     split_global_batch,
     tracker_config,
 )
@@ -115,7 +116,6 @@ from diffusability_hf.training.steps import (
     step_generator,
     use_learning_rate,
 )
-from diffusability_hf.video_data import JointBatches, training_clips, unwrap_batch
 
 logger = get_logger(__name__)
 
@@ -167,7 +167,7 @@ def parse_args(input_args=None):
         help="A folder of images (HF 'imagefolder'), or of webdataset tar shards (*.tar, sorted by name; also a URL "
         "such as hf://datasets/org/name/train), which are streamed.",
     )
-    # Streaming (web-scale data: diffusability_hf.streaming)
+    # Streaming (web-scale data: diffusability_hf.data.streaming)
     parser.add_argument(
         "--streaming",
         action="store_true",
@@ -382,7 +382,7 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01).")
     parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     parser.add_argument("--max_grad_norm", type=float, default=50.0, help="Gradient clipping norm (%(default)s).")
-    # Copied from train_scripts/train_dit_flow.py (--max_nonfinite_steps)
+    # Copied from train_scripts/train_dit_flow.py
     parser.add_argument(
         "--max_nonfinite_steps",
         type=int,
@@ -391,6 +391,7 @@ def parse_args(input_args=None):
         "in a row the run stops with a checkpoint and says what to try (0: never stop). Default %(default)s, our "
         "choice: a transient spike passes, a diverged run stops early.",
     )
+    # End copy
     parser.add_argument(
         "--ema_halflife_steps",
         type=float,
@@ -476,7 +477,7 @@ def parse_args(input_args=None):
         action="store_true",
         help="Save the base's latent normalisation unchanged instead of re-estimating it (both are recorded).",
     )
-    # Copied from train_scripts/train_dit_flow.py (the tracker and Hub flags), with this script's help texts
+    # The tracker and Hub flags of train_dit_flow.py, with this script's help texts
     parser.add_argument(
         "--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'all' or 'none'."
     )
@@ -581,16 +582,6 @@ def check_settings(parser, args) -> None:
             f"A stream is read in the training process, where its position is checkpointed: drop "
             f"--dataloader_num_workers {args.dataloader_num_workers} and decode in parallel with --decode_threads."
         )
-
-
-def is_shard_folder(path) -> bool:
-    """Whether a data folder is read as webdataset tar shards: a URL, or a local folder holding ``*.tar`` files
-    (as :func:`~diffusability_hf.streaming.open_streaming_source` decides)."""
-    if path is None:
-        return False
-    if "://" in path:
-        return True
-    return os.path.isdir(path) and any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
 
 
 def streamed(args) -> dict:
@@ -1043,9 +1034,10 @@ def main(args):
             with accelerator.accumulate(model):
                 loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
                 loss = loss.mean()  # (B_images + B_videos,) -> the batch mean: every image and clip counts once
-                # Copied from train_scripts/train_dit_flow.py (backward of a finite loss, clipping on sync steps,
-                # optimizer unless the step had a non-finite loss, schedule, then the step count, the non-finite
-                # check with its checkpoint and the EMA update below)
+                # The optimizer step of train_dit_flow.py: backward of a finite loss, clipping on sync steps, the
+                # optimizer unless the step had a non-finite loss, the schedule, then the step count (the non-finite
+                # check with its checkpoint and the EMA update follow)
+                # Copied from train_scripts/train_dit_flow.py
                 if guard.finite(loss, accelerator):
                     accelerator.backward(loss)
                 grad_norm = None
@@ -1063,6 +1055,7 @@ def main(args):
             global_step, micro = global_step + 1, 0
             progress_bar.update(1)
             perf = meter.step()
+            # End copy
             try:
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:

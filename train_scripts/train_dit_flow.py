@@ -40,7 +40,15 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
-from diffusability_hf.data import LabelledImages, collate_labelled
+from diffusability_hf.data.images import LabelledImages, collate_labelled
+from diffusability_hf.data.latents import (
+    LatentShards,
+    check_latents_autoencoder,
+    estimate_latent_statistics,
+    normalization_tensors,
+    on_the_fly_metadata,
+    read_latents_metadata,
+)
 from diffusability_hf.errors import MissingPathError, UsageError, run_script
 from diffusability_hf.files import (
     atomic_save,
@@ -51,16 +59,8 @@ from diffusability_hf.files import (
     report_written,
 )
 from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
-from diffusability_hf.hub import card_license, dit_pipeline_card_fields, render_model_card
-from diffusability_hf.latents import (
-    LatentShards,
-    check_latents_autoencoder,
-    estimate_latent_statistics,
-    normalization_tensors,
-    on_the_fly_metadata,
-    read_latents_metadata,
-)
-from diffusability_hf.models.dit import build_transformer, transformer_config
+from diffusability_hf.hub import card_license, dit_pipeline_card_fields, hub_repo, refuse_hub_token, render_model_card
+from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
 from diffusability_hf.tracking import log_image_grid
 from diffusability_hf.training.checkpoints import (
@@ -84,9 +84,7 @@ from diffusability_hf.training.launch import (
     GracefulStop,
     check_launcher,
     describe_global_batch,
-    hub_repo,
     make_accelerator,
-    refuse_hub_token,
     tracker_config,
 )
 from diffusability_hf.training.steps import (
@@ -223,7 +221,7 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--ema_rampup_ratio", type=float, default=0.05, help="Half-life min(h, ratio * step).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    # Copied from train_scripts/train_ae_se.py (--compile and --compile_backend)
+    # Copied from train_scripts/train_ae_se.py
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -238,6 +236,7 @@ def parse_args(input_args=None):
         help="torch.compile backend for --compile: inductor (builds C++ / Triton kernels: needs a C++ compiler on "
         "CPU), or e.g. aot_eager (no code generation) to check a run quickly.",
     )
+    # End copy
     parser.add_argument("--seed", type=int, default=0, help="Seed for init, data order and noise.")
     # Sampling, checkpoints, logging, Hub
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Euler steps for validation samples.")
@@ -613,9 +612,10 @@ def main(args):
     # into a temporary folder and moved in together (model_index.json last), so a killed save never leaves a half
     # pipeline where a loadable one was
     accelerator.wait_for_everyone()
-    # Copied from train_scripts/train_ae_se.py (the peak memory line)
+    # Copied from train_scripts/train_ae_se.py
     peak = peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
+    # End copy
     if global_step % args.checkpointing_steps == 0:
         checkpoint(global_step)
     if fsdp:  # the final weights, gathered by every process into the main process's unsharded copy

@@ -308,7 +308,7 @@ def start_evaluation(args, results: Sequence[str], check_models: Callable):
     from accelerate import Accelerator
 
     from ..cpu import use_all_cpu_cores
-    from ..data import evaluation_samples
+    from ..data.evaluation import evaluation_samples
     from ..files import check_output_dir
 
     use_all_cpu_cores()

@@ -32,15 +32,12 @@ Parameter names match ``SelfConditionedDiT``'s, so an image DiT's state dict loa
 This file imports only torch, diffusers and the standard library, so that it can be copied alone into a saved
 pipeline's ``transformer/`` folder and loaded with ``trust_remote_code=True``. The pieces it shares with
 ``selfcond_dit.py`` are copied, marked ``# Copied from diffusability_hf.models.selfcond_dit.<name>`` (a test checks
-that the copies agree). :func:`video_transformer_config` is the only part that needs the toolkit, imported when it is
-called: by module name through ``importlib``, since diffusers' remote-code loader treats every line starting with
-``from .`` in this file as a sibling file to copy.
+that the copies agree). Its config from App. B's presets is built by
+:func:`diffusability_hf.models.factory.video_transformer_config`.
 """
 
-import importlib
-import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -396,65 +393,3 @@ class SelfConditionedVideoDiT(ModelMixin, ConfigMixin):
         if not return_dict:
             return sample, last_hidden_state
         return SelfConditionedVideoDiTOutput(sample=sample, last_hidden_state=last_hidden_state)
-
-
-def video_transformer_config(
-    latent_shape: Sequence[int],
-    num_classes: int,
-    model: str = "DiT-B/2",
-    config_path: Optional[str] = None,
-    latents: Optional[str] = None,
-    pos_embed: str = "rope",
-    self_conditioning: bool = True,
-) -> Dict[str, Any]:
-    """The video DiT's config, checked against the latents before anything heavy loads (``dit.transformer_config``
-    for videos).
-
-    Args:
-        latent_shape: ``(C, T', h, w)`` of the training latents (square: ``h = w``).
-        num_classes: number of real classes; label ``num_classes`` is the null class.
-        model: App. B's size by name, ``"DiT-{S,B,L,XL,tiny}/{1,2,4}"`` (``dit.DIT_PRESETS``; the patch is spatial
-            only), used without ``config_path``. Table 2: ``"DiT-B/2"`` for CV-AE, ``"DiT-B/1"`` for LTX-AE.
-        config_path: a ``SelfConditionedVideoDiT`` ``config.json`` (or its folder) instead; its ``in_channels``,
-            ``num_frames`` and ``sample_size`` (or the class defaults) must match ``latent_shape``.
-        latents: the latents' source, named in the error.
-        pos_embed, self_conditioning: written into a config built from ``model``.
-
-    Returns:
-        A dict for ``SelfConditionedVideoDiT(**config)`` (or ``.from_config``).
-
-    Needs the ``diffusability_hf`` package (imported here, not at the top: this file must load alone).
-    """
-    try:
-        dit = importlib.import_module("diffusability_hf.models.dit")
-    except ImportError as err:
-        raise ImportError(
-            "video_transformer_config needs the diffusability_hf toolkit (its DiT presets); install it, or build "
-            "SelfConditionedVideoDiT from a config dict."
-        ) from err
-    if len(latent_shape) != 4:
-        raise ValueError(f"latent_shape must be (C, T', h, w) of video latents, got {list(latent_shape)}.")
-    channels, frames, height, width = (int(s) for s in latent_shape)
-    if height != width:
-        raise ValueError(
-            f"video_transformer_config records one sample_size, so it wants square latents, got {height}x{width}: "
-            "build SelfConditionedVideoDiT directly (positions follow the input, any h, w divisible by p work)."
-        )
-    if config_path is None:
-        config = dit.dit_config(model, channels, height, num_classes)
-        del config["norm_type"]  # always adaLN-Zero here
-        config.update(num_frames=frames, pos_embed=pos_embed, self_conditioning=self_conditioning)
-        return config
-    read_config = importlib.import_module("diffusability_hf.autoencoders").read_config
-    config = read_config(config_path)
-    name = config.get("_class_name", SelfConditionedVideoDiT.__name__)
-    if name != SelfConditionedVideoDiT.__name__:
-        raise ValueError(f"{config_path} is a {name} config, not a SelfConditionedVideoDiT one.")
-    defaults = inspect.signature(SelfConditionedVideoDiT.__init__).parameters
-    takes = [config.get(k, defaults[k].default) for k in ("in_channels", "num_frames", "sample_size")]
-    if takes != [channels, frames, height]:
-        raise ValueError(
-            f"The transformer config takes {takes[0]}x{takes[1]}x{takes[2]}^2 latents (C x T' x h^2), but {latents} "
-            f"holds {channels}x{frames}x{height}^2 ones."
-        )
-    return config

@@ -94,29 +94,6 @@ class GracefulStop:
 # ----------------------------------------------------------------------------------------------------------------
 # Training loops: what both training scripts do the same way
 
-HUB_TOKEN_REFUSAL = (
-    "--hub_token is refused: a token on the command line shows in process lists, shell history and the "
-    "launcher's error messages. Log in with `hf auth login` or set the HF_TOKEN environment variable."
-)
-
-
-def refuse_hub_token(parser, args) -> None:
-    """``parser.error`` for a ``--hub_token`` on the command line (the value itself is never echoed)."""
-    if getattr(args, "hub_token", None) is not None:
-        parser.error(HUB_TOKEN_REFUSAL)
-
-
-def hub_repo(args) -> Optional[str]:
-    """With ``--push_to_hub``, the Hub repo the run will upload to, checked (login, access) before any training;
-    ``--hub_model_id`` or the output folder's name. ``None`` without ``--push_to_hub``."""
-    if not args.push_to_hub:
-        return None
-    from ..hub import check_hub_access
-
-    return check_hub_access(
-        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), None, args.private
-    )
-
 
 def check_launcher(compile: bool = False, mixed_precision: Optional[str] = None) -> None:
     """Refuse a launch the scripts cannot run (FSDP1, ``--compile`` under FSDP: :func:`~.fsdp.check_fsdp_launch`;

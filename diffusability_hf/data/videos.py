@@ -2,7 +2,7 @@
 embedded photographs, and the joint image + video batches of the paper's Table 5.
 
 Clips are ``(3, T, R, R)`` float in ``[-1, 1]``; every dataset yields ``{"pixel_values", "skipped"}`` as the image
-datasets of :mod:`diffusability_hf.data` do (an unreadable or too short video is skipped and named in ``skipped``).
+datasets of :mod:`diffusability_hf.data.images` do (an unreadable or too short video is skipped and named in ``skipped``).
 :class:`JointBatches` yields whole per-process batches ``{"pixel_values": (B_i, 3, R, R) or None, "video_values":
 (B_v, 3, T, R, R) or None, "skipped"}``.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import (
+from .images import (
     EMBEDDED_TRAIN_IMAGES,
     EMBEDDED_VALIDATION_IMAGES,
     IMAGE_EXTENSIONS,
@@ -43,7 +43,7 @@ def embedded_gif_path() -> str:
     return os.path.join(os.path.dirname(skimage.__file__), "data", "no_time_for_that_tiny.gif")
 
 
-def _require_pyav():
+def require_pyav():
     try:
         import av  # noqa: F401
     except ImportError as err:
@@ -63,7 +63,7 @@ def _decode_gif(path: str) -> List[np.ndarray]:
 
 def _decode_all(source) -> List[np.ndarray]:
     """Every frame of a video file (path or bytes) as ``(H, W, 3)`` uint8, with PyAV."""
-    _require_pyav()
+    require_pyav()
     import av
 
     with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
@@ -136,7 +136,7 @@ class VideoClips(torch.utils.data.Dataset):
         if not self.sources:
             raise ValueError("No videos found.")
         if not all(isinstance(src, str) and os.path.isdir(src) for src in self.sources):
-            _require_pyav()  # before any clip is read: an ImportError would otherwise count as unreadable videos
+            require_pyav()  # before any clip is read: an ImportError would otherwise count as unreadable videos
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -390,7 +390,7 @@ def unwrap_batch(items: List[Dict]) -> Dict:
 
 class LabelledClips(torch.utils.data.Dataset):
     """``(clip (3, T, R, R), label, index, ok)`` for class-conditional video DiT latents, as
-    :class:`~diffusability_hf.data.LabelledImages` is for images.
+    :class:`~diffusability_hf.data.images.LabelledImages` is for images.
 
     Sources: a folder whose subfolders are the classes (each holding video files or frame folders, see
     :func:`list_videos`), an HF dataset with a Video column and a label column, or, with neither, camera pans over

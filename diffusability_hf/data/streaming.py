@@ -3,7 +3,7 @@
 through a seeded buffer, resumable without repeats.
 
 Items are exactly those of the map-style datasets, made by the same transforms (:func:`~.data.resize_and_crop`,
-:func:`~.data._open_image`, :func:`~.video_data.read_clip`, :func:`~.video_data.clip_to_tensor`):
+:func:`~.data.open_image`, :func:`~.video_data.read_clip`, :func:`~.video_data.clip_to_tensor`):
 
 - :func:`image_stream`: ``{"pixel_values": (3, R, R), "skipped": [(where, reason), ...]}`` as
   :class:`~.data.HFImageDataset`; a corrupt sample is skipped and named in the next item's ``skipped`` (the training
@@ -77,10 +77,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, _open_image, resize_and_crop, to_tensor
-from .errors import UsageError
-from .files import atomic_write_json
-from .video_data import VIDEO_EXTENSIONS, clip_to_tensor, read_clip
+from ..errors import UsageError
+from ..files import atomic_write_json
+from .images import IMAGE_EXTENSIONS, open_image, resize_and_crop, to_tensor
+from .videos import VIDEO_EXTENSIONS, clip_to_tensor, read_clip
 
 logger = logging.getLogger(__name__)
 
@@ -425,6 +425,16 @@ def load_streaming_dataset(
     return HFShards(ds, column, label_column, name=name, identity=identity)
 
 
+def is_shard_folder(path) -> bool:
+    """Whether a data folder is read as webdataset tar shards: a URL, or a local folder holding ``*.tar`` files
+    (as :func:`open_streaming_source` decides)."""
+    if path is None:
+        return False
+    if "://" in path:
+        return True
+    return os.path.isdir(path) and any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
+
+
 def open_streaming_source(
     dataset_name: Optional[str] = None,
     train_data_dir: Optional[str] = None,
@@ -747,7 +757,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def _image_pixels(source, raw, where, rng, resolution, center_crop, random_flip) -> torch.Tensor:
     """``(3, R, R)`` in ``[-1, 1]``: :class:`~.data.HFImageDataset`'s decode, resize, crop and flip."""
-    image = _open_image(source.image_cell(raw, where))
+    image = open_image(source.image_cell(raw, where))
     return to_tensor(resize_and_crop(image, resolution, center_crop, random_flip, rng))
 
 
@@ -803,9 +813,9 @@ def clip_stream(
 ) -> ShardStream:
     """Video autoencoder fine-tuning clips from a stream: items ``{"pixel_values": (3, T, R, R), "skipped"}`` as
     :class:`~.video_data.VideoClips` (an unreadable or too short video is skipped)."""
-    from .video_data import _require_pyav
+    from .videos import require_pyav
 
-    _require_pyav()  # before any clip: a missing PyAV would otherwise read as corrupt videos
+    require_pyav()  # before any clip: a missing PyAV would otherwise read as corrupt videos
     pixels = partial(
         _clip_pixels, resolution=resolution, num_frames=num_frames, frame_stride=frame_stride,
         center_crop=center_crop, random_flip=random_flip, random_start=random_start,
@@ -879,9 +889,9 @@ def labelled_items(
         pixels = partial(_image_pixels, resolution=resolution, center_crop=True, random_flip=False)
         shape = (3, resolution, resolution)
     else:
-        from .video_data import _require_pyav
+        from .videos import require_pyav
 
-        _require_pyav()
+        require_pyav()
         pixels = partial(
             _clip_pixels, resolution=resolution, num_frames=num_frames, frame_stride=frame_stride, center_crop=True,
             random_flip=False, random_start=True,

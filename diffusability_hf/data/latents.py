@@ -24,9 +24,9 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from . import autoencoders as ae
-from .errors import MissingPathError, UsageError, error_summary
-from .files import atomic_write_json
+from .. import autoencoders as ae
+from ..errors import MissingPathError, UsageError, error_summary
+from ..files import atomic_write_json
 
 SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
 METADATA = "metadata.json"

@@ -1,6 +1,6 @@
-"""Image data for the toolkit's scripts: HF ``datasets``, image folders, the embedded sample photographs, and the
-fixed evaluation sets (images or clips). Videos, camera pans and joint image + video batches are in
-:mod:`diffusability_hf.video_data`.
+"""Image data for the toolkit's scripts: HF ``datasets``, image folders and the embedded sample photographs. Videos,
+camera pans and joint image + video batches are in :mod:`diffusability_hf.data.videos`; the fixed evaluation sets
+(images or clips) in :mod:`diffusability_hf.data.evaluation`.
 
 What an item is, per dataset (pixels are float in ``[-1, 1]``):
 
@@ -9,7 +9,8 @@ What an item is, per dataset (pixels are float in ``[-1, 1]``):
   (the next one is used instead) and named in ``skipped``, never a crash; the training loop's :class:`SkipLog`
   warns once per file and counts files and skip events. :func:`collate` stacks them.
 - :class:`LabelledImages` (class-conditional DiT training): ``(pixels (3, R, R), label, index, ok)``.
-- :class:`EvalSamples` (evaluation): ``(pixels, ok)``, pixels ``(3, R, R)`` or clips ``(3, T, R, R)``.
+- :class:`~diffusability_hf.data.evaluation.EvalSamples` (evaluation): ``(pixels, ok)``, pixels ``(3, R, R)`` or
+  clips ``(3, T, R, R)``.
 
 ``ok = False`` marks an unreadable item (zeros are returned): the caller drops and counts it.
 """
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UsageError
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class EmbeddedPhotoCrops(torch.utils.data.Dataset):
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _open_image(item) -> Image.Image:
+def open_image(item) -> Image.Image:
     """Decode an HF ``datasets`` image cell (``PIL.Image``, ``{"bytes", "path"}``, or a path) and force a full load;
     the image as it should be seen: its EXIF orientation applied (photos from phones are stored sideways), 16-bit
     grey scaled to 8 bits (PIL's RGB conversion clips it: a 16-bit PNG would train as a white image)."""
@@ -194,7 +195,7 @@ def _open_image(item) -> Image.Image:
 def open_and_crop(cell, resolution: int) -> Optional[torch.Tensor]:
     """An HF image cell as a ``(3, R, R)`` centre crop in ``[-1, 1]``; ``None`` (and a warning) when unreadable."""
     try:
-        image = resize_and_crop(_open_image(cell), resolution, True, False, random.Random(0))
+        image = resize_and_crop(open_image(cell), resolution, True, False, random.Random(0))
     except Exception as err:  # corrupt or unreadable: the caller skips and counts it
         logger.warning("Skipping unreadable image %s: %s", cell.get("path") if isinstance(cell, dict) else cell, err)
         return None
@@ -220,7 +221,7 @@ class HFImageDataset(torch.utils.data.Dataset):
         for attempt in range(min(len(self), 100)):
             row = self.dataset[(index + attempt) % len(self)]
             try:
-                image = _open_image(row[self.image_column])
+                image = open_image(row[self.image_column])
                 image = resize_and_crop(image, self.resolution, self.center_crop, self.random_flip, rng)
                 return {"pixel_values": to_tensor(image), "skipped": skipped}
             except Exception as err:  # corrupt or unreadable: skip it, name it (the training loop warns once)
@@ -475,126 +476,3 @@ def collate_labelled(items: List) -> Dict:
     dataset counted them when it read them)."""
     kept = [it for it in items if it[3]]
     return {"pixels": torch.stack([it[0] for it in kept]), "label": torch.tensor([it[1] for it in kept])}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation sets: deterministic centre crops (clips from their first frame), unreadable items skipped and counted.
-
-
-class EvalSamples(torch.utils.data.Dataset):
-    """``(pixels, ok)`` for evaluation: ``(3, R, R)`` centre crops or ``(3, T, R, R)`` clips from frame 0, the same
-    every run. An unreadable image or too short video gives ``ok = False`` (and zeros): the caller drops and counts
-    it, so no sample is ever counted twice. ``description`` says what the samples are (for cards and JSON)."""
-
-    def __init__(self, items: Sequence, resolution: int, num_frames: Optional[int] = None, frame_stride: int = 1):
-        self.items, self.resolution, self.num_frames, self.frame_stride = (
-            list(items),
-            resolution,
-            num_frames,
-            frame_stride,
-        )
-        self.description = ""
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        item = self.items[index]
-        if isinstance(item, torch.Tensor):
-            return item, True
-        if self.num_frames is None:
-            pixels = open_and_crop(item, self.resolution)
-            if pixels is None:
-                return torch.zeros(3, self.resolution, self.resolution), False
-            return pixels, True
-        from .video_data import clip_to_tensor, read_clip
-
-        where = item.get("path") if isinstance(item, dict) else item
-        try:
-            data = (item.get("bytes") or item.get("path")) if isinstance(item, dict) else item
-            frames = read_clip(data, self.num_frames, self.frame_stride, random.Random(0), random_start=False)
-            return clip_to_tensor(frames, self.resolution, True, False, random.Random(0)), True
-        except Exception as err:  # unreadable, corrupt or too short: the caller skips and counts it
-            logger.warning("Skipping video %s: %s", where, err)
-            return torch.zeros(3, self.num_frames, self.resolution, self.resolution), False
-
-
-class _LazyItems:
-    """A sequence whose item ``i`` is ``make(i)``, built on access (embedded crops and pans)."""
-
-    def __init__(self, make, length: int):
-        self.make, self.length = make, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        return self.make(index)
-
-    def __iter__(self):
-        return (self.make(i) for i in range(self.length))
-
-
-def evaluation_samples(
-    resolution: int,
-    num_samples: Optional[int],
-    dataset_name: Optional[str] = None,
-    data_dir: Optional[str] = None,
-    image_column: Optional[str] = None,
-    dataset_config_name: Optional[str] = None,
-    split: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    video_data_dir: Optional[str] = None,
-    video_dataset_name: Optional[str] = None,
-    video_column: Optional[str] = None,
-    num_frames: Optional[int] = None,
-    frame_stride: int = 1,
-    embedded_split: str = "validation",
-) -> EvalSamples:
-    """The first ``num_samples`` images (or clips, when a video source or ``num_frames`` is given) of a source.
-
-    Sources: an HF image dataset or image folder, a folder of videos or an HF video dataset; with none, held-out
-    crops of the embedded photographs (``chelsea``, ``coffee``: never seen in the embedded training), or camera
-    pans over them for clips; ``embedded_split="train"`` gives instead the crops of the training photographs that
-    the embedded DiT demo learns from (the reference set of a generator trained on them). ``split=None`` means
-    "validation" for Hub datasets and "train" for local folders.
-    """
-    if embedded_split not in ("train", "validation"):
-        raise ValueError(f"embedded_split must be 'train' or 'validation', got {embedded_split!r}.")
-    names, seed = (EMBEDDED_TRAIN_IMAGES, 0) if embedded_split == "train" else (EMBEDDED_VALIDATION_IMAGES, 1)
-    video = video_data_dir is not None or video_dataset_name is not None
-    if video and num_frames is None:
-        raise ValueError("Clips need --num_frames.")
-    from .video_data import EmbeddedPanClips, list_videos, load_video_dataset
-
-    if video:
-        sources = (
-            list_videos(video_data_dir)
-            if video_data_dir is not None
-            else load_video_dataset(
-                video_dataset_name, video_column, dataset_config_name, cache_dir, split or "validation"
-            )
-        )
-        what = video_data_dir or video_dataset_name
-    elif dataset_name is not None or data_dir is not None:
-        ds, column = load_image_dataset(
-            dataset_name, data_dir, image_column, dataset_config_name, cache_dir,
-            split or ("train" if data_dir is not None else "validation"),
-        )  # fmt: skip
-        sources = _LazyItems(lambda i: ds[i][column], len(ds))
-        what = dataset_name or data_dir
-    elif num_frames is not None:
-        pans = EmbeddedPanClips(resolution, num_frames, names, num_samples or 64, seed=seed)
-        sources = _LazyItems(lambda i: pans[i]["pixel_values"], len(pans))
-        what = f"embedded camera pans over {', '.join(names)} and the scikit-image GIF"
-    else:
-        crops = EmbeddedPhotoCrops(resolution, names, num_samples or 64, seed=seed, random_flip=False)
-        sources = _LazyItems(lambda i: crops.crop(i)[0], len(crops))
-        held_out = "held-out " if embedded_split == "validation" else ""
-        what = f"crops of the embedded {held_out}photographs {', '.join(names)}"
-    n = len(sources) if num_samples is None else min(num_samples, len(sources))
-    out = EvalSamples(_LazyItems(sources.__getitem__, n), resolution, num_frames, frame_stride)
-    out.description = f"{n} {'clips' if num_frames else 'images'} of {what}"
-    return out

@@ -1,0 +1,1 @@
+"""Data: images, videos, evaluation sets, shard streams and latent shards."""
