@@ -23,6 +23,7 @@ PARTS = {
     "pipelines": ["pipelines"],
     "training": ["training"],
     "measures": ["metrics", "hub", "tracking"],
+    "bench": ["bench"],
     "package": [""],  # diffusability_hf/__init__.py (the version)
 }
 # part -> the parts it may import (besides itself); docs/architecture.md explains each row
@@ -39,6 +40,8 @@ MAY_IMPORT = {
     "pipelines": BASE | {"models", "figures"},
     "training": BASE | {"math", "figures", "autoencoders", "objectives", "data", "models", "pipelines"},
     "measures": BASE | {"math", "figures", "autoencoders", "objectives", "data", "models", "pipelines"},
+    "bench": {"errors", "files", "math", "figures", "autoencoders", "objectives", "data", "models", "pipelines"}
+    | {"training", "measures", "package"},
     "package": set(),
 }
 # shipped as a saved pipeline's remote code: torch, diffusers and the standard library only

@@ -232,10 +232,10 @@ def test_ablation_smoke_varies_one_factor_per_cell(tmp_path):
 RACE = """
 import os
 from concurrent.futures import ThreadPoolExecutor
-import diffusability_bench as bench
-bench.SCRIPTS, bench.PRELOAD = {tmp!r}, ["diffusability_bench"]
+from diffusability_hf.bench import runner
+runner.PRELOAD = ["diffusability_hf.bench.runner"]
 def one(i):
-    return bench.run("ok.py", i, log=os.path.join({tmp!r}, f"{{i}}.log"), threads=1)
+    return runner.run(os.path.join({tmp!r}, "ok.py"), i, log=os.path.join({tmp!r}, f"{{i}}.log"), threads=1, cwd={tmp!r})
 with ThreadPoolExecutor(8) as pool:
     list(pool.map(one, range(160)))
 print("all succeeded")
@@ -243,12 +243,11 @@ print("all succeeded")
 
 
 def test_parallel_runs_read_every_exit_code_correctly(tmp_path):
-    """The bench runs scripts from several threads at once; a child that succeeded must never read as failed
-    (forkserver's exit-code pipe, read twice by racing polls, gave 255 for about a fifth of such runs)."""
+    """The bench runs scripts from several threads at once (diffusability_hf.bench.runner); a child that succeeded
+    must never read as failed (forkserver's exit-code pipe, read twice by racing polls, gave 255 for about a fifth of
+    such runs)."""
     (tmp_path / "ok.py").write_text("import sys\nassert len(sys.argv) == 2\n")
-    # on the path of the fork server too, which preloads the bench once instead of each child importing it
-    path = os.pathsep.join([os.path.join(ROOT, "train_scripts"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     code = RACE.format(tmp=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "all succeeded" in proc.stdout, proc.stderr[-3000:]

@@ -16,6 +16,8 @@ import skimage.data
 import torch
 from PIL import Image
 
+from diffusability_hf.data import shards as sh
+from diffusability_hf.data import stream_items as si
 from diffusability_hf.data import streaming as st
 from diffusability_hf.data.images import HFImageDataset, SkipLog, collate, open_and_crop
 from diffusability_hf.data.videos import VideoClips, embedded_gif_path
@@ -81,7 +83,7 @@ def image_shards(tmp_path_factory):
             elif (s, p) == (1, 5):
                 fields = {"cls": b"1"}
             else:
-                good[st.sample_id(s, p)] = next(v for k, v in fields.items() if k != "cls")
+                good[sh.sample_id(s, p)] = next(v for k, v in fields.items() if k != "cls")
             samples.append((f"photo/{s:02d}_{p:03d}", fields))
         paths.append(write_tar(root / f"{s:06d}.tar", samples))
     return root, paths, good
@@ -117,14 +119,14 @@ def epochs(stream, n: int = 1):
 )
 def test_expand_braces_matches_bash(spec):
     bash = subprocess.run(["bash", "-c", f"echo {spec}"], capture_output=True, text=True, check=True).stdout.split()
-    assert st.expand_braces(spec) == bash
+    assert sh.expand_braces(spec) == bash
 
 
 def test_list_shards_folder_spec_and_errors(image_shards, tmp_path):
     root, paths, _ = image_shards
-    assert st.list_shards(train_data_dir=str(root)) == paths
-    assert st.list_shards(train_data_files=f"{root}/{{000001..000002}}.tar") == paths[1:3]
-    assert st.list_shards(train_data_files=[f"{root}/000003.tar", f"{root}/00000[01].tar"]) == [paths[3], *paths[:2]]
+    assert sh.list_shards(train_data_dir=str(root)) == paths
+    assert sh.list_shards(train_data_files=f"{root}/{{000001..000002}}.tar") == paths[1:3]
+    assert sh.list_shards(train_data_files=[f"{root}/000003.tar", f"{root}/00000[01].tar"]) == [paths[3], *paths[:2]]
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.tar").write_bytes(b"this is not a tar archive" * 40)
     for kwargs, message in [
@@ -136,7 +138,7 @@ def test_list_shards_folder_spec_and_errors(image_shards, tmp_path):
         ({}, "exactly one of"),
     ]:
         with pytest.raises(UsageError, match=message) as err:
-            st.list_shards(**kwargs)
+            sh.list_shards(**kwargs)
         assert "\n" not in str(err.value)
 
 
@@ -148,7 +150,7 @@ def test_image_items_equal_map_style_and_skips_are_counted(image_shards):
     import datasets
 
     _, paths, good = image_shards
-    stream = st.image_stream(st.TarShards(paths), R, center_crop=True, shuffle=False)
+    stream = si.image_stream(sh.TarShards(paths), R, center_crop=True, shuffle=False)
     it = iter(stream)
     items = [next(it) for _ in range(len(good))]
     # The same image bytes through the map-style dataset (an HF column of undecoded images)
@@ -172,10 +174,10 @@ def test_truncated_shard_is_skipped_and_counted(image_shards, tmp_path):
     cut = str(tmp_path / "cut.tar")
     with open(cut, "wb") as fh:
         fh.write(data[: len(data) // 2 + 100])  # cut inside a member
-    source = st.TarShards([cut, paths[1]])
+    source = sh.TarShards([cut, paths[1]])
     (out,) = epochs(ids_stream(source, shuffle=False))
-    assert 0 < sum(st.split_sample_id(s)[0] == 0 for s in out) < 6 and len([s for s in out if s >= 10**9]) == 5
-    stream = st.image_stream(source, R, shuffle=False)
+    assert 0 < sum(sh.split_sample_id(s)[0] == 0 for s in out) < 6 and len([s for s in out if s >= 10**9]) == 5
+    stream = si.image_stream(source, R, shuffle=False)
     skipped = [s for _, item in zip(range(20), stream) for s in item["skipped"]]
     assert any(where == cut and "ReadError" in why for where, why in skipped)
 
@@ -187,8 +189,8 @@ def test_video_items_equal_map_style(tmp_path):
     short, corrupt = write_video(2), b"\x00\x00\x00\x18ftypmp42 truncated"
     videos = [("a", "mp4", mp4), ("b", "webm", webm), ("c", "mp4", corrupt), ("d", "gif", gif), ("e", "mp4", short)]
     shard = write_tar(tmp_path / "v.tar", [(k, {ext: data, "cls": b"2"}) for k, ext, data in videos])
-    stream = st.clip_stream(
-        st.TarShards([shard]), R, num_frames=4, center_crop=True, random_start=False, shuffle=False
+    stream = si.clip_stream(
+        sh.TarShards([shard]), R, num_frames=4, center_crop=True, random_start=False, shuffle=False
     )
     items = [item for _, item in zip(range(3), stream)]
     reference = VideoClips(
@@ -205,7 +207,7 @@ def test_video_items_equal_map_style(tmp_path):
     assert stream.consumed == 4
     nxt = next(iter(stream))  # the too-short video ends epoch 0; epoch 1 starts over
     assert any("fewer than" in why for _, why in nxt["skipped"]) and stream.epoch == 1
-    labelled = list(st.labelled_items(st.TarShards([shard]), [0], R, num_frames=4))
+    labelled = list(si.labelled_items(sh.TarShards([shard]), [0], R, num_frames=4))
     assert [(tuple(x.shape), lab, ok) for x, lab, _, ok in labelled] == [((3, 4, R, R), 2, True)] * 2 + [
         ((3, 4, R, R), -1, False),
         ((3, 4, R, R), 2, True),
@@ -217,7 +219,7 @@ def test_video_items_equal_map_style(tmp_path):
 # Split, shuffle, resume
 
 
-class CountingShards(st.TarShards):
+class CountingShards(sh.TarShards):
     """TarShards that count how often each shard is opened."""
 
     def __init__(self, urls):
@@ -232,7 +234,7 @@ class CountingShards(st.TarShards):
 @pytest.mark.parametrize("num_shards,world_size", [(4, 2), (3, 2), (1, 2), (2, 3)])
 def test_processes_split_every_sample_exactly_once(image_shards, num_shards, world_size):
     _, paths, good = image_shards
-    expected = sorted(s for s in good if st.split_sample_id(s)[0] < num_shards)
+    expected = sorted(s for s in good if sh.split_sample_id(s)[0] < num_shards)
     seen, opened = [], []
     for rank in range(world_size):
         source = CountingShards(paths[:num_shards])
@@ -250,7 +252,7 @@ def test_processes_split_every_sample_exactly_once(image_shards, num_shards, wor
 
 def test_shuffle_is_seeded_and_differs_by_epoch(image_shards):
     _, paths, good = image_shards
-    source = st.TarShards(paths)
+    source = sh.TarShards(paths)
     epoch0, epoch1 = epochs(ids_stream(source, seed=1, buffer_size=5), 2)
     (again,) = epochs(ids_stream(source, seed=1, buffer_size=5))
     (other,) = epochs(ids_stream(source, seed=2, buffer_size=5))
@@ -264,9 +266,9 @@ def test_shuffle_is_seeded_and_differs_by_epoch(image_shards):
 def test_resume_yields_exactly_the_rest(image_shards, world_size, threads):
     _, paths, _ = image_shards
     kw = dict(seed=7, buffer_size=6, rank=world_size - 1, world_size=world_size, decode_threads=threads)
-    epoch0, epoch1 = epochs(ids_stream(st.TarShards(paths), **kw), 2)
+    epoch0, epoch1 = epochs(ids_stream(sh.TarShards(paths), **kw), 2)
     for k in sorted({0, 1, len(epoch0) // 2, len(epoch0) - 2, len(epoch0)}):
-        first = ids_stream(st.TarShards(paths), **kw)
+        first = ids_stream(sh.TarShards(paths), **kw)
         it = iter(first)
         head = [next(it)["sid"] for _ in range(k)]
         state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
@@ -280,7 +282,7 @@ def test_resume_yields_exactly_the_rest(image_shards, world_size, threads):
 def test_resume_reads_only_the_shards_still_needed(image_shards):
     _, paths, _ = image_shards
     for buffer_size, k in [(0, 13), (2, 18)]:
-        first = ids_stream(st.TarShards(paths), seed=1, buffer_size=buffer_size)
+        first = ids_stream(sh.TarShards(paths), seed=1, buffer_size=buffer_size)
         it = iter(first)
         for _ in range(k):
             next(it)
@@ -296,7 +298,7 @@ def test_resume_reads_only_the_shards_still_needed(image_shards):
 
 def test_resume_through_a_dataloader_and_checkpoint_files(image_shards, tmp_path):
     _, paths, _ = image_shards
-    make = lambda: st.image_stream(st.TarShards(paths), R, random_flip=True, seed=5, buffer_size=5)  # noqa: E731
+    make = lambda: si.image_stream(sh.TarShards(paths), R, random_flip=True, seed=5, buffer_size=5)  # noqa: E731
     batches = list(zip(range(8), torch.utils.data.DataLoader(make(), batch_size=4, collate_fn=collate)))
     stream = make()
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=4, collate_fn=collate))
@@ -312,18 +314,18 @@ def test_resume_through_a_dataloader_and_checkpoint_files(image_shards, tmp_path
 
 def test_resume_refuses_a_changed_stream(image_shards):
     _, paths, _ = image_shards
-    state = ids_stream(st.TarShards(paths), world_size=2).state_dict()
+    state = ids_stream(sh.TarShards(paths), world_size=2).state_dict()
     state["consumed"] = 3
     with pytest.raises(UsageError, match="world_size 2 -> 1"):
-        ids_stream(st.TarShards(paths)).load_state_dict(state)
-    loose = ids_stream(st.TarShards(paths))
+        ids_stream(sh.TarShards(paths)).load_state_dict(state)
+    loose = ids_stream(sh.TarShards(paths))
     loose.load_state_dict(state, strict=False)
     assert (loose.epoch, loose.consumed) == (1, 0)
 
 
 def test_stream_refuses_dataloader_workers(image_shards, monkeypatch):
     _, paths, _ = image_shards
-    stream = st.image_stream(st.TarShards(paths), R)
+    stream = si.image_stream(sh.TarShards(paths), R)
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a DataLoader worker
     with pytest.raises(UsageError, match="num_workers=0"):
         next(iter(stream))
@@ -331,9 +333,9 @@ def test_stream_refuses_dataloader_workers(image_shards, monkeypatch):
 
 def test_hold_out_first_is_never_trained_on(image_shards):
     _, paths, good = image_shards
-    source = st.TarShards(paths)
-    pixels, exclude, info = st.hold_out_first(source, 3, st.image_reader(R))
-    assert pixels.shape == (3, 3, R, R) and exclude == [st.sample_id(0, p) for p in range(3)]
+    source = sh.TarShards(paths)
+    pixels, exclude, info = si.hold_out_first(source, 3, si.image_reader(R))
+    assert pixels.shape == (3, 3, R, R) and exclude == [sh.sample_id(0, p) for p in range(3)]
     assert torch.equal(pixels[0], open_and_crop({"bytes": good[0], "path": "x"}, R))
     (out,) = epochs(ids_stream(source, exclude=exclude))
     assert sorted(out) == sorted(set(good) - set(exclude))
@@ -348,12 +350,12 @@ def test_labelled_items_each_shard_once_with_stable_ids(image_shards, tmp_path):
     seen = []
     for rank in range(3):
         shards = st.shards_for_rank(len(paths), rank, 3)
-        loader = torch.utils.data.DataLoader(st.labelled_items(st.TarShards(paths), shards, R), batch_size=4)
+        loader = torch.utils.data.DataLoader(si.labelled_items(sh.TarShards(paths), shards, R), batch_size=4)
         for pixels, labels, ids, ok in loader:
             assert pixels.shape[1:] == (3, R, R)
             seen += [(int(i), int(lab), bool(o)) for i, lab, o in zip(ids, labels, ok)]
-    assert sorted(i for i, _, _ in seen) == sorted(st.sample_id(s, p) for s in range(4) for p in range(6))
-    assert {i for i, _, o in seen if not o} == {st.sample_id(2, 3), st.sample_id(1, 5)}
+    assert sorted(i for i, _, _ in seen) == sorted(sh.sample_id(s, p) for s in range(4) for p in range(6))
+    assert {i for i, _, o in seen if not o} == {sh.sample_id(2, 3), sh.sample_id(1, 5)}
     assert all(lab == (6 * (i // 10**9) + i % 10**9) % 3 for i, lab, o in seen if o)
     # Class names from txt / json labels
     shard = write_tar(
@@ -364,7 +366,7 @@ def test_labelled_items_each_shard_once_with_stable_ids(image_shards, tmp_path):
             ("c", {"jpg": good[1]}),
         ],
     )
-    items = list(st.labelled_items(st.TarShards([shard], class_names=["dog", "cat"]), [0], R))
+    items = list(si.labelled_items(sh.TarShards([shard], class_names=["dog", "cat"]), [0], R))
     assert [(lab, ok) for _, lab, _, ok in items] == [(1, True), (0, True), (-1, False)]
     assert torch.equal(items[0][0], open_and_crop({"bytes": good[1], "path": "x"}, R))
 
@@ -386,9 +388,9 @@ def test_hf_streaming_parquet(tmp_path):
         ds = ds.cast_column("image", datasets.Image()).cast_column("label", datasets.ClassLabel(names=["a", "b"]))
         ds.to_parquet(str(tmp_path / f"part-{s}.parquet"))
         files.append(str(tmp_path / f"part-{s}.parquet"))
-    source = st.load_streaming_dataset("parquet", data_files=files, label_column="label")
+    source = sh.load_streaming_dataset("parquet", data_files=files, label_column="label")
     assert source.num_shards == 3 and source.column == "image" and source.class_names == ["a", "b"]
-    stream = st.image_stream(source, R, center_crop=True, shuffle=False)
+    stream = si.image_stream(source, R, center_crop=True, shuffle=False)
     items = [item for _, item in zip(range(8), stream)]
     full = datasets.load_dataset("parquet", data_files=files, split="train").cast_column(
         "image", datasets.Image(decode=False)
@@ -405,7 +407,7 @@ def test_hf_streaming_parquet(tmp_path):
     (rest,) = epochs(b)
     (full_epoch,) = epochs(ids_stream(source, seed=2, buffer_size=3, rank=1, world_size=2))
     assert head + rest == full_epoch
-    labelled = list(st.labelled_items(source, [2], R))
+    labelled = list(si.labelled_items(source, [2], R))
     assert [(lab, ok) for _, lab, _, ok in labelled] == [(0, True), (1, True), (0, True)]
 
 
@@ -418,34 +420,34 @@ def test_http_and_fsspec_urls(image_shards):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        urls = st.list_shards(train_data_files=f"http://127.0.0.1:{server.server_port}/{{000000..000003}}.tar")
-        (remote,) = epochs(ids_stream(st.TarShards(urls), seed=4))
+        urls = sh.list_shards(train_data_files=f"http://127.0.0.1:{server.server_port}/{{000000..000003}}.tar")
+        (remote,) = epochs(ids_stream(sh.TarShards(urls), seed=4))
         with pytest.raises(UsageError, match="Cannot open the shard"):
-            epochs(ids_stream(st.TarShards([urls[0].replace("000000", "missing")])))
+            epochs(ids_stream(sh.TarShards([urls[0].replace("000000", "missing")])))
     finally:
         server.shutdown()
-    (local,) = epochs(ids_stream(st.TarShards(paths), seed=4))
+    (local,) = epochs(ids_stream(sh.TarShards(paths), seed=4))
     assert remote == local
     # Any fsspec filesystem (hf://, s3://, ...): listed and globbed through fsspec
     fs = fsspec.filesystem("memory")
     for p in paths:
         fs.pipe(f"/wds/{os.path.basename(p)}", open(p, "rb").read())
-    urls = st.list_shards(train_data_dir="memory://wds")
+    urls = sh.list_shards(train_data_dir="memory://wds")
     assert [os.path.basename(u) for u in urls] == [os.path.basename(p) for p in paths]
-    (memory,) = epochs(ids_stream(st.TarShards(urls), seed=4))
+    (memory,) = epochs(ids_stream(sh.TarShards(urls), seed=4))
     assert memory == local
 
 
 def test_open_streaming_source_picks_the_reader(image_shards, tmp_path):
     root, paths, _ = image_shards
-    assert st.open_streaming_source(train_data_dir=str(root)).urls == paths
-    assert st.open_streaming_source(train_data_files=f"{root}/00000{{0,3}}.tar").urls == [paths[0], paths[3]]
+    assert sh.open_streaming_source(train_data_dir=str(root)).urls == paths
+    assert sh.open_streaming_source(train_data_files=f"{root}/00000{{0,3}}.tar").urls == [paths[0], paths[3]]
     for p, crop in enumerate(photo_crops(4)):  # an image folder, classes as subfolders
         (tmp_path / "ab"[p % 2]).mkdir(exist_ok=True)
         Image.fromarray(crop).save(tmp_path / "ab"[p % 2] / f"{p}.png")
-    source = st.open_streaming_source(train_data_dir=str(tmp_path), label_column="label")
-    assert isinstance(source, st.HFShards) and source.class_names == ["a", "b"]
-    items = list(st.labelled_items(source, range(source.num_shards), R))
+    source = sh.open_streaming_source(train_data_dir=str(tmp_path), label_column="label")
+    assert isinstance(source, sh.HFShards) and source.class_names == ["a", "b"]
+    items = list(si.labelled_items(source, range(source.num_shards), R))
     assert sorted(lab for _, lab, _, ok in items if ok) == [0, 0, 1, 1]
     with pytest.raises(UsageError, match="--streaming needs"):
-        st.open_streaming_source()
+        sh.open_streaming_source()

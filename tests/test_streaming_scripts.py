@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusability_hf.data import streaming as st
+from diffusability_hf.data import shards as sh
 from diffusability_hf.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -335,9 +335,9 @@ def test_extract_tar_shards_one_latent_shard_each_two_processes_equal_one_and_re
     assert meta["extraction"]["input_shards"] == 3 and meta["extraction"]["shard_size"] is None
     shards = {s: load_file(one / s) for s in meta["shards"]}
     ids = torch.cat([s["indices"] for s in shards.values()]).tolist()
-    assert ids == [st.sample_id(s, p) for s in range(3) for p in range(3) if (s, p) not in ((1, 1), (2, 1))]
-    assert torch.cat([s["labels"] for s in shards.values()]).tolist() == [(st.split_sample_id(i)[0] * 3 +
-                                                                          st.split_sample_id(i)[1]) % 3 for i in ids]  # fmt: skip
+    assert ids == [sh.sample_id(s, p) for s in range(3) for p in range(3) if (s, p) not in ((1, 1), (2, 1))]
+    assert torch.cat([s["labels"] for s in shards.values()]).tolist() == [(sh.split_sample_id(i)[0] * 3 +
+                                                                          sh.split_sample_id(i)[1]) % 3 for i in ids]  # fmt: skip
     assert shards["shard-00000.safetensors"]["mean"].shape == (3, 4, 4, 4)
 
     # Two processes (each input shard encoded once, by one of them), the shards named by a brace spec

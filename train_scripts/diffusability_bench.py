@@ -46,12 +46,10 @@ reuses every finished stage (an interrupted run continues); other settings are r
 """
 
 import argparse
-import itertools
 import json
 import math
 import os
 import shutil
-import sys
 import threading
 import time
 from functools import partial
@@ -61,6 +59,7 @@ import torch
 import torch.nn as nn
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf.bench.runner import Stages, cpu_cores, in_parallel
 from diffusability_hf.data.images import EMBEDDED_VALIDATION_IMAGES, EmbeddedPhotoCrops, installed_photographs
 from diffusability_hf.errors import UsageError, run_script
 from diffusability_hf.files import atomic_write_json, atomic_write_text
@@ -299,133 +298,6 @@ def parse_args(input_args=None):
 # Running the toolkit's scripts
 
 
-# Every script runs in its own process, forked from a server process that has imported torch, diffusers and the
-# toolkit once: a fresh interpreter spends about 15 s importing them on 2 CPU cores, which would dominate the
-# bench's many short runs. The child runs the script file as ``__main__`` with its own argv, CPU threads and log,
-# exactly as ``python train_scripts/<script> ...`` would.
-PRELOAD = [
-    "torch", "diffusers", "diffusers.models.autoencoders.autoencoder_kl", "accelerate", "safetensors.torch",
-    "diffusability_hf.autoencoders", "diffusability_hf.data.images", "diffusability_hf.losses", "diffusability_hf.metrics",
-    "diffusability_hf.models", "diffusability_hf.pipelines", "diffusability_hf.training.checkpoints",
-    "diffusability_hf.training.launch", "matplotlib.pyplot",
-    "__main__",
-]  # fmt: skip
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
-_context = None
-# Reading a forkserver child's exit code is not thread-safe: ``Process.start`` polls every other live child, and
-# when that poll races the child's own ``join``, one of the two reads end-of-file and records exit code 255 for a
-# run that succeeded. Every start and every reading of an exit code happens under this lock.
-_process_lock = threading.Lock()
-
-
-def _script_process(script, argv, log, threads):
-    """The child: output to ``log``, ``threads`` CPU threads, then the script as ``__main__``."""
-    import runpy
-
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **OFFLINE)
-    torch.set_num_threads(threads)
-    os.chdir(ROOT)
-    sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
-
-
-def run(script, *args, log, threads):
-    """One toolkit script in its own process, offline, on ``threads`` CPU threads; its output goes to ``log``
-    (which starts with the equivalent command line). Returns the seconds it took; a failure raises with the end
-    of its log."""
-    import multiprocessing
-    import multiprocessing.connection
-
-    global _context
-    if _context is None:
-        os.environ.update(OFFLINE)  # before the server imports huggingface_hub, which reads them at import
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
-    path = os.path.join(SCRIPTS, script)
-    argv = [str(a) for a in args]
-    with open(log, "w") as fh:
-        fh.write(" ".join(["python", os.path.relpath(path, ROOT), *argv]) + "\n\n")
-    start = time.time()
-    proc = _context.Process(target=_script_process, args=(path, argv, log, threads))
-    with _process_lock:
-        proc.start()
-    multiprocessing.connection.wait([proc.sentinel])
-    with _process_lock:
-        proc.join()
-    if proc.exitcode:
-        with open(log) as fh:
-            tail = fh.read()[-4000:]
-        raise RuntimeError(f"{script} failed ({proc.exitcode}); its log is {log}:\n{tail}")
-    return time.time() - start
-
-
-def cpu_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def in_parallel(tasks, jobs, cores):
-    """Run the callables (each takes its CPU thread count) with at most ``jobs`` at once, the ``cores`` split
-    between them; when there are more tasks than jobs, the last one to start gets every core (it will mostly run
-    alone). Re-raises a failure."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    lock, started = threading.Lock(), itertools.count(1)
-    share = max(1, cores // max(1, min(jobs, len(tasks))))
-
-    def start(task):
-        with lock:
-            last = next(started) == len(tasks) > jobs
-        return task(cores if last else share)
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(start, t) for t in tasks]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # no queued run starts after a failure
-            raise
-
-
-class Stages:
-    """Runs each named step once: a step whose output marker exists is reused (a rerun continues an interrupted
-    bench). The seconds of every step and of every invocation are kept in ``times.json`` (a continued run adds
-    its own), so the report's total is the sum of the invocations' wall times."""
-
-    def __init__(self, out):
-        self.path, self.logs, self.lock = os.path.join(out, "times.json"), os.path.join(out, "logs"), threading.Lock()
-        os.makedirs(self.logs, exist_ok=True)
-        self.times = {"steps": {}, "invocations": []}
-        if os.path.isfile(self.path):
-            with open(self.path) as fh:
-                self.times = json.load(fh)
-        self.start = time.time()
-        self.times["invocations"].append(0.0)
-
-    def record(self, name, seconds):
-        with self.lock:
-            self.times["steps"][name] = seconds
-            self.times["invocations"][-1] = time.time() - self.start
-            atomic_write_json(self.path, self.times)
-
-    def total(self):
-        self.record("report", 0.0)
-        return sum(self.times["invocations"])
-
-    def script(self, name, marker, script, *args, threads):
-        if os.path.exists(marker):
-            return
-        folder = os.path.dirname(marker)
-        if os.path.isdir(folder) and os.listdir(folder):  # an interrupted attempt of this very step: start afresh
-            shutil.rmtree(folder)
-        self.record(name, run(script, *args, log=os.path.join(self.logs, f"{name}.log"), threads=threads))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data and feature spaces
 
@@ -658,7 +530,7 @@ class Bench:
 
     def __init__(self, args, cfg, out):
         self.args, self.cfg, self.out = args, cfg, out
-        self.stages = Stages(out)
+        self.stages = Stages(out, SCRIPTS, ROOT)
         self.cores, self.jobs = cpu_cores(), args.jobs
         self.sources, self.features = {}, {}
         # parallel stage-I tasks ask for the same data and feature spaces: the first writes them, the others wait

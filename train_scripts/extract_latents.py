@@ -52,12 +52,8 @@ from diffusability_hf.data.latents import (
     write_metadata,
     write_shard,
 )
-from diffusability_hf.data.streaming import (
-    TarShards,
-    is_shard_folder,
-    labelled_items,
-    open_streaming_source,
-)
+from diffusability_hf.data.shards import TarShards, is_shard_folder, open_streaming_source
+from diffusability_hf.data.stream_items import labelled_items
 from diffusability_hf.data.videos import LabelledClips
 from diffusability_hf.errors import MissingPathError, UsageError, run_script
 from diffusability_hf.files import report_written

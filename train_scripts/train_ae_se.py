@@ -32,17 +32,9 @@ from tqdm.auto import tqdm
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data.images import SkipLog, collate, training_images
-from diffusability_hf.data.streaming import (
-    clip_reader,
-    clip_stream,
-    hold_out_first,
-    image_reader,
-    image_stream,
-    is_shard_folder,
-    load_stream_state,
-    open_streaming_source,
-    save_stream_state,
-)
+from diffusability_hf.data.shards import is_shard_folder, open_streaming_source
+from diffusability_hf.data.stream_items import clip_reader, clip_stream, hold_out_first, image_reader, image_stream
+from diffusability_hf.data.streaming import load_stream_state, save_stream_state
 from diffusability_hf.data.videos import JointBatches, training_clips, unwrap_batch
 from diffusability_hf.errors import UsageError, run_script
 from diffusability_hf.figures import plot_fine_tuning_spectra, save_png

@@ -21,14 +21,11 @@ with its plot (the committed ``experiments/se_downsample_modes/results/`` is tha
 """
 
 import argparse
-import itertools
 import json
 import math
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from functools import partial
 
@@ -39,6 +36,8 @@ SCRIPTS = os.path.join(ROOT, "train_scripts")
 sys.path.insert(0, ROOT)
 
 from diffusability_hf.autoencoders import EMBEDDED_AE  # noqa: E402
+from diffusability_hf.bench.runner import cpu_cores, in_parallel  # noqa: E402
+from diffusability_hf.bench.runner import run as run_script  # noqa: E402
 from diffusability_hf.hub import markdown_table  # noqa: E402
 from diffusability_hf.losses import DOWNSAMPLE_MODES  # noqa: E402
 
@@ -60,51 +59,9 @@ def parse_args():
     return args
 
 
-# cpu_cores and in_parallel: copied from train_scripts/diffusability_bench.py; run() starts a fresh interpreter per
-# script (the bench forks them from a server that has imported torch and diffusers once)
 def run(script, *args, log, threads):
-    """One toolkit script in a fresh process, offline, on ``threads`` CPU threads; its output goes to ``log``."""
-    cmd = [sys.executable, os.path.join(SCRIPTS, script), *map(str, args)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))  # also from a plain checkout
-    start = time.time()
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode:
-        with open(log) as fh:
-            tail = fh.read()[-4000:]
-        raise RuntimeError(f"{script} failed ({proc.returncode}); its log is {log}:\n{tail}")
-    return time.time() - start
-
-
-def cpu_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def in_parallel(tasks, jobs, cores):
-    """Run the callables (each takes its CPU thread count) at most ``jobs`` at once, the ``cores`` split between
-    them; the last one to start when there are more tasks than jobs gets every core. Re-raises a failure."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    lock, started = threading.Lock(), itertools.count(1)
-    share = max(1, cores // max(1, min(jobs, len(tasks))))
-
-    def start(task):
-        with lock:
-            last = next(started) == len(tasks) > jobs
-        return task(cores if last else share)
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(start, t) for t in tasks]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+    """One toolkit script in its own process (the bench's runner), offline, on ``threads`` CPU threads."""
+    return run_script(os.path.join(SCRIPTS, script), *args, log=log, threads=threads, cwd=ROOT)
 
 
 def settings_for(mode):
