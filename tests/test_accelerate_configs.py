@@ -1,4 +1,4 @@
-"""The accelerate configs: each loads with accelerate's own loader and means what its name says; the README gives a
+"""The accelerate configs: each loads with accelerate's own loader and means what its name says; docs/hardware.md gives a
 command line for each; and data parallelism is exact: 2 CPU processes (gloo) give the weights of 1 process with
 twice the per-process batch."""
 
@@ -79,8 +79,8 @@ def test_launcher_turns_the_deepspeed_config_into_its_environment():
     assert "ACCELERATE_GRADIENT_CLIPPING" not in env and "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env
 
 
-def test_readme_gives_a_command_line_for_every_config():
-    with open(os.path.join(ROOT, "README.md")) as fh:
+def test_the_docs_give_a_command_line_for_every_config():
+    with open(os.path.join(ROOT, "docs", "hardware.md")) as fh:
         readme = fh.read()
     for path in CONFIGS:
         assert f"accelerate launch --config_file accelerate_configs/{os.path.basename(path)}" in readme, path

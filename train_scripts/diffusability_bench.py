@@ -2,7 +2,7 @@
 """Does an autoencoder make latents easier to diffuse? The paper's protocols for several autoencoders on the same
 data, through the toolkit's own scripts, in one report (``report.md``, ``report.json`` and their plots).
 
-    python train_scripts/diffusability_bench.py                       # the default run (time: see the README)
+    python train_scripts/diffusability_bench.py                       # the default run (time: see docs/bench.md)
     python train_scripts/diffusability_bench.py --smoke               # every stage, a handful of steps each
     python train_scripts/diffusability_bench.py --models sd=./sd-vae sd-se=./sd-vae-se \\
         --train_data_dir ./my_classes --validation_data_dir ./my_val --resolution 256
@@ -81,7 +81,7 @@ from diffusability_hf.models.dit import RECIPES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "train_scripts")
 
-# The default run, sized for 2 CPU cores (see the README for its measured time). The AE sizing is the embedded
+# The default run, sized for 2 CPU cores (see docs/bench.md for its measured time). The AE sizing is the embedded
 # CPU one of train_ae_se.py (lr 2e-4, no LPIPS: its trunk is a download) at batch 8 and 128 px (16x16 latents).
 # The DiT: the recipe chosen in experiments/dit_recipe for 1200 steps, the shortest length at which it stopped
 # improving on the vanilla latents (experiments/dit_length).
@@ -224,7 +224,7 @@ def parse_args(input_args=None):
         type=str,
         default=None,
         choices=list(RECIPES),
-        help="The DiT recipe of the comparisons (default: the one --select_recipe chose, see the README).",
+        help="The DiT recipe of the comparisons (default: the one --select_recipe chose, see docs/bench.md).",
     )
     parser.add_argument(
         "--output_dir",

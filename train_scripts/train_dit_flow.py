@@ -165,7 +165,7 @@ def parse_args(input_args=None):
         default=None,
         help="Std of the label table's normal init, for the paper's DiT and --stock_dit alike. Default: DiT's 0.02 "
         "(Peebles & Xie; App. B's 400k-step runs), or a config file's own value. In runs of a few hundred steps 0.02 "
-        "leaves the model class-blind; 1.0 learns the class (the README's DiT recipe section).",
+        "leaves the model class-blind; 1.0 learns the class (docs/latent_dit.md, the DiT recipe section).",
     )
     parser.add_argument(
         "--self_conditioning_prob",

@@ -27,7 +27,7 @@ Initialisation: DiT's (Peebles & Xie: xavier linears, adaLN-Zero, zero output la
 from N(0, ``class_embed_init_std``^2). DiT's 0.02 (also the public alphaflow code's) suits the paper's 400k-step
 runs; in a few hundred steps it leaves the model class-blind (samples at chance class accuracy in the bench's
 600-step runs), while 1.0 (PyTorch's ``nn.Embedding`` default, what diffusers' ``DiTTransformer2DModel`` gets from
-``from_config``) learns the class within them: see the README's DiT recipe section.
+``from_config``) learns the class within them: see the DiT recipe section of docs/latent_dit.md.
 
 This file imports only torch and diffusers (plus the standard library) so that it can be copied into a saved
 pipeline's ``transformer/`` folder and loaded with ``trust_remote_code=True``.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Which downsampling should SE use? The embedded AE fine-tuned with each mode, side by side, at 128 px.
 
-    python experiments/se_downsample_modes/run.py                 # the full run (its time is in the README)
+    python experiments/se_downsample_modes/run.py                 # the full run (its time is in docs/train_ae_se.md)
     python experiments/se_downsample_modes/run.py --smoke         # a few steps per run: checks the plumbing
 
 The paper says "x2-4 bilinear downsampling" (Section 3.3); the authors' released code has a box average
