@@ -11,9 +11,10 @@ For each ``--models`` DiT (built with ``diffusability_hf.models.dit`` as the scr
 * (b) the loop's step, rebuilt from train_dit_flow.py's ``main()`` around the objective the script trains, the
   library's ``diffusability_hf.flow.FlowMatchingLoss`` (the script's default settings): per-step generator and
   seeding, posterior sample and per-channel normalisation of a (mean, std) batch, the loss under
-  ``accelerator.accumulate``,
-  ``accelerator.backward``, gradient clipping at 16, AdamW + warmup-cosine LR step, EMA update, loss ``.item()``
-  and ``accelerator.log``. The batch is a precomputed tensor: no data loading;
+  ``accelerator.accumulate``, then the scripts' own optimizer step, ``diffusability_hf.training.steps.optimizer_step``
+  (backward of a finite loss, gradient clipping at 16, the non-finite guard's copy of what the step changes, AdamW
+  + warmup-cosine LR step), the guard's count, EMA update, loss ``.item()`` and ``accelerator.log``. The batch is a
+  precomputed tensor: no data loading;
 * (c) the script end to end: ``python train_scripts/train_dit_flow.py`` on latents that extract_latents.py wrote
   (``--script_latents``; 16xSxS from the embedded AE at 8S px, other shapes from a tiny random 4-block
   ``AutoencoderKL`` with that many latent channels), for ``--script_steps n1 n2`` steps in two fresh processes;
@@ -94,7 +95,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
     from diffusability_hf.models.factory import build_dit, build_selfcond_dit
     from diffusability_hf.training.ema import EMA
-    from diffusability_hf.training.steps import step_generator
+    from diffusability_hf.training.steps import NonFiniteGuard, optimizer_step, step_generator
 
     c, s, _ = shape_of(latents)
     b, k = args.batch_size, args.num_classes
@@ -106,6 +107,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     n_params = sum(p.numel() for p in transformer.parameters())
     params = list(transformer.parameters())
     ema = EMA(params, 6931.0, 0.05)  # the script's defaults
+    guard = NonFiniteGuard(10)  # the script's --max_nonfinite_steps: a step remembers what it changes
     optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01)
     n = accelerator.num_processes  # the prepared scheduler steps once per process, as in the script
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -149,14 +151,11 @@ def bench_in_process(accelerator, model_name, latents, args, device):
         x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std
         with accelerator.accumulate(model):
             loss = model(x0, batch["label"], gen).mean()
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), 16.0)
-            acc_optimizer.step()
-            acc_scheduler.step()
-            acc_optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(
+                loss, accelerator, model, acc_optimizer, acc_scheduler, 16.0, guard, params, ema
+            )
         global_step = counter[0] = global_step + 1
+        guard.step_done(global_step)
         ema.update(list(transformer.parameters()), global_step)
         last = {
             "train/loss": accelerator.reduce(loss.detach(), "mean").item(),

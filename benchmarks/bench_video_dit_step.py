@@ -16,8 +16,8 @@ as train_dit_flow.py builds it for video latents (``factory.transformer_config``
   library's ``diffusability_hf.flow.FlowMatchingLoss`` (the script's default settings): per-step generator and
   seeding, posterior sample of a (mean, std) batch and its per-channel normalisation by
   ``diffusability_hf.data.latents.normalization_tensors`` statistics (``(1, C, 1, 1, 1)``), the loss under
-  ``accelerator.accumulate``, ``accelerator.backward``, gradient clipping at 16, AdamW + warmup-cosine LR step,
-  EMA update, loss ``.item()`` and ``accelerator.log``. The batch is a precomputed tensor: no data loading (for the
+  ``accelerator.accumulate``, the scripts' own ``diffusability_hf.training.steps.optimizer_step`` (gradient clipping
+  at 16, the non-finite guard, AdamW + warmup-cosine LR step), EMA update, loss ``.item()`` and ``accelerator.log``. The batch is a precomputed tensor: no data loading (for the
   script end to end, with ``LatentShards``, tqdm and accelerate's DataLoader, see bench_dit_step.py's (c), which
   measures them on image latents).
 
@@ -110,7 +110,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
     from diffusability_hf.models.factory import build_transformer
     from diffusability_hf.training.ema import EMA
-    from diffusability_hf.training.steps import step_generator
+    from diffusability_hf.training.steps import NonFiniteGuard, optimizer_step, step_generator
 
     c, t, s, _ = shape_of(latents)
     b, k = args.batch_size, args.num_classes
@@ -124,6 +124,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     n_params = sum(p.numel() for p in transformer.parameters())
     params = list(transformer.parameters())
     ema = EMA(params, 6931.0, 0.05)  # the script's defaults
+    guard = NonFiniteGuard(10)  # the script's --max_nonfinite_steps: a step remembers what it changes
     optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01)
     n = accelerator.num_processes  # the prepared scheduler steps once per process, as in the script
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -173,14 +174,11 @@ def bench_in_process(accelerator, model_name, latents, args, device):
         # Copied from benchmarks/bench_dit_step.py
         with accelerator.accumulate(model):
             loss = model(x0, batch["label"], gen).mean()
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), 16.0)
-            acc_optimizer.step()
-            acc_scheduler.step()
-            acc_optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(
+                loss, accelerator, model, acc_optimizer, acc_scheduler, 16.0, guard, params, ema
+            )
         global_step = counter[0] = global_step + 1
+        guard.step_done(global_step)
         ema.update(list(transformer.parameters()), global_step)
         last = {
             "train/loss": accelerator.reduce(loss.detach(), "mean").item(),

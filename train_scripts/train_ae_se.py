@@ -104,6 +104,7 @@ from diffusability_hf.training.steps import (
     NonFiniteGuard,
     NonFiniteLossError,
     StepMeter,
+    optimizer_step,
     peak_memory_gb,
     step_generator,
     use_learning_rate,
@@ -1026,28 +1027,15 @@ def main(args):
             with accelerator.accumulate(model):
                 loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
                 loss = loss.mean()  # (B_images + B_videos,) -> the batch mean: every image and clip counts once
-                # The optimizer step of train_dit_flow.py: backward of a finite loss, clipping on sync steps, the
-                # optimizer unless the step had a non-finite loss, the schedule, then the step count (the non-finite
-                # check with its checkpoint and the EMA update follow)
-                # Copied from train_scripts/train_dit_flow.py
-                if guard.finite(loss, accelerator):
-                    accelerator.backward(loss)
-                grad_norm = None
-                if not guard.step_is_bad:
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if accelerator.sync_gradients:  # what this step changes, for a run that diverges here
-                        guard.remember(trainable, optimizer, ema, accelerator)
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
+                grad_norm = optimizer_step(
+                    loss, accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, guard, trainable, ema
+                )
 
             if not accelerator.sync_gradients:
                 continue
             global_step, micro = global_step + 1, 0
             progress_bar.update(1)
             perf = meter.step()
-            # End copy
             try:
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:

@@ -91,6 +91,7 @@ from diffusability_hf.training.steps import (
     NonFiniteGuard,
     NonFiniteLossError,
     StepMeter,
+    optimizer_step,
     peak_memory_gb,
     step_generator,
     use_learning_rate,
@@ -537,17 +538,9 @@ def main(args):
             x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # (B, C, h, w) posterior sample, normalised
             with accelerator.accumulate(model):
                 loss = model(x0, batch["label"], gen).mean()
-                if guard.finite(loss, accelerator):
-                    accelerator.backward(loss)
-                grad_norm = None
-                if not guard.step_is_bad:
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if accelerator.sync_gradients:  # what this step changes, for a run that diverges here
-                        guard.remember(trainable, optimizer, ema, accelerator)
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
+                grad_norm = optimizer_step(
+                    loss, accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, guard, trainable, ema
+                )
             if not accelerator.sync_gradients:
                 continue
             global_step, micro = global_step + 1, 0

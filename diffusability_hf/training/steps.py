@@ -255,3 +255,34 @@ class NonFiniteGuard:
                 "--resume_from_checkpoint latest and the new flags (or raise --max_nonfinite_steps)."
             )
         return skipped
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    accelerator,
+    model,
+    optimizer,
+    lr_scheduler,
+    max_grad_norm: float,
+    guard: Optional["NonFiniteGuard"] = None,
+    trainable=None,
+    ema=None,
+) -> Optional[torch.Tensor]:
+    """One optimizer step as both training scripts take it, inside ``accelerator.accumulate(model)``: the backward
+    of a finite loss; unless the step had a non-finite loss (``guard``), clipping on sync steps
+    (``max_grad_norm > 0``), what the step will change remembered for a run that diverges here (``trainable``, the
+    optimizer and ``ema``, see :meth:`NonFiniteGuard.remember`) and the optimizer step; then the schedule, and the
+    gradients dropped (a skipped step's too). Returns the gradient norm, None where nothing was clipped. The
+    benchmarks time this function, so they time the step the scripts run."""
+    if guard is None or guard.finite(loss, accelerator):
+        accelerator.backward(loss)
+    grad_norm = None
+    if guard is None or not guard.step_is_bad:
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if guard is not None and accelerator.sync_gradients:  # what this step changes, for a run that diverges here
+            guard.remember(trainable, optimizer, ema, accelerator)
+        optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
+    return grad_norm
