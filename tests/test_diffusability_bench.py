@@ -379,6 +379,21 @@ def test_the_default_run_trains_the_chosen_length_and_the_selection_its_register
     assert steps("--select_recipe", "--smoke") == steps("--smoke") == 4
 
 
+def test_the_registered_score_study_command_parses(capsys):
+    """experiments/diffusability_score/PROTOCOL.md's command, --score_study --base_model PATH (no --finetune: the
+    family starts from that AE), is accepted; --finetune with --score_study and --base_model alone are not."""
+    module = load_bench()
+    args = module.parse_args(["--score_study", "--base_model", "runs/vanilla", "--output_dir", "runs/score-study"])
+    assert args.score_study and args.base_model == "runs/vanilla" and not args.finetune
+    for argv, message in [
+        (["--score_study", "--base_model", "v", "--finetune"], "--score_study runs on the default data"),
+        (["--base_model", "v"], "--finetune and --base_model go together"),
+    ]:
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_score_study_smoke_scores_a_family_and_correlates_each_proxy_with_the_generators(tmp_path):
     """--score_study --smoke: the family trained as registered (SE weights, KL), the proxies and the generators of
     every member, and correlations that scipy recomputes from the report's own numbers."""

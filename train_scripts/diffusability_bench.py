@@ -252,7 +252,7 @@ def parse_args(input_args=None):
         parser.error("--jobs must be at least 1.")
     if args.skip_base_model and not args.finetune:
         parser.error("--skip_base_model goes with --base_model PATH --finetune (it drops the base model's DiTs).")
-    if args.finetune != (args.base_model is not None):
+    if args.finetune != (args.base_model is not None) and not args.score_study:  # the study's family starts from it
         parser.error("--finetune and --base_model go together: --base_model PATH --finetune.")
     if args.train_data_dir is not None and args.dataset_name is not None:
         parser.error("Give --train_data_dir or --dataset_name, not both.")
