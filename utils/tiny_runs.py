@@ -59,13 +59,13 @@ def run_all(out):
     script = lambda name: os.path.join(ROOT, "train_scripts", name)  # noqa: E731
     run([script("diffusability_bench.py"), "--smoke", "--output_dir", os.path.join(out, "bench")], out)
     write_shards(os.path.join(out, "shards"))
-    tiny = ["--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "2",
+    tiny = ["--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "2",
             "--lpips_weight", "0", "--report_to", "none", "--validation_steps", "100", "--num_validation_images", "2",
             "--latent_stats_num_samples", "8", "--seed", "0"]  # fmt: skip
-    run([script("train_ae_se.py"), *tiny, "--train_data_dir", os.path.join(out, "shards"), "--shuffle_buffer_size",
-         "4", "--output_dir", os.path.join(out, "stream")], out)  # fmt: skip
+    run([script("train_ae_se.py"), *tiny, "--resolution", "64", "--train_data_dir", os.path.join(out, "shards"),
+         "--shuffle_buffer_size", "4", "--output_dir", os.path.join(out, "stream")], out)  # fmt: skip
     ltx = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs", "ltx.json")
-    run([script("train_ae_se.py"), *tiny, "--model_config_name_or_path", ltx, "--dct_block_size", "4",
+    run([script("train_ae_se.py"), *tiny, "--resolution", "32", "--model_config_name_or_path", ltx, "--dct_block_size", "4",
          "--se_scale_factors", "2", "--num_frames", "9", "--image_batch_size", "1", "--video_batch_size", "1",
          "--num_validation_videos", "1", "--output_dir", os.path.join(out, "video")], out)  # fmt: skip
 

@@ -4,7 +4,9 @@ throughput (``StepMeter``) and the guard against non-finite losses (``NonFiniteG
 
 import logging
 import math
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
 
 from ..errors import UsageError
 
