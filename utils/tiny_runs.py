@@ -8,8 +8,9 @@ structure leaves the outputs bit-identical.
 The runs: the bench's ``--smoke`` run (``train_ae_se``, ``extract_latents``, ``train_dit_flow``, ``eval_ae``,
 ``analyze_spectrum``, ``eval_dit`` and ``diffusability_score`` on the embedded autoencoder and images), then
 ``train_ae_se.py`` streaming from tar shards, and on the tiny LTX-Video config with the embedded clips. The
-fingerprint holds the SHA-256 of every tensor of every safetensors file, of every NumPy file, and of every JSON
-file's content less the keys that record times, speeds, dates or paths (they change from run to run).
+fingerprint holds the SHA-256 of every tensor of every safetensors file, of every numeric array of every NumPy
+file, and of every JSON file's content less the keys that record times, speeds, memory, dates or file hashes and
+with absolute paths blanked (they change from run to run and place to place).
 """
 
 import argparse
@@ -23,8 +24,12 @@ import sys
 import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = re.compile(r"time|second|_s$|per_s|samples_s|date|dir|path|duration|elapsed|host|version|command|log",
-                      re.IGNORECASE)  # fmt: skip
+VOLATILE = re.compile(
+    r"time|second|_s$|per_s|samples_s|date|dir|path|duration|elapsed|host|version|command|log|"
+    r"memory|throughput|sha256|sha1|invocations",
+    re.IGNORECASE,
+)  # a file's sha256 covers its header, a stream's sha1 the shards' paths
+CACHE_KEY = re.compile(r"-[0-9a-f]{20}(?=\.)")  # a cache file's key: a hash of the paths it was computed from
 
 
 def run(args, out):
@@ -75,6 +80,8 @@ def scrub(value):
         return {k: scrub(v) for k, v in sorted(value.items()) if not VOLATILE.search(str(k))}
     if isinstance(value, list):
         return [scrub(v) for v in value]
+    if isinstance(value, str):  # where the run happened to be
+        return re.sub(r"(?<![\w.])/[^\s'\",]+", "<path>", value)
     return value
 
 
@@ -85,7 +92,7 @@ def fingerprint(out):
     for folder, _, files in os.walk(out):
         for name in sorted(files):
             path = os.path.join(folder, name)
-            key = os.path.relpath(path, out)
+            key = CACHE_KEY.sub("-<key>", os.path.relpath(path, out))
             digest = hashlib.sha256()
             if name.endswith(".safetensors"):
                 with safe_open(path, "pt") as f:
@@ -93,8 +100,13 @@ def fingerprint(out):
                         digest.update(tensor.encode() + f.get_tensor(tensor).contiguous().view(-1).view(
                             dtype=__import__("torch").uint8).numpy().tobytes())  # fmt: skip
             elif name.endswith((".npy", ".npz")):
-                digest.update(open(path, "rb").read())
-            elif name.endswith(".json"):
+                import numpy as np
+
+                arrays = np.load(path, allow_pickle=False)
+                for array in [arrays] if name.endswith(".npy") else [arrays[k] for k in sorted(arrays.files)]:
+                    if array.dtype.kind not in "USO":  # numbers, not the strings that name where they came from
+                        digest.update(np.ascontiguousarray(array).tobytes())
+            elif name.endswith(".json") and name != "times.json":  # times.json holds nothing but seconds
                 try:
                     digest.update(json.dumps(scrub(json.load(open(path))), sort_keys=True).encode())
                 except ValueError:
