@@ -86,6 +86,7 @@ def scrub(value):
 
 
 def fingerprint(out):
+    import torch
     from safetensors import safe_open
 
     prints = {}
@@ -97,8 +98,9 @@ def fingerprint(out):
             if name.endswith(".safetensors"):
                 with safe_open(path, "pt") as f:
                     for tensor in sorted(f.keys()):
-                        digest.update(tensor.encode() + f.get_tensor(tensor).contiguous().view(-1).view(
-                            dtype=__import__("torch").uint8).numpy().tobytes())  # fmt: skip
+                        digest.update(
+                            tensor.encode() + f.get_tensor(tensor).contiguous().view(torch.uint8).numpy().tobytes()
+                        )
             elif name.endswith((".npy", ".npz")):
                 import numpy as np
 
