@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 PKG = "diffusability_hf"
 
 # part -> the module names (dotted, under the package) that belong to it
@@ -201,3 +202,54 @@ def test_a_layering_breach_is_caught(tmp_path):
             test_parts_import_only_the_parts_below_them()
     finally:
         globals()["ROOT"] = saved
+
+
+# the training scripts: `main` reads top to bottom, never rewrites the parsed flags, and leaves "dataset or
+# stream" to the library's TrainingData (issue: scripts that stay thin as features arrive)
+SCRIPTS = ["train_ae_se.py", "train_dit_flow.py", "extract_latents.py"]
+
+
+def rewrites_of_args(func):
+    """``(line, what)`` for every assignment to ``args.X``, ``vars(args).update`` or ``setattr(args, ...)``."""
+    found = []
+    for node in ast.walk(func):
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+        )
+        for target in targets:
+            for t in ast.walk(target):
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "args":
+                    found.append((node.lineno, f"args.{t.attr} assigned"))
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Name) and f.id == "setattr" and getattr(node.args[0], "id", None) == "args":
+                found.append((node.lineno, "setattr(args, ...)"))
+            if isinstance(f, ast.Attribute) and f.attr == "update" and isinstance(f.value, ast.Call):
+                inner = f.value
+                if getattr(inner.func, "id", None) == "vars" and getattr(inner.args[0], "id", None) == "args":
+                    found.append((node.lineno, "vars(args).update"))
+    return found
+
+
+def script_main(name):
+    tree = ast.parse(open(os.path.join(ROOT, "train_scripts", name), encoding="utf-8").read())
+    return next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_main_never_rewrites_args_and_stays_short(name):
+    main = script_main(name)
+    assert rewrites_of_args(main) == [], f"{name}: main rewrites the parsed flags"
+    assert main.end_lineno - main.lineno + 1 <= 300, f"{name}: main is {main.end_lineno - main.lineno + 1} lines"
+
+
+def test_train_ae_se_main_does_not_branch_on_streaming():
+    names = {n.id for n in ast.walk(script_main("train_ae_se.py")) if isinstance(n, ast.Name)}
+    assert not names & {"streaming", "train_dataset", "train_dataloader", "streams"}
+
+
+def test_an_args_rewrite_is_caught():
+    func = ast.parse(
+        "def main(args):\n    args.lr = 1\n    args.lr *= 2\n    vars(args).update(a=1)\n    setattr(args, 'b', 2)\n"
+    ).body[0]
+    assert [line for line, _ in rewrites_of_args(func)] == [2, 3, 4, 5]

@@ -188,7 +188,7 @@ def parse_args(input_args=None):
         parser.set_defaults(**EMBEDDED_DATA)
         args = parser.parse_args(input_args)
     args.embedded_data = not sources
-    args.given = given_flags(parser, input_args, args)  # a video AE's embedded sizing applies under these (main)
+    args.given = given_flags(parser, input_args, args)  # a video AE's embedded sizing applies under these (below)
     if len(sources) > 1:
         parser.error(f"Give one data source, not {' and '.join('--' + f for f in sources)}.")
     if args.num_frames < 1 or args.frame_stride < 1:
@@ -217,6 +217,13 @@ def parse_args(input_args=None):
     for flag in ("resolution", "batch_size", "shard_size"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive.")
+    # The one read of the AE's config (main uses it too); a video AE on the embedded data encodes the camera pans,
+    # sized for a CPU (the flags given win)
+    args.vae_config = ae.pretrained_config(
+        args.pretrained_model_name_or_path, args.subfolder, args.revision, args.cache_dir
+    )
+    if args.embedded_data and ae.get_row(args.vae_config).video:
+        vars(args).update({k: v for k, v in EMBEDDED_VIDEO.items() if k not in args.given})
     return args
 
 
@@ -306,7 +313,7 @@ def main(args):
             raise MissingPathError(f"--{flag} {getattr(args, flag)} is not a folder.")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} is a file, not a folder.")
-    config = ae.pretrained_config(args.pretrained_model_name_or_path, args.subfolder, args.revision, args.cache_dir)
+    config = args.vae_config
     f = ae.spatial_compression(config)
     if args.resolution % f:
         lo = args.resolution // f * f
@@ -321,8 +328,6 @@ def main(args):
             f"{config['_class_name']} is an image autoencoder, but --video_data_dir / --video_dataset_name give "
             "clips: pass a video autoencoder, or images with --train_data_dir / --dataset_name."
         )
-    if is_video and args.embedded_data:  # the embedded camera pans, sized for a CPU
-        vars(args).update({k: v for k, v in EMBEDDED_VIDEO.items() if k not in args.given})
     if is_video:
         ae.check_num_frames(config, args.num_frames)  # before any weights: diffusers would drop or pad frames
 

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import time
-from functools import partial
 
 import torch
 from accelerate.logging import get_logger
@@ -31,12 +30,9 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
-from diffusability_hf.data.images import SkipLog, collate, training_images
-from diffusability_hf.data.shards import is_shard_folder, open_streaming_source
-from diffusability_hf.data.stream_items import clip_reader, clip_stream, hold_out_first, image_reader, image_stream
-from diffusability_hf.data.streaming import load_stream_state, save_stream_state
-from diffusability_hf.data.videos import JointBatches, training_clips, unwrap_batch
-from diffusability_hf.errors import UsageError, run_script
+from diffusability_hf.data.images import SkipLog
+from diffusability_hf.data.training import DataSource, TrainingData, check_streamed
+from diffusability_hf.errors import run_script
 from diffusability_hf.figures import plot_fine_tuning_spectra, save_png
 from diffusability_hf.files import (
     atomic_save,
@@ -71,7 +67,6 @@ from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
 from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
 from diffusability_hf.training.checkpoints import (
     list_checkpoints,
-    load_checkpoint,
     remove_checkpoints,
     resolve_resume,
     resume_position,
@@ -104,6 +99,7 @@ from diffusability_hf.training.steps import (
     NonFiniteGuard,
     NonFiniteLossError,
     StepMeter,
+    ae_adamw,
     optimizer_step,
     peak_memory_gb,
     step_generator,
@@ -570,24 +566,21 @@ def check_settings(parser, args) -> None:
         )
     if args.shuffle_buffer_size < 0 or args.decode_threads < 0:
         parser.error("--shuffle_buffer_size and --decode_threads must be >= 0.")
-    if args.dataloader_num_workers and any(streamed(args).values()):
+    if args.dataloader_num_workers and any(source.streamed for source in data_sources(args).values()):
         parser.error(
             f"A stream is read in the training process, where its position is checkpointed: drop "
             f"--dataloader_num_workers {args.dataloader_num_workers} and decode in parallel with --decode_threads."
         )
 
 
-def streamed(args) -> dict:
-    """Which training data is read as a stream: ``{"image": bool, "video": bool}`` (tar shards always; HF datasets
-    and image or video folders with --streaming)."""
+def data_sources(args) -> dict:
+    """The training images and clips as the flags give them (:class:`DataSource`)."""
     return {
-        "image": args.train_data_files is not None
-        or is_shard_folder(args.train_data_dir)
-        or (args.streaming and not args.embedded_data),
-        "video": args.video_data_files is not None
-        or is_shard_folder(args.video_data_dir)
-        or (args.streaming and not args.embedded_video),
-    }
+        "image": DataSource(args.dataset_name, args.train_data_dir, args.train_data_files, args.image_column,
+                            args.dataset_config_name, args.streaming),
+        "video": DataSource(args.video_dataset_name, args.video_data_dir, args.video_data_files, args.video_column,
+                            args.video_dataset_config_name, args.streaming),
+    }  # fmt: skip
 
 
 def read_vae_config(args) -> dict:
@@ -623,6 +616,26 @@ def video_flags(args) -> list:
     return [flag for flag, value in values if value]
 
 
+def trainable_vae(args, config, train_output_layers: bool):
+    """The autoencoder to fine-tune: ``(vae, base weights fingerprint, base latent normalisation)``, frozen as
+    App. B says (the encoder too with --freeze_encoder), with LoRA adapters on the trainable layers for --use_lora."""
+    vae = ae.prepare_for_training(load_vae(args, config))  # no slicing, tiling or frame-wise passes while training
+    base_fingerprint = ae.weights_fingerprint(vae)
+    base_normalization = current_latent_normalization(vae)
+    frozen = ae.freeze_for_fine_tuning(vae, args.num_frozen_up_blocks, not train_output_layers, args.freeze_encoder)
+    if args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if args.use_lora:
+        frozen_prefixes = [n for n, m in vae.named_modules() if n and not any(p.requires_grad for p in m.parameters())]
+        add_lora(
+            vae, lora_target_names(vae, args.lora_target_modules, frozen_prefixes), args.lora_rank, args.lora_alpha
+        )
+    n_train = sum(p.numel() for p in vae.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in vae.parameters()) - n_train
+    logger.info(f"{type(vae).__name__}: {n_train:,} trainable / {n_frozen:,} frozen parameters; frozen: {frozen}")
+    return vae, base_fingerprint, base_normalization
+
+
 def measure_settings(args) -> dict:
     """The settings of every reconstruction measurement (before, during, after training and cross-decoding)."""
     return dict(
@@ -630,75 +643,6 @@ def measure_settings(args) -> dict:
         decode_timestep=args.decode_timestep,
         decode_noise_scale=args.decode_noise_scale,
     )
-
-
-def training_stream(args, video: bool, rank: int, world_size: int):
-    """Streamed training images (clips for ``video``): ``(stream, validation pixels, info, head)``.
-
-    The validation items are the first readable samples in shard order (the same on every process), excluded from
-    the stream: never trained on. ``stream`` is this process's share (``rank`` of ``world_size``), shuffled through
-    the buffer; ``head(n)`` gives the first ``n`` training items of one unshuffled pass (the latent statistics).
-    """
-    if video:
-        source = open_streaming_source(
-            args.video_dataset_name, args.video_data_dir, args.video_data_files, args.video_column,
-            dataset_config_name=args.video_dataset_config_name, cache_dir=args.cache_dir, video=True,
-        )  # fmt: skip
-        read = clip_reader(args.resolution, args.num_frames, args.frame_stride)
-        make = partial(clip_stream, source, args.resolution, args.num_frames, args.frame_stride)
-        num_val, what, flag = args.num_validation_videos, "videos", "--num_validation_videos"
-    else:
-        source = open_streaming_source(
-            args.dataset_name, args.train_data_dir, args.train_data_files, args.image_column,
-            dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
-        )  # fmt: skip
-        read, make = image_reader(args.resolution), partial(image_stream, source, args.resolution)
-        num_val, what, flag = args.num_validation_images, "images", "--num_validation_images"
-    val, held_out, info = hold_out_first(source, num_val, read)
-    if val is None:
-        raise UsageError(f"The stream has no readable {what} to hold out for validation: check the data ({flag}).")
-    if val.shape[0] < num_val:
-        logger.warning(f"Only {val.shape[0]} readable {what} could be held out for validation ({flag} {num_val}).")
-    augment = dict(center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed, exclude=held_out)
-    stream = make(
-        **augment, buffer_size=args.shuffle_buffer_size, rank=rank, world_size=world_size,
-        decode_threads=args.decode_threads,
-    )  # fmt: skip
-
-    def head(n: int) -> list:
-        items, first = [], make(**augment, shuffle=False, decode_threads=args.decode_threads)
-        for item in first:
-            if first.epoch > 0 or len(items) == n:  # one pass at most: a small dataset is not repeated
-                break
-            items.append(item)
-        return items
-
-    return stream, val, info, head
-
-
-def stream_batches(images, videos, image_batch_size: int, video_batch_size: int, device):
-    """Endless per-process batches of streams, as :class:`JointBatches` gives them: ``{"pixel_values": (B, 3, R, R)
-    or None, "video_values": (B', 3, T, R, R) or None, "skipped"}``, on ``device``. Read here, in the training
-    process, one batch at a time (``num_workers=0``, no prefetch), so that a checkpoint's stream positions are
-    those of the last batch trained on; not passed to ``accelerator.prepare``: each process reads its own share."""
-    parts = (("pixel_values", images, image_batch_size), ("video_values", videos, video_batch_size))
-    loaders = {
-        key: iter(torch.utils.data.DataLoader(stream, batch_size=size, collate_fn=collate, num_workers=0))
-        for key, stream, size in parts
-        if size
-    }
-    while True:
-        batch = {"pixel_values": None, "video_values": None, "skipped": []}
-        for key, loader in loaders.items():
-            part = next(loader)
-            batch[key] = part["pixel_values"].to(device)
-            batch["skipped"] += part["skipped"]
-        yield batch
-
-
-def stream_folders(folder: str, streams: dict) -> dict:
-    """Where each stream's per-process positions live in a checkpoint folder: ``{folder}/{kind}_stream``."""
-    return {kind: os.path.join(folder, f"{kind}_stream") for kind, stream in streams.items() if stream is not None}
 
 
 def run_validation(accelerator, vae, ema, val, rgb, args, step):
@@ -716,8 +660,8 @@ def shards_text(specs):
     return f"webdataset tar shards ({len(specs)} spec{'s' * (len(specs) > 1)})" if specs else None
 
 
-def write_outputs(args, before, after, rgb, val, run):
-    """metrics.json, spectrum.png and the model card README.md."""
+def write_outputs(args, settings, before, after, rgb, val, run):
+    """metrics.json, spectrum.png and the model card README.md (``settings``: the flags as this launch trained)."""
     base = (
         "embedded (diffusability_hf/assets/embedded_ae)"
         if args.embedded_model
@@ -745,7 +689,7 @@ def write_outputs(args, before, after, rgb, val, run):
     save_png(plot_fine_tuning_spectra(rgb, before, after), os.path.join(args.output_dir, "spectrum.png"))
     # The model card: metrics.json's numbers, the run's settings
     hidden = ("hub_token", "embedded_model", "embedded_data", "preset_global_batch", "vae_config")
-    hp = {k: v for k, v in vars(args).items() if k not in hidden}
+    hp = {k: v for k, v in settings.items() if k not in hidden}
     for key in ("se_scale_factors", "se_temporal_scale_factors"):
         hp[key] = " ".join(map(str, getattr(args, key) or [])) or None
     if args.embedded_model:
@@ -758,7 +702,7 @@ def write_outputs(args, before, after, rgb, val, run):
         trainable=run["trainable"], total=run["total"], base_id=base_id,
         dataset=dataset_description(args.dataset_name or shards_text(args.train_data_files), args.train_data_dir,
                                     args.video_dataset_name or shards_text(args.video_data_files),
-                                    args.video_data_dir, "video" in val, bool(args.train_batch_size)),
+                                    args.video_data_dir, "video" in val, bool(settings["train_batch_size"])),
         license_fields=card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
     )  # fmt: skip
     card = render_model_card("se_autoencoder", fields, template_dir=MODEL_CARDS)
@@ -774,39 +718,33 @@ def main(args):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, pretrained = args.vae_config, args.model_config_name_or_path is None
     compression = ae.check_se_geometry(config, args.resolution, args.se_scale_factors, args.dct_block_size)
-    args.video_batch_size = ae.check_se_video(
+    video_batch_size = ae.check_se_video(
         config, args.train_batch_size, args.video_batch_size, args.num_frames, args.se_temporal_scale_factors,
         video_flags(args),
     )  # fmt: skip
     is_video = ae.get_row(config).video
-    streams = streamed(args)
-    used = {kind for kind, size in (("image", args.train_batch_size), ("video", is_video and args.video_batch_size))
-            if size}  # fmt: skip
-    streaming = any(streams[kind] for kind in used)
-    if streaming and not all(streams[kind] for kind in used):
-        raise UsageError(
-            f"The {'images' if streams['image'] else 'clips'} are streamed but the "
-            f"{'clips' if streams['image'] else 'images'} are not: joint batches are read one way. Stream both (tar "
-            "shards: --train_data_files / --video_data_files or a folder of *.tar; HF datasets and folders: "
-            "--streaming), or train on one kind (--video_batch_size 0 or --image_batch_size 0)."
-        )
+    sources = data_sources(args)
+    check_streamed(sources, {"image": args.train_batch_size, "video": video_batch_size})
     if args.gradient_checkpointing and not ae.model_class(config)._supports_gradient_checkpointing:
         raise ValueError(
             f"{config['_class_name']} does not support gradient checkpointing in diffusers: drop "
             "--gradient_checkpointing and save memory with a smaller --video_batch_size, --num_frames or --resolution."
         )
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, found=found)
-    if not pretrained and not args.train_output_layers:
-        args.train_output_layers = True  # random init: nothing pretrained to protect
 
     # Accelerator; a preset's Table 5 batch is global: split over this launch's processes before any data loads
     accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
-    vars(args).update(
-        split_global_batch(
-            args.preset_global_batch, accelerator.num_processes, args.gradient_accumulation_steps, args.preset
-        )
-    )
+    # The settings this launch trains with: the flags, with a preset's per-process batches, a random init's output
+    # layers trained (nothing pretrained to protect) and --scale_lr applied; `args` stays as parsed
+    settings = dict(vars(args), video_batch_size=video_batch_size)
+    settings["train_output_layers"] = args.train_output_layers or not pretrained
+    settings.update(split_global_batch(args.preset_global_batch, accelerator.num_processes,
+                                       args.gradient_accumulation_steps, args.preset))  # fmt: skip
+    image_batch_size, video_batch_size = settings["train_batch_size"], settings["video_batch_size"]
+    if args.scale_lr:
+        settings["learning_rate"] *= image_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    learning_rate = settings["learning_rate"]
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -816,46 +754,16 @@ def main(args):
         repo_id = hub_repo(args)
 
     # Data: image batches, or joint image + clip batches for video AEs (Table 5); validation items held out
-    train_images, val_images, train_videos, val_videos, val_info = None, None, None, None, {}
-    heads, rank, world_size = {}, accelerator.process_index, accelerator.num_processes
-    if args.train_batch_size and streaming:  # validation images held out of the stream
-        train_images, val_images, val_info["image"], heads["image"] = training_stream(args, False, rank, world_size)
-    elif args.train_batch_size:
-        train_images, val_images, val_info["image"] = training_images(
-            args.resolution, args.num_validation_images, args.seed, args.dataset_name, args.train_data_dir,
-            args.image_column, args.dataset_config_name, args.cache_dir, args.center_crop, args.random_flip,
-        )  # fmt: skip
-    if is_video and args.video_batch_size and streaming:
-        train_videos, val_videos, val_info["video"], heads["video"] = training_stream(args, True, rank, world_size)
-    elif is_video and args.video_batch_size:
-        train_videos, val_videos, val_info["video"] = training_clips(
-            args.resolution, args.num_frames, args.num_validation_videos, args.seed, args.video_data_dir,
-            args.video_dataset_name, args.video_column, args.video_dataset_config_name, args.cache_dir,
-            args.frame_stride, args.center_crop, args.random_flip,
-        )  # fmt: skip
-    if streaming:  # endless; not prepared by accelerate (each process reads its own share of the shards)
-        train_dataset = None
-        train_dataloader = stream_batches(
-            train_images, train_videos, args.train_batch_size, is_video and args.video_batch_size, accelerator.device
-        )
-    elif is_video:
-        train_dataset = JointBatches(
-            train_images, train_videos, args.train_batch_size, args.video_batch_size, args.seed
-        )
-        train_dataloader = torch.utils.data.DataLoader(
-            train_dataset, batch_size=1, collate_fn=unwrap_batch, num_workers=args.dataloader_num_workers,
-            worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the loop, not the workers
-        )  # fmt: skip
-    else:
-        train_dataset = train_images
-        train_dataloader = torch.utils.data.DataLoader(
-            train_dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-            num_workers=args.dataloader_num_workers, drop_last=len(train_dataset) >= args.train_batch_size,
-            worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the loop, not the workers
-        )  # fmt: skip
-    val = {
-        kind: v.to(accelerator.device) for kind, v in (("image", val_images), ("video", val_videos)) if v is not None
-    }
+    data = TrainingData(
+        sources, {"image": image_batch_size, "video": video_batch_size}, joint=is_video, resolution=args.resolution,
+        num_frames=args.num_frames, frame_stride=args.frame_stride, seed=args.seed, cache_dir=args.cache_dir,
+        num_validation={"image": args.num_validation_images, "video": args.num_validation_videos},
+        center_crop=args.center_crop, random_flip=args.random_flip, shuffle_buffer_size=args.shuffle_buffer_size,
+        decode_threads=args.decode_threads, num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the loop, not the workers
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )  # fmt: skip
+    val = {kind: v.to(accelerator.device) for kind, v in data.validation.items()}
 
     # Reconstruction distance d (after the data, so a wrong data path is reported before a missing LPIPS trunk)
     distance = ReconstructionDistance(args.mse_weight, args.lpips_weight, args.lpips_net, args.lpips_trunk_path)
@@ -863,25 +771,10 @@ def main(args):
         logger.info("LPIPS is off (--lpips_weight 0): d = MSE only.")
     distance.to(accelerator.device)
 
-    # Model
-    vae = ae.prepare_for_training(load_vae(args, config))  # no slicing, tiling or frame-wise passes while training
-    base_fingerprint = ae.weights_fingerprint(vae)
-    base_normalization = current_latent_normalization(vae)
-    frozen = ae.freeze_for_fine_tuning(
-        vae, args.num_frozen_up_blocks, not args.train_output_layers, args.freeze_encoder
-    )
-    if args.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    if args.use_lora:
-        frozen_prefixes = [n for n, m in vae.named_modules() if n and not any(p.requires_grad for p in m.parameters())]
-        add_lora(
-            vae, lora_target_names(vae, args.lora_target_modules, frozen_prefixes), args.lora_rank, args.lora_alpha
-        )
+    # Model: the base weights (fingerprinted), frozen as App. B says, LoRA adapters if asked
+    vae, base_fingerprint, base_normalization = trainable_vae(args, config, settings["train_output_layers"])
     params = [p for p in vae.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in vae.parameters())
-    logger.info(
-        f"{type(vae).__name__}: {n_train:,} trainable / {n_all - n_train:,} frozen parameters; frozen: {frozen}"
-    )
     vae.to(accelerator.device, dtype=torch.float32)  # trainable weights stay fp32; autocast does the rest
 
     # "Before" metrics on the base model (the EMA starts from the same weights, App. B)
@@ -891,17 +784,8 @@ def main(args):
     plain = plain_copy(vae, accelerator)
 
     # Optimizer, schedule and the SE objective (paper eq. 2 and App. C), prepared together
-    if args.scale_lr:
-        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    # Scalar parameters (e.g. LTX's timestep_scale_multiplier, initialised to 1000) are multipliers: no decay
-    decay = [p for p in params if p.ndim > 0]
-    no_decay = [p for p in params if p.ndim == 0]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else []),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+    optimizer = ae_adamw(
+        params, learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon
     )
     from diffusers.optimization import get_scheduler
 
@@ -921,13 +805,8 @@ def main(args):
     blocks = shard_blocks(accelerator, model)  # FSDP: each AE stage (and LPIPS layer) its own shard group
     if blocks:
         logger.info(f"FSDP2: {accelerator.num_processes} processes; each {', '.join(blocks)} sharded on its own")
-    if streaming:  # a stream is already split across the processes: accelerate must not dispatch or re-shard it
-        configure_deepspeed(accelerator, args.train_batch_size or args.video_batch_size, args.max_grad_norm)
-        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    else:
-        model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            model, optimizer, train_dataloader, lr_scheduler
-        )
+    configure_deepspeed(accelerator, data.stream_batch_size, args.max_grad_norm)  # a stream gives it no batch size
+    model, optimizer, lr_scheduler = data.prepare(accelerator, model, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model).vae
     if args.compile:  # encoder and decoder in place: the objective calls vae.encode / vae.decode, not forward
         unwrapped.encoder.compile(backend=args.compile_backend)
@@ -939,23 +818,15 @@ def main(args):
         trainable = [p for p in unwrapped.parameters() if p.requires_grad]
         ema = EMA(trainable, args.ema_halflife_steps, args.ema_rampup_ratio or None)
 
-    # Each process's stream positions go into every checkpoint, next to accelerate's state
-    train_streams = {"image": train_images, "video": train_videos} if streaming else {}
-
-    def save_extras(folder):  # and the EMA (under FSDP each process its shards)
-        for kind, path in stream_folders(folder, train_streams).items():
-            os.makedirs(path, exist_ok=True)
-            save_stream_state(train_streams[kind], path)
+    def save_extras(folder):  # each process's stream positions and the EMA (under FSDP each process its shards)
+        data.save_state(folder)
         save_ema_state(ema, folder, accelerator)
 
-    if streaming:  # a stream has no length: one endless "epoch", ended by --max_train_steps
-        steps_per_epoch, num_epochs = args.max_train_steps, 1
-    else:
-        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-        num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    steps_per_epoch = data.steps_per_epoch(args.max_train_steps, args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_ae_se", config=tracker_config(args))
-    per_process = {"images": args.train_batch_size, **({"clips": args.video_batch_size} if is_video else {})}
+        accelerator.init_trackers("train_ae_se", config=tracker_config(settings))
+    per_process = {"images": image_batch_size, **({"clips": video_batch_size} if is_video else {})}
     global_batch = describe_global_batch(
         per_process, accelerator.num_processes, args.gradient_accumulation_steps,
         args.preset if args.preset_global_batch else None, args.num_frames,
@@ -970,25 +841,13 @@ def main(args):
         for name in remove_checkpoints(args.output_dir):
             logger.info(f"--overwrite_output_dir: removed the earlier run's {name}")
     accelerator.wait_for_everyone()
-    if streaming:  # the streams continue from their saved positions: nothing to skip
-        global_step, first_epoch, skip_batches = 0, 0, 0
-        if resume_path is not None:
-            logger.info(f"Resuming from {resume_path}")
-            global_step = load_checkpoint(accelerator, resume_path)
-            for kind, path in stream_folders(resume_path, train_streams).items():
-                if not load_stream_state(train_streams[kind], path):
-                    logger.warning(
-                        f"{resume_path} holds no {kind} stream position for process {rank} (saved by a run that did "
-                        "not stream, or with fewer processes): that stream starts from its beginning.",
-                        main_process_only=False,
-                    )
-    else:
-        global_step, first_epoch, skip_batches = resume_position(
-            accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
-        )
+    global_step, first_epoch, skip_batches = resume_position(
+        accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
+    )
     if resume_path is not None:
+        data.load_state(resume_path)  # streams continue from their saved positions
         load_ema_state(ema, resume_path, accelerator)
-        use_learning_rate(lr_scheduler, args.learning_rate, logger.info)  # the command line wins over the checkpoint
+        use_learning_rate(lr_scheduler, learning_rate, logger.info)  # the command line wins over the checkpoint
 
     # Training loop
     progress_bar = tqdm(
@@ -1004,17 +863,7 @@ def main(args):
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
             break
-        loader = train_dataloader
-        if not streaming:  # a stream counts its own epochs
-            for dataset in (
-                train_dataset, getattr(train_dataset, "images", None), getattr(train_dataset, "videos", None)
-            ):  # fmt: skip
-                if hasattr(dataset, "epoch"):
-                    dataset.epoch = epoch
-            train_dataloader.set_epoch(epoch)
-            if epoch == first_epoch and skip_batches:
-                loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        for batch in meter.batches(loader):
+        for batch in meter.batches(data.epoch(accelerator, epoch, skip_batches if epoch == first_epoch else 0)):
             skips.update(batch["skipped"])  # warns once per unreadable file
             # One scale factor (and CHF ratio, temporal factor) per optimizer step, reproducible across resumes
             step_rng = random.Random(args.seed * 100_003 + global_step)
@@ -1109,13 +958,11 @@ def main(args):
         adapter = lora_adapter(final, args.lora_rank, args.lora_alpha) if args.use_lora else None
         if adapter is not None:
             merge_lora(final)
-        # Latent normalisation re-estimated on training latents (clips for a video AE), in the class's convention
-        stats_data = train_videos if train_videos is not None else train_images  # what a video DiT would train on
-        if streaming:  # a stream has no length: its first training items, unshuffled
-            stats_data = heads["video" if train_videos is not None else "image"](args.latent_stats_num_samples)
-        z = training_latents(final, stats_data, args.latent_stats_num_samples, args.seed, accelerator.device)
-        stats_kind = "clips" if train_videos is not None else "images"
-        normalization = reestimate_latent_normalization(final, z, stats_kind, args.keep_base_latent_scaling)
+        # Latent normalisation re-estimated on training latents (clips for a video AE: what a video DiT would train
+        # on; a stream's first training items, unshuffled), in the class's convention
+        items = data.statistics_items(args.latent_stats_num_samples)
+        z = training_latents(final, items, args.latent_stats_num_samples, args.seed, accelerator.device)
+        normalization = reestimate_latent_normalization(final, z, data.statistics_kind, args.keep_base_latent_scaling)
         with atomic_save(args.output_dir) as tmp:
             final.save_pretrained(tmp, safe_serialization=True)
             if adapter is not None:
@@ -1135,9 +982,9 @@ def main(args):
             timestep_conditioning=bool(getattr(final.config, "timestep_conditioning", False)),
             base_fingerprint=base_fingerprint, fingerprint=ae.weights_fingerprint(final),
             base_normalization=base_normalization, normalization=normalization, cross_decoding=cross,
-            validation=val_info, global_batch=global_batch, throughput=meter.summary(), nonfinite_steps=guard.skipped,
+            validation=data.info, global_batch=global_batch, throughput=meter.summary(), nonfinite_steps=guard.skipped,
         )  # fmt: skip
-        write_outputs(args, before, after, rgb, val, run)
+        write_outputs(args, settings, before, after, rgb, val, run)
         if "image" in val:
             log_images(accelerator.trackers, val["image"], after["image"]["recon"], global_step)
         if "video" in val:

@@ -352,12 +352,13 @@ def log_samples(accelerator, pipeline, args, step: int, num_classes: int):
     return grid
 
 
-def write_card(folder: str, args, meta: dict, transformer, steps: int, seconds: float, loss: dict, global_batch: str):
-    """The pipeline's README.md (model_cards/dit_pipeline.md), its license from the VAE's card unless --license."""
+def write_card(folder, args, settings: dict, meta, transformer, steps: int, seconds: float, loss: dict, global_batch):
+    """The pipeline's README.md (model_cards/dit_pipeline.md), its license from the VAE's card unless --license;
+    ``settings``: the flags as the run trained."""
     vae_source = args.pretrained_vae_model_name_or_path
     base_id = None if os.path.abspath(vae_source) == os.path.abspath(EMBEDDED_AE) else vae_source
     fields = dit_pipeline_card_fields(
-        meta, {**vars(args), "global_batch": global_batch}, transformer=transformer, steps=steps, seconds=seconds,
+        meta, {**settings, "global_batch": global_batch}, transformer=transformer, steps=steps, seconds=seconds,
         model=args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
         final_loss=loss.get("train/loss", float("nan")), global_batch=global_batch,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, shift=args.shift,
@@ -446,9 +447,11 @@ def main(args):
         pos_embed=args.pos_embed, self_conditioning=args.self_conditioning_prob > 0,
         class_embed_init_std=args.class_embed_init_std,
     )  # fmt: skip
+    # The settings this run trains with (`args` stays as parsed): a config without self-conditioning decides
+    settings = dict(vars(args))
     if args.self_conditioning_prob > 0 and not getattr(transformer.config, "self_conditioning", False):
         logger.info(f"{args.model_config_name_or_path} has no self-conditioning: training without it")
-        args.self_conditioning_prob = 0.0  # the config decides the architecture; recorded as trained
+        settings["self_conditioning_prob"] = 0.0  # recorded as trained
     num_classes = meta["num_classes"]
     n_params = sum(p.numel() for p in transformer.parameters())
     logger.info(f"{type(transformer).__name__} ({args.model}): {n_params / 1e6:.1f}M parameters")
@@ -459,7 +462,7 @@ def main(args):
         logit_mean=args.logit_mean,
         logit_std=args.logit_std,
         class_dropout_prob=args.class_dropout_prob,
-        self_conditioning_prob=args.self_conditioning_prob,
+        self_conditioning_prob=settings["self_conditioning_prob"],
     )
 
     # Optimizer (App. B): AdamW, warmup then cosine decay to --lr_end, an EMA of the weights
@@ -497,7 +500,7 @@ def main(args):
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_dit_flow", config=tracker_config(args))
+        accelerator.init_trackers("train_dit_flow", config=tracker_config(settings))
     global_batch = describe_global_batch({"latents": args.train_batch_size}, n, args.gradient_accumulation_steps)[
         "description"
     ]
@@ -622,7 +625,7 @@ def main(args):
         with atomic_save(args.output_dir) as tmp:
             pipeline.save_pretrained(tmp)
             grid.save(os.path.join(tmp, "samples.png"))
-            write_card(tmp, args, meta, unwrapped, global_step, seconds, last, global_batch)
+            write_card(tmp, args, settings, meta, unwrapped, global_step, seconds, last, global_batch)
             run = {
                 "train_steps": global_step,
                 "train_seconds": round(seconds, 1),

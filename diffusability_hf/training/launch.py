@@ -171,10 +171,10 @@ def make_accelerator(args):
 
 
 def tracker_config(args) -> dict:
-    """The run's settings for ``accelerator.init_trackers``: scalars as they are, lists of scalars joined by spaces,
-    the rest (and ``hub_token``) left out."""
+    """The run's settings (the parsed ``args``, or a dict of them) for ``accelerator.init_trackers``: scalars as they
+    are, lists of scalars joined by spaces, the rest (and ``hub_token``) left out."""
     config = {}
-    for key, value in vars(args).items():
+    for key, value in (args if isinstance(args, dict) else vars(args)).items():
         if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
             value = " ".join(map(str, value))
         if key != "hub_token" and isinstance(value, (int, float, str, bool)):

@@ -1,5 +1,6 @@
-"""The training step's helpers: per-step seeding (``step_generator``), the learning rate on resume, peak memory,
-throughput (``StepMeter``) and the guard against non-finite losses (``NonFiniteGuard``).
+"""The training step's helpers: the autoencoder's optimizer (``ae_adamw``), the optimizer step both scripts take
+(``optimizer_step``), per-step seeding (``step_generator``), the learning rate on resume, peak memory, throughput
+(``StepMeter``) and the guard against non-finite losses (``NonFiniteGuard``).
 """
 
 import logging
@@ -18,6 +19,22 @@ def deepspeed_active(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def ae_adamw(
+    params, lr: float, betas: Tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01, eps: float = 1e-8
+) -> torch.optim.AdamW:
+    """train_ae_se.py's optimizer: AdamW with App. B's betas (0.9, 0.99) and weight decay 0.01. Scalar parameters
+    (e.g. LTX's ``timestep_scale_multiplier``, initialised to 1000) are multipliers: no decay (our choice)."""
+    decay = [p for p in params if p.ndim > 0]
+    no_decay = [p for p in params if p.ndim == 0]
+    return torch.optim.AdamW(
+        [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else []),
+        lr=lr,
+        betas=betas,
+        weight_decay=weight_decay,
+        eps=eps,
+    )
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
