@@ -15,7 +15,8 @@ import torch
 
 from diffusability_hf.metrics.bench import DomainClassifier, DomainFeatures, RandomFeatures, paired_comparison
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 BENCH = os.path.join(ROOT, "train_scripts", "diffusability_bench.py")
 
 
@@ -287,7 +288,7 @@ def load_bench():
 def test_the_recipe_rule_is_the_protocols():
     """experiments/dit_recipe/PROTOCOL.md: the lowest FD among candidates well above chance; an earlier-listed
     runner-up within the larger seed std wins; none well above chance keeps App. B as printed."""
-    rule = load_bench().select_recipe
+    from diffusability_hf.bench.rules import select_recipe as rule
 
     def cand(ok, fd, std=1.0, layout_blind=False):
         return {"well_above": ok, "fd_mean": fd, "fd_std": std, "layout_blind": layout_blind}
@@ -306,7 +307,8 @@ def test_the_recipe_rule_is_the_protocols():
 
 
 def test_no_verdict_on_a_generator_that_cannot_rank():
-    verdict = load_bench().generation_verdict
+    from diffusability_hf.bench.rules import generation_verdict as verdict
+
     row = {"diff": -3.0, "diff_ci95": [-5.0, -1.0], "ci95_excludes_zero": True}
     both = {"domain": row, "random": row}
     assert verdict(both, "se", "base")["verdict"].startswith("supported")
@@ -369,10 +371,12 @@ def test_instrument_diagnostics_against_independent_computations():
 
 def test_the_default_run_trains_the_chosen_length_and_the_selection_its_registered_one():
     """experiments/dit_length chose 1200 DiT steps for the default run; --select_recipe keeps its protocol's 600."""
-    module = load_bench()
+    from diffusability_hf.bench.settings import settings_for
+
+    parse_args = load_bench().parse_args
 
     def steps(*argv):
-        return module.settings_for(module.parse_args(list(argv)))["dit_steps"]
+        return settings_for(parse_args(list(argv)))["dit_steps"]
 
     assert steps() == 1200 and steps("--ablation") == 1200
     assert steps("--select_recipe") == 600 and steps("--select_recipe", "--dit_steps", "900") == 900
