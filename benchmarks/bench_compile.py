@@ -7,15 +7,16 @@ generator), alternating step by step so that machine drift hits both alike:
 * ``ae``: SE fine-tuning (paper eq. 2) as train_ae_se.py runs it: the library objective
   ``diffusability_hf.losses.SEAutoencoderLoss`` with the script's defaults (alpha 0.25, bilinear, posterior samples,
   no KL / CHF / soft penalty; d = MSE, LPIPS off since it needs a download), the script's frozen output layers, then
-  backward, clipping at 50 and AdamW. The SE factor alternates 2, 4, 2, ... (the script draws it per step), so the
+  the scripts' own step ``diffusability_hf.training.steps.optimizer_step`` (backward, clipping at 50) with the
+  script's AdamW (``ae_adamw``). The SE factor alternates 2, 4, 2, ... (the script draws it per step), so the
   warm-up steps compile the decoder at every latent size it sees. Compiled: ``vae.encoder`` and ``vae.decoder`` in
   place (``nn.Module.compile``): ``SEAutoencoderLoss`` calls ``vae.encode`` / ``vae.decode``, which neither
   ``torch.compile(vae)`` nor ``vae.compile()`` compile (both compile ``forward`` only).
 * ``dit``: flow matching (paper Sec. 4, App. B) as train_dit_flow.py runs it: ``diffusability_hf.flow.FlowMatchingLoss``
   on the DiT the script builds (``transformer_config`` + ``build_transformer``: the paper's ``SelfConditionedDiT``
-  with RoPE), self-conditioning 0.9 (a no-grad auxiliary pass, then the conditioned main pass), backward, clipping at
-  16 and AdamW. Compiled: the transformer in place (``transformer.compile()``); the objective stays eager (its
-  ``torch.Generator`` draws would break the graph).
+  with RoPE), self-conditioning 0.9 (a no-grad auxiliary pass, then the conditioned main pass), then
+  ``optimizer_step`` (backward, clipping at 16) and AdamW. Compiled: the transformer in place
+  (``transformer.compile()``); the objective stays eager (its ``torch.Generator`` draws would break the graph).
 
 Per step the table gives the first step's wall time of each variant, the compile time (the compiled variant's
 warm-up steps minus as many eager steady-state steps), the steady-state medians of ``--steps`` steps after the
@@ -104,9 +105,14 @@ def build_ae(name):
 
 def ae_setup(args):
     """(per-variant state factory, step function, parameter count) of the SE fine-tuning step."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
     from diffusability_hf import autoencoders as ae
     from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
-    from diffusability_hf.training.steps import step_generator
+    from diffusability_hf.training.steps import ae_adamw, optimizer_step, step_generator
+
+    accelerator = Accelerator()  # unprepared objects: its backward and clipping are the scripts'
 
     vae = ae.prepare_for_training(build_ae(args.ae))
     ae.check_se_geometry(dict(vae.config, _class_name=type(vae).__name__), args.resolution, SE_SCALE_FACTORS, 8)
@@ -121,24 +127,16 @@ def ae_setup(args):
         if compiled:  # what SEAutoencoderLoss runs: vae.encode -> encoder, vae.decode -> decoder
             v.encoder.compile(backend=args.backend, mode=args.mode, dynamic=args.dynamic)
             v.decoder.compile(backend=args.backend, mode=args.mode, dynamic=args.dynamic)
-        params = [p for p in v.parameters() if p.requires_grad]
-        decay, no_decay = [p for p in params if p.ndim > 0], [p for p in params if p.ndim == 0]
-        opt = torch.optim.AdamW(
-            [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else []),
-            lr=1e-5, betas=(0.9, 0.99), weight_decay=0.01, eps=1e-8,
-        )  # fmt: skip
-        return SEAutoencoderLoss(v, distance, se_weight=0.25), params, opt
+        opt = ae_adamw([p for p in v.parameters() if p.requires_grad], 1e-5)  # the script's optimizer
+        return SEAutoencoderLoss(v, distance, se_weight=0.25), opt, get_scheduler("constant", opt)
 
     def step(state, i):
-        model, params, opt = state
+        model, opt, schedule = state
         scale = SE_SCALE_FACTORS[i % len(SE_SCALE_FACTORS)]
         gen = step_generator(x.device, 0, i, 0, 0)
         loss, _ = model(x, None, scale, 1, 0.0, gen)  # (images, videos, scale, temporal, chf ratio, generator)
         loss = loss.mean()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 50.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(loss, accelerator, model, opt, schedule, 50.0)  # the scripts' step
         return loss.item(), float(grad_norm)
 
     n = sum(p.numel() for p in vae.parameters())
@@ -149,9 +147,14 @@ def ae_setup(args):
 
 
 def dit_setup(args):
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
     from diffusability_hf.flow import FlowMatchingLoss
     from diffusability_hf.models.factory import build_transformer, transformer_config
-    from diffusability_hf.training.steps import step_generator
+    from diffusability_hf.training.steps import optimizer_step, step_generator
+
+    accelerator = Accelerator()  # unprepared objects: its backward and clipping are the scripts'
 
     c, s, _ = args.latents
     k = args.num_classes
@@ -170,19 +173,15 @@ def dit_setup(args):
         t = copy.deepcopy(transformer)
         if compiled:  # in place: same class, state_dict keys and parameters (EMA, checkpoints, save_pretrained)
             t.compile(backend=args.backend, mode=args.mode, dynamic=args.dynamic)
-        params = list(t.parameters())
-        opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01)
+        opt = torch.optim.AdamW(t.parameters(), lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01)
         objective = FlowMatchingLoss(t, k, class_dropout_prob=0.1, self_conditioning_prob=args.self_conditioning_prob)
-        return objective, params, opt
+        return objective, opt, get_scheduler("constant", opt)
 
     def step(state, i):
-        objective, params, opt = state
+        objective, opt, schedule = state
         gen = step_generator(x0.device, 0, i, 0, 0)
         loss = objective(x0, labels, gen).mean()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 16.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(loss, accelerator, objective, opt, schedule, 16.0)  # the scripts' step
         return loss.item(), float(grad_norm)
 
     n = sum(p.numel() for p in transformer.parameters())

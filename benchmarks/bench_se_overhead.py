@@ -2,7 +2,8 @@
 """Step-time and memory overhead of the SE term (paper eq. 2) in one training step of train_ae_se.py.
 
 Times the objective that train_ae_se.py trains with, ``diffusability_hf.losses.SEAutoencoderLoss`` (encode + decode
-+ SE branch in one forward), then backward and an AdamW step, with ``se_weight=0.25`` and with ``se_weight=0`` side
++ SE branch in one forward), then the scripts' own step ``diffusability_hf.training.steps.optimizer_step``
+(backward, clipping at 50) with train_ae_se.py's AdamW, with ``se_weight=0.25`` and with ``se_weight=0`` side
 by side (alternating, same process, same weights), for the
 embedded autoencoder and a FLUX-sized ``AutoencoderKL`` (random init, FLUX.1's config). The paper counts +10.75% of
 the FLOPs of an encode + decode for FluxAE at 256^2; our target is at most +15% step time.
@@ -19,10 +20,12 @@ import sys
 import time
 
 import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 
 from diffusability_hf.autoencoders import EMBEDDED_AE
 from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
-from diffusability_hf.training.steps import peak_memory_gb
+from diffusability_hf.training.steps import ae_adamw, optimizer_step, peak_memory_gb
 
 FLUX_VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512),
@@ -53,17 +56,18 @@ def peak_mb(device):
     return peak_memory_gb(device) * 1024
 
 
-def train_step(module, x, opt, scale_factor, device, bf16):
+def train_step(module, x, opt, schedule, scale_factor, device, bf16):
+    """The objective, then the scripts' own optimizer step (backward, clipping at the script's 50, AdamW)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         loss, _ = module(x, None, scale_factor)  # (images, videos, scale factor) -> per-sample (B,)
-    loss.mean().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(loss.mean(), ACCELERATOR, module, opt, schedule, MAX_GRAD_NORM)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 VARIANTS = {"no SE": (0.0, 2), "SE x2": (0.25, 2), "SE x4": (0.25, 4)}  # (alpha, scale factor)
+MAX_GRAD_NORM = 50.0  # the script's default clipping
+ACCELERATOR = Accelerator()  # unprepared objects: its backward and clipping are the scripts'
 
 
 def main():
@@ -85,16 +89,17 @@ def main():
         )
     for name in args.models:
         vae = build(name).to(device)
-        opt = torch.optim.AdamW(vae.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.01)
+        opt = ae_adamw(list(vae.parameters()), 1e-6)  # train_ae_se.py's optimizer
+        schedule = get_scheduler("constant", opt)
         x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
         # The script's objective with its defaults (bilinear SE, posterior samples, no KL / CHF / soft penalty)
         modules = {
             variant: SEAutoencoderLoss(vae, distance, se_weight=alpha) for variant, (alpha, _) in VARIANTS.items()
         }
 
-        def step(variant, modules=modules, x=x, opt=opt):
+        def step(variant, modules=modules, x=x, opt=opt, schedule=schedule):
             bf16 = args.mixed_precision == "bf16"
-            train_step(modules[variant], x, opt, VARIANTS[variant][1], device, bf16)
+            train_step(modules[variant], x, opt, schedule, VARIANTS[variant][1], device, bf16)
 
         if args.peak_only is not None:  # child process: peak RSS of one variant alone
             step(args.peak_only)

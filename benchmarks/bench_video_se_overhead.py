@@ -4,8 +4,9 @@
 One training step on a clip batch of the objective train_ae_se.py trains with,
 ``diffusability_hf.losses.SEAutoencoderLoss``, on ``--video_batch_size`` clips: encode, posterior sample, decode,
 MSE (LPIPS off: its trunk is a download), then ``alpha * scale_equivariance_loss`` with ``alpha = 0.25`` and
-bilinear x2 or x4 spatial downsampling of every frame (no SE: ``se_weight=0``, the term is skipped), backward,
-grad-norm clipping at 50, AdamW step. The decoder's output layers
+bilinear x2 or x4 spatial downsampling of every frame (no SE: ``se_weight=0``, the term is skipped), then the
+scripts' own step ``diffusability_hf.training.steps.optimizer_step`` (backward, clipping at 50) with train_ae_se.py's
+AdamW. The decoder's output layers
 (``norm_out``, ``conv_out``) are frozen, the script's default for a pretrained video AE; random init, no download.
 
 Every repetition runs each variant once, in turn (no SE, SE x2, SE x4, then the same three with
@@ -49,10 +50,13 @@ import sys
 import time
 
 import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
+from diffusability_hf.training.steps import ae_adamw, optimizer_step
 
 TINY_DIR = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
 TINY = sorted(f[: -len(".json")] for f in os.listdir(TINY_DIR) if f.endswith(".json"))
@@ -83,6 +87,8 @@ TINY_SIZE = (64, 2)
 
 SE_WEIGHT = 0.25  # paper's alpha
 MAX_GRAD_NORM = 50.0  # the script's default clipping
+ACCELERATOR = Accelerator()  # unprepared objects: its backward and clipping are the scripts'
+SCHEDULES = {}
 VARIANTS = {"no SE": None, "SE x2": 2, "SE x4": 4}  # SE scale factor
 
 
@@ -102,7 +108,7 @@ def build(name, device):
         vae.get_submodule(module).requires_grad_(False)
     vae.to(device)  # fp32 weights, as the script keeps them
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = ae_adamw(params, 1e-6)  # train_ae_se.py's optimizer
     return vae, params, opt
 
 
@@ -130,10 +136,9 @@ def train_step(vae, params, opt, x, scale_factor, gen, bf16):
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss, _ = objective(None, x, scale_factor or 2, generator=gen)  # (B,)
         loss = loss.mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if opt not in SCHEDULES:  # the scripts' default: a constant learning rate
+        SCHEDULES[opt] = get_scheduler("constant", opt)
+    optimizer_step(loss, ACCELERATOR, objective, opt, SCHEDULES[opt], MAX_GRAD_NORM)  # the scripts' own step
     sync(x.device)
 
 

@@ -276,12 +276,15 @@ def lpips_distance(device):
 
 
 def group_ae(ctx: Context, rows: Dict[str, Row]) -> None:
+    from accelerate import Accelerator
     from diffusers import AutoencoderKL
+    from diffusers.optimization import get_scheduler
 
     from diffusability_hf import autoencoders as ae
     from diffusability_hf.losses import SEAutoencoderLoss
     from diffusability_hf.training.ema import EMA
     from diffusability_hf.training.presets import SE_PRESETS
+    from diffusability_hf.training.steps import ae_adamw, optimizer_step
 
     preset = SE_PRESETS["flux"]
     res, b = (TINY_AE_RESOLUTION, ctx.ae_batch) if ctx.tiny else (256, ctx.ae_batch)
@@ -291,7 +294,8 @@ def group_ae(ctx: Context, rows: Dict[str, Row]) -> None:
     ae.freeze_for_fine_tuning(vae, preset["num_frozen_up_blocks"], True, False)
     vae.to(ctx.device, dtype=torch.float32).train()
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=preset["learning_rate"], betas=(0.9, 0.99), weight_decay=0.01)
+    opt = ae_adamw(params, preset["learning_rate"])  # train_ae_se.py's optimizer
+    schedule, accelerator = get_scheduler("constant", opt), Accelerator()
     ema = EMA(params, 5000.0, 0.05)
     distance, d_note = lpips_distance(ctx.device)
     x = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(0)).to(ctx.device) * 2 - 1
@@ -306,10 +310,7 @@ def group_ae(ctx: Context, rows: Dict[str, Row]) -> None:
             with ctx.autocast():
                 loss, _ = objectives[key](x, None, variants[key][1], generator=gen)  # (B,)
                 loss = loss.mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, preset["max_grad_norm"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(loss, accelerator, objectives[key], opt, schedule, preset["max_grad_norm"])  # the scripts'
             ema.update(params, counter[0])
             return loss.detach()
 
@@ -356,10 +357,14 @@ def cogvideox_config(tiny: bool) -> dict:
 
 
 def group_video(ctx: Context, rows: Dict[str, Row]) -> None:
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
     from diffusability_hf import autoencoders as ae
     from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss
     from diffusability_hf.training.ema import EMA
     from diffusability_hf.training.presets import SE_PRESETS
+    from diffusability_hf.training.steps import ae_adamw, optimizer_step
 
     (name,) = rows
     row = rows[name]
@@ -371,7 +376,8 @@ def group_video(ctx: Context, rows: Dict[str, Row]) -> None:
     ae.freeze_for_fine_tuning(vae, 0, True, False)
     vae.to(ctx.device, dtype=torch.float32).train()
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=preset["learning_rate"], betas=(0.9, 0.99), weight_decay=0.01)
+    opt = ae_adamw(params, preset["learning_rate"])  # train_ae_se.py's optimizer
+    schedule, accelerator = get_scheduler("constant", opt), Accelerator()
     ema = EMA(params, 5000.0, 0.05)
     # LPIPS per frame costs little next to the 3D convolutions; MSE keeps this row about the autoencoder
     objective = SEAutoencoderLoss(vae, ReconstructionDistance(1.0, 0.0), se_weight=SE_ALPHA)
@@ -386,10 +392,7 @@ def group_video(ctx: Context, rows: Dict[str, Row]) -> None:
             with ctx.autocast():
                 loss, _ = objective(None, x, 2, generator=gen)  # clips only: (B,)
                 loss = loss.mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, preset["max_grad_norm"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(loss, accelerator, objective, opt, schedule, preset["max_grad_norm"])  # the scripts' step
             ema.update(params, counter[0])
             return loss.detach()
 
@@ -419,11 +422,14 @@ def group_video(ctx: Context, rows: Dict[str, Row]) -> None:
 
 
 def group_dit(ctx: Context, rows: Dict[str, Row], model_name: str) -> None:
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffusability_hf.flow import FlowMatchingLoss
     from diffusability_hf.models.factory import build_transformer, transformer_config
     from diffusability_hf.training.ema import EMA
+    from diffusability_hf.training.steps import optimizer_step
 
     (name,) = rows
     row = rows[name]
@@ -436,6 +442,7 @@ def group_dit(ctx: Context, rows: Dict[str, Row], model_name: str) -> None:
     objective = FlowMatchingLoss(transformer, classes, class_dropout_prob=0.1, self_conditioning_prob=0.9)
     params = list(transformer.parameters())
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    schedule, accelerator = get_scheduler("constant", opt), Accelerator()
     ema = EMA(params, 6931.0, 0.05)
     b = ctx.dit_batch
     g = torch.Generator().manual_seed(0)
@@ -448,10 +455,7 @@ def group_dit(ctx: Context, rows: Dict[str, Row], model_name: str) -> None:
         gen = torch.Generator(ctx.device).manual_seed(counter[0])
         with ctx.autocast():
             loss = objective(x0, labels, gen).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 16.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, accelerator, objective, opt, schedule, 16.0)  # the scripts' step
         ema.update(params, counter[0])
         return loss.detach()
 
