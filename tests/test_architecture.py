@@ -243,9 +243,16 @@ def test_scripts_main_never_rewrites_args_and_stays_short(name):
     assert main.end_lineno - main.lineno + 1 <= 300, f"{name}: main is {main.end_lineno - main.lineno + 1} lines"
 
 
-def test_train_ae_se_main_does_not_branch_on_streaming():
-    names = {n.id for n in ast.walk(script_main("train_ae_se.py")) if isinstance(n, ast.Name)}
-    assert not names & {"streaming", "train_dataset", "train_dataloader", "streams"}
+@pytest.mark.parametrize(
+    "name, hidden",
+    [
+        ("train_ae_se.py", {"streaming", "train_dataset", "train_dataloader", "streams"}),  # data/training.py
+        ("extract_latents.py", {"streaming", "dataset", "source", "is_stream"}),  # data/extraction.py
+    ],
+)
+def test_scripts_main_does_not_branch_on_streaming(name, hidden):
+    names = {n.id for n in ast.walk(script_main(name)) if isinstance(n, ast.Name)}
+    assert not names & hidden
 
 
 def test_an_args_rewrite_is_caught():

@@ -32,9 +32,7 @@ shards.
 """
 
 import argparse
-import hashlib
 import logging
-import math
 import os
 
 import torch
@@ -44,7 +42,7 @@ from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.cpu import use_all_cpu_cores
-from diffusability_hf.data.images import LabelledImages
+from diffusability_hf.data.extraction import ExtractionItems
 from diffusability_hf.data.latents import (
     check_existing_latents,
     remove_latents,
@@ -52,9 +50,7 @@ from diffusability_hf.data.latents import (
     write_metadata,
     write_shard,
 )
-from diffusability_hf.data.shards import TarShards, is_shard_folder, open_streaming_source
-from diffusability_hf.data.stream_items import labelled_items
-from diffusability_hf.data.videos import LabelledClips
+from diffusability_hf.data.training import DataSource
 from diffusability_hf.errors import MissingPathError, UsageError, run_script
 from diffusability_hf.files import report_written
 from diffusability_hf.training.launch import given_flags
@@ -227,15 +223,19 @@ def parse_args(input_args=None):
     return args
 
 
+def data_source(args, video: bool) -> DataSource:
+    """The images (clips for ``video``) as the flags give them: a stream for tar shards, or for an HF dataset or
+    a folder with --streaming."""
+    if video:
+        return DataSource(args.video_dataset_name, args.video_data_dir, args.video_data_files, args.video_column,
+                          args.dataset_config_name, args.streaming)  # fmt: skip
+    return DataSource(args.dataset_name, args.train_data_dir, args.train_data_files, args.image_column,
+                      args.dataset_config_name, args.streaming)  # fmt: skip
+
+
 def is_stream(args) -> bool:
     """Whether the data is read as a stream: tar shards, or an HF dataset / folder with --streaming."""
-    return bool(
-        args.streaming
-        or args.train_data_files
-        or args.video_data_files
-        or is_shard_folder(args.train_data_dir)
-        or is_shard_folder(args.video_data_dir)
-    )
+    return data_source(args, False).streamed or data_source(args, True).streamed
 
 
 def data_description(args) -> str:
@@ -247,31 +247,6 @@ def data_description(args) -> str:
     if name and files:
         return f"{name} ({files})"
     return name or args.train_data_dir or args.video_data_dir or files
-
-
-def stream_identity(source) -> dict:
-    """What names a stream's data in the extraction settings: its shard count and a digest of its shard list
-    (local paths made absolute, so that a rerun from another folder resumes)."""
-    names = [d if "://" in d or not os.path.exists(d) else os.path.abspath(d) for d in source.describe()]
-    return {
-        "input_shards": source.num_shards,
-        "input_shards_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest(),
-    }
-
-
-def stream_class_names(source, shard_paths) -> list:
-    """The class names of a stream: the source's (HF ClassLabel, --class_names), else ``"0"`` ... up to the largest
-    integer label stored in the latent shards."""
-    if source.class_names:
-        return list(source.class_names)
-    from safetensors import safe_open
-
-    top = -1
-    for path in shard_paths:
-        with safe_open(path, "pt") as fh:
-            labels = fh.get_tensor("labels")
-        top = max(top, int(labels.max()) if len(labels) else -1)
-    return [str(i) for i in range(top + 1)]
 
 
 def extraction_settings(
@@ -333,31 +308,14 @@ def main(args):
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    streaming, source, dataset = is_stream(args), None, None
-    if streaming:  # one latent shard per input shard, each encoded whole by one process
-        source = open_streaming_source(
-            args.video_dataset_name if is_video else args.dataset_name,
-            args.video_data_dir if is_video else args.train_data_dir,
-            args.video_data_files if is_video else args.train_data_files,
-            args.video_column if is_video else args.image_column, args.label_column, args.dataset_config_name,
-            args.cache_dir, args.split, video=is_video, class_names=args.class_names,
-        )  # fmt: skip
-        total = None  # unknown until read
-        num_shards = source.num_shards
-    elif is_video:
-        dataset = LabelledClips(
-            args.resolution, args.num_frames, args.video_data_dir, args.video_dataset_name, args.video_column,
-            args.label_column, args.dataset_config_name, args.cache_dir, args.split, args.frame_stride,
-            embedded_samples=args.max_samples, seed=args.seed,
-        )  # fmt: skip
-    else:
-        dataset = LabelledImages(
-            args.resolution, args.dataset_name, args.train_data_dir, args.image_column, args.label_column,
-            args.dataset_config_name, args.cache_dir, args.split, embedded_samples=args.max_samples,
-        )  # fmt: skip
-    if not streaming:
-        total = min(len(dataset), args.max_samples or len(dataset))
-        num_shards = math.ceil(total / args.shard_size)
+    # The items, as the latent shards they become: a dataset cut into --shard_size rows, or a stream's input shards
+    items = ExtractionItems(
+        data_source(args, is_video), video=is_video, resolution=args.resolution, num_frames=args.num_frames,
+        frame_stride=args.frame_stride, seed=args.seed, shard_size=args.shard_size, max_samples=args.max_samples,
+        label_column=args.label_column, split=args.split, cache_dir=args.cache_dir, class_names=args.class_names,
+        decode_threads=args.decode_threads,
+    )  # fmt: skip
+    total, num_shards = items.total, items.num_shards
     shard_path = [os.path.join(args.output_dir, shard_name(j)) for j in range(num_shards)]
 
     # The autoencoder, named by its weights; an existing folder must hold latents of these weights and settings
@@ -368,13 +326,8 @@ def main(args):
         )
     ).eval().requires_grad_(False)  # fmt: skip
     fingerprint = ae.weights_fingerprint(vae)
-    if streaming:
-        settings = extraction_settings(args, fingerprint, None, None, accelerator.mixed_precision, is_video)
-        settings.update(shard_size=None, **stream_identity(source))
-        if isinstance(source, TarShards):  # named by their digest, however they were spelled (folder, braces, globs)
-            settings["dataset"] = "webdataset tar shards"
-    else:
-        settings = extraction_settings(args, fingerprint, len(dataset), total, accelerator.mixed_precision, is_video)
+    settings = extraction_settings(args, fingerprint, items.dataset_size, total, accelerator.mixed_precision, is_video)
+    settings.update(items.identity())  # a stream: its input shards
     ae_name = args.pretrained_model_name_or_path + (f" (subfolder {args.subfolder})" if args.subfolder else "")
     if args.overwrite_output_dir:
         if accelerator.is_main_process and os.path.isdir(args.output_dir):
@@ -402,17 +355,8 @@ def main(args):
         vae = vae.to(memory_format=torch.channels_last)
     dtype = getattr(torch, args.dtype)
     for j in tqdm(mine, desc="Shards", disable=not accelerator.is_local_main_process):
-        if streaming:  # input shard j, in order: (pixels, label, sample id, ok)
-            items = labelled_items(
-                source, [j], args.resolution, args.num_frames if is_video else None, args.frame_stride, args.seed,
-                args.decode_threads,
-            )  # fmt: skip
-        else:
-            items = torch.utils.data.Subset(
-                dataset, list(range(j * args.shard_size, min((j + 1) * args.shard_size, total)))
-            )
-        loader = torch.utils.data.DataLoader(
-            items, batch_size=args.batch_size, num_workers=args.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(  # (pixels, label, sample id, ok)
+            items.shard(j), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
         )
         out = {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "labels", "indices")}
         seen = 0
@@ -443,7 +387,7 @@ def main(args):
         names = [os.path.basename(p) for p in shard_path]
         latent = args.resolution // f
         frames = [ae.latent_num_frames(config, args.num_frames)] if is_video else []  # T' of a clip
-        class_names = stream_class_names(source, shard_path) if streaming else dataset.names
+        class_names = items.class_names(shard_path)
         meta = write_metadata(
             args.output_dir, names, settings, ae=ae_name, ae_class=config["_class_name"],
             latent_shape=[ae.latent_channels(config), *frames, latent, latent], class_names=class_names,
