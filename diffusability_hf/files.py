@@ -111,6 +111,17 @@ def lock_output_dir(output_dir: str) -> None:
     _held_locks.append(fd)
 
 
+def release_output_dir_locks() -> None:
+    """Release every lock this process took with :func:`lock_output_dir`: for a caller that runs a script's ``main``
+    more than once in one process (the tests); a script's own locks go with its process."""
+    import fcntl
+
+    while _held_locks:
+        fd = _held_locks.pop()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic saves
 

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from testing_utils import CPU_CONFIG, ROOT, tiny_autoencoder_kl
+
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -19,28 +21,15 @@ for _key, _value in {
 }.items():
     os.environ[_key] = _value
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
-
 
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory):
     """A tiny AutoencoderKL (4x down, 4 latent channels) saved in diffusers format, with a random AlexNet trunk
     file next to it for LPIPS (the real loading path, offline)."""
     import torchvision
-    from diffusers import AutoencoderKL
 
     path = tmp_path_factory.mktemp("tiny_vae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        mid_block_add_attention=False,
-    ).save_pretrained(path)
+    tiny_autoencoder_kl((8, 16, 16), mid_block_add_attention=False).save_pretrained(path)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), os.path.join(path, "alexnet_trunk.pth"))
     return str(path)
 
@@ -133,3 +122,17 @@ def random_inception_weights(tmp_path_factory):
         FeatureExtractorInceptionV3.load_state_dict = original
     torch.save(net.state_dict(), path)
     return str(path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: runs a script end to end in its own process (seconds to minutes); `-m 'not slow'` is the quick pass",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that launches a script (the ``run_script`` fixture) is end to end: marked ``slow``."""
+    for item in items:
+        if "run_script" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -12,7 +12,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "accelerate_configs", "*.yaml")))
 EXPECTED = {  # name: (distributed type, mixed precision, use_cpu)
     "cpu": (DistributedType.NO, "no", True),

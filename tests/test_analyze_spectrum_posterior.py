@@ -17,7 +17,8 @@ from PIL import Image
 from diffusability_hf.data.evaluation import evaluation_samples
 from diffusability_hf.spectral import energy_profile, frequency_profile, share_of_high_frequencies
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 SEED_STRIDE = 1_000_003  # the documented rule: sample i of --seed s draws eps from a generator seeded s * 1000003 + i
 

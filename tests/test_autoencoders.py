@@ -10,6 +10,8 @@ from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2, Autoenco
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.losses import downsample
 
+from testing_utils import tiny_autoencoder_kl
+
 TINY_CONFIGS = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
 # One tiny config per video class (the LTX timestep-conditioned decoder has its own file)
 VIDEO_CONFIGS = {
@@ -38,16 +40,7 @@ def tiny(name):
         cfg = tiny_config(VIDEO_CONFIGS.get(name, name))
         return ae.prepare_for_training(ae.model_class(cfg).from_config(cfg))
     if name == "AutoencoderKL":
-        return AutoencoderKL(
-            block_out_channels=(8, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            norm_num_groups=4,
-            layers_per_block=1,
-            scaling_factor=0.5,
-            shift_factor=0.1,
-        )
+        return tiny_autoencoder_kl((8, 16, 16), seed=None, scaling_factor=0.5, shift_factor=0.1)
     if name == "AutoencoderKLFlux2":
         return AutoencoderKLFlux2(
             block_out_channels=(8, 16),

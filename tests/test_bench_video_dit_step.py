@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_video_dit_step.py")
 
 

@@ -4,7 +4,8 @@ stale copy, a block without its end and a mark it cannot read."""
 import importlib.util
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 spec = importlib.util.spec_from_file_location("check_copies", os.path.join(ROOT, "utils", "check_copies.py"))
 check_copies = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check_copies)

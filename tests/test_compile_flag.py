@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 TRACE = {"TORCH_LOGS": "graph_code"}  # dynamo prints each graph it captured ("TRACED GRAPH") to stderr
 
 

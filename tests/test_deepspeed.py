@@ -21,7 +21,8 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.training.launch import check_launcher, configure_deepspeed
 from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 SHIM = os.path.join(ROOT, "tests", "deepspeed_on_cpu.py")
 CPU = {"ACCELERATE_USE_CPU": "1"}  # DDP only: with it, accelerate would drop DeepSpeed and run DDP
 DIT = ["--model", "DiT-tiny/2", "--train_batch_size", 4, "--report_to", "none", "--num_inference_steps", 2,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import AutoencoderKL, ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin
+from diffusers import ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
@@ -19,6 +19,8 @@ from diffusability_hf.losses import ReconstructionDistance, SEAutoencoderLoss, c
 from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
+from testing_utils import tiny_autoencoder_kl
+
 TINY_CONFIGS = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
 
 
@@ -27,11 +29,7 @@ def bf16_autocast():
 
 
 def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-    )  # fmt: skip
+    return tiny_autoencoder_kl()
 
 
 # ------------------------------------------------------------------------------------ float32 code under autocast

@@ -15,7 +15,7 @@ import torch
 
 from diffusability_hf.metrics.bench import DomainClassifier, DomainFeatures, RandomFeatures, paired_comparison
 
-from testing_utils import ROOT
+from testing_utils import ROOT, run_in_process
 
 BENCH = os.path.join(ROOT, "train_scripts", "diffusability_bench.py")
 
@@ -144,8 +144,9 @@ def check_a_rerun_continues_and_other_settings_are_refused(out):
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message, tmp_path):
-    proc = bench([*args, "--output_dir", tmp_path / "out"])
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    """In-process (the command line's path); the next test runs the command for its exit code."""
+    code, stderr = run_in_process("diffusability_bench.py", [*args, "--output_dir", tmp_path / "out"])
+    assert code == 2 and message in stderr, stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -259,18 +260,21 @@ def test_select_recipe_smoke_tries_every_recipe_on_vanilla_only_and_applies_the_
     proc = bench(["--select_recipe", "--smoke", "--output_dir", out])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(out / "ae")) == ["vanilla"]  # no SE autoencoder is made or looked at
-    script = load_bench()
+    from diffusability_hf.bench.rules import select_recipe
+    from diffusability_hf.bench.settings import slug
+    from diffusability_hf.models.dit import RECIPES
+
     result = json.loads((out / "report.json").read_text())
-    assert list(result["candidates"]) == list(script.RECIPES) and result["seeds"] == [10, 11]
+    assert list(result["candidates"]) == list(RECIPES) and result["seeds"] == [10, 11]
     for recipe, cand in result["candidates"].items():
-        tag = "vanilla" if recipe == result["settings"]["dit_recipe"] else f"vanilla-{script.slug(recipe)}-4"
+        tag = "vanilla" if recipe == result["settings"]["dit_recipe"] else f"vanilla-{slug(recipe)}-4"
         config = json.loads((out / "dit" / f"{tag}-seed10" / "transformer" / "config.json").read_text())
         assert (config["pos_embed"], config["class_embed_init_std"]) == (
-            script.RECIPES[recipe]["pos_embed"], script.RECIPES[recipe]["class_embed_init_std"])  # fmt: skip
+            RECIPES[recipe]["pos_embed"], RECIPES[recipe]["class_embed_init_std"])  # fmt: skip
         metrics = json.loads((out / "eval_dit" / f"{tag}-seed11" / "step-4" / "metrics.json").read_text())
         gain = metrics["loss_per_noise_level"]["class_gain"]
         assert cand["diagnostics"]["per_seed"]["11"]["class_gain"] == pytest.approx(np.mean(gain))
-    chosen, _ = script.select_recipe({r: {**{k: c[k] for k in ("well_above", "fd_mean", "fd_std")},
+    chosen, _ = select_recipe({r: {**{k: c[k] for k in ("well_above", "fd_mean", "fd_std")},
                                           "layout_blind": c["diagnostics"]["flags"]["layout_blind"]}
                                       for r, c in result["candidates"].items()})  # fmt: skip
     assert result["chosen"] == chosen and f"**Chosen: `{chosen}`**" in (out / "report.md").read_text()

@@ -18,7 +18,7 @@ from diffusability_hf.flow import held_out_flow_loss
 from diffusability_hf.metrics import diffusability as dm
 from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
 
 
 def smooth(n, c=4, size=16, seed=0):

@@ -21,7 +21,8 @@ from diffusability_hf.figures import labelled_image_grid
 from diffusability_hf.flow import time_shift
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT, tiny_autoencoder_kl
+
 NUM_CLASSES = 7  # the embedded photographs' classes (the classes of the extracted latents)
 CHANNELS = 16  # the embedded autoencoder's latent channels (8x down: 64 px images, 8x8 latents)
 
@@ -139,11 +140,7 @@ def eval_args(pipeline, out, features, *extra):
 
 
 def tiny_pipe(self_cond_module=None):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-    ).eval()  # fmt: skip
+    vae = tiny_autoencoder_kl().eval()  # torch seeded 0 first
     dit = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
         patch_size=2, num_embeds_ada_norm=3, norm_num_groups=4,

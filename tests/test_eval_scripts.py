@@ -27,7 +27,8 @@ from diffusability_hf.spectral import (
     share_of_high_frequencies,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 
 

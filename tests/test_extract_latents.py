@@ -17,7 +17,8 @@ from diffusability_hf.data.images import open_and_crop
 from diffusability_hf.data.latents import check_existing_latents
 from diffusability_hf.errors import UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT, run_in_process
+
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 PYTHON = [sys.executable]
 
@@ -205,8 +206,8 @@ def test_extract_embedded_default_and_bad_resolution(tmp_path, run_script):
     assert meta["num_classes"] == 7 and meta["latent_shape"] == [16, 8, 8] and meta["num_samples"] == 14
     labels = load_file(out / "shard-00000.safetensors")["labels"]
     assert labels.tolist() == [i % 7 for i in range(14)]  # class = source photograph
-    proc = run_script("extract_latents.py", ["--output_dir", tmp_path / "x", "--resolution", 60], check=False)
-    assert proc.returncode != 0 and "not divisible by the AE's compression 8" in proc.stderr
+    code, stderr = run_in_process("extract_latents.py", ["--output_dir", tmp_path / "x", "--resolution", 60])
+    assert code == 2 and "not divisible by the AE's compression 8" in stderr
 
 
 @pytest.mark.parametrize(
@@ -224,10 +225,18 @@ def test_extract_embedded_default_and_bad_resolution(tmp_path, run_script):
         (["--train_data_dir", "no/such/folder"], "error: --train_data_dir no/such/folder is not a folder."),
     ],
 )
-def test_extract_bad_arguments(tmp_path, run_script, bad, message):
-    proc = run_script("extract_latents.py", ["--output_dir", tmp_path / "x", *bad], check=False, launcher=PYTHON)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_extract_bad_arguments(tmp_path, bad, message):
+    code, stderr = run_in_process("extract_latents.py", ["--output_dir", tmp_path / "x", *bad])
+    assert code == 2 and message in stderr and "Traceback" not in stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_launched_bad_argument_exits_2_with_one_line(tmp_path, run_script):
+    """The command's exit-code contract, once through a real process (the cases above run in-process)."""
+    proc = run_script("extract_latents.py", ["--output_dir", tmp_path / "x", "--resolution", "0"], check=False,
+                      launcher=PYTHON)  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "must be positive" in errors[0]
 
 
 def test_extract_settings_are_flag_then_embedded_preset_then_default():
@@ -318,7 +327,7 @@ def test_extract_video_latents_from_class_folders_and_refusals(tmp_path, tiny_vi
         (["--pretrained_model_name_or_path", tiny_vae_dir, "--video_data_dir", tmp_path / "videos"],
          "AutoencoderKL is an image autoencoder, but --video_data_dir"),
     ):  # fmt: skip
-        proc = run_script("extract_latents.py", [*bad, "--output_dir", tmp_path / "x"], check=False, launcher=PYTHON)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        code, stderr = run_in_process("extract_latents.py", [*bad, "--output_dir", tmp_path / "x"])
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], stderr[-2000:]
         assert not (tmp_path / "x").exists()

@@ -14,7 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 SHIM = os.path.join(ROOT, "tests", "fsdp_on_cpu.py")
 DIT = ["--model", "DiT-tiny/2", "--train_batch_size", 4, "--report_to", "none", "--num_inference_steps", 2,
        "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--ema_halflife_steps", 2, "--seed", 5]  # fmt: skip

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 IN_PROCESS_ROWS = [
     "AE FLUX no SE",

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 SCRIPTS = sorted(
     glob.glob(os.path.join(ROOT, "train_scripts", "*.py"))
     + glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))

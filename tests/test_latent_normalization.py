@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2
+from diffusers import AutoencoderKLFlux2
 
 from diffusability_hf import autoencoders as ae
 from diffusability_hf.latent_normalization import (
@@ -17,19 +17,13 @@ from diffusability_hf.latent_normalization import (
     training_latents,
 )
 
+from testing_utils import tiny_autoencoder_kl
+
 TINY_CONFIGS = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
 
 
 def kl(**kwargs):
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        **kwargs,
-    )
+    return tiny_autoencoder_kl(seed=None, **kwargs)
 
 
 def from_tiny_config(stem, **overrides):

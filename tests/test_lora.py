@@ -4,19 +4,17 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from diffusability_hf.training.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
+
+from testing_utils import tiny_autoencoder_kl
 
 pytest.importorskip("peft")
 
 
 def tiny():
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                         layers_per_block=1)  # fmt: skip
+    return tiny_autoencoder_kl()
 
 
 def test_adapter_is_saved_apart_and_merges_into_the_plain_model(tmp_path):

@@ -23,6 +23,8 @@ from diffusability_hf.losses import (
     temporal_downsample,
 )
 
+from testing_utils import tiny_autoencoder_kl
+
 # lpips builds its AlexNet trunk with torchvision's deprecated `pretrained=` argument
 pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
 
@@ -636,14 +638,7 @@ def test_se_loss_temporal_factor_errors_and_images():
 @pytest.fixture(scope="module")
 def tiny_kl_vae():
     """A 2x AutoencoderKL with random weights (16x16 latents for 32 px images)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-        mid_block_add_attention=False,
-    ).eval()  # fmt: skip
+    return tiny_autoencoder_kl(mid_block_add_attention=False).eval()
 
 
 def seeded(seed):

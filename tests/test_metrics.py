@@ -25,6 +25,8 @@ from diffusability_hf.metrics.frechet import (
 )
 from diffusability_hf.metrics.quality import mean_and_ci, psnr, ssim
 
+from testing_utils import tiny_autoencoder_kl
+
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -660,12 +662,7 @@ def test_feature_statistics_merge_equals_one_pass_and_leaves_parts_alone():
 
 
 def _tiny_kl():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                         layers_per_block=1)  # fmt: skip
+    return tiny_autoencoder_kl()
 
 
 def test_reconstruction_metrics_match_their_definitions_and_leave_the_rng_alone():

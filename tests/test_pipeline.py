@@ -14,7 +14,6 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderDC,
-    AutoencoderKL,
     AutoencoderKLQwenImage,
     DiffusionPipeline,
     DiTTransformer2DModel,
@@ -22,6 +21,8 @@ from diffusers import (
 )
 
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
+
+from testing_utils import tiny_autoencoder_kl
 
 ID2LABEL = {0: "cat", 1: "dog", 2: "tench, Tinca tinca"}
 PROVENANCE = {"latents_ae_weights_fingerprint": "0123abcd", "vae_weights_fingerprint": "0123abcd", "latents": "/x"}
@@ -68,15 +69,7 @@ class StandInSelfCondDiT(ModelMixin, ConfigMixin):
 
 
 def tiny_vae(seed=0):
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-    ).eval()
+    return tiny_autoencoder_kl(seed=seed).eval()
 
 
 def tiny_dit(seed=1, out_channels=4):

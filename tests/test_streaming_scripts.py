@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from diffusability_hf.data import shards as sh
 from diffusability_hf.errors import UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 PYTHON = [sys.executable]  # the scripts themselves, without `accelerate launch` (one CPU process)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"]

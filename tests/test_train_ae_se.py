@@ -21,8 +21,8 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.files import check_output_dir
 from diffusability_hf.training.launch import describe_global_batch, split_global_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
+from testing_utils import CPU_CONFIG, ROOT, run_in_process
+
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 QUIET = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
 
@@ -285,33 +285,42 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny_vae_dir, run_scri
         (["--push_to_hub", "--hub_model_id", "me/vae"], "HF_HUB_OFFLINE=1"),
     ],
 )
-def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message, run_script):
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, tiny_vae_dir, extra, message, caplog):
+    """In-process (the command line's path, ``run_script(main, parse_args)``); the launched command's exit code is
+    checked once, by the next test."""
     out = tmp_path / "out"
-    proc = train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 1000, *extra, check=False, launcher=QUIET)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-3000:]
+    argv = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, *fast(tiny_vae_dir)]
+    code, stderr = run_in_process("train_ae_se.py", [*argv, "--max_train_steps", 1000, *extra])
+    assert code == 2 and message in stderr, stderr[-3000:]
     # One line that says what to do, no traceback (argparse's own errors print the usage first)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in stderr, stderr[-3000:]
     # Before any heavy work: training never started and nothing was checkpointed
-    assert "SE fine-tuning:" not in proc.stdout + proc.stderr
+    assert "SE fine-tuning:" not in caplog.text
     assert not (out / "checkpoint-500").exists()
 
 
-def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir, run_script):
-    # No --lpips_trunk_path, and an empty torch hub cache
+def test_a_launched_bad_input_fails_with_one_error_line(tmp_path, tiny_vae_dir, run_script):
+    """Through ``accelerate launch`` (which turns the script's exit code 2 into its own 1 under ``--quiet``)."""
+    proc = train_tiny(run_script, tiny_vae_dir, tmp_path / "out", "--se_weight", "-1", check=False, launcher=QUIET)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1 and "non-negative" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_lpips_trunk_is_reported_before_training(tmp_path, tiny_vae_dir, monkeypatch):
+    # No --lpips_trunk_path, and an empty torch hub cache (in-process: the command line's path)
     args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", tmp_path / "out", "--max_train_steps", 2]
     args += [*FAST, "--lpips_weight", "1"]
-    empty = {"TORCH_HOME": str(tmp_path / "empty_torch_home")}
-    proc = run_script("train_ae_se.py", args, check=False, extra_env=empty)
-    assert proc.returncode != 0
-    assert "alexnet-owt-7be5be79.pth" in proc.stderr and "--lpips_trunk_path" in proc.stderr
-    assert "--lpips_weight 0" in proc.stderr
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    code, stderr = run_in_process("train_ae_se.py", args)
+    assert code == 2
+    assert "alexnet-owt-7be5be79.pth" in stderr and "--lpips_trunk_path" in stderr
+    assert "--lpips_weight 0" in stderr
     # A wrong data path is reported first: it is the user's first mistake, and LPIPS may not even be wanted
-    proc = run_script("train_ae_se.py", [*args, "--train_data_dir", tmp_path / "no-such-folder"], check=False,
-                      extra_env=empty)  # fmt: skip
-    assert proc.returncode != 0 and "no-such-folder is not a folder" in proc.stderr
-    assert "alexnet-owt-7be5be79.pth" not in proc.stderr
+    code, stderr = run_in_process("train_ae_se.py", [*args, "--train_data_dir", tmp_path / "no-such-folder"])
+    assert code == 2 and "no-such-folder is not a folder" in stderr
+    assert "alexnet-owt-7be5be79.pth" not in stderr
 
 
 def test_lora_run_saves_merged_plain_model_and_adapter(tmp_path, tiny_vae_dir, run_script):

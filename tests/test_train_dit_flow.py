@@ -20,7 +20,8 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT, run_in_process
+
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 PYTHON = [sys.executable]
 FAST = ["--model", "DiT-tiny/2", "--train_batch_size", 8, "--report_to", "none", "--num_inference_steps", 4,
@@ -242,8 +243,11 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
         script.parse_args(["--output_dir", str(tmp_path / "c")])
     assert "extract_latents.py" in capsys.readouterr().err
     # Offline push: refused before training, with what to do
-    proc = train(run_script, latents, tmp_path / "d", "--push_to_hub", "--hub_model_id", "me/dit", check=False)
-    assert proc.returncode != 0 and "HF_HUB_OFFLINE=1" in proc.stderr
+    code, stderr = run_in_process(
+        "train_dit_flow.py",
+        ["--latents_dir", latents, "--output_dir", tmp_path / "d", *FAST, "--push_to_hub", "--hub_model_id", "me/dit"],
+    )
+    assert code == 2 and "HF_HUB_OFFLINE=1" in stderr
     for out in ("a", "b", "c", "d", "e", "f"):
         assert not (tmp_path / out / "model_index.json").exists()
 

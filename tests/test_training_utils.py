@@ -35,7 +35,7 @@ from diffusability_hf.training.checkpoints import (
 from diffusability_hf.training.launch import GracefulStop, check_launcher, tracker_config
 from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError, StepMeter, step_generator, step_seed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
 
 
 class FakeAccelerator:

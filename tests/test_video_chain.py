@@ -16,7 +16,8 @@ from diffusability_hf.data.evaluation import evaluation_samples
 from diffusability_hf.data.latents import read_latents_metadata
 from diffusability_hf.metrics import to_uint8
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing_utils import ROOT
+
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 
 

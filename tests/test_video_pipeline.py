@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import export_to_gif, export_to_video
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -23,6 +23,8 @@ from diffusability_hf.pipelines import (
     DiTFlowMatchVideoPipeline,
     DiTFlowMatchVideoPipelineOutput,
 )
+
+from testing_utils import tiny_autoencoder_kl
 
 TINY_CONFIGS = os.path.join(os.path.dirname(ae.__file__), "assets", "tiny_configs")
 NUM_CLASSES = 5
@@ -461,8 +463,7 @@ def tiny_image_dit():
 
 
 def tiny_image_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    return tiny_autoencoder_kl((8,))
 
 
 @pytest.mark.parametrize("make_transformer", [tiny_image_dit, lambda: SelfConditionedDiT(

@@ -1,0 +1,74 @@
+"""What the tests share besides fixtures (``conftest.py`` holds those): the clone's paths, the tiny autoencoder most
+tests build, and the launch commands of the scripts (as diffusers keeps them in ``testing_utils``)."""
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "train_scripts")
+CPU_CONFIG = os.path.join(ROOT, "accelerate_configs", "cpu.yaml")
+# `accelerate launch` with the one-process CPU config, as the README runs the scripts
+ACCELERATE_CPU = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG]
+
+
+def tiny_autoencoder_kl(blocks=(8, 16), seed=0, **config):
+    """A tiny random ``AutoencoderKL``: ``len(blocks) - 1`` halvings, 4 latent channels, groups of 4, one layer per
+    block (``config`` adds or overrides diffusers' arguments). torch's RNG is seeded with ``seed`` first (None: not
+    seeded, the caller's state decides the weights)."""
+    from diffusers import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = dict(
+        block_out_channels=tuple(blocks),
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    return AutoencoderKL(**{**settings, **config})
+
+
+def load_script(name):
+    """``train_scripts/<name>`` as a module (its ``parse_args`` and ``main``), under a name of its own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_under_test_{name[:-3]}", os.path.join(SCRIPTS, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(name, argv):
+    """Run a script as its command line does (``errors.run_script(main, parse_args)``), in this process: returns
+    ``(exit code, stderr)``. For the bad-input checks, which end before any heavy work: a subprocess through
+    ``accelerate launch`` costs 30-60 s each, this a fraction of a second (one subprocess test per script keeps
+    the launched command's exit-code contract). torch's thread count, the environment and accelerate's process-wide
+    state (and the output folder's lock) are put back afterwards, so that the next test in this worker runs as it would have."""
+    import contextlib
+    import io
+
+    from diffusability_hf.errors import run_script
+
+    module = load_script(name)
+    err, threads, environ = io.StringIO(), torch.get_num_threads(), dict(os.environ)
+    code = 0
+    try:
+        with contextlib.redirect_stderr(err):
+            run_script(module.main, lambda: module.parse_args([str(a) for a in argv]))
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
+        from accelerate.state import AcceleratorState
+
+        from diffusability_hf.files import release_output_dir_locks
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        release_output_dir_locks()  # as the script's process would on exit
+    return code, err.getvalue()
