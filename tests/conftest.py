@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from testing_utils import CPU_CONFIG, ROOT, tiny_autoencoder_kl
+from testing_utils import ROOT, tiny_autoencoder_kl
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -41,11 +41,14 @@ def script_env(extra=None):
 
 @pytest.fixture
 def run_script():
-    """``run_script(name, args, check=True, launcher=None, extra_env=None)``: run ``train_scripts/<name>`` through
-    ``accelerate launch`` with the CPU config (or ``launcher``); returns the CompletedProcess."""
+    """``run_script(name, args, check=True, launcher=None, extra_env=None)``: run ``train_scripts/<name>`` as one
+    plain CPU process (``python script.py``, what ``accelerate launch`` with the one-process CPU config starts), or
+    with ``launcher`` (``ACCELERATE_CPU`` for the launcher itself, torchrun or a multi-process config); returns the
+    CompletedProcess. The launcher's own start-up (a second Python importing torch) costs 2-3 s per run, so the
+    tests that check what it adds (exit codes, its error output, the README's commands) name it."""
 
     def run(name, args, check=True, launcher=None, extra_env=None):
-        cmd = launcher or [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG]
+        cmd = launcher or [sys.executable]
         script = os.path.join(ROOT, "train_scripts", name)
         proc = subprocess.run(
             cmd + [script] + list(map(str, args)), capture_output=True, text=True, env=script_env(extra_env), cwd=ROOT
@@ -129,10 +132,18 @@ def pytest_configure(config):
         "markers",
         "slow: runs a script end to end in its own process (seconds to minutes); `-m 'not slow'` is the quick pass",
     )
+    config.addinivalue_line(
+        "markers", "minutes: one of the few tests that take minutes (a whole bench --smoke, the README's Quickstart)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that launches a script (the ``run_script`` fixture) is end to end: marked ``slow``."""
+    """A test that launches a script (the ``run_script`` fixture) or takes minutes is end to end: marked ``slow``.
+
+    The tests run longest first (minutes, then slow, then the rest, each in file order), so that the two workers
+    (``-n 2``, whose ``worksteal`` scheduling hands a worker that ran dry half of the other's queue) end together
+    instead of one waiting on a long test that started last."""
     for item in items:
-        if "run_script" in getattr(item, "fixturenames", ()):
+        if "run_script" in getattr(item, "fixturenames", ()) or item.get_closest_marker("minutes"):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: (item.get_closest_marker("minutes") is None, item.get_closest_marker("slow") is None))

@@ -25,6 +25,7 @@ def bench(args, **kwargs):
     return subprocess.run([sys.executable, BENCH, *map(str, args)], capture_output=True, text=True, env=env, **kwargs)
 
 
+@pytest.mark.minutes
 def test_smoke_run(tmp_path):
     """One test (one smoke run, whichever pytest-xdist worker gets it): every stage, the report, a rerun."""
     out, report = tmp_path / "bench", tmp_path / "report"
@@ -150,6 +151,7 @@ def test_bad_arguments_fail_before_any_work(args, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_unrelated_output_folder_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
@@ -189,6 +191,7 @@ def test_feature_spaces_are_deterministic_scriptable_and_independent():
     assert torch.allclose(feats(x), classifier.features(x * 2 - 1)) and feats(x).shape == (3, 128)
 
 
+@pytest.mark.minutes
 def test_ablation_smoke_varies_one_factor_per_cell(tmp_path):
     out = tmp_path / "ablation"
     proc = bench(["--ablation", "--smoke", "--output_dir", out])
@@ -244,6 +247,7 @@ print("all succeeded")
 """
 
 
+@pytest.mark.slow
 def test_parallel_runs_read_every_exit_code_correctly(tmp_path):
     """The bench runs scripts from several threads at once (diffusability_hf.bench.runner); a child that succeeded
     must never read as failed (forkserver's exit-code pipe, read twice by racing polls, gave 255 for about a fifth of
@@ -255,6 +259,7 @@ def test_parallel_runs_read_every_exit_code_correctly(tmp_path):
     assert proc.returncode == 0 and "all succeeded" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.minutes
 def test_select_recipe_smoke_tries_every_recipe_on_vanilla_only_and_applies_the_rule(tmp_path):
     out = tmp_path / "recipe"
     proc = bench(["--select_recipe", "--smoke", "--output_dir", out])
@@ -309,6 +314,25 @@ def test_the_recipe_rule_is_the_protocols():
     assert rule(blind)[0] == "c" and rule(blind, require_layout=False)[0] == "b"
     assert rule({"a": cand(True, 20, layout_blind=None)})[0] == "a"  # no layout in the data: not held against it
 
+
+
+def test_the_score_rule_is_the_protocols():
+    """experiments/diffusability_score/PROTOCOL.md: Spearman >= 0.8 on the usable generators AND at most 120 s per
+    AE; the cheapest such proxy is recommended; too few usable generators give no verdict."""
+    from diffusability_hf.bench.rules import study_verdict
+
+    def r(rho):
+        return {"spearman": rho, "interval": [rho - 0.3, 1.0]}
+
+    primary = {"slow": r(0.95), "cheap": r(0.85), "mid": r(0.9), "weak": r(0.5), "none": r(float("nan"))}
+    cost = {"slow": 200.0, "cheap": 20.0, "mid": 60.0, "weak": 5.0, "none": 1.0}
+    usable = list("abcdef")
+    verdict, chosen = study_verdict(primary, cost, usable, usable, 5)
+    assert chosen == "cheap" and verdict.startswith("cheap, mid meet the target") and "slow" not in verdict
+    verdict, chosen = study_verdict({"slow": r(0.95), "weak": r(0.5)}, cost, usable, usable, 5)
+    assert chosen is None and "no proxy meets the target" in verdict and "the best is slow at +0.95" in verdict
+    verdict, chosen = study_verdict(primary, cost, usable[:4], usable, 5)
+    assert chosen is None and verdict.startswith("no verdict: 4 of 6 generators")
 
 def test_no_verdict_on_a_generator_that_cannot_rank():
     from diffusability_hf.bench.rules import generation_verdict as verdict
@@ -402,6 +426,7 @@ def test_the_registered_score_study_command_parses(capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.minutes
 def test_score_study_smoke_scores_a_family_and_correlates_each_proxy_with_the_generators(tmp_path):
     """--score_study --smoke: the family trained as registered (SE weights, KL), the proxies and the generators of
     every member, and correlations that scipy recomputes from the report's own numbers."""

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from testing_utils import ACCELERATE_CPU
+
 TOKEN = "hf_TESTTOKENneverWriteMe0123456789abcdef"
 REPO = "someone/tiny-se"
 
@@ -314,7 +316,9 @@ PUSH = ["--push_to_hub", "--hub_model_id", REPO]  # the token comes from HF_TOKE
 def train_ae(run_script, hub, tmp_path, vae_dir, out, *extra, check=True, env=None):
     args = ["--pretrained_model_name_or_path", vae_dir, "--output_dir", out, *AE_ARGS]
     args += ["--lpips_trunk_path", os.path.join(vae_dir, "alexnet_trunk.pth"), *extra]
-    return run_script("train_ae_se.py", args, check=check, extra_env=hub_env(hub, tmp_path, **(env or {})))
+    return run_script(
+        "train_ae_se.py", args, check=check, launcher=ACCELERATE_CPU, extra_env=hub_env(hub, tmp_path, **(env or {}))
+    )
 
 
 def test_train_ae_se_pushes_model_and_card_but_never_the_token(hub, tmp_path, tiny_vae_dir, run_script):
@@ -382,7 +386,7 @@ def test_train_dit_flow_pushes_the_pipeline_but_never_the_token(hub, tmp_path, t
             "--resolution", 16, "--stats_batches", 1, "--model", "DiT-tiny/2", "--train_batch_size", 4,
             "--max_train_steps", 2, "--checkpointing_steps", 1, "--num_inference_steps", 2, "--validation_steps", 2,
             "--report_to", "tensorboard", "--output_dir", out, *PUSH]  # fmt: skip
-    proc = run_script("train_dit_flow.py", args, extra_env=hub_env(hub, tmp_path))
+    proc = run_script("train_dit_flow.py", args, launcher=ACCELERATE_CPU, extra_env=hub_env(hub, tmp_path))
     local = tree(out)
     assert any(p.startswith("checkpoint-1/") for p in local) and any(p.startswith("logs/") for p in local)
 

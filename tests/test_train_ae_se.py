@@ -1,4 +1,5 @@
-"""End-to-end runs of train_scripts/train_ae_se.py through `accelerate launch` on tiny autoencoders (CPU, offline)."""
+"""End-to-end runs of train_scripts/train_ae_se.py on tiny autoencoders (CPU, offline): one plain process, as the
+one-process CPU config starts it; the README's Quickstart and the exit-code contract through `accelerate launch`."""
 
 import glob
 import importlib.util
@@ -21,7 +22,7 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.files import check_output_dir
 from diffusability_hf.training.launch import describe_global_batch, split_global_batch
 
-from testing_utils import CPU_CONFIG, ROOT, run_in_process
+from testing_utils import ACCELERATE_CPU, CPU_CONFIG, ROOT, run_in_process
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 QUIET = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
@@ -527,10 +528,11 @@ def test_embedded_autoencoder_is_a_trained_flux_like_vae():
     assert value > 23.0, value  # a trained autoencoder, not a random one (~12 dB)
 
 
+@pytest.mark.minutes
 def test_no_argument_run_does_the_real_job(tmp_path, run_script):
     """The README's first Quickstart command: SE cuts the latent high-frequency share, PSNR stays within 1 dB."""
     out = tmp_path / "ae-se"
-    run_script("train_ae_se.py", ["--output_dir", out])
+    run_script("train_ae_se.py", ["--output_dir", out], launcher=ACCELERATE_CPU)
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
     assert after["hf_share"] <= 0.7 * before["hf_share"], (before, after)

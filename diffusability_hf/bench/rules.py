@@ -93,6 +93,32 @@ PROXY_COST = {"hf_share": "spectrum", "spectral_slope": "spectrum", "rgb_profile
               "dct_cut_slope": "dct_cut", "noise_psnr": "noise", "linear_probe": "linear_probe",
               "flow_loss_auc": "flow_probe", "flow_class_gain": "flow_probe"}  # fmt: skip
 STUDY_TARGET = 0.8  # the issue's target: Spearman at least 0.8 (in the predicted direction) against generator FD
+STUDY_MAX_SECONDS = 120  # ... at a cost of at most 2 minutes per autoencoder (experiments/diffusability_score)
+
+
+def study_verdict(primary, cost, usable, labels, min_aes):
+    """The decision rule of experiments/diffusability_score/PROTOCOL.md on the primary analysis (``primary``: proxy
+    -> its signed Spearman and interval over the usable generators, domain FD; ``cost``: proxy -> seconds per AE):
+    a proxy meets the target if its Spearman is at least :data:`STUDY_TARGET` and its cost at most
+    :data:`STUDY_MAX_SECONDS`; the recommendation is the cheapest that does. Returns ``(verdict, recommended)``."""
+    if len(usable) < min_aes:
+        return (f"no verdict: {len(usable)} of {len(labels)} generators pass the instrument checks (at least "
+                f"{min_aes} are needed to rank the family)"), None  # fmt: skip
+    ranked = [p for p in cost if p in primary and math.isfinite(primary[p]["spearman"])]
+    met = sorted((p for p in ranked if primary[p]["spearman"] >= STUDY_TARGET and cost[p] <= STUDY_MAX_SECONDS),
+                 key=lambda p: cost[p])  # fmt: skip
+    if met:
+        r = primary[met[0]]
+        return (f"{', '.join(met)} meet the target (Spearman >= {STUDY_TARGET} against the domain FD at <= "
+                f"{STUDY_MAX_SECONDS} s per AE); the cheapest, {met[0]}: {r['spearman']:+.2f} "
+                f"[{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}], {cost[met[0]]:.0f} s"), met[0]  # fmt: skip
+    if not ranked:
+        return "no verdict: no proxy has a Spearman over the usable generators", None
+    best = max(ranked, key=lambda p: primary[p]["spearman"])
+    r = primary[best]
+    return (f"no proxy meets the target (Spearman >= {STUDY_TARGET} at <= {STUDY_MAX_SECONDS} s per AE): the best "
+            f"is {best} at {r['spearman']:+.2f} [{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}], "
+            f"{cost[best]:.0f} s"), None  # fmt: skip
 
 
 def proxy_study(scores, fd, labels, seeds, min_aes=5):

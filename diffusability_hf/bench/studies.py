@@ -16,7 +16,7 @@ from ..metrics.bench import (
 )
 from ..models.dit import RECIPES
 from .report import score_lines, score_values
-from .rules import PROXY_COST, STUDY_TARGET, generation_verdict, proxy_study, select_recipe, unusable
+from .rules import PROXY_COST, generation_verdict, proxy_study, select_recipe, study_verdict, unusable
 from .settings import (
     ABLATION_REPORT_FILES,
     FEATURES,
@@ -343,16 +343,7 @@ def write_study_report(bench, labels, evals, seeds):
     encode = float(np.mean([scores[label]["seconds"]["encode"] for label in labels]))
     cost = {p: encode + float(np.mean([scores[label]["seconds"][PROXY_COST[p]] for label in labels]))
             for p in PROXIES if all(PROXY_COST[p] in scores[label]["seconds"] for label in labels)}  # fmt: skip
-    primary = study["usable"]["domain"]
-    if len(usable) < cfg["study_min_aes"]:
-        verdict = (f"no verdict: {len(usable)} of {len(labels)} generators pass the instrument checks (at least "
-                   f"{cfg['study_min_aes']} are needed to rank the family)")  # fmt: skip
-    else:
-        met = [p for p, r in primary.items() if r["spearman"] >= STUDY_TARGET]
-        best = max(primary, key=lambda p: primary[p]["spearman"])
-        verdict = (f"{', '.join(met)} reach Spearman >= {STUDY_TARGET} against the domain FD" if met else
-                   f"no proxy reaches Spearman {STUDY_TARGET}: the best is {best} at {primary[best]['spearman']:+.2f} "
-                   f"[{primary[best]['interval'][0]:+.2f}, {primary[best]['interval'][1]:+.2f}]")  # fmt: skip
+    verdict, recommended = study_verdict(study["usable"]["domain"], cost, usable, labels, cfg["study_min_aes"])
     times = {"total": bench.stages.total(), "invocations": list(bench.stages.times["invocations"]),
              **bench.stages.times["steps"]}  # fmt: skip
     result = {
@@ -361,7 +352,7 @@ def write_study_report(bench, labels, evals, seeds):
                            "weights_fingerprint": scores[label]["weights_fingerprint"]} for label in labels},
         "proxies": {label: {p: scores[label][p] for p in PROXIES if p in scores[label]} for label in labels},
         "proxy_seconds": cost, "generation_fd": fd, "instrument": diagnostics, "usable": usable, "study": study,
-        "verdict": verdict, "seconds": times,
+        "verdict": verdict, "recommended": recommended, "seconds": times,
     }  # fmt: skip
     atomic_write_json(os.path.join(out, "report.json"), portable(result, out))
     plot_study(out, labels, result)
