@@ -463,13 +463,11 @@ def test_reconstruction_distance_lpips_rejects_non_rgb(offline_lpips):
 
 
 @pytest.fixture
-def empty_hub_dir(tmp_path):
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(previous)
+def empty_hub_dir(tmp_path, monkeypatch):
+    """torch.hub's folder set to an empty one, as ``torch.hub.set_dir`` does, and unset afterwards: restoring it
+    with ``set_dir(get_dir())`` would pin the default path and hide a later test's ``TORCH_HOME``."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return tmp_path / "hub"
 
 
 def test_load_lpips_without_cached_trunk_raises(empty_hub_dir):
