@@ -107,7 +107,7 @@ def bench_in_process(accelerator, model_name, latents, args, device):
     n_params = sum(p.numel() for p in transformer.parameters())
     params = list(transformer.parameters())
     ema = EMA(params, 6931.0, 0.05)  # the script's defaults
-    guard = NonFiniteGuard(10)  # the script's --max_nonfinite_steps: a step remembers what it changes
+    guard = NonFiniteGuard(args.max_nonfinite_steps)  # > 0: each step first copies what it changes (the script's)
     optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01)
     n = accelerator.num_processes  # the prepared scheduler steps once per process, as in the script
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -316,6 +316,12 @@ def main():
     parser.add_argument("--script_steps", type=int, nargs=2, default=[10, 40], metavar=("N1", "N2"))
     parser.add_argument("--script_repeats", type=int, default=1, help="Pairs of script runs per configuration.")
     parser.add_argument("--script_num_latents", type=int, default=1024, help="Latents extracted for (c).")
+    parser.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="(b)'s non-finite guard, as the script's flag (default 10, the script's): 0 skips its per-step copy.",
+    )
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
