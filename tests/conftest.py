@@ -49,6 +49,10 @@ def run_script():
 
     def run(name, args, check=True, launcher=None, extra_env=None):
         cmd = launcher or [sys.executable]
+        if (
+            launcher is None
+        ):  # the CPU even where a GPU is visible, as the CPU config's `use_cpu` makes the launcher do
+            extra_env = {"ACCELERATE_USE_CPU": "1", **(extra_env or {})}
         script = os.path.join(ROOT, "train_scripts", name)
         proc = subprocess.run(
             cmd + [script] + list(map(str, args)), capture_output=True, text=True, env=script_env(extra_env), cwd=ROOT
@@ -140,10 +144,14 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """A test that launches a script (the ``run_script`` fixture) or takes minutes is end to end: marked ``slow``.
 
-    The tests run longest first (minutes, then slow, then the rest, each in file order), so that the two workers
-    (``-n 2``, whose ``worksteal`` scheduling hands a worker that ran dry half of the other's queue) end together
-    instead of one waiting on a long test that started last."""
+    The longest test files run first (those with a test that takes minutes, then those with a slow one, then the
+    rest; each file whole and in its order, so that a module-scoped fixture is built once per worker), so that the
+    two workers (``-n 2``, whose ``worksteal`` scheduling hands a worker that ran dry half of the other's queue)
+    end together instead of one waiting on a long test that started last."""
+    rank = {}
     for item in items:
         if "run_script" in getattr(item, "fixturenames", ()) or item.get_closest_marker("minutes"):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: (item.get_closest_marker("minutes") is None, item.get_closest_marker("slow") is None))
+        key = 0 if item.get_closest_marker("minutes") else 1 if item.get_closest_marker("slow") else 2
+        rank[item.module.__name__] = min(key, rank.get(item.module.__name__, 2))
+    items.sort(key=lambda item: rank[item.module.__name__])

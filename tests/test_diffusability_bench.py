@@ -315,10 +315,11 @@ def test_the_recipe_rule_is_the_protocols():
     assert rule({"a": cand(True, 20, layout_blind=None)})[0] == "a"  # no layout in the data: not held against it
 
 
-
 def test_the_score_rule_is_the_protocols():
     """experiments/diffusability_score/PROTOCOL.md: Spearman >= 0.8 on the usable generators AND at most 120 s per
     AE; the cheapest such proxy is recommended; too few usable generators give no verdict."""
+    from scipy import stats
+
     from diffusability_hf.bench.rules import study_verdict
 
     def r(rho):
@@ -333,6 +334,17 @@ def test_the_score_rule_is_the_protocols():
     assert chosen is None and "no proxy meets the target" in verdict and "the best is slow at +0.95" in verdict
     verdict, chosen = study_verdict(primary, cost, usable[:4], usable, 5)
     assert chosen is None and verdict.startswith("no verdict: 4 of 6 generators")
+    # the boundaries belong to the target: exactly 0.8 (as scipy computes it for five AEs) and exactly 120 s
+    rho = stats.spearmanr([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]).statistic  # 0.7999999999999999
+    assert study_verdict({"edge": r(rho)}, {"edge": 120.0}, usable, usable, 5)[1] == "edge"
+    assert study_verdict({"edge": r(0.79)}, {"edge": 120.0}, usable, usable, 5)[1] is None
+    assert study_verdict({"edge": r(0.9)}, {"edge": 120.5}, usable, usable, 5)[1] is None
+    # a NaN Spearman is never the best, and a proxy without a measured cost is not ranked
+    verdict, _ = study_verdict({"none": r(float("nan")), "weak": r(0.5)}, cost, usable, usable, 5)
+    assert "the best is weak" in verdict
+    verdict, chosen = study_verdict({"uncosted": r(0.99)}, {}, usable, usable, 5)
+    assert chosen is None and verdict.startswith("no verdict: no proxy has both")
+
 
 def test_no_verdict_on_a_generator_that_cannot_rank():
     from diffusability_hf.bench.rules import generation_verdict as verdict
@@ -457,5 +469,6 @@ def test_score_study_smoke_scores_a_family_and_correlates_each_proxy_with_the_ge
     usable = [label for label in labels if result["instrument"][label]["flags"]["usable"]]
     assert result["usable"] == usable
     assert result["verdict"].startswith("no verdict") == (len(usable) < 3)
+    assert result["recommended"] is None or result["recommended"] in result["verdict"]
     text = (report / "report.md").read_text()
     assert "## Rank correlation with FD" in text and (report / "study.png").is_file()

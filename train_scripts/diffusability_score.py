@@ -18,10 +18,11 @@ packages, as ``diffusability_bench.py`` writes them) or on image folders whose s
   gain of that loss.
 
 Which proxy predicts generation: in the pre-registered study (``experiments/diffusability_score/outcome.md``),
-``noise_psnr`` ranked eight toolkit-made autoencoders as the bench's generators did (signed Spearman +0.94, 95%
-interval [-0.40, +0.96], six usable generators; one pair wrong, a KL-heavy fine-tune). It is a candidate to
-confirm on your own autoencoders, not a law. The spectral proxies went the other way in that family; the other
-numbers describe the latents.
+``noise_psnr`` is the one proxy that met the registered target, over the six toolkit-made autoencoders whose
+generators could rank them. Its signed Spearman against the generators' FD was +0.94 (95% interval
+[-0.40, +0.96]). It ordered one pair wrongly: +FT against a KL-heavy fine-tune. It is a candidate to confirm on
+your own autoencoders, not a law. The spectral proxies went the other way in that family; the other numbers
+describe the latents.
 
 Writes ``scores.json`` (every proxy, its curves and its cost in seconds), ``scores.md`` (the table and the ranking
 each proxy predicts) and ``scores.png``. An ``--output_dir`` that holds these results is refused unless
