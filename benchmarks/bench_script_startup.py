@@ -20,14 +20,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-os.environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1")
-
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from testing_utils import run_in_process, tiny_autoencoder_kl  # noqa: E402
 
 # the tests' quick settings (tests/test_train_ae_se.py FAST)
 QUICK = ["--resolution", 32, "--train_batch_size", 2, "--report_to", "none", "--validation_steps", 2,
@@ -48,6 +40,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="Runs of each kind (the first in-process one imports).")
     args = parser.parse_args()
+    os.environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' tiny autoencoder and in-process runner
+    import torch
+    import torchvision
+    from safetensors.torch import load_file
+
+    from testing_utils import run_in_process, tiny_autoencoder_kl
+
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp()
     vae = os.path.join(tmp, "vae")
