@@ -2,12 +2,11 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from testing_utils import ROOT, tiny_autoencoder_kl
+from testing_utils import ROOT, run_script_in_process, tiny_autoencoder_kl
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -41,22 +40,24 @@ def script_env(extra=None):
 
 @pytest.fixture
 def run_script():
-    """``run_script(name, args, check=True, launcher=None, extra_env=None)``: run ``train_scripts/<name>`` as one
-    plain CPU process (``python script.py``, what ``accelerate launch`` with the one-process CPU config starts), or
-    with ``launcher`` (``ACCELERATE_CPU`` for the launcher itself, torchrun or a multi-process config); returns the
-    CompletedProcess. The launcher's own start-up (a second Python importing torch) costs 2-3 s per run, so the
-    tests that check what it adds (exit codes, its error output, the README's commands) name it."""
+    """``run_script(name, args, check=True, launcher=None, extra_env=None)``: run ``train_scripts/<name>`` end to
+    end: by default in this process, as ``python script.py`` would run it (``run_script_in_process``: the same
+    outputs without paying the interpreter's start and torch's imports again for every run), or as its own process
+    through ``launcher`` (``ACCELERATE_CPU`` for the launcher itself, ``PYTHON`` for a plain process, torchrun or a
+    multi-process config). Returns the CompletedProcess."""
 
     def run(name, args, check=True, launcher=None, extra_env=None):
-        cmd = launcher or [sys.executable]
-        if (
-            launcher is None
-        ):  # the CPU even where a GPU is visible, as the CPU config's `use_cpu` makes the launcher do
-            extra_env = {"ACCELERATE_USE_CPU": "1", **(extra_env or {})}
-        script = os.path.join(ROOT, "train_scripts", name)
-        proc = subprocess.run(
-            cmd + [script] + list(map(str, args)), capture_output=True, text=True, env=script_env(extra_env), cwd=ROOT
-        )
+        if launcher is None:
+            proc = run_script_in_process(name, args, extra_env)
+        else:
+            script = os.path.join(ROOT, "train_scripts", name)
+            proc = subprocess.run(
+                launcher + [script] + list(map(str, args)),
+                capture_output=True,
+                text=True,
+                env=script_env(extra_env),
+                cwd=ROOT,
+            )
         if check and proc.returncode != 0:
             raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         return proc

@@ -72,3 +72,73 @@ def run_in_process(name, argv):
         AcceleratorState._reset_state(reset_partial_state=True)
         release_output_dir_locks()  # as the script's process would on exit
     return code, err.getvalue()
+
+
+def run_script_in_process(name, argv, extra_env=None):
+    """Run ``train_scripts/<name>`` end to end in this process, as ``python train_scripts/<name> ARGS`` runs it (its
+    command-line path, ``errors.run_script(main, parse_args)``, in the clone's folder, with the environment the
+    tests give a script); returns a ``subprocess.CompletedProcess`` with its exit code, stdout and stderr. A run as
+    its own process spends about 9 s starting Python and importing torch, diffusers and the rest
+    (``benchmarks/bench_script_startup.py``); here those imports are paid once per test worker. What a script
+    changes for its process is put back afterwards: the environment, the working folder, ``sys.argv``, torch's
+    threads, signal handlers, the root logger, warning filters, accelerate's process-wide state and the output
+    folder's lock; torch's RNG starts from a fresh process's seed. An exception that escapes is printed and gives
+    exit code 1, as Python does."""
+    import contextlib
+    import io
+    import logging
+    import signal
+    import subprocess
+    import traceback
+    import warnings
+
+    from diffusability_hf.errors import run_script
+
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), list(sys.argv)
+    threads = torch.get_num_threads()
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    code = 0
+    with warnings.catch_warnings():
+        try:
+            os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+            os.environ.update({"ACCELERATE_USE_CPU": "1", **(extra_env or {})})
+            os.chdir(ROOT)
+            sys.argv = [os.path.join(SCRIPTS, name), *argv]
+            torch.set_num_threads(1)
+            torch.manual_seed(67280421310721)  # torch's seed in a fresh process
+            for handler in handlers:  # pytest's capture: the script's logging.basicConfig must see no handler
+                root.removeHandler(handler)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    module = load_script(name)
+                    run_script(module.main, lambda: module.parse_args(argv))
+                except SystemExit as stop:
+                    code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                except BaseException:  # noqa: B036 - as the interpreter reports an escaped exception
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            for handler in root.handlers[:]:
+                root.removeHandler(handler)
+            for handler in handlers:
+                root.addHandler(handler)
+            root.setLevel(level)
+            for sig, handler in signals.items():
+                signal.signal(sig, handler)
+            torch.set_num_threads(threads)
+            sys.argv = saved_argv
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+            from accelerate.state import AcceleratorState, GradientState
+
+            from diffusability_hf.files import release_output_dir_locks
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            release_output_dir_locks()
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
