@@ -4,12 +4,16 @@ under FSDP. The ``aot_eager`` backend keeps this fast (no code generation); benc
 runs inductor on the same steps."""
 
 import os
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from testing_utils import ROOT
+
+# their own processes: TORCH_LOGS (the traced-graph check) is read when torch is imported
+PYTHON, CPU = [sys.executable], {"ACCELERATE_USE_CPU": "1"}
 
 TRACE = {"TORCH_LOGS": "graph_code"}  # dynamo prints each graph it captured ("TRACED GRAPH") to stderr
 
@@ -30,11 +34,13 @@ def test_dit_compile_trains_like_eager(tmp_path, run_script, tiny_vae_dir):
     common = ["--latents_dir", latents, "--pretrained_vae_model_name_or_path", tiny_vae_dir, "--model", "DiT-tiny/2",
               "--train_batch_size", 4, "--max_train_steps", 3, "--report_to", "none", "--num_inference_steps", 2,
               "--learning_rate", 1e-3, "--lr_warmup_steps", 1, "--validation_steps", 2]  # fmt: skip
-    eager = run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "eager"], extra_env=TRACE)
+    eager = run_script(
+        "train_dit_flow.py", [*common, "--output_dir", tmp_path / "eager"], launcher=PYTHON, extra_env={**TRACE, **CPU}
+    )
     assert "TRACED GRAPH" not in eager.stderr
     proc = run_script(
         "train_dit_flow.py", [*common, "--output_dir", tmp_path / "compiled", "--compile", "--compile_backend",
-                              "aot_eager"], extra_env=TRACE,
+                              "aot_eager"], launcher=PYTHON, extra_env={**TRACE, **CPU},
     )  # fmt: skip
     assert "TRACED GRAPH" in proc.stderr and "selfcond_dit.py" in proc.stderr  # the DiT's own code was traced
     weights = [load_file(tmp_path / d / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -47,10 +53,10 @@ def test_ae_compile_trains_like_eager(tmp_path, run_script, tiny_vae_dir):
               "--max_train_steps", 2, "--validation_steps", 100, "--num_validation_images", 1, "--learning_rate", 1e-3,
               "--report_to", "none", "--latent_sampling", "mode", "--lpips_weight", 0, "--latent_stats_num_samples",
               2]  # fmt: skip
-    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "eager"])
+    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "eager"], launcher=PYTHON, extra_env=CPU)
     proc = run_script(
         "train_ae_se.py", [*common, "--output_dir", tmp_path / "compiled", "--compile", "--compile_backend",
-                           "aot_eager"], extra_env=TRACE,
+                           "aot_eager"], launcher=PYTHON, extra_env={**TRACE, **CPU},
     )  # fmt: skip
     # The encoder's and the decoder's own forward were traced (diffusers' vae.py), at the SE branch's sizes too
     assert "TRACED GRAPH" in proc.stderr and "autoencoders/vae.py" in proc.stderr
