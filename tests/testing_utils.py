@@ -43,35 +43,12 @@ def load_script(name):
 
 
 def run_in_process(name, argv):
-    """Run a script as its command line does (``errors.run_script(main, parse_args)``), in this process: returns
-    ``(exit code, stderr)``. For the bad-input checks, which end before any heavy work: a subprocess through
-    ``accelerate launch`` costs 30-60 s each, this a fraction of a second (one subprocess test per script keeps
-    the launched command's exit-code contract). torch's thread count, the environment and accelerate's process-wide
-    state (and the output folder's lock) are put back afterwards, so that the next test in this worker runs as it would have."""
-    import contextlib
-    import io
-
-    from diffusability_hf.errors import run_script
-
-    module = load_script(name)
-    err, threads, environ = io.StringIO(), torch.get_num_threads(), dict(os.environ)
-    code = 0
-    try:
-        with contextlib.redirect_stderr(err):
-            run_script(module.main, lambda: module.parse_args([str(a) for a in argv]))
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        torch.set_num_threads(threads)
-        os.environ.clear()
-        os.environ.update(environ)
-        from accelerate.state import AcceleratorState
-
-        from diffusability_hf.files import release_output_dir_locks
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        release_output_dir_locks()  # as the script's process would on exit
-    return code, err.getvalue()
+    """Run a script as its command line does, in this process: returns ``(exit code, stderr)``. For the bad-input
+    checks, which end before any heavy work: a subprocess through ``accelerate launch`` costs 30-60 s each, this a
+    fraction of a second (one subprocess test per script keeps the launched command's exit-code contract). The run
+    and the state put back afterwards are :func:`run_script_in_process`'s."""
+    proc = run_script_in_process(name, argv)
+    return proc.returncode, proc.stderr
 
 
 def run_script_in_process(name, argv, extra_env=None):
