@@ -438,6 +438,54 @@ def test_the_registered_score_study_command_parses(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_ae_seed_and_fd_curve_from_reach_the_scripts_and_leave_the_default_settings_alone():
+    """--ae_seed is every trained AE's --seed; --fd_curve_from starts the FD curve later, with a snapshot at every
+    remaining point. Without them the settings (which a continued run compares) are the ones before these flags."""
+    from types import SimpleNamespace
+
+    from diffusability_hf.bench.bench import Bench
+    from diffusability_hf.bench.settings import settings_for
+
+    parse_args = load_bench().parse_args
+    default = settings_for(parse_args([]))
+    assert "ae_seed" not in default and "fd_curve_from" not in default
+    cfg = settings_for(parse_args(["--ae_seed", "1", "--fd_curve_from", "800"]))
+    assert (cfg["ae_seed"], cfg["fd_curve_from"]) == (1, 800)
+
+    calls = []
+    fake = SimpleNamespace(
+        out="out", info={"a": {"resolution": 128}}, models={"a": "ae"}, calls=calls,
+        stages=SimpleNamespace(script=lambda name, marker, script, *args, threads: calls.append((script, args))),
+        data=lambda res: {"train": ["--train_data_dir", "t"], "reference": ["--data_dir", "r"]},
+        feature_spaces=lambda res: ({"domain": "d.pt", "random": "r.pt"}, None), add=lambda *a, **k: None,
+        dit_tag=lambda *a: "tag", recipe=lambda r: (False, None, 1.0), dit_config=lambda *a: "config",
+    )  # fmt: skip
+    fake.curve_steps = lambda steps: Bench.curve_steps(fake, steps)
+
+    def flag(args, name):
+        args = [str(a) for a in args]
+        return args[args.index(name) + 1]
+
+    for given, seed in [(default, "0"), (cfg, "1")]:
+        calls.clear()
+        fake.cfg = given
+        Bench.train_ae(fake, "a", ["--pretrained_model_name_or_path", "v"], 0.25, 3, 1e-4, 128, "finetune", threads=1)
+        assert calls[0][0] == "train_ae_se.py" and flag(calls[0][1], "--seed") == seed
+    for given, curve in [(default, [400, 800, 1200]), (cfg, [800, 1200])]:
+        calls.clear()
+        fake.cfg = given
+        assert Bench.curve_steps(fake, 1200) == curve
+        Bench.generate(fake, "a", 40, threads=1)
+        assert flag(calls[0][1], "--pipeline_snapshot_steps") == str(curve[0])
+        evaluated = [os.path.basename(flag(args, "--pipeline")) for script, args in calls[1:]]
+        assert evaluated == [f"step-{s}" for s in curve[:-1]] + ["tag"]
+    fake.cfg = {**default, "fd_curve_from": 600}  # 600 and 1000: snapshots every 200 steps cover both
+    assert Bench.curve_steps(fake, 1200) == [600, 1000, 1200]
+    calls.clear()
+    Bench.generate(fake, "a", 40, threads=1)
+    assert flag(calls[0][1], "--pipeline_snapshot_steps") == "200"
+
+
 @pytest.mark.minutes
 def test_score_study_smoke_scores_a_family_and_correlates_each_proxy_with_the_generators(tmp_path):
     """--score_study --smoke: the family trained as registered (SE weights, KL), the proxies and the generators of

@@ -106,6 +106,16 @@ def parse_args(input_args=None):
     parser.add_argument("--dit_steps", type=int, default=None, help="DiT training steps (default 1200).")
     parser.add_argument("--ae_steps", type=int, default=None, help="Fine-tuning steps of +FT / +FT-SE (default 300).")
     parser.add_argument(
+        "--ae_seed", type=int, default=None, help="The seed of every autoencoder the bench trains (default 0)."
+    )
+    parser.add_argument(
+        "--fd_curve_from",
+        type=int,
+        default=None,
+        help="The first DiT step of the FD curve (default: a third of --dit_steps). The instrument check reads only "
+        "the curve's last interval, so a later start saves evaluations without changing the check.",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=2,

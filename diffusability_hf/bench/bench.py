@@ -1,6 +1,7 @@
 """The bench's stages, each the toolkit script a user would run in a fresh process (:class:`Bench`), and the checks of
 a generator before it judges (:class:`Instrument`)."""
 
+import math
 import os
 import threading
 import time
@@ -114,7 +115,7 @@ class Bench:
         self.stages.script(
             f"train_{slug(label)}", os.path.join(folder, "config.json"), "train_ae_se.py", *start,
             *self.data(res)["train"], "--resolution", res, "--train_batch_size", cfg["ae_batch"], "--lpips_weight", 0,
-            "--random_flip", "--seed", 0, "--report_to", "none", "--checkpoints_total_limit", 1, "--se_weight",
+            "--random_flip", "--seed", cfg.get("ae_seed", 0), "--report_to", "none", "--checkpoints_total_limit", 1, "--se_weight",
             se_weight, "--learning_rate", lr, "--max_train_steps", steps, "--validation_steps", steps,
             "--checkpointing_steps", steps, *extra, "--output_dir", folder, threads=threads,
         )  # fmt: skip
@@ -217,7 +218,8 @@ class Bench:
 
     def curve_steps(self, steps):
         every = max(1, steps // self.cfg["curve_points"])
-        return sorted({*range(every, steps, every), steps})
+        first = self.cfg.get("fd_curve_from") or every
+        return sorted({*range(first, steps, every), steps})
 
     def generate(self, label, seed, threads, recipe=None, steps=None, curve=True):
         """train_dit_flow.py with pipeline snapshots, then eval_dit.py on every snapshot and the final pipeline
@@ -229,7 +231,8 @@ class Bench:
         stock, _, init_std = self.recipe(recipe)
         dit = os.path.join(self.out, "dit", tag)
         curve = self.curve_steps(steps) if curve else [steps]
-        snapshots = ["--pipeline_snapshot_steps", curve[0]] if len(curve) > 1 else []
+        # every curve point before the last is a multiple of the snapshot interval
+        snapshots = ["--pipeline_snapshot_steps", math.gcd(*curve[:-1])] if len(curve) > 1 else []
         self.stages.script(
             f"dit_{tag}", os.path.join(dit, "model_index.json"), "train_dit_flow.py", "--latents_dir",
             os.path.join(self.out, "latents_train", slug(label)),
