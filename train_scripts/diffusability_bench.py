@@ -215,7 +215,7 @@ def parse_args(input_args=None):
     if len({label for label, _ in models}) != len(models):
         parser.error("--models labels must be different.")
     args.model_list = models
-    for key in ("dit_steps", "ae_steps", "resolution"):
+    for key in ("dit_steps", "ae_steps", "resolution", "fd_curve_from"):
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key} must be positive.")

@@ -87,9 +87,9 @@ def settings_for(args):
         cfg["dit_steps"] = args.dit_steps
     if args.ae_steps is not None:
         cfg["ft_steps"] = args.ae_steps
-    if getattr(args, "ae_seed", None) is not None:  # only when given: a continued older run keeps its settings
+    if args.ae_seed is not None:  # only when given: a continued older run keeps its settings
         cfg["ae_seed"] = args.ae_seed
-    if getattr(args, "fd_curve_from", None) is not None:
+    if args.fd_curve_from is not None:
         cfg["fd_curve_from"] = args.fd_curve_from
     cfg["seeds"] = list(cfg["seeds"])
     cfg["models"] = [list(m) for m in args.model_list]
