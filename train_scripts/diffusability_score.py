@@ -17,12 +17,12 @@ packages, as ``diffusability_bench.py`` writes them) or on image folders whose s
   its held-out flow-matching loss per noise level on the reference latents (mean: ``flow_loss_auc``) and the class
   gain of that loss.
 
-Which proxy predicts generation: in the pre-registered study (``experiments/diffusability_score/outcome.md``),
-``noise_psnr`` is the one proxy that met the registered target, over the six toolkit-made autoencoders whose
-generators could rank them. Its signed Spearman against the generators' FD was +0.94 (95% interval
-[-0.40, +0.96]). It ordered one pair wrongly: +FT against a KL-heavy fine-tune. It is a candidate to confirm on
-your own autoencoders, not a law. The spectral proxies went the other way in that family; the other numbers
-describe the latents.
+Which proxy predicts generation: none is validated. In the pre-registered study
+(``experiments/diffusability_score/outcome.md``) ``noise_psnr`` met the registered target over six toolkit-made
+autoencoders (signed Spearman +0.94, 95% interval [-0.40, +0.96]); its pre-registered replication
+(``experiments/diffusability_score/replication/outcome.md``) gave no verdict (2 of 8 generators usable) and, read
+exploratorily, did not support it (+0.03). Treat every number here as a description of the latents, and
+``noise_psnr`` as an unconfirmed candidate.
 
 Writes ``scores.json`` (every proxy, its curves and its cost in seconds), ``scores.md`` (the table and the ranking
 each proxy predicts) and ``scores.png``. An ``--output_dir`` that holds these results is refused unless
