@@ -69,3 +69,25 @@ def test_bad_model_is_refused_before_any_work(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main()
     assert exit.value.code == 2 and "patch" in capsys.readouterr().err.lower()
+
+
+def test_inductor_probe_tolerates_an_ulp_and_catches_a_wrong_kernel(monkeypatch):
+    """The probe's verdict is deterministic: inductor's vectorised sin may differ from ATen's by a float32 ulp
+    (with a random input and allclose's default tolerance, about 6% of probes called that a wrong result), while a
+    kernel that computes something else is still refused."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_compile", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    inf = torch.tensor(float("inf"))
+    kernels = {
+        "ulp": lambda x: torch.nextafter(torch.sin(x), inf) + 1,  # sin one float32 ulp off, as inductor's may be
+        "wrong": lambda x: torch.cos(x) + 1,
+    }
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(torch, "compile", lambda fn, kernel=kernel, **kwargs: kernel)
+        for seed in range(100):  # whatever the global random state
+            torch.manual_seed(seed)
+            status = bench.inductor_status()
+            assert status == ("ok" if name == "ulp" else "inductor unavailable: wrong result on a test function")
