@@ -1,12 +1,13 @@
 """Test-suite wide settings (never touch the network, headless plots) and shared fixtures for the script tests."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
 import torch
 
-from testing_utils import ROOT, run_script_in_process, tiny_autoencoder_kl
+from testing_utils import ROOT, run_script_in_process, tiny_autoencoder_kl, torchrun
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -31,6 +32,44 @@ def tiny_vae_dir(tmp_path_factory):
     tiny_autoencoder_kl((8, 16, 16), mid_block_add_attention=False).save_pretrained(path)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), os.path.join(path, "alexnet_trunk.pth"))
     return str(path)
+
+
+@pytest.fixture
+def embedded_latents(tmp_path_factory, run_script):
+    """16 crops of the embedded photographs encoded by the embedded AE, extracted once per worker and shared
+    read-only (a test that changes them copies them first)."""
+    out = tmp_path_factory.getbasetemp() / "embedded_latents"
+    if not (out / "metadata.json").is_file():
+        run_script("extract_latents.py", ["--output_dir", out, "--max_samples", 16, "--shard_size", 16])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory):
+    """``ddp_reference(key, script, args, port)``: the output folder of a 2-process DDP run (torchrun, CPU) of
+    ``train_scripts/<script> args``, made once for the whole suite: the FSDP and DeepSpeed tests compare their runs
+    with the same DDP runs, whichever pytest-xdist worker asks first (the others wait for it). ``args`` may name the
+    asking worker's own copies of the tiny inputs (built the same way in every worker); ``key`` names the run."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common folder
+
+    def run(key, script, args, port):
+        out = shared / f"ddp_reference_{key}"
+        with FileLock(str(out) + ".lock"):
+            if not (out / "reference_done").is_file():
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = torchrun(port) + [os.path.join(ROOT, "train_scripts", script), *map(str, args)]
+                proc = subprocess.run(cmd + ["--output_dir", str(out)], capture_output=True, text=True, cwd=ROOT,
+                                      env=script_env({"ACCELERATE_USE_CPU": "1"}))  # fmt: skip
+                assert proc.returncode == 0, (
+                    f"{script} under DDP failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+                )
+                (out / "reference_done").write_text(" ".join(cmd))
+        return out
+
+    return run
 
 
 def script_env(extra=None):
@@ -133,6 +172,11 @@ def random_inception_weights(tmp_path_factory):
 
 
 def pytest_configure(config):
+    # Each pytest-xdist worker gets its share of the cores for the tests it runs in its own process: torch's default
+    # (every core in each worker) oversubscribes them, and idle OpenMP threads spin on cores the other worker needs.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
     config.addinivalue_line(
         "markers",
         "slow: runs a script end to end in its own process (seconds to minutes); `-m 'not slow'` is the quick pass",

@@ -2,7 +2,6 @@
 (``--normalize_latents per_channel``) and the posterior variance ratio; every number is recomputed here from the
 encoder's posterior, independently of the script's code paths."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,22 +16,13 @@ from PIL import Image
 from diffusability_hf.data.evaluation import evaluation_samples
 from diffusability_hf.spectral import energy_profile, frequency_profile, share_of_high_frequencies
 
-from testing_utils import ROOT
+from testing_utils import ROOT, load_script
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 SEED_STRIDE = 1_000_003  # the documented rule: sample i of --seed s draws eps from a generator seeded s * 1000003 + i
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "analyze_spectrum", os.path.join(ROOT, "train_scripts", "analyze_spectrum.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SCRIPT = load_script()
+SCRIPT = load_script("analyze_spectrum")
 
 
 def run(out, *extra, models=None, data=None, batch_size=3):

@@ -9,7 +9,6 @@ fp16 are refused before any weights load. DeepSpeed's CPU communication op is co
 
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -21,13 +20,19 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.training.launch import check_launcher, configure_deepspeed
 from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError
 
-from testing_utils import ROOT
+from testing_utils import (
+    DIT_TINY,
+    ROOT,
+    accelerate_launcher,
+    distributed_dit_args,
+    distributed_se_args,
+    load_script,
+    torchrun,
+    transformer_weights,
+)
 
 SHIM = os.path.join(ROOT, "tests", "deepspeed_on_cpu.py")
 CPU = {"ACCELERATE_USE_CPU": "1"}  # DDP only: with it, accelerate would drop DeepSpeed and run DDP
-DIT = ["--model", "DiT-tiny/2", "--train_batch_size", 4, "--report_to", "none", "--num_inference_steps", 2,
-       "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--ema_halflife_steps", 2, "--seed", 5,
-       "--max_grad_norm", 0.05]  # fmt: skip  # clips every step: DeepSpeed must clip at the flag's value, not 1.0
 
 
 def deepspeed_config(tmp_path):
@@ -41,48 +46,26 @@ def deepspeed_config(tmp_path):
     return str(path)
 
 
-def deepspeed_launcher(config, port):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port",
-            str(port), SHIM]  # fmt: skip
-
-
-def ddp_launcher(port):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-
-
-@pytest.fixture
-def latents(tmp_path_factory, run_script):
-    """16 crops of the embedded photographs encoded by the embedded AE."""
-    out = tmp_path_factory.getbasetemp() / "deepspeed_latents"
-    if not (out / "metadata.json").is_file():
-        run_script("extract_latents.py", ["--output_dir", out, "--max_samples", 16, "--shard_size", 16])
-    return str(out)
-
-
-def transformer_weights(folder):
-    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
-
-
 def assert_same_weights(got, want, rtol=1e-4, atol=2e-6):
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol, msg=key)
 
 
-def test_dit_under_deepspeed_equals_ddp_saves_a_stock_model_and_resumes_exactly(tmp_path, latents, run_script):
+def test_dit_under_deepspeed_equals_ddp_saves_a_stock_model_and_resumes_exactly(
+    tmp_path, embedded_latents, ddp_reference, run_script
+):
     config = deepspeed_config(tmp_path)
-    common = ["--latents_dir", latents, *DIT, "--max_train_steps", 4, "--checkpointing_steps", 2,
-              "--validation_steps", 2, "--pipeline_snapshot_steps", 2]  # fmt: skip
-    run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29571),
-               extra_env=CPU)  # fmt: skip
+    common = distributed_dit_args(embedded_latents)  # --max_grad_norm 0.05: DeepSpeed must clip at it, not at 1.0
+    ddp_dir = ddp_reference("dit", "train_dit_flow.py", common, 29571)
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ds"],
-                      launcher=deepspeed_launcher(config, 29572))  # fmt: skip
+                      launcher=accelerate_launcher(config, 29572, SHIM))  # fmt: skip
     assert "Distributed environment: DistributedType.DEEPSPEED" in proc.stderr  # DeepSpeed's path, not DDP
     assert "'gradient_clipping': 0.05" in proc.stdout + proc.stderr  # --max_grad_norm, not accelerate's 1.0
-    ds, ddp = transformer_weights(tmp_path / "ds"), transformer_weights(tmp_path / "ddp")
+    ds, ddp = transformer_weights(tmp_path / "ds"), transformer_weights(ddp_dir)
     assert_same_weights(ds, ddp)
     snap = os.path.join("snapshots", "step-2")  # the EMA pipeline at step 2 too
-    assert_same_weights(transformer_weights(tmp_path / "ds" / snap), transformer_weights(tmp_path / "ddp" / snap))
+    assert_same_weights(transformer_weights(tmp_path / "ds" / snap), transformer_weights(ddp_dir / snap))
     # DeepSpeed's checkpoint format: the ZeRO-2 optimizer states, one partition per process
     zero = sorted(os.listdir(tmp_path / "ds" / "checkpoint-2" / "pytorch_model"))
     assert zero == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -99,49 +82,46 @@ def test_dit_under_deepspeed_equals_ddp_saves_a_stock_model_and_resumes_exactly(
     resumed.mkdir()
     shutil.copytree(tmp_path / "ds" / "checkpoint-2", resumed / "checkpoint-2")
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-                      launcher=deepspeed_launcher(config, 29573))  # fmt: skip
+                      launcher=accelerate_launcher(config, 29573, SHIM))  # fmt: skip
     assert f"Resuming from {resumed / 'checkpoint-2'}" in proc.stderr
     assert_same_weights(transformer_weights(resumed), ds, rtol=1e-5, atol=1e-6)
 
 
-def test_a_non_finite_step_under_deepspeed_is_skipped_as_under_ddp(tmp_path, latents, run_script):
+def test_a_non_finite_step_under_deepspeed_is_skipped_as_under_ddp(tmp_path, embedded_latents, run_script):
     """One latent of 16 is 1e38 (finite on disk, so the readers take it; the loss overflows to inf): the steps that
     draw it skip their backward on both processes (the engine, which steps inside the backward, does not step) and
     move the schedule on; the finite steps train as under DDP."""
     broken = tmp_path / "some_nan"
-    shutil.copytree(latents, broken)
+    shutil.copytree(embedded_latents, broken)
     for shard in sorted(broken.glob("shard-*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         tensors["mean"][:1] = 1e38  # in one step of each epoch
         save_file(tensors, str(shard), metadata=header)
-    common = ["--latents_dir", broken, *DIT, "--max_train_steps", 4, "--validation_steps", 100,
+    common = ["--latents_dir", broken, *DIT_TINY, "--max_train_steps", 4, "--validation_steps", 100,
               "--max_nonfinite_steps", 0]  # fmt: skip
-    run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29574),
+    run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=torchrun(29574),
                extra_env=CPU)  # fmt: skip
     run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ds"],
-               launcher=deepspeed_launcher(deepspeed_config(tmp_path), 29575))  # fmt: skip
+               launcher=accelerate_launcher(deepspeed_config(tmp_path), 29575, SHIM))  # fmt: skip
     runs = [yaml.safe_load((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "ds")]
     assert runs[0]["nonfinite_steps"] == runs[1]["nonfinite_steps"]
     assert runs[1]["nonfinite_steps"] == 2  # 2 epochs of 2 steps: one skipped in each
     assert_same_weights(transformer_weights(tmp_path / "ds"), transformer_weights(tmp_path / "ddp"))
 
 
-def test_se_fine_tuning_under_deepspeed_equals_ddp_and_resumes_exactly(tmp_path, tiny_vae_dir, run_script):
-    """train_ae_se.py on the tiny AutoencoderKL, LPIPS on (a frozen network inside the engine's module), output
-    layers frozen, the posterior mean decoded, validation at step 2."""
+def test_se_fine_tuning_under_deepspeed_equals_ddp_and_resumes_exactly(
+    tmp_path, tiny_vae_dir, ddp_reference, run_script
+):
+    """train_ae_se.py on the tiny AutoencoderKL (``testing_utils.distributed_se_args``: LPIPS on, a frozen network
+    inside the engine's module; output layers frozen; every step clipped)."""
     from diffusers import AutoencoderKL
 
     config = deepspeed_config(tmp_path)
-    common = ["--pretrained_model_name_or_path", tiny_vae_dir, "--resolution", 32, "--train_batch_size", 2,
-              "--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 2, "--num_validation_images",
-              2, "--learning_rate", 1e-3, "--report_to", "none", "--latent_sampling", "mode",
-              "--latent_stats_num_samples", 4, "--ema_halflife_steps", 2, "--seed", 3, "--max_grad_norm", 0.05,
-              "--lpips_trunk_path", os.path.join(tiny_vae_dir, "alexnet_trunk.pth")]  # fmt: skip
-    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29576),
-               extra_env=CPU)  # fmt: skip
+    common = distributed_se_args(tiny_vae_dir)
+    ddp_dir = ddp_reference("se", "train_ae_se.py", common, 29576)
     proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ds"],
-                      launcher=deepspeed_launcher(config, 29577))  # fmt: skip
+                      launcher=accelerate_launcher(config, 29577, SHIM))  # fmt: skip
     assert "Distributed environment: DistributedType.DEEPSPEED" in proc.stderr
     assert "step 2: val image PSNR" in proc.stderr
 
@@ -149,7 +129,7 @@ def test_se_fine_tuning_under_deepspeed_equals_ddp_and_resumes_exactly(tmp_path,
         return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
     ds, base = weights(tmp_path / "ds"), weights(tiny_vae_dir)
-    assert_same_weights(ds, weights(tmp_path / "ddp"))
+    assert_same_weights(ds, weights(ddp_dir))
     assert torch.equal(ds["decoder.conv_out.weight"], base["decoder.conv_out.weight"])  # frozen (Sec. 3.3)
     assert not torch.equal(ds["encoder.conv_in.weight"], base["encoder.conv_in.weight"])  # trained
     assert isinstance(AutoencoderKL.from_pretrained(str(tmp_path / "ds")), AutoencoderKL)  # stock diffusers
@@ -158,17 +138,8 @@ def test_se_fine_tuning_under_deepspeed_equals_ddp_and_resumes_exactly(tmp_path,
     resumed.mkdir()
     shutil.copytree(tmp_path / "ds" / "checkpoint-2", resumed / "checkpoint-2")
     run_script("train_ae_se.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-               launcher=deepspeed_launcher(config, 29578))  # fmt: skip
+               launcher=accelerate_launcher(config, 29578, SHIM))  # fmt: skip
     assert_same_weights(weights(resumed), ds, rtol=1e-5, atol=1e-6)
-
-
-def load_script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("script", ["train_ae_se", "train_dit_flow"])

@@ -1,7 +1,6 @@
 """The diffusability score: each proxy against what it must give on constructed inputs, the rank statistics against
 scipy, and the script on two tiny autoencoders (in-process, plus one subprocess for the exit-code contract)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from diffusability_hf.flow import held_out_flow_loss
 from diffusability_hf.metrics import diffusability as dm
 from diffusability_hf.models.selfcond_dit import SelfConditionedDiT
 
-from testing_utils import ROOT
+from testing_utils import ROOT, load_script
 
 
 def smooth(n, c=4, size=16, seed=0):
@@ -148,14 +147,6 @@ def test_rank_statistics_against_scipy_and_by_hand():
 # The script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("score", os.path.join(ROOT, "train_scripts",
-                                                                        "diffusability_score.py"))  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 TINY = ["--resolution", "32", "--train_crops", "24", "--reference_crops", "12", "--heldout_crops", "6",
         "--probe_steps", "3", "--probe_batch_size", "8", "--dit_width", "16", "--dit_depth", "1", "--noise_levels", "3",
         "--cut_ratios", "0", "0.5"]  # fmt: skip
@@ -171,7 +162,7 @@ def test_scores_two_autoencoders_on_the_bench_data_and_on_image_folders(tmp_path
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(0.5)
     vae.save_pretrained(other)
-    script = load_script()
+    script = load_script("diffusability_score")
     out = tmp_path / "out"
     args = script.parse_args(["--models", f"tiny={tiny_vae_dir}", f"half={other}", *TINY, "--output_dir", str(out)])
     script.main(args)
@@ -217,7 +208,7 @@ def test_scores_two_autoencoders_on_the_bench_data_and_on_image_folders(tmp_path
 
 
 def test_bad_arguments_get_one_line_before_anything_loads(tmp_path, capsys):
-    script = load_script()
+    script = load_script("diffusability_score")
     for argv, message in (
         (["--models", "a=x", "a=y"], "share a label"),
         (["--models", "a=x", "--train_data_dir", str(tmp_path)], "together"),

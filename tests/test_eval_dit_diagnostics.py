@@ -2,7 +2,6 @@
 denoising trajectory (the paper's Fig. 6) and its flow-matching loss per noise level on held-out latents, each
 checked against an independent computation on tiny models (CPU, offline)."""
 
-import importlib.util
 import json
 import os
 import runpy
@@ -21,17 +20,10 @@ from diffusability_hf.figures import labelled_image_grid
 from diffusability_hf.flow import time_shift
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
-from testing_utils import ROOT, tiny_autoencoder_kl
+from testing_utils import ROOT, load_script, tiny_autoencoder_kl
 
 NUM_CLASSES = 7  # the embedded photographs' classes (the classes of the extracted latents)
 CHANNELS = 16  # the embedded autoencoder's latent channels (8x down: 64 px images, 8x8 latents)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_in_process(monkeypatch, capsys, args):

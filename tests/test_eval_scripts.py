@@ -1,7 +1,6 @@
 """End-to-end runs of eval_ae.py, analyze_spectrum.py and eval_dit.py on tiny models with tiny random feature
 extractors, offline; every number that matters is recomputed here independently."""
 
-import importlib.util
 import io
 import json
 import os
@@ -27,16 +26,9 @@ from diffusability_hf.spectral import (
     share_of_high_frequencies,
 )
 
-from testing_utils import ROOT
+from testing_utils import ROOT, load_script, torchrun
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def torchscript_features(path, pixels):
@@ -270,11 +262,11 @@ def test_eval_ae_two_processes_give_the_one_process_numbers(
         "--metrics", "psnr", "ssim", "fd", "--feature_extractor", tiny_feature_models["torchscript"],
     ]  # fmt: skip
     run_script("eval_ae.py", [*args, "--output_dir", tmp_path / "one"])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    launcher = torchrun(29531)
     run_script(
         "eval_ae.py",
         [*args, "--output_dir", tmp_path / "two"],
-        launcher=torchrun,
+        launcher=launcher,
         extra_env={"ACCELERATE_USE_CPU": "1"},
     )
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text())["models"] for d in ("one", "two"))
@@ -620,9 +612,9 @@ def test_eval_dit_inception_dinov2_random_classes_and_two_processes(
     ]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("eval_dit.py", [*args, "--stats_cache_dir", tmp_path / "c1", "--output_dir", one])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launcher = torchrun(29533)
     two_args = [*args, "--stats_cache_dir", tmp_path / "c2", "--output_dir", two]
-    run_script("eval_dit.py", two_args, launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})
+    run_script("eval_dit.py", two_args, launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"})
     labels = json.loads((one / "samples" / "labels.json").read_text())
     assert [labels[f"{i:06d}.png"] for i in range(8)] == np.random.default_rng(0).integers(0, 3, size=8).tolist()
     for i in range(8):  # the same noise; batches of other composition may round a rare pixel the other way

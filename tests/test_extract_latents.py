@@ -17,7 +17,7 @@ from diffusability_hf.data.images import open_and_crop
 from diffusability_hf.data.latents import check_existing_latents
 from diffusability_hf.errors import UsageError
 
-from testing_utils import ROOT, run_in_process
+from testing_utils import ROOT, run_in_process, torchrun
 
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 PYTHON = [sys.executable]
@@ -188,10 +188,10 @@ def test_extract_refuses_latents_of_an_older_version_and_damaged_shards(tmp_path
 def test_extract_two_processes_write_disjoint_shards(tmp_path, tiny_vae_dir, run_script):
     make_classes(tmp_path / "data", per_class=4)
     out = tmp_path / "latents"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523"]
+    launcher = torchrun(29523)
     extract(
         run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 2,
-        launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"},
+        launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"},
     )  # fmt: skip
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["num_samples"] == 8 and len(meta["shards"]) == 5  # 9 files (one corrupt) in shards of 2
@@ -288,9 +288,9 @@ def test_extract_video_latents_embedded_pans_two_processes_and_resume(tmp_path, 
     assert shards["shard-00000.safetensors"]["mean"].shape == (3, 4, 3, 4, 4)
     labels = torch.cat([s["labels"] for s in shards.values()])
     assert labels.tolist() == [i % 8 for i in range(8)]  # class = source photograph (the GIF last)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29524"]
+    launcher = torchrun(29524)
     run_script(
-        "extract_latents.py", [*args, "--output_dir", two], launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"}
+        "extract_latents.py", [*args, "--output_dir", two], launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"}
     )
     meta2, shards2 = video_shards(two)
     assert meta2["latents_mean"] == meta["latents_mean"] and shards2.keys() == shards.keys()

@@ -6,7 +6,6 @@ checked against whole tensors."""
 
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,11 +13,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from testing_utils import ROOT
+from testing_utils import (
+    ROOT,
+    accelerate_launcher,
+    distributed_dit_args,
+    distributed_se_args,
+    torchrun,
+    transformer_weights,
+)
 
 SHIM = os.path.join(ROOT, "tests", "fsdp_on_cpu.py")
-DIT = ["--model", "DiT-tiny/2", "--train_batch_size", 4, "--report_to", "none", "--num_inference_steps", 2,
-       "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--ema_halflife_steps", 2, "--seed", 5]  # fmt: skip
 
 
 def fsdp_config(tmp_path):
@@ -31,29 +35,7 @@ def fsdp_config(tmp_path):
     return str(path)
 
 
-def fsdp_launcher(config, port):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port",
-            str(port), SHIM]  # fmt: skip
-
-
-def ddp_launcher(port):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-
-
 CPU = {"ACCELERATE_USE_CPU": "1"}
-
-
-@pytest.fixture
-def latents(tmp_path_factory, run_script):
-    """16 crops of the embedded photographs encoded by the embedded AE (shared with nothing else)."""
-    out = tmp_path_factory.getbasetemp() / "fsdp_latents"
-    if not (out / "metadata.json").is_file():
-        run_script("extract_latents.py", ["--output_dir", out, "--max_samples", 16, "--shard_size", 16])
-    return str(out)
-
-
-def transformer_weights(folder):
-    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
 
 
 def test_the_library_gathers_full_weights_and_keeps_the_ema_over_shards(tmp_path):
@@ -117,30 +99,30 @@ def test_the_library_gathers_full_weights_and_keeps_the_ema_over_shards(tmp_path
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [*ddp_launcher(29561), str(program)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+        [*torchrun(29561), str(program)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "GATHER-OK" in proc.stdout
 
 
-def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(tmp_path, latents, run_script):
+def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(
+    tmp_path, embedded_latents, ddp_reference, run_script
+):
     config = fsdp_config(tmp_path)
-    common = ["--latents_dir", latents, *DIT, "--max_train_steps", 4, "--checkpointing_steps", 2,
-              "--validation_steps", 2, "--pipeline_snapshot_steps", 2]  # fmt: skip
-    run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29562),
-               extra_env=CPU)  # fmt: skip
+    common = distributed_dit_args(embedded_latents)
+    ddp_dir = ddp_reference("dit", "train_dit_flow.py", common, 29562)
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "fsdp"],
-                      launcher=fsdp_launcher(config, 29563), extra_env=CPU)  # fmt: skip
+                      launcher=accelerate_launcher(config, 29563, SHIM), extra_env=CPU)  # fmt: skip
     assert "Distributed environment: DistributedType.FSDP" in proc.stderr  # accelerate's own FSDP path, not DDP
     assert "FSDP2: 2 processes; each SelfConditionedDiTBlock sharded on its own" in proc.stderr
-    ddp, fsdp = transformer_weights(tmp_path / "ddp"), transformer_weights(tmp_path / "fsdp")
+    ddp, fsdp = transformer_weights(ddp_dir), transformer_weights(tmp_path / "fsdp")
     assert ddp.keys() == fsdp.keys()
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-6, msg=key)
     # The EMA shards are per process; the snapshot at step 2 (gathered EMA weights) equals DDP's too
     assert sorted(os.listdir(tmp_path / "fsdp" / "checkpoint-2")).count("ema_rank1.safetensors") == 1
     snap = os.path.join("snapshots", "step-2")
-    for key, value in transformer_weights(tmp_path / "ddp" / snap).items():
+    for key, value in transformer_weights(ddp_dir / snap).items():
         torch.testing.assert_close(transformer_weights(tmp_path / "fsdp" / snap)[key], value, rtol=1e-4, atol=2e-6)
 
     # Saved as a plain diffusers model: the toolkit's pipeline class loads it, no DTensor anywhere
@@ -155,28 +137,22 @@ def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(tmp_p
     resumed.mkdir()
     subprocess.run(["cp", "-r", str(tmp_path / "fsdp" / "checkpoint-2"), str(resumed)], check=True)
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-                      launcher=fsdp_launcher(config, 29564), extra_env=CPU)  # fmt: skip
+                      launcher=accelerate_launcher(config, 29564, SHIM), extra_env=CPU)  # fmt: skip
     assert f"Resuming from {resumed / 'checkpoint-2'}" in proc.stderr
     for key, value in transformer_weights(resumed).items():
         torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny_vae_dir, run_script):
-    """train_ae_se.py: the paper's setting (FSDP) on the tiny AutoencoderKL with its output layers frozen, LPIPS on
-    (a frozen module inside the sharded objective), the posterior mean decoded (posterior noise is drawn per process
-    in both launches alike, but the mean keeps the comparison tight), validation at step 2."""
+def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny_vae_dir, ddp_reference, run_script):
+    """train_ae_se.py: the paper's setting (FSDP) on the tiny AutoencoderKL (``testing_utils.distributed_se_args``:
+    output layers frozen, LPIPS on, every step clipped)."""
     from diffusers import AutoencoderKL
 
     config = fsdp_config(tmp_path)
-    common = ["--pretrained_model_name_or_path", tiny_vae_dir, "--resolution", 32, "--train_batch_size", 2,
-              "--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 2, "--num_validation_images",
-              2, "--learning_rate", 1e-3, "--report_to", "none", "--latent_sampling", "mode",
-              "--latent_stats_num_samples", 4, "--ema_halflife_steps", 2, "--seed", 3,
-              "--lpips_trunk_path", os.path.join(tiny_vae_dir, "alexnet_trunk.pth")]  # fmt: skip
-    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29565),
-               extra_env=CPU)  # fmt: skip
+    common = distributed_se_args(tiny_vae_dir)
+    ddp_dir = ddp_reference("se", "train_ae_se.py", common, 29565)
     proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "fsdp"],
-                      launcher=fsdp_launcher(config, 29566), extra_env=CPU)  # fmt: skip
+                      launcher=accelerate_launcher(config, 29566, SHIM), extra_env=CPU)  # fmt: skip
     assert "Distributed environment: DistributedType.FSDP" in proc.stderr
     assert "FSDP2: 2 processes; each DownEncoderBlock2D, ResnetBlock2D, UpDecoderBlock2D sharded" in proc.stderr
     assert "step 2: val image PSNR" in proc.stderr  # validation ran on the gathered EMA weights
@@ -184,7 +160,7 @@ def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny
     def weights(folder):
         return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
-    ddp, fsdp, base = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), weights(tiny_vae_dir)
+    ddp, fsdp, base = weights(ddp_dir), weights(tmp_path / "fsdp"), weights(tiny_vae_dir)
     assert ddp.keys() == fsdp.keys()
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=2e-6, msg=key)
@@ -196,7 +172,7 @@ def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny
     resumed.mkdir()
     subprocess.run(["cp", "-r", str(tmp_path / "fsdp" / "checkpoint-2"), str(resumed)], check=True)
     run_script("train_ae_se.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-               launcher=fsdp_launcher(config, 29567), extra_env=CPU)  # fmt: skip
+               launcher=accelerate_launcher(config, 29567, SHIM), extra_env=CPU)  # fmt: skip
     for key, value in weights(resumed).items():
         torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -209,10 +185,10 @@ def test_lora_under_fsdp_equals_ddp(tmp_path, tiny_vae_dir, run_script):
               "--max_train_steps", 2, "--learning_rate", 1e-2, "--report_to", "none", "--latent_sampling", "mode",
               "--latent_stats_num_samples", 4, "--ema_halflife_steps", 2, "--seed", 3, "--lpips_weight", 0,
               "--use_lora", "--lora_rank", 2]  # fmt: skip
-    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=ddp_launcher(29568),
+    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=torchrun(29568),
                extra_env=CPU)  # fmt: skip
     proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "fsdp"],
-                      launcher=fsdp_launcher(config, 29569), extra_env=CPU)  # fmt: skip
+                      launcher=accelerate_launcher(config, 29569, SHIM), extra_env=CPU)  # fmt: skip
     assert "Distributed environment: DistributedType.FSDP" in proc.stderr
     base = load_file(os.path.join(tiny_vae_dir, "diffusion_pytorch_model.safetensors"))
     for name in ["diffusion_pytorch_model.safetensors", os.path.join("lora", "adapter_model.safetensors")]:

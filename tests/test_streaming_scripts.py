@@ -1,7 +1,6 @@
 """The scripts on streams (diffusability_hf.data.streaming): train_ae_se.py and extract_latents.py on tiny webdataset tar
 shards written here and on local HF datasets read with ``streaming=True`` (CPU, offline, tiny models)."""
 
-import importlib.util
 import io
 import json
 import os
@@ -19,18 +18,10 @@ from safetensors.torch import load_file
 from diffusability_hf.data import shards as sh
 from diffusability_hf.errors import UsageError
 
-from testing_utils import ROOT
+from testing_utils import ROOT, load_script, torchrun
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 PYTHON = [sys.executable]  # the scripts themselves, without `accelerate launch` (one CPU process)
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +138,12 @@ def test_train_on_tar_shards_resumes_exactly_and_counts_corrupt_samples(tmp_path
 def test_two_processes_train_on_their_own_shards_and_resume_exactly(tmp_path, tiny_vae_dir, image_shards, run_script):
     """2 processes (DDP) on 3 tar shards: each reads its own shards and saves its own stream position; a run resumed
     from step 2 with 2 processes ends with the straight run's weights, and the ranks stay in sync."""
-    torchrun = [*TORCHRUN[:-1], "29536"]
+    launcher = torchrun(29536)
     cpu = {"ACCELERATE_USE_CPU": "1"}
     common = ["--train_data_dir", image_shards, "--checkpointing_steps", 2, "--ema_halflife_steps", 3,
               "--max_train_steps", 4]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, straight, *common), launcher=torchrun, extra_env=cpu)
+    run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, straight, *common), launcher=launcher, extra_env=cpu)
     states = [json.loads((straight / "checkpoint-2" / "image_stream" / f"stream_state_rank{r}.json").read_text())
               for r in range(2)]  # fmt: skip
     assert [(s["rank"], s["world_size"], s["num_shards"]) for s in states] == [(0, 2, 3), (1, 2, 3)]
@@ -165,7 +156,7 @@ def test_two_processes_train_on_their_own_shards_and_resume_exactly(tmp_path, ti
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     proc = run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, resumed, *common, "--resume_from_checkpoint",
-                                                        "latest"), launcher=torchrun, extra_env=cpu)  # fmt: skip
+                                                        "latest"), launcher=launcher, extra_env=cpu)  # fmt: skip
     assert "Resuming from" in proc.stderr and "stream position" not in proc.stderr
     a, b = weights(straight), weights(resumed)
     for key in a:
@@ -188,9 +179,9 @@ def test_a_sigterm_to_the_whole_job_stops_both_processes_with_one_checkpoint(tmp
     out = tmp_path / "out"
     args = tiny_train_args(tiny_vae_dir, out, "--train_data_dir", tmp_path / "photos", "--max_train_steps", 400,
                            "--checkpointing_steps", 1000, "--dataloader_num_workers", 1)  # fmt: skip
-    torchrun = [*TORCHRUN[:-1], "29537"]
+    launcher = torchrun(29537)
     log = open(tmp_path / "job.log", "w+")
-    cmd = torchrun + [os.path.join(ROOT, "train_scripts", "train_ae_se.py"), *map(str, args)]
+    cmd = launcher + [os.path.join(ROOT, "train_scripts", "train_ae_se.py"), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     job = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=log,
                            start_new_session=True)  # fmt: skip
@@ -209,7 +200,7 @@ def test_a_sigterm_to_the_whole_job_stops_both_processes_with_one_checkpoint(tmp
     assert 0 < step < 400 and is_complete_checkpoint(str(out / f"checkpoint-{step}"))
     assert not (out / "diffusion_pytorch_model.safetensors").exists()
     run_script("train_ae_se.py", [*args, "--resume_from_checkpoint", "latest", "--max_train_steps", step + 2],
-               launcher=torchrun, extra_env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
+               launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == step + 2
 
 
@@ -343,7 +334,7 @@ def test_extract_tar_shards_one_latent_shard_each_two_processes_equal_one_and_re
 
     # Two processes (each input shard encoded once, by one of them), the shards named by a brace spec
     spec = f"{image_shards}/{{000000..000002}}.tar"
-    extract(run_script, tiny_vae_dir, two, "--train_data_files", spec, launcher=TORCHRUN,
+    extract(run_script, tiny_vae_dir, two, "--train_data_files", spec, launcher=torchrun(29535),
             extra_env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     meta2 = json.loads((two / "metadata.json").read_text())
     assert meta2["latents_mean"] == pytest.approx(meta["latents_mean"], abs=1e-6)

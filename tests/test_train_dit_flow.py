@@ -20,7 +20,7 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
-from testing_utils import ROOT, run_in_process
+from testing_utils import ROOT, load_script, run_in_process, transformer_weights
 
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 PYTHON = [sys.executable]
@@ -41,17 +41,6 @@ def latents(tmp_path_factory, run_script):
 def train(run_script, latents, out, *extra, check=True, launcher=None):
     args = ["--latents_dir", latents, "--output_dir", out, *FAST, *extra]
     return run_script("train_dit_flow.py", args, check=check, launcher=launcher)
-
-
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "train_dit_flow", os.path.join(ROOT, "train_scripts", "train_dit_flow.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tree(folder):
@@ -226,7 +215,7 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
     assert not (tmp_path / "e").exists()
     # In process (the same checks, without three more interpreters): a patch size that does not divide the 8x8
     # latent (DiT patches are 1, 2 or 4, so a 3-patch config), another autoencoder config, no data at all
-    script = load_script()
+    script = load_script("train_dit_flow")
     for out, extra, match in [
         ("a", ["--model", "DiT-tiny/3"], "Unknown DiT name 'DiT-tiny/3'"),
         ("b", ["--pretrained_vae_model_name_or_path", tiny_vae_dir], "another autoencoder .*16 channels.*4 channels"),
@@ -254,7 +243,7 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
 
 def test_checks_without_training(tmp_path, latents, capsys):
     """Cheap refusals, in process: flags, latents of an older version, shards of other weights."""
-    script = load_script()
+    script = load_script("train_dit_flow")
     args = script.parse_args(["--latents_dir", latents])
     assert args.checkpoints_total_limit == 3 and args.overwrite_output_dir is False
     # The paper's DiT by default (App. B), the stock diffusers one a flag away; flags of the one for the other refused
@@ -357,10 +346,6 @@ def test_on_the_fly_statistics_are_those_of_posterior_samples(tiny_vae_dir):
     assert np.all(np.array(std) > mu.transpose(1, 0, 2, 3).reshape(mu.shape[1], -1).std(1))  # not the means' std
 
 
-def transformer_weights(folder):
-    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
-
-
 def test_pipeline_snapshots_hold_the_ema_weights_of_their_step(tmp_path, latents, run_script):
     from diffusers import DiffusionPipeline
 
@@ -429,7 +414,7 @@ def test_pipeline_snapshots_hold_the_ema_weights_of_their_step(tmp_path, latents
 
 
 def test_pipeline_snapshot_flag_checks(tmp_path, latents, capsys):
-    script = load_script()
+    script = load_script("train_dit_flow")
     assert script.parse_args(["--latents_dir", latents]).pipeline_snapshot_steps is None  # off by default
     for bad in ("0", "-5"):
         with pytest.raises(SystemExit):
@@ -479,7 +464,7 @@ def test_the_loss_the_script_trains_with_is_the_library_objective(tmp_path, late
     for tag in ("train/samples_per_second", "train/step_time_s", "train/data_wait_s", "train/peak_memory_gb"):
         assert events.Scalars(tag)[0].value > 0 or tag == "train/data_wait_s", tag
 
-    script = load_script()
+    script = load_script("train_dit_flow")
     args = script.parse_args(["--latents_dir", latents, *map(str, FAST), *map(str, extra)])
     meta = read_latents_metadata(latents)
     shards = LatentShards(latents, meta, seed=3)
@@ -676,5 +661,5 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, latents, run_scr
 @pytest.mark.parametrize("value", ["-1", "0", "nan"])
 def test_a_learning_rate_that_cannot_train_is_refused_by_the_parser(value, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        load_script().parse_args(["--latents_dir", str(tmp_path), "--learning_rate", value])
+        load_script("train_dit_flow").parse_args(["--latents_dir", str(tmp_path), "--learning_rate", value])
     assert exit_.value.code == 2 and "--learning_rate must be a positive number" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from diffusability_hf.data.evaluation import evaluation_samples
 from diffusability_hf.data.latents import read_latents_metadata
 from diffusability_hf.metrics import to_uint8
 
-from testing_utils import ROOT
+from testing_utils import ROOT, load_script
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 
@@ -42,15 +42,6 @@ def i3d_features(path, clips):
     net = torch.jit.load(path)
     with torch.no_grad():
         return net(to_uint8(clips).float(), rescale=True, resize=True, return_features=True).numpy()
-
-
-def load_script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

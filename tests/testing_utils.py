@@ -32,10 +32,56 @@ def tiny_autoencoder_kl(blocks=(8, 16), seed=0, **config):
     return AutoencoderKL(**{**settings, **config})
 
 
+def torchrun(port, processes=2):
+    """``torchrun`` with ``processes`` CPU processes and its rendezvous on ``port`` (one port per launch in the
+    suite, so that two workers' launches never meet)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+            str(port)]  # fmt: skip
+
+
+def accelerate_launcher(config, port, shim=None):
+    """``accelerate launch`` with the config file ``config`` on ``port``; ``shim`` (a tests/*_on_cpu.py file) is run
+    first and runs the script: accelerate picks FSDP and DeepSpeed for accelerator devices only."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+            str(port), *([shim] if shim else [])]  # fmt: skip
+
+
+def transformer_weights(folder):
+    """The transformer's tensors of a saved DiT pipeline."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+# The multi-process equality tests (FSDP and DeepSpeed against DDP, tests/test_fsdp.py and tests/test_deepspeed.py):
+# a tiny DiT and the tiny AE's SE fine-tuning, 4 steps with a checkpoint, validation and an EMA snapshot at step 2.
+# --max_grad_norm 0.05 clips every step, so the sharded paths must clip at the flag's value over the whole model.
+DIT_TINY = ["--model", "DiT-tiny/2", "--train_batch_size", 4, "--report_to", "none", "--num_inference_steps", 2,
+            "--lr_warmup_steps", 1, "--learning_rate", 1e-3, "--ema_halflife_steps", 2, "--seed", 5,
+            "--max_grad_norm", 0.05]  # fmt: skip
+
+
+def distributed_dit_args(latents_dir):
+    return ["--latents_dir", latents_dir, *DIT_TINY, "--max_train_steps", 4, "--checkpointing_steps", 2,
+            "--validation_steps", 2, "--pipeline_snapshot_steps", 2]  # fmt: skip
+
+
+def distributed_se_args(tiny_vae_dir):
+    """LPIPS on (a frozen network inside the wrapped objective), output layers frozen, the posterior mean decoded
+    (posterior noise is drawn per process, but the mean keeps the comparison tight), validation at step 2."""
+    return ["--pretrained_model_name_or_path", tiny_vae_dir, "--resolution", 32, "--train_batch_size", 2,
+            "--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 2, "--num_validation_images", 2,
+            "--learning_rate", 1e-3, "--report_to", "none", "--latent_sampling", "mode", "--latent_stats_num_samples",
+            4, "--ema_halflife_steps", 2, "--seed", 3, "--max_grad_norm", 0.05,
+            "--lpips_trunk_path", os.path.join(tiny_vae_dir, "alexnet_trunk.pth")]  # fmt: skip
+
+
 def load_script(name):
-    """``train_scripts/<name>`` as a module (its ``parse_args`` and ``main``), under a name of its own."""
+    """``train_scripts/<name>`` (``.py`` optional) as a module (its ``parse_args`` and ``main``), under a name of its
+    own (not in ``sys.modules``: each call loads it afresh)."""
     import importlib.util
 
+    name = name if name.endswith(".py") else name + ".py"
     spec = importlib.util.spec_from_file_location(f"script_under_test_{name[:-3]}", os.path.join(SCRIPTS, name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
