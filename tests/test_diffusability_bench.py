@@ -122,15 +122,16 @@ def check_the_report(out, report):
 
 
 def check_a_rerun_continues_and_other_settings_are_refused(out):
+    """In-process (the command line's path): a rerun of a finished bench starts no script, only reads and reports."""
     before = {p: p.stat().st_mtime for p in (out / "ae").rglob("*.safetensors")}
-    proc = bench(["--smoke", "--output_dir", out])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stderr = run_in_process("diffusability_bench.py", ["--smoke", "--output_dir", out])
+    assert code == 0, stderr[-3000:]
     assert {p: p.stat().st_mtime for p in (out / "ae").rglob("*.safetensors")} == before  # nothing retrained
     times = json.loads((out / "times.json").read_text())
     assert len(times["invocations"]) == 2
-    proc = bench(["--smoke", "--seeds", "0", "2", "--output_dir", out])
-    assert proc.returncode == 2 and "other settings (seeds differ)" in proc.stderr
-    assert "--overwrite_output_dir" in proc.stderr and "Traceback" not in proc.stderr
+    code, stderr = run_in_process("diffusability_bench.py", ["--smoke", "--seeds", "0", "2", "--output_dir", out])
+    assert code == 2 and "other settings (seeds differ)" in stderr
+    assert "--overwrite_output_dir" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize(
