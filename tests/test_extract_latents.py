@@ -135,7 +135,7 @@ def test_extract_resumes_the_same_weights_and_refuses_other_weights_or_settings(
     before = snapshot(out)
     stamps = {n: os.stat(out / n).st_mtime_ns for n in names}
     (out / names[1]).unlink()  # as if the run had been killed before this shard
-    proc = extract(run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3, launcher=PYTHON)
+    proc = extract(run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3)
     assert "2 already written, 1 for this process" in proc.stdout + proc.stderr
     assert snapshot(out) == before  # the same content, rewritten
     assert os.stat(out / names[0]).st_mtime_ns == stamps[names[0]]  # untouched
@@ -143,20 +143,18 @@ def test_extract_resumes_the_same_weights_and_refuses_other_weights_or_settings(
     # Other weights, same config: refused before any shard changes
     other = other_weights(tiny_vae_dir, tmp_path / "other_vae")
     other_fingerprint = weights_fingerprint(AutoencoderKL.from_pretrained(other))
-    proc = extract(run_script, other, tmp_path / "data", out, "--shard_size", 3, check=False, launcher=PYTHON)
+    proc = extract(run_script, other, tmp_path / "data", out, "--shard_size", 3, check=False)
     assert_one_error_line(proc, "another autoencoder", fingerprint, other_fingerprint, "--overwrite_output_dir")
     assert snapshot(out) == before
 
     # Without metadata.json (a first run killed before it), the shards' headers are checked: other settings refused
     (out / "metadata.json").unlink()
-    proc = extract(
-        run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3, "--flip", check=False, launcher=PYTHON
-    )
+    proc = extract(run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 3, "--flip", check=False)
     assert_one_error_line(proc, "shard-00000.safetensors", "flip False there, True in this run")
     assert snapshot(out) == {k: v for k, v in before.items() if k != "metadata.json"}
 
     # --overwrite_output_dir deletes the old latents and extracts again with the other weights
-    extract(run_script, other, tmp_path / "data", out, "--shard_size", 3, "--overwrite_output_dir", launcher=PYTHON)
+    extract(run_script, other, tmp_path / "data", out, "--shard_size", 3, "--overwrite_output_dir")
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["ae_weights_fingerprint"] == other_fingerprint and sorted(meta["shards"]) == names
     assert all(header(out / n)["settings"]["ae_weights_fingerprint"] == other_fingerprint for n in names)

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 
 import numpy as np
@@ -21,7 +20,6 @@ from diffusability_hf.errors import UsageError
 from testing_utils import ROOT, load_script, torchrun
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
-PYTHON = [sys.executable]  # the scripts themselves, without `accelerate launch` (one CPU process)
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +99,16 @@ def test_train_on_tar_shards_resumes_exactly_and_counts_corrupt_samples(tmp_path
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     proc = run_script(
         "train_ae_se.py", tiny_train_args(tiny_vae_dir, straight, "--train_data_dir", image_shards, *common,
-                                          "--max_train_steps", 4), launcher=PYTHON,
+                                          "--max_train_steps", 4),
     )  # fmt: skip
     files = ["--train_data_files", f"{image_shards}/{{000000..000002}}.tar"]
-    run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, resumed, *files, *common, "--max_train_steps", 2),
-               launcher=PYTHON)  # fmt: skip
+    run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, resumed, *files, *common, "--max_train_steps", 2))
     state = json.loads((resumed / "checkpoint-2" / "image_stream" / "stream_state_rank0.json").read_text())
     assert (state["epoch"], state["num_excluded"], state["buffer_size"]) == (0, 2, 4)
     assert 4 <= state["consumed"] <= 6  # 4 items handed out, and the unreadable samples met before them
     resumed_proc = run_script(
         "train_ae_se.py", tiny_train_args(tiny_vae_dir, resumed, *files, *common, "--max_train_steps", 4,
-                                          "--resume_from_checkpoint", "latest"), launcher=PYTHON,
+                                          "--resume_from_checkpoint", "latest"),
     )  # fmt: skip
     assert "Resuming from" in resumed_proc.stderr and "stream position" not in resumed_proc.stderr
     a, b = weights(straight), weights(resumed)
@@ -217,7 +214,7 @@ def test_train_streams_a_local_parquet_dataset(tmp_path, tiny_vae_dir, run_scrip
     out = tmp_path / "out"
     args = ["--streaming", "--dataset_name", "parquet", "--train_data_files", f"{tmp_path}/data/*.parquet"]
     run_script("train_ae_se.py", tiny_train_args(tiny_vae_dir, out, *args, "--max_train_steps", 2,
-                                                 "--checkpointing_steps", 2), launcher=PYTHON)  # fmt: skip
+                                                 "--checkpointing_steps", 2))  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and metrics["skipped_images"] == 0
     assert metrics["validation"]["held_out_sample_ids"] == [0, 1]  # shard 0 rows 0 and 1
@@ -255,7 +252,7 @@ def test_video_autoencoder_streams_images_and_clips_from_tar_shards(tmp_path, im
         "--lpips_weight", 0, "--max_train_steps", 1, "--checkpointing_steps", 1, "--train_data_dir", image_shards,
         "--video_data_files", f"{tmp_path}/clips/*.tar", "--shuffle_buffer_size", 2,
     ]  # fmt: skip
-    run_script("train_ae_se.py", args, launcher=PYTHON)
+    run_script("train_ae_se.py", args)
     checkpoint = out / "checkpoint-1"
     images = json.loads((checkpoint / "image_stream" / "stream_state_rank0.json").read_text())
     clips = json.loads((checkpoint / "video_stream" / "stream_state_rank0.json").read_text())
@@ -298,7 +295,7 @@ def test_train_refusals_before_any_weights_load(train_script, tiny_vae_dir, imag
     out = tmp_path / "out"
     proc = run_script(
         "train_ae_se.py", tiny_train_args(tiny_vae_dir, out, "--train_data_files", f"{tmp_path}/no/{{0..1}}.tar"),
-        check=False, launcher=PYTHON,
+        check=False,
     )  # fmt: skip
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -319,7 +316,7 @@ def test_extract_tar_shards_one_latent_shard_each_two_processes_equal_one_and_re
     tmp_path, tiny_vae_dir, image_shards, run_script
 ):
     one, two = tmp_path / "one", tmp_path / "two"
-    extract(run_script, tiny_vae_dir, one, "--train_data_dir", image_shards, launcher=PYTHON)
+    extract(run_script, tiny_vae_dir, one, "--train_data_dir", image_shards)
     meta = json.loads((one / "metadata.json").read_text())
     assert meta["shards"] == [f"shard-{j:05d}.safetensors" for j in range(3)]
     assert meta["num_samples"] == 7 and meta["skipped_images"] == 2
@@ -346,7 +343,7 @@ def test_extract_tar_shards_one_latent_shard_each_two_processes_equal_one_and_re
     # Resume: the same shards from another spelling resume; only the missing latent shard is encoded, bit-equal
     before = (one / "shard-00001.safetensors").read_bytes()
     (one / "shard-00001.safetensors").unlink()
-    proc = extract(run_script, tiny_vae_dir, one, "--train_data_files", spec, launcher=PYTHON)
+    proc = extract(run_script, tiny_vae_dir, one, "--train_data_files", spec)
     assert "2 already written, 1 for this process" in proc.stderr
     assert (one / "shard-00001.safetensors").read_bytes() == before
 
@@ -358,7 +355,7 @@ def test_extract_streams_an_image_folder_with_its_class_names(tmp_path, tiny_vae
             Image.fromarray(crop).save(tmp_path / "data" / name / f"{i}.png")
     (tmp_path / "data" / "dogs" / "broken.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "latents"
-    extract(run_script, tiny_vae_dir, out, "--streaming", "--train_data_dir", tmp_path / "data", launcher=PYTHON)
+    extract(run_script, tiny_vae_dir, out, "--streaming", "--train_data_dir", tmp_path / "data")
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["id2label"] == {"0": "cats", "1": "dogs"} and meta["num_samples"] == 6 and meta["skipped_images"] == 1
     labels = torch.cat([load_file(out / s)["labels"] for s in meta["shards"]])

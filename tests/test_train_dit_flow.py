@@ -115,6 +115,7 @@ def test_train_save_and_sample_through_both_loaders(tmp_path, latents, run_scrip
 
     # A second run into the finished folder is refused before any work; the first pipeline stays as it was
     before = tree(out)
+    # (as its own process: the command's exit-code contract; the other refusals here run in-process)
     proc = train(run_script, latents, out, "--max_train_steps", 2, check=False, launcher=PYTHON)
     assert_one_error_line(
         proc, "already holds the results of another run", "model_index.json", "--overwrite_output_dir"
@@ -165,10 +166,7 @@ def test_resume_skips_an_incomplete_checkpoint_and_matches_the_straight_run(tmp_
     damaged = tmp_path / "damaged" / "checkpoint-2"
     shutil.copytree(straight / "checkpoint-2", damaged)
     (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:100])
-    proc = train(
-        run_script, latents, tmp_path / "damaged", *common, "--resume_from_checkpoint", damaged, check=False,
-        launcher=PYTHON,
-    )  # fmt: skip
+    proc = train(run_script, latents, tmp_path / "damaged", *common, "--resume_from_checkpoint", damaged, check=False)
     assert_one_error_line(proc, f"Checkpoint {damaged} is damaged", "--resume_from_checkpoint latest")
     assert not (tmp_path / "damaged" / "model_index.json").exists()
 
@@ -208,7 +206,7 @@ def test_bad_input_fails_before_training(tmp_path, latents, tiny_vae_dir, run_sc
     vae.save_pretrained(other)
     proc = train(
         run_script, latents, tmp_path / "e", "--pretrained_vae_model_name_or_path", other, "--max_train_steps", 2,
-        check=False, launcher=PYTHON,
+        check=False,
     )  # fmt: skip
     line = assert_one_error_line(proc, "holds latents of other autoencoder weights", str(other))
     assert fingerprint in line and weights_fingerprint(vae) in line
@@ -538,10 +536,10 @@ def test_video_latents_train_the_video_dit_save_a_video_pipeline_and_resume(tmp_
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     refused = tmp_path / "refused"
-    assert_one_error_line(train(run_script, latents, refused, *video, "--stock_dit", check=False, launcher=PYTHON),
+    assert_one_error_line(train(run_script, latents, refused, *video, "--stock_dit", check=False),
                           "holds video latents", "--stock_dit")  # fmt: skip
     other = ["--pretrained_vae_model_name_or_path", EMBEDDED_AE]
-    assert_one_error_line(train(run_script, latents, refused, *other, check=False, launcher=PYTHON),
+    assert_one_error_line(train(run_script, latents, refused, *other, check=False),
                           "holds latents of another autoencoder", "AutoencoderKLCogVideoX")  # fmt: skip
     assert not refused.exists()
 
@@ -552,7 +550,7 @@ def test_non_finite_losses_are_skipped_and_a_diverged_run_stops_with_a_checkpoin
     line that says what to try, with a complete checkpoint."""
     out = tmp_path / "dit"
     proc = train(run_script, latents, out, "--max_train_steps", 8, "--max_nonfinite_steps", 2, "--learning_rate",
-                 1e37, "--max_grad_norm", 0, "--lr_warmup_steps", 0, check=False, launcher=PYTHON)  # fmt: skip
+                 1e37, "--max_grad_norm", 0, "--lr_warmup_steps", 0, check=False)  # fmt: skip
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "not finite for 2 optimizer steps in a row (up to step 3; 2 skipped in all)" in lines[0]
@@ -652,7 +650,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, latents, run_scr
     from diffusability_hf.files import lock_output_dir
 
     out = tmp_path / "busy"
-    lock_output_dir(str(out))
+    lock_output_dir(str(out))  # this process holds it: the run must be another process to be refused
     proc = train(run_script, latents, out, "--max_train_steps", 2, check=False, launcher=PYTHON)
     assert_one_error_line(proc, f"--output_dir {out} is in use by another run", "choose another --output_dir")
     assert os.listdir(out) == []
