@@ -46,27 +46,73 @@ def embedded_latents(tmp_path_factory, run_script):
 
 @pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory):
-    """``ddp_reference(key, script, args, port)``: the output folder of a 2-process DDP run (torchrun, CPU) of
+    """``ddp_reference(script, args, port)``: the output folder of a 2-process DDP run (torchrun, CPU) of
     ``train_scripts/<script> args``, made once for the whole suite: the FSDP and DeepSpeed tests compare their runs
-    with the same DDP runs, whichever pytest-xdist worker asks first (the others wait for it). ``args`` may name the
-    asking worker's own copies of the tiny inputs (built the same way in every worker); ``key`` names the run."""
+    with the same DDP runs, whichever pytest-xdist worker asks first (the others wait for it).
+
+    ``args`` may name the asking worker's own copies of the tiny inputs, which every worker builds the same way: the
+    run is keyed by the command with the worker's temporary folder left out, and a worker whose inputs (their
+    safetensors files) differ from the ones the run was made from is told so instead of comparing against it. The
+    run goes to a temporary folder, renamed when it has finished, under a time limit that stops all of its
+    processes."""
+    import hashlib
+    import json
+    import signal
+
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common folder
+    # pytest-xdist's workers have <this run's temporary folder>/popen-gwN: share the run's folder, never an older one
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") and base.name.startswith("popen-") else base
 
-    def run(key, script, args, port):
-        out = shared / f"ddp_reference_{key}"
+    def inputs(args):
+        """The tensors of every input the arguments name (a file, or a folder's safetensors files) -> a digest.
+        A ``torch.save`` file is read, not hashed as bytes: each save writes its own serialization id."""
+        digests = {}
+        for arg in map(str, args):
+            if not os.path.exists(arg):
+                continue
+            files = [arg] if os.path.isfile(arg) else sorted(
+                os.path.join(d, f) for d, _, names in os.walk(arg) for f in names if f.endswith(".safetensors")
+            )  # fmt: skip
+            h = hashlib.sha256()
+            for path in files:
+                if path.endswith((".pt", ".pth", ".bin")):
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                    for name in sorted(state):
+                        h.update(name.encode() + state[name].numpy().tobytes())
+                else:
+                    with open(path, "rb") as fh:
+                        h.update(fh.read())
+            digests[arg.replace(str(base), "<tmp>")] = h.hexdigest()
+        return digests
+
+    def run(script, args, port, timeout=600):
+        command = [script, *(str(a).replace(str(base), "<tmp>") for a in args)]
+        key = hashlib.sha256(json.dumps(command).encode()).hexdigest()[:16]
+        out = shared / f"ddp_reference_{os.path.splitext(script)[0]}_{key}"
+        mine = inputs(args)
         with FileLock(str(out) + ".lock"):
-            if not (out / "reference_done").is_file():
-                shutil.rmtree(out, ignore_errors=True)
+            if not out.is_dir():
+                partial = shared / f"{out.name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
                 cmd = torchrun(port) + [os.path.join(ROOT, "train_scripts", script), *map(str, args)]
-                proc = subprocess.run(cmd + ["--output_dir", str(out)], capture_output=True, text=True, cwd=ROOT,
-                                      env=script_env({"ACCELERATE_USE_CPU": "1"}))  # fmt: skip
-                assert proc.returncode == 0, (
-                    f"{script} under DDP failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-                )
-                (out / "reference_done").write_text(" ".join(cmd))
+                proc = subprocess.Popen(cmd + ["--output_dir", str(partial)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                                        env=script_env({"ACCELERATE_USE_CPU": "1"}))  # fmt: skip
+                try:
+                    stdout, stderr = proc.communicate(timeout=timeout)
+                finally:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its two workers
+                        proc.communicate()
+                assert proc.returncode == 0, f"{script} under DDP failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+                (partial / "reference_inputs.json").write_text(json.dumps(mine))
+                partial.rename(out)
+        theirs = json.loads((out / "reference_inputs.json").read_text())
+        assert theirs == mine, (
+            f"the DDP reference {out} was made from other inputs than this worker's: {theirs} {mine}"
+        )
         return out
 
     return run
@@ -176,7 +222,8 @@ def pytest_configure(config):
     # (every core in each worker) oversubscribes them, and idle OpenMP threads spin on cores the other worker needs.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
     config.addinivalue_line(
         "markers",
         "slow: runs a script end to end in its own process (seconds to minutes); `-m 'not slow'` is the quick pass",

@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from testing_utils import ROOT, torchrun
+from testing_utils import ROOT, load_script, torchrun
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "accelerate_configs", "*.yaml")))
 EXPECTED = {  # name: (distributed type, mixed precision, use_cpu)
@@ -110,11 +110,7 @@ def test_two_process_ddp_equals_one_process_with_twice_the_batch(tmp_path, tiny_
 
 @pytest.mark.parametrize("script", ["train_ae_se", "train_dit_flow"])
 def test_training_scripts_refuse_fsdp1_up_front(script, monkeypatch, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(script, os.path.join(ROOT, "train_scripts", f"{script}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(script)
     data = ["--latents_dir", str(tmp_path)] if script == "train_dit_flow" else []
     args = module.parse_args([*data, "--output_dir", str(tmp_path / "out")])
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config ...

@@ -3,14 +3,13 @@ logged), trains to the weights eager training gives from the same seed, and save
 under FSDP. The ``aot_eager`` backend keeps this fast (no code generation); benchmarks/bench_compile.py's smoke test
 runs inductor on the same steps."""
 
-import os
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from testing_utils import ROOT
+from testing_utils import load_script
 
 # their own processes: TORCH_LOGS (the traced-graph check) is read when torch is imported
 PYTHON, CPU = [sys.executable], {"ACCELERATE_USE_CPU": "1"}
@@ -66,11 +65,7 @@ def test_ae_compile_trains_like_eager(tmp_path, run_script, tiny_vae_dir):
 
 
 def test_compile_is_refused_under_fsdp(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_ae_se", os.path.join(ROOT, "train_scripts", "train_ae_se.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("train_ae_se")
     args = module.parse_args(["--output_dir", str(tmp_path / "out"), "--compile"])
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")

@@ -57,7 +57,7 @@ def test_dit_under_deepspeed_equals_ddp_saves_a_stock_model_and_resumes_exactly(
 ):
     config = deepspeed_config(tmp_path)
     common = distributed_dit_args(embedded_latents)  # --max_grad_norm 0.05: DeepSpeed must clip at it, not at 1.0
-    ddp_dir = ddp_reference("dit", "train_dit_flow.py", common, 29571)
+    ddp_dir = ddp_reference("train_dit_flow.py", common, 29571)
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ds"],
                       launcher=accelerate_launcher(config, 29572, SHIM))  # fmt: skip
     assert "Distributed environment: DistributedType.DEEPSPEED" in proc.stderr  # DeepSpeed's path, not DDP
@@ -119,7 +119,7 @@ def test_se_fine_tuning_under_deepspeed_equals_ddp_and_resumes_exactly(
 
     config = deepspeed_config(tmp_path)
     common = distributed_se_args(tiny_vae_dir)
-    ddp_dir = ddp_reference("se", "train_ae_se.py", common, 29576)
+    ddp_dir = ddp_reference("train_ae_se.py", common, 29576)
     proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ds"],
                       launcher=accelerate_launcher(config, 29577, SHIM))  # fmt: skip
     assert "Distributed environment: DistributedType.DEEPSPEED" in proc.stderr

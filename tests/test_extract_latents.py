@@ -17,7 +17,7 @@ from diffusability_hf.data.images import open_and_crop
 from diffusability_hf.data.latents import check_existing_latents
 from diffusability_hf.errors import UsageError
 
-from testing_utils import ROOT, run_in_process, torchrun
+from testing_utils import ROOT, load_script, run_in_process, torchrun
 
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 PYTHON = [sys.executable]
@@ -238,13 +238,7 @@ def test_a_launched_bad_argument_exits_2_with_one_line(tmp_path, run_script):
 
 
 def test_extract_settings_are_flag_then_embedded_preset_then_default():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "extract_latents", os.path.join(ROOT, "train_scripts", "extract_latents.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("extract_latents")
     embedded = script.parse_args([])
     assert (embedded.resolution, embedded.max_samples, embedded.embedded_data) == (64, 1024, True)
     assert script.parse_args(["--resolution", "32"]).resolution == 32

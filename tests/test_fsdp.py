@@ -110,7 +110,7 @@ def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(
 ):
     config = fsdp_config(tmp_path)
     common = distributed_dit_args(embedded_latents)
-    ddp_dir = ddp_reference("dit", "train_dit_flow.py", common, 29562)
+    ddp_dir = ddp_reference("train_dit_flow.py", common, 29562)
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "fsdp"],
                       launcher=accelerate_launcher(config, 29563, SHIM), extra_env=CPU)  # fmt: skip
     assert "Distributed environment: DistributedType.FSDP" in proc.stderr  # accelerate's own FSDP path, not DDP
@@ -150,7 +150,7 @@ def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny
 
     config = fsdp_config(tmp_path)
     common = distributed_se_args(tiny_vae_dir)
-    ddp_dir = ddp_reference("se", "train_ae_se.py", common, 29565)
+    ddp_dir = ddp_reference("train_ae_se.py", common, 29565)
     proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "fsdp"],
                       launcher=accelerate_launcher(config, 29566, SHIM), extra_env=CPU)  # fmt: skip
     assert "Distributed environment: DistributedType.FSDP" in proc.stderr

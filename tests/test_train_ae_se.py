@@ -2,7 +2,6 @@
 one-process CPU config starts it; the README's Quickstart and the exit-code contract through `accelerate launch`."""
 
 import glob
-import importlib.util
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.files import check_output_dir
 from diffusability_hf.training.launch import describe_global_batch, split_global_batch
 
-from testing_utils import ACCELERATE_CPU, CPU_CONFIG, ROOT, run_in_process, torchrun
+from testing_utils import ACCELERATE_CPU, CPU_CONFIG, ROOT, load_script, run_in_process, torchrun
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 QUIET = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
@@ -31,10 +30,7 @@ QUIET = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--confi
 @pytest.fixture(scope="module")
 def script():
     """train_ae_se.py as a module, for the tests of its argument handling (the runs go through `run_script`)."""
-    spec = importlib.util.spec_from_file_location("train_ae_se", os.path.join(ROOT, "train_scripts", "train_ae_se.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_ae_se")
 
 
 FAST = [

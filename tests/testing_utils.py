@@ -39,11 +39,12 @@ def torchrun(port, processes=2):
             str(port)]  # fmt: skip
 
 
-def accelerate_launcher(config, port, shim=None):
-    """``accelerate launch`` with the config file ``config`` on ``port``; ``shim`` (a tests/*_on_cpu.py file) is run
-    first and runs the script: accelerate picks FSDP and DeepSpeed for accelerator devices only."""
+def accelerate_launcher(config, port, shim):
+    """``accelerate launch`` with the config file ``config`` on ``port``, running ``shim`` (a tests/*_on_cpu.py
+    file), which runs the script: accelerate picks FSDP and DeepSpeed for accelerator devices only, and without the
+    shim the same config would silently run DDP on CPU processes."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-            str(port), *([shim] if shim else [])]  # fmt: skip
+            str(port), shim]  # fmt: skip
 
 
 def transformer_weights(folder):
