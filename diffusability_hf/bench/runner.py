@@ -25,8 +25,8 @@ PRELOAD = [
     "diffusability_hf.autoencoders", "diffusability_hf.data.images", "diffusability_hf.losses",
     "diffusability_hf.metrics", "diffusability_hf.models", "diffusability_hf.pipelines",
     "diffusability_hf.training.checkpoints", "diffusability_hf.training.launch", "matplotlib.pyplot",
-    "__main__",  # the experiment's own script, imported once by the server instead of by every child
 ]  # fmt: skip
+# (Not "__main__": CPython's forkserver never receives the main script's path, so preloading it imports nothing.)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
 _context = None
 # Reading a forkserver child's exit code is not thread-safe: ``Process.start`` polls every other live child, and
