@@ -6,6 +6,7 @@ folders with ``--streaming``) of which each process reads its own share, with th
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
@@ -118,6 +119,9 @@ class TrainingData:
                     source.dataset_config_name, cache_dir, center_crop, random_flip,
                 )  # fmt: skip
         images, videos = self.train.get("image"), self.train.get("video")
+        self._block_stop_signals = bool(num_workers) and hasattr(signal, "pthread_sigmask")
+        if self._block_stop_signals:  # a worker unblocks them once its worker_init_fn has run (see epoch())
+            worker_init_fn = partial(_init_then_unblock_stop_signals, worker_init_fn)
         if self.streaming:  # endless; not prepared by accelerate (each process reads its own share of the shards)
             self.dataset, self.loader = None, None
         elif joint:
@@ -162,7 +166,8 @@ class TrainingData:
             if hasattr(dataset, "epoch"):
                 dataset.epoch = epoch
         self.loader.set_epoch(epoch)
-        return accelerator.skip_first_batches(self.loader, skip_batches) if skip_batches else self.loader
+        batches = accelerator.skip_first_batches(self.loader, skip_batches) if skip_batches else self.loader
+        return _first_batch_without_stop_signals(batches) if self._block_stop_signals else batches
 
     def save_state(self, folder: str) -> None:
         """This process's stream positions into checkpoint ``folder`` (``{kind}_stream``); nothing for map-style."""
@@ -251,3 +256,37 @@ def _stream_batches(streams: Dict, batch_sizes: Dict[str, int], device):
             batch[key] = part["pixel_values"].to(device)
             batch["skipped"] += part["skipped"]
         yield batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stop signals and DataLoader workers
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_END = object()
+
+
+def _init_then_unblock_stop_signals(worker_init_fn: Optional[Callable], worker_id: int) -> None:
+    """A DataLoader worker's start: the given ``worker_init_fn`` (the training scripts': ignore SIGTERM and Ctrl-C),
+    then the stop signals it was forked with blocked are unblocked (one sent meanwhile is then handled as that
+    function decided)."""
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _first_batch_without_stop_signals(batches):
+    """``batches``, with SIGTERM and SIGINT blocked in this thread while the first one is fetched, which is when
+    the DataLoader forks its workers: they start with both blocked. Torch gives a worker a SIGTERM handler that ends
+    it before its ``worker_init_fn`` runs, so a job-wide SIGTERM that arrived in that window killed the worker, and
+    the training process failed ("DataLoader worker ... killed by signal") instead of stopping with a checkpoint. In
+    the training process a signal is handled as before (another thread may take it; the handler sets a flag)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:  # a DataLoader forks at iter(), accelerate's at the first next()
+        iterator = iter(batches)
+        first = next(iterator, _END)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if first is _END:
+        return
+    yield first
+    yield from iterator
