@@ -25,6 +25,14 @@ def table(stdout):
     return {row[0]: dict(zip(header, row)) for row in rows}
 
 
+def load_bench_compile():
+    """benchmarks/bench_compile.py as a module, for its in-process checks."""
+    spec = importlib.util.spec_from_file_location("bench_compile", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def run(*flags, env=ENV, timeout=900):
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--tiny", *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
@@ -62,9 +70,7 @@ def test_without_a_cxx_compiler_it_reports_and_times_eager(tmp_path):
 
 
 def test_bad_model_is_refused_before_any_work(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_compile", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_compile()
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--model", "DiT-S/4", "--latents", "4x6x6"])
     with pytest.raises(SystemExit) as exit:
         bench.main()
@@ -77,9 +83,7 @@ def test_inductor_probe_tolerates_an_ulp_and_catches_a_wrong_kernel(monkeypatch)
     kernel that computes something else is still refused."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_compile", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_compile()
     inf = torch.tensor(float("inf"))
     kernels = {
         "ulp": lambda x: torch.nextafter(torch.sin(x), inf) + 1,  # sin one float32 ulp off, as inductor's may be

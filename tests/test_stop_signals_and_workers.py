@@ -3,6 +3,7 @@ unblock them only after their ``worker_init_fn`` (torch's own worker SIGTERM han
 got the signal before that function ran)."""
 
 import signal
+from functools import partial
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_the_mask_is_blocked_only_while_the_first_batch_is_fetched():
 def test_workers_start_with_stop_signals_blocked_and_unblock_them_after_their_init():
     loader = torch.utils.data.DataLoader(
         Masks(), batch_size=1, num_workers=1, multiprocessing_context="fork",
-        worker_init_fn=training.partial(training._init_then_unblock_stop_signals, record_mask_then_ignore),
+        worker_init_fn=partial(training._init_then_unblock_stop_signals, record_mask_then_ignore),
     )  # fmt: skip
     rows = [batch[0].tolist() for batch in training._first_batch_without_stop_signals(loader)]
     stop = {int(signal.SIGTERM), int(signal.SIGINT)}
