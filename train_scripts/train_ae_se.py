@@ -789,12 +789,9 @@ def main(args):
     )
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    n = accelerator.num_processes  # diffusers' examples: the schedule advances once per process and step
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
+                                 num_training_steps=args.max_train_steps * n)  # fmt: skip
     model = SEAutoencoderLoss(
         vae, distance, se_weight=args.se_weight, downsample_mode=args.se_downsample_mode, kl_weight=args.kl_weight,
         chf_weight=args.chf_weight, soft_penalty_weight=args.soft_penalty_weight, soft_penalty_p=args.soft_penalty_p,
@@ -821,6 +818,9 @@ def main(args):
     def save_extras(folder):  # each process's stream positions and the EMA (under FSDP each process its shards)
         data.save_state(folder)
         save_ema_state(ema, folder, accelerator)
+
+    def checkpoint(step):  # every process saves its part; the newest --checkpoints_total_limit complete ones stay
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit or None, save_extras)
 
     steps_per_epoch = data.steps_per_epoch(args.max_train_steps, args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -889,22 +889,14 @@ def main(args):
                 skipped = guard.step_done(global_step)
             except NonFiniteLossError:
                 guard.restore()  # the weights of the last finite loss, not the diverged ones
-                save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras
-                )
+                checkpoint(global_step)
                 raise
             if ema is not None and not skipped:
                 ema.update([p for p in unwrapped.parameters() if p.requires_grad], global_step)
             last = {f"train/{k}": accelerator.reduce(v, "mean").item() for k, v in terms.items()}
-            last.update(
-                {
-                    "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
-                    "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/scale_factor": scale,
-                    "train/nonfinite_steps": guard.skipped,
-                    **perf,
-                }
-            )
+            last.update({"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
+                         "train/lr": lr_scheduler.get_last_lr()[0], "train/scale_factor": scale,
+                         "train/nonfinite_steps": guard.skipped, **perf})  # fmt: skip
             if args.se_temporal_scale_factors:
                 last["train/temporal_scale_factor"] = temporal
             if grad_norm is not None:
@@ -916,9 +908,7 @@ def main(args):
             )  # fmt: skip
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras
-                )
+                checkpoint(global_step)
             if global_step % args.validation_steps == 0 and fsdp:  # every process gathers the full EMA weights
                 gather_into(plain, unwrapped, ema, trainable_only=True)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
@@ -927,13 +917,10 @@ def main(args):
                 )
             if global_step >= args.max_train_steps:
                 break
-            if stop.requested(
-                accelerator
-            ):  # SIGTERM or Ctrl-C: a checkpoint of this step (unless just saved), one line
+            # SIGTERM or Ctrl-C: a checkpoint of this step (unless just saved), one line
+            if stop.requested(accelerator):
                 if global_step % args.checkpointing_steps:
-                    save_checkpoint(
-                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras
-                    )
+                    checkpoint(global_step)
                 raise stop.stopped(global_step, os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             meter.restart()  # logging, checkpoints and validation are not training time
         if global_step >= args.max_train_steps:
@@ -945,7 +932,7 @@ def main(args):
     peak = peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit or None, save_extras)
+        checkpoint(global_step)
     skips = SkipLog().merge(gather_object([skips]))  # unique unreadable files over all processes
     # Every rank must hold the same weights after DDP training (under FSDP: its own shards): a checksum per rank
     rank_checksums = accelerator.gather(local_checksum(p for p in unwrapped.parameters() if p.requires_grad)).tolist()
@@ -993,9 +980,7 @@ def main(args):
         if args.push_to_hub:
             logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'SE fine-tuned autoencoder')}")
         names = ["config.json", "diffusion_pytorch_model.safetensors", "lora", "README.md", "metrics.json"]
-        names += ["spectrum.png", "reconstruction.gif"] + [
-            os.path.basename(c) for c in list_checkpoints(args.output_dir)
-        ]
+        names += ["spectrum.png", "reconstruction.gif", *map(os.path.basename, list_checkpoints(args.output_dir))]
         report_written(args.output_dir, names + [args.logging_dir] * bool(args.report_to))
     accelerator.wait_for_everyone()  # no process tears down the process group while another still works
     accelerator.end_training()
