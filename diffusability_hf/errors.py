@@ -43,6 +43,13 @@ def _raised_by_toolkit(err: BaseException) -> bool:
     return filename.startswith(here + os.sep) or filename.startswith(os.path.join(top, "train_scripts") + os.sep)
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: the processes of a launch share the log, and ``print`` writes the text and
+    its newline apart (unbuffered, as under ``PYTHONUNBUFFERED``), so two processes' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_script(main: Callable, parse_args: Callable) -> None:
     """``main(parse_args())`` as a command: input errors become one ``error: ...`` line on stderr and exit code 2;
     a run stopped by a signal after its checkpoint (:class:`GracefulStop`) one ``stopped: ...`` line and ``128 +
@@ -61,13 +68,13 @@ def run_script(main: Callable, parse_args: Callable) -> None:
         gc.collect()
     except TrainingStopped as stop:  # a checkpoint is saved: one line, and the exit code of that signal
         gc.collect()
-        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        _say(f"stopped: {stop}")
         sys.exit(stop.exit_code)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         if os.environ.get("DIFFUSABILITY_TRACEBACK") or not (isinstance(err, UsageError) or _raised_by_toolkit(err)):
             raise
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        _say(f"error: {message}")
         sys.exit(2)
 
 

@@ -220,6 +220,37 @@ def test_run_script_frees_the_runs_reference_cycles_before_returning():
         gc.enable()
 
 
+def test_run_script_writes_each_line_in_one_write(monkeypatch):
+    """The processes of a launch share one log: a ``stopped:`` or ``error:`` line goes out in one write, newline
+    included, so that two processes' lines cannot run together (``print`` writes the text and the newline apart)."""
+    import signal
+
+    from diffusability_hf.errors import TrainingStopped
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+
+    def stops(_):
+        raise TrainingStopped("Stopped by SIGTERM after step 2", signal.SIGTERM)
+
+    def fails(_):
+        raise UsageError("bad input")
+
+    for main, code in ((stops, 128 + signal.SIGTERM), (fails, 2)):
+        with pytest.raises(SystemExit) as exit_:
+            run_script(main, lambda: None)
+        assert exit_.value.code == code
+    assert writes == ["stopped: Stopped by SIGTERM after step 2\n", "error: bad input\n"]
+
+
 THREADS = "import torch; from diffusability_hf.cpu import use_all_cpu_cores; use_all_cpu_cores(); "
 THREADS += "print('threads', torch.get_num_threads())"
 
