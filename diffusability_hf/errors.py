@@ -60,6 +60,10 @@ def run_script(main: Callable, parse_args: Callable) -> None:
     (a bug, an out-of-memory error, a failure inside torch or diffusers) keeps its full traceback. Set
     ``DIFFUSABILITY_TRACEBACK=1`` to see the traceback of input errors too.
     """
+    # What exists now (the imported modules) outlives the run: frozen, the collections below and the collector's
+    # own full passes during the run leave it alone (in a process forked from a server that imported torch, such a
+    # pass would also copy every page it touches).
+    gc.freeze()
     try:
         main(parse_args())
         # Free what the run leaves in reference cycles (the accelerator, a DDP or FSDP module and the process group
@@ -76,6 +80,8 @@ def run_script(main: Callable, parse_args: Callable) -> None:
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
         _say(f"error: {message}")
         sys.exit(2)
+    finally:
+        gc.unfreeze()  # a caller that goes on (a test running the script in its process) collects as before
 
 
 def error_summary(err: BaseException, limit: int = 200) -> str:

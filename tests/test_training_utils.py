@@ -251,6 +251,38 @@ def test_run_script_writes_each_line_in_one_write(monkeypatch):
     assert writes == ["stopped: Stopped by SIGTERM after step 2\n", "error: bad input\n"]
 
 
+def test_run_script_leaves_what_existed_before_it_to_the_caller():
+    """Objects that exist when run_script starts (the imported modules) are frozen during the run, so that its
+    collection and the collector's full passes skip them; after the run, a success or an input error, the caller
+    collects them as before."""
+    import gc
+
+    freed, frozen = [], []
+
+    class Held:
+        def __del__(self):
+            freed.append(True)
+
+    def fails(_):
+        frozen.append(gc.get_freeze_count())
+        raise UsageError("bad input")
+
+    old = {"held": Held()}
+    old["self"] = old
+    del old
+    gc.disable()
+    try:
+        run_script(lambda _: frozen.append(gc.get_freeze_count()), lambda: None)
+        with pytest.raises(SystemExit):
+            run_script(fails, lambda: None)
+        assert freed == [] and len(frozen) == 2 and min(frozen) > 1000  # the older cycle outlived both runs
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert freed == [True]
+    finally:
+        gc.enable()
+
+
 THREADS = "import torch; from diffusability_hf.cpu import use_all_cpu_cores; use_all_cpu_cores(); "
 THREADS += "print('threads', torch.get_num_threads())"
 

@@ -31,6 +31,8 @@ PRELOAD = [
 # ``unwrap_model`` where it is installed: about 0.7 s and 0.25 s of every short run. A missing one is skipped (the
 # forkserver ignores an ImportError in its preload).
 # (Not "__main__": CPython's forkserver never receives the main script's path, so preloading it imports nothing.)
+# The scripts' ``run_script`` freezes what exists when it starts, so a child's garbage collections never walk (and
+# copy) the server's inherited objects: measured on ``--smoke``, 0.83x the wall time and 0.69x the stages' seconds.
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
 _context = None
 # Reading a forkserver child's exit code is not thread-safe: ``Process.start`` polls every other live child, and
