@@ -15,21 +15,28 @@ import torch
 
 from diffusability_hf.metrics.bench import DomainClassifier, DomainFeatures, RandomFeatures, paired_comparison
 
-from testing_utils import ROOT, run_in_process
+from testing_utils import ROOT, run_in_process, run_script_in_process
 
 BENCH = os.path.join(ROOT, "train_scripts", "diffusability_bench.py")
 
 
 def bench(args, **kwargs):
+    """The command as its own process: for the exit-code contract (one test)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, BENCH, *map(str, args)], capture_output=True, text=True, env=env, **kwargs)
+
+
+def bench_in_process(args):
+    """The command's path in this process (``run_script_in_process``): the smokes' stages still run as their own
+    processes, forked from the bench's server, which a test worker starts once for all the smokes it runs."""
+    return run_script_in_process("diffusability_bench.py", args)
 
 
 @pytest.mark.minutes
 def test_smoke_run(tmp_path):
     """One test (one smoke run, whichever pytest-xdist worker gets it): every stage, the report, a rerun."""
     out, report = tmp_path / "bench", tmp_path / "report"
-    proc = bench(["--smoke", "--output_dir", out, "--results_dir", report])
+    proc = bench_in_process(["--smoke", "--output_dir", out, "--results_dir", report])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_every_stage(out)
     check_the_report(out, report)
@@ -195,7 +202,7 @@ def test_feature_spaces_are_deterministic_scriptable_and_independent():
 @pytest.mark.minutes
 def test_ablation_smoke_varies_one_factor_per_cell(tmp_path):
     out = tmp_path / "ablation"
-    proc = bench(["--ablation", "--smoke", "--output_dir", out])
+    proc = bench_in_process(["--ablation", "--smoke", "--output_dir", out])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "report.json").read_text())
     cells = {(c["factor"], c["level"]): c for c in result["cells"]}
@@ -263,7 +270,7 @@ def test_parallel_runs_read_every_exit_code_correctly(tmp_path):
 @pytest.mark.minutes
 def test_select_recipe_smoke_tries_every_recipe_on_vanilla_only_and_applies_the_rule(tmp_path):
     out = tmp_path / "recipe"
-    proc = bench(["--select_recipe", "--smoke", "--output_dir", out])
+    proc = bench_in_process(["--select_recipe", "--smoke", "--output_dir", out])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(out / "ae")) == ["vanilla"]  # no SE autoencoder is made or looked at
     from diffusability_hf.bench.rules import select_recipe
@@ -496,7 +503,7 @@ def test_score_study_smoke_scores_a_family_and_correlates_each_proxy_with_the_ge
     from diffusability_hf.metrics.diffusability import PROXIES
 
     out, report = tmp_path / "study", tmp_path / "published"
-    proc = bench(["--score_study", "--smoke", "--output_dir", out, "--results_dir", report])
+    proc = bench_in_process(["--score_study", "--smoke", "--output_dir", out, "--results_dir", report])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "report.json").read_text())
     labels = ["+FT", "+FT-SE 0.25", "+FT-KL 1e-2", "scratch"]
