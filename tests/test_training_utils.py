@@ -610,29 +610,29 @@ def test_graceful_stop_first_signal_asks_a_second_ctrl_c_interrupts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own handler is back
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_the_straight_run(tmp_path):
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_the_straight_run(tmp_path, run_script):
     """The real script, killed politely: SIGTERM mid-run gives a complete checkpoint of the step it was in, one line
-    and exit code 143; resuming from it ends with the uninterrupted run's weights."""
+    and exit code 143; resuming from it ends with the uninterrupted run's weights. (The signalled run is its own
+    process; the latents, the straight run and the resume run in this one.)"""
     import signal
     import time
 
     from safetensors.torch import load_file
 
-    def command(out, *extra):
-        return [sys.executable, os.path.join(ROOT, "train_scripts", "train_dit_flow.py"), "--output_dir", str(out),
-                "--model", "DiT-tiny/2", "--train_batch_size", "8", "--report_to", "none", "--num_inference_steps",
-                "2", "--validation_steps", "100000", "--checkpointing_steps", "100000", "--lr_warmup_steps", "2",
-                "--max_train_steps", "150", "--learning_rate", "1e-3", "--latents_dir", str(latents), *extra]  # fmt: skip
+    def args(out, *extra):
+        return ["--output_dir", str(out), "--model", "DiT-tiny/2", "--train_batch_size", "8", "--report_to", "none",
+                "--num_inference_steps", "2", "--validation_steps", "100000", "--checkpointing_steps", "100000",
+                "--lr_warmup_steps", "2", "--max_train_steps", "150", "--learning_rate", "1e-3", "--latents_dir",
+                str(latents), *extra]  # fmt: skip
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     latents = tmp_path / "latents"
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_scripts", "extract_latents.py"), "--output_dir", str(latents),
-         "--resolution", "64", "--max_samples", "32"], check=True, env=env, cwd=ROOT, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(command(tmp_path / "straight"), check=True, env=env, cwd=ROOT, capture_output=True)
+    run_script("extract_latents.py", ["--output_dir", latents, "--resolution", 64, "--max_samples", 32])
+    run_script("train_dit_flow.py", args(tmp_path / "straight"))
     log = open(tmp_path / "stopped.log", "w+")
-    proc = subprocess.Popen(command(tmp_path / "stopped"), env=env, cwd=ROOT, stderr=log, stdout=log)
+    script = os.path.join(ROOT, "train_scripts", "train_dit_flow.py")
+    proc = subprocess.Popen([sys.executable, script, *args(tmp_path / "stopped")], env=env, cwd=ROOT, stderr=log,
+                            stdout=log)  # fmt: skip
     deadline = time.time() + 300
     while "loss=" not in (tmp_path / "stopped.log").read_text():  # in the training loop
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-2000:]
@@ -646,8 +646,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_th
     assert 0 < step < 150 and "--resume_from_checkpoint latest" in lines[0]
     assert is_complete_checkpoint(str(tmp_path / "stopped" / f"checkpoint-{step}"))
     assert not (tmp_path / "stopped" / "model_index.json").exists()
-    subprocess.run(command(tmp_path / "stopped", "--resume_from_checkpoint", "latest"), check=True, env=env,
-                   cwd=ROOT, capture_output=True)  # fmt: skip
+    run_script("train_dit_flow.py", args(tmp_path / "stopped", "--resume_from_checkpoint", "latest"))
     name = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
     a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "stopped" / name)
     for key in a:
