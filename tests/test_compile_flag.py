@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from testing_utils import load_script
 
-# their own processes: TORCH_LOGS (the traced-graph check) is read when torch is imported
+# their own processes where the traced-graph check reads stderr: TORCH_LOGS is read when torch is imported
 PYTHON, CPU = [sys.executable], {"ACCELERATE_USE_CPU": "1"}
 
 TRACE = {"TORCH_LOGS": "graph_code"}  # dynamo prints each graph it captured ("TRACED GRAPH") to stderr
@@ -52,7 +52,7 @@ def test_ae_compile_trains_like_eager(tmp_path, run_script, tiny_vae_dir):
               "--max_train_steps", 2, "--validation_steps", 100, "--num_validation_images", 1, "--learning_rate", 1e-3,
               "--report_to", "none", "--latent_sampling", "mode", "--lpips_weight", 0, "--latent_stats_num_samples",
               2]  # fmt: skip
-    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "eager"], launcher=PYTHON, extra_env=CPU)
+    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "eager"], extra_env=CPU)  # in this process
     proc = run_script(
         "train_ae_se.py", [*common, "--output_dir", tmp_path / "compiled", "--compile", "--compile_backend",
                            "aot_eager"], launcher=PYTHON, extra_env={**TRACE, **CPU},

@@ -5,7 +5,6 @@ checked against an independent computation on tiny models (CPU, offline)."""
 import json
 import os
 import runpy
-import subprocess
 import sys
 
 import numpy as np
@@ -20,7 +19,7 @@ from diffusability_hf.figures import labelled_image_grid
 from diffusability_hf.flow import time_shift
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
-from testing_utils import ROOT, load_script, tiny_autoencoder_kl
+from testing_utils import ROOT, load_script, run_script_in_process, tiny_autoencoder_kl
 
 NUM_CLASSES = 7  # the embedded photographs' classes (the classes of the extracted latents)
 CHANNELS = 16  # the embedded autoencoder's latent channels (8x down: 64 px images, 8x8 latents)
@@ -50,9 +49,8 @@ def run_refused(monkeypatch, capsys, args):
 
 def extract(out, *extra):
     """extract_latents.py on the embedded photographs (64 px: 16x8x8 latents), 6 images in shards of 4."""
-    cmd = [sys.executable, os.path.join(ROOT, "train_scripts", "extract_latents.py"), "--output_dir", str(out)]
-    cmd += ["--max_samples", "6", "--shard_size", "4", "--batch_size", "4", *map(str, extra)]
-    proc = subprocess.run(capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), args=cmd)
+    args = ["--output_dir", out, "--max_samples", 6, "--shard_size", 4, "--batch_size", 4, *extra]
+    proc = run_script_in_process("extract_latents.py", args)  # as its command line runs it, in this process
     assert proc.returncode == 0, proc.stderr[-3000:]
     return str(out)
 

@@ -20,7 +20,7 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines import DiTFlowMatchPipeline
 
-from testing_utils import ROOT, load_script, run_in_process, transformer_weights
+from testing_utils import ROOT, load_script, run_in_process, run_script_in_process, transformer_weights
 
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 PYTHON = [sys.executable]
@@ -504,10 +504,10 @@ def video_latents(tmp_path_factory):
     torch.manual_seed(0)
     config = ae.read_config(os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs", "cogvideox.json"))
     ae.load_autoencoder(config, None).save_pretrained(root / "vae")
-    script = os.path.join(ROOT, "train_scripts", "extract_latents.py")
     args = ["--pretrained_model_name_or_path", root / "vae", "--output_dir", root / "latents", "--resolution", 32,
             "--max_samples", 16, "--batch_size", 4]  # fmt: skip
-    subprocess.run([sys.executable, script, *map(str, args)], check=True, capture_output=True, cwd=ROOT)
+    proc = run_script_in_process("extract_latents.py", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return str(root / "vae"), str(root / "latents")
 
 
