@@ -892,7 +892,7 @@ def main(args):
                 checkpoint(global_step)
                 raise
             if ema is not None and not skipped:
-                ema.update([p for p in unwrapped.parameters() if p.requires_grad], global_step)
+                ema.update(trainable, global_step)
             last = {f"train/{k}": accelerator.reduce(v, "mean").item() for k, v in terms.items()}
             last.update({"train/loss": accelerator.reduce(loss.detach(), "mean").item(),
                          "train/lr": lr_scheduler.get_last_lr()[0], "train/scale_factor": scale,

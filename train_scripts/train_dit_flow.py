@@ -556,7 +556,7 @@ def main(args):
                 checkpoint(global_step)
                 raise
             if ema is not None and not skipped:
-                ema.update(list(unwrapped.parameters()), global_step)
+                ema.update(trainable, global_step)
             last = {
                 "train/loss": accelerator.reduce(loss.detach(), "mean").item(),
                 "train/lr": lr_scheduler.get_last_lr()[0],
