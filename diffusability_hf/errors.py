@@ -1,4 +1,5 @@
-"""The toolkit's errors and how a script reports them: one line, ``error: ...``, exit code 2 (``run_script``).
+"""The toolkit's errors and how a script reports them: one line, ``error: ...``, exit code 2 (``run_script``, which
+also leaves no process group of a launched run to interpreter exit).
 
 ``UsageError`` is the base of every error the user can fix (arguments, files, environment). This module imports
 nothing of the toolkit: it is the bottom of the import graph.
@@ -50,6 +51,44 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def launched_processes() -> int:
+    """The number of processes of this launch, read as accelerate reads it (torchrun and ``accelerate launch`` set
+    ``WORLD_SIZE``; MPI launchers their own variables); 1 for a plain ``python script.py``."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def import_before_process_group() -> None:
+    """Import the modules that put the default process group into their functions' default arguments
+    (``group=group.WORLD``): ``torch.distributed.nn`` (which diffusers imports) and DeepSpeed's communication module
+    (which accelerate's ``unwrap_model`` imports where DeepSpeed is installed).
+
+    Imported for the first time while a group exists, they keep it alive after ``destroy_process_group``: its gloo
+    threads are then torn down during interpreter finalization, where a thread that needs the interpreter can abort
+    the process (SIGABRT, "terminate called without an active exception") or hang it after all its work is done.
+    Imported before the group exists, they hold nothing, and ``end_training`` frees the group and stops its threads.
+    """
+    import importlib
+    import importlib.util
+
+    for name in ("torch.distributed.nn", "deepspeed"):
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)
+
+
+def _free_the_process_group() -> None:
+    """Destroy the process group where the run left it (a stopped or failed run never reaches ``end_training``) and
+    free what the run leaves in reference cycles (the accelerator, a DDP or FSDP module and the group they hold),
+    while the interpreter is fully alive: gloo's worker threads released during interpreter finalization can abort
+    a process (SIGABRT) after all its work is done (see :func:`import_before_process_group`)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
 def run_script(main: Callable, parse_args: Callable) -> None:
     """``main(parse_args())`` as a command: input errors become one ``error: ...`` line on stderr and exit code 2;
     a run stopped by a signal after its checkpoint (:class:`GracefulStop`) one ``stopped: ...`` line and ``128 +
@@ -60,23 +99,23 @@ def run_script(main: Callable, parse_args: Callable) -> None:
     (a bug, an out-of-memory error, a failure inside torch or diffusers) keeps its full traceback. Set
     ``DIFFUSABILITY_TRACEBACK=1`` to see the traceback of input errors too.
     """
+    if launched_processes() > 1:  # before the run creates its process group
+        import_before_process_group()
     # What exists now (the imported modules) outlives the run: frozen, the collections below and the collector's
     # own full passes during the run leave it alone (in a process forked from a server that imported torch, such a
     # pass would also copy every page it touches).
     gc.freeze()
     try:
         main(parse_args())
-        # Free what the run leaves in reference cycles (the accelerator, a DDP or FSDP module and the process group
-        # they hold) while the interpreter is fully alive: gloo's worker threads releasing them during interpreter
-        # finalization can abort a process (SIGABRT) after all its work is done.
-        gc.collect()
+        _free_the_process_group()
     except TrainingStopped as stop:  # a checkpoint is saved: one line, and the exit code of that signal
-        gc.collect()
+        _free_the_process_group()
         _say(f"stopped: {stop}")
         sys.exit(stop.exit_code)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         if os.environ.get("DIFFUSABILITY_TRACEBACK") or not (isinstance(err, UsageError) or _raised_by_toolkit(err)):
             raise
+        _free_the_process_group()
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
         _say(f"error: {message}")
         sys.exit(2)

@@ -19,7 +19,10 @@ import sys
 
 from accelerate.state import PartialState
 
+from diffusability_hf.errors import import_before_process_group
+
 if __name__ == "__main__":
+    import_before_process_group()  # as accelerate's own DeepSpeed path imports DeepSpeed before it creates the group
     PartialState(backend="gloo")
     script = sys.argv[1]
     sys.argv = sys.argv[1:]

@@ -283,6 +283,59 @@ def test_run_script_leaves_what_existed_before_it_to_the_caller():
         gc.enable()
 
 
+GROUP_PROGRAM = """
+import os, sys, types
+from diffusability_hf.errors import TrainingStopped, run_script
+
+def main(ending):
+    import torch
+    from diffusability_hf.training.launch import make_accelerator
+    args = types.SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no", report_to=None,
+                                 output_dir=sys.argv[1], logging_dir="logs", max_grad_norm=1.0)
+    accelerator = make_accelerator(args)  # creates the process group
+    model = accelerator.prepare(torch.nn.Linear(4, 4))  # DDP
+    model(torch.ones(2, 4)).sum().backward()
+    import torch.distributed.nn  # what a late import of diffusers does (eval_dit.py imports it inside main)
+    accelerator.unwrap_model(model)  # imports DeepSpeed where it is installed
+    accelerator.wait_for_everyone()
+    if ending == "stop":  # a stopped run never reaches end_training
+        raise TrainingStopped("Stopped by SIGTERM after step 1", 15)
+    accelerator.end_training()
+
+code = 0
+try:
+    run_script(main, lambda: sys.argv[2])
+except SystemExit as stop:
+    code = stop.code
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+gloo = sorted(n for n in names if "gloo" in n)
+sys.stdout.write(f"exit {code}, deepspeed {'deepspeed' in sys.modules}, gloo threads {gloo}\\n")  # one write per process
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from /proc (Linux)")
+@pytest.mark.parametrize("ending", ["end_training", "stop"])
+def test_a_launched_run_leaves_no_process_group_threads_to_interpreter_exit(tmp_path, ending):
+    """After a 2-process launch's run, the process group is gone with its gloo threads: after ``end_training`` even
+    when modules that bind the group into default arguments (torch.distributed.nn, DeepSpeed) are first needed after
+    the group exists (``run_script`` imports them before it), and after a stopped run, which never reaches
+    ``end_training`` (``run_script`` destroys the group). Threads left to interpreter finalization can abort a
+    process (SIGABRT) or hang it after all its work is done."""
+    import importlib.util
+
+    from testing_utils import torchrun
+
+    program = tmp_path / "prog.py"
+    program.write_text(GROUP_PROGRAM)
+    port = 29581 if ending == "stop" else 29582
+    proc = subprocess.run(torchrun(port) + [str(program), str(tmp_path / "out"), ending], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, installed = 143 if ending == "stop" else 0, importlib.util.find_spec("deepspeed") is not None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("exit")]
+    assert lines == [f"exit {code}, deepspeed {installed}, gloo threads []"] * 2, proc.stdout
+
+
 THREADS = "import torch; from diffusability_hf.cpu import use_all_cpu_cores; use_all_cpu_cores(); "
 THREADS += "print('threads', torch.get_num_threads())"
 
