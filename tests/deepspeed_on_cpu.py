@@ -9,8 +9,10 @@ choice knows NCCL, XLA, ... and gloo only for ``MULTI_CPU``), and DeepSpeed's ba
 the process state with gloo first and runs the script as ``__main__``: everything else is accelerate's own DeepSpeed
 path (``deepspeed.initialize``, the ZeRO-2 optimizer, ``backward`` stepping the engine, ``save_state`` and
 ``load_state`` in DeepSpeed's checkpoint format). Not ``ACCELERATE_USE_CPU=1``: with it accelerate drops DeepSpeed and
-runs DDP. DeepSpeed's CPU communication op (``deepspeed_shm_comm``) is compiled with the machine's C++ compiler on
-first use (cached in ``TORCH_EXTENSIONS_DIR``). What stays GPU-only: NCCL and DeepSpeed's CUDA kernels; the
+runs DDP. DeepSpeed's shared-memory CPU op (``deepspeed_shm_comm``) serves only ``inference_all_reduce`` (DeepSpeed's
+inference); training's collectives go through ``torch.distributed`` (gloo) with or without it. The shim marks it
+unavailable, so that DeepSpeed does not compile it with the machine's C++ compiler at start (about 80 CPU-seconds on a
+machine that has not built it before, as every CI machine). What stays GPU-only: NCCL and DeepSpeed's CUDA kernels; the
 partitioning of gradients and optimizer states and the checkpoints are the same code.
 """
 
@@ -22,6 +24,9 @@ from accelerate.state import PartialState
 from diffusability_hf.errors import import_before_process_group
 
 if __name__ == "__main__":
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed reads the op's availability here
     import_before_process_group()  # as accelerate's own DeepSpeed path imports DeepSpeed before it creates the group
     PartialState(backend="gloo")
     script = sys.argv[1]
