@@ -145,8 +145,9 @@ def test_finished_output_dir_is_refused_and_overwrite_replaces_it(tmp_path, tiny
     out = tmp_path / "out"
     train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    proc = train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 1, launcher=QUIET, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    # (in this process: the launched command's exit-code contract is test_a_launched_bad_input_fails_with_one_error_line)
+    proc = train_tiny(run_script, tiny_vae_dir, out, "--max_train_steps", 1, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--overwrite_output_dir" in errors[0] and "checkpoint-2" in errors[0], proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing touched
@@ -713,7 +714,7 @@ def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_checkpoint(tmp_
     never stepped."""
     out = tmp_path / "out"
     proc = train_tiny(run_script, tiny_vae_dir, out, "--learning_rate", 1e37, "--max_grad_norm", 0, "--max_train_steps",
-                      10, "--max_nonfinite_steps", 2, "--lr_warmup_steps", 0, launcher=[sys.executable], check=False)  # fmt: skip
+                      10, "--max_nonfinite_steps", 2, "--lr_warmup_steps", 0, check=False)  # fmt: skip
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "not finite for 2 optimizer steps in a row (up to step 3; 2 skipped in all)" in lines[0]
