@@ -1,11 +1,14 @@
 """CPU threads: ``accelerate launch`` runs a plain single CPU process on one thread; the scripts use every core
-unless the user chose a thread count (``use_all_cpu_cores``). This module imports nothing of the toolkit."""
+unless the user chose a thread count (``use_all_cpu_cores``). Of the toolkit it imports only the launch size
+(``errors.launched_processes``)."""
 
 import logging
 import os
 from typing import Optional
 
 import torch
+
+from .errors import launched_processes
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def use_all_cpu_cores() -> Optional[int]:
     keep the launcher's split.
     """
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.cuda.is_available() or torch.get_num_threads() != 1:
+    if launched_processes() > 1 or torch.cuda.is_available() or torch.get_num_threads() != 1:
         return None
     if not _launcher_forced_one_thread():
         return None

@@ -11,8 +11,8 @@ path (``deepspeed.initialize``, the ZeRO-2 optimizer, ``backward`` stepping the 
 ``load_state`` in DeepSpeed's checkpoint format). Not ``ACCELERATE_USE_CPU=1``: with it accelerate drops DeepSpeed and
 runs DDP. DeepSpeed's shared-memory CPU op (``deepspeed_shm_comm``) serves only ``inference_all_reduce`` (DeepSpeed's
 inference); training's collectives go through ``torch.distributed`` (gloo) with or without it. The shim marks it
-unavailable, so that DeepSpeed does not compile it with the machine's C++ compiler at start (about 80 CPU-seconds on a
-machine that has not built it before, as every CI machine). What stays GPU-only: NCCL and DeepSpeed's CUDA kernels; the
+unavailable, so that DeepSpeed does not compile it with the machine's C++ compiler at start (46 CPU-seconds measured
+on a machine that had not built it before, as every CI machine). What stays GPU-only: NCCL and DeepSpeed's CUDA kernels; the
 partitioning of gradients and optimizer states and the checkpoints are the same code.
 """
 
