@@ -29,28 +29,12 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf import files, hub
 from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data.images import SkipLog
 from diffusability_hf.data.training import DataSource, TrainingData, check_streamed
 from diffusability_hf.errors import run_script
 from diffusability_hf.figures import plot_fine_tuning_spectra, save_png
-from diffusability_hf.files import (
-    atomic_save,
-    atomic_write_json,
-    atomic_write_text,
-    check_output_dir,
-    lock_output_dir,
-    report_written,
-)
-from diffusability_hf.hub import (
-    card_license,
-    dataset_description,
-    hub_repo,
-    push_folder,
-    refuse_hub_token,
-    render_model_card,
-    se_autoencoder_card_fields,
-)
 from diffusability_hf.latent_normalization import (
     current_latent_normalization,
     reestimate_latent_normalization,
@@ -65,46 +49,10 @@ from diffusability_hf.metrics.reconstruction import (
 )
 from diffusability_hf.spectral import SOFT_PENALTY_NORMALIZATIONS
 from diffusability_hf.tracking import log_clips, log_images, log_reconstruction_metrics
-from diffusability_hf.training.checkpoints import (
-    list_checkpoints,
-    remove_checkpoints,
-    resolve_resume,
-    resume_position,
-    save_checkpoint,
-)
+from diffusability_hf.training import checkpoints, fsdp, launch, steps
 from diffusability_hf.training.ema import EMA
-from diffusability_hf.training.fsdp import (
-    fsdp_active,
-    gather_into,
-    load_ema_state,
-    local_checksum,
-    plain_copy,
-    save_ema_state,
-    shard_blocks,
-)
-from diffusability_hf.training.launch import (
-    GracefulStop,
-    check_launcher,
-    configure_deepspeed,
-    describe_global_batch,
-    given_flags,
-    ignore_stop_signals,
-    make_accelerator,
-    split_global_batch,
-    tracker_config,
-)
 from diffusability_hf.training.lora import add_lora, lora_adapter, lora_target_names, merge_lora, save_lora_adapter
 from diffusability_hf.training.presets import SE_PRESETS, se_preset_settings, settings_epilog
-from diffusability_hf.training.steps import (
-    NonFiniteGuard,
-    NonFiniteLossError,
-    StepMeter,
-    ae_adamw,
-    optimizer_step,
-    peak_memory_gb,
-    step_generator,
-    use_learning_rate,
-)
 
 logger = get_logger(__name__)
 
@@ -489,8 +437,8 @@ def parse_args(input_args=None):
         "its model card.",
     )
     args = parser.parse_args(input_args)
-    refuse_hub_token(parser, args)
-    given = given_flags(parser, input_args, args)
+    hub.refuse_hub_token(parser, args)
+    given = launch.given_flags(parser, input_args, args)
     if args.pretrained_model_name_or_path is not None and args.model_config_name_or_path is not None:
         parser.error("Give either --pretrained_model_name_or_path or --model_config_name_or_path, not both.")
     if args.dataset_name is not None and args.train_data_dir is not None:
@@ -685,7 +633,7 @@ def write_outputs(args, settings, before, after, rgb, val, run):
             "rank_weight_checksums": run["checksums"],
         }
     )
-    atomic_write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    files.atomic_write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
     save_png(plot_fine_tuning_spectra(rgb, before, after), os.path.join(args.output_dir, "spectrum.png"))
     # The model card: metrics.json's numbers, the run's settings
     hidden = ("hub_token", "embedded_model", "embedded_data", "preset_global_batch", "vae_config")
@@ -695,25 +643,27 @@ def write_outputs(args, settings, before, after, rgb, val, run):
     if args.embedded_model:
         hp["pretrained_model_name_or_path"] = "(embedded)"
     base_id = None if args.embedded_model or args.model_config_name_or_path else args.pretrained_model_name_or_path
-    fields = se_autoencoder_card_fields(
+    fields = hub.se_autoencoder_card_fields(
         metrics, hp, class_name=run["class_name"], se_weight=args.se_weight, scale_factors=hp["se_scale_factors"],
         num_frames=args.num_frames, decode_timestep=args.decode_timestep,
         timestep_conditioning=run["timestep_conditioning"], global_batch=run["global_batch"]["description"],
         trainable=run["trainable"], total=run["total"], base_id=base_id,
-        dataset=dataset_description(args.dataset_name or shards_text(args.train_data_files), args.train_data_dir,
+        dataset=hub.dataset_description(args.dataset_name or shards_text(args.train_data_files), args.train_data_dir,
                                     args.video_dataset_name or shards_text(args.video_data_files),
                                     args.video_data_dir, "video" in val, bool(settings["train_batch_size"])),
-        license_fields=card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
+        license_fields=hub.card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
     )  # fmt: skip
-    card = render_model_card("se_autoencoder", fields, template_dir=MODEL_CARDS)
-    atomic_write_text(os.path.join(args.output_dir, "README.md"), card)
+    card = hub.render_model_card("se_autoencoder", fields, template_dir=MODEL_CARDS)
+    files.atomic_write_text(os.path.join(args.output_dir, "README.md"), card)
 
 
 def main(args):
     use_all_cpu_cores()  # a plain `accelerate launch` runs one CPU process on one thread
     # Validate everything cheap before touching weights or data
-    found = check_output_dir(args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint)
-    check_launcher(args.compile, args.mixed_precision)
+    found = files.check_output_dir(
+        args.output_dir, RESULT_FILES, args.overwrite_output_dir, args.resume_from_checkpoint
+    )
+    launch.check_launcher(args.compile, args.mixed_precision)
     if not os.path.isfile(os.path.join(MODEL_CARDS, "se_autoencoder.md")):
         raise FileNotFoundError(f"Model card template missing from {MODEL_CARDS}: run the script from a full clone.")
     config, pretrained = args.vae_config, args.model_config_name_or_path is None
@@ -730,16 +680,16 @@ def main(args):
             f"{config['_class_name']} does not support gradient checkpointing in diffusers: drop "
             "--gradient_checkpointing and save memory with a smaller --video_batch_size, --num_frames or --resolution."
         )
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, found=found)
+    resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint, found=found)
 
     # Accelerator; a preset's Table 5 batch is global: split over this launch's processes before any data loads
-    accelerator = make_accelerator(args)
+    accelerator = launch.make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
     # The settings this launch trains with: the flags, with a preset's per-process batches, a random init's output
     # layers trained (nothing pretrained to protect) and --scale_lr applied; `args` stays as parsed
     settings = dict(vars(args), video_batch_size=video_batch_size)
     settings["train_output_layers"] = args.train_output_layers or not pretrained
-    settings.update(split_global_batch(args.preset_global_batch, accelerator.num_processes,
+    settings.update(launch.split_global_batch(args.preset_global_batch, accelerator.num_processes,
                                        args.gradient_accumulation_steps, args.preset))  # fmt: skip
     image_batch_size, video_batch_size = settings["train_batch_size"], settings["video_batch_size"]
     if args.scale_lr:
@@ -750,8 +700,8 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     repo_id = None
     if accelerator.is_main_process:
-        lock_output_dir(args.output_dir)  # one run at a time in a folder: a second one is refused here
-        repo_id = hub_repo(args)
+        files.lock_output_dir(args.output_dir)  # one run at a time in a folder: a second one is refused here
+        repo_id = hub.hub_repo(args)
 
     # Data: image batches, or joint image + clip batches for video AEs (Table 5); validation items held out
     data = TrainingData(
@@ -760,7 +710,7 @@ def main(args):
         num_validation={"image": args.num_validation_images, "video": args.num_validation_videos},
         center_crop=args.center_crop, random_flip=args.random_flip, shuffle_buffer_size=args.shuffle_buffer_size,
         decode_threads=args.decode_threads, num_workers=args.dataloader_num_workers,
-        worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the loop, not the workers
+        worker_init_fn=launch.ignore_stop_signals,  # a job-wide SIGTERM stops the loop, not the workers
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )  # fmt: skip
     val = {kind: v.to(accelerator.device) for kind, v in data.validation.items()}
@@ -780,11 +730,11 @@ def main(args):
     # "Before" metrics on the base model (the EMA starts from the same weights, App. B)
     before = {kind: reconstruction_metrics(vae, pixels, **measure_settings(args)) for kind, pixels in val.items()}
     rgb = {kind: rgb_spectrum(pixels, compression, args.dct_block_size) for kind, pixels in val.items()}
-    fsdp = fsdp_active(accelerator)  # FSDP2: the main process keeps an unsharded copy to validate and save
-    plain = plain_copy(vae, accelerator)
+    sharded = fsdp.fsdp_active(accelerator)  # FSDP2: the main process keeps an unsharded copy to validate and save
+    plain = fsdp.plain_copy(vae, accelerator)
 
     # Optimizer, schedule and the SE objective (paper eq. 2 and App. C), prepared together
-    optimizer = ae_adamw(
+    optimizer = steps.ae_adamw(
         params, learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon
     )
     from diffusers.optimization import get_scheduler
@@ -799,10 +749,11 @@ def main(args):
         latent_sampling=args.latent_sampling, decode_timestep=args.decode_timestep,
         decode_noise_scale=args.decode_noise_scale,
     )  # fmt: skip
-    blocks = shard_blocks(accelerator, model)  # FSDP: each AE stage (and LPIPS layer) its own shard group
+    blocks = fsdp.shard_blocks(accelerator, model)  # FSDP: each AE stage (and LPIPS layer) its own shard group
     if blocks:
         logger.info(f"FSDP2: {accelerator.num_processes} processes; each {', '.join(blocks)} sharded on its own")
-    configure_deepspeed(accelerator, data.stream_batch_size, args.max_grad_norm)  # a stream gives it no batch size
+    # DeepSpeed's config wants a batch size, which a stream does not give
+    launch.configure_deepspeed(accelerator, data.stream_batch_size, args.max_grad_norm)
     model, optimizer, lr_scheduler = data.prepare(accelerator, model, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model).vae
     if args.compile:  # encoder and decoder in place: the objective calls vae.encode / vae.decode, not forward
@@ -817,17 +768,19 @@ def main(args):
 
     def save_extras(folder):  # each process's stream positions and the EMA (under FSDP each process its shards)
         data.save_state(folder)
-        save_ema_state(ema, folder, accelerator)
+        fsdp.save_ema_state(ema, folder, accelerator)
 
     def checkpoint(step):  # every process saves its part; the newest --checkpoints_total_limit complete ones stay
-        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit or None, save_extras)
+        checkpoints.save_checkpoint(
+            accelerator, args.output_dir, step, args.checkpoints_total_limit or None, save_extras
+        )
 
     steps_per_epoch = data.steps_per_epoch(args.max_train_steps, args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_ae_se", config=tracker_config(settings))
+        accelerator.init_trackers("train_ae_se", config=launch.tracker_config(settings))
     per_process = {"images": image_batch_size, **({"clips": video_batch_size} if is_video else {})}
-    global_batch = describe_global_batch(
+    global_batch = launch.describe_global_batch(
         per_process, accelerator.num_processes, args.gradient_accumulation_steps,
         args.preset if args.preset_global_batch else None, args.num_frames,
     )  # fmt: skip
@@ -838,16 +791,16 @@ def main(args):
 
     # Resume (from the newest complete checkpoint for 'latest'); an overwritten folder loses its old checkpoints
     if args.overwrite_output_dir and resume_path is None and accelerator.is_main_process:
-        for name in remove_checkpoints(args.output_dir):
+        for name in checkpoints.remove_checkpoints(args.output_dir):
             logger.info(f"--overwrite_output_dir: removed the earlier run's {name}")
     accelerator.wait_for_everyone()
-    global_step, first_epoch, skip_batches = resume_position(
+    global_step, first_epoch, skip_batches = checkpoints.resume_position(
         accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
     )
     if resume_path is not None:
         data.load_state(resume_path)  # streams continue from their saved positions
-        load_ema_state(ema, resume_path, accelerator)
-        use_learning_rate(lr_scheduler, learning_rate, logger.info)  # the command line wins over the checkpoint
+        fsdp.load_ema_state(ema, resume_path, accelerator)
+        steps.use_learning_rate(lr_scheduler, learning_rate, logger.info)  # the command line wins over the checkpoint
 
     # Training loop
     progress_bar = tqdm(
@@ -855,11 +808,11 @@ def main(args):
     )
     skips, t_start, last, micro = SkipLog(), time.time(), {}, 0
     per_step = sum(per_process.values()) * accelerator.num_processes * args.gradient_accumulation_steps
-    meter, guard = StepMeter(per_step, accelerator.device), NonFiniteGuard(args.max_nonfinite_steps)
+    meter, guard = steps.StepMeter(per_step, accelerator.device), steps.NonFiniteGuard(args.max_nonfinite_steps)
     trainable = [p for p in unwrapped.parameters() if p.requires_grad]
     if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
         logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
-    stop = GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
+    stop = launch.GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
             break
@@ -871,12 +824,12 @@ def main(args):
             chf_ratio = step_rng.uniform(0.0, args.chf_max_ratio)
             temporal = step_rng.choice(args.se_temporal_scale_factors) if args.se_temporal_scale_factors else 1
             # Posterior samples from `gen`; dropout and decoder noise injection (LTX) from torch's RNG
-            gen = step_generator(accelerator.device, args.seed, global_step, accelerator.process_index, micro)
+            gen = steps.step_generator(accelerator.device, args.seed, global_step, accelerator.process_index, micro)
             micro += 1
             with accelerator.accumulate(model):
                 loss, terms = model(batch["pixel_values"], batch.get("video_values"), scale, temporal, chf_ratio, gen)
                 loss = loss.mean()  # (B_images + B_videos,) -> the batch mean: every image and clip counts once
-                grad_norm = optimizer_step(
+                grad_norm = steps.optimizer_step(
                     loss, accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, guard, trainable, ema
                 )
 
@@ -887,7 +840,7 @@ def main(args):
             perf = meter.step()
             try:
                 skipped = guard.step_done(global_step)
-            except NonFiniteLossError:
+            except steps.NonFiniteLossError:
                 guard.restore()  # the weights of the last finite loss, not the diverged ones
                 checkpoint(global_step)
                 raise
@@ -909,11 +862,11 @@ def main(args):
 
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 checkpoint(global_step)
-            if global_step % args.validation_steps == 0 and fsdp:  # every process gathers the full EMA weights
-                gather_into(plain, unwrapped, ema, trainable_only=True)
+            if global_step % args.validation_steps == 0 and sharded:  # every process gathers the full EMA weights
+                fsdp.gather_into(plain, unwrapped, ema, trainable_only=True)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(
-                    accelerator, plain if fsdp else unwrapped, None if fsdp else ema, val, rgb, args, global_step
+                    accelerator, plain if sharded else unwrapped, None if sharded else ema, val, rgb, args, global_step
                 )
             if global_step >= args.max_train_steps:
                 break
@@ -929,15 +882,16 @@ def main(args):
 
     # Save the EMA weights as the final model, in diffusers format
     accelerator.wait_for_everyone()
-    peak = peak_memory_gb(accelerator.device)
+    peak = steps.peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
         checkpoint(global_step)
     skips = SkipLog().merge(gather_object([skips]))  # unique unreadable files over all processes
     # Every rank must hold the same weights after DDP training (under FSDP: its own shards): a checksum per rank
-    rank_checksums = accelerator.gather(local_checksum(p for p in unwrapped.parameters() if p.requires_grad)).tolist()
-    if fsdp:  # the final weights, gathered by every process into the main process's unsharded copy
-        unwrapped, ema = gather_into(plain, unwrapped, ema, trainable_only=True), None
+    checksum = fsdp.local_checksum(p for p in unwrapped.parameters() if p.requires_grad)
+    rank_checksums = accelerator.gather(checksum).tolist()
+    if sharded:  # the final weights, gathered by every process into the main process's unsharded copy
+        unwrapped, ema = fsdp.gather_into(plain, unwrapped, ema, trainable_only=True), None
     if accelerator.is_main_process:
         final = unwrapped
         if ema is not None:
@@ -950,7 +904,7 @@ def main(args):
         items = data.statistics_items(args.latent_stats_num_samples)
         z = training_latents(final, items, args.latent_stats_num_samples, args.seed, accelerator.device)
         normalization = reestimate_latent_normalization(final, z, data.statistics_kind, args.keep_base_latent_scaling)
-        with atomic_save(args.output_dir) as tmp:
+        with files.atomic_save(args.output_dir) as tmp:
             final.save_pretrained(tmp, safe_serialization=True)
             if adapter is not None:
                 save_lora_adapter(os.path.join(tmp, "lora"), *adapter)
@@ -976,12 +930,13 @@ def main(args):
             log_images(accelerator.trackers, val["image"], after["image"]["recon"], global_step)
         if "video" in val:
             gif = log_clips(accelerator.trackers, val["video"], after["video"]["recon"], global_step)
-            atomic_write_text(os.path.join(args.output_dir, "reconstruction.gif"), gif)
+            files.atomic_write_text(os.path.join(args.output_dir, "reconstruction.gif"), gif)
         if args.push_to_hub:
-            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'SE fine-tuned autoencoder')}")
+            logger.info(f"Uploaded to {hub.push_folder(repo_id, args.output_dir, None, 'SE fine-tuned autoencoder')}")
         names = ["config.json", "diffusion_pytorch_model.safetensors", "lora", "README.md", "metrics.json"]
-        names += ["spectrum.png", "reconstruction.gif", *map(os.path.basename, list_checkpoints(args.output_dir))]
-        report_written(args.output_dir, names + [args.logging_dir] * bool(args.report_to))
+        names += ["spectrum.png", "reconstruction.gif"]
+        names += [os.path.basename(p) for p in checkpoints.list_checkpoints(args.output_dir)]
+        files.report_written(args.output_dir, names + [args.logging_dir] * bool(args.report_to))
     accelerator.wait_for_everyone()  # no process tears down the process group while another still works
     accelerator.end_training()
 

@@ -39,6 +39,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
+from diffusability_hf import files, hub
 from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data.images import LabelledImages, collate_labelled
 from diffusability_hf.data.latents import (
@@ -50,52 +51,12 @@ from diffusability_hf.data.latents import (
     read_latents_metadata,
 )
 from diffusability_hf.errors import MissingPathError, UsageError, run_script
-from diffusability_hf.files import (
-    atomic_save,
-    atomic_write_json,
-    atomic_write_text,
-    check_output_dir,
-    lock_output_dir,
-    report_written,
-)
 from diffusability_hf.flow import FlowMatchingLoss, warmup_cosine
-from diffusability_hf.hub import card_license, dit_pipeline_card_fields, hub_repo, refuse_hub_token, render_model_card
 from diffusability_hf.models.factory import build_transformer, transformer_config
 from diffusability_hf.pipelines.training import class_sample_grid, make_pipeline, save_snapshot
 from diffusability_hf.tracking import log_image_grid
-from diffusability_hf.training.checkpoints import (
-    list_checkpoints,
-    remove_checkpoints,
-    remove_interrupted_saves,
-    resolve_resume,
-    resume_position,
-    save_checkpoint,
-)
+from diffusability_hf.training import checkpoints, fsdp, launch, steps
 from diffusability_hf.training.ema import EMA
-from diffusability_hf.training.fsdp import (
-    fsdp_active,
-    gather_into,
-    load_ema_state,
-    plain_copy,
-    save_ema_state,
-    shard_blocks,
-)
-from diffusability_hf.training.launch import (
-    GracefulStop,
-    check_launcher,
-    describe_global_batch,
-    make_accelerator,
-    tracker_config,
-)
-from diffusability_hf.training.steps import (
-    NonFiniteGuard,
-    NonFiniteLossError,
-    StepMeter,
-    optimizer_step,
-    peak_memory_gb,
-    step_generator,
-    use_learning_rate,
-)
 
 logger = get_logger(__name__)
 
@@ -289,7 +250,7 @@ def parse_args(input_args=None):
         "--license", type=str, default=None, help="The card's license (Hub id). Default: the autoencoder's card's."
     )
     args = parser.parse_args(input_args)
-    refuse_hub_token(parser, args)
+    hub.refuse_hub_token(parser, args)
 
     # Settings: an explicit flag, else the embedded demo's preset (without an autoencoder), else the argparse default
     if args.pretrained_vae_model_name_or_path is None:
@@ -352,27 +313,27 @@ def log_samples(accelerator, pipeline, args, step: int, num_classes: int):
     return grid
 
 
-def write_card(folder, args, settings: dict, meta, transformer, steps: int, seconds: float, loss: dict, global_batch):
+def write_card(folder, args, settings: dict, meta, transformer, global_step: int, seconds, loss: dict, global_batch):
     """The pipeline's README.md (model_cards/dit_pipeline.md), its license from the VAE's card unless --license;
     ``settings``: the flags as the run trained."""
     vae_source = args.pretrained_vae_model_name_or_path
     base_id = None if os.path.abspath(vae_source) == os.path.abspath(EMBEDDED_AE) else vae_source
-    fields = dit_pipeline_card_fields(
-        meta, {**settings, "global_batch": global_batch}, transformer=transformer, steps=steps, seconds=seconds,
+    fields = hub.dit_pipeline_card_fields(
+        meta, {**settings, "global_batch": global_batch}, transformer=transformer, steps=global_step, seconds=seconds,
         model=args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
         final_loss=loss.get("train/loss", float("nan")), global_batch=global_batch,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        base_id=base_id, license_fields=card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
+        base_id=base_id, license_fields=hub.card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
     )  # fmt: skip
-    card = render_model_card("dit_pipeline", fields, template_dir=MODEL_CARDS)
-    atomic_write_text(os.path.join(folder, "README.md"), card)
+    card = hub.render_model_card("dit_pipeline", fields, template_dir=MODEL_CARDS)
+    files.atomic_write_text(os.path.join(folder, "README.md"), card)
 
 
 def main(args):
-    check_launcher(args.compile, args.mixed_precision)
+    launch.check_launcher(args.compile, args.mixed_precision)
     use_all_cpu_cores()
     # Validate cheap things: the output folder, the latents, the AE they came from, the model geometry
-    found = check_output_dir(
+    found = files.check_output_dir(
         args.output_dir, RESULTS + (SNAPSHOTS,), args.overwrite_output_dir, args.resume_from_checkpoint
     )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
@@ -399,10 +360,10 @@ def main(args):
         meta["latent_shape"], meta["num_classes"], args.model, args.model_config_name_or_path, args.latents_dir
     )
 
-    accelerator = make_accelerator(args)
+    accelerator = launch.make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
     check_dataset_size(meta["num_samples"] if images is None else len(images), args, accelerator.num_processes)
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, logger.warning, found)
+    resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint, logger.warning, found)
 
     # The autoencoder, named by its weights: it must be the one that encoded the latents (it decodes the samples)
     vae = ae.model_class(vae_config).from_pretrained(
@@ -417,13 +378,13 @@ def main(args):
 
     repo_id = None
     if accelerator.is_main_process:
-        lock_output_dir(args.output_dir)  # one run at a time in a folder: a second one is refused here
+        files.lock_output_dir(args.output_dir)  # one run at a time in a folder: a second one is refused here
         if args.overwrite_output_dir:  # so that `latest` can never resume the old run
-            for name in remove_checkpoints(args.output_dir, also=[SNAPSHOTS]):
+            for name in checkpoints.remove_checkpoints(args.output_dir, also=[SNAPSHOTS]):
                 logger.info(f"Removed {name} of the earlier run (--overwrite_output_dir)")
-        for name in remove_interrupted_saves(args.output_dir, subfolders=[SNAPSHOTS]):
+        for name in checkpoints.remove_interrupted_saves(args.output_dir, subfolders=[SNAPSHOTS]):
             logger.info(f"Removed {name}, left by a save that was interrupted")
-        repo_id = hub_repo(args)
+        repo_id = hub.hub_repo(args)
 
     # Data: posterior mean/std per image; a fresh sample each step, normalised per channel (extraction statistics)
     if images is None:
@@ -467,8 +428,8 @@ def main(args):
 
     # Optimizer (App. B): AdamW, warmup then cosine decay to --lr_end, an EMA of the weights
     params = list(transformer.parameters())
-    fsdp = fsdp_active(accelerator)  # FSDP2: the main process keeps an unsharded copy to validate and save
-    plain = plain_copy(transformer, accelerator)
+    sharded = fsdp.fsdp_active(accelerator)  # FSDP2: the main process keeps an unsharded copy to validate and save
+    plain = fsdp.plain_copy(transformer, accelerator)
     optimizer = torch.optim.AdamW(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
     )
@@ -479,7 +440,7 @@ def main(args):
             step, args.lr_warmup_steps * n, args.max_train_steps * n, args.learning_rate, args.lr_end
         ),
     )
-    blocks = shard_blocks(accelerator, objective)  # FSDP: each DiT block its own shard group
+    blocks = fsdp.shard_blocks(accelerator, objective)  # FSDP: each DiT block its own shard group
     if blocks:
         logger.info(f"FSDP2: {accelerator.num_processes} processes; each {', '.join(blocks)} sharded on its own")
     model, optimizer, loader, lr_scheduler = accelerator.prepare(objective, optimizer, loader, lr_scheduler)
@@ -492,37 +453,36 @@ def main(args):
         ema = EMA(unwrapped.parameters(), args.ema_halflife_steps, args.ema_rampup_ratio or None)
 
     def checkpoint(step):
-        save_checkpoint(
+        checkpoints.save_checkpoint(
             accelerator, args.output_dir, step, args.checkpoints_total_limit or None,
-            extra=lambda folder: save_ema_state(ema, folder, accelerator),
+            extra=lambda folder: fsdp.save_ema_state(ema, folder, accelerator),
         )  # fmt: skip
 
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_dit_flow", config=tracker_config(settings))
-    global_batch = describe_global_batch({"latents": args.train_batch_size}, n, args.gradient_accumulation_steps)[
-        "description"
-    ]
+        accelerator.init_trackers("train_dit_flow", config=launch.tracker_config(settings))
+    per_process = {"latents": args.train_batch_size}
+    global_batch = launch.describe_global_batch(per_process, n, args.gradient_accumulation_steps)["description"]
     logger.info(f"***** Flow matching: {args.max_train_steps} steps, global batch {global_batch} *****")
-    global_step, first_epoch, skip = resume_position(
+    global_step, first_epoch, skip = checkpoints.resume_position(
         accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps
     )
     if resume_path is not None:
-        load_ema_state(ema, resume_path, accelerator)
-        use_learning_rate(lr_scheduler, args.learning_rate, logger.info)  # the command line wins over the checkpoint
+        fsdp.load_ema_state(ema, resume_path, accelerator)
+        steps.use_learning_rate(lr_scheduler, args.learning_rate, logger.info)  # the flags win over the checkpoint
 
     # Training loop
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process
     )
     t_start, micro, last = time.time(), 0, {}
-    meter = StepMeter(args.train_batch_size * n * args.gradient_accumulation_steps, accelerator.device)
-    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    meter = steps.StepMeter(args.train_batch_size * n * args.gradient_accumulation_steps, accelerator.device)
+    guard = steps.NonFiniteGuard(args.max_nonfinite_steps)
     trainable = list(unwrapped.parameters())
     if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: only the final save is left
         logger.info(f"{resume_path} is at step {global_step} of {args.max_train_steps}: nothing left to train")
-    stop = GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
+    stop = launch.GracefulStop()  # SIGTERM and Ctrl-C stop after the current step, with a checkpoint
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
             break
@@ -530,7 +490,7 @@ def main(args):
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader
         for batch in meter.batches(batches):
-            gen = step_generator(accelerator.device, args.seed, global_step, accelerator.process_index, micro)
+            gen = steps.step_generator(accelerator.device, args.seed, global_step, accelerator.process_index, micro)
             micro += 1
             if "pixels" in batch:  # on-the-fly: the frozen AE's posterior of this batch
                 with torch.no_grad():
@@ -541,7 +501,7 @@ def main(args):
             x0 = (batch["mean"] + batch["std"] * eps - lat_mean) / lat_std  # (B, C, h, w) posterior sample, normalised
             with accelerator.accumulate(model):
                 loss = model(x0, batch["label"], gen).mean()
-                grad_norm = optimizer_step(
+                grad_norm = steps.optimizer_step(
                     loss, accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, guard, trainable, ema
                 )
             if not accelerator.sync_gradients:
@@ -551,7 +511,7 @@ def main(args):
             perf = meter.step()
             try:
                 skipped = guard.step_done(global_step)
-            except NonFiniteLossError:
+            except steps.NonFiniteLossError:
                 guard.restore()  # the weights of the last finite loss, not the diverged ones
                 checkpoint(global_step)
                 raise
@@ -578,12 +538,12 @@ def main(args):
                 and global_step < args.max_train_steps  # the last step's weights are the main save
             )
             validate = global_step % args.validation_steps == 0
-            if (snapshot or validate) and fsdp:  # every process gathers the full EMA weights into `plain`
-                gather_into(plain, unwrapped, ema)
+            if (snapshot or validate) and sharded:  # every process gathers the full EMA weights into `plain`
+                fsdp.gather_into(plain, unwrapped, ema)
             if (snapshot or validate) and accelerator.is_main_process:
                 pipeline = make_pipeline(  # an EMA copy (under FSDP: the gathered one)
-                    plain if fsdp else unwrapped, vae, meta, ema=None if fsdp else ema, shift=args.shift,
-                    latents_dir=args.latents_dir, step=global_step, copy=not fsdp,
+                    plain if sharded else unwrapped, vae, meta, ema=None if sharded else ema, shift=args.shift,
+                    latents_dir=args.latents_dir, step=global_step, copy=not sharded,
                 )  # fmt: skip
                 if snapshot:
                     path = save_snapshot(pipeline, os.path.join(args.output_dir, SNAPSHOTS), global_step)
@@ -609,20 +569,20 @@ def main(args):
     # pipeline where a loadable one was
     accelerator.wait_for_everyone()
     # Copied from train_scripts/train_ae_se.py
-    peak = peak_memory_gb(accelerator.device)
+    peak = steps.peak_memory_gb(accelerator.device)
     logger.info(f"Peak memory: {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'})")
     # End copy
     if global_step % args.checkpointing_steps == 0:
         checkpoint(global_step)
-    if fsdp:  # the final weights, gathered by every process into the main process's unsharded copy
-        unwrapped, ema = gather_into(plain, unwrapped, ema), None
+    if sharded:  # the final weights, gathered by every process into the main process's unsharded copy
+        unwrapped, ema = fsdp.gather_into(plain, unwrapped, ema), None
     if accelerator.is_main_process:
         seconds = time.time() - t_start
         pipeline = make_pipeline(
             unwrapped, vae, meta, ema=ema, shift=args.shift, latents_dir=args.latents_dir, step=global_step, copy=False
         )
         grid = log_samples(accelerator, pipeline, args, global_step, num_classes)
-        with atomic_save(args.output_dir) as tmp:
+        with files.atomic_save(args.output_dir) as tmp:
             pipeline.save_pretrained(tmp)
             grid.save(os.path.join(tmp, "samples.png"))
             write_card(tmp, args, settings, meta, unwrapped, global_step, seconds, last, global_batch)
@@ -635,13 +595,11 @@ def main(args):
                 "throughput": meter.summary(),  # this launch's steps (a resumed run: the steps after the resume)
                 "nonfinite_steps": guard.skipped,
             }
-            atomic_write_json(os.path.join(tmp, "metrics.json"), run)
+            files.atomic_write_json(os.path.join(tmp, "metrics.json"), run)
         if repo_id is not None:
-            from diffusability_hf.hub import push_folder
-
-            logger.info(f"Uploaded to {push_folder(repo_id, args.output_dir, None, 'DiT flow pipeline')}")
-        checkpoints = [os.path.basename(p) for p in list_checkpoints(args.output_dir)]
-        report_written(args.output_dir, [*RESULTS, *checkpoints[-1:], SNAPSHOTS, args.logging_dir], log=logger.info)
+            logger.info(f"Uploaded to {hub.push_folder(repo_id, args.output_dir, None, 'DiT flow pipeline')}")
+        saved = [os.path.basename(p) for p in checkpoints.list_checkpoints(args.output_dir)]
+        files.report_written(args.output_dir, [*RESULTS, *saved[-1:], SNAPSHOTS, args.logging_dir], log=logger.info)
     accelerator.wait_for_everyone()  # no process tears down the process group while another still works
     accelerator.end_training()
 
