@@ -4,20 +4,6 @@ Scripts never call ``vae.encode`` / ``vae.decode`` directly: they call :func:`en
 which hide each class's quirks (deterministic encoders, image AEs that want 5D input, LTX's timestep-conditioned
 decoder, Allegro's tiling-only code path, ...). Pixels are ``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos in
 ``[-1, 1]``; an image given to a causal video AE is encoded as a 1-frame video and comes back 4D.
-
-Latent normalisation (what a diffusion model sees), as each class's diffusers pipeline applies it:
-
-* ``AutoencoderKL`` (FLUX, SD, SDXL, SD3): ``(z - shift_factor) * scaling_factor``, or per-channel
-  ``(z - latents_mean) * scaling_factor / latents_std`` when the config has ``latents_mean`` / ``latents_std``.
-* ``AutoencoderDC``, ``AutoencoderKLCogVideoX``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLAllegro``:
-  ``z * scaling_factor`` (CogVideoX with ``invert_scale_latents``: ``z / scaling_factor``).
-* ``AutoencoderKLLTXVideo``, ``AutoencoderKLLTX2Video``: ``(z - latents_mean) * scaling_factor / latents_std``
-  with mean and std stored as buffers in the weights, not in the config.
-* ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``: ``(z - latents_mean) / latents_std`` (config lists).
-* ``AutoencoderKLMochi``: ``(z - latents_mean) * scaling_factor / latents_std`` (config), else ``z * scaling_factor``.
-* ``AutoencoderKLCosmos``: ``(z - latents_mean) * 0.5 / latents_std`` with statistics per channel *and* latent
-  frame (0.5 is the EDM ``sigma_data`` of its pipelines), else ``z * 0.5``.
-* ``AutoencoderKLFlux2``: batch-norm running statistics of the 2x2-patchified latent.
 """
 
 from __future__ import annotations
@@ -453,7 +439,23 @@ def _flux2_stats(vae: nn.Module, z: torch.Tensor):
 
 
 def normalize_latents(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Map raw AE latents to the normalised space a diffusion model is trained in (see the module docstring)."""
+    """Map raw AE latents to the normalised space a diffusion model is trained in.
+
+    Each class as its diffusers pipeline applies it:
+
+    * ``AutoencoderKL`` (FLUX, SD, SDXL, SD3): ``(z - shift_factor) * scaling_factor``, or per channel
+      ``(z - latents_mean) * scaling_factor / latents_std`` when the config has ``latents_mean`` / ``latents_std``.
+    * ``AutoencoderDC``, ``AutoencoderKLCogVideoX``, ``AutoencoderKLHunyuanVideo``, ``AutoencoderKLAllegro``:
+      ``z * scaling_factor`` (CogVideoX with ``invert_scale_latents``: ``z / scaling_factor``).
+    * ``AutoencoderKLLTXVideo``, ``AutoencoderKLLTX2Video``: ``(z - latents_mean) * scaling_factor / latents_std``,
+      with mean and std stored as buffers in the weights, not in the config.
+    * ``AutoencoderKLWan``, ``AutoencoderKLQwenImage``: ``(z - latents_mean) / latents_std`` (config lists).
+    * ``AutoencoderKLMochi``: ``(z - latents_mean) * scaling_factor / latents_std`` (config), else
+      ``z * scaling_factor``.
+    * ``AutoencoderKLCosmos``: ``(z - latents_mean) * 0.5 / latents_std`` with statistics per channel *and* latent
+      frame (0.5 is the EDM ``sigma_data`` of its pipelines), else ``z * 0.5``.
+    * ``AutoencoderKLFlux2``: batch-norm running statistics of the 2x2-patchified latent.
+    """
     if model_class_name(vae) == "AutoencoderKLFlux2":
         mean, std = _flux2_stats(vae, z)
         return _flux2_unpatchify((flux2_patchify(z) - mean) / std)

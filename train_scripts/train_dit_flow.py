@@ -323,7 +323,7 @@ def write_card(folder, args, settings: dict, meta, transformer, global_step: int
         model=args.model if args.model_config_name_or_path is None else args.model_config_name_or_path,
         final_loss=loss.get("train/loss", float("nan")), global_batch=global_batch,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        base_id=base_id, license_fields=hub.card_license(args.license, base_id, args.cache_dir, online=args.push_to_hub),
+        base_id=base_id, license_fields=hub.card_license(args.license, base_id, args.cache_dir, args.push_to_hub),
     )  # fmt: skip
     card = hub.render_model_card("dit_pipeline", fields, template_dir=MODEL_CARDS)
     files.atomic_write_text(os.path.join(folder, "README.md"), card)

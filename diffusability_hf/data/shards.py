@@ -1,26 +1,6 @@
 """Shard sources for web-scale data: webdataset tar shards (local, ``http(s)://``, ``hf://`` or any fsspec URL) and
 HF ``datasets`` in streaming mode (Hub or local), each read in order. :mod:`.streaming` splits, shuffles and resumes
 them; :mod:`.stream_items` makes their samples into the map-style datasets' items.
-
-Shards. ``--train_data_dir`` holds ``*.tar`` shards (sorted by name); ``--train_data_files`` is one or more specs
-with bash brace expansion (``shards/{000000..000127}.tar``, ``{train,extra}-0.tar``: :func:`expand_braces`, the
-convention of webdataset and its ``braceexpand``) and ``*`` globs (not for ``http(s)://``). A sample is the run of
-consecutive members with the same name up to the first dot of the basename (webdataset's ``base_plus_ext``):
-``a/0001.jpg`` + ``a/0001.cls`` is sample ``a/0001``. Image keys :data:`IMAGE_KEYS`, video keys :data:`VIDEO_KEYS`,
-label keys :data:`LABEL_KEYS` (``cls`` an integer, ``txt`` a class name, ``json`` ``{"label": int or name}``).
-Sample ``p`` of shard ``j`` has the stable id :func:`sample_id` ``(j, p) = j * 10**9 + p``.
-
-Why a small ``tarfile`` reader and not ``load_dataset("webdataset", streaming=True)`` (checked with datasets 5.2):
-HF's builder infers the columns from the first 5 samples of the first shard, so a sample whose image is a ``.png``
-in a ``.jpg`` dataset arrives with no image at all (silently, measured), and samples whose keys differ within the
-first 5 stop the load; ``.webm`` and ``.gif`` are not video columns (a GIF is an image column); the rest of a
-truncated tar is dropped without a word (measured). Resume is the other reason: HF's ``IterableDataset.state_dict()``
-restores shard and row offsets but not the shuffle buffer, so a resumed run skips the buffer's content for that
-epoch (up to ``buffer_size`` samples per process; 5 of 32 with a buffer of 6, measured). HF datasets themselves
-(:func:`load_streaming_dataset`) are read through HF (``load_dataset(..., streaming=True)``, one HF shard =
-``IterableDataset.shard(num_shards, index)``, usually one data file) and go through the same splitting, buffer and
-resume as the tar shards. ``http(s)://`` is read with the standard library (``urllib``: fsspec's HTTP needs
-aiohttp); other URLs (``hf://``, ``s3://``, ...) through ``fsspec``.
 """
 
 from __future__ import annotations
@@ -236,7 +216,29 @@ def _label_from(value, class_names: Optional[Sequence[str]]) -> int:
 
 class TarShards:
     """Webdataset tar shards (URLs or paths, see :func:`list_shards`): shard ``j`` is ``urls[j]``; a raw sample is
-    ``{extension: bytes}``. ``class_names`` maps ``txt`` labels (and names the classes for metadata)."""
+    ``{extension: bytes}``. ``class_names`` maps ``txt`` labels (and names the classes for metadata).
+
+    Shards. ``--train_data_dir`` holds ``*.tar`` shards (sorted by name); ``--train_data_files`` is one or more specs
+    with bash brace expansion (``shards/{000000..000127}.tar``, ``{train,extra}-0.tar``: :func:`expand_braces`, the
+    convention of webdataset and its ``braceexpand``) and ``*`` globs (not for ``http(s)://``). A sample is the run of
+    consecutive members with the same name up to the first dot of the basename (webdataset's ``base_plus_ext``):
+    ``a/0001.jpg`` + ``a/0001.cls`` is sample ``a/0001``. Image keys :data:`IMAGE_KEYS`, video keys :data:`VIDEO_KEYS`,
+    label keys :data:`LABEL_KEYS` (``cls`` an integer, ``txt`` a class name, ``json`` ``{"label": int or name}``).
+    Sample ``p`` of shard ``j`` has the stable id :func:`sample_id` ``(j, p) = j * 10**9 + p``.
+
+    Why a small ``tarfile`` reader and not ``load_dataset("webdataset", streaming=True)`` (checked with datasets 5.2):
+    HF's builder infers the columns from the first 5 samples of the first shard, so a sample whose image is a ``.png``
+    in a ``.jpg`` dataset arrives with no image at all (silently, measured), and samples whose keys differ within the
+    first 5 stop the load; ``.webm`` and ``.gif`` are not video columns (a GIF is an image column); the rest of a
+    truncated tar is dropped without a word (measured). Resume is the other reason: HF's
+    ``IterableDataset.state_dict()`` restores shard and row offsets but not the shuffle buffer, so a resumed run skips
+    the buffer's content for that epoch (up to ``buffer_size`` samples per process; 5 of 32 with a buffer of 6,
+    measured). HF datasets themselves (:func:`load_streaming_dataset`) are read through HF
+    (``load_dataset(..., streaming=True)``, one HF shard = ``IterableDataset.shard(num_shards, index)``, usually one
+    data file) and go through the same splitting, buffer and resume as the tar shards. ``http(s)://`` is read with the
+    standard library (``urllib``: fsspec's HTTP needs aiohttp); other URLs (``hf://``, ``s3://``, ...) through
+    ``fsspec``.
+    """
 
     def __init__(self, urls: Sequence[str], class_names: Optional[Sequence[str]] = None):
         self.urls, self.class_names = list(urls), (list(class_names) if class_names is not None else None)

@@ -1,31 +1,5 @@
 """The training stream over shard sources (:mod:`.shards`): split across processes, shuffled through a seeded
 buffer, resumable without repeats (:class:`ShardStream`). Its items are made by :mod:`.stream_items`.
-
-Splitting across processes (:func:`shards_for_rank`). With at least as many shards as processes, process ``rank``
-reads shards ``order[rank::world_size]`` of the epoch's shard order (each shard read by one process; processes get
-different sample counts when shards do not divide evenly: each process counts its own epochs). With fewer shards,
-every process reads every shard and keeps the samples whose position in the epoch's stream is ``rank`` modulo
-``world_size`` (all bytes read by every process: use more shards than processes).
-
-Shuffling. The shard order is a seeded permutation per epoch (``seed``, ``epoch``; the same on every process), and
-samples pass a buffer of ``buffer_size`` (as webdataset's ``shuffle``: each arriving sample takes the place of a
-random buffered one, which is emitted; the rest leave in random order at the end of the epoch), seeded by ``(seed,
-epoch, rank)``. Augmentations (crops, flips, temporal starts) are seeded by ``(seed, epoch, sample id)``.
-
-Resume (:meth:`ShardStream.state_dict`, :func:`save_stream_state`). The state is ``(epoch, consumed, the sizes of
-the shards read so far this epoch)`` per process. Loading it makes the stream yield exactly what the interrupted one
-would have yielded next (same samples, same order, same augmentations, the buffer's content included): the buffer is
-replayed on sample positions without decoding or reading the shards already passed, then the shards that still hold
-buffered samples are re-read (not decoded) to refill it. Not honoured: a different seed, buffer, shard list, rank or
-process count (``load_state_dict`` refuses it, or with ``strict=False`` starts the next epoch); a shard whose content
-changed; items a ``DataLoader`` worker had prefetched (a stream refuses to run in a worker: it is counted where the
-training loop iterates it, so use ``num_workers=0`` and ``decode_threads`` for parallel decoding; PIL and PyAV
-decode with the GIL released). ``consumed`` counts samples handed out, skipped ones included; a shard truncated
-exactly at a member boundary reads as a shorter shard (tar has no index).
-
-Do not pass a stream's ``DataLoader`` to ``accelerator.prepare``: accelerate dispatches or re-shards an
-``IterableDataset`` across processes itself, and the stream is already split.
-
 """
 
 from __future__ import annotations
@@ -126,7 +100,7 @@ def _refuse_worker(what: str) -> None:
 
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless stream of items over a source's shards (:class:`TarShards` or :class:`HFShards`) for process
-    ``rank`` of ``world_size``, epoch after epoch (see the module docstring for the split, the shuffle and resume).
+    ``rank`` of ``world_size``, epoch after epoch (the split, the shuffle and resume are described below).
 
     Args:
         source: the shards; decode: ``decode(source, raw, where, sid, epoch) -> item`` (raises on a corrupt sample);
@@ -138,6 +112,32 @@ class ShardStream(torch.utils.data.IterableDataset):
     :meth:`state_dict` and :meth:`load_state_dict` save and restore that. Items of dict form get the corrupt
     samples met since the previous item in ``skipped``. Iterate with one iterator at a time; a new iterator
     continues where the last one stopped.
+
+    Splitting across processes (:func:`shards_for_rank`). With at least as many shards as processes, process ``rank``
+    reads shards ``order[rank::world_size]`` of the epoch's shard order (each shard read by one process; processes get
+    different sample counts when shards do not divide evenly: each process counts its own epochs). With fewer shards,
+    every process reads every shard and keeps the samples whose position in the epoch's stream is ``rank`` modulo
+    ``world_size`` (all bytes read by every process: use more shards than processes).
+
+    Shuffling. The shard order is a seeded permutation per epoch (``seed``, ``epoch``; the same on every process), and
+    samples pass a buffer of ``buffer_size`` (as webdataset's ``shuffle``: each arriving sample takes the place of a
+    random buffered one, which is emitted; the rest leave in random order at the end of the epoch), seeded by
+    ``(seed, epoch, rank)``. Augmentations (crops, flips, temporal starts) are seeded by ``(seed, epoch, sample id)``.
+
+    Resume (:meth:`ShardStream.state_dict`, :func:`save_stream_state`). The state is
+    ``(epoch, consumed, the sizes of the shards read so far this epoch)`` per process. Loading it makes the stream
+    yield exactly what the interrupted one would have yielded next (same samples, same order, same augmentations, the
+    buffer's content included): the buffer is replayed on sample positions without decoding or reading the shards
+    already passed, then the shards that still hold buffered samples are re-read (not decoded) to refill it. Not
+    honoured: a different seed, buffer, shard list, rank or process count (``load_state_dict`` refuses it, or with
+    ``strict=False`` starts the next epoch); a shard whose content changed; items a ``DataLoader`` worker had
+    prefetched (a stream refuses to run in a worker: it is counted where the training loop iterates it, so use
+    ``num_workers=0`` and ``decode_threads`` for parallel decoding; PIL and PyAV decode with the GIL released).
+    ``consumed`` counts samples handed out, skipped ones included; a shard truncated exactly at a member boundary reads
+    as a shorter shard (tar has no index).
+
+    Do not pass a stream's ``DataLoader`` to ``accelerator.prepare``: accelerate dispatches or re-shards an
+    ``IterableDataset`` across processes itself, and the stream is already split.
     """
 
     def __init__(

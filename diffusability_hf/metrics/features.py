@@ -1,23 +1,5 @@
 """Feature extractors for Frechet distances, all loadable from local files (offline).
 
-===========  ======  ====================================================================================
-name         metric  network and convention
-===========  ======  ====================================================================================
-inception    FID     torch-fidelity's InceptionV3 (TF-ported "inception-v3-compat", pool3 2048-d); uint8
-                     input, its own TF1-style bilinear resize to 299.
-dinov2       FDD     DINOv2 ViT-L/14 through transformers (``facebook/dinov2-large``); dgm-eval preprocessing:
-                     bicubic resize to 224x224, ImageNet mean/std, the final-LayerNorm CLS token (pooler_output).
-i3d          FVD     StyleGAN-V's I3D TorchScript (Kinetics-400, 400-d logits before the softmax),
-                     ``detector(x, rescale=True, resize=True, return_features=True)`` on float
-                     ``(B, 3, T, H, W)`` in ``[0, 255]``.
-a path       FD      a small local model: a transformers folder (CLS/pooled output, ImageNet mean/std, resized to
-                     its ``image_size``) or a TorchScript file called on float ``[0, 1]`` images ``(B, 3, H, W)``
-                     that returns ``(B, D)``. A local clip model with I3D's convention: ``i3d`` + its path.
-===========  ======  ====================================================================================
-
-Image extractors score clips frame by frame (all frames as images). Weights that are not found locally are
-downloaded when online; offline, the error names the file, where it goes and the flag that takes a path.
-
 Also what the evaluation scripts share around them: the set-up of the scripts that evaluate several autoencoders on
 the same samples (eval_ae.py, analyze_spectrum.py), each process's share of an evaluation set, and the extractors of
 a ``--feature_extractor`` list (eval_ae.py, eval_dit.py).
@@ -237,11 +219,29 @@ def load_feature_extractor(
     i3d_model: Optional[str] = None,
     cache_dir: Optional[str] = None,
 ) -> FeatureExtractor:
-    """Build one extractor: ``"inception"``, ``"dinov2"``, ``"i3d"``, or a local path (see the module table).
+    """Build one extractor: ``"inception"``, ``"dinov2"``, ``"i3d"``, or a local path (the table below).
 
     Args:
         inception_weights / dinov2_model / i3d_model: local weights (file, folder or Hub id for DINOv2); ``None``
             looks in torch's checkpoint cache and downloads when online.
+
+    ===========  ======  ====================================================================================
+    name         metric  network and convention
+    ===========  ======  ====================================================================================
+    inception    FID     torch-fidelity's InceptionV3 (TF-ported "inception-v3-compat", pool3 2048-d); uint8
+                         input, its own TF1-style bilinear resize to 299.
+    dinov2       FDD     DINOv2 ViT-L/14 through transformers (``facebook/dinov2-large``); dgm-eval preprocessing:
+                         bicubic resize to 224x224, ImageNet mean/std, the final-LayerNorm CLS token (pooler_output).
+    i3d          FVD     StyleGAN-V's I3D TorchScript (Kinetics-400, 400-d logits before the softmax),
+                         ``detector(x, rescale=True, resize=True, return_features=True)`` on float
+                         ``(B, 3, T, H, W)`` in ``[0, 255]``.
+    a path       FD      a small local model: a transformers folder (CLS/pooled output, ImageNet mean/std, resized to
+                         its ``image_size``) or a TorchScript file called on float ``[0, 1]`` images ``(B, 3, H, W)``
+                         that returns ``(B, D)``. A local clip model with I3D's convention: ``i3d`` + its path.
+    ===========  ======  ====================================================================================
+
+    Image extractors score clips frame by frame (all frames as images). Weights that are not found locally are
+    downloaded when online; offline, the error names the file, where it goes and the flag that takes a path.
     """
     if spec == "inception":
         path = fetch_weights(inception_weights, INCEPTION_FILE, INCEPTION_URL, "--inception_weights")

@@ -1,34 +1,5 @@
 """Self-conditioned DiT with 2D RoPE: the latent DiT of "Improving the Diffusability of Autoencoders", Appendix B.
 
-A class-conditional DiT (Peebles & Xie, 2023: adaLN-Zero blocks, final adaLN + linear unpatchify) built from
-diffusers' ``PatchEmbed``, ``CombinedTimestepLabelEmbeddings``, ``AdaLayerNormZero``, ``Attention`` and
-``FeedForward``, with the two changes of the paper's Appendix B:
-
-* **RoPE** (Su et al., 2024) on queries and keys, in 2D: for a head of size ``d`` the first ``d / 2`` channels rotate
-  with the token's **row** index and the last ``d / 2`` with its **column** index (pairs ``(2i, 2i + 1)`` rotate
-  together, diffusers' ``apply_rotary_emb(use_real_unbind_dim=-1)`` layout). ``pos_embed="sincos"`` keeps DiT's
-  fixed additive embedding instead; ``"rope+sincos"`` uses both. RoPE alone gives attention relative offsets only,
-  so a token cannot tell where in the image it is (the per-class layout of the data is lost in short runs); the
-  public alphaflow DiT adds an absolute sin-cos table.
-* **Self-conditioning** (Jabri et al., 2023): the last block's activations of an auxiliary pass (``last_hidden_state``,
-  the residual stream the last block outputs, before the final adaLN) go through ``self_cond_proj``, a
-  zero-initialised bias-free linear layer, and are added to the patch tokens of the main pass. The paper places them
-  "right before the unpatchify projection", which read literally is after the final adaLN (LayerNorm, then a
-  timestep- and class-dependent scale and shift); we feed back the block's output itself, which carries the same
-  tokens without that per-sample modulation (our choice; the two were not compared). The auxiliary pass at the same sigma, under
-  ``torch.no_grad()`` and with 90% probability during training, is the training script's job. As the projection
-  has no bias, a ``self_cond`` of zeros is exactly "no self-conditioning": a training script may zero it per sample.
-
-Label convention as diffusers' ``DiTTransformer2DModel``: ``num_embeds_ada_norm`` real classes and the null class
-``num_embeds_ada_norm`` for classifier-free guidance; there is no label dropout inside the model (drop labels once
-per sample in the training script). Timesteps are on the 0..1000 scale (``sigma * 1000``).
-
-Initialisation: DiT's (Peebles & Xie: xavier linears, adaLN-Zero, zero output layer), with the label table drawn
-from N(0, ``class_embed_init_std``^2). DiT's 0.02 (also the public alphaflow code's) suits the paper's 400k-step
-runs; in a few hundred steps it leaves the model class-blind (samples at chance class accuracy in the bench's
-600-step runs), while 1.0 (PyTorch's ``nn.Embedding`` default, what diffusers' ``DiTTransformer2DModel`` gets from
-``from_config``) learns the class within them: see the DiT recipe section of docs/latent_dit.md.
-
 This file imports only torch and diffusers (plus the standard library) so that it can be copied into a saved
 pipeline's ``transformer/`` folder and loaded with ``trust_remote_code=True``.
 """
@@ -136,6 +107,36 @@ class SelfConditionedDiTOutput(BaseOutput):
 class SelfConditionedDiT(ModelMixin, ConfigMixin):
     r"""Class-conditional latent DiT with 2D RoPE and self-conditioning (paper Appendix B).
 
+    The DiT of Peebles & Xie (2023: adaLN-Zero blocks, final adaLN + linear unpatchify), built from
+    diffusers' ``PatchEmbed``, ``CombinedTimestepLabelEmbeddings``, ``AdaLayerNormZero``, ``Attention`` and
+    ``FeedForward``, with the two changes of the paper's Appendix B:
+
+    * **RoPE** (Su et al., 2024) on queries and keys, in 2D: for a head of size ``d`` the first ``d / 2`` channels
+      rotate with the token's **row** index and the last ``d / 2`` with its **column** index (pairs ``(2i, 2i + 1)``
+      rotate together, diffusers' ``apply_rotary_emb(use_real_unbind_dim=-1)`` layout). ``pos_embed="sincos"`` keeps
+      DiT's fixed additive embedding instead; ``"rope+sincos"`` uses both. RoPE alone gives attention relative offsets
+      only, so a token cannot tell where in the image it is (the per-class layout of the data is lost in short runs);
+      the public alphaflow DiT adds an absolute sin-cos table.
+    * **Self-conditioning** (Jabri et al., 2023): the last block's activations of an auxiliary pass
+      (``last_hidden_state``, the residual stream the last block outputs, before the final adaLN) go through
+      ``self_cond_proj``, a zero-initialised bias-free linear layer, and are added to the patch tokens of the main
+      pass. The paper places them "right before the unpatchify projection", which read literally is after the final
+      adaLN (LayerNorm, then a timestep- and class-dependent scale and shift); we feed back the block's output itself,
+      which carries the same tokens without that per-sample modulation (our choice; the two were not compared). The
+      auxiliary pass at the same sigma, under ``torch.no_grad()`` and with 90% probability during training, is the
+      training script's job. As the projection has no bias, a ``self_cond`` of zeros is exactly "no self-conditioning":
+      a training script may zero it per sample.
+
+    Label convention as diffusers' ``DiTTransformer2DModel``: ``num_embeds_ada_norm`` real classes and the null class
+    ``num_embeds_ada_norm`` for classifier-free guidance; there is no label dropout inside the model (drop labels once
+    per sample in the training script). Timesteps are on the 0..1000 scale (``sigma * 1000``).
+
+    Initialisation: DiT's (Peebles & Xie: xavier linears, adaLN-Zero, zero output layer), with the label table drawn
+    from N(0, ``class_embed_init_std``^2). DiT's 0.02 (also the public alphaflow code's) suits the paper's 400k-step
+    runs; in a few hundred steps it leaves the model class-blind (samples at chance class accuracy in the bench's
+    600-step runs), while 1.0 (PyTorch's ``nn.Embedding`` default, what diffusers' ``DiTTransformer2DModel`` gets from
+    ``from_config``) learns the class within them: see the DiT recipe section of docs/latent_dit.md.
+
     Parameters (names as diffusers' ``DiTTransformer2DModel`` where they exist):
         num_attention_heads (`int`): heads; hidden size ``D = num_attention_heads * attention_head_dim``.
         attention_head_dim (`int`): channels per head (divisible by 4 for RoPE).
@@ -151,7 +152,7 @@ class SelfConditionedDiT(ModelMixin, ConfigMixin):
         self_conditioning (`bool`): create ``self_cond_proj`` and accept ``self_cond`` in ``forward``.
         norm_type (`str`): only ``"ada_norm_zero"``; accepted so that ``dit_config`` dicts fit both DiT classes.
         class_embed_init_std (`float`): std of the label table's normal init; 0.02 is DiT's (for long runs), 1.0
-            learns class conditioning in short ones (see the module docstring).
+            learns class conditioning in short ones (see above).
     """
 
     _supports_gradient_checkpointing = True

@@ -1,34 +1,5 @@
 """Self-conditioned video DiT with 3D RoPE: the video latent DiT of "Improving the Diffusability of Autoencoders".
 
-Section 4: "Our video DiT is a direct adaption of the image one where we additionally unroll the temporal axis [...].
-We do not use patchification for the temporal axis in video DiTs." This is the image DiT of Appendix B
-(``selfcond_dit.SelfConditionedDiT``: adaLN-Zero blocks, shared timestep + label embedding, final adaLN + linear
-unpatchify, self-conditioning) applied to latents ``(B, C, T, H, W)``:
-
-* **Tokens**: every latent frame is patchified on its own with a ``p x p`` patch (``PatchEmbed``'s convolution, no
-  temporal patch), giving ``N = T * (H / p) * (W / p)`` tokens in ``(t, row, col)`` row-major order (token
-  ``n = (t * H / p + row) * W / p + col``), all attending to each other (full spatio-temporal attention). Table 2
-  uses DiT-B/2 for CV-AE latents and DiT-B/1 for LTX-AE ones.
-* **3D RoPE** (Su et al., 2024) on queries and keys: a head of size ``d`` is split into three consecutive channel
-  groups ``[time | rows | cols]`` of sizes :func:`rope_3d_axes_dims` ``(d_t, d_s, d_s)`` with
-  ``d_s = 2 * floor(3 d / 16)`` and ``d_t = d - 2 d_s``, i.e. CogVideoX's ``d / 4, 3d / 8, 3d / 8`` whenever
-  ``16 | d`` (DiT-S/B/L: ``64 -> 16, 24, 24``) and the nearest split into even parts otherwise (DiT-XL's
-  ``72 -> 20, 26, 26``). Each group rotates with its axis' integer position and the 1D frequencies
-  ``theta ** (-2i / d_axis)``, pairs ``(2i, 2i + 1)`` together (diffusers' ``apply_rotary_emb`` layout, as
-  ``selfcond_dit.rope_2d``). The rule needs only an even ``d >= 6`` (every group even, so rotation pairs never
-  straddle two axes), which all DiT sizes satisfy, including XL's 72 where the plain ``3d / 8 = 27`` is odd; time
-  gets the smaller share because video latents have few frames (``T' = 5`` for 17 frames of CV-AE, 3 for LTX-AE)
-  against ``16-32`` rows and columns. ``rope_axes_dims`` in the config overrides the split.
-* ``pos_embed="sincos"``: a fixed additive 3D sin-cos table instead (:func:`sincos_3d`, same ``[time | rows | cols]``
-  split of the hidden size), the 3D analogue of DiT's 2D table.
-
-Positions are integer indices computed from the actual input shape in ``forward`` for both kinds, so any ``T``,
-``H`` and ``W`` work (``H`` and ``W`` divisible by ``p``); ``sample_size`` and ``num_frames`` record the training
-latent size. Self-conditioning, the zero-initialised bias-free ``self_cond_proj`` and the label convention
-(``num_embeds_ada_norm`` classes, label ``num_embeds_ada_norm`` is the null class of classifier-free guidance, no
-label dropout inside the model), the 0..1000 timestep scale and the DiT initialisation are those of the image model.
-Parameter names match ``SelfConditionedDiT``'s, so an image DiT's state dict loads into a video DiT of the same size.
-
 This file imports only torch, diffusers and the standard library, so that it can be copied alone into a saved
 pipeline's ``transformer/`` folder and loaded with ``trust_remote_code=True``. The pieces it shares with
 ``selfcond_dit.py`` are copied, marked ``# Copied from diffusability_hf.models.selfcond_dit.<name>`` (a test checks
@@ -202,6 +173,36 @@ class SelfConditionedVideoDiTOutput(BaseOutput):
 
 class SelfConditionedVideoDiT(ModelMixin, ConfigMixin):
     r"""Class-conditional video latent DiT with 3D RoPE and self-conditioning (paper Section 4 and Appendix B).
+
+    Section 4: "Our video DiT is a direct adaption of the image one where we additionally unroll the temporal axis
+    [...]. We do not use patchification for the temporal axis in video DiTs." This is the image DiT of Appendix B
+    (``selfcond_dit.SelfConditionedDiT``: adaLN-Zero blocks, shared timestep + label embedding, final adaLN + linear
+    unpatchify, self-conditioning) applied to latents ``(B, C, T, H, W)``:
+
+    * **Tokens**: every latent frame is patchified on its own with a ``p x p`` patch (``PatchEmbed``'s convolution, no
+      temporal patch), giving ``N = T * (H / p) * (W / p)`` tokens in ``(t, row, col)`` row-major order (token
+      ``n = (t * H / p + row) * W / p + col``), all attending to each other (full spatio-temporal attention). Table 2
+      uses DiT-B/2 for CV-AE latents and DiT-B/1 for LTX-AE ones.
+    * **3D RoPE** (Su et al., 2024) on queries and keys: a head of size ``d`` is split into three consecutive channel
+      groups ``[time | rows | cols]`` of sizes :func:`rope_3d_axes_dims` ``(d_t, d_s, d_s)`` with
+      ``d_s = 2 * floor(3 d / 16)`` and ``d_t = d - 2 d_s``, i.e. CogVideoX's ``d / 4, 3d / 8, 3d / 8`` whenever
+      ``16 | d`` (DiT-S/B/L: ``64 -> 16, 24, 24``) and the nearest split into even parts otherwise (DiT-XL's
+      ``72 -> 20, 26, 26``). Each group rotates with its axis' integer position and the 1D frequencies
+      ``theta ** (-2i / d_axis)``, pairs ``(2i, 2i + 1)`` together (diffusers' ``apply_rotary_emb`` layout, as
+      ``selfcond_dit.rope_2d``). The rule needs only an even ``d >= 6`` (every group even, so rotation pairs never
+      straddle two axes), which all DiT sizes satisfy, including XL's 72 where the plain ``3d / 8 = 27`` is odd; time
+      gets the smaller share because video latents have few frames (``T' = 5`` for 17 frames of CV-AE, 3 for LTX-AE)
+      against ``16-32`` rows and columns. ``rope_axes_dims`` in the config overrides the split.
+    * ``pos_embed="sincos"``: a fixed additive 3D sin-cos table instead (:func:`sincos_3d`, same
+      ``[time | rows | cols]`` split of the hidden size), the 3D analogue of DiT's 2D table.
+
+    Positions are integer indices computed from the actual input shape in ``forward`` for both kinds, so any ``T``,
+    ``H`` and ``W`` work (``H`` and ``W`` divisible by ``p``); ``sample_size`` and ``num_frames`` record the training
+    latent size. Self-conditioning, the zero-initialised bias-free ``self_cond_proj`` and the label convention
+    (``num_embeds_ada_norm`` classes, label ``num_embeds_ada_norm`` is the null class of classifier-free guidance, no
+    label dropout inside the model), the 0..1000 timestep scale and the DiT initialisation are those of the image
+    model. Parameter names match ``SelfConditionedDiT``'s, so an image DiT's state dict loads into a video DiT of the
+    same size.
 
     Parameters (names as ``SelfConditionedDiT``'s):
         num_attention_heads (`int`): heads; hidden size ``D = num_attention_heads * attention_head_dim``.

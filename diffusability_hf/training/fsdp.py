@@ -1,24 +1,11 @@
 """FSDP2 in the training scripts: what changes when every parameter is a shard.
 
-The paper trains with FSDP full sharding on 8 GPUs. ``accelerate launch --config_file accelerate_configs/fsdp.yaml``
-(``fsdp_version: 2``) applies ``torch.distributed.fsdp.fully_shard`` to the prepared module: each process then holds
-1/N of every parameter, gradient and AdamW moment (a ``DTensor`` sharded on dim 0), and a forward pass gathers the
-full weights of one wrapped block at a time. What the scripts do with whole weights changes as follows:
-
-- The EMA (:class:`~.ema.EMA`) is built from the prepared module's parameters, so its shadow tensors are shards
-  like them (1/N of the memory, updated locally, no communication). Each process saves its EMA shards into the
-  checkpoint and loads them back on resume (:func:`save_ema_state`, :func:`load_ema_state`; under DDP the main
-  process saves the whole EMA). Either way as safetensors + JSON, never a pickle: loading a checkpoint runs no code.
-- Validation, snapshots and the final save run on the main process on a plain, unsharded copy of the model:
-  :func:`plain_copy` makes it before ``accelerator.prepare`` (on the main process's device: one copy of the weights,
-  without gradients or optimizer state), and :func:`gather_into` fills it with the gathered training or EMA weights
-  (a collective: every process calls it, at the same point of the loop). The saved model is the same plain diffusers
-  module as under DDP, so stock diffusers loads it.
-- ``accelerator.save_state`` / ``load_state`` save the model and optimizer through accelerate's FSDP path
-  (``fsdp_state_dict_type`` of the config).
-
-Under DDP or one process (:func:`fsdp_active` is False) these functions do nothing or the obvious thing, so the
-scripts run one code path.
+``accelerate_configs/fsdp.yaml`` (``fsdp_version: 2``; the paper trains with full sharding) has accelerate apply
+``fully_shard`` to the prepared module: each process holds 1/N of every parameter, gradient and AdamW moment, as a
+``DTensor``. The EMA is then kept over each process's shards (:func:`save_ema_state`, :func:`load_ema_state`), and
+validation, snapshots and the final save run on the main process's unsharded :func:`plain_copy`, filled by the
+collective :func:`gather_into`, so the saved model is the plain diffusers module DDP saves. Without FSDP
+(:func:`fsdp_active` is False) these functions do nothing or the obvious thing, so the scripts run one code path.
 """
 
 from __future__ import annotations
