@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 import torch
 
+from diffusability_hf import cpu
 from diffusability_hf.data import training
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks only")
@@ -57,3 +58,27 @@ def test_workers_start_with_stop_signals_blocked_and_unblock_them_after_their_in
         at_init, now = row[: row.index(-2)], row[row.index(-2) + 1 :]
         assert stop <= set(at_init), at_init  # forked with both blocked
         assert not stop & set(now), now  # unblocked once the init had run
+
+
+def test_a_fork_waits_until_no_thread_outside_python_runs(monkeypatch):
+    """``settle_threads_before_fork``'s wait (CPython gh-112275: a thread that holds the interpreter's thread-list lock
+    at a fork leaves the child deadlocked): it looks at the threads that are not Python's, with the GIL released
+    between looks, until none runs twice in a row, and gives up after its time limit."""
+    import threading
+
+    looks = iter(["R", "R", "S", "R", "S", "S", "R"])
+    seen = []
+
+    def state(tid):
+        seen.append(int(tid))
+        return next(looks)
+
+    def one_native_thread(path):
+        return [str(threading.main_thread().native_id), "999999"]  # the main thread is Python's: never looked at
+
+    monkeypatch.setattr(cpu, "_thread_state", state)
+    monkeypatch.setattr(cpu.os, "listdir", one_native_thread)
+    cpu._wait_for_native_threads(limit_s=60)
+    assert seen == [999999] * 6  # R R S R S S: done at the second idle look in a row
+    monkeypatch.setattr(cpu, "_thread_state", lambda tid: "R")  # a thread that never stops: the limit ends it
+    cpu._wait_for_native_threads(limit_s=0.05)
