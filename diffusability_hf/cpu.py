@@ -1,14 +1,9 @@
 """CPU threads: ``accelerate launch`` runs a plain single CPU process on one thread; the scripts use every core
-unless the user chose a thread count (``use_all_cpu_cores``); a fork waits for the threads that could leave the child
-deadlocked (``settle_threads_before_fork``). Of the toolkit it imports only the launch size
+unless the user chose a thread count (``use_all_cpu_cores``). Of the toolkit it imports only the launch size
 (``errors.launched_processes``)."""
 
 import logging
 import os
-import sys
-import threading
-import time
-from functools import partial
 from typing import Optional
 
 import torch
@@ -68,46 +63,3 @@ def use_all_cpu_cores() -> Optional[int]:
         os.environ["OMP_NUM_THREADS"] = str(cores)  # for DataLoader workers and child processes
         return cores
     return None
-
-
-_FORK_GUARD = []
-
-
-def settle_threads_before_fork(limit_s: float = 2.0) -> None:
-    """Make every later ``os.fork`` of this process (a ``DataLoader`` forks its workers each epoch) wait, with the GIL
-    released, until no thread that runs outside Python is running (at most ``limit_s`` seconds). Once per process;
-    CPython 3.12 and later need none of it.
-
-    Why: on CPython 3.11 and earlier (3.11.7 measured) a child forked while another thread held the interpreter's
-    thread-list lock deadlocks inside ``os.fork`` (CPython gh-112275: the child takes that lock before resetting it).
-    gloo's worker threads take it without the GIL, each time they free a finished collective whose tensors have Python
-    objects, which is just before an epoch's fork (accelerate synchronises the RNG with a collective as an epoch
-    starts). The worker never started and the run waited for its batch forever: 9 of 29 two-process runs of 300
-    one-step epochs hung, none of 12 with this wait. Those threads take the lock only while running, and once the
-    collectives are freed they sleep until this process starts another, so waiting until none runs leaves the lock
-    free at the fork."""
-    if _FORK_GUARD or sys.version_info >= (3, 12) or not hasattr(os, "register_at_fork"):
-        return
-    _FORK_GUARD.append(limit_s)
-    os.register_at_fork(before=partial(_wait_for_native_threads, limit_s))
-
-
-def _wait_for_native_threads(limit_s: float) -> None:
-    python = {t.native_id for t in threading.enumerate()}
-    deadline = time.monotonic() + limit_s
-    idle = 0
-    while idle < 2 and time.monotonic() < deadline:  # two looks in a row with none running
-        time.sleep(0.001)  # releases the GIL: a thread that waits for it finishes what it started
-        try:
-            states = [_thread_state(tid) for tid in os.listdir("/proc/self/task") if int(tid) not in python]
-        except OSError:
-            return
-        idle = idle + 1 if "R" not in states else 0
-
-
-def _thread_state(tid: str) -> str:
-    try:
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:  # the thread ended
-        return "X"

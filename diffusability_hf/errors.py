@@ -1,5 +1,5 @@
 """The toolkit's errors and how a script reports them: one line, ``error: ...``, exit code 2 (``run_script``, which
-also leaves no process group of a launched run to interpreter exit).
+also leaves no process group of a launched run to interpreter exit, and makes its forks wait for gloo's threads).
 
 ``UsageError`` is the base of every error the user can fix (arguments, files, environment). This module imports
 nothing of the toolkit: it is the bottom of the import graph.
@@ -8,7 +8,10 @@ nothing of the toolkit: it is the bottom of the import graph.
 import gc
 import os
 import sys
+import threading
+import time
 import traceback
+from functools import partial
 from typing import Callable
 
 
@@ -78,6 +81,50 @@ def import_before_process_group() -> None:
             importlib.import_module(name)
 
 
+_FORK_GUARD = []
+
+
+def settle_threads_before_fork(limit_s: float = 2.0) -> None:
+    """Make every later ``os.fork`` of this process (a ``DataLoader`` forks its workers each epoch) wait, with the GIL
+    released, until no thread that runs outside Python is running (at most ``limit_s`` seconds). Once per process;
+    ``run_script`` calls it in a multi-process launch, whose process group runs gloo's threads. CPython 3.12 and later
+    need none of it.
+
+    Why: on CPython 3.11 and earlier (3.11.7 measured) a child forked while another thread held the interpreter's
+    thread-list lock deadlocks inside ``os.fork`` (CPython gh-112275: the child takes that lock before resetting it).
+    gloo's worker threads take it without the GIL, each time they free a finished collective whose tensors have Python
+    objects, which is just before an epoch's fork (accelerate synchronises the RNG with a collective as an epoch
+    starts). The worker never started and the run waited for its batch forever: 9 of 29 two-process runs of 300
+    one-step epochs hung, none of 12 with this wait. Those threads take the lock only while running, and once the
+    collectives are freed they sleep until this process starts another, so waiting until none runs leaves the lock
+    free at the fork."""
+    if _FORK_GUARD or sys.version_info >= (3, 12) or not hasattr(os, "register_at_fork"):
+        return
+    _FORK_GUARD.append(limit_s)
+    os.register_at_fork(before=partial(_wait_for_native_threads, limit_s))
+
+
+def _wait_for_native_threads(limit_s: float) -> None:
+    python = {t.native_id for t in threading.enumerate()}
+    deadline = time.monotonic() + limit_s
+    idle = 0
+    while idle < 2 and time.monotonic() < deadline:  # two looks in a row with none running
+        time.sleep(0.001)  # releases the GIL: a thread that waits for it finishes what it started
+        try:
+            states = [_thread_state(tid) for tid in os.listdir("/proc/self/task") if int(tid) not in python]
+        except OSError:
+            return
+        idle = idle + 1 if "R" not in states else 0
+
+
+def _thread_state(tid: str) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:  # the thread ended
+        return "X"
+
+
 def _free_the_process_group() -> None:
     """Destroy the process group where the run left it (a stopped or failed run never reaches ``end_training``) and
     free what the run leaves in reference cycles (the accelerator, a DDP or FSDP module and the group they hold),
@@ -101,6 +148,7 @@ def run_script(main: Callable, parse_args: Callable) -> None:
     """
     if launched_processes() > 1:  # before the run creates its process group
         import_before_process_group()
+        settle_threads_before_fork()
     # What exists now (the imported modules) outlives the run: frozen, the collections below and the collector's
     # own full passes during the run leave it alone (in a process forked from a server that imported torch, such a
     # pass would also copy every page it touches).

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 
-from diffusability_hf import cpu
+from diffusability_hf import errors
 from diffusability_hf.data import training
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks only")
@@ -76,9 +76,9 @@ def test_a_fork_waits_until_no_thread_outside_python_runs(monkeypatch):
     def one_native_thread(path):
         return [str(threading.main_thread().native_id), "999999"]  # the main thread is Python's: never looked at
 
-    monkeypatch.setattr(cpu, "_thread_state", state)
-    monkeypatch.setattr(cpu.os, "listdir", one_native_thread)
-    cpu._wait_for_native_threads(limit_s=60)
+    monkeypatch.setattr(errors, "_thread_state", state)
+    monkeypatch.setattr(errors.os, "listdir", one_native_thread)
+    errors._wait_for_native_threads(limit_s=60)
     assert seen == [999999] * 6  # R R S R S S: done at the second idle look in a row
-    monkeypatch.setattr(cpu, "_thread_state", lambda tid: "R")  # a thread that never stops: the limit ends it
-    cpu._wait_for_native_threads(limit_s=0.05)
+    monkeypatch.setattr(errors, "_thread_state", lambda tid: "R")  # a thread that never stops: the limit ends it
+    errors._wait_for_native_threads(limit_s=0.05)

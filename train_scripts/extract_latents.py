@@ -41,7 +41,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from diffusability_hf import autoencoders as ae
-from diffusability_hf.cpu import settle_threads_before_fork, use_all_cpu_cores
+from diffusability_hf.cpu import use_all_cpu_cores
 from diffusability_hf.data.extraction import ExtractionItems
 from diffusability_hf.data.latents import (
     check_existing_latents,
@@ -354,8 +354,6 @@ def main(args):
     if channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     dtype = getattr(torch, args.dtype)
-    if args.dataloader_num_workers:
-        settle_threads_before_fork()  # each shard forks its workers beside gloo's threads
     for j in tqdm(mine, desc="Shards", disable=not accelerator.is_local_main_process):
         loader = torch.utils.data.DataLoader(  # (pixels, label, sample id, ok)
             items.shard(j), batch_size=args.batch_size, num_workers=args.dataloader_num_workers

@@ -13,7 +13,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..cpu import settle_threads_before_fork
 from ..errors import UsageError
 from .images import collate, training_images
 from .shards import is_shard_folder, open_streaming_source
@@ -120,8 +119,6 @@ class TrainingData:
                     source.dataset_config_name, cache_dir, center_crop, random_flip,
                 )  # fmt: skip
         images, videos = self.train.get("image"), self.train.get("video")
-        if num_workers:
-            settle_threads_before_fork()
         self._block_stop_signals = bool(num_workers) and hasattr(signal, "pthread_sigmask")
         if self._block_stop_signals:  # a worker unblocks them once its worker_init_fn has run (see epoch())
             worker_init_fn = partial(_init_then_unblock_stop_signals, worker_init_fn)

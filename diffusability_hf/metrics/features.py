@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cpu import settle_threads_before_fork
 from ..errors import error_summary
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -331,8 +330,6 @@ def process_share(dataset, accelerator, batch_size: int, num_workers: int = 0):
     (each item on exactly one process) and a DataLoader over those items in that order (no shuffling). Returns
     ``(indices, loader)``."""
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    if num_workers:
-        settle_threads_before_fork()  # forking beside gloo's threads can deadlock the worker (cpu.py)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers
     )
