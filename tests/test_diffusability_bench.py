@@ -79,7 +79,7 @@ def check_the_report(out, report):
     eval_ae = json.loads((out / "eval_ae" / "metrics.json").read_text())
     for label in labels:
         assert result["reconstruction"][label]["psnr"]["mean"] == eval_ae["models"][label]["psnr"]["mean"]
-        assert len(result["dct_cut_psnr"][label]) == 10
+        assert list(result["dct_cut_psnr"][label]) == ["0.0", "0.5", "0.9"]  # --smoke's ratios
         assert 0 < result["spectrum_normalised_samples"][label]["hf_share"] < 1
         assert result["models"][label]["weights_fingerprint"] == eval_ae["models"][label]["weights_fingerprint"]
     # generation: each seed's FD is the one eval_dit wrote for the final pipeline, paired within each protocol

@@ -24,7 +24,7 @@ from ..models.dit import RECIPES
 from .data import image_folder_items, load_items, load_samples, make_feature_spaces, write_crops
 from .rules import last_interval
 from .runner import Stages, cpu_cores, in_parallel
-from .settings import CUT_RATIOS, FEATURES, ROOT, SCRIPTS, ae_args, fd_values, read_json, slug
+from .settings import FEATURES, ROOT, SCRIPTS, ae_args, cut_ratios, fd_values, read_json, slug
 
 
 class Bench:
@@ -135,7 +135,7 @@ class Bench:
         n_held, n_ref, sfx = self.cfg["heldout_crops"], self.cfg["reference_crops"], self.suffix(res)
         runs = {
             "eval_ae": ("metrics.json", "eval_ae.py", *src["heldout"], "--num_samples", n_held, "--metrics", "psnr",
-                        "ssim", "--dct_cut_ratios", *CUT_RATIOS),
+                        "ssim", "--dct_cut_ratios", *cut_ratios(self.cfg)),
             "eval_ae_fd": ("metrics.json", "eval_ae.py", *src["reference"], "--num_samples", n_ref, "--metrics",
                            "fd", "psnr", "--feature_extractor", *[features[n] for n in FEATURES]),
             "spectrum": ("spectrum.json", "analyze_spectrum.py", *src["heldout"], "--num_samples", n_held,

@@ -11,7 +11,7 @@ from ..metrics.bench import (
     paired_comparison,
 )
 from .rules import generation_verdict, last_interval, unusable
-from .settings import CUT_RATIOS, FEATURES, fd_values, portable, slug
+from .settings import FEATURES, cut_ratios, fd_values, portable, slug
 
 # ----------------------------------------------------------------------------------------------------------------
 # The report
@@ -99,7 +99,7 @@ def write_report(bench, labels, evals):
         })  # fmt: skip
         curves = rec["dct_cut"]["curves"]
         diffs = {r: curves[se][str(float(r))]["psnr"]["mean"] - curves[base][str(float(r))]["psnr"]["mean"]
-                 for r in CUT_RATIOS[1:]}  # fmt: skip
+                 for r in cut_ratios(cfg)[1:]}  # fmt: skip
         gap0 = curves[se]["0.0"]["psnr"]["mean"] - curves[base]["0.0"]["psnr"]["mean"]
         gains = {r: d - gap0 for r, d in diffs.items()}  # the cut's effect beyond the uncut reconstruction gap
         better = [r for r, g in gains.items() if g > 0]
@@ -231,7 +231,7 @@ def report_markdown(result, cfg, labels, curve_steps, rec, rfd, spec, spec_means
         markdown_table(
             [
                 [f"{100 * r:.0f}"] + [f"{curves[n][str(float(r))]['psnr']['mean']:.2f}" for n in labels]
-                for r in CUT_RATIOS
+                for r in cut_ratios(cfg)
             ],
             ["cut (%)"] + labels,
         ),  # fmt: skip
