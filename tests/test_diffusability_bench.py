@@ -494,6 +494,20 @@ def test_ae_seed_and_fd_curve_from_reach_the_scripts_and_leave_the_default_setti
     assert flag(calls[0][1], "--pipeline_snapshot_steps") == "200"
 
 
+def test_the_dct_cut_ratios_are_fig_8s_by_default_and_three_in_the_smoke():
+    """The default run cuts at Fig. 8's ten ratios and keeps them out of its settings (so a default run started
+    before --smoke had its own ratios continues); --smoke cuts at 0, 50% and 90% (0 first: every cut is measured
+    against the uncut reconstruction; 0.5 is the ablation's column)."""
+    from diffusability_hf.bench.settings import cut_ratios, settings_for
+
+    parse_args = load_bench().parse_args
+    default = settings_for(parse_args([]))
+    assert "cut_ratios" not in default
+    assert cut_ratios(default) == [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    for argv in (["--smoke"], ["--smoke", "--ablation"], ["--smoke", "--score_study"]):
+        assert cut_ratios(settings_for(parse_args(argv))) == [0, 0.5, 0.9], argv
+
+
 @pytest.mark.minutes
 def test_score_study_smoke_scores_a_family_and_correlates_each_proxy_with_the_generators(tmp_path):
     """--score_study --smoke: the family trained as registered (SE weights, KL), the proxies and the generators of
