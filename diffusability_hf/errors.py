@@ -81,7 +81,7 @@ def import_before_process_group() -> None:
             importlib.import_module(name)
 
 
-_FORK_GUARD = []
+_fork_wait_registered = False
 
 
 def settle_threads_before_fork(limit_s: float = 2.0) -> None:
@@ -98,9 +98,10 @@ def settle_threads_before_fork(limit_s: float = 2.0) -> None:
     one-step epochs hung, none of 12 with this wait. Those threads take the lock only while running, and once the
     collectives are freed they sleep until this process starts another, so waiting until none runs leaves the lock
     free at the fork."""
-    if _FORK_GUARD or sys.version_info >= (3, 12) or not hasattr(os, "register_at_fork"):
+    global _fork_wait_registered
+    if _fork_wait_registered or sys.version_info >= (3, 12) or not hasattr(os, "register_at_fork"):
         return
-    _FORK_GUARD.append(limit_s)
+    _fork_wait_registered = True
     os.register_at_fork(before=partial(_wait_for_native_threads, limit_s))
 
 
