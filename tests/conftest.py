@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from testing_utils import ROOT, run_script_in_process, tiny_autoencoder_kl, torchrun
+from testing_utils import ROOT, Forked, run_script_in_process, tiny_autoencoder_kl
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -46,8 +46,8 @@ def embedded_latents(tmp_path_factory, run_script):
 
 @pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory):
-    """``ddp_reference(script, args, port)``: the output folder of a 2-process DDP run (torchrun, CPU) of
-    ``train_scripts/<script> args``, made once for the whole suite: the FSDP and DeepSpeed tests compare their runs
+    """``ddp_reference(script, args, port)``: the output folder of a 2-process DDP run (CPU processes with torchrun's
+    environment, ``testing_utils.Forked``) of ``train_scripts/<script> args``, made once for the whole suite: the FSDP and DeepSpeed tests compare their runs
     with the same DDP runs, whichever pytest-xdist worker asks first (the others wait for it).
 
     ``args`` may name the asking worker's own copies of the tiny inputs, which every worker builds the same way: the
@@ -57,7 +57,6 @@ def ddp_reference(tmp_path_factory):
     processes."""
     import hashlib
     import json
-    import signal
 
     from filelock import FileLock
 
@@ -96,17 +95,11 @@ def ddp_reference(tmp_path_factory):
             if not out.is_dir():
                 partial = shared / f"{out.name}.partial"
                 shutil.rmtree(partial, ignore_errors=True)
-                cmd = torchrun(port) + [os.path.join(ROOT, "train_scripts", script), *map(str, args)]
-                proc = subprocess.Popen(cmd + ["--output_dir", str(partial)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
-                                        env=script_env({"ACCELERATE_USE_CPU": "1"}))  # fmt: skip
-                try:
-                    stdout, stderr = proc.communicate(timeout=timeout)
-                finally:
-                    if proc.poll() is None:
-                        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its two workers
-                        proc.communicate()
-                assert proc.returncode == 0, f"{script} under DDP failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+                proc = Forked(port)(os.path.join(ROOT, "train_scripts", script), [*args, "--output_dir", partial],
+                                    script_env({"ACCELERATE_USE_CPU": "1"}), timeout)  # fmt: skip
+                assert proc.returncode == 0, (
+                    f"{script} under DDP failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+                )
                 (partial / "reference_inputs.json").write_text(json.dumps(mine))
                 partial.rename(out)
         theirs = json.loads((out / "reference_inputs.json").read_text())
@@ -128,12 +121,15 @@ def run_script():
     """``run_script(name, args, check=True, launcher=None, extra_env=None)``: run ``train_scripts/<name>`` end to
     end: by default in this process, as ``python script.py`` would run it (``run_script_in_process``: the same
     outputs without paying the interpreter's start and torch's imports again for every run), or as its own process
-    through ``launcher`` (``ACCELERATE_CPU`` for the launcher itself, ``PYTHON`` for a plain process, torchrun or a
-    multi-process config). Returns the CompletedProcess."""
+    through ``launcher``: a command (``ACCELERATE_CPU`` for the launcher itself, ``PYTHON`` for a plain process,
+    ``torchrun(port)``, ``accelerate_launcher(config, port, shim)``) or processes forked with torchrun's
+    environment (``Forked(port)``, ``Forked(port, config=..., shim=...)``). Returns the CompletedProcess."""
 
     def run(name, args, check=True, launcher=None, extra_env=None):
         if launcher is None:
             proc = run_script_in_process(name, args, extra_env)
+        elif isinstance(launcher, Forked):
+            proc = launcher(os.path.join(ROOT, "train_scripts", name), args, script_env(extra_env))
         else:
             script = os.path.join(ROOT, "train_scripts", name)
             proc = subprocess.run(

@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from testing_utils import ROOT, load_script, torchrun
+from testing_utils import ROOT, Forked, load_script
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "accelerate_configs", "*.yaml")))
 EXPECTED = {  # name: (distributed type, mixed precision, use_cpu)
@@ -96,7 +96,7 @@ def test_two_process_ddp_equals_one_process_with_twice_the_batch(tmp_path, tiny_
         "--latent_sampling", "mode", "--max_train_steps", 4, "--seed", 3,
     ]  # fmt: skip
     run_script("train_ae_se.py", [*common, "--train_batch_size", 4, "--output_dir", tmp_path / "one"])
-    launcher = torchrun(29541)
+    launcher = Forked(29541)
     two = [*common, "--train_batch_size", 2, "--output_dir", tmp_path / "two"]
     proc = run_script("train_ae_se.py", two, launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"})
     assert "global batch 4 images (2 per process x 2 processes" in proc.stdout + proc.stderr

@@ -23,11 +23,11 @@ from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError
 from testing_utils import (
     DIT_TINY,
     ROOT,
+    Forked,
     accelerate_launcher,
     distributed_dit_args,
     distributed_se_args,
     load_script,
-    torchrun,
     transformer_weights,
 )
 
@@ -82,7 +82,7 @@ def test_dit_under_deepspeed_equals_ddp_saves_a_stock_model_and_resumes_exactly(
     resumed.mkdir()
     shutil.copytree(tmp_path / "ds" / "checkpoint-2", resumed / "checkpoint-2")
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-                      launcher=accelerate_launcher(config, 29573, SHIM))  # fmt: skip
+                      launcher=Forked(29573, config=config, shim=SHIM))  # fmt: skip
     assert f"Resuming from {resumed / 'checkpoint-2'}" in proc.stderr
     assert_same_weights(transformer_weights(resumed), ds, rtol=1e-5, atol=1e-6)
 
@@ -100,10 +100,10 @@ def test_a_non_finite_step_under_deepspeed_is_skipped_as_under_ddp(tmp_path, emb
         save_file(tensors, str(shard), metadata=header)
     common = ["--latents_dir", broken, *DIT_TINY, "--max_train_steps", 4, "--validation_steps", 100,
               "--max_nonfinite_steps", 0]  # fmt: skip
-    run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=torchrun(29574),
+    run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=Forked(29574),
                extra_env=CPU)  # fmt: skip
     run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "ds"],
-               launcher=accelerate_launcher(deepspeed_config(tmp_path), 29575, SHIM))  # fmt: skip
+               launcher=Forked(29575, config=deepspeed_config(tmp_path), shim=SHIM))  # fmt: skip
     runs = [yaml.safe_load((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "ds")]
     assert runs[0]["nonfinite_steps"] == runs[1]["nonfinite_steps"]
     assert runs[1]["nonfinite_steps"] == 2  # 2 epochs of 2 steps: one skipped in each
@@ -121,7 +121,7 @@ def test_se_fine_tuning_under_deepspeed_equals_ddp_and_resumes_exactly(
     common = distributed_se_args(tiny_vae_dir)
     ddp_dir = ddp_reference("train_ae_se.py", common, 29576)
     proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ds"],
-                      launcher=accelerate_launcher(config, 29577, SHIM))  # fmt: skip
+                      launcher=Forked(29577, config=config, shim=SHIM))  # fmt: skip
     assert "Distributed environment: DistributedType.DEEPSPEED" in proc.stderr
     assert "step 2: val image PSNR" in proc.stderr
 

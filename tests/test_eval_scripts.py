@@ -26,7 +26,7 @@ from diffusability_hf.spectral import (
     share_of_high_frequencies,
 )
 
-from testing_utils import ROOT, load_script, torchrun
+from testing_utils import ROOT, Forked, load_script
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 
@@ -262,7 +262,7 @@ def test_eval_ae_two_processes_give_the_one_process_numbers(
         "--metrics", "psnr", "ssim", "fd", "--feature_extractor", tiny_feature_models["torchscript"],
     ]  # fmt: skip
     run_script("eval_ae.py", [*args, "--output_dir", tmp_path / "one"])
-    launcher = torchrun(29531)
+    launcher = Forked(29531)
     run_script(
         "eval_ae.py",
         [*args, "--output_dir", tmp_path / "two"],
@@ -612,7 +612,7 @@ def test_eval_dit_inception_dinov2_random_classes_and_two_processes(
     ]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("eval_dit.py", [*args, "--stats_cache_dir", tmp_path / "c1", "--output_dir", one])
-    launcher = torchrun(29533)
+    launcher = Forked(29533)
     two_args = [*args, "--stats_cache_dir", tmp_path / "c2", "--output_dir", two]
     run_script("eval_dit.py", two_args, launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"})
     labels = json.loads((one / "samples" / "labels.json").read_text())

@@ -17,7 +17,7 @@ from diffusability_hf.data.images import open_and_crop
 from diffusability_hf.data.latents import check_existing_latents
 from diffusability_hf.errors import UsageError
 
-from testing_utils import ROOT, load_script, run_in_process, torchrun
+from testing_utils import ROOT, Forked, load_script, run_in_process
 
 # The script itself, without `accelerate launch` (whose own traceback and exit code 1 follow)
 PYTHON = [sys.executable]
@@ -186,7 +186,7 @@ def test_extract_refuses_latents_of_an_older_version_and_damaged_shards(tmp_path
 def test_extract_two_processes_write_disjoint_shards(tmp_path, tiny_vae_dir, run_script):
     make_classes(tmp_path / "data", per_class=4)
     out = tmp_path / "latents"
-    launcher = torchrun(29523)
+    launcher = Forked(29523)
     extract(
         run_script, tiny_vae_dir, tmp_path / "data", out, "--shard_size", 2,
         launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"},
@@ -280,7 +280,7 @@ def test_extract_video_latents_embedded_pans_two_processes_and_resume(tmp_path, 
     assert shards["shard-00000.safetensors"]["mean"].shape == (3, 4, 3, 4, 4)
     labels = torch.cat([s["labels"] for s in shards.values()])
     assert labels.tolist() == [i % 8 for i in range(8)]  # class = source photograph (the GIF last)
-    launcher = torchrun(29524)
+    launcher = Forked(29524)
     run_script(
         "extract_latents.py", [*args, "--output_dir", two], launcher=launcher, extra_env={"ACCELERATE_USE_CPU": "1"}
     )

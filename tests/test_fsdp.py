@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 from testing_utils import (
     ROOT,
+    Forked,
     accelerate_launcher,
     distributed_dit_args,
     distributed_se_args,
-    torchrun,
+    forked_processes,
     transformer_weights,
 )
 
@@ -97,10 +98,7 @@ def test_the_library_gathers_full_weights_and_keeps_the_ema_over_shards(tmp_path
             """
         )
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [*torchrun(29561), str(program)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
+    proc = forked_processes(2, 29561, [str(program)], dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "GATHER-OK" in proc.stdout
 
@@ -112,7 +110,7 @@ def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(
     common = distributed_dit_args(embedded_latents)
     ddp_dir = ddp_reference("train_dit_flow.py", common, 29562)
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", tmp_path / "fsdp"],
-                      launcher=accelerate_launcher(config, 29563, SHIM), extra_env=CPU)  # fmt: skip
+                      launcher=Forked(29563, config=config, shim=SHIM), extra_env=CPU)  # fmt: skip
     assert "Distributed environment: DistributedType.FSDP" in proc.stderr  # accelerate's own FSDP path, not DDP
     assert "FSDP2: 2 processes; each SelfConditionedDiTBlock sharded on its own" in proc.stderr
     ddp, fsdp = transformer_weights(ddp_dir), transformer_weights(tmp_path / "fsdp")
@@ -137,7 +135,7 @@ def test_dit_under_fsdp_equals_ddp_saves_a_stock_model_and_resumes_exactly(
     resumed.mkdir()
     subprocess.run(["cp", "-r", str(tmp_path / "fsdp" / "checkpoint-2"), str(resumed)], check=True)
     proc = run_script("train_dit_flow.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-                      launcher=accelerate_launcher(config, 29564, SHIM), extra_env=CPU)  # fmt: skip
+                      launcher=Forked(29564, config=config, shim=SHIM), extra_env=CPU)  # fmt: skip
     assert f"Resuming from {resumed / 'checkpoint-2'}" in proc.stderr
     for key, value in transformer_weights(resumed).items():
         torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -172,7 +170,7 @@ def test_se_fine_tuning_under_fsdp_equals_ddp_and_resumes_exactly(tmp_path, tiny
     resumed.mkdir()
     subprocess.run(["cp", "-r", str(tmp_path / "fsdp" / "checkpoint-2"), str(resumed)], check=True)
     run_script("train_ae_se.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-               launcher=accelerate_launcher(config, 29567, SHIM), extra_env=CPU)  # fmt: skip
+               launcher=Forked(29567, config=config, shim=SHIM), extra_env=CPU)  # fmt: skip
     for key, value in weights(resumed).items():
         torch.testing.assert_close(value, fsdp[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -185,10 +183,10 @@ def test_lora_under_fsdp_equals_ddp(tmp_path, tiny_vae_dir, run_script):
               "--max_train_steps", 2, "--learning_rate", 1e-2, "--report_to", "none", "--latent_sampling", "mode",
               "--latent_stats_num_samples", 4, "--ema_halflife_steps", 2, "--seed", 3, "--lpips_weight", 0,
               "--use_lora", "--lora_rank", 2]  # fmt: skip
-    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=torchrun(29568),
+    run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "ddp"], launcher=Forked(29568),
                extra_env=CPU)  # fmt: skip
     proc = run_script("train_ae_se.py", [*common, "--output_dir", tmp_path / "fsdp"],
-                      launcher=accelerate_launcher(config, 29569, SHIM), extra_env=CPU)  # fmt: skip
+                      launcher=Forked(29569, config=config, shim=SHIM), extra_env=CPU)  # fmt: skip
     assert "Distributed environment: DistributedType.FSDP" in proc.stderr
     base = load_file(os.path.join(tiny_vae_dir, "diffusion_pytorch_model.safetensors"))
     for name in ["diffusion_pytorch_model.safetensors", os.path.join("lora", "adapter_model.safetensors")]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from diffusability_hf.data import shards as sh
 from diffusability_hf.errors import UsageError
 
-from testing_utils import ROOT, load_script, torchrun
+from testing_utils import ROOT, Forked, load_script, torchrun
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 
@@ -135,7 +135,7 @@ def test_train_on_tar_shards_resumes_exactly_and_counts_corrupt_samples(tmp_path
 def test_two_processes_train_on_their_own_shards_and_resume_exactly(tmp_path, tiny_vae_dir, image_shards, run_script):
     """2 processes (DDP) on 3 tar shards: each reads its own shards and saves its own stream position; a run resumed
     from step 2 with 2 processes ends with the straight run's weights, and the ranks stay in sync."""
-    launcher = torchrun(29536)
+    launcher = Forked(29536)
     cpu = {"ACCELERATE_USE_CPU": "1"}
     common = ["--train_data_dir", image_shards, "--checkpointing_steps", 2, "--ema_halflife_steps", 3,
               "--max_train_steps", 4]  # fmt: skip
@@ -331,7 +331,7 @@ def test_extract_tar_shards_one_latent_shard_each_two_processes_equal_one_and_re
 
     # Two processes (each input shard encoded once, by one of them), the shards named by a brace spec
     spec = f"{image_shards}/{{000000..000002}}.tar"
-    extract(run_script, tiny_vae_dir, two, "--train_data_files", spec, launcher=torchrun(29535),
+    extract(run_script, tiny_vae_dir, two, "--train_data_files", spec, launcher=Forked(29535),
             extra_env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     meta2 = json.loads((two / "metadata.json").read_text())
     assert meta2["latents_mean"] == pytest.approx(meta["latents_mean"], abs=1e-6)

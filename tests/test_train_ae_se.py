@@ -21,7 +21,7 @@ from diffusability_hf.errors import UsageError
 from diffusability_hf.files import check_output_dir
 from diffusability_hf.training.launch import describe_global_batch, split_global_batch
 
-from testing_utils import ACCELERATE_CPU, CPU_CONFIG, ROOT, load_script, run_in_process, torchrun
+from testing_utils import ACCELERATE_CPU, CPU_CONFIG, ROOT, Forked, load_script, run_in_process
 
 TINY_CONFIGS = os.path.join(ROOT, "diffusability_hf", "assets", "tiny_configs")
 QUIET = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", CPU_CONFIG]
@@ -222,7 +222,7 @@ def test_two_process_ddp_keeps_ranks_in_sync_and_splits_the_presets_global_batch
     gen = torch.Generator().manual_seed(0)
     for i in range(36):
         Image.fromarray((torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(data / f"{i}.png")
-    launcher = torchrun(29517)
+    launcher = Forked(29517)
     args = ["--pretrained_model_name_or_path", tiny_vae_dir, "--output_dir", out, "--preset", "flux",
             "--train_data_dir", data, "--resolution", 32, "--max_train_steps", 3, "--validation_steps", 2,
             "--num_validation_images", 2, "--learning_rate", 1e-3, "--report_to", "none", "--latent_stats_num_samples",
@@ -682,7 +682,7 @@ def test_video_bad_input_fails_before_training(tmp_path, tiny_vae_dir, script, s
 
 def test_video_two_process_ddp_keeps_ranks_in_sync(tmp_path, run_script):
     out = tmp_path / "ddp"
-    launcher = torchrun(29519)
+    launcher = Forked(29519)
     config = os.path.join(TINY_CONFIGS, "ltx.json")
     args = ["--model_config_name_or_path", config, "--output_dir", out, *VIDEO_FAST, "--num_frames", 9]
     proc = run_script("train_ae_se.py", [*args, "--max_train_steps", 2], launcher=launcher,

@@ -47,6 +47,124 @@ def accelerate_launcher(config, port, shim):
             str(port), shim]  # fmt: skip
 
 
+class Forked:
+    """A launch of ``processes`` processes, as ``torchrun --nproc_per_node N --master_port PORT`` starts them or, with
+    ``config``, as ``accelerate launch --config_file CONFIG --main_process_port PORT SHIM`` does (accelerate's own
+    launch code runs in this process: it reads the config and sets the environment, and ``torch.distributed.run``,
+    the part that starts the processes, is replaced). Each process gets torchrun's environment (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` ...) and runs the script as ``__main__``, forked
+    from the server process that the bench's runner keeps (torch, diffusers and the toolkit imported once per test
+    worker): a fresh interpreter spends about 9 s importing them (``benchmarks/bench_script_startup.py``), twice per
+    launch, which made the launched tests most of the suite's time. A failing process ends the others, as torchrun's
+    agent does. What differs from the real launchers: no agent process, and the processes share the server's hash
+    seed. The tests that check a launcher itself (signals, exit codes, threads at interpreter exit) and one run per
+    accelerate config (``test_fsdp.py``, ``test_deepspeed.py``) keep the real commands."""
+
+    def __init__(self, port, processes=2, config=None, shim=None):
+        self.port, self.processes, self.config, self.shim = port, processes, config, shim
+
+    def __call__(self, script, args, env, timeout=600):
+        argv = [script, *map(str, args)]
+        if self.config is None:
+            return forked_processes(self.processes, self.port, argv, env, timeout)
+        import torch.distributed.run as distrib_run
+        from accelerate.commands.launch import launch_command, launch_command_parser
+
+        result = {}
+
+        def agent(torchrun_args):  # what accelerate hands torchrun, in the environment it prepared
+            command = [torchrun_args.training_script, *torchrun_args.training_script_args]
+            nproc, port = int(torchrun_args.nproc_per_node), int(torchrun_args.master_port)
+            result["proc"] = forked_processes(nproc, port, command, dict(os.environ), timeout)
+
+        command = ["--config_file", str(self.config), "--main_process_port", str(self.port), self.shim, *argv]
+        saved, original = dict(os.environ), distrib_run.run
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            distrib_run.run = agent
+            launch_command(launch_command_parser().parse_args(command))
+        finally:
+            distrib_run.run = original
+            os.environ.clear()
+            os.environ.update(saved)
+        return result["proc"]
+
+
+def _forked_rank(argv, env, out, err, cwd):
+    """One process of a :class:`Forked` launch: its output to ``out`` and ``err``, its environment, then the script."""
+    import runpy
+    import tempfile
+
+    for fd, path in ((1, out), (2, err)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(handle, fd)
+        os.close(handle)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None  # read from the environment again
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    os.chdir(cwd)
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+def forked_processes(processes, port, argv, env, timeout=600):
+    """``processes`` processes of ``argv`` (a Python file and its arguments) with torchrun's environment added to
+    ``env``, forked from the bench runner's server; returns a ``CompletedProcess`` with the processes' stdout and
+    stderr in rank order, and the first failing process's exit code (0 when all succeeded)."""
+    import multiprocessing
+    import multiprocessing.connection
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from diffusability_hf.bench import runner
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(runner.PRELOAD)  # the runner's server: the first to start it sets what it imports
+    folder = tempfile.mkdtemp(prefix="forked_launch_")
+    size = str(processes)
+    procs = []
+    try:
+        for rank in range(processes):
+            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", ROLE_RANK=str(rank),
+                            WORLD_SIZE=size, LOCAL_WORLD_SIZE=size, ROLE_WORLD_SIZE=size, GROUP_WORLD_SIZE="1",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+            out, err = (os.path.join(folder, f"{rank}.{kind}") for kind in ("out", "err"))
+            proc = context.Process(target=_forked_rank, args=(argv, rank_env, out, err, ROOT))
+            proc.start()
+            procs.append(proc)
+        deadline, code = time.monotonic() + timeout, 0
+        while any(p.exitcode is None for p in procs):
+            alive = [p.sentinel for p in procs if p.exitcode is None]
+            if not multiprocessing.connection.wait(alive, timeout=max(0.0, deadline - time.monotonic())):
+                code = code or -9  # past the time limit
+                break
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:
+                code = code or failed[0]
+                break
+        for proc in procs:  # torchrun's agent ends the others when one fails: SIGTERM, then SIGKILL
+            if proc.exitcode is None:
+                proc.terminate()
+        end = time.monotonic() + 30
+        for proc in procs:
+            proc.join(max(0.0, end - time.monotonic()))
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+        code = code or next((p.exitcode for p in procs if p.exitcode), 0)
+        paths = [[os.path.join(folder, f"{rank}.{kind}") for rank in range(processes)] for kind in ("out", "err")]
+        stdout, stderr = (
+            "".join(open(p, errors="replace").read() for p in kind if os.path.exists(p)) for kind in paths
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return subprocess.CompletedProcess(argv, code, stdout, stderr)
+
+
 def transformer_weights(folder):
     """The transformer's tensors of a saved DiT pipeline."""
     from safetensors.torch import load_file
