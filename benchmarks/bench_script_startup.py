@@ -8,7 +8,12 @@ as ``python train_scripts/train_ae_se.py`` and ``--runs`` times in this process 
 write the same weights and the same metrics (timings and memory aside). The difference is the interpreter's start
 and the imports (torch, diffusers, accelerate, torchvision, matplotlib, datasets), paid again by every subprocess.
 
-    python benchmarks/bench_script_startup.py [--runs 3]
+``--launch`` times the same run on 2 processes instead: through ``torchrun`` (two fresh interpreters and its agent)
+and through ``tests/testing_utils.Forked`` (two processes with torchrun's environment, forked from a server that has
+imported torch, diffusers and the toolkit; its first launch starts the server), and checks that both write the same
+weights.
+
+    python benchmarks/bench_script_startup.py [--runs 3] [--launch]
 """
 
 import argparse
@@ -39,6 +44,7 @@ def flat(d, prefix=""):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="Runs of each kind (the first in-process one imports).")
+    parser.add_argument("--launch", action="store_true", help="Compare 2-process launches: torchrun and forked.")
     args = parser.parse_args()
     os.environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1")
     sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' tiny autoencoder and in-process runner
@@ -46,7 +52,7 @@ def main():
     import torchvision
     from safetensors.torch import load_file
 
-    from testing_utils import run_in_process, tiny_autoencoder_kl
+    from testing_utils import Forked, run_in_process, tiny_autoencoder_kl, torchrun
 
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp()
@@ -60,6 +66,8 @@ def main():
                                  "--lpips_trunk_path", trunk]]  # fmt: skip
 
     script = os.path.join(ROOT, "train_scripts", "train_ae_se.py")
+    if args.launch:
+        return compare_launches(args.runs, script, argv, tmp, torchrun, Forked)
     times = {"subprocess": [], "in-process": []}
     for i in range(args.runs):
         start = time.perf_counter()
@@ -81,6 +89,30 @@ def main():
     for kind, values in times.items():
         print(f"{kind:>11}: " + ", ".join(f"{v:.1f} s" for v in values))
     print(f"same weights: {same_weights}; metrics that differ besides timings and memory: {differ or 'none'}")
+
+
+def compare_launches(runs, script, argv, tmp, torchrun, forked):
+    """The run on 2 processes, ``runs`` times through torchrun and ``runs`` times forked, one port per launch."""
+    import torch
+    from safetensors.torch import load_file
+
+    env = dict(os.environ)
+    times = {"torchrun": [], "forked": []}
+    for i in range(runs):
+        start = time.perf_counter()
+        cmd = [*torchrun(29591 + 2 * i), script, *argv(os.path.join(tmp, f"torchrun{i}"))]
+        proc = subprocess.run(cmd, capture_output=True, env=env)
+        times["torchrun"].append(time.perf_counter() - start)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    for i in range(runs):
+        start = time.perf_counter()
+        proc = forked(29592 + 2 * i)(script, argv(os.path.join(tmp, f"forked{i}")), env)
+        times["forked"].append(time.perf_counter() - start)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (load_file(os.path.join(tmp, d, "diffusion_pytorch_model.safetensors")) for d in ("torchrun0", "forked0"))
+    for kind, values in times.items():
+        print(f"{kind:>9}: " + ", ".join(f"{v:.1f} s" for v in values))
+    print(f"same weights: {a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)}")
 
 
 if __name__ == "__main__":

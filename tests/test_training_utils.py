@@ -35,7 +35,7 @@ from diffusability_hf.training.checkpoints import (
 from diffusability_hf.training.launch import GracefulStop, check_launcher, tracker_config
 from diffusability_hf.training.steps import NonFiniteGuard, NonFiniteLossError, StepMeter, step_generator, step_seed
 
-from testing_utils import ROOT
+from testing_utils import ROOT, forked_processes
 
 
 class FakeAccelerator:
@@ -334,6 +334,36 @@ def test_a_launched_run_leaves_no_process_group_threads_to_interpreter_exit(tmp_
     code, installed = 143 if ending == "stop" else 0, importlib.util.find_spec("deepspeed") is not None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("exit")]
     assert lines == [f"exit {code}, deepspeed {installed}, gloo threads []"] * 2, proc.stdout
+
+
+FORKED = """
+import os, sys, time
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MINE")
+print(" ".join(f"{k}={os.environ[k]}" for k in keys), sys.argv[1:], os.getcwd() == sys.argv[2], flush=True)
+if sys.argv[1] == "fail" and os.environ["RANK"] == "1":
+    sys.exit(3)
+if sys.argv[1] == "fail":
+    time.sleep(600)  # as a process waiting in a collective for the one that failed
+"""
+
+
+def test_forked_launch_gives_each_process_torchruns_environment_and_a_failure_ends_the_others(tmp_path):
+    """``testing_utils.Forked``, which most multi-process tests launch with: each process has torchrun's variables
+    with its own rank, the caller's environment, the clone as its folder and its own argv, and the outputs come back
+    in rank order; a process that fails ends the other one and gives the launch its exit code."""
+    program = tmp_path / "prog.py"
+    program.write_text(FORKED)
+    env = dict(os.environ, MINE="x")
+    ok = forked_processes(2, 29591, [str(program), "ok", ROOT], env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.splitlines() == [
+        f"RANK={r} LOCAL_RANK={r} WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29591 MINE=x "
+        f"['ok', {ROOT!r}] True"
+        for r in (0, 1)
+    ]
+    # Process 1's exit code, not the time limit's -9: its failure was seen while process 0 still slept
+    failed = forked_processes(2, 29592, [str(program), "fail", ROOT], env, timeout=300)
+    assert failed.returncode == 3 and len(failed.stdout.splitlines()) == 2, failed
 
 
 THREADS = "import torch; from diffusability_hf.cpu import use_all_cpu_cores; use_all_cpu_cores(); "
