@@ -138,7 +138,7 @@ def test_se_fine_tuning_under_deepspeed_equals_ddp_and_resumes_exactly(
     resumed.mkdir()
     shutil.copytree(tmp_path / "ds" / "checkpoint-2", resumed / "checkpoint-2")
     run_script("train_ae_se.py", [*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"],
-               launcher=accelerate_launcher(config, 29578, SHIM))  # fmt: skip
+               launcher=Forked(29578, config=config, shim=SHIM))  # fmt: skip
     assert_same_weights(weights(resumed), ds, rtol=1e-5, atol=1e-6)
 
 

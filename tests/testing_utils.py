@@ -161,6 +161,10 @@ def forked_processes(processes, port, argv, env, timeout=600):
             "".join(open(p, errors="replace").read() for p in kind if os.path.exists(p)) for kind in paths
         )
     finally:
+        for proc in procs:  # an error or an interrupt in this process leaves none of them running
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
         shutil.rmtree(folder, ignore_errors=True)
     return subprocess.CompletedProcess(argv, code, stdout, stderr)
 
