@@ -47,8 +47,9 @@ def embedded_latents(tmp_path_factory, run_script):
 @pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory):
     """``ddp_reference(script, args, port)``: the output folder of a 2-process DDP run (CPU processes with torchrun's
-    environment, ``testing_utils.Forked``) of ``train_scripts/<script> args``, made once for the whole suite: the FSDP and DeepSpeed tests compare their runs
-    with the same DDP runs, whichever pytest-xdist worker asks first (the others wait for it).
+    environment, ``testing_utils.Forked``) of ``train_scripts/<script> args``, made once for the whole suite: the
+    FSDP and DeepSpeed tests compare their runs with the same DDP runs, whichever pytest-xdist worker asks first (the
+    others wait for it).
 
     ``args`` may name the asking worker's own copies of the tiny inputs, which every worker builds the same way: the
     run is keyed by the command with the worker's temporary folder left out, and a worker whose inputs (their

@@ -347,6 +347,7 @@ if sys.argv[1] == "fail":
 """
 
 
+@pytest.mark.slow  # starts the preloaded server (about 7 s) where no other test of the worker has
 def test_forked_launch_gives_each_process_torchruns_environment_and_a_failure_ends_the_others(tmp_path):
     """``testing_utils.Forked``, which most multi-process tests launch with: each process has torchrun's variables
     with its own rank, the caller's environment, the clone as its folder and its own argv, and the outputs come back

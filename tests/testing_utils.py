@@ -56,8 +56,13 @@ class Forked:
     from the server process that the bench's runner keeps (torch, diffusers and the toolkit imported once per test
     worker): a fresh interpreter spends about 9 s importing them (``benchmarks/bench_script_startup.py``), twice per
     launch, which made the launched tests most of the suite's time. A failing process ends the others, as torchrun's
-    agent does. What differs from the real launchers: no agent process, and the processes share the server's hash
-    seed. The tests that check a launcher itself (signals, exit codes, threads at interpreter exit) and one run per
+    agent does.
+
+    What differs from the real launchers: no agent process (rank 0 holds the rendezvous store); a process ends with
+    ``os._exit`` after its threads (no interpreter finalization, no ``atexit``); the modules the server preloaded
+    read their import-time settings from the environment it started with; the processes share the server's hash
+    seed; a process killed by a signal gives a negative exit code (torchrun: 1), the time limit -9 with a line on
+    stderr. The tests that check a launcher itself (signals, exit codes, threads at interpreter exit) and one run per
     accelerate config (``test_fsdp.py``, ``test_deepspeed.py``) keep the real commands."""
 
     def __init__(self, port, processes=2, config=None, shim=None):
@@ -71,8 +76,11 @@ class Forked:
         from accelerate.commands.launch import launch_command, launch_command_parser
 
         result = {}
+        fork_server()  # before accelerate's variables are set here: the server keeps the environment it starts with
 
         def agent(torchrun_args):  # what accelerate hands torchrun, in the environment it prepared
+            if torchrun_args.standalone or torchrun_args.module or torchrun_args.no_python:
+                raise AssertionError(f"Forked runs a script on a given port only: {torchrun_args}")
             command = [torchrun_args.training_script, *torchrun_args.training_script_args]
             nproc, port = int(torchrun_args.nproc_per_node), int(torchrun_args.master_port)
             result["proc"] = forked_processes(nproc, port, command, dict(os.environ), timeout)
@@ -88,11 +96,29 @@ class Forked:
             distrib_run.run = original
             os.environ.clear()
             os.environ.update(saved)
+        if "proc" not in result:
+            raise AssertionError(f"accelerate launch {' '.join(command)} did not start its processes through torchrun")
         return result["proc"]
+
+
+def fork_server():
+    """The forkserver context, its server running: the bench runner's (``runner.PRELOAD`` imported once), started
+    from this process's environment as it is now if it is not running yet (every process forked from it inherits
+    what the preloaded modules read from the environment when they were imported)."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    from diffusability_hf.bench import runner
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(runner.PRELOAD)  # the first to start the server sets what it imports
+    multiprocessing.forkserver.ensure_running()
+    return context
 
 
 def _forked_rank(argv, env, out, err, cwd):
     """One process of a :class:`Forked` launch: its output to ``out`` and ``err``, its environment, then the script."""
+    import multiprocessing
     import runpy
     import tempfile
 
@@ -100,6 +126,8 @@ def _forked_rank(argv, env, out, err, cwd):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(handle, fd)
         os.close(handle)
+    sys.stdout.reconfigure(line_buffering=True)  # as torchrun's ``python -u``: a process ended early keeps its lines
+    multiprocessing.set_start_method("fork", force=True)  # the script's own workers start as under torchrun
     os.environ.clear()
     os.environ.update(env)
     tempfile.tempdir = None  # read from the environment again
@@ -113,34 +141,35 @@ def forked_processes(processes, port, argv, env, timeout=600):
     """``processes`` processes of ``argv`` (a Python file and its arguments) with torchrun's environment added to
     ``env``, forked from the bench runner's server; returns a ``CompletedProcess`` with the processes' stdout and
     stderr in rank order, and the first failing process's exit code (0 when all succeeded)."""
-    import multiprocessing
     import multiprocessing.connection
     import shutil
     import subprocess
     import tempfile
     import time
 
-    from diffusability_hf.bench import runner
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(runner.PRELOAD)  # the runner's server: the first to start it sets what it imports
+    context = fork_server()
     folder = tempfile.mkdtemp(prefix="forked_launch_")
     size = str(processes)
     procs = []
     try:
         for rank in range(processes):
+            # torchrun's variables (torch/distributed/elastic/agent/server/local_elastic_agent.py); rank 0 holds the
+            # store, as without torchrun's agent
             rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", ROLE_RANK=str(rank),
-                            WORLD_SIZE=size, LOCAL_WORLD_SIZE=size, ROLE_WORLD_SIZE=size, GROUP_WORLD_SIZE="1",
-                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+                            ROLE_NAME="default", WORLD_SIZE=size, LOCAL_WORLD_SIZE=size, ROLE_WORLD_SIZE=size,
+                            GROUP_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                            TORCHELASTIC_RUN_ID="forked", TORCHELASTIC_RESTART_COUNT="0",
+                            TORCHELASTIC_MAX_RESTARTS="0", TORCHELASTIC_USE_AGENT_STORE="False")  # fmt: skip
+            rank_env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for several processes
             out, err = (os.path.join(folder, f"{rank}.{kind}") for kind in ("out", "err"))
             proc = context.Process(target=_forked_rank, args=(argv, rank_env, out, err, ROOT))
             proc.start()
             procs.append(proc)
-        deadline, code = time.monotonic() + timeout, 0
+        deadline, code, timed_out = time.monotonic() + timeout, 0, False
         while any(p.exitcode is None for p in procs):
             alive = [p.sentinel for p in procs if p.exitcode is None]
             if not multiprocessing.connection.wait(alive, timeout=max(0.0, deadline - time.monotonic())):
-                code = code or -9  # past the time limit
+                code, timed_out = code or -9, True  # past the time limit
                 break
             failed = [p.exitcode for p in procs if p.exitcode]
             if failed:
@@ -160,6 +189,8 @@ def forked_processes(processes, port, argv, env, timeout=600):
         stdout, stderr = (
             "".join(open(p, errors="replace").read() for p in kind if os.path.exists(p)) for kind in paths
         )
+        if timed_out:
+            stderr += f"\nForked: the processes were killed after the time limit of {timeout} s\n"
     finally:
         for proc in procs:  # an error or an interrupt in this process leaves none of them running
             if proc.exitcode is None:
