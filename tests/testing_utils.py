@@ -72,6 +72,8 @@ class Forked:
         argv = [script, *map(str, args)]
         if self.config is None:
             return forked_processes(self.processes, self.port, argv, env, timeout)
+        from unittest import mock
+
         import torch.distributed.run as distrib_run
         from accelerate.commands.launch import launch_command, launch_command_parser
 
@@ -86,16 +88,8 @@ class Forked:
             result["proc"] = forked_processes(nproc, port, command, dict(os.environ), timeout)
 
         command = ["--config_file", str(self.config), "--main_process_port", str(self.port), self.shim, *argv]
-        saved, original = dict(os.environ), distrib_run.run
-        try:
-            os.environ.clear()
-            os.environ.update(env)
-            distrib_run.run = agent
+        with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(distrib_run, "run", agent):
             launch_command(launch_command_parser().parse_args(command))
-        finally:
-            distrib_run.run = original
-            os.environ.clear()
-            os.environ.update(saved)
         if "proc" not in result:
             raise AssertionError(f"accelerate launch {' '.join(command)} did not start its processes through torchrun")
         return result["proc"]
@@ -150,6 +144,7 @@ def forked_processes(processes, port, argv, env, timeout=600):
     context = fork_server()
     folder = tempfile.mkdtemp(prefix="forked_launch_")
     size = str(processes)
+    logs = [(os.path.join(folder, f"{rank}.out"), os.path.join(folder, f"{rank}.err")) for rank in range(processes)]
     procs = []
     try:
         for rank in range(processes):
@@ -161,8 +156,7 @@ def forked_processes(processes, port, argv, env, timeout=600):
                             TORCHELASTIC_RUN_ID="forked", TORCHELASTIC_RESTART_COUNT="0",
                             TORCHELASTIC_MAX_RESTARTS="0", TORCHELASTIC_USE_AGENT_STORE="False")  # fmt: skip
             rank_env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for several processes
-            out, err = (os.path.join(folder, f"{rank}.{kind}") for kind in ("out", "err"))
-            proc = context.Process(target=_forked_rank, args=(argv, rank_env, out, err, ROOT))
+            proc = context.Process(target=_forked_rank, args=(argv, rank_env, *logs[rank], ROOT))
             proc.start()
             procs.append(proc)
         deadline, code, timed_out = time.monotonic() + timeout, 0, False
@@ -185,9 +179,8 @@ def forked_processes(processes, port, argv, env, timeout=600):
                 proc.kill()
                 proc.join()
         code = code or next((p.exitcode for p in procs if p.exitcode), 0)
-        paths = [[os.path.join(folder, f"{rank}.{kind}") for rank in range(processes)] for kind in ("out", "err")]
         stdout, stderr = (
-            "".join(open(p, errors="replace").read() for p in kind if os.path.exists(p)) for kind in paths
+            "".join(open(p, errors="replace").read() for p in kind if os.path.exists(p)) for kind in zip(*logs)
         )
         if timed_out:
             stderr += f"\nForked: the processes were killed after the time limit of {timeout} s\n"
